@@ -1,0 +1,268 @@
+"""The `cso-dist` command line. User errors print one line and exit 2; no tracebacks."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from cso_dist.config import SOURCES, Config, load_config, parse_overrides
+from cso_dist.errors import CsoError
+
+
+def _config(args: argparse.Namespace, extra: list[str], flags: dict[str, str]) -> Config:
+    """Config file + dotted overrides + explicit command flags (flags win)."""
+    overrides = parse_overrides(extra)
+    for attr, key in flags.items():
+        val = getattr(args, attr, None)
+        if val is not None and val is not False:
+            overrides[key] = val
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def _print_kv(title: str, d: dict, indent: str = "  ") -> None:
+    print(title)
+    for k, v in d.items():
+        if isinstance(v, dict):
+            print(f"{indent}{k}:")
+            for k2, v2 in v.items():
+                print(f"{indent}  {k2}: {v2}")
+        else:
+            print(f"{indent}{k}: {v}")
+
+
+# ---------------------------------------------------------------- data
+BUILD_FLAGS = {"source": "data.source", "input": "data.input", "split": "data.split", "negatives": "data.negatives",
+               "seed": "data.seed", "strategies": "data.strategies", "aliases": "data.aliases",
+               "skip_invalid": "data.skip_invalid"}
+
+
+def cmd_data_build(args, extra) -> int:
+    from cso_dist.data.build import build_dialogues
+    from cso_dist.data.dialogue import write_dialogues
+    from cso_dist.data.stats import dialogue_stats
+
+    cfg = _config(args, extra, BUILD_FLAGS)
+    t0 = time.time()
+    dialogues, report = build_dialogues(cfg.data)
+    n = write_dialogues(args.out, dialogues)
+    stats = dialogue_stats(dialogues)
+    print(f"wrote {n} preference dialogues to {args.out} ({time.time() - t0:.1f} s) from {report.input}")
+    print(f"  turns: {stats['turns']}  pairs: {stats['pairs']}  turns without negatives: "
+          f"{stats['turns_without_negatives']}  context-only turns: {stats['context_only_turns']}")
+    for k, v in report.notes.items():
+        if k != "input":
+            print(f"  {k}: {v}")
+    if report.skipped:
+        print(f"skipped {sum(report.skipped.values())} invalid records (--skip-invalid):")
+        for reason, count in report.skipped.items():
+            print(f"  {reason}: {count}  e.g. {report.skipped_examples[reason]}")
+    return 0
+
+
+def cmd_data_stats(args, extra) -> int:
+    from cso_dist.data.dialogue import read_dialogues
+    from cso_dist.data.stats import dialogue_stats
+
+    cfg = _config(args, extra, {"chat_template": "data.chat_template", "max_length": "data.max_length",
+                                "strategies": "data.strategies"})
+    dialogues = read_dialogues(args.file)
+    stats = dialogue_stats(dialogues)
+    if args.tokenizer:
+        stats["tokens"] = _token_stats(dialogues, args.tokenizer, cfg)
+    if args.json:
+        print(json.dumps(stats, ensure_ascii=False))
+    else:
+        _print_kv(f"{args.file}", stats)
+    return 0
+
+
+def _token_stats(dialogues, tokenizer_dir: str, cfg: Config) -> dict:
+    from cso_dist.data.render import make_renderer
+    from cso_dist.data.stats import token_stats
+    from cso_dist.data.strategies import load_strategy_set
+    from cso_dist.models import load_tokenizer
+
+    spec = cfg.data.strategies if cfg.data.strategies != "auto" else (dialogues[0].strategy_set if dialogues else "esconv")
+    renderer = make_renderer(load_tokenizer(tokenizer_dir), cfg.data.chat_template)
+    return token_stats(dialogues, renderer, load_strategy_set(spec), cfg.data.max_length)
+
+
+def cmd_data_pairs(args, extra) -> int:
+    from cso_dist.data.dialogue import read_dialogues, write_jsonl
+    from cso_dist.data.export import pair_rows
+    from cso_dist.data.strategies import load_strategy_set
+
+    dialogues = read_dialogues(args.file)
+    spec = args.strategies or (dialogues[0].strategy_set if dialogues else "esconv")
+    n = write_jsonl(args.out, pair_rows(dialogues, load_strategy_set(spec), args.format))
+    print(f"wrote {n} {args.format.upper()} rows to {args.out}")
+    return 0
+
+
+def cmd_data_fetch(args, extra) -> int:
+    from cso_dist.data.fetch import fetch_esconv
+    from cso_dist.paths import data_dir
+
+    dest = Path(args.dest) if args.dest else data_dir()
+    for p in fetch_esconv(dest):
+        print(f"wrote {p}")
+    return 0
+
+
+# ---------------------------------------------------------------- models
+def cmd_tiny_model(args, extra) -> int:
+    from cso_dist.models import build_tiny_model
+
+    texts = None
+    if args.tokenizer == "bpe":
+        texts = _corpus_texts(args.bpe_data)
+    out = build_tiny_model(args.arch, args.out, tokenizer=args.tokenizer, template=args.template, bpe_texts=texts,
+                           hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed,
+                           overwrite=args.overwrite)
+    print(f"wrote tiny {args.arch} model ({args.tokenizer} tokenizer) to {out}")
+    return 0
+
+
+def _corpus_texts(path: str | None) -> list[str]:
+    """Texts to train a BPE on: every utterance of an ESConv split file (default: ESConv train)."""
+    from cso_dist.paths import esconv_dir
+
+    p = Path(path) if path else esconv_dir() / "train.jsonl"
+    texts = []
+    with open(p, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                texts.extend(u.get("text") or u.get("content") or "" for u in rec.get("dialog", []))
+    return [t for t in texts if t]
+
+
+# ---------------------------------------------------------------- demo (the main job)
+def cmd_demo(args, extra) -> int:
+    from cso_dist.data.build import build_dialogues
+    from cso_dist.data.dialogue import write_dialogues
+    from cso_dist.data.stats import dialogue_stats
+    from cso_dist.models import build_tiny_model
+
+    cfg = _config(args, extra, {})
+    out = Path(cfg.run.out_dir)
+    print(f"== cso-dist demo -> {out}")
+    results = {}
+    for split in ("train", "valid", "test"):
+        cfg.data.split = split
+        dialogues, report = build_dialogues(cfg.data)
+        path = out / "data" / f"{split}.jsonl"
+        write_dialogues(path, dialogues)
+        results[split] = (path, dialogues, dialogue_stats(dialogues), report)
+        print(f"built {split}: {path}")
+    model_dir = Path(cfg.model.path) if cfg.model.path else out / "tiny-model"
+    if not (model_dir / "config.json").is_file():
+        build_tiny_model(cfg.tiny_model.arch, model_dir, tokenizer=cfg.tiny_model.tokenizer,
+                         bpe_texts=_corpus_texts(None) if cfg.tiny_model.tokenizer == "bpe" else None,
+                         hidden_size=cfg.tiny_model.hidden_size, num_layers=cfg.tiny_model.num_layers,
+                         seed=cfg.run.seed)
+        print(f"built tiny model: {model_dir}")
+    summary = {}
+    for split, (path, dialogues, stats, report) in results.items():
+        stats["tokens"] = _token_stats(dialogues, str(model_dir), cfg)
+        summary[split] = stats
+        _print_kv(f"\n[{split}] {path}", {k: v for k, v in stats.items() if k != "rejected_strategies"})
+        if report.notes:
+            _print_kv("  build notes:", {k: v for k, v in report.notes.items() if k != "input"}, "    ")
+    (out / "data" / "stats.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nstatistics written to {out / 'data' / 'stats.json'}")
+    return 0
+
+
+def cmd_config_show(args, extra) -> int:
+    import yaml
+
+    print(yaml.safe_dump(_config(args, extra, {}).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cso-dist", description="Chain-of-Strategy Optimization (CSO) toolkit. "
+                                "Any command also takes --config FILE.yaml and dotted overrides (--data.seed 1).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build, inspect and export preference data").add_subparsers(
+        dest="data_command", required=True)
+    b = data.add_parser("build", help="any source -> preference dialogues (JSONL)")
+    b.add_argument("--from", dest="source", required=True, choices=SOURCES)
+    b.add_argument("--input", help="file or folder (ESConv: default the data dir's esconv/)")
+    b.add_argument("--split", help="ESConv split: train, valid or test (default train)")
+    b.add_argument("--negatives", type=int, help="ESConv: non-preferred options per supporter turn (default 3)")
+    b.add_argument("--seed", type=int, help="ESConv: seed of the negative selection (default 0)")
+    b.add_argument("--strategies", help="esconv, escpro or a JSON/YAML file (default: by source)")
+    b.add_argument("--aliases", action="store_true", help="map known strategy label variants (Questions -> Question)")
+    b.add_argument("--skip-invalid", action="store_true", help="skip invalid records and report them")
+    b.add_argument("--out", required=True)
+    b.add_argument("--config")
+    b.set_defaults(func=cmd_data_build)
+
+    s = data.add_parser("stats", help="statistics of a preference-dialogue file")
+    s.add_argument("file")
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    s.add_argument("--tokenizer", help="model/tokenizer folder: add token-length statistics")
+    s.add_argument("--chat-template", help="auto, chatml, llama3, gemma2 or a Jinja file")
+    s.add_argument("--max-length", type=int, help="truncation length for the token statistics")
+    s.add_argument("--strategies")
+    s.add_argument("--config")
+    s.set_defaults(func=cmd_data_stats)
+
+    x = data.add_parser("pairs", help="export flat DPO/KTO rows in the CSO authors' format")
+    x.add_argument("file")
+    x.add_argument("--format", required=True, choices=("dpo", "kto"))
+    x.add_argument("--out", required=True)
+    x.add_argument("--strategies")
+    x.set_defaults(func=cmd_data_pairs)
+
+    f = data.add_parser("fetch", help="download a dataset from the Hugging Face Hub (online only)")
+    f.add_argument("dataset", choices=("esconv",))
+    f.add_argument("--dest", help="data dir (default $CSO_DATA_DIR or ../shared/data)")
+    f.set_defaults(func=cmd_data_fetch)
+
+    t = sub.add_parser("tiny-model", help="write a small random model + real tokenizer for tests and demos")
+    t.add_argument("--arch", required=True, choices=("qwen2", "llama"))
+    t.add_argument("--out", required=True)
+    t.add_argument("--tokenizer", default="qwen", choices=("qwen", "bpe"),
+                   help="qwen: the real Qwen2.5 vocabulary; bpe: a small BPE trained on --bpe-data")
+    t.add_argument("--bpe-data", help="ESConv-style JSONL to train the BPE on (default ESConv train)")
+    t.add_argument("--template", choices=("chatml", "llama3", "gemma2"),
+                   help="chat template (default chatml for qwen2, llama3 for llama)")
+    t.add_argument("--hidden-size", type=int, default=64)
+    t.add_argument("--num-layers", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(func=cmd_tiny_model)
+
+    d = sub.add_parser("demo", help="the main job: ESConv -> preference data -> statistics (CPU)")
+    d.add_argument("--config")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("config", help="show the resolved config").add_subparsers(dest="config_command", required=True)
+    cs = c.add_parser("show")
+    cs.add_argument("--config")
+    cs.set_defaults(func=cmd_config_show)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return args.func(args, extra)
+    except CsoError as e:
+        print(f"cso-dist: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cso-dist: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The one internal representation: a preference dialogue.
+
+A preference dialogue is the preferred path -- alternating seeker / supporter messages, every
+supporter message with a strategy -- plus, at each supporter turn, zero or more non-preferred
+`(strategy, text)` options that share that turn's history.
+
+A supporter message with `target=False` is context only: its reply is part of the history but
+is not a training target here (it is one in another dialogue that shares this prefix, or the
+source gave no preference information for it). Statistics and pair exports skip it.
+
+On disk: JSON Lines, one dialogue per line:
+    {"id": "esconv-train-0", "strategy_set": "esconv", "meta": {...},
+     "messages": [{"role": "seeker", "text": "..."},
+                  {"role": "supporter", "text": "...", "strategy": "Question", "target": true,
+                   "rejected": [{"strategy": "Information", "text": "..."}]}, ...]}
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from cso_dist.data.strategies import StrategySet
+from cso_dist.errors import DataError
+
+SEEKER, SUPPORTER = "seeker", "supporter"
+
+
+@dataclass(frozen=True)
+class Option:
+    strategy: str
+    text: str
+
+
+@dataclass
+class Message:
+    role: str  # "seeker" | "supporter"
+    text: str
+    strategy: str | None = None  # supporter messages only
+    rejected: list[Option] = field(default_factory=list)
+    target: bool = True
+
+    @property
+    def option(self) -> Option:
+        assert self.strategy is not None
+        return Option(self.strategy, self.text)
+
+
+@dataclass
+class PrefDialogue:
+    id: str
+    messages: list[Message]
+    strategy_set: str
+    meta: dict = field(default_factory=dict)
+
+    def turn_indices(self) -> list[int]:
+        """Indices of the supporter messages that are training targets."""
+        return [i for i, m in enumerate(self.messages) if m.role == SUPPORTER and m.target]
+
+    def to_json(self) -> dict:
+        msgs = []
+        for m in self.messages:
+            if m.role == SEEKER:
+                msgs.append({"role": SEEKER, "text": m.text})
+            else:
+                msgs.append({"role": SUPPORTER, "text": m.text, "strategy": m.strategy, "target": m.target,
+                             "rejected": [{"strategy": o.strategy, "text": o.text} for o in m.rejected]})
+        return {"id": self.id, "strategy_set": self.strategy_set, "meta": self.meta, "messages": msgs}
+
+
+def dedup_options(options: Iterable[Option], exclude: Option | None = None) -> list[Option]:
+    """Exact duplicates count once; order of first appearance is kept."""
+    seen, out = set(), []
+    for o in options:
+        if o not in seen and o != exclude:
+            seen.add(o)
+            out.append(o)
+    return out
+
+
+# ---------------------------------------------------------------- field checks shared by readers
+def req(obj: dict, key: str, typ: type | tuple, path: str, record: str, fld: str):
+    """Return obj[key], checking presence and type; errors name file, record and field."""
+    if not isinstance(obj, dict):
+        raise DataError(path, record, fld.rsplit(".", 1)[0] or None, f"expected an object, got {type(obj).__name__}",
+                        "wrong-type")
+    if key not in obj:
+        raise DataError(path, record, fld, "missing field", "missing-field")
+    val = obj[key]
+    if not isinstance(val, typ) or (typ is not bool and isinstance(val, bool)):
+        want = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+        raise DataError(path, record, fld, f"expected {want}, got {type(val).__name__}", "wrong-type")
+    return val
+
+
+def req_text(obj: dict, key: str, path: str, record: str, fld: str) -> str:
+    val = req(obj, key, str, path, record, fld)
+    if not val.strip():
+        raise DataError(path, record, fld, "empty text", "empty-text")
+    return val.strip()
+
+
+def canonical_strategy(label, sset: StrategySet, use_aliases: bool, path: str, record: str, fld: str) -> str:
+    if not isinstance(label, str):
+        raise DataError(path, record, fld, f"expected str, got {type(label).__name__}", "wrong-type")
+    name = sset.canonical(label.strip(), use_aliases)
+    if name is None:
+        hint = "" if use_aliases else "; --aliases maps known variants"
+        raise DataError(path, record, fld,
+                        f"unknown strategy '{label}' (set '{sset.name}': {', '.join(sset.names)}{hint})",
+                        "unknown-strategy")
+    return name
+
+
+def check_alternation(roles: list[str], path: str, record: str, fld: str = "messages") -> None:
+    for i in range(1, len(roles)):
+        if roles[i] == roles[i - 1]:
+            raise DataError(path, record, f"{fld}[{i}].role",
+                            f"dialogue not alternating: two {roles[i]} messages in a row", "not-alternating")
+
+
+# ---------------------------------------------------------------- JSON Lines I/O
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
+    """Yield ("line N", parsed JSON) for every non-blank line; bad JSON is a DataError."""
+    path = str(path)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, f"line {n}", None, f"bad JSON: {e.msg} (column {e.colno})", "bad-json") from None
+
+
+def load_json_records(path: str | Path) -> Iterator[tuple[str, object]]:
+    """Records of a JSON array file ("record i") or a JSON Lines file ("line n")."""
+    path = str(path)
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith("["):
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(path, None, None, f"bad JSON: {e.msg} (line {e.lineno}, column {e.colno})",
+                            "bad-json") from None
+        for i, rec in enumerate(data):
+            yield f"record {i}", rec
+    else:
+        yield from iter_jsonl(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file atomically: a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def write_dialogues(path: str | Path, dialogues: Iterable[PrefDialogue]) -> int:
+    return write_jsonl(path, (d.to_json() for d in dialogues))
+
+
+def dialogue_from_json(obj, path: str, record: str, sset: StrategySet | None = None) -> PrefDialogue:
+    """Parse and validate one stored preference dialogue."""
+    did = req(obj, "id", str, path, record, "id")
+    set_name = req(obj, "strategy_set", str, path, record, "strategy_set")
+    meta = obj.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise DataError(path, record, "meta", "expected object", "wrong-type")
+    raw = req(obj, "messages", list, path, record, "messages")
+    if not raw:
+        raise DataError(path, record, "messages", "empty dialogue", "empty-dialogue")
+    msgs = []
+    for i, m in enumerate(raw):
+        fld = f"messages[{i}]"
+        role = req(m, "role", str, path, record, f"{fld}.role")
+        text = req_text(m, "text", path, record, f"{fld}.text")
+        if role == SEEKER:
+            msgs.append(Message(SEEKER, text))
+        elif role == SUPPORTER:
+            strat = req(m, "strategy", str, path, record, f"{fld}.strategy")
+            if sset is not None:
+                strat = canonical_strategy(strat, sset, False, path, record, f"{fld}.strategy")
+            rej = []
+            for j, o in enumerate(m.get("rejected") or []):
+                ofld = f"{fld}.rejected[{j}]"
+                s = req(o, "strategy", str, path, record, f"{ofld}.strategy")
+                if sset is not None:
+                    s = canonical_strategy(s, sset, False, path, record, f"{ofld}.strategy")
+                rej.append(Option(s, req_text(o, "text", path, record, f"{ofld}.text")))
+            target = m.get("target", True)
+            if not isinstance(target, bool):
+                raise DataError(path, record, f"{fld}.target", "expected bool", "wrong-type")
+            msgs.append(Message(SUPPORTER, text, strat, rej, target))
+        else:
+            raise DataError(path, record, f"{fld}.role", f"unknown role '{role}' (seeker or supporter)", "bad-role")
+    check_alternation([m.role for m in msgs], path, record)
+    return PrefDialogue(did, msgs, set_name, meta)
+
+
+def read_dialogues(path: str | Path, sset: StrategySet | None = None) -> list[PrefDialogue]:
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DataError(path, None, None, "no such file", "missing-file")
+    return [dialogue_from_json(obj, path, rec, sset) for rec, obj in iter_jsonl(path)]

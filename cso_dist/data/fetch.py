@@ -1,0 +1,37 @@
+"""`data fetch esconv`: download ESConv's HF split from the Hugging Face Hub (needs network)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from cso_dist.errors import CsoError
+
+ESCONV_REPO = "thu-coai/esconv"
+ESCONV_SPLITS = {"train.json": "train.jsonl", "valid.json": "valid.jsonl", "test.json": "test.jsonl"}
+
+
+def fetch_esconv(dest: Path, timeout: float = 20.0) -> list[Path]:
+    """Files land in dest/esconv/{train,valid,test}.jsonl; each written atomically."""
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(timeout)))
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout)))
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub ships with transformers
+        raise CsoError(f"data fetch: huggingface_hub is not installed ({e})") from None
+    out_dir = dest / "esconv"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for remote, local in ESCONV_SPLITS.items():
+        try:
+            cached = hf_hub_download(ESCONV_REPO, remote, repo_type="dataset")
+        except Exception as e:  # any network / hub failure ends in one clear line
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CsoError(f"data fetch esconv: could not download {ESCONV_REPO}/{remote} from the Hugging Face "
+                           f"Hub ({type(e).__name__}: {reason}). Offline? Copy train.jsonl, valid.jsonl and "
+                           f"test.jsonl of ESConv's HF split into {out_dir} by hand") from None
+        tmp = out_dir / f".{local}.tmp"
+        shutil.copyfile(cached, tmp)
+        os.replace(tmp, out_dir / local)
+        written.append(out_dir / local)
+    return written

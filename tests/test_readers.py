@@ -1,0 +1,148 @@
+"""ESC-Pro tree JSON, CSO DPO/KTO rows and TRL rows all normalise into preference dialogues."""
+import json
+
+import pytest
+
+from cso_dist.config import DataConfig
+from cso_dist.data.build import build_dialogues
+from cso_dist.data.dialogue import read_dialogues, write_dialogues
+from cso_dist.data.export import pair_rows
+from cso_dist.data.stats import dialogue_stats
+from cso_dist.data.strategies import load_strategy_set
+from cso_dist.errors import DataError
+from conftest import write_jsonl
+
+U = lambda t: {"role": "user", "content": t}  # noqa: E731
+
+
+def A(t, s, neg=()):
+    m = {"role": "assistant", "content": t, "strategy": s}
+    if neg is not None:
+        m["negative"] = [{"content": c, "strategy": ns} for ns, c in neg]
+    return m
+
+
+# Two preferred paths of one MCTS tree share their first two turns.
+ESCPRO = [
+    {"description": "lost my job", "scene": "anxiety", "iter": 120, "messages": [
+        U("I lost my job today."),
+        A("That sounds really painful.", "Emotional Validation",
+          [("Share Information", "Many people lose jobs."), ("Share Information", "Many people lose jobs."),
+           ("Affirmation", "You are strong.")]),
+        U("I don't know what to do."),
+        A("Let's think about next steps together.", "Collaborative Planning", [("Affirmation", "You'll be fine.")]),
+        U("Okay, where do I start?"),
+        A("Maybe update your resume first?", "Collaborative Planning", []),
+        U("Thanks, that helps."),
+    ]},
+    {"description": "lost my job", "scene": "anxiety", "iter": 120, "messages": [
+        U("I lost my job today."),
+        A("That sounds really painful.", "Emotional Validation",
+          [("Share Information", "Many people lose jobs."), ("Affirmation", "You are strong.")]),
+        U("I don't know what to do."),
+        A("Let's think about next steps together.", "Collaborative Planning", [("Affirmation", "You'll be fine.")]),
+        U("I feel like a failure."),
+        A("Losing a job does not make you a failure.", "Reframe Negative Thoughts",
+          [("Share Information", "Unemployment is at 4%.")]),
+    ]},
+]
+
+
+def _build(source, path, **kw):
+    return build_dialogues(DataConfig(source=source, input=str(path), **kw))
+
+
+def test_escpro_tree_json(tmp_path):
+    p = tmp_path / "ESC-Pro.json"
+    p.write_text(json.dumps(ESCPRO))
+    dialogues, report = _build("escpro", p)
+    assert report.skipped == {}
+    assert len(dialogues) == 2
+    d1, d2 = dialogues
+    assert [m.role for m in d1.messages] == ["seeker", "supporter"] * 3 + ["seeker"]  # trailing seeker kept
+    t1 = d1.messages[1]
+    # exact duplicate negatives count once
+    assert [(o.strategy, o.text) for o in t1.rejected] == [("Share Information", "Many people lose jobs."),
+                                                           ("Affirmation", "You are strong.")]
+    assert d1.messages[5].rejected == [] and d1.messages[5].target  # a turn may have no negatives
+    # the shared prefix is a target once; in the second path it is context only
+    assert [m.target for m in d2.messages if m.role == "supporter"] == [False, False, True]
+    s = dialogue_stats(dialogues)
+    assert (s["dialogues"], s["turns"], s["pairs"], s["turns_without_negatives"]) == (2, 4, 4, 1)
+    assert s["strategies"] == {"Emotional Validation": 1, "Collaborative Planning": 2, "Reframe Negative Thoughts": 1}
+    assert d1.meta["scene"] == "anxiety" and d1.strategy_set == "escpro"
+
+
+def test_dpo_and_kto_rows_regroup_into_the_same_dialogues(tmp_path):
+    p = tmp_path / "ESC-Pro.json"
+    p.write_text(json.dumps(ESCPRO))
+    dialogues, _ = _build("escpro", p)
+    sset = load_strategy_set("escpro")
+    dpo = list(pair_rows(dialogues, sset, "dpo"))
+    kto = list(pair_rows(dialogues, sset, "kto"))
+    assert len(dpo) == 4 and len(kto) == 4 + 4
+    assert dpo[0]["messages"][0]["role"] == "system" and dpo[0]["reject"]["content"].startswith("(Share Information) ")
+    assert dpo[0]["scene"] == "anxiety"
+    # KTO rows carry every preferred reply: the same dialogues come back (rows hold no trailing seeker message)
+    back, _ = _build("kto-rows", write_jsonl(tmp_path / "kto.jsonl", kto), strategies="escpro")
+    assert dialogue_stats(back) == dialogue_stats(dialogues) | {"messages": 12}
+    for a, b in zip(back, dialogues):
+        assert _msgs(a) == _msgs(b)[:len(a.messages)]
+    # DPO rows exist only for turns with negatives: without the first path's last turn, that path is a
+    # prefix of the second one and both fold into one dialogue
+    back, _ = _build("cso-rows", write_jsonl(tmp_path / "dpo.jsonl", dpo), strategies="escpro")
+    s = dialogue_stats(back)
+    assert (s["dialogues"], s["turns"], s["pairs"], s["turns_without_negatives"]) == (1, 3, 4, 0)
+    expect = _msgs(dialogues[1])
+    expect[1], expect[3] = _msgs(dialogues[0])[1], _msgs(dialogues[0])[3]  # targets live in the first path
+    assert _msgs(back[0]) == expect
+
+
+def _msgs(d):
+    return [(m.role, m.text, m.strategy, m.rejected, m.target) for m in d.messages]
+
+
+def test_trl_rows_strings_lists_and_implicit_prompt(tmp_path):
+    rows = [
+        {"prompt": "I feel alone.", "chosen": "(Question) What happened?", "rejected": "(Others) Okay."},
+        {"prompt": [U("I feel alone.")], "chosen": [{"role": "assistant", "content": "(Question) What happened?"}],
+         "rejected": [{"role": "assistant", "content": "(Information) Loneliness is common."}]},
+        {"chosen": [U("I feel alone."), {"role": "assistant", "content": "(Question) What happened?"},
+                    U("My friend moved."), {"role": "assistant", "content": "(Reflection of feelings) You miss her."}],
+         "rejected": [U("I feel alone."), {"role": "assistant", "content": "(Question) What happened?"},
+                      U("My friend moved."), {"role": "assistant", "content": "(Others) Hmm."}]},
+    ]
+    dialogues, _ = _build("trl", write_jsonl(tmp_path / "trl.jsonl", rows))
+    assert len(dialogues) == 1
+    d = dialogues[0]
+    assert [m.text for m in d.messages] == ["I feel alone.", "What happened?", "My friend moved.", "You miss her."]
+    assert [o.text for o in d.messages[1].rejected] == ["Okay.", "Loneliness is common."]
+    assert dialogue_stats(dialogues)["pairs"] == 3
+
+
+def test_dialogue_file_roundtrip(tmp_path):
+    p = tmp_path / "ESC-Pro.json"
+    p.write_text(json.dumps(ESCPRO))
+    dialogues, _ = _build("escpro", p)
+    write_dialogues(tmp_path / "out.jsonl", dialogues)
+    back = read_dialogues(tmp_path / "out.jsonl", load_strategy_set("escpro"))
+    assert [x.to_json() for x in back] == [x.to_json() for x in dialogues]
+
+
+def test_kto_false_without_true_is_an_error_or_skipped(tmp_path):
+    sys_msg = {"role": "system", "content": "s"}
+    rows = [{"messages": [sys_msg, U("hi"), {"role": "assistant", "content": "(Affirmation) ok"}], "label": False}]
+    p = write_jsonl(tmp_path / "kto.jsonl", rows)
+    with pytest.raises(DataError, match="line 1: label: no preferred reply"):
+        _build("kto-rows", p, strategies="escpro")
+    dialogues, report = _build("kto-rows", p, strategies="escpro", skip_invalid=True)
+    assert dialogues == [] and report.skipped == {"no-preferred": 1}
+
+
+def test_custom_strategy_set_file(tmp_path):
+    sfile = tmp_path / "strategy.json"
+    sfile.write_text(json.dumps(["[Ask]", "[Comfort]"]))
+    rows = [{"prompt": "x", "chosen": "(Ask) why?", "rejected": "(Comfort) there there"}]
+    dialogues, _ = _build("trl", write_jsonl(tmp_path / "t.jsonl", rows), strategies=str(sfile))
+    assert dialogues[0].messages[1].strategy == "Ask"
+    assert load_strategy_set(str(sfile)).names == ["Ask", "Comfort"]
