@@ -142,7 +142,7 @@ def _corpus_texts(path: str | None) -> list[str]:
 # ---------------------------------------------------------------- demo (the main job)
 def cmd_demo(args, extra) -> int:
     from cso_dist.data.build import build_dialogues
-    from cso_dist.data.dialogue import write_dialogues
+    from cso_dist.data.dialogue import atomic_write_text, write_dialogues
     from cso_dist.data.stats import dialogue_stats
     from cso_dist.models import build_tiny_model
 
@@ -171,7 +171,7 @@ def cmd_demo(args, extra) -> int:
         _print_kv(f"\n[{split}] {path}", {k: v for k, v in stats.items() if k != "rejected_strategies"})
         if report.notes:
             _print_kv("  build notes:", {k: v for k, v in report.notes.items() if k != "input"}, "    ")
-    (out / "data" / "stats.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "data" / "stats.json", json.dumps(summary, indent=2))
     print(f"\nstatistics written to {out / 'data' / 'stats.json'}")
     return 0
 

@@ -5,7 +5,9 @@ preferred reply for it (or None for a row that only brings non-preferred replies
 row labelled false) and non-preferred replies. Rows with the same history and preferred reply
 merge into one turn (exact duplicate options count once). A turn whose history is another
 turn's history + that turn's preferred reply + one seeker message continues it, so the turns
-form a prefix tree; each root-to-leaf path becomes one preference dialogue. A turn shared by
+form a prefix tree; each root-to-leaf path becomes one preference dialogue. A row with only
+non-preferred replies joins the preferred reply last seen for the same history (KTO rows come
+in blocks: the true row, then its false rows), else the first one seen after it. A turn shared by
 several paths is a training target in the first path only and context (target=False) in the
 others, so no pair is counted twice.
 """
@@ -46,20 +48,25 @@ def regroup(rows: list[TurnRow], path: str, source: str, strategy_set: str,
     """`skip(DataError)` is called for rows that cannot be placed (no preferred reply); without it they raise."""
     nodes: dict[tuple, _Node] = {}
     by_history: dict[tuple, list[_Node]] = {}
+    latest: dict[tuple, _Node] = {}
     orphans: list[TurnRow] = []
     for r in rows:
-        if r.preferred is None:
-            orphans.append(r)
+        if r.preferred is None:  # joins the latest preferred reply seen for its history (KTO blocks)
+            if r.history in latest:
+                latest[r.history].rejected.extend(r.rejected)
+            else:
+                orphans.append(r)
             continue
         key = (r.history, r.preferred)
         n = nodes.get(key)
         if n is None:
             n = nodes[key] = _Node(r.history, r.preferred, r.record, r.meta)
             by_history.setdefault(r.history, []).append(n)
+        latest[r.history] = n
         n.rejected.extend(r.rejected)
         if r.tail and not n.tail:
             n.tail = r.tail
-    for r in orphans:  # non-preferred-only rows join the first turn with their history
+    for r in orphans:  # non-preferred rows before any preferred one join the first turn with their history
         owners = by_history.get(r.history)
         if not owners:
             err = DataError(path, r.record, "label", "no preferred reply (label true) shares this row's history",

@@ -1,0 +1,184 @@
+"""Load a causal LM for training: full fine-tuning, LoRA or QLoRA (4-bit NF4 base + LoRA).
+
+Only local directories are loaded (never the Hub). A LoRA adapter directory (one holding
+adapter_config.json) loads its base model plus the adapter, trainable.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+
+from cso_dist.errors import ConfigError
+
+METHODS = ("full", "lora", "qlora")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"model.{name}: '{value}' is not one of {', '.join(choices)}")
+
+
+def _check_dir(path: Path, what: str = "model path") -> None:
+    if not path.exists():
+        raise ConfigError(f"{what} '{path}' does not exist")
+    if not path.is_dir():
+        raise ConfigError(f"{what} '{path}' is not a directory")
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base_path(adapter_dir: str | Path) -> Path:
+    """The base model directory named by an adapter's adapter_config.json.
+
+    A relative base path is tried relative to the working directory, then to the adapter dir.
+    """
+    cfg_file = Path(adapter_dir) / ADAPTER_CONFIG
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{cfg_file}: not valid JSON ({exc.msg})") from exc
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{cfg_file}: base_model_name_or_path is missing")
+    base_path = Path(base)
+    if not base_path.is_absolute() and not base_path.exists():
+        alt = Path(adapter_dir) / base_path
+        if alt.exists():
+            base_path = alt
+    _check_dir(base_path, f"base model of adapter '{adapter_dir}'")
+    return base_path
+
+
+def _load_base(path: Path, method: str, dtype: torch.dtype, device: str) -> PreTrainedModel:
+    kwargs: dict = {"dtype": dtype, "local_files_only": True}
+    if method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:  # no config.json / weights, unknown model type
+        raise ConfigError(f"model path '{path}': cannot load a model ({exc})") from exc
+    if method != "qlora":
+        model.to(device)
+    return model
+
+
+def _lora_config(lora: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+
+
+def load_model(
+    path: str | Path,
+    method: str = "full",
+    precision: str = "fp32",
+    lora: LoraSettings | None = None,
+    device: str = "cpu",
+    gradient_checkpointing: bool = False,
+) -> torch.nn.Module:
+    """Load a local model directory for training.
+
+    - full: every parameter trainable, weights in `precision`.
+    - lora: base in `precision`, frozen; LoRA adapters (PEFT, fp32 weights) trainable.
+    - qlora: base quantised to 4-bit NF4 (double quant, compute dtype = `precision`) on
+      `device`, prepared with `prepare_model_for_kbit_training`, then LoRA.
+    If `path` is a LoRA adapter dir, its base is loaded the same way and the adapter attached
+    trainable (its own adapter_config wins over `lora`); with method "full" the adapter is
+    merged into the base weights.
+    """
+    method, precision = str(method), str(precision)
+    _check_choice("method", method, METHODS)
+    _check_choice("precision", precision, PRECISIONS)
+    p = Path(path)
+    _check_dir(p)
+    dtype = PRECISIONS[precision]
+    adapter = is_adapter_dir(p)
+    base_path = adapter_base_path(p) if adapter else p
+    model = _load_base(base_path, method, dtype, device)
+
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        if gradient_checkpointing:
+            model.config.use_cache = False
+    elif gradient_checkpointing:
+        _enable_checkpointing(model)
+
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(p), is_trainable=method != "full")
+        if method == "full":
+            model = model.merge_and_unload()
+            model.to(dtype)
+            model.requires_grad_(True)
+        return model
+    if method == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, _lora_config(lora or LoraSettings()))
+
+
+def _numel(param: torch.nn.Parameter) -> int:
+    """Logical element count; bitsandbytes 4-bit params store two values per byte."""
+    quant_state = getattr(param, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    if shape is not None:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        return n
+    return param.numel()
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights are counted once."""
+    trainable = total = 0
+    for param in model.parameters():  # parameters() already deduplicates shared tensors
+        n = _numel(param)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,74 @@
+"""The `cso-dist` commands end to end, as a user runs them (real ESConv, real tokenizers)."""
+import json
+import subprocess
+from pathlib import Path
+
+from conftest import REPO, run_cli
+
+
+def test_build_stats_pairs_roundtrip(tmp_path, esconv_dir):
+    out = tmp_path / "test.jsonl"
+    run_cli("data", "build", "--from", "esconv", "--input", esconv_dir, "--split", "test", "--negatives", "2",
+            "--seed", "3", "--out", out, check=True)
+    stats = json.loads(run_cli("data", "stats", out, "--json", check=True).stdout)
+    assert {"dialogues", "turns", "pairs", "strategies"} <= stats.keys()
+    assert stats["dialogues"] == 195 and stats["pairs"] == 2 * stats["turns"]
+    assert sum(stats["strategies"].values()) == stats["turns"]
+
+    proc = run_cli("data", "pairs", out, "--format", "kto", "--out", tmp_path / "kto.jsonl", check=True)
+    rows = [json.loads(line) for line in open(tmp_path / "kto.jsonl")]
+    assert f"wrote {len(rows)} KTO rows" in proc.stdout
+    assert rows[0]["messages"][0]["role"] == "system" and rows[0]["messages"][-1]["role"] == "assistant"
+    run_cli("data", "build", "--from", "kto-rows", "--input", tmp_path / "kto.jsonl", "--out", tmp_path / "back.jsonl",
+            check=True)
+    back = json.loads(run_cli("data", "stats", tmp_path / "back.jsonl", "--json", check=True).stdout)
+    # identical openings of different dialogues merge into one shared turn: never more turns or pairs
+    assert back["turns"] + back["context_only_turns"] == stats["turns"]
+    assert back["turns"] >= stats["turns"] - 20 and back["turns_without_negatives"] <= 5
+    assert sum(r["label"] for r in rows) == back["turns"]  # one true row per distinct (history, reply)
+    assert stats["pairs"] - 50 <= back["pairs"] <= stats["pairs"]
+
+    run_cli("data", "pairs", out, "--format", "dpo", "--out", tmp_path / "dpo.jsonl", check=True)
+    dpo = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]
+    assert {"messages", "chosen", "reject"} <= dpo[0].keys()
+    assert len(dpo) <= stats["pairs"] and len({json.dumps(r, sort_keys=True) for r in dpo}) == len(dpo)
+
+
+def test_tiny_model_command_and_token_stats(tmp_path, esconv_dir):
+    model = tmp_path / "tiny-llama"
+    proc = run_cli("tiny-model", "--arch", "llama", "--tokenizer", "bpe", "--out", model, check=True)
+    assert "wrote tiny llama model" in proc.stdout
+    assert (model / "config.json").is_file() and (model / "tokenizer.json").is_file()
+    again = run_cli("tiny-model", "--arch", "llama", "--tokenizer", "bpe", "--out", model)
+    assert again.returncode != 0 and "Traceback" not in again.stderr  # refuses to overwrite
+    out = tmp_path / "valid.jsonl"
+    run_cli("data", "build", "--from", "esconv", "--split", "valid", "--out", out, check=True)
+    stats = json.loads(run_cli("data", "stats", out, "--json", "--tokenizer", model, "--max-length", "1024",
+                               check=True).stdout)
+    tok = stats["tokens"]
+    assert tok["max_length"] == 1024 and tok["truncated_turns"] > 0
+    assert tok["max_history_tokens"] + tok["mean_chosen_tokens"] <= 1024 + 400
+    assert tok["per_pair_tokens"] > 10 * tok["dialogue_tokens_with_branches"]
+
+
+def test_demo_main_job(tmp_path, esconv_dir):
+    proc = run_cli("demo", "--config", REPO / "configs" / "demo.yaml", "--run.out_dir", tmp_path / "demo",
+                   "--data.negatives", "1", check=True)
+    summary = json.loads((tmp_path / "demo" / "data" / "stats.json").read_text())
+    assert set(summary) == {"train", "valid", "test"}
+    assert [summary[s]["dialogues"] for s in ("train", "valid", "test")] == [910, 195, 195]
+    assert summary["train"]["pairs"] == summary["train"]["turns"] == 10679
+    assert summary["train"]["tokens"]["mean_history_tokens"] > 100
+    assert "[train]" in proc.stdout and "mean_chosen_tokens" in proc.stdout
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
+    readme = (REPO / "README.md").read_text()
+    blocks = readme.split("```")
+    first = blocks[1].strip().splitlines()[1:]  # after the language tag
+    cmds = [line.split("#")[0].strip() for line in first if line.strip()]
+    assert cmds == ["make demo", "make test"]
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert not [f for f in tracked if Path(f).name in ("train.jsonl", "valid.jsonl", "test.jsonl")], \
+        "no dataset text is committed"
