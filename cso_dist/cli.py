@@ -48,7 +48,8 @@ def cmd_data_build(args, extra) -> int:
     dialogues, report = build_dialogues(cfg.data)
     n = write_dialogues(args.out, dialogues)
     stats = dialogue_stats(dialogues)
-    print(f"wrote {n} preference dialogues to {args.out} ({time.time() - t0:.1f} s) from {report.input}")
+    print(f"wrote {n} preference dialogues to {args.out} ({time.time() - t0:.1f} s) from {report.input} "
+          f"(strategy set: {report.strategy_set})")
     print(f"  turns: {stats['turns']}  pairs: {stats['pairs']}  turns without negatives: "
           f"{stats['turns_without_negatives']}  context-only turns: {stats['context_only_turns']}")
     for k, v in report.notes.items():

@@ -27,7 +27,7 @@ class DataConfig:
     split: str = "train"
     negatives: int = 3  # ESConv: non-preferred options per supporter turn
     seed: int = 0
-    strategies: str = "auto"  # auto (escpro for ESC-Pro, else esconv), esconv, escpro, or a JSON/YAML file
+    strategies: str = "auto"  # auto (ESConv: esconv; else the named set the file uses), esconv, escpro, or a file
     aliases: bool = False  # map known label variants ("Questions" -> "Question")
     skip_invalid: bool = False
     context_seeker_messages: int = 2  # ESConv negatives: seeker messages used as retrieval context

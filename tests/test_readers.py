@@ -84,7 +84,8 @@ def test_dpo_and_kto_rows_regroup_into_the_same_dialogues(tmp_path):
     assert dpo[0]["messages"][0]["role"] == "system" and dpo[0]["reject"]["content"].startswith("(Share Information) ")
     assert dpo[0]["scene"] == "anxiety"
     # KTO rows carry every preferred reply: the same dialogues come back (rows hold no trailing seeker message)
-    back, _ = _build("kto-rows", write_jsonl(tmp_path / "kto.jsonl", kto), strategies="escpro")
+    back, report = _build("kto-rows", write_jsonl(tmp_path / "kto.jsonl", kto))  # strategy set auto-detected
+    assert report.strategy_set == "escpro" and back[0].strategy_set == "escpro"
     assert dialogue_stats(back) == dialogue_stats(dialogues) | {"messages": 12}
     for a, b in zip(back, dialogues):
         assert _msgs(a) == _msgs(b)[:len(a.messages)]

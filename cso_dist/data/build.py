@@ -2,37 +2,49 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cso_dist.config import DataConfig
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.esconv import EsconvOptions, build_esconv
 from cso_dist.data.readers import READERS, ReadContext, Skips
-from cso_dist.data.strategies import StrategySet, load_strategy_set
+from cso_dist.data.strategies import NAMED, StrategySet, load_strategy_set
+from cso_dist.errors import ConfigError
 from cso_dist.paths import esconv_dir
 
 
 @dataclass
 class BuildReport:
     input: str
+    strategy_set: str
     skipped: dict = field(default_factory=dict)  # reason -> count
     skipped_examples: dict = field(default_factory=dict)  # reason -> first error line
     notes: dict = field(default_factory=dict)  # source-specific counts (e.g. merged ESConv utterances)
 
 
-def strategy_set_for(cfg: DataConfig) -> StrategySet:
+def strategy_set_for(cfg: DataConfig, path: str) -> StrategySet:
+    """`auto`: ESConv's set for ESConv; otherwise the named set whose labels the file uses most."""
     spec = cfg.strategies
     if spec == "auto":
-        spec = "escpro" if cfg.source == "escpro" else "esconv"
+        spec = "esconv" if cfg.source == "esconv" else detect_strategy_set(path)
     return load_strategy_set(spec)
 
 
+def detect_strategy_set(path: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "esconv"  # the reader reports the missing file
+    hits = {name: sum(text.count(f"({s})") + text.count(f'"{s}"') for s in desc)
+            for name, (desc, _) in NAMED.items()}
+    return max(hits, key=lambda k: (hits[k], k == "esconv"))
+
+
 def build_dialogues(cfg: DataConfig) -> tuple[list[PrefDialogue], BuildReport]:
-    sset = strategy_set_for(cfg)
     path = cfg.input or (str(esconv_dir()) if cfg.source == "esconv" else "")
     if not path:
-        from cso_dist.errors import ConfigError
-
         raise ConfigError(f"data.input: required for --from {cfg.source}")
+    sset = strategy_set_for(cfg, path)
     ctx = ReadContext(path, sset, cfg.aliases, Skips(cfg.skip_invalid))
     notes: dict = {}
     if cfg.source == "esconv":
@@ -40,4 +52,4 @@ def build_dialogues(cfg: DataConfig) -> tuple[list[PrefDialogue], BuildReport]:
         dialogues, notes = build_esconv(ctx, cfg.split, opts)
     else:
         dialogues = READERS[cfg.source](ctx)
-    return dialogues, BuildReport(ctx.path, dict(ctx.skips.counts), dict(ctx.skips.examples), notes)
+    return dialogues, BuildReport(ctx.path, sset.name, dict(ctx.skips.counts), dict(ctx.skips.examples), notes)
