@@ -73,6 +73,82 @@ class TinyModelConfig:
 
 
 @dataclass
+class PackConfig:
+    layout: Literal["trie", "pair"] = "trie"  # trie: one sequence per dialogue + branches; pair: per-pair rows
+    max_tokens: int = 4096  # token budget of one micro-batch (one packed row; per-pair: all rows)
+    logit_chunk: int = 2048  # reply tokens per log-softmax chunk (bounds [tokens x vocab] memory)
+
+    def validate(self) -> None:
+        _check(self.max_tokens >= 32, "pack.max_tokens", "must be >= 32")
+        _check(self.logit_chunk >= 1, "pack.logit_chunk", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["sft", "dpo", "ipo", "simpo", "kto", "orpo"] = "dpo"
+    train_file: str = ""  # preference dialogues (data build output); "" = <run.out_dir>/data/train.jsonl
+    eval_file: str = ""  # held-out dialogues for periodic evaluation; "" = none
+    max_dialogues: int = 0  # use only the first N dialogues of train_file (0 = all)
+    beta: float = -1.0  # -1 = the method's default (dpo/ipo/kto/orpo 0.1, simpo 2.5)
+    label_smoothing: float = 0.0  # dpo (cDPO)
+    gamma_beta_ratio: float = 0.55  # simpo
+    desirable_weight: float = 1.0  # kto
+    undesirable_weight: float = 1.0  # kto
+    nll_weight: float = 0.0  # extra SFT/NLL term on chosen replies, for every method (orpo: its lambda-free NLL)
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    epochs: int = 1
+    max_steps: int = 0  # 0 = run `epochs`
+    grad_accum: int = 1  # micro-batches (token budget each) per optimizer step
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    gradient_checkpointing: bool = False
+    log_every: int = 1
+    eval_every: int = 0  # 0 = only at the end (when eval_file is set)
+    save_every: int = 0  # 0 = only the final output
+    keep_last: int = 2
+    ref_cache: str = ""  # "" = <run.out_dir>/refcache
+    final: Literal["merged", "adapter"] = "merged"  # LoRA/QLoRA final output
+
+    def validate(self) -> None:
+        _check(self.beta == -1.0 or self.beta > 0, "train.beta", "must be > 0 (or -1 for the method default)")
+        _check(0.0 <= self.label_smoothing < 0.5, "train.label_smoothing", "must be in [0, 0.5)")
+        _check(self.nll_weight >= 0, "train.nll_weight", "must be >= 0")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        _check(self.max_dialogues >= 0, "train.max_dialogues", "must be >= 0")
+
+    def method_beta(self) -> float:
+        return self.beta if self.beta > 0 else (2.5 if self.method == "simpo" else 0.1)
+
+
+@dataclass
+class RefCacheConfig:
+    dialogues_per_shard: int = 64  # work unit of precompute: a shard of consecutive dialogues
+
+    def validate(self) -> None:
+        _check(self.dialogues_per_shard >= 1, "refcache.dialogues_per_shard", "must be >= 1")
+
+
+@dataclass
+class TrackConfig:
+    wandb: bool = False  # also log to Weights & Biases (rank 0; WANDB_MODE=offline works)
+    project: str = "cso_dist"
+    group: str = ""
+    name: str = ""
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
 class RunConfig:
     out_dir: str = "runs/demo"
     seed: int = 0
@@ -86,6 +162,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tiny_model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    refcache: RefCacheConfig = field(default_factory=RefCacheConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -205,4 +285,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         _apply(cfg, _nest(overrides), "")
     for f in dataclasses.fields(cfg):
         getattr(cfg, f.name).validate()
+    _check(cfg.pack.max_tokens >= cfg.data.max_length, "pack.max_tokens",
+           f"must be >= data.max_length ({cfg.data.max_length}): one turn must fit a micro-batch")
     return cfg

@@ -19,7 +19,9 @@ def _reply(strategy: str, text: str) -> dict:
     return {"role": "assistant", "content": format_reply(strategy, text)}
 
 
-def pair_rows(dialogues: list[PrefDialogue], sset: StrategySet, fmt: str) -> Iterator[dict]:
+def iter_pairs(dialogues: list[PrefDialogue], sset: StrategySet, fmt: str) -> Iterator[tuple[str, dict]]:
+    """(id, row) in export order; ids are reply ids: "<dialogue>:<turn>:r<k>" for a DPO pair,
+    ":c" / ":r<k>" for a KTO row. Exact duplicate rows are yielded once (first occurrence)."""
     seen: set[str] = set()
     default_system = system_prompt(sset)
     for d in dialogues:
@@ -28,13 +30,19 @@ def pair_rows(dialogues: list[PrefDialogue], sset: StrategySet, fmt: str) -> Ite
             m = d.messages[i]
             history = to_chat(d.messages[:i], d.meta.get("system") or default_system)
             if fmt == "dpo":
-                rows = [dict(extra, messages=history, chosen=_reply(m.strategy, m.text), reject=_reply(o.strategy, o.text))
-                        for o in m.rejected]
+                rows = [(f"{d.id}:{i}:r{k}", dict(extra, messages=history, chosen=_reply(m.strategy, m.text),
+                                                  reject=_reply(o.strategy, o.text)))
+                        for k, o in enumerate(m.rejected)]
             else:
-                rows = [dict(extra, messages=history + [_reply(m.strategy, m.text)], label=True)]
-                rows += [dict(extra, messages=history + [_reply(o.strategy, o.text)], label=False) for o in m.rejected]
-            for row in rows:
+                rows = [(f"{d.id}:{i}:c", dict(extra, messages=history + [_reply(m.strategy, m.text)], label=True))]
+                rows += [(f"{d.id}:{i}:r{k}", dict(extra, messages=history + [_reply(o.strategy, o.text)], label=False))
+                         for k, o in enumerate(m.rejected)]
+            for pid, row in rows:
                 key = json.dumps(row, sort_keys=True, ensure_ascii=False)
                 if key not in seen:
                     seen.add(key)
-                    yield row
+                    yield pid, row
+
+
+def pair_rows(dialogues: list[PrefDialogue], sset: StrategySet, fmt: str) -> Iterator[dict]:
+    return (row for _, row in iter_pairs(dialogues, sset, fmt))

@@ -229,12 +229,12 @@ def turn_examples(d: PrefDialogue, renderer: Renderer, sset: StrategySet, max_le
         longest = max([len(chosen)] + [len(r) for r in rej])
         dropped = 0
         if max_length and len(hist) + longest > max_length:
-            hist, chosen, rej, dropped = _truncate(d, renderer, sset, i, longest, max_length)
+            hist, chosen, rej, dropped = truncate_turn(d, renderer, sset, i, longest, max_length)
         out.append(TurnExample(d.id, i, hist, chosen, rej, dropped))
     return out
 
 
-def _truncate(d: PrefDialogue, renderer: Renderer, sset: StrategySet, i: int, longest: int, max_length: int):
+def truncate_turn(d: PrefDialogue, renderer: Renderer, sset: StrategySet, i: int, longest: int, max_length: int):
     msgs = d.messages
     # candidate start indices: seeker messages after 0 (kept history must open with the seeker), then i itself
     starts = [k for k in range(1, i) if msgs[k].role == SEEKER] + [i]

@@ -1,0 +1,48 @@
+"""Per-reply summed log-probs from a packed trie batch, with logits only where replies are predicted."""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from cso_dist.pack.trie import TrieBatch
+
+
+def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: float | None) -> torch.Tensor:
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def _decoder_and_head(model):
+    """The transformer body and the LM head of an HF causal LM (PEFT- and DeepSpeed-wrapped too)."""
+    inner = getattr(model, "module", model)  # DeepSpeed engine / DDP
+    return inner.get_decoder(), inner.get_output_embeddings(), getattr(inner.config, "final_logit_softcapping", None)
+
+
+def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Summed log-prob of every reply in the batch, in `batch.reply_ids` order.
+
+    The body runs once over the packed row with the tree-shaped 4-D mask; the LM head and the
+    log-softmax run only on the hidden states that predict reply tokens, `chunk` tokens at a
+    time (recomputed in backward), so no [tokens x vocab] tensor over the history exists.
+    """
+    decoder, head, softcap = _decoder_and_head(model)
+    device = head.weight.device
+    dtype = mask_dtype or next(p for p in decoder.parameters() if p.is_floating_point()).dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    hidden = decoder(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                     attention_mask=batch.attention_mask(dtype).to(device), use_cache=False).last_hidden_state[0]
+    h = hidden.index_select(0, batch.pred_idx.to(device))
+    targets = batch.target_ids.to(device)
+    parts = []
+    for lo in range(0, h.shape[0], chunk):
+        hs, ts = h[lo:lo + chunk], targets[lo:lo + chunk]
+        if torch.is_grad_enabled() and hs.requires_grad:
+            parts.append(checkpoint(_chunk_logps, hs, ts, head, softcap, use_reentrant=False))
+        else:
+            parts.append(_chunk_logps(hs, ts, head, softcap))
+    tok = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+    out = torch.zeros(len(batch.reply_ids), dtype=torch.float32, device=device)
+    return out.index_add(0, batch.token_reply.to(device), tok)
