@@ -8,7 +8,8 @@ from cso_dist.pack.trie import TrieBatch
 
 
 def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: float | None) -> torch.Tensor:
-    logits = head(hidden).float()
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # log-softmax in >= fp32
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
@@ -17,7 +18,9 @@ def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: flo
 def _decoder_and_head(model):
     """The transformer body and the LM head of an HF causal LM (PEFT- and DeepSpeed-wrapped too)."""
     inner = getattr(model, "module", model)  # DeepSpeed engine / DDP
-    return inner.get_decoder(), inner.get_output_embeddings(), getattr(inner.config, "final_logit_softcapping", None)
+    cfg = inner.config
+    return (inner.get_decoder(), inner.get_output_embeddings(), getattr(cfg, "final_logit_softcapping", None),
+            getattr(cfg, "_attn_implementation", None) or "sdpa")
 
 
 def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -27,11 +30,15 @@ def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dty
     log-softmax run only on the hidden states that predict reply tokens, `chunk` tokens at a
     time (recomputed in backward), so no [tokens x vocab] tensor over the history exists.
     """
-    decoder, head, softcap = _decoder_and_head(model)
+    decoder, head, softcap, attn = _decoder_and_head(model)
     device = head.weight.device
-    dtype = mask_dtype or next(p for p in decoder.parameters() if p.is_floating_point()).dtype
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        dtype = torch.float32
+    if mask_dtype is not None:
+        dtype = mask_dtype
+    elif attn == "eager":  # eager adds the mask to the scores: additive, in the compute dtype
+        dtype = next(p for p in decoder.parameters() if p.is_floating_point() and p.dtype != torch.uint8).dtype
+        dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else torch.float32
+    else:  # sdpa / flash / flex take a boolean mask (True = attend), as transformers builds them
+        dtype = torch.bool
     hidden = decoder(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
                      attention_mask=batch.attention_mask(dtype).to(device), use_cache=False).last_hidden_state[0]
     h = hidden.index_select(0, batch.pred_idx.to(device))
@@ -44,5 +51,5 @@ def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dty
         else:
             parts.append(_chunk_logps(hs, ts, head, softcap))
     tok = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
-    out = torch.zeros(len(batch.reply_ids), dtype=torch.float32, device=device)
+    out = torch.zeros(len(batch.reply_ids), dtype=tok.dtype, device=device)
     return out.index_add(0, batch.token_reply.to(device), tok)

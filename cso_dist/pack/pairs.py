@@ -66,6 +66,7 @@ def collate_pairs(rows: list[PairRow], pad_id: int) -> PairBatch:
 def pair_logps(model, batch: PairBatch) -> torch.Tensor:
     """Summed log-prob of each row's reply, from full logits (the classic computation)."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logits = logits[:, :-1]
+    logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     tok = torch.gather(logps, 2, batch.input_ids[:, 1:, None]).squeeze(2)
     return (tok * batch.reply_mask[:, 1:]).sum(1)

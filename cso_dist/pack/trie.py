@@ -189,10 +189,13 @@ class TrieBatch:
     n_tokens: int
 
     def attention_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """4-D additive mask [1, 1, T, T]: 0 where a query may attend a key, dtype-min elsewhere."""
+        """4-D mask [1, 1, T, T]. `dtype` bool: True where a query may attend a key (SDPA);
+        a float dtype: additive, 0 where allowed and dtype-min elsewhere (eager attention)."""
         k = torch.arange(self.n_tokens)
         q = k[:, None]
         allowed = ((k >= self.ctx_lo[:, None]) & (k < self.ctx_hi[:, None])) | ((k >= self.own_lo[:, None]) & (k <= q))
+        if dtype == torch.bool:
+            return allowed[None, None]
         mask = torch.zeros(self.n_tokens, self.n_tokens, dtype=dtype)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         return mask[None, None]
