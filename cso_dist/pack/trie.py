@@ -10,12 +10,15 @@ So one forward pass gives the exact log-probs of every chosen and rejected reply
 Units are packed several per micro-batch (one row, block-diagonal) up to a token budget.
 A dialogue longer than the budget is split at turn boundaries: each piece re-emits the
 history it needs (the trunk always starts at the dialogue's start), and a single turn whose
-replies do not fit together is split over several pieces, so no reply is lost. Turns whose
+replies do not fit together is split over several pieces, each re-emitting the history and the
+chosen reply (scored again as a copy "<id>#k"), so no reply is lost and every (chosen,
+rejected) pair lies inside one unit. Turns whose
 history + longest reply exceed data.max_length use the truncated history of
 cso_dist.data.render (oldest messages dropped) in a unit of their own, exactly as the
 per-pair layout does.
 
-Reply ids: "<dialogue>:<turn>:c" (chosen), ":r<k>" (k-th non-preferred), ":kl" (KTO mismatched).
+Reply ids: "<dialogue>:<turn>:c" (chosen), ":r<k>" (k-th non-preferred), ":kl" (KTO mismatched);
+"<id>#k" marks a re-emitted copy of a chosen reply (base_reply_id strips it).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.render import DialogueTokens, Renderer, tokenize_dialogue, truncate_turn
 from cso_dist.data.strategies import StrategySet
+from cso_dist.errors import CsoError
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,11 @@ class Unit:
 
 def reply_id(dialogue_id: str, turn: int, kind: str) -> str:
     return f"{dialogue_id}:{turn}:{kind}"
+
+
+def base_reply_id(rid: str) -> str:
+    """The reply id without a copy marker ("d:3:c#1" -> "d:3:c")."""
+    return rid.split("#", 1)[0]
 
 
 @dataclass
@@ -130,16 +139,21 @@ def dialogue_units(d: PrefDialogue, renderer: Renderer, sset: StrategySet, max_t
         close()
         cur = _new_unit(d.id, t.trunk)
         cur.spans.append(chosen)
+        copies = 0
         for rid, b in t.branches:
             if cur.trunk_len + sum(len(x) for _, x, _ in pending) + len(b) > max_tokens:
-                close()  # the turn's replies do not fit together: continue on its history alone
-                cur = _new_unit(d.id, t.trunk[:t.hist])
+                # the turn's replies do not fit together: continue in a new unit that re-emits the
+                # history and the chosen reply (a copy, "<id>#k"), so every pair stays in one unit
+                close()
+                copies += 1
+                cur = _new_unit(d.id, t.trunk)
+                cur.spans.append(Span(f"{t.chosen_id}#{copies}", chosen.start, chosen.length, chosen.ctx))
             if len(cur) + len(b) > max_tokens:
-                raise ValueError(f"{d.id}: turn {t.turn}: history {t.hist} + reply {len(b)} tokens exceed "
-                                 f"pack.max_tokens={max_tokens}; raise pack.max_tokens or lower data.max_length")
+                raise CsoError(f"{d.id}: turn {t.turn}: history + chosen ({len(t.trunk)} tokens) + a reply of "
+                               f"{len(b)} tokens exceed pack.max_tokens={max_tokens}; raise pack.max_tokens")
             pending.append((rid, b, t.hist))
         if len(t.trunk) > max_tokens:
-            raise ValueError(f"{d.id}: turn {t.turn}: {len(t.trunk)} tokens exceed pack.max_tokens={max_tokens}")
+            raise CsoError(f"{d.id}: turn {t.turn}: {len(t.trunk)} tokens exceed pack.max_tokens={max_tokens}")
     close()
     return units
 
