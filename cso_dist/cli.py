@@ -140,6 +140,35 @@ def _corpus_texts(path: str | None) -> list[str]:
     return [t for t in texts if t]
 
 
+# ---------------------------------------------------------------- precompute / train
+def cmd_precompute(args, extra) -> int:
+    from cso_dist.refcache import run_precompute
+
+    cfg = _config(args, extra, {})
+    root = run_precompute(cfg)
+    print(f"reference cache ready: {root}")
+    return 0
+
+
+def cmd_cache_export(args, extra) -> int:
+    from cso_dist.refcache import export_cache
+
+    n = export_cache(args.cache, args.out)
+    print(f"wrote {n} pair rows to {args.out}")
+    return 0
+
+
+def cmd_train(args, extra) -> int:
+    from cso_dist.train import run_train
+
+    cfg = _config(args, extra, {})
+    summary = run_train(cfg, resume=args.resume)
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies", "pairs_per_s")
+    print("final: " + "  ".join(f"{k}={summary[k]:.4g}" for k in keys if k in summary))
+    print(f"model written to {summary['final']}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo (the main job)
 def cmd_demo(args, extra) -> int:
     from cso_dist.data.build import build_dialogues
@@ -240,6 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=cmd_tiny_model)
+
+    pc = sub.add_parser("precompute", help="reference log-probs of every reply, once (content-addressed cache)")
+    pc.add_argument("config", nargs="?")
+    pc.set_defaults(func=cmd_precompute)
+
+    ce = sub.add_parser("cache", help="inspect reference caches").add_subparsers(dest="cache_command", required=True)
+    cx = ce.add_parser("export", help="one row per DPO pair, in the order of `data pairs --format dpo`")
+    cx.add_argument("cache")
+    cx.add_argument("--out", required=True)
+    cx.set_defaults(func=cmd_cache_export)
+
+    tr = sub.add_parser("train", help="train with sft, dpo, ipo, simpo, kto or orpo")
+    tr.add_argument("config", nargs="?")
+    tr.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    tr.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="the main job: ESConv -> preference data -> statistics (CPU)")
     d.add_argument("--config")

@@ -89,6 +89,7 @@ class TrainConfig:
     train_file: str = ""  # preference dialogues (data build output); "" = <run.out_dir>/data/train.jsonl
     eval_file: str = ""  # held-out dialogues for periodic evaluation; "" = none
     max_dialogues: int = 0  # use only the first N dialogues of train_file (0 = all)
+    eval_max_dialogues: int = 0  # use only the first N dialogues of eval_file (0 = all)
     beta: float = -1.0  # -1 = the method's default (dpo/ipo/kto/orpo 0.1, simpo 2.5)
     label_smoothing: float = 0.0  # dpo (cDPO)
     gamma_beta_ratio: float = 0.55  # simpo
@@ -124,6 +125,7 @@ class TrainConfig:
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.max_dialogues >= 0, "train.max_dialogues", "must be >= 0")
+        _check(self.eval_max_dialogues >= 0, "train.eval_max_dialogues", "must be >= 0")
 
     def method_beta(self) -> float:
         return self.beta if self.beta > 0 else (2.5 if self.method == "simpo" else 0.1)
@@ -206,6 +208,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"config: {key}: expected a number, got {value!r}")
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

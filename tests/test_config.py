@@ -11,6 +11,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
     assert (cfg.data.negatives, cfg.data.source, cfg.data.seed) == (5, "escpro", 7)
     assert cfg.run.out_dir == "x/y" and cfg.model.lora_dropout == 0.0
     assert cfg.model.lora_target_modules == ["q_proj"]
+    assert load_config(None, parse_overrides(["--train.lr", "1e-6"])).train.lr == 1e-6  # YAML 1.1 reads a string
     assert load_config(None, {"model.lora_target_modules": "q_proj,v_proj"}).model.lora_target_modules == [
         "q_proj", "v_proj"]
 

@@ -11,7 +11,7 @@ import json
 from typing import Iterator
 
 from cso_dist.data.dialogue import PrefDialogue
-from cso_dist.data.render import format_reply, system_prompt, to_chat
+from cso_dist.data.render import dialogue_system_prompt, format_reply, to_chat
 from cso_dist.data.strategies import StrategySet
 
 
@@ -23,12 +23,11 @@ def iter_pairs(dialogues: list[PrefDialogue], sset: StrategySet, fmt: str) -> It
     """(id, row) in export order; ids are reply ids: "<dialogue>:<turn>:r<k>" for a DPO pair,
     ":c" / ":r<k>" for a KTO row. Exact duplicate rows are yielded once (first occurrence)."""
     seen: set[str] = set()
-    default_system = system_prompt(sset)
     for d in dialogues:
         extra = {k: d.meta[k] for k in ("scene", "description") if k in d.meta}
         for i in d.turn_indices():
             m = d.messages[i]
-            history = to_chat(d.messages[:i], d.meta.get("system") or default_system)
+            history = to_chat(d.messages[:i], dialogue_system_prompt(d, sset))
             if fmt == "dpo":
                 rows = [(f"{d.id}:{i}:r{k}", dict(extra, messages=history, chosen=_reply(m.strategy, m.text),
                                                   reject=_reply(o.strategy, o.text)))

@@ -42,6 +42,11 @@ def system_prompt(sset: StrategySet) -> str:
     return "\n".join(lines)
 
 
+def dialogue_system_prompt(d: PrefDialogue, sset: StrategySet) -> str:
+    """The dialogue's own system prompt when its source had one (meta.system), else the strategy set's."""
+    return d.meta.get("system") or system_prompt(sset)
+
+
 def format_reply(strategy: str, text: str) -> str:
     return f"({strategy}) {text}"
 
@@ -192,7 +197,7 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 def tokenize_dialogue(d: PrefDialogue, renderer: Renderer, sset: StrategySet,
                       messages: list[Message] | None = None) -> DialogueTokens:
     msgs = d.messages if messages is None else messages
-    chat = to_chat(msgs, system_prompt(sset))
+    chat = to_chat(msgs, dialogue_system_prompt(d, sset))
     options = {i: [format_reply(o.strategy, o.text) for o in m.rejected]
                for i, m in enumerate(msgs) if m.role == SUPPORTER and m.target and m.rejected}
     prefix, heads, bodies, rej = segment_strings(renderer, chat, options)

@@ -1,0 +1,139 @@
+"""From per-reply log-probs of one micro-batch to the training loss and TRL-named metrics.
+
+Layout-agnostic: replies come as ids in batch order ("d:t:c", "d:t:r<k>", "d:t:kl", and
+"d:t:c#k" copies of a chosen reply). A rejected or mismatched reply pairs with the latest
+chosen reply (original or copy) of its turn before it -- by construction the one in its own
+unit. The first (un-copied) chosen reply is the one that counts for NLL/SFT and KTO.
+
+Losses are summed per micro-batch and divided by the whole optimizer step's count of pairs
+(chosen replies for SFT, examples for KTO), so gradient accumulation weighs every pair alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cso_dist import losses as L
+from cso_dist.config import TrainConfig
+
+
+@dataclass
+class Structure:
+    """Index structure of the replies of one micro-batch."""
+
+    chosen: list[int] = field(default_factory=list)  # primary chosen replies
+    pair_c: list[int] = field(default_factory=list)  # (chosen, rejected) pairs
+    pair_r: list[int] = field(default_factory=list)
+    kl: list[int] = field(default_factory=list)  # KTO mismatched completions
+
+    @property
+    def counts(self) -> dict:
+        return {"chosen": len(self.chosen), "pairs": len(self.pair_r), "kto": len(self.chosen) + len(self.pair_r)}
+
+
+def structure(reply_ids: list[str]) -> Structure:
+    s = Structure()
+    last_chosen: dict[str, int] = {}
+    for i, rid in enumerate(reply_ids):
+        base = rid.split("#", 1)[0]
+        turn, kind = base.rsplit(":", 1)
+        if kind == "c":
+            last_chosen[turn] = i
+            if base == rid:
+                s.chosen.append(i)
+        elif kind == "kl":
+            s.kl.append(i)
+        else:
+            if turn not in last_chosen:
+                raise ValueError(f"reply {rid} has no chosen reply of its turn before it in the batch")
+            s.pair_c.append(last_chosen[turn])
+            s.pair_r.append(i)
+    return s
+
+
+def norm_key(method: str) -> str:
+    return {"sft": "chosen", "kto": "kto"}.get(method, "pairs")
+
+
+def micro_loss(cfg: TrainConfig, reply_ids: list[str], logps: torch.Tensor, ntok: torch.Tensor,
+               ref: dict[str, tuple[float, int]] | None, norm: dict[str, int]) -> tuple[torch.Tensor, dict]:
+    """Loss of one micro-batch (already divided by the step's counts) and metric sums."""
+    s = structure(reply_ids)
+    method, beta = cfg.method, cfg.method_beta()
+    dev = logps.device
+    ntok = ntok.to(dev).float()
+    idx = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+
+    def refs(ix: list[int]) -> torch.Tensor:
+        return torch.tensor([ref[reply_ids[i].split("#", 1)[0]][0] for i in ix], dtype=logps.dtype, device=dev)
+
+    c, pc, pr = idx(s.chosen), idx(s.pair_c), idx(s.pair_r)
+    m: dict[str, float] = {}
+    total = logps.sum() * 0.0
+    nll_c = L.sft_nll(logps[c], ntok[c]) if len(s.chosen) else logps.new_zeros(0)
+    if method == "sft" or cfg.nll_weight > 0:
+        w = 1.0 if method == "sft" else cfg.nll_weight
+        total = total + w * nll_c.sum() / max(norm["chosen"], 1)
+        m["nll_sum"] = float(nll_c.detach().sum())
+    m["logps_chosen_sum"] = float(logps[c].detach().sum())
+    if method == "sft":
+        return total, m
+    lc, lr, nc, nr = logps[pc], logps[pr], ntok[pc], ntok[pr]
+    if method == "kto":
+        ex = torch.cat([c, pr])
+        desirable = torch.cat([torch.ones(len(c), dtype=torch.bool, device=dev),
+                               torch.zeros(len(pr), dtype=torch.bool, device=dev)])
+        kl_ix = idx(s.kl)
+        out = L.kto(logps[ex], refs(s.chosen + s.pair_r), desirable, logps[kl_ix].detach(), refs(s.kl), beta,
+                    cfg.desirable_weight, cfg.undesirable_weight)
+        total = total + out.losses.sum() / max(norm["kto"], 1)
+        # pairwise rewards for logging: each rejected reply against its turn's chosen reply
+        rew = out.rewards.detach()
+        pos = {int(i): k for k, i in enumerate(c.tolist())}
+        rc = torch.stack([rew[pos[i]] if i in pos else beta * (logps[i].detach() - refs([i])[0])
+                          for i in s.pair_c]) if s.pair_c else rew.new_zeros(0)
+        rr = rew[len(c):]
+        m["kl"] = float(out.kl) if out.kl is not None else 0.0
+    else:
+        if method == "dpo":
+            out = L.dpo(lc, lr, refs(s.pair_c), refs(s.pair_r), beta, cfg.label_smoothing)
+        elif method == "ipo":
+            out = L.ipo(lc, lr, refs(s.pair_c), refs(s.pair_r), nc, nr, beta)
+        elif method == "simpo":
+            out = L.simpo(lc, lr, nc, nr, beta, cfg.gamma_beta_ratio)
+        elif method == "orpo":
+            out = L.orpo(lc, lr, nc, nr, beta)
+        else:
+            raise ValueError(f"unknown method {method}")
+        per_pair = out.losses + (out.nll if out.nll is not None else 0.0)
+        total = total + per_pair.sum() / max(norm["pairs"], 1)
+        rc, rr = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+    m.update({
+        "rewards_chosen_sum": float(rc.sum()), "rewards_rejected_sum": float(rr.sum()),
+        "accuracies_sum": float((rc > rr).float().sum()), "margins_sum": float((rc - rr).sum()),
+        "logps_pair_chosen_sum": float(lc.detach().sum()), "logps_rejected_sum": float(lr.detach().sum()),
+    })
+    return total, m
+
+
+def finish_metrics(sums: dict, counts: dict, method: str) -> dict:
+    """Metric sums of a step (or an evaluation) -> TRL-named means."""
+    n_pairs, n_chosen = max(counts.get("pairs", 0), 1), max(counts.get("chosen", 0), 1)
+    out = {"loss": sums.get("loss", 0.0)}
+    if method == "sft" or "nll_sum" in sums:
+        out["nll"] = sums.get("nll_sum", 0.0) / n_chosen
+    if method == "sft":
+        out["logps/chosen"] = sums.get("logps_chosen_sum", 0.0) / n_chosen
+        return out
+    out.update({
+        "rewards/chosen": sums.get("rewards_chosen_sum", 0.0) / n_pairs,
+        "rewards/rejected": sums.get("rewards_rejected_sum", 0.0) / n_pairs,
+        "rewards/accuracies": sums.get("accuracies_sum", 0.0) / n_pairs,
+        "rewards/margins": sums.get("margins_sum", 0.0) / n_pairs,
+        "logps/chosen": sums.get("logps_pair_chosen_sum", 0.0) / n_pairs,
+        "logps/rejected": sums.get("logps_rejected_sum", 0.0) / n_pairs,
+    })
+    if method == "kto":
+        out["kl"] = sums.get("kl", 0.0) / max(sums.get("micro_batches", 1), 1)
+    return out

@@ -1,0 +1,348 @@
+"""The reference log-prob cache: precompute (sharded, resumable, multi-rank), verified load, export.
+
+Layout of one cache (the train cache is the cache root; the eval file, when set, gets a cache of
+the same format in <root>/eval, with its own key):
+  manifest.json                 {"format", "key", "info", "n_dialogues", "dialogues_per_shard",
+                                 "n_shards", "plan": [[lo, hi], ...], "shards": {"i": {"sha256",
+                                 "replies", "dialogues"}}, "complete"}
+  shards/shard-00000.json       {"format", "shard", "lo", "hi", "dialogue_ids", "reply_ids",
+                                 "logps" (float32 results as float64, exact JSON round trip), "tokens"}
+  shards/shard-00000.done.json  sidecar written after the shard: {"shard", "key", "sha256",
+                                 "replies", "dialogues", "tokens", "seconds"}
+Shard i holds dialogues [i*D, (i+1)*D); rank r computes the shards with i % world_size == r.
+A shard counts as done only when its sidecar exists, names this key, and the file's sha256 and
+reply count match it (and the manifest entry, where there is one). Every file is written
+atomically. The manifest's per-shard entries are filled in once every shard verifies.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from cso_dist.config import Config
+from cso_dist.data.dialogue import atomic_write_text, read_dialogues, write_jsonl
+from cso_dist.data.export import iter_pairs
+from cso_dist.data.render import Renderer
+from cso_dist.data.strategies import StrategySet
+from cso_dist.errors import ConfigError, CsoError
+from cso_dist.pack import LaidOut, lay_out, score_units
+from cso_dist.refcache.key import (FORMAT_VERSION, SPLITS, RefModel, SplitInputs, cache_key, cache_root,
+                                   canonical_reply_order, default_device, differing, key_digest, key_info,
+                                   load_reference_model, load_split, make_cfg_renderer, memo_path, resolve_sset,
+                                   sha256_file, split_dir)
+
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+
+
+@dataclass
+class PrecomputeReport:
+    split: str
+    cache_dir: Path
+    n_shards: int
+    mine: list[int] = field(default_factory=list)  # shards assigned to this rank
+    computed: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)  # already present and verified
+    invalid: dict[int, str] = field(default_factory=dict)  # present but failed verification -> recomputed
+    tokens: int = 0
+    seconds: float = 0.0
+    complete: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Invalid(Exception):
+    """A shard that cannot be trusted; the message says why."""
+
+
+def shard_file(d: Path, i: int) -> Path:
+    return d / SHARD_DIR / f"shard-{i:05d}.json"
+
+
+def sidecar_file(d: Path, i: int) -> Path:
+    return d / SHARD_DIR / f"shard-{i:05d}.done.json"
+
+
+def _write_json(path: Path, obj: dict, indent: int | None = 1) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent))
+
+
+def read_manifest(d: Path) -> dict | None:
+    p = Path(d) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        man = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        man = None
+    if not isinstance(man, dict) or not isinstance(man.get("key"), dict):
+        raise CsoError(f"reference cache {d}: manifest.json is damaged; delete {d} and rerun cso-dist precompute")
+    return man
+
+
+def _sidecar(d: Path, i: int, kd: str) -> dict:
+    s = sidecar_file(d, i)
+    if not s.is_file():
+        raise _Invalid("missing" if not shard_file(d, i).is_file() else "no completion record (interrupted write)")
+    try:
+        side = json.loads(s.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _Invalid("completion record is damaged") from None
+    if not isinstance(side, dict) or side.get("key") != kd:
+        raise _Invalid("completion record belongs to another key")
+    return side
+
+
+def _read_shard(d: Path, i: int, expect: dict) -> dict:
+    f = shard_file(d, i)
+    if not f.is_file():
+        raise _Invalid("missing")
+    data = f.read_bytes()
+    if hashlib.sha256(data).hexdigest() != expect.get("sha256"):
+        raise _Invalid(f"corrupt (sha256 mismatch, {len(data)} bytes)")
+    try:
+        obj = json.loads(data)
+        ok = obj["shard"] == i and len(obj["reply_ids"]) == len(obj["logps"]) == len(obj["tokens"]) == expect["replies"]
+    except (ValueError, KeyError, TypeError):
+        raise _Invalid("corrupt (unreadable)") from None
+    if not ok:
+        raise _Invalid("reply count mismatch")
+    return obj
+
+
+def _verified(d: Path, i: int, kd: str, man: dict | None = None) -> tuple[dict, dict]:
+    """(sidecar, shard content) of a shard that verifies; _Invalid otherwise."""
+    side = _sidecar(d, i, kd)
+    entry = ((man or {}).get("shards") or {}).get(str(i))
+    if entry is not None and (entry.get("sha256"), entry.get("replies")) != (side.get("sha256"), side.get("replies")):
+        raise _Invalid("does not match the manifest")
+    return side, _read_shard(d, i, side)
+
+
+def _plan(n: int, per: int) -> list[list[int]]:
+    return [[lo, min(lo + per, n)] for lo in range(0, n, per)]
+
+
+def _open_cache(d: Path, key: dict[str, str], split: str) -> dict | None:
+    """The existing manifest of `d` (refusing a stale or foreign directory), or None when there is none."""
+    man = read_manifest(d)
+    if man is not None:
+        diff = differing(man, key)
+        if diff:
+            raise CsoError(f"reference cache {d} was built for a different {', '.join(diff)}: delete {d} "
+                           f"or point train.ref_cache elsewhere, then rerun cso-dist precompute")
+        return man
+    other = [p.name for p in d.iterdir() if not (split == "train" and p.name == "eval")
+             and not (p.name.startswith(".") and p.name.endswith(".tmp"))] if d.is_dir() else []
+    if other:
+        raise CsoError(f"reference cache {d}: the folder exists, is not empty ({', '.join(sorted(other)[:3])}) and "
+                       f"has no manifest.json; delete it or point train.ref_cache elsewhere")
+    return None
+
+
+def _compute_shard(d: Path, i: int, lo: int, hi: int, laid: LaidOut, ref: RefModel, cfg: Config, kd: str,
+                   split: str, n_shards: int, progress: bool) -> tuple[int, float]:
+    model, ctx = ref
+    units = laid.all_units(list(range(lo, hi)))
+    ntok = sum(len(u) for u in units)
+    t0 = time.perf_counter()
+    with ctx():
+        scores = score_units(model, units, cfg.pack.max_tokens, cfg.pack.logit_chunk, progress,
+                             desc=f"{split} shard {i + 1}/{n_shards}")
+    secs = time.perf_counter() - t0
+    ids = canonical_reply_order(units)
+    if set(ids) != set(scores):
+        raise CsoError(f"reference cache: shard {i}: scored replies do not match the layout (internal error)")
+    obj = {"format": FORMAT_VERSION, "shard": i, "lo": lo, "hi": hi,
+           "dialogue_ids": [dl.id for dl in laid.dialogues[lo:hi]], "reply_ids": ids,
+           "logps": [float(scores[r][0]) for r in ids], "tokens": [int(scores[r][1]) for r in ids]}
+    text = json.dumps(obj, separators=(",", ":"))  # ASCII (ensure_ascii), floats via repr: exact round trip
+    atomic_write_text(shard_file(d, i), text)
+    _write_json(sidecar_file(d, i), {"shard": i, "key": kd, "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                                     "replies": len(ids), "dialogues": hi - lo, "tokens": ntok, "seconds": secs})
+    return ntok, secs
+
+
+def _finalize(d: Path, man: dict, kd: str) -> bool:
+    """Record every shard's sha256 + reply count in the manifest once all verify (never downgrades)."""
+    entries = {}
+    for i in range(man["n_shards"]):
+        try:
+            side, _ = _verified(d, i, kd)
+        except _Invalid:
+            return False
+        entries[str(i)] = {"sha256": side["sha256"], "replies": side["replies"], "dialogues": side["dialogues"]}
+    new = dict(man, shards=entries, complete=True)
+    if new != man:
+        _write_json(d / MANIFEST, new)
+    return True
+
+
+def _precompute_split(cfg: Config, inputs: SplitInputs, key: dict[str, str], renderer: Renderer,
+                      sset: StrategySet, rank: int, world_size: int, progress: bool,
+                      get_model: Callable[[], RefModel]) -> PrecomputeReport:
+    d = split_dir(cache_root(cfg), inputs.split)
+    man = _open_cache(d, key, inputs.split)
+    if man is None:
+        per = cfg.refcache.dialogues_per_shard
+        plan = _plan(len(inputs.dialogues), per)
+        man = {"format": FORMAT_VERSION, "key": key, "info": key_info(cfg, inputs, sset),
+               "n_dialogues": len(inputs.dialogues), "dialogues_per_shard": per, "n_shards": len(plan),
+               "plan": plan, "shards": {}, "complete": False}
+        _write_json(d / MANIFEST, man)
+    elif man["dialogues_per_shard"] != cfg.refcache.dialogues_per_shard:
+        print(f"note: {d} uses {man['dialogues_per_shard']} dialogues per shard; keeping its plan "
+              f"(refcache.dialogues_per_shard={cfg.refcache.dialogues_per_shard} ignored)", flush=True)
+    kd, plan = key_digest(key), man["plan"]
+    rep = PrecomputeReport(inputs.split, d, len(plan), [i for i in range(len(plan)) if i % world_size == rank])
+    todo = []
+    for i in rep.mine:
+        try:
+            _verified(d, i, kd)
+            rep.skipped.append(i)
+        except _Invalid as e:
+            if str(e) != "missing":
+                rep.invalid[i] = str(e)
+                print(f"{d}: shard {i}: {e}; recomputing", flush=True)
+            todo.append(i)
+    if todo:
+        ref = get_model()
+        try:
+            laid = lay_out(inputs.dialogues, renderer, sset, cfg.pack.max_tokens, cfg.data.max_length, kl=True,
+                           progress=progress)
+        except ValueError as e:
+            raise CsoError(str(e)) from None
+        for i in todo:
+            ntok, secs = _compute_shard(d, i, *plan[i], laid, ref, cfg, kd, inputs.split, len(plan), progress)
+            rep.computed.append(i)
+            rep.tokens += ntok
+            rep.seconds += secs
+    rep.complete = _finalize(d, man, kd)
+    missing = len(rep.computed) - len(rep.invalid)
+    print(f"precompute [{inputs.split}] rank {rank}/{world_size}: {len(rep.mine)} of {len(plan)} shards: "
+          f"{len(rep.computed)} computed ({missing} missing, {len(rep.invalid)} failed verification), "
+          f"{len(rep.skipped)} verified and kept; {rep.tokens:,} tokens in {rep.seconds:.1f}s "
+          f"({rep.tokens_per_s:,.0f} tok/s); cache {'complete' if rep.complete else 'partial'}: {d}", flush=True)
+    return rep
+
+
+def precompute(cfg: Config, rank: int = 0, world_size: int = 1, progress: bool = True,
+               device: str | None = None) -> list[PrecomputeReport]:
+    """Compute this rank's shards of the train cache (and of the eval cache when train.eval_file is set)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"precompute: rank {rank} is not in [0, world_size={world_size})")
+    root = cache_root(cfg)
+    renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
+    jobs = []
+    for split in SPLITS:
+        inputs = load_split(cfg, split)
+        if inputs is not None:
+            key = cache_key(cfg, split, renderer, sset, memo_path(root))
+            _open_cache(split_dir(root, split), key, split)  # refuse stale caches before any work
+            jobs.append((inputs, key))
+    held: list[RefModel] = []
+
+    def get_model() -> RefModel:
+        if not held:
+            held.append(load_reference_model(cfg, device or default_device(rank)))
+        return held[0]
+
+    return [_precompute_split(cfg, inputs, key, renderer, sset, rank, world_size, progress, get_model)
+            for inputs, key in jobs]
+
+
+def run_precompute(cfg: Config, rank: int = 0, world_size: int = 1, progress: bool = True) -> Path:
+    """The body of `cso-dist precompute CONFIG`; returns the cache root."""
+    precompute(cfg, rank, world_size, progress)
+    return cache_root(cfg)
+
+
+def _cache_dir_of(cfg_or_cache_dir: Config | str | Path, split: str) -> Path:
+    if isinstance(cfg_or_cache_dir, Config):
+        return split_dir(cache_root(cfg_or_cache_dir), split)
+    return Path(cfg_or_cache_dir)
+
+
+def load_reference(cfg_or_cache_dir: Config | str | Path, expected_key: dict[str, str],
+                   split: str = "train") -> dict[str, tuple[float, int]]:
+    """reply id -> (reference summed log-prob, token count), after checking the key and every shard.
+
+    A Config selects the cache of `split` (train: the cache root, eval: <root>/eval); a path
+    is used as the cache folder itself.
+    """
+    d = _cache_dir_of(cfg_or_cache_dir, split)
+    man = read_manifest(d)
+    if man is None:
+        raise CsoError(f"no reference cache at {d} (run cso-dist precompute)")
+    diff = differing(man, expected_key)
+    if diff:
+        raise CsoError(f"reference cache {d} was built for a different {', '.join(diff)} (delete it and rerun "
+                       f"cso-dist precompute, or point train.ref_cache elsewhere)")
+    kd, out, bad = key_digest(expected_key), {}, []
+    for i in range(man["n_shards"]):
+        try:
+            _, obj = _verified(d, i, kd, man)
+        except _Invalid as e:
+            bad.append(f"shard {i}: {e}")
+            continue
+        out.update(zip(obj["reply_ids"], zip(obj["logps"], obj["tokens"])))
+    if bad:
+        more = f"; and {len(bad) - 4} more" if len(bad) > 4 else ""
+        raise CsoError(f"reference cache {d}: {len(bad)} of {man['n_shards']} shards missing or corrupt "
+                       f"({'; '.join(bad[:4])}{more}); rerun cso-dist precompute to recompute them")
+    return out
+
+
+def cache_status(cache_dir: str | Path, key: dict[str, str]) -> str:
+    """"missing" (no manifest), "stale" (another key), "complete" (every shard verifies) or "partial"."""
+    d = Path(cache_dir)
+    try:
+        man = read_manifest(d)
+    except CsoError:
+        return "stale"
+    if man is None:
+        return "missing"
+    if differing(man, key):
+        return "stale"
+    kd = key_digest(key)
+    for i in range(man["n_shards"]):
+        try:
+            _verified(d, i, kd, man)
+        except _Invalid:
+            return "partial"
+    return "complete"
+
+
+def export_cache(cache_dir: str | Path, out: str | Path) -> int:
+    """One JSON row per DPO pair (order of `data pairs --format dpo`) with the cached reference values."""
+    d = Path(cache_dir)
+    man = read_manifest(d)
+    if man is None:
+        raise CsoError(f"no reference cache at {d} (manifest.json missing)")
+    info = man.get("info") or {}
+    path = Path(info.get("data_file", ""))
+    if not path.is_file():
+        raise CsoError(f"reference cache {d}: its dialogue file {path} no longer exists")
+    if sha256_file(path) != info.get("data_sha256"):
+        raise CsoError(f"reference cache {d}: dialogue file {path} changed since the cache was built; "
+                       f"rerun cso-dist precompute on it before exporting")
+    values = load_reference(d, man["key"])
+    dialogues = read_dialogues(path)
+    dialogues = dialogues[:info["max_dialogues"]] if info.get("max_dialogues") else dialogues
+    ss = info["strategy_set"]
+    sset = StrategySet(ss["name"], dict(ss["descriptions"]), dict(ss.get("aliases") or {}))
+    rows = []
+    for pid, _ in iter_pairs(dialogues, sset, "dpo"):
+        cid = pid.rsplit(":", 1)[0] + ":c"
+        if cid not in values or pid not in values:
+            raise CsoError(f"reference cache {d}: no value for pair {pid} (cache and dialogue file disagree)")
+        (c_lp, c_n), (r_lp, r_n) = values[cid], values[pid]
+        rows.append({"pair_id": pid, "chosen_logp": c_lp, "rejected_logp": r_lp,
+                     "chosen_tokens": c_n, "rejected_tokens": r_n})
+    return write_jsonl(out, rows)

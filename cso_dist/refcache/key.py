@@ -1,0 +1,295 @@
+"""What a reference log-prob cache depends on: paths, inputs, the content-addressed key, the model.
+
+The key is a dict of named components, each the first 16 hex digits of a sha256:
+  model            config.json + every *.safetensors / *.bin of the weights the reference runs
+                   (for an adapter dir: its base model's files -- the adapter is disabled); file
+                   names relative to the folder, so a copied model reuses the cache
+  tokenizer        the tokenizer files' content
+  chat_template    the resolved template text
+  data             sha256 of the dialogue file + max_dialogues (train only; eval uses 0)
+  strategies       names + descriptions of the strategy set
+  system_prompt    the system prompt text
+  truncation       data.max_length
+  dtype            model.precision
+  method_reference full | adapter-disabled | qlora-base
+  layout_version   LAYOUT_VERSION (bump when the packing / reply-id semantics change)
+pack.max_tokens is not part of it: results do not depend on the micro-batch layout.
+Weight-file hashes are memoised by (path, size, mtime_ns) in a JSON file beside the cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import torch
+
+from cso_dist.config import Config
+from cso_dist.data.dialogue import PrefDialogue, atomic_write_text, read_dialogues
+from cso_dist.data.render import Renderer, make_renderer, system_prompt
+from cso_dist.data.strategies import StrategySet, load_strategy_set
+from cso_dist.errors import CsoError
+from cso_dist.models import LoraSettings, is_adapter_dir, load_model, load_tokenizer
+from cso_dist.models.load import adapter_base_path
+from cso_dist.pack import Unit
+
+RefModel = tuple[torch.nn.Module, Callable[[], ContextManager]]  # the model and the context to score under
+LAYOUT_VERSION = 1  # trie layout incl. KTO ":kl" branches, truncation of cso_dist.data.render
+FORMAT_VERSION = 1  # on-disk format of manifest + shards
+SPLITS = ("train", "eval")
+KEY_COMPONENTS = ("model", "tokenizer", "chat_template", "data", "strategies", "system_prompt", "truncation",
+                  "dtype", "method_reference", "layout_version")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+
+
+def short(text: str | bytes) -> str:
+    data = text.encode() if isinstance(text, str) else text
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- paths
+def model_dir(cfg: Config) -> Path:
+    return Path(cfg.model.path) if cfg.model.path else Path(cfg.run.out_dir) / "tiny-model"
+
+
+def cache_root(cfg: Config) -> Path:
+    return Path(cfg.train.ref_cache) if cfg.train.ref_cache else Path(cfg.run.out_dir) / "refcache"
+
+
+def split_dir(root: Path, split: str) -> Path:
+    """The train cache is the root itself; the eval cache is a cache of the same format in <root>/eval."""
+    if split not in SPLITS:
+        raise CsoError(f"reference cache: unknown split '{split}' (one of {', '.join(SPLITS)})")
+    return root if split == "train" else root / "eval"
+
+
+def data_file(cfg: Config, split: str) -> Path | None:
+    if split == "train":
+        return Path(cfg.train.train_file) if cfg.train.train_file else Path(cfg.run.out_dir) / "data" / "train.jsonl"
+    return Path(cfg.train.eval_file) if cfg.train.eval_file else None
+
+
+def split_max_dialogues(cfg: Config, split: str) -> int:
+    return cfg.train.max_dialogues if split == "train" else cfg.train.eval_max_dialogues
+
+
+def method_reference(cfg: Config) -> str:
+    if cfg.model.method == "qlora":
+        return "qlora-base"
+    return "adapter-disabled" if is_adapter_dir(model_dir(cfg)) else "full"
+
+
+def weights_dir(path: Path) -> Path:
+    """The folder whose weights the reference runs: an adapter's base, else the folder itself."""
+    return adapter_base_path(path) if is_adapter_dir(path) else path
+
+
+def tokenizer_dir(path: Path) -> Path:
+    """The model folder; an adapter folder without tokenizer files falls back to its base."""
+    if is_adapter_dir(path) and not any((path / n).is_file() for n in TOKENIZER_FILES):
+        return adapter_base_path(path)
+    return path
+
+
+# ---------------------------------------------------------------- file hash memo
+class FileHashes:
+    """sha256 of files, memoised by (absolute path, size, mtime_ns) in a small JSON file."""
+
+    def __init__(self, memo: Path | None):
+        self.memo, self.entries, self.dirty = memo, {}, False
+        if memo is not None and memo.is_file():
+            try:
+                self.entries = json.loads(memo.read_text())
+            except (json.JSONDecodeError, OSError):
+                self.entries = {}
+
+    def get(self, path: Path) -> str:
+        st = path.stat()
+        k = str(path.resolve())
+        e = self.entries.get(k)
+        if isinstance(e, dict) and e.get("size") == st.st_size and e.get("mtime_ns") == st.st_mtime_ns:
+            return e["sha256"]
+        digest = sha256_file(path)
+        self.entries[k] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        if self.memo is not None and self.dirty:
+            with contextlib.suppress(OSError):
+                atomic_write_text(self.memo, json.dumps(self.entries, indent=1, sort_keys=True))
+            self.dirty = False
+
+
+def memo_path(root: Path) -> Path:
+    return root.parent / f".{root.name}.filehashes.json"
+
+
+def _files_digest(folder: Path, files: list[Path], hashes: FileHashes) -> str:
+    return short(json.dumps([[f.relative_to(folder).as_posix(), hashes.get(f)] for f in files]))
+
+
+def model_files(folder: Path) -> list[Path]:
+    weights = sorted(p for pat in ("*.safetensors", "*.bin") for p in folder.glob(pat) if p.is_file())
+    if not weights:
+        raise CsoError(f"model '{folder}': no *.safetensors or *.bin weight files")
+    cfg = folder / "config.json"
+    return ([cfg] if cfg.is_file() else []) + weights
+
+
+# ---------------------------------------------------------------- inputs
+@dataclass
+class SplitInputs:
+    split: str
+    data_file: Path
+    data_sha256: str
+    max_dialogues: int
+    dialogues: list[PrefDialogue]
+
+
+def resolve_sset(cfg: Config) -> StrategySet:
+    """data.strategies, or with "auto" the set named by the first train dialogue (eval shares it)."""
+    if cfg.data.strategies != "auto":
+        return load_strategy_set(cfg.data.strategies)
+    for split in SPLITS:
+        path = data_file(cfg, split)
+        if path is not None and path.is_file():
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        try:
+                            return load_strategy_set(str(json.loads(line).get("strategy_set") or "esconv"))
+                        except (json.JSONDecodeError, AttributeError):
+                            break  # read_dialogues reports the bad record
+    return load_strategy_set("esconv")
+
+
+def load_split(cfg: Config, split: str) -> SplitInputs | None:
+    """The dialogues of a split (first max_dialogues for train); None when the split has no file."""
+    path = data_file(cfg, split)
+    if path is None:
+        return None
+    if not path.is_file():
+        where = "train.train_file" if split == "train" else "train.eval_file"
+        raise CsoError(f"{where}: '{path}' does not exist (build it with cso-dist data build)")
+    n = split_max_dialogues(cfg, split)
+    dialogues = read_dialogues(path)
+    dialogues = dialogues[:n] if n else dialogues
+    seen: set[str] = set()
+    for d in dialogues:
+        if d.id in seen:
+            raise CsoError(f"{path}: dialogue id '{d.id}' occurs twice; reply ids would collide")
+        seen.add(d.id)
+    return SplitInputs(split, path, sha256_file(path), n, dialogues)
+
+
+def make_cfg_renderer(cfg: Config) -> Renderer:
+    return make_renderer(load_tokenizer(tokenizer_dir(model_dir(cfg))), cfg.data.chat_template)
+
+
+def cache_key(cfg: Config, split: str = "train", renderer: Renderer | None = None,
+              sset: StrategySet | None = None, memo: Path | None = None) -> dict[str, str]:
+    """The key of the reference cache of `split` for `cfg` (component name -> short sha256 hex)."""
+    path = data_file(cfg, split)
+    if path is None or not path.is_file():
+        raise CsoError(f"reference cache: no {split} data file ({path if path else 'train.eval_file is not set'})")
+    mdir = model_dir(cfg)
+    if not mdir.is_dir():
+        raise CsoError(f"model.path: '{mdir}' does not exist or is not a directory")
+    renderer = renderer or make_cfg_renderer(cfg)
+    sset = sset or resolve_sset(cfg)
+    hashes = FileHashes(memo if memo is not None else memo_path(cache_root(cfg)))
+    wdir, tdir = weights_dir(mdir), tokenizer_dir(mdir)
+    tok_files = [tdir / n for n in TOKENIZER_FILES if (tdir / n).is_file()]
+    key = {
+        "model": _files_digest(wdir, model_files(wdir), hashes),
+        "tokenizer": _files_digest(tdir, tok_files, hashes),
+        "chat_template": short(renderer.template),
+        "data": short(f"{sha256_file(path)}:{split_max_dialogues(cfg, split)}"),
+        "strategies": short(json.dumps(sset.descriptions, sort_keys=False)),
+        "system_prompt": short(system_prompt(sset)),
+        "truncation": short(str(cfg.data.max_length)),
+        "dtype": short(cfg.model.precision),
+        "method_reference": short(method_reference(cfg)),
+        "layout_version": short(str(LAYOUT_VERSION)),
+    }
+    hashes.save()
+    return key
+
+
+def key_info(cfg: Config, inputs: SplitInputs, sset: StrategySet) -> dict:
+    """Human-readable record of what the key was computed from (manifest "info"; export uses it)."""
+    mdir = model_dir(cfg)
+    return {"model_path": str(mdir.resolve()), "weights_path": str(weights_dir(mdir).resolve()),
+            "method_reference": method_reference(cfg), "precision": cfg.model.precision,
+            "chat_template": cfg.data.chat_template, "max_length": cfg.data.max_length,
+            "data_file": str(inputs.data_file.resolve()), "data_sha256": inputs.data_sha256,
+            "max_dialogues": inputs.max_dialogues, "layout_version": LAYOUT_VERSION,
+            "strategy_set": {"name": sset.name, "descriptions": sset.descriptions, "aliases": sset.aliases}}
+
+
+def key_digest(key: dict[str, str]) -> str:
+    return short(json.dumps(key, sort_keys=True))
+
+
+def differing(man: dict, key: dict[str, str]) -> list[str]:
+    """Names of the key components that differ (and "format" when the on-disk format changed)."""
+    order = {c: n for n, c in enumerate(KEY_COMPONENTS)}
+    have = man.get("key") or {}
+    diff = ["format"] if man.get("format") != FORMAT_VERSION else []
+    return diff + sorted((c for c in set(have) | set(key) if have.get(c) != key.get(c)),
+                         key=lambda c: (order.get(c, len(order)), c))
+
+
+def canonical_reply_order(units: list[Unit]) -> list[str]:
+    """Reply ids per dialogue in order, within a dialogue by turn then c, r0, r1, ..., kl."""
+    def kind_order(rid: str) -> tuple:
+        _, turn, kind = rid.rsplit(":", 2)
+        rank = (0, 0) if kind == "c" else (1, int(kind[1:])) if kind[:1] == "r" and kind[1:].isdigit() \
+            else (2, 0) if kind == "kl" else (3, kind)
+        return (int(turn), rank)
+
+    per: dict[str, list[str]] = {}
+    for u in units:
+        per.setdefault(u.dialogue_id, []).extend(s.reply_id for s in u.spans)
+    return [r for ids in per.values() for r in sorted(dict.fromkeys(ids), key=kind_order)]
+
+
+# ---------------------------------------------------------------- the reference model
+def default_device(rank: int = 0) -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def load_reference_model(cfg: Config, device: str) -> RefModel:
+    """The frozen reference in eval mode and the context to score under (adapter disabled where one exists).
+
+    full: the model at model.path in model.precision (also for lora on a plain base);
+    adapter-disabled: an adapter dir's base with the adapter disabled;
+    qlora-base: the 4-bit base the QLoRA policy trains on (load_model(method="qlora")), adapter disabled.
+    """
+    path, ref = model_dir(cfg), method_reference(cfg)
+    lora = LoraSettings(cfg.model.lora_r, cfg.model.lora_alpha, 0.0, list(cfg.model.lora_target_modules))
+    if ref == "full":
+        model, ctx = load_model(path, "full", cfg.model.precision, device=device), contextlib.nullcontext
+    else:
+        model = load_model(path, "qlora" if ref == "qlora-base" else "lora", cfg.model.precision, lora=lora,
+                           device=device)
+        ctx = model.disable_adapter
+    model.eval()
+    model.requires_grad_(False)
+    return model, ctx
