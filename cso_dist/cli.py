@@ -296,9 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pull dotted config overrides (`--train.lr 1e-6`, `--run.out_dir=x`) out of argv before argparse,
+    so their values are never mistaken for positional arguments."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and "." in a.split("=", 1)[0]:
+            take = 1 if "=" in a else 2
+            overrides.extend(argv[i:i + take])
+            i += take
+        else:
+            rest.append(a)
+            i += 1
+    return rest, overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args, extra = parser.parse_known_args(rest)
+    extra = extra + overrides
     try:
         return args.func(args, extra)
     except CsoError as e:

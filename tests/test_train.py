@@ -1,0 +1,165 @@
+"""Single-process CSO training: step-0 loss, learning, methods, resume, non-finite loss, outputs, W&B."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cso_dist.config import DataConfig, load_config
+from cso_dist.data.build import build_dialogues
+from cso_dist.data.dialogue import write_dialogues
+from cso_dist.errors import CsoError
+from cso_dist.models import build_tiny_model, load_model
+from cso_dist.objective import micro_loss
+from cso_dist.refcache import cache_key, load_reference, run_precompute
+from cso_dist.refcache.key import load_split, make_cfg_renderer, resolve_sset
+from cso_dist.tracking import read_metrics
+from cso_dist.train import Layout, forward, plan_steps, run_train
+from conftest import REPO, run_cli
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, esconv_dir):
+    root = tmp_path_factory.mktemp("train")
+    train, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="train"))
+    valid, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="valid"))
+    write_dialogues(root / "train.jsonl", train[:8])
+    write_dialogues(root / "valid.jsonl", valid[:3])
+    texts = [m.text for d in train[:200] for m in d.messages]
+    model = build_tiny_model("qwen2", root / "model", tokenizer="bpe", bpe_texts=texts, hidden_size=32, seed=0)
+    return root, model
+
+
+def cfg_for(setup, name, **over):
+    root, model = setup
+    base = {"model.path": str(model), "train.train_file": str(root / "train.jsonl"), "run.out_dir": str(root / name),
+            "train.ref_cache": str(root / "refcache"), "data.max_length": 1024, "pack.max_tokens": 2048,
+            "train.lr": 3e-3, "train.warmup_ratio": 0.0, "train.schedule": "constant"}
+    return load_config(None, {**base, **over})
+
+
+def test_step0_dpo_loss_is_ln2_on_every_batch(setup):
+    cfg = cfg_for(setup, "step0")
+    run_precompute(cfg, progress=False)
+    renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
+    ref = load_reference(cfg, cache_key(cfg, "train", renderer, sset))
+    train = load_split(cfg, "train")
+    batches = [b for step in plan_steps(Layout(cfg, train.dialogues, renderer, sset, False), 8, cfg) for b in step]
+    model = load_model(cfg.model.path)
+    assert len(batches) > 3
+    with torch.no_grad():
+        for b in batches:
+            logps, ntok = forward(model, b, 64)
+            loss, _ = micro_loss(cfg.train, b.reply_ids, logps, ntok, ref, b.counts)
+            assert abs(float(loss) - math.log(2)) < 1e-6
+
+
+def test_short_dpo_run_learns_the_training_pairs(setup):
+    cfg = cfg_for(setup, "dpo", **{"train.epochs": 6, "train.eval_file": str(setup[0] / "train.jsonl")})
+    summary = run_train(cfg, progress=False)
+    metrics = read_metrics(cfg.run.out_dir)
+    assert abs(metrics[0]["loss"] - math.log(2)) < 1e-6  # policy == reference at step 1
+    assert summary["eval/rewards/accuracies"] > 0.9, summary  # scored on the training pairs after training
+    for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+              "logps/rejected", "tokens_per_s", "pairs_per_s", "lr", "grad_norm"):
+        assert k in metrics[-2], k
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(summary["final"])  # an HF save_pretrained folder
+
+
+@pytest.mark.parametrize("method", ["sft", "ipo", "simpo", "kto", "orpo"])
+def test_every_method_trains(setup, method):
+    cfg = cfg_for(setup, f"m-{method}", **{"train.method": method, "train.max_steps": 3, "train.nll_weight": 0.1})
+    run_train(cfg, progress=False)
+    m = read_metrics(cfg.run.out_dir)
+    assert len(m) == 3 and all(math.isfinite(x["loss"]) for x in m)
+    assert m[-1]["loss"] < m[0]["loss"] or method in ("kto", "simpo", "orpo")  # 3 steps: sanity, not convergence
+
+
+def test_per_pair_layout_gives_the_same_first_step(setup):
+    out = {}
+    for layout in ("trie", "pair"):
+        # one optimizer step over the same pairs (grad_accum covers every micro-batch of either layout)
+        cfg = cfg_for(setup, f"layout-{layout}", **{"pack.layout": layout, "train.max_steps": 1, "train.grad_accum": 64,
+                                                    "train.max_dialogues": 2, "pack.max_tokens": 100000,
+                                                    "train.ref_cache": str(setup[0] / "refcache-2")})
+        run_train(cfg, progress=False)
+        out[layout] = read_metrics(cfg.run.out_dir)[0]
+    for k in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
+        assert out["trie"][k] == pytest.approx(out["pair"][k], rel=1e-5, abs=1e-6), k
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_curve(setup, tmp_path):
+    common = {"train.max_steps": 10, "train.save_every": 2, "train.keep_last": 2}
+    full = cfg_for(setup, "uninterrupted", **common)
+    run_train(full, progress=False)
+    want = [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(full.run.out_dir)]
+    cfg = cfg_for(setup, "interrupted", **common)
+    args = [sys.executable, "-m", "cso_dist.cli", "train"] + [f"--{k}={v}" for k, v in {
+        "model.path": cfg.model.path, "train.train_file": cfg.train.train_file, "run.out_dir": cfg.run.out_dir,
+        "train.ref_cache": cfg.train.ref_cache, "data.max_length": 1024, "pack.max_tokens": 2048, "train.lr": 3e-3,
+        "train.warmup_ratio": 0.0, "train.schedule": "constant", "train.max_steps": 10, "train.save_every": 2,
+        "train.keep_last": 2}.items()]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ckpts = os.path.join(cfg.run.out_dir, "checkpoints")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpts) and any(os.path.isfile(os.path.join(ckpts, d, "state.json")) for d in os.listdir(ckpts)):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    assert not os.path.isdir(os.path.join(cfg.run.out_dir, "final"))
+    run_train(cfg, resume=True, progress=False)
+    got = [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(cfg.run.out_dir)]
+    assert got == want  # CPU fp32: exactly the same curve
+    assert len(os.listdir(ckpts)) <= 2  # keep-last-k
+
+
+def test_nonfinite_loss_stops_and_saves_the_batch(setup, tmp_path):
+    root, model_dir = setup
+    model = load_model(model_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan-model")
+    import shutil
+    for f in model_dir.iterdir():
+        if "token" in f.name or f.name.endswith(".jinja"):
+            shutil.copy(f, tmp_path / "nan-model" / f.name)
+    proc = run_cli("train", "--model.path", tmp_path / "nan-model", "--train.method=sft", "--train.train_file",
+                   root / "train.jsonl", "--run.out_dir", tmp_path / "run", "--data.max_length", "1024",
+                   "--pack.max_tokens", "2048")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "loss is nan at step 1" in line and "nonfinite-step1-micro0.pt" in line
+    saved = torch.load(tmp_path / "run" / "nonfinite-step1-micro0.pt", weights_only=False)
+    assert saved["reply_ids"]
+
+
+def test_lora_final_outputs_and_wandb_offline(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    for final in ("adapter", "merged"):
+        cfg = cfg_for(setup, f"lora-{final}", **{"model.method": "lora", "model.lora_r": 4, "train.max_steps": 2,
+                                                 "train.final": final, "track.wandb": final == "adapter"})
+        summary = run_train(cfg, progress=False)
+        files = os.listdir(summary["final"])
+        assert ("adapter_config.json" in files) == (final == "adapter")
+        assert "tokenizer.json" in files
+        load_model(summary["final"], "lora" if final == "adapter" else "full")
+    assert any(p.startswith("offline-run") for p in os.listdir(os.path.join(setup[0], "lora-adapter", "wandb")))
+
+
+def test_training_refuses_a_stale_cache(setup):
+    cfg = cfg_for(setup, "stale", **{"train.max_steps": 1})
+    run_precompute(cfg, progress=False)
+    other = cfg_for(setup, "stale", **{"train.max_steps": 1, "data.max_length": 900, "pack.max_tokens": 2048})
+    with pytest.raises(CsoError, match="truncation"):
+        run_train(other, progress=False)
