@@ -80,14 +80,9 @@ def cmd_data_stats(args, extra) -> int:
 
 
 def _token_stats(dialogues, tokenizer_dir: str, cfg: Config) -> dict:
-    from cso_dist.data.render import make_renderer
-    from cso_dist.data.stats import token_stats
-    from cso_dist.data.strategies import load_strategy_set
-    from cso_dist.models import load_tokenizer
+    from cso_dist.data.stats import token_stats_for
 
-    spec = cfg.data.strategies if cfg.data.strategies != "auto" else (dialogues[0].strategy_set if dialogues else "esconv")
-    renderer = make_renderer(load_tokenizer(tokenizer_dir), cfg.data.chat_template)
-    return token_stats(dialogues, renderer, load_strategy_set(spec), cfg.data.max_length)
+    return token_stats_for(dialogues, tokenizer_dir, cfg.data)
 
 
 def cmd_data_pairs(args, extra) -> int:
@@ -127,17 +122,9 @@ def cmd_tiny_model(args, extra) -> int:
 
 
 def _corpus_texts(path: str | None) -> list[str]:
-    """Texts to train a BPE on: every utterance of an ESConv split file (default: ESConv train)."""
-    from cso_dist.paths import esconv_dir
+    from cso_dist.data.esconv import esconv_texts
 
-    p = Path(path) if path else esconv_dir() / "train.jsonl"
-    texts = []
-    with open(p, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                texts.extend(u.get("text") or u.get("content") or "" for u in rec.get("dialog", []))
-    return [t for t in texts if t]
+    return esconv_texts(path)
 
 
 # ---------------------------------------------------------------- precompute / train
@@ -171,38 +158,9 @@ def cmd_train(args, extra) -> int:
 
 # ---------------------------------------------------------------- demo (the main job)
 def cmd_demo(args, extra) -> int:
-    from cso_dist.data.build import build_dialogues
-    from cso_dist.data.dialogue import atomic_write_text, write_dialogues
-    from cso_dist.data.stats import dialogue_stats
-    from cso_dist.models import build_tiny_model
+    from cso_dist.demo import run_demo
 
-    cfg = _config(args, extra, {})
-    out = Path(cfg.run.out_dir)
-    print(f"== cso-dist demo -> {out}")
-    results = {}
-    for split in ("train", "valid", "test"):
-        cfg.data.split = split
-        dialogues, report = build_dialogues(cfg.data)
-        path = out / "data" / f"{split}.jsonl"
-        write_dialogues(path, dialogues)
-        results[split] = (path, dialogues, dialogue_stats(dialogues), report)
-        print(f"built {split}: {path}")
-    model_dir = Path(cfg.model.path) if cfg.model.path else out / "tiny-model"
-    if not (model_dir / "config.json").is_file():
-        build_tiny_model(cfg.tiny_model.arch, model_dir, tokenizer=cfg.tiny_model.tokenizer,
-                         bpe_texts=_corpus_texts(None) if cfg.tiny_model.tokenizer == "bpe" else None,
-                         hidden_size=cfg.tiny_model.hidden_size, num_layers=cfg.tiny_model.num_layers,
-                         seed=cfg.run.seed)
-        print(f"built tiny model: {model_dir}")
-    summary = {}
-    for split, (path, dialogues, stats, report) in results.items():
-        stats["tokens"] = _token_stats(dialogues, str(model_dir), cfg)
-        summary[split] = stats
-        _print_kv(f"\n[{split}] {path}", {k: v for k, v in stats.items() if k != "rejected_strategies"})
-        if report.notes:
-            _print_kv("  build notes:", {k: v for k, v in report.notes.items() if k != "input"}, "    ")
-    atomic_write_text(out / "data" / "stats.json", json.dumps(summary, indent=2))
-    print(f"\nstatistics written to {out / 'data' / 'stats.json'}")
+    run_demo(_config(args, extra, {}))
     return 0
 
 

@@ -151,6 +151,22 @@ class TrackConfig:
 
 
 @dataclass
+class DemoConfig:
+    """The main job (`cso-dist demo`): data -> tiny model -> short SFT -> precompute -> CSO (train.method)."""
+
+    train_dialogues: int = 300  # ESConv train dialogues used for SFT and CSO (0 = all 910)
+    eval_dialogues: int = 40  # ESConv valid dialogues for held-out evaluation
+    sft_epochs: int = 1
+    sft_lr: float = 1e-3
+
+    def validate(self) -> None:
+        _check(self.train_dialogues >= 0, "demo.train_dialogues", "must be >= 0")
+        _check(self.eval_dialogues >= 0, "demo.eval_dialogues", "must be >= 0")
+        _check(self.sft_epochs >= 0, "demo.sft_epochs", "must be >= 0 (0 skips SFT)")
+        _check(self.sft_lr > 0, "demo.sft_lr", "must be > 0")
+
+
+@dataclass
 class RunConfig:
     out_dir: str = "runs/demo"
     seed: int = 0
@@ -168,6 +184,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     refcache: RefCacheConfig = field(default_factory=RefCacheConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:

@@ -52,14 +52,21 @@ def test_tiny_model_command_and_token_stats(tmp_path, esconv_dir):
 
 
 def test_demo_main_job(tmp_path, esconv_dir):
+    """The README's main command end to end, on a few dialogues: data -> tiny model -> SFT -> precompute -> DPO."""
     proc = run_cli("demo", "--config", REPO / "configs" / "demo.yaml", "--run.out_dir", tmp_path / "demo",
-                   "--data.negatives", "1", check=True)
-    summary = json.loads((tmp_path / "demo" / "data" / "stats.json").read_text())
-    assert set(summary) == {"train", "valid", "test"}
-    assert [summary[s]["dialogues"] for s in ("train", "valid", "test")] == [910, 195, 195]
-    assert summary["train"]["pairs"] == summary["train"]["turns"] == 10679
-    assert summary["train"]["tokens"]["mean_history_tokens"] > 100
-    assert "[train]" in proc.stdout and "mean_chosen_tokens" in proc.stdout
+                   "--data.negatives", "1", "--demo.train_dialogues", "6", "--demo.eval_dialogues", "2",
+                   "--train.epochs", "1", "--train.eval_every", "0", check=True)
+    stats = json.loads((tmp_path / "demo" / "data" / "stats.json").read_text())
+    assert [stats[s]["dialogues"] for s in ("train", "valid", "test")] == [910, 195, 195]
+    assert stats["train"]["pairs"] == stats["train"]["turns"] == 10679
+    assert stats["train"]["tokens"]["mean_history_tokens"] > 100
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(summary["stages"]) == {"sft", "dpo"}
+    dpo = summary["stages"]["dpo"]
+    assert 0 <= dpo["eval/rewards/accuracies"] <= 1 and dpo["steps"] > 0
+    assert (tmp_path / "demo" / "dpo" / "final" / "config.json").is_file()
+    assert (tmp_path / "demo" / "dpo" / "refcache" / "manifest.json").is_file()
+    assert "| dpo |" in proc.stdout and "demo finished" in proc.stdout
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():

@@ -185,3 +185,19 @@ def _pick(pool: list[int], cand_opt, k: int, rng: np.random.Generator) -> list[i
             strategies.add(o.strategy)
             texts.add(o.text)
     return picks
+
+
+def esconv_texts(path: str | None = None) -> list[str]:
+    """Every utterance of an ESConv-style JSONL file (default: ESConv train), e.g. to train a BPE on."""
+    import json
+
+    from cso_dist.paths import esconv_dir
+
+    p = Path(path) if path else esconv_dir() / "train.jsonl"
+    texts = []
+    with open(p, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                texts.extend(u.get("text") or u.get("content") or "" for u in rec.get("dialog", []))
+    return [t for t in texts if t]
