@@ -12,7 +12,9 @@ import torch
 
 from cso_dist.config import DataConfig, load_config
 from cso_dist.data.build import build_dialogues
-from cso_dist.data.dialogue import write_dialogues
+from cso_dist.data.dialogue import read_dialogues, write_dialogues
+from cso_dist.data.export import iter_pairs
+from cso_dist.data.strategies import load_strategy_set
 from cso_dist.errors import CsoError
 from cso_dist.models import build_tiny_model, load_model
 from cso_dist.objective import micro_loss
@@ -163,3 +165,31 @@ def test_training_refuses_a_stale_cache(setup):
     other = cfg_for(setup, "stale", **{"train.max_steps": 1, "data.max_length": 900, "pack.max_tokens": 2048})
     with pytest.raises(CsoError, match="truncation"):
         run_train(other, progress=False)
+
+
+def test_bf16_gradient_checkpointing_and_wandb_failure(setup, monkeypatch, capfd):
+    monkeypatch.setenv("WANDB_MODE", "not-a-mode")  # W&B refuses to start: training must go on without it
+    cfg = cfg_for(setup, "bf16", **{"model.precision": "bf16", "train.gradient_checkpointing": True,
+                                    "train.max_steps": 2, "track.wandb": True,
+                                    "train.ref_cache": str(setup[0] / "refcache-bf16")})  # dtype is in the key
+    run_train(cfg, progress=False)
+    m = read_metrics(cfg.run.out_dir)
+    assert len(m) == 2 and all(math.isfinite(x["loss"]) for x in m)
+    assert abs(m[0]["loss"] - math.log(2)) < 5e-3  # bf16 rounding differs a little between batchings
+    assert "W&B disabled" in capfd.readouterr().err
+
+
+def test_cli_precompute_and_cache_export(setup, tmp_path):
+    root, model = setup
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: {{path: {model}}}\ntrain: {{train_file: {root / 'train.jsonl'}, max_dialogues: 3}}\n"
+                   f"data: {{max_length: 1024}}\npack: {{max_tokens: 2048}}\nrun: {{out_dir: {tmp_path / 'run'}}}\n")
+    proc = run_cli("precompute", cfg, check=True)
+    assert "reference cache ready" in proc.stdout
+    run_cli("data", "pairs", root / "train.jsonl", "--format", "dpo", "--out", tmp_path / "pairs.jsonl", check=True)
+    run_cli("cache", "export", tmp_path / "run" / "refcache", "--out", tmp_path / "ref.jsonl", check=True)
+    rows = [json.loads(line) for line in open(tmp_path / "ref.jsonl")]
+    assert rows and set(rows[0]) == {"pair_id", "chosen_logp", "rejected_logp", "chosen_tokens", "rejected_tokens"}
+    first3 = read_dialogues(root / "train.jsonl")[:3]  # the cache covers train.max_dialogues = 3
+    want = [pid for pid, _ in iter_pairs(first3, load_strategy_set("esconv"), "dpo")]
+    assert [r["pair_id"] for r in rows] == want
