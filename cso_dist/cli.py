@@ -71,18 +71,14 @@ def cmd_data_stats(args, extra) -> int:
     dialogues = read_dialogues(args.file)
     stats = dialogue_stats(dialogues)
     if args.tokenizer:
-        stats["tokens"] = _token_stats(dialogues, args.tokenizer, cfg)
+        from cso_dist.data.stats import token_stats_for
+
+        stats["tokens"] = token_stats_for(dialogues, args.tokenizer, cfg.data)
     if args.json:
         print(json.dumps(stats, ensure_ascii=False))
     else:
         _print_kv(f"{args.file}", stats)
     return 0
-
-
-def _token_stats(dialogues, tokenizer_dir: str, cfg: Config) -> dict:
-    from cso_dist.data.stats import token_stats_for
-
-    return token_stats_for(dialogues, tokenizer_dir, cfg.data)
 
 
 def cmd_data_pairs(args, extra) -> int:
@@ -113,18 +109,14 @@ def cmd_tiny_model(args, extra) -> int:
 
     texts = None
     if args.tokenizer == "bpe":
-        texts = _corpus_texts(args.bpe_data)
+        from cso_dist.data.esconv import esconv_texts
+
+        texts = esconv_texts(args.bpe_data)
     out = build_tiny_model(args.arch, args.out, tokenizer=args.tokenizer, template=args.template, bpe_texts=texts,
                            hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed,
                            overwrite=args.overwrite)
     print(f"wrote tiny {args.arch} model ({args.tokenizer} tokenizer) to {out}")
     return 0
-
-
-def _corpus_texts(path: str | None) -> list[str]:
-    from cso_dist.data.esconv import esconv_texts
-
-    return esconv_texts(path)
 
 
 # ---------------------------------------------------------------- precompute / train

@@ -154,9 +154,10 @@ def segment_strings(renderer: Renderer, chat: list[dict], options: dict[int, lis
     has_sys = bool(chat) and chat[0]["role"] == "system"
     base = chat[:1] if has_sys else []
     msgs = chat[1:] if has_sys else chat
-    prev = renderer.render(base) if base else renderer.render([])
     if has_sys and not renderer.system_role:
         prev = ""  # the system prompt is folded into the first user turn
+    else:
+        prev = renderer.render(base)
     prefix = prev
     heads, bodies, rejected = [], [], {}
     for i, m in enumerate(msgs):
