@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -121,11 +122,13 @@ def cmd_tiny_model(args, extra) -> int:
 
 # ---------------------------------------------------------------- precompute / train
 def cmd_precompute(args, extra) -> int:
+    from cso_dist.dist import world_from_env
     from cso_dist.refcache import run_precompute
 
     cfg = _config(args, extra, {})
-    root = run_precompute(cfg)
-    print(f"reference cache ready: {root}")
+    world = world_from_env()  # under torchrun / srun: this rank computes its own shards
+    root = run_precompute(cfg, world.rank, world.world_size, progress=world.main)
+    print(f"reference cache {'ready' if world.world_size == 1 else f'shards of rank {world.rank} ready'}: {root}")
     return 0
 
 
@@ -142,9 +145,18 @@ def cmd_train(args, extra) -> int:
 
     cfg = _config(args, extra, {})
     summary = run_train(cfg, resume=args.resume)
+    if summary.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0
     keys = ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies", "pairs_per_s")
     print("final: " + "  ".join(f"{k}={summary[k]:.4g}" for k in keys if k in summary))
     print(f"model written to {summary['final']}")
+    return 0
+
+
+def cmd_export(args, extra) -> int:
+    from cso_dist.export import export
+
+    export(Path(args.checkpoint), Path(args.out), args.final)
     return 0
 
 
@@ -235,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     tr.set_defaults(func=cmd_train)
 
+    ex = sub.add_parser("export", help="a checkpoint (torch or DeepSpeed ZeRO shards) or a run's latest one -> "
+                                       "an HF save_pretrained folder")
+    ex.add_argument("checkpoint", help="<run>/checkpoints/step-NNNNNNN, or a run folder (its latest checkpoint)")
+    ex.add_argument("--out", required=True, help="output folder (written atomically)")
+    ex.add_argument("--final", choices=["merged", "adapter"], help="LoRA: merge into the base or save the adapter "
+                                                                   "alone (default: the run's train.final)")
+    ex.set_defaults(func=cmd_export)
+
     d = sub.add_parser("demo", help="the main job: ESConv -> preference data -> statistics (CPU)")
     d.add_argument("--config")
     d.set_defaults(func=cmd_demo)
@@ -262,9 +282,24 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+def _launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N: take it into LOCAL_RANK."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.split("=", 1)[0] in ("--local_rank", "--local-rank"):
+            value = a.split("=", 1)[1] if "=" in a else argv[i + 1]
+            os.environ.setdefault("LOCAL_RANK", value)
+            i += 1 if "=" in a else 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    rest, overrides = split_overrides(_launcher_args(list(sys.argv[1:] if argv is None else argv)))
     args, extra = parser.parse_known_args(rest)
     extra = extra + overrides
     try:

@@ -111,6 +111,9 @@ class TrainConfig:
     keep_last: int = 2
     ref_cache: str = ""  # "" = <run.out_dir>/refcache
     final: Literal["merged", "adapter"] = "merged"  # LoRA/QLoRA final output
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"] = "adamw"  # 8-bit/paged: bitsandbytes
+    reference: Literal["cache", "adapter"] = "cache"  # cache: precomputed log-probs; adapter: LoRA/QLoRA base
+    #                                                   with the adapter disabled, scored live (no precompute)
 
     def validate(self) -> None:
         _check(self.beta == -1.0 or self.beta > 0, "train.beta", "must be > 0 (or -1 for the method default)")
@@ -137,6 +140,21 @@ class RefCacheConfig:
 
     def validate(self) -> None:
         _check(self.dialogues_per_shard >= 1, "refcache.dialogues_per_shard", "must be >= 1")
+
+
+@dataclass
+class DistConfig:
+    """Engine and process group. World size and ranks come from the launcher (torchrun, deepspeed, srun)."""
+
+    engine: Literal["torch", "deepspeed"] = "torch"  # torch: one process or DDP; deepspeed: ZeRO-2/3
+    deepspeed_config: str = "zero3"  # zero2 | zero3 | zero3_offload (ds_configs/) or a JSON path
+    zero_stage: int = 0  # 0 = as in the JSON; 2 or 3 overrides it
+    timeout_minutes: int = 60  # collective timeout of the process group
+
+    def validate(self) -> None:
+        _check(self.zero_stage in (0, 2, 3), "dist.zero_stage", "must be 0 (from the JSON), 2 or 3")
+        _check(self.timeout_minutes >= 1, "dist.timeout_minutes", "must be >= 1")
+        _check(bool(self.deepspeed_config.strip()), "dist.deepspeed_config", "must not be empty")
 
 
 @dataclass
@@ -183,6 +201,7 @@ class Config:
     pack: PackConfig = field(default_factory=PackConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     refcache: RefCacheConfig = field(default_factory=RefCacheConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -311,4 +330,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         getattr(cfg, f.name).validate()
     _check(cfg.pack.max_tokens >= cfg.data.max_length, "pack.max_tokens",
            f"must be >= data.max_length ({cfg.data.max_length}): one turn must fit a micro-batch")
+    _check(cfg.train.reference == "cache" or cfg.model.method in ("lora", "qlora"), "train.reference",
+           "'adapter' (the base with the adapter disabled) needs model.method lora or qlora")
+    _check(not (cfg.model.method == "qlora" and cfg.dist.engine == "deepspeed"), "model.method",
+           "qlora runs on the torch engine (one GPU, or DDP under torchrun); 4-bit weights under DeepSpeed "
+           "(bnb_4bit_quant_storage) are not supported by cso_dist: use model.method=lora with dist.engine=deepspeed")
     return cfg

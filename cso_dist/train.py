@@ -1,14 +1,18 @@
-"""`cso-dist train`: single-process CSO training, read top to bottom.
+"""`cso-dist train`: CSO training, read top to bottom.
 
 preference dialogues -> layout (prefix trie, or the per-pair baseline) -> micro-batches of at
 most pack.max_tokens tokens, train.grad_accum of them per optimizer step -> per-reply
-log-probs -> loss (cso_dist.objective) -> AdamW step. The reference log-probs come from the
-precompute cache (built first when missing); no reference model is loaded during training.
+log-probs -> loss (cso_dist.objective) -> optimizer step through the engine (cso_dist.engine:
+plain torch / DDP, or DeepSpeed ZeRO-2/3). The reference log-probs come from the precompute
+cache (built first when missing); no reference model is loaded during training.
+
+Several ranks: every rank plans the same global steps; a step's micro-batches are dealt out
+round-robin (cso_dist.dist.my_share), each loss is normalised by the *global* step's counts and
+scaled by the world size, so the averaged gradient equals the single-process one.
 """
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import dataclass, replace
@@ -19,15 +23,18 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from cso_dist.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from cso_dist import dist
+from cso_dist.checkpoint import list_checkpoints
 from cso_dist.config import Config
 from cso_dist.data.dialogue import PrefDialogue, atomic_write_text
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.losses import needs_reference
-from cso_dist.models import LoraSettings, count_parameters, load_model
-from cso_dist.objective import finish_metrics, micro_loss, norm_key, structure
+from cso_dist.dist import World, my_share, world_from_env
+from cso_dist.engine import build_engine
+from cso_dist.objective import finish_metrics, micro_loss, structure
 from cso_dist.pack import collate_pairs, collate_trie, dialogue_pair_rows, lay_out, pack_units, pair_logps, trie_logps
-from cso_dist.refcache import cache_key, cache_status, load_reference, run_precompute
+from cso_dist.refcache import cache_key, cache_status, load_reference
+from cso_dist.refcache.cache import precompute
 from cso_dist.refcache.key import cache_root, load_split, make_cfg_renderer, resolve_sset, split_dir
 from cso_dist.tracking import Tracker
 
@@ -105,74 +112,84 @@ def forward(model, batch: Batch, chunk: int):
     return pair_logps(model, batch.data), batch.data.reply_tokens
 
 
-def _no_dropout(model) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    cfg = getattr(getattr(model, "module", model), "config", None)
-    if cfg is not None and hasattr(cfg, "attention_dropout"):
-        cfg.attention_dropout = 0.0
-
-
-def make_scheduler(optimizer, cfg: Config, total: int):
-    warmup = int(cfg.train.warmup_ratio * total)
-    kind = cfg.train.schedule
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant" or total <= warmup:
-            return 1.0
-        progress = (step - warmup) / max(total - warmup, 1)
-        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _reference(cfg: Config, split: str, renderer, sset, progress: bool):
+def _cached_reference(cfg: Config, split: str, renderer, sset, world: World, progress: bool):
+    """The split's cached reference log-probs; a missing cache is computed first, each rank on its
+    own shards, the others waited for through the files (no collective, so no timeout)."""
     key = cache_key(cfg, split, renderer, sset)
-    status = cache_status(split_dir(cache_root(cfg), split), key)
+    d = split_dir(cache_root(cfg), split)
+    status = cache_status(d, key)
     if status != "complete":
-        print(f"reference cache for {split} is {status}: running precompute first")
-        run_precompute(cfg, progress=progress)
+        if world.main:
+            print(f"reference cache for {split} is {status}: running precompute first "
+                  f"({world.world_size} rank{'s' if world.distributed else ''})", flush=True)
+        precompute(cfg, world.rank, world.world_size, progress=progress)
+        t0 = time.time()
+        while cache_status(d, key) != "complete":
+            if time.time() - t0 > cfg.dist.timeout_minutes * 60:
+                raise CsoError(f"reference cache {d}: other ranks' shards still missing after "
+                               f"{cfg.dist.timeout_minutes} min (dist.timeout_minutes)")
+            time.sleep(2)
     return load_reference(cfg, key, split)
+
+
+def _live_reference(engine, batch: Batch) -> dict:
+    """Reference log-probs of a LoRA/QLoRA policy: the same model with its adapter disabled."""
+    with torch.no_grad(), engine.module.disable_adapter():
+        lp = engine.score(batch.data)
+    return {rid.split("#", 1)[0]: (float(x), int(n))
+            for rid, x, n in zip(batch.reply_ids, lp.tolist(), batch.data.reply_tokens.tolist())}
+
+
+def _refs(ref: dict | None, engine, cfg: Config):
+    if not needs_reference(cfg.train.method):
+        return lambda b: None
+    if cfg.train.reference == "adapter":
+        return lambda b: _live_reference(engine, b)
+    return lambda b: ref
 
 
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model, batches: list[Batch], cfg: Config, ref) -> dict:
-    sums: dict = {"loss": 0.0}
+def evaluate(engine, batches: list[Batch], cfg: Config, refs, world: World = World()) -> dict:
+    """Metrics over held-out micro-batches, each rank scoring its share (summed over ranks)."""
     counts = {"chosen": 0, "pairs": 0, "kto": 0}
     for b in batches:
         for k, v in b.counts.items():
             counts[k] += v
-    for b in batches:
-        logps, ntok = forward(model, b, cfg.pack.logit_chunk)
-        loss, m = micro_loss(cfg.train, b.reply_ids, logps, ntok, ref, counts)
+    sums: dict = {"loss": 0.0}
+    for b, w in my_share(batches, world):
+        logps = engine.score(b.data)
+        loss, m = micro_loss(cfg.train, b.reply_ids, logps, b.data.reply_tokens, refs(b), counts)
+        if not w:
+            continue
         sums["loss"] += float(loss)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v
         sums["micro_batches"] = sums.get("micro_batches", 0) + 1
+    sums = dist.sum_dicts(sums)
     return {f"eval/{k}": v for k, v in finish_metrics(sums, counts, cfg.train.method).items()}
 
 
 # ---------------------------------------------------------------- the run
 def run_train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     t = cfg.train
+    world = world_from_env()
+    progress = progress and world.main
     if cfg.pack.layout == "pair" and t.method not in PAIR_METHODS:
         raise ConfigError(f"pack.layout: the per-pair layout serves {', '.join(PAIR_METHODS)}; use trie for {t.method}")
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if world.main:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     seed_everything(cfg.run.seed)
 
-    # data
+    # data: every rank lays out the same plan on its own, before joining the process group
     train_in, eval_in = load_split(cfg, "train"), load_split(cfg, "eval")
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
     layout = Layout(cfg, train_in.dialogues, renderer, sset, progress)
@@ -182,36 +199,40 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     eval_batches = Layout(cfg, eval_in.dialogues, renderer, sset, False).batches(
         list(range(len(eval_in.dialogues)))) if eval_in else []
 
-    # reference log-probs: from the cache only (no reference model in this process)
+    # reference log-probs: from the cache (no reference model while training), or the adapter-disabled policy
     ref = eval_ref = None
-    if needs_reference(t.method):
-        ref = _reference(cfg, "train", renderer, sset, progress)
-        eval_ref = _reference(cfg, "eval", renderer, sset, progress) if eval_in else None
+    if needs_reference(t.method) and t.reference == "cache":
+        ref = _cached_reference(cfg, "train", renderer, sset, world, progress)
+        eval_ref = _cached_reference(cfg, "eval", renderer, sset, world, progress) if eval_in else None
 
-    # model + optimizer
-    lora = LoraSettings(cfg.model.lora_r, cfg.model.lora_alpha, 0.0, list(cfg.model.lora_target_modules))
-    model = load_model(cfg.model.path, cfg.model.method, cfg.model.precision, lora=lora,
-                       gradient_checkpointing=t.gradient_checkpointing)
-    _no_dropout(model)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_train, n_total = count_parameters(model)
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg, len(steps))
-
-    start = 0
     ckpt_dir = run_dir / "checkpoints"
+    resume_from = None
     if resume:
         done = list_checkpoints(ckpt_dir)
         if not done:
             raise CsoError(f"--resume: no checkpoint in {ckpt_dir}")
-        start = load_checkpoint(done[-1], model, optimizer, scheduler)["step"]
-        print(f"resumed from {done[-1]} (step {start} of {len(steps)})")
+        resume_from = done[-1]
+
+    # process group, model, optimizer
+    dist.init(world, cfg.dist.timeout_minutes)
+    if cfg.dist.engine == "deepspeed" and not world.distributed:
+        dist.init_single()
+    engine = build_engine(cfg, world, len(steps), resume_from)
+    n_train, n_total = engine.counts()
+    start = 0
+    if resume_from is not None:
+        start = engine.load(resume_from)["step"]
+        if world.main:
+            print(f"resumed from {resume_from} (step {start} of {len(steps)})")
     tracker = Tracker(run_dir, cfg.to_dict(), cfg.track.wandb, cfg.track.project, cfg.track.group, cfg.track.name,
-                      resume_step=start if resume else None)
-    print(f"training {t.method} on {len(train_in.dialogues)} dialogues: {len(steps)} steps, "
-          f"{sum(len(s) for s in steps)} micro-batches ({cfg.pack.layout} layout), "
-          f"{n_train:,} of {n_total:,} parameters trainable")
+                      rank=world.rank, resume_step=start if resume else None)
+    if world.main:
+        print(f"training {t.method} on {len(train_in.dialogues)} dialogues: {len(steps)} steps, "
+              f"{sum(len(s) for s in steps)} micro-batches ({cfg.pack.layout} layout), "
+              f"{n_train:,} of {n_total:,} parameters trainable; {engine.kind} engine on "
+              f"{world.world_size} rank{'s' if world.distributed else ''}", flush=True)
+    train_refs = _refs(ref, engine, cfg)
+    eval_refs = _refs(eval_ref, engine, cfg)
 
     last: dict = {}
     bar = tqdm(range(start, len(steps)), desc=t.method, unit="step", disable=None if progress else True,
@@ -220,80 +241,58 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         t0 = time.perf_counter()
         micro = steps[step]
         counts = {k: sum(b.counts[k] for b in micro) for k in ("chosen", "pairs", "kto")}
-        sums: dict = {"loss": 0.0, "micro_batches": 0}
-        for j, b in enumerate(micro):
-            logps, ntok = forward(model, b, cfg.pack.logit_chunk)
-            loss, m = micro_loss(t, b.reply_ids, logps, ntok, ref, counts)
-            if not torch.isfinite(loss):
-                path = run_dir / f"nonfinite-step{step + 1}-micro{j}.pt"
-                torch.save({"step": step + 1, "reply_ids": b.reply_ids, "batch": b.data}, path)
-                raise CsoError(f"loss is {float(loss)} at step {step + 1} (micro-batch {j}); the batch is saved to "
-                               f"{path}; lower train.lr, use fp32, or inspect those replies")
-            loss.backward()
-            sums["loss"] += float(loss.detach())
-            sums["micro_batches"] += 1
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        sums: dict = {"loss": 0.0, "micro_batches": 0, "tokens": 0}
+        bad = ""
+        mine = my_share(micro, world)
+        for j, (b, w) in enumerate(mine):
+            with engine.accumulating(last=j == len(mine) - 1):
+                logps = engine.forward(b.data)
+                loss, m = micro_loss(t, b.reply_ids, logps, b.data.reply_tokens, train_refs(b), counts)
+                if w and not torch.isfinite(loss) and not bad:
+                    where = f"-rank{world.rank}" if world.distributed else ""
+                    path = run_dir / f"nonfinite-step{step + 1}-micro{j}{where}.pt"
+                    torch.save({"step": step + 1, "reply_ids": b.reply_ids, "batch": b.data}, path)
+                    bad = f"loss is {float(loss)} at step {step + 1} (micro-batch {j}); the batch is saved to {path}"
+                engine.backward(loss * (w * world.world_size))
+            if w:
+                sums["loss"] += float(loss.detach())
+                sums["micro_batches"] += 1
+                sums["tokens"] += b.n_tokens
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        if world.distributed:
+            sums = dist.sum_dicts({**sums, "bad": int(bool(bad))})
+            if sums.pop("bad") and not bad:
+                bad = f"a non-finite loss at step {step + 1} on another rank (its batch is saved in {run_dir})"
+        if bad:
+            raise CsoError(f"{bad}; lower train.lr, use fp32, or inspect those replies")
+        grad_norm, lr = engine.step()
         dt = time.perf_counter() - t0
         done_step = step + 1
         if done_step % t.log_every == 0 or done_step == len(steps):
-            last = {"step": done_step, **finish_metrics(sums, counts, t.method), "lr": lr, "grad_norm": float(grad_norm),
-                    "tokens_per_s": sum(b.n_tokens for b in micro) / dt, "pairs_per_s": counts["pairs"] / dt,
+            last = {"step": done_step, **finish_metrics(sums, counts, t.method), "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": sums["tokens"] / dt, "pairs_per_s": counts["pairs"] / dt,
                     "turns_per_s": counts["chosen"] / dt, "epoch": done_step / max(len(steps) / t.epochs, 1)}
             if eval_batches and t.eval_every and done_step % t.eval_every == 0:
-                model.eval()
-                last.update(evaluate(model, eval_batches, cfg, eval_ref))
-                model.train()
+                engine.train(False)
+                last.update(evaluate(engine, eval_batches, cfg, eval_refs, world))
+                engine.train(True)
             tracker.log(last)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
         if t.save_every and done_step % t.save_every == 0 and done_step < len(steps):
-            save_checkpoint(ckpt_dir, done_step, model, optimizer, scheduler, {"total_steps": len(steps)}, t.keep_last)
+            engine.save(ckpt_dir, done_step, {"total_steps": len(steps)}, t.keep_last)
     bar.close()
 
     final_eval = {}
     if eval_batches:
-        model.eval()
-        final_eval = evaluate(model, eval_batches, cfg, eval_ref)
+        engine.train(False)
+        final_eval = evaluate(engine, eval_batches, cfg, eval_refs, world)
         tracker.log({"step": len(steps), **final_eval})
-    out = save_final(model, cfg, run_dir / "final", renderer.tokenizer)
+    out = engine.final(run_dir / "final", renderer.tokenizer)
     tracker.close()
-    summary = {"method": t.method, "steps": len(steps), "final": str(out), **{k: v for k, v in last.items()},
-               **final_eval}
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    summary = {"method": t.method, "steps": len(steps), "final": str(out), "engine": engine.kind,
+               "world_size": world.world_size, **{k: v for k, v in last.items()}, **final_eval}
+    if world.main:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    dist.barrier()
     return summary
-
-
-def save_final(model, cfg: Config, out: Path, tokenizer) -> Path:
-    """An HF save_pretrained folder: the full model, the LoRA adapter, or the adapter merged into the base."""
-    import shutil
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        model.eval()
-        is_peft = hasattr(model, "peft_config")
-        if is_peft and cfg.train.final == "merged":
-            if cfg.model.method == "qlora":  # merge into a full-precision copy of the base, not the 4-bit one
-                adapter = tmp / "adapter"
-                model.save_pretrained(adapter)
-                merged = load_model(adapter, "full", cfg.model.precision)
-                shutil.rmtree(adapter)
-            else:
-                merged = model.merge_and_unload()
-            merged.save_pretrained(tmp)
-        else:
-            model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out

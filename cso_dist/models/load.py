@@ -80,7 +80,7 @@ def _load_base(path: Path, method: str, dtype: torch.dtype, device: str) -> PreT
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:  # no config.json / weights, unknown model type
         raise ConfigError(f"model path '{path}': cannot load a model ({exc})") from exc
-    if method != "qlora":
+    if method != "qlora" and device:  # device "" = leave placement to the caller (DeepSpeed)
         model.to(device)
     return model
 
@@ -98,8 +98,8 @@ def _lora_config(lora: LoraSettings):
     )
 
 
-def _enable_checkpointing(model: torch.nn.Module) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def _enable_checkpointing(model: torch.nn.Module, reentrant: bool = False) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     model.config.use_cache = False
@@ -112,6 +112,7 @@ def load_model(
     lora: LoraSettings | None = None,
     device: str = "cpu",
     gradient_checkpointing: bool = False,
+    reentrant_checkpointing: bool = False,
 ) -> torch.nn.Module:
     """Load a local model directory for training.
 
@@ -119,6 +120,11 @@ def load_model(
     - lora: base in `precision`, frozen; LoRA adapters (PEFT, fp32 weights) trainable.
     - qlora: base quantised to 4-bit NF4 (double quant, compute dtype = `precision`) on
       `device`, prepared with `prepare_model_for_kbit_training`, then LoRA.
+    device "" leaves the weights where loading put them (DeepSpeed places them itself).
+    reentrant_checkpointing: ZeRO-3 re-gathers parameters during recomputation, which older
+    DeepSpeed/torch pairs reject in the non-reentrant checkpoint's saved-tensor metadata check;
+    the DeepSpeed engine asks for reentrant checkpointing under ZeRO-3 (both pass with DeepSpeed
+    0.19 on CPU here).
     If `path` is a LoRA adapter dir, its base is loaded the same way and the adapter attached
     trainable (its own adapter_config wins over `lora`); with method "full" the adapter is
     merged into the base weights.
@@ -142,7 +148,7 @@ def load_model(
         if gradient_checkpointing:
             model.config.use_cache = False
     elif gradient_checkpointing:
-        _enable_checkpointing(model)
+        _enable_checkpointing(model, reentrant_checkpointing)
 
     if adapter:
         from peft import PeftModel
@@ -163,6 +169,8 @@ def load_model(
 
 def _numel(param: torch.nn.Parameter) -> int:
     """Logical element count; bitsandbytes 4-bit params store two values per byte."""
+    if hasattr(param, "ds_numel"):  # ZeRO-3 partitioned: the local tensor is a shard (or empty)
+        return int(param.ds_numel)
     quant_state = getattr(param, "quant_state", None)
     shape = getattr(quant_state, "shape", None)
     if shape is not None:

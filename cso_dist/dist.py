@@ -1,0 +1,152 @@
+"""Process-group plumbing: who am I (torchrun, the deepspeed launcher, or srun), joining the group,
+and the few collectives the trainer needs. Plain torch.distributed; nothing else.
+
+Data preparation (tokenising, laying out the trie) happens in every rank *before* it joins the
+process group, so a long preparation never runs into a collective's timeout; the group itself is
+created with `dist.timeout_minutes`.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as td
+
+from cso_dist.errors import CsoError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _first_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = nodelist.split(",")[0]
+    if "[" in head:  # node[01-04] -> node01 without scontrol
+        prefix, rest = head.split("[", 1)
+        head = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return head
+
+
+def world_from_env(env: dict | None = None) -> World:
+    """RANK/WORLD_SIZE/LOCAL_RANK (torchrun, deepspeed launcher), else SLURM_PROCID/SLURM_NTASKS/
+    SLURM_LOCALID (srun one task per GPU); fills MASTER_ADDR/MASTER_PORT for srun from the job's
+    first node and a port derived from the job id. A single process is World(0, 1, 0)."""
+    env = os.environ if env is None else env
+    try:
+        if "RANK" in env and "WORLD_SIZE" in env:
+            w = World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+            w = World(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+            if "MASTER_ADDR" not in env:
+                env["MASTER_ADDR"] = _first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost")))
+            if "MASTER_PORT" not in env:
+                env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+            for k, v in (("RANK", w.rank), ("WORLD_SIZE", w.world_size), ("LOCAL_RANK", w.local_rank)):
+                env.setdefault(k, str(v))
+        else:
+            return World()
+    except ValueError as e:
+        raise CsoError(f"distributed environment: a rank variable is not an integer ({e})") from None
+    if not 0 <= w.rank < w.world_size:
+        raise CsoError(f"distributed environment: rank {w.rank} is not in [0, {w.world_size})")
+    if w.distributed:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise CsoError(f"distributed environment: WORLD_SIZE={w.world_size} but {', '.join(missing)} is not set "
+                           "(launch with torchrun, deepspeed or srun)")
+    return w
+
+
+def device_for(world: World) -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{world.local_rank % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def init(world: World, timeout_minutes: int) -> None:
+    """Join the process group (NCCL on GPUs, gloo on CPU); a no-op for one process."""
+    if not world.distributed or td.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+    td.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=world.rank,
+                          world_size=world.world_size, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def init_single() -> None:
+    """A one-rank group (DeepSpeed needs one even for a single process)."""
+    if td.is_initialized():
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"), ("WORLD_SIZE", "1"),
+                 ("LOCAL_RANK", "0")):
+        os.environ.setdefault(k, v)
+    td.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1,
+                          init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+
+
+def barrier() -> None:
+    if td.is_initialized():
+        td.barrier()
+
+
+def sum_dicts(d: dict) -> dict:
+    """Key-wise sum of a dict of numbers over all ranks (the union of keys)."""
+    if not td.is_initialized():
+        return dict(d)
+    parts: list = [None] * td.get_world_size()
+    td.all_gather_object(parts, d)
+    out: dict = {}
+    for p in parts:
+        for k, v in p.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not td.is_initialized():
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def my_share(items: list, world: World) -> list[tuple[object, float]]:
+    """This rank's items of a step, round-robin, padded so every rank runs the same number of forwards
+    (ZeRO-3 gathers parameters collectively; DDP all-reduces on the last backward). A padding item is
+    (items[0], 0.0): run, but weighted zero."""
+    mine = [(x, 1.0) for x in items[world.rank::world.world_size]]
+    per_rank = -(-len(items) // world.world_size) if items else 0
+    while len(mine) < per_rank:
+        mine.append((items[0], 0.0))
+    return mine
+
+
+def shutdown() -> None:
+    if td.is_initialized():
+        td.destroy_process_group()

@@ -1,0 +1,292 @@
+"""Multi-process engines on CPU (gloo): DDP and DeepSpeed ZeRO-2 / ZeRO-3 / ZeRO-3 + offload against the
+single-process run, ZeRO-3 kill-and-resume, resume on another world size, export, sharded precompute.
+
+Every run here is a real `cso-dist` process tree started by torchrun or the deepspeed launcher."""
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cso_dist.config import DataConfig, load_config, parse_overrides
+from cso_dist.data.build import build_dialogues
+from cso_dist.data.dialogue import write_dialogues
+from cso_dist.dist import World, my_share, world_from_env
+from cso_dist.errors import ConfigError, CsoError
+from cso_dist.models import build_tiny_model, load_model
+from cso_dist.refcache import cache_key, load_reference
+from cso_dist.tracking import read_metrics
+from cso_dist.train import run_train
+from conftest import REPO, run_cli
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list, nproc: int = 2, launcher: str = "torchrun", wait: bool = True):
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "-m", "cso_dist.cli", *map(str, args)]
+    else:  # the deepspeed launcher (appends --local_rank=N to our arguments)
+        cmd = [str(BIN / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={free_port()}", "--module",
+               "cso_dist.cli", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        raise AssertionError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{tail}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, esconv_dir):
+    root = tmp_path_factory.mktemp("dist")
+    train, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="train"))
+    valid, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="valid"))
+    write_dialogues(root / "train.jsonl", train[:6])
+    write_dialogues(root / "valid.jsonl", valid[:2])
+    texts = [m.text for d in train[:200] for m in d.messages]
+    build_tiny_model("qwen2", root / "model", tokenizer="bpe", bpe_texts=texts, hidden_size=32, seed=0)
+    return root
+
+
+def overrides(root: Path, name: str, **over) -> dict:
+    base = {"model.path": root / "model", "train.train_file": root / "train.jsonl",
+            "train.eval_file": root / "valid.jsonl", "train.ref_cache": root / "refcache", "run.out_dir": root / name,
+            "data.max_length": 512, "pack.max_tokens": 1024, "train.lr": 3e-3, "train.warmup_ratio": 0.0,
+            "train.max_steps": 4, "train.grad_accum": 3, "train.eval_every": 2, "train.save_every": 2,
+            "train.keep_last": 3}
+    return {k: str(v) for k, v in {**base, **over}.items()}
+
+
+def argv(over: dict) -> list[str]:
+    return [f"--{k}={v}" for k, v in over.items()]
+
+
+def cfg_of(over: dict):
+    return load_config(None, parse_overrides(argv(over)))
+
+
+def curve(run_dir) -> list[dict]:
+    return read_metrics(run_dir)
+
+
+def assert_same_curve(a: list[dict], b: list[dict], tol: float = 1e-4) -> float:
+    """Same logged steps; loss, rewards, log-probs within `tol`; grad norm within 1e-3 relative.
+    Returns the largest loss difference."""
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    worst = 0.0
+    for x, y in zip(a, b):
+        for k, v in x.items():
+            if k in ("step", "epoch", "lr") or "per_s" in k:
+                continue
+            if k == "grad_norm":
+                assert y[k] == pytest.approx(v, rel=1e-3), (x["step"], k)
+            else:
+                assert abs(y[k] - v) <= tol * max(1.0, abs(v)), (x["step"], k, v, y[k])
+        if "loss" in x:
+            worst = max(worst, abs(x["loss"] - y["loss"]))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def single(setup):
+    """The single-process reference run (torch engine), same global batches."""
+    over = overrides(setup, "single")
+    run_train(cfg_of(over), progress=False)
+    return curve(setup / "single")
+
+
+@pytest.fixture(scope="module")
+def zero3(setup, single):
+    """2-process ZeRO-3 (fp32), checkpoints every 2 steps."""
+    over = overrides(setup, "zero3", **{"dist.engine": "deepspeed", "dist.deepspeed_config": "zero3"})
+    t0 = time.time()
+    launch(["train", *argv(over)])
+    print(f"2-process ZeRO-3 run: {time.time() - t0:.1f} s")
+    return over
+
+
+def test_ddp_matches_single_process(setup, single):
+    launch(["train", *argv(overrides(setup, "ddp"))])
+    worst = assert_same_curve(single, curve(setup / "ddp"))
+    print(f"DDP: max loss difference {worst:.2e}")
+
+
+def test_zero3_matches_single_process(setup, single, zero3):
+    worst = assert_same_curve(single, curve(setup / "zero3"))
+    print(f"ZeRO-3: max loss difference {worst:.2e}")
+    state = json.loads((setup / "zero3" / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert state["engine"] == "deepspeed" and state["zero_stage"] == 3 and state["world_size"] == 2
+
+
+@pytest.mark.parametrize("ds,launcher", [("zero2", "deepspeed"), ("zero3_offload", "torchrun")])
+def test_zero2_and_zero3_offload_match_single_process(setup, single, ds, launcher):
+    over = overrides(setup, ds, **{"dist.engine": "deepspeed", "dist.deepspeed_config": ds, "train.save_every": 0})
+    t0 = time.time()
+    launch(["train", *argv(over)], launcher=launcher)
+    worst = assert_same_curve(single, curve(setup / ds))
+    print(f"{ds} ({launcher} launcher): max loss difference {worst:.2e}, {time.time() - t0:.1f} s")
+
+
+def test_zero3_kill_and_resume_reproduces_the_curve(setup, zero3):
+    over = overrides(setup, "zero3-killed", **{"dist.engine": "deepspeed", "train.max_steps": 4})
+    ckpts = setup / "zero3-killed" / "checkpoints"
+    proc = launch(["train", *argv(over)], wait=False)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (ckpts / "step-0000002" / "state.json").is_file():
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    assert not (setup / "zero3-killed" / "final").exists()
+    launch(["train", *argv(over), "--resume"])
+    got, want = curve(setup / "zero3-killed"), curve(setup / "zero3")
+    assert assert_same_curve(want, got, tol=1e-6) <= 1e-6
+
+
+def test_resume_on_one_process_via_universal_checkpoint(setup, zero3):
+    """A checkpoint of 2 ZeRO-3 ranks resumes on 1 rank (DeepSpeed universal checkpoint)."""
+    run = setup / "zero3-on-1"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir()
+    shutil.copytree(setup / "zero3" / "checkpoints" / "step-0000002", run / "checkpoints" / "step-0000002")
+    shutil.copy(setup / "zero3" / "metrics.jsonl", run / "metrics.jsonl")
+    over = overrides(setup, "zero3-on-1", **{"dist.engine": "deepspeed"})
+    proc = run_cli("train", *argv(over), "--resume", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "universal checkpoint" in proc.stdout
+    assert_same_curve(curve(setup / "zero3"), curve(run), tol=1e-6)
+
+
+def test_resume_refuses_another_zero_stage(setup, zero3):
+    run = setup / "zero3-as-2"
+    shutil.copytree(setup / "zero3" / "checkpoints" / "step-0000002", run / "checkpoints" / "step-0000002")
+    proc = run_cli("train", *argv(overrides(setup, "zero3-as-2", **{"dist.engine": "deepspeed",
+                                                                     "dist.zero_stage": 2})), "--resume")
+    assert proc.returncode == 2 and "ZeRO stage 3" in proc.stderr, proc.stderr[-2000:]
+
+
+def _eval_with(model_dir: str, setup, name: str, **extra) -> dict:
+    """Evaluate a saved model in this process with the torch engine (one step at lr 1e-12, then eval)."""
+    over = overrides(setup, name, **{"model.path": model_dir, "train.max_steps": 1, "train.lr": 1e-12,
+                                     "train.save_every": 0, "train.eval_every": 1,
+                                     "train.ref_cache": setup / f"{name}-refcache", **extra})
+    run_train(cfg_of(over), progress=False)
+    return [m for m in curve(setup / name) if "eval/loss" in m][0]
+
+
+def test_export_and_final_give_the_engine_logprobs(setup, zero3):
+    """The ZeRO-3 final folder and `cso-dist export` of a ZeRO-3 checkpoint load with plain
+    from_pretrained and score the eval replies as the training engine did."""
+    from transformers import AutoModelForCausalLM
+
+    logged = [m for m in curve(setup / "zero3") if "eval/loss" in m]
+    at2, at_end = logged[0], logged[-1]
+    assert at2["step"] == 2
+    out = setup / "exported-step2"
+    proc = run_cli("export", setup / "zero3" / "checkpoints" / "step-0000002", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    AutoModelForCausalLM.from_pretrained(str(out))
+    for model_dir, want in ((out, at2), (setup / "zero3" / "final", at_end)):
+        got = _eval_with(str(model_dir), setup, f"eval-{model_dir.name}")
+        for k in ("eval/logps/chosen", "eval/logps/rejected"):
+            assert got[k] == pytest.approx(want[k], abs=1e-4), (model_dir, k)
+
+
+def test_zero3_lora_gradient_checkpointing_and_adapter_export(setup):
+    """The ZeRO-3 + LoRA + gradient checkpointing trap: matches the single-process LoRA curve; the
+    adapter exports alone and merged."""
+    lora = {"model.method": "lora", "model.lora_r": "4", "train.gradient_checkpointing": "true",
+            "train.reference": "adapter", "train.save_every": "2", "train.eval_every": "0"}
+    one = overrides(setup, "lora-1", **lora)
+    run_train(cfg_of(one), progress=False)
+    launch(["train", *argv(overrides(setup, "lora-z3", **lora, **{"dist.engine": "deepspeed"}))])
+    worst = assert_same_curve(curve(setup / "lora-1"), curve(setup / "lora-z3"))
+    print(f"ZeRO-3 + LoRA + checkpointing: max loss difference {worst:.2e}")
+    ckpt = setup / "lora-z3" / "checkpoints" / "step-0000002"
+    for final in ("adapter", "merged"):
+        proc = run_cli("export", ckpt, "--out", setup / f"lora-{final}", "--final", final)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    adapter, merged = setup / "lora-adapter", setup / "lora-merged"
+    assert (adapter / "adapter_config.json").is_file() and not (merged / "adapter_config.json").exists()
+    a, m = load_model(adapter, "lora"), load_model(merged, "full")
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    with torch.no_grad():
+        assert torch.allclose(a(ids).logits, m(ids).logits, atol=1e-5)
+
+
+def test_two_process_precompute_equals_one_process(setup):
+    one = overrides(setup, "pc", **{"train.ref_cache": setup / "pc-1", "refcache.dialogues_per_shard": 1})
+    two = {**one, "train.ref_cache": str(setup / "pc-2")}
+    cfg1, cfg2 = cfg_of(one), cfg_of(two)
+    assert run_cli("precompute", *argv(one), env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    out = launch(["precompute", *argv(two)])
+    assert "shards of rank 1 ready" in out.stdout
+    for split in ("train", "eval"):
+        a, b = load_reference(cfg1, cache_key(cfg1, split), split), load_reference(cfg2, cache_key(cfg2, split), split)
+        assert a.keys() == b.keys() and len(a) > 10
+        assert all(abs(a[k][0] - b[k][0]) <= 1e-5 and a[k][1] == b[k][1] for k in a)
+
+
+def test_qlora_trains_with_paged_optimizer_and_its_adapter_reloads(setup):
+    from cso_dist.models import load_tokenizer
+
+    wide = build_tiny_model("qwen2", setup / "h64", tokenizer=load_tokenizer(setup / "model"), hidden_size=64,
+                            overwrite=True)  # 4-bit blocks of 64 need rows of >= 64 values
+    over = overrides(setup, "qlora", **{"model.path": wide, "model.method": "qlora", "model.lora_r": 4, "train.reference": "adapter",
+                                        "train.optimizer": "paged_adamw8bit", "train.final": "adapter",
+                                        "train.save_every": 0, "train.eval_every": 0})
+    summary = run_train(cfg_of(over), progress=False)
+    m = [x for x in curve(setup / "qlora") if "loss" in x]
+    assert len(m) == 4 and abs(m[0]["loss"] - math.log(2)) < 1e-5 and all(math.isfinite(x["loss"]) for x in m)
+    assert m[-1]["loss"] != m[0]["loss"]
+    reloaded = _eval_with(summary["final"], setup, "qlora-reload", **{  # adapter dir -> 4-bit base + adapter
+        "model.method": "qlora", "train.reference": "adapter"})
+    assert reloaded["eval/logps/chosen"] == pytest.approx(summary["eval/logps/chosen"], abs=1e-3)
+
+
+def test_qlora_with_deepspeed_is_refused(setup):
+    with pytest.raises(ConfigError, match="qlora runs on the torch engine"):
+        load_config(None, {"model.method": "qlora", "dist.engine": "deepspeed"})
+
+
+def test_world_from_env_reads_torchrun_and_slurm():
+    assert world_from_env({}) == World()
+    w = world_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
+    assert (w.rank, w.world_size, w.local_rank, w.main) == (3, 4, 1, False)
+    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "1234",
+           "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    w = world_from_env(env)
+    assert (w.rank, w.world_size) == (1, 2)
+    assert env["MASTER_PORT"] == str(20000 + 1234) and env["MASTER_ADDR"] == "gpu07"
+    assert env["RANK"] == "1" and env["WORLD_SIZE"] == "2"
+    with pytest.raises(CsoError, match="MASTER_ADDR"):
+        world_from_env({"RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_my_share_pads_every_rank_to_the_same_count():
+    items = list("abcde")
+    shares = [my_share(items, World(r, 2)) for r in range(2)]
+    assert [x for x, w in shares[0]] == ["a", "c", "e"] and [x for x, w in shares[1]] == ["b", "d", "a"]
+    assert [w for _, w in shares[1]] == [1.0, 1.0, 0.0]
+    assert sorted(x for s in shares for x, w in s if w) == items
