@@ -118,8 +118,10 @@ def zero3(setup, single):
     """2-process ZeRO-3 (fp32), checkpoints every 2 steps."""
     over = overrides(setup, "zero3", **{"dist.engine": "deepspeed", "dist.deepspeed_config": "zero3"})
     t0 = time.time()
-    launch(["train", *argv(over)])
+    out = launch(["train", *argv(over)])
     print(f"2-process ZeRO-3 run: {time.time() - t0:.1f} s")
+    n = sum(p.numel() for p in load_model(setup / "model").parameters())
+    assert f"{n:,} of {n:,} parameters trainable; deepspeed engine on 2 ranks" in out.stdout  # not the shards' 0
     return over
 
 
@@ -263,6 +265,24 @@ def test_qlora_trains_with_paged_optimizer_and_its_adapter_reloads(setup):
     reloaded = _eval_with(summary["final"], setup, "qlora-reload", **{  # adapter dir -> 4-bit base + adapter
         "model.method": "qlora", "train.reference": "adapter"})
     assert reloaded["eval/logps/chosen"] == pytest.approx(summary["eval/logps/chosen"], abs=1e-3)
+    # the same QLoRA run data-parallel on 2 processes (DDP)
+    launch(["train", *argv({**over, "run.out_dir": setup / "qlora-ddp"})])
+    worst = assert_same_curve(curve(setup / "qlora"), curve(setup / "qlora-ddp"))
+    print(f"QLoRA DDP: max loss difference {worst:.2e}")
+
+
+def test_zero3_bf16_lora_casts_adapters_and_trains(setup):
+    """fp32 adapters on a bf16 base under DeepSpeed bf16: the module runs in bf16, DeepSpeed keeps fp32
+    masters; the run trains and its adapter loads."""
+    over = overrides(setup, "lora-bf16", **{"model.method": "lora", "model.lora_r": 4, "model.precision": "bf16",
+                                            "train.reference": "adapter", "dist.engine": "deepspeed",
+                                            "train.final": "adapter", "train.max_steps": 2, "train.save_every": 0})
+    launch(["train", *argv(over)])
+    m = [x for x in curve(setup / "lora-bf16") if "loss" in x]
+    assert abs(m[0]["loss"] - math.log(2)) < 1e-6 and math.isfinite(m[1]["loss"]) and m[1]["grad_norm"] > 0
+    model = load_model(setup / "lora-bf16" / "final", "lora", "bf16")
+    lora_a = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_a and any(float(p.abs().max()) > 0 for p in lora_a)  # B starts at zero: it moved
 
 
 def test_qlora_with_deepspeed_is_refused(setup):
