@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cso_dist.config import SOURCES, Config, load_config, parse_overrides
 from cso_dist.errors import CsoError
+from cso_dist.preempt import Preempted
 
 
 def _config(args: argparse.Namespace, extra: list[str], flags: dict[str, str]) -> Config:
@@ -144,7 +145,7 @@ def cmd_train(args, extra) -> int:
     from cso_dist.train import run_train
 
     cfg = _config(args, extra, {})
-    summary = run_train(cfg, resume=args.resume)
+    summary = run_train(cfg, resume="auto" if args.auto_resume else args.resume)
     if summary.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0
     keys = ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies", "pairs_per_s")
@@ -158,6 +159,52 @@ def cmd_export(args, extra) -> int:
 
     export(Path(args.checkpoint), Path(args.out), args.final)
     return 0
+
+
+# ---------------------------------------------------------------- launch (Slurm / submitit)
+LAUNCH_FLAGS = {"nodes": "slurm.nodes", "gpus_per_node": "slurm.gpus_per_node", "partition": "slurm.partition",
+                "account": "slurm.account", "qos": "slurm.qos", "time": "slurm.time_min",
+                "cpus_per_task": "slurm.cpus_per_task", "mem_gb": "slurm.mem_gb"}
+
+
+def cmd_launch_sbatch(args, extra) -> int:
+    from cso_dist.launch import parse_grid, sweep_runs
+    from cso_dist.launch.sbatch import submit, write_job
+
+    cfg = _config(args, extra, LAUNCH_FLAGS)
+    template = args.template or ("sweep" if args.sweep else "train")
+    sweep = None
+    if template == "sweep":
+        runs = sweep_runs(cfg, parse_grid(args.sweep or []))
+        sweep = [[f"--{k}={v}" for k, v in over.items()] for _, over in runs]
+    elif args.sweep:
+        raise CsoError("launch sbatch: --sweep goes with --template sweep")
+    script = write_job(cfg, template, sweep=sweep)
+    if args.dry_run:
+        print(script.read_text())
+        print(f"# written to {script} (not submitted: --dry-run)")
+        return 0
+    job = submit(script)
+    print(f"submitted job {job}: {script}")
+    print(f"logs: {Path(cfg.run.out_dir).resolve() / 'slurm'}")
+    return 0
+
+
+def cmd_launch_submitit(args, extra) -> int:
+    from cso_dist.launch import collect, parse_grid, submit_run, submit_sweep, table
+    from cso_dist.launch.jobs import write_results
+
+    cfg = _config(args, extra, LAUNCH_FLAGS)
+    runs = submit_sweep(cfg, parse_grid(args.sweep), args.cluster) if args.sweep else [submit_run(cfg, args.cluster)]
+    for r in runs:
+        print(f"submitted {r.name}: job {r.job.job_id} -> {r.cfg.run.out_dir}")
+    if args.no_wait:
+        return 0
+    rows = collect(runs)
+    print(table(rows))
+    if args.sweep:
+        print(f"results: {write_results(Path(cfg.run.out_dir), rows)}")
+    return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
 
 
 # ---------------------------------------------------------------- demo (the main job)
@@ -245,7 +292,36 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train with sft, dpo, ipo, simpo, kto or orpo")
     tr.add_argument("config", nargs="?")
     tr.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    tr.add_argument("--auto-resume", action="store_true",
+                    help="continue from the latest checkpoint when there is one, else start (requeued jobs)")
     tr.set_defaults(func=cmd_train)
+
+    la = sub.add_parser("launch", help="run on Slurm: a rendered sbatch script, or submitit runs and sweeps")
+    lsub = la.add_subparsers(dest="launch_command", required=True)
+    for name, helptext in (("sbatch", "render a slurm/ template to <run>/slurm/*.sbatch and submit it"),
+                           ("submitit", "submit a run or a sweep (job array) with submitit and collect the results")):
+        lp = lsub.add_parser(name, help=helptext)
+        lp.add_argument("config", nargs="?", help="YAML config")
+        lp.add_argument("--nodes", type=int)
+        lp.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, help="0 = CPU only")
+        lp.add_argument("--partition")
+        lp.add_argument("--account")
+        lp.add_argument("--qos")
+        lp.add_argument("--time", type=int, help="minutes")
+        lp.add_argument("--cpus-per-task", dest="cpus_per_task", type=int)
+        lp.add_argument("--mem-gb", dest="mem_gb", type=int)
+        lp.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
+                        help="grid axis (repeat): every combination is one run, as a job array")
+        if name == "sbatch":
+            lp.add_argument("--template", choices=["train", "qlora", "precompute", "sweep"],
+                            help="default: train (sweep with --sweep)")
+            lp.add_argument("--dry-run", action="store_true", help="write and print the script, do not submit")
+            lp.set_defaults(func=cmd_launch_sbatch)
+        else:
+            lp.add_argument("--cluster", choices=["slurm", "local", "debug"], default="slurm",
+                            help="local/debug: run here through the same code path")
+            lp.add_argument("--no-wait", action="store_true", help="submit and return; do not collect")
+            lp.set_defaults(func=cmd_launch_submitit)
 
     ex = sub.add_parser("export", help="a checkpoint (torch or DeepSpeed ZeRO shards) or a run's latest one -> "
                                        "an HF save_pretrained folder")
@@ -304,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     extra = extra + overrides
     try:
         return args.func(args, extra)
+    except Preempted as e:
+        print(f"cso-dist: {e}", file=sys.stderr)
+        return Preempted.exit_code
     except CsoError as e:
         print(f"cso-dist: error: {e}", file=sys.stderr)
         return 2

@@ -158,6 +158,35 @@ class DistConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Resources of `cso-dist launch sbatch|submitit` (flags of those commands override these keys)."""
+
+    partition: str = ""  # "" = the cluster's default
+    account: str = ""
+    qos: str = ""
+    time_min: int = 240  # wall-clock limit per job (a requeued job gets it again)
+    nodes: int = 1
+    gpus_per_node: int = 8  # 0 = CPU-only (one worker per node)
+    cpus_per_task: int = 8
+    mem_gb: int = 0  # 0 = the partition's default
+    signal_delay_s: int = 120  # the time-limit signal comes this long before the limit: checkpoint + requeue
+    max_num_timeout: int = 3  # submitit: requeues after a time-out at most this many times (then fails)
+    array_parallelism: int = 64  # sweeps: array tasks running at once
+    setup: list[str] = field(default_factory=list)  # shell lines run first in the job (module load, ...)
+    extra: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. "--constraint=h100"
+
+    def validate(self) -> None:
+        _check(self.time_min >= 1, "slurm.time_min", "must be >= 1")
+        _check(self.nodes >= 1, "slurm.nodes", "must be >= 1")
+        _check(self.gpus_per_node >= 0, "slurm.gpus_per_node", "must be >= 0")
+        _check(self.cpus_per_task >= 1, "slurm.cpus_per_task", "must be >= 1")
+        _check(self.mem_gb >= 0, "slurm.mem_gb", "must be >= 0")
+        _check(self.signal_delay_s >= 0, "slurm.signal_delay_s", "must be >= 0")
+        _check(self.max_num_timeout >= 0, "slurm.max_num_timeout", "must be >= 0")
+        _check(self.array_parallelism >= 1, "slurm.array_parallelism", "must be >= 1")
+
+
+@dataclass
 class TrackConfig:
     wandb: bool = False  # also log to Weights & Biases (rank 0; WANDB_MODE=offline works)
     project: str = "cso_dist"
@@ -202,6 +231,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     refcache: RefCacheConfig = field(default_factory=RefCacheConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -128,6 +128,15 @@ def sum_dicts(d: dict) -> dict:
     return out
 
 
+def any_true(flag: bool) -> bool:
+    """True on every rank when it is true on any rank."""
+    if not td.is_initialized():
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], device="cuda" if td.get_backend() == "nccl" else "cpu")
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast_object(obj, src: int = 0):
     if not td.is_initialized():
         return obj

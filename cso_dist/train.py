@@ -32,6 +32,7 @@ from cso_dist.losses import needs_reference
 from cso_dist.dist import World, my_share, world_from_env
 from cso_dist.engine import build_engine
 from cso_dist.objective import finish_metrics, micro_loss, structure
+from cso_dist.preempt import STOPPED_FILE, StopRequest
 from cso_dist.pack import collate_pairs, collate_trie, dialogue_pair_rows, lay_out, pack_units, pair_logps, trie_logps
 from cso_dist.refcache import cache_key, cache_status, load_reference
 from cso_dist.refcache.cache import precompute
@@ -177,7 +178,9 @@ def evaluate(engine, batches: list[Batch], cfg: Config, refs, world: World = Wor
 
 
 # ---------------------------------------------------------------- the run
-def run_train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
+def run_train(cfg: Config, resume: bool | str = False, progress: bool = True) -> dict:
+    """Train; `resume`: True = from the latest checkpoint (which must exist), "auto" = from it when there
+    is one. Raises cso_dist.preempt.Preempted after checkpointing when asked to stop (signal or file)."""
     t = cfg.train
     world = world_from_env()
     progress = progress and world.main
@@ -209,9 +212,9 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     resume_from = None
     if resume:
         done = list_checkpoints(ckpt_dir)
-        if not done:
+        if not done and resume != "auto":
             raise CsoError(f"--resume: no checkpoint in {ckpt_dir}")
-        resume_from = done[-1]
+        resume_from = done[-1] if done else None
 
     # process group, model, optimizer
     dist.init(world, cfg.dist.timeout_minutes)
@@ -225,7 +228,10 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         if world.main:
             print(f"resumed from {resume_from} (step {start} of {len(steps)})")
     tracker = Tracker(run_dir, cfg.to_dict(), cfg.track.wandb, cfg.track.project, cfg.track.group, cfg.track.name,
-                      rank=world.rank, resume_step=start if resume else None)
+                      rank=world.rank, resume_step=start if resume_from is not None else None)
+    stop = StopRequest(run_dir)
+    if world.main:
+        (run_dir / STOPPED_FILE).unlink(missing_ok=True)
     if world.main:
         print(f"training {t.method} on {len(train_in.dialogues)} dialogues: {len(steps)} steps, "
               f"{sum(len(s) for s in steps)} micro-batches ({cfg.pack.layout} layout), "
@@ -279,9 +285,17 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                 engine.train(True)
             tracker.log(last)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
-        if t.save_every and done_step % t.save_every == 0 and done_step < len(steps):
+        saved = t.save_every and done_step % t.save_every == 0 and done_step < len(steps)
+        if saved:
             engine.save(ckpt_dir, done_step, {"total_steps": len(steps)}, t.keep_last)
+        if done_step < len(steps) and dist.any_true(stop.requested()):
+            if not saved:
+                engine.save(ckpt_dir, done_step, {"total_steps": len(steps)}, t.keep_last)
+            bar.close()
+            tracker.close()
+            raise stop.stopped(done_step, ckpt_dir / f"step-{done_step:07d}", world.main)
     bar.close()
+    stop.restore()
 
     final_eval = {}
     if eval_batches:

@@ -1,0 +1,118 @@
+"""`cso-dist launch sbatch`: render a template of slurm/ into a reviewable script, then submit it.
+
+The script is written to <run.out_dir>/slurm/<template>-<time>.sbatch. Resources come from the
+config's `slurm` section (and the command's flags); the run's config is saved beside the script
+and passed by path. Secrets never enter the script: W&B and other credentials travel in the
+job's environment (sbatch exports the submitting shell's environment by default).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from cso_dist.config import Config
+from cso_dist.data.dialogue import atomic_write_text
+from cso_dist.errors import CsoError
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
+TEMPLATES = ("train", "qlora", "precompute", "sweep")
+SECRET_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
+
+
+def _header(cfg: Config, name: str, log: Path, template: str) -> list[str]:
+    s = cfg.slurm
+    nodes = 1 if template in ("qlora", "sweep") else s.nodes
+    gpus = 1 if template == "qlora" else s.gpus_per_node
+    tasks = max(gpus, 1) if template == "precompute" else 1
+    lines = [f"--job-name={name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks}",
+             f"--cpus-per-task={s.cpus_per_task}", f"--time={s.time_min}", f"--output={log}", "--open-mode=append"]
+    if gpus:
+        lines.append(f"--gpus-per-node={gpus}")
+    if s.mem_gb:
+        lines.append(f"--mem={s.mem_gb}G")
+    for key in ("partition", "account", "qos"):
+        if getattr(s, key):
+            lines.append(f"--{key}={getattr(s, key)}")
+    if template != "precompute":
+        lines += [f"--signal=B:USR1@{s.signal_delay_s}", "--requeue"]
+    lines += [x if x.startswith("--") else f"--{x}" for x in s.extra]
+    return [f"#SBATCH {x}" for x in lines]
+
+
+def _check_no_secrets(text: str, where: Path) -> None:
+    for var in SECRET_VARS:
+        value = os.environ.get(var, "")
+        if len(value) >= 8 and value in text:
+            raise CsoError(f"{where}: refusing to write the value of ${var} into a job script; "
+                           "pass secrets through the environment")
+
+
+def render(cfg: Config, template: str, config_path: Path, overrides: list[str], sweep_file: Path | None = None,
+           n_tasks: int = 0) -> str:
+    """The text of a job script from slurm/<template>.sbatch."""
+    if template not in TEMPLATES:
+        raise CsoError(f"launch: unknown template '{template}' (one of {', '.join(TEMPLATES)})")
+    run_dir = Path(cfg.run.out_dir).resolve()
+    name = f"cso-{run_dir.name}"
+    log = run_dir / "slurm" / ("%x-%A_%a.out" if template == "sweep" else "%x-%j.out")
+    body = (TEMPLATE_DIR / f"{template}.sbatch").read_text()
+    tail = (TEMPLATE_DIR / "_requeue.sh").read_text()
+    values = {
+        "header": "\n".join(_header(cfg, name, log, template)),
+        "setup": "\n".join(cfg.slurm.setup),
+        "run_dir": shlex.quote(str(run_dir)),
+        "python": shlex.quote(sys.executable),
+        "args": " ".join(shlex.quote(a) for a in [str(config_path), *overrides]),
+        "nodes": str(cfg.slurm.nodes),
+        "workers": str(max(cfg.slurm.gpus_per_node, 1)),
+        "omp_threads": str(max(cfg.slurm.cpus_per_task // max(cfg.slurm.gpus_per_node, 1), 1)),
+        "sweep_file": shlex.quote(str(sweep_file)) if sweep_file else "",
+        "last_task": str(max(n_tasks - 1, 0)),
+        "parallelism": str(cfg.slurm.array_parallelism),
+        "run_and_requeue": tail,
+    }
+    text = re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], body)
+    return text
+
+
+def write_job(cfg: Config, template: str, overrides: list[str] | None = None,
+              sweep: list[list[str]] | None = None) -> Path:
+    """Write the run's config and the rendered script under <run>/slurm/; returns the script path."""
+    run_dir = Path(cfg.run.out_dir).resolve()
+    d = run_dir / "slurm"
+    d.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    config_path = d / f"config-{stamp}.yaml"
+    atomic_write_text(config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    sweep_file = None
+    if sweep is not None:
+        for row in sweep:
+            bad = [a for a in row if any(c.isspace() for c in a)]
+            if bad:
+                raise CsoError(f"launch: sweep values cannot contain spaces ({bad[0]!r})")
+        sweep_file = d / f"sweep-{stamp}.txt"
+        atomic_write_text(sweep_file, "".join(" ".join(row) + "\n" for row in sweep))
+    text = render(cfg, template, config_path, list(overrides or []), sweep_file, len(sweep or []))
+    script = d / f"{template}-{stamp}.sbatch"
+    _check_no_secrets(text + config_path.read_text(), script)
+    atomic_write_text(script, text)
+    script.chmod(0o755)
+    return script
+
+
+def submit(script: Path) -> str:
+    """sbatch the script; returns the job id."""
+    try:
+        out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise CsoError("launch: sbatch not found (is Slurm installed here? use --dry-run to only write the script)") from None
+    if out.returncode != 0:
+        raise CsoError(f"launch: sbatch {script} failed: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
+    return out.stdout.strip().split(";")[0]

@@ -1,0 +1,236 @@
+"""Launching on a real Slurm cluster (slurmctld + two slurmd faking two nodes + slurmdbd), brought up
+on this machine by scripts/slurm-up.sh: a 2-node sbatch job with the DeepSpeed engine, a submitit
+sweep as a job array, preemption + requeue + resume with the same loss curve (submitit and sbatch),
+and a failing job's error with its log path."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cso_dist.config import DataConfig, load_config, parse_overrides
+from cso_dist.data.build import build_dialogues
+from cso_dist.data.dialogue import write_dialogues
+from cso_dist.launch import collect, submit_run, submit_sweep, table
+from cso_dist.models import build_tiny_model
+from cso_dist.tracking import read_metrics
+from cso_dist.train import run_train
+from conftest import REPO, run_cli
+
+SECRET = "wandb-secret-0123456789abcdef"
+
+
+def _slurm_startable() -> str:
+    if shutil.which("sinfo") and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0:
+        return ""
+    if os.geteuid() != 0:
+        return "no running Slurm, and not root: scripts/slurm-up.sh cannot start one"
+    if not shutil.which("apt-get") and not shutil.which("slurmctld"):
+        return "no running Slurm, and no apt-get to install one"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    reason = _slurm_startable()
+    if reason:
+        pytest.skip(reason)
+    t0 = time.time()
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm-up.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, f"scripts/slurm-up.sh failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    print(f"slurm up in {time.time() - t0:.1f} s")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, esconv_dir):
+    root = tmp_path_factory.mktemp("slurm")
+    train, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="train"))
+    valid, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="valid"))
+    write_dialogues(root / "train.jsonl", train[:6])
+    write_dialogues(root / "valid.jsonl", valid[:2])
+    texts = [m.text for d in train[:200] for m in d.messages]
+    build_tiny_model("qwen2", root / "model", tokenizer="bpe", bpe_texts=texts, hidden_size=32, seed=0)
+    return root
+
+
+def overrides(root: Path, name: str, **over) -> dict:
+    base = {"model.path": root / "model", "train.train_file": root / "train.jsonl",
+            "train.ref_cache": root / "refcache", "run.out_dir": root / name, "data.max_length": 512,
+            "pack.max_tokens": 1024, "train.lr": 3e-3, "train.warmup_ratio": 0.0, "train.max_steps": 4,
+            "train.grad_accum": 3, "slurm.gpus_per_node": 0, "slurm.cpus_per_task": 1, "slurm.time_min": 10}
+    return {k: str(v) for k, v in {**base, **over}.items()}
+
+
+def argv(over: dict) -> list[str]:
+    return [f"--{k}={v}" for k, v in over.items()]
+
+
+def cfg_of(over: dict):
+    return load_config(None, parse_overrides(argv(over)))
+
+
+def sacct_state(job: str) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "--format=State"], capture_output=True,
+                         text=True).stdout.split()
+    return out[0] if out else ""
+
+
+def wait_job(job: str, timeout: float = 600) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = sacct_state(job)
+        if state and state not in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING"):
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job} not finished after {timeout} s (state {sacct_state(job)})")
+
+
+def losses(run_dir) -> list[tuple]:
+    return [(m["step"], round(m["loss"], 6)) for m in read_metrics(run_dir) if "loss" in m]
+
+
+def test_sbatch_dry_run_renders_every_template_without_secrets(data, tmp_path):
+    for template in ("train", "qlora", "precompute", "sweep"):
+        extra = ["--sweep", "train.beta=0.1,0.2"] if template == "sweep" else []
+        proc = run_cli("launch", "sbatch", "--template", template, "--nodes", 2, "--gpus-per-node", 8,
+                       "--partition", "gpu", "--account", "lab", "--time", 90, "--dry-run", *extra,
+                       *argv(overrides(data, f"dry-{template}", **{"track.wandb": "true"})),
+                       env={"WANDB_API_KEY": SECRET})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        script = Path(re.search(r"# written to (\S+)", proc.stdout).group(1))
+        text = script.read_text()
+        assert SECRET not in text and SECRET not in "".join(p.read_text() for p in script.parent.iterdir())
+        assert "#SBATCH --partition=gpu" in text and "#SBATCH --account=lab" in text and "#SBATCH --time=90" in text
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # valid bash
+        if template == "train":
+            assert "#SBATCH --nodes=2" in text and "--nproc_per_node=8" in text and "--signal=B:USR1@" in text
+        if template == "sweep":
+            assert "#SBATCH --array=0-1%" in text
+
+
+def test_sbatch_two_node_deepspeed_job_completes(slurm, data):
+    over = overrides(data, "sbatch-2n", **{"dist.engine": "deepspeed"})
+    t0 = time.time()
+    proc = run_cli("launch", "sbatch", "--nodes", 2, *argv(over), env={"WANDB_API_KEY": SECRET})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    assert wait_job(job) == "COMPLETED"
+    print(f"sbatch 2-node DeepSpeed job: {time.time() - t0:.1f} s")
+    run = data / "sbatch-2n"
+    assert len(losses(run)) == 4 and (run / "final" / "config.json").is_file()
+    log = next((run / "slurm").glob("*.out")).read_text()
+    assert "deepspeed engine on 2 ranks" in log and "node[1-2]" in log
+    nodes = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "--format=NNodes"], capture_output=True,
+                           text=True).stdout.split()
+    assert nodes == ["2"]
+
+
+def test_submitit_sweep_runs_as_one_job_array(slurm, data):
+    cfg = cfg_of(overrides(data, "sweep", **{"train.max_steps": 2}))
+    t0 = time.time()
+    runs = submit_sweep(cfg, {"train.method": ["dpo", "ipo"], "run.seed": [0, 1]})
+    assert len(runs) == 4 and len({r.job.job_id.split("_")[0] for r in runs}) == 1  # one array
+    rows = collect(runs)
+    print(f"submitit sweep of 4 runs: {time.time() - t0:.1f} s")
+    text = table(rows)
+    print(text)
+    assert [r["state"] for r in rows] == ["COMPLETED"] * 4, rows
+    assert len(text.splitlines()) == 2 + 4 and all(isinstance(r["loss"], float) for r in rows)
+    assert {r.name for r in runs} == {"method=dpo_seed=0", "method=dpo_seed=1", "method=ipo_seed=0",
+                                      "method=ipo_seed=1"}
+    saved = load_config(data / "sweep" / "method=ipo_seed=1" / "config.yaml", {})
+    assert (saved.train.method, saved.run.seed, saved.track.group, saved.track.name) == \
+        ("ipo", 1, "sweep", "method=ipo_seed=1")
+
+
+def _preempt_and_finish(run_dir: Path, signal_job) -> dict:
+    """Signal once the run has logged 3 steps; time the checkpoint and the first resumed step."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.time() < deadline, "the run never logged 3 steps"
+        time.sleep(0.05)
+    t_sig = time.time()
+    signal_job()
+    ckpt = None
+    while ckpt is None:
+        assert time.time() < deadline, "no checkpoint after the signal"
+        done = sorted((run_dir / "checkpoints").glob("step-*/state.json")) if (run_dir / "checkpoints").is_dir() else []
+        ckpt = done[-1] if done else None
+        time.sleep(0.05)
+    t_ckpt, step = time.time(), json.loads(ckpt.read_text())["step"]
+    while not any(m.get("step", 0) > step for m in read_metrics(run_dir) if "loss" in m):
+        assert time.time() < deadline, "the requeued run never resumed"
+        time.sleep(0.1)
+    return {"stopped_at": step, "signal_to_checkpoint_s": t_ckpt - t_sig, "requeue_to_resume_s": time.time() - t_ckpt}
+
+
+def _uninterrupted(over: dict, name: str, data: Path) -> list[tuple]:
+    run_train(cfg_of({**over, "run.out_dir": str(data / name)}), progress=False)
+    return losses(data / name)
+
+
+def test_submitit_preempted_run_requeues_and_resumes_the_same_curve(slurm, data):
+    over = overrides(data, "preempt-submitit", **{"train.max_steps": 40, "train.grad_accum": 1})
+    run = submit_run(cfg_of(over))
+    times = _preempt_and_finish(data / "preempt-submitit",
+                                lambda: subprocess.run(["scancel", "--signal=USR2", run.job.job_id], check=True))
+    rows = collect([run])
+    assert rows[0]["state"] == "COMPLETED", rows
+    print(f"submitit preemption: {times}")
+    assert 3 <= times["stopped_at"] < 40
+    assert losses(data / "preempt-submitit") == _uninterrupted(over, "preempt-ref", data)
+    log = Path(run.job.paths.stderr).read_text() + Path(run.job.paths.stdout).read_text()
+    assert f"resumed from" in log and f"step-{times['stopped_at']:07d}" in log
+
+
+def test_sbatch_time_limit_signal_checkpoints_requeues_and_resumes(slurm, data):
+    over = overrides(data, "preempt-sbatch", **{"train.max_steps": 40, "train.grad_accum": 1})
+    proc = run_cli("launch", "sbatch", *argv(over))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    # what Slurm does at time limit - signal_delay_s (--signal=B:USR1@N): USR1 to the batch shell
+    times = _preempt_and_finish(data / "preempt-sbatch",
+                                lambda: subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True))
+    assert wait_job(job) == "COMPLETED"
+    print(f"sbatch preemption: {times}")
+    log = next((data / "preempt-sbatch" / "slurm").glob("*.out")).read_text()
+    assert "requeueing job" in log and "restart 1" in log
+    assert losses(data / "preempt-sbatch") == _uninterrupted(over, "preempt-ref-sbatch", data)
+
+
+def test_failing_job_reports_its_error_and_log(slurm, data):
+    run = submit_run(cfg_of(overrides(data, "failing", **{"model.path": data / "no-such-model"})))
+    (row,) = collect([run])
+    assert row["state"] == "FAILED" and "no-such-model" in row["error"], row
+    assert Path(row["log"]).is_file() and "no-such-model" in Path(row["log"]).read_text()
+    proc = run_cli("launch", "submitit", *argv(overrides(data, "failing-cli",
+                                                         **{"model.path": data / "no-such-model"})))
+    assert proc.returncode == 1 and "FAILED" in proc.stdout and "no-such-model" in proc.stdout
+
+
+@pytest.mark.parametrize("cluster", ["local", "debug"])
+def test_submitit_local_and_debug_run_the_same_code_path(data, cluster):
+    cfg = cfg_of(overrides(data, f"on-{cluster}", **{"train.max_steps": 2}))
+    (row,) = collect([submit_run(cfg, cluster)])
+    assert row["state"] == "COMPLETED" and isinstance(row["loss"], float), row
+    assert len(losses(data / f"on-{cluster}")) == 2
+
+
+def test_submitit_gives_up_after_max_num_timeout(slurm, data):
+    """slurm.max_num_timeout=0: the first time-out signal checkpoints, then the job ends as failed (not requeued)."""
+    over = overrides(data, "timeouts", **{"train.max_steps": 40, "train.grad_accum": 1, "slurm.max_num_timeout": 0})
+    run = submit_run(cfg_of(over))
+    metrics = data / "timeouts" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR2", run.job.job_id], check=True)
+    (row,) = collect([run])
+    assert row["state"] == "FAILED" and "timed-out too many times" in row["error"], row
+    assert list((data / "timeouts" / "checkpoints").glob("step-*/state.json"))  # resumable by hand
