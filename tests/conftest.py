@@ -38,3 +38,40 @@ def qwen_tok():
     from cso_dist.models import qwen_tokenizer
 
     return qwen_tokenizer("chatml")
+
+
+def tiny_run_data(root, esconv_dir, n_train: int = 6, n_valid: int = 2, hidden_size: int = 32):
+    """ESConv train/valid preference dialogues (first n of each) and a tiny Qwen2 with a BPE trained on
+    ESConv text, under `root` (train.jsonl, valid.jsonl, model/); returns the model folder."""
+    from cso_dist.config import DataConfig
+    from cso_dist.data.build import build_dialogues
+    from cso_dist.data.dialogue import write_dialogues
+    from cso_dist.models import build_tiny_model
+
+    train, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="train"))
+    valid, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="valid"))
+    write_dialogues(Path(root) / "train.jsonl", train[:n_train])
+    write_dialogues(Path(root) / "valid.jsonl", valid[:n_valid])
+    texts = [m.text for d in train[:200] for m in d.messages]
+    return build_tiny_model("qwen2", Path(root) / "model", tokenizer="bpe", bpe_texts=texts,
+                            hidden_size=hidden_size, seed=0)
+
+
+def run_overrides(root, name: str, **over) -> dict:
+    """Dotted overrides (strings) of a short DPO run on tiny_run_data(root): 4 steps of 3 micro-batches."""
+    root = Path(root)
+    base = {"model.path": root / "model", "train.train_file": root / "train.jsonl",
+            "train.ref_cache": root / "refcache", "run.out_dir": root / name, "data.max_length": 512,
+            "pack.max_tokens": 1024, "train.lr": 3e-3, "train.warmup_ratio": 0.0, "train.max_steps": 4,
+            "train.grad_accum": 3}
+    return {k: str(v) for k, v in {**base, **over}.items()}
+
+
+def argv(over: dict) -> list[str]:
+    return [f"--{k}={v}" for k, v in over.items()]
+
+
+def cfg_of(over: dict):
+    from cso_dist.config import load_config, parse_overrides
+
+    return load_config(None, parse_overrides(argv(over)))

@@ -16,16 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cso_dist.config import DataConfig, load_config, parse_overrides
-from cso_dist.data.build import build_dialogues
-from cso_dist.data.dialogue import write_dialogues
+from cso_dist.config import load_config
 from cso_dist.dist import World, my_share, world_from_env
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.models import build_tiny_model, load_model
 from cso_dist.refcache import cache_key, load_reference
 from cso_dist.tracking import read_metrics
 from cso_dist.train import run_train
-from conftest import REPO, run_cli
+from conftest import REPO, argv, cfg_of, run_cli, run_overrides, tiny_run_data
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -57,30 +55,13 @@ def launch(args: list, nproc: int = 2, launcher: str = "torchrun", wait: bool = 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, esconv_dir):
     root = tmp_path_factory.mktemp("dist")
-    train, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="train"))
-    valid, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="valid"))
-    write_dialogues(root / "train.jsonl", train[:6])
-    write_dialogues(root / "valid.jsonl", valid[:2])
-    texts = [m.text for d in train[:200] for m in d.messages]
-    build_tiny_model("qwen2", root / "model", tokenizer="bpe", bpe_texts=texts, hidden_size=32, seed=0)
+    tiny_run_data(root, esconv_dir)
     return root
 
 
 def overrides(root: Path, name: str, **over) -> dict:
-    base = {"model.path": root / "model", "train.train_file": root / "train.jsonl",
-            "train.eval_file": root / "valid.jsonl", "train.ref_cache": root / "refcache", "run.out_dir": root / name,
-            "data.max_length": 512, "pack.max_tokens": 1024, "train.lr": 3e-3, "train.warmup_ratio": 0.0,
-            "train.max_steps": 4, "train.grad_accum": 3, "train.eval_every": 2, "train.save_every": 2,
-            "train.keep_last": 3}
-    return {k: str(v) for k, v in {**base, **over}.items()}
-
-
-def argv(over: dict) -> list[str]:
-    return [f"--{k}={v}" for k, v in over.items()]
-
-
-def cfg_of(over: dict):
-    return load_config(None, parse_overrides(argv(over)))
+    return run_overrides(root, name, **{"train.eval_file": root / "valid.jsonl", "train.eval_every": 2,
+                                        "train.save_every": 2, "train.keep_last": 3, **over})
 
 
 def curve(run_dir) -> list[dict]:

@@ -12,14 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from cso_dist.config import DataConfig, load_config, parse_overrides
-from cso_dist.data.build import build_dialogues
-from cso_dist.data.dialogue import write_dialogues
+from cso_dist.config import load_config
 from cso_dist.launch import collect, submit_run, submit_sweep, table
-from cso_dist.models import build_tiny_model
 from cso_dist.tracking import read_metrics
 from cso_dist.train import run_train
-from conftest import REPO, run_cli
+from conftest import REPO, argv, cfg_of, run_cli, run_overrides, tiny_run_data
 
 SECRET = "wandb-secret-0123456789abcdef"
 
@@ -48,29 +45,13 @@ def slurm():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, esconv_dir):
     root = tmp_path_factory.mktemp("slurm")
-    train, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="train"))
-    valid, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="valid"))
-    write_dialogues(root / "train.jsonl", train[:6])
-    write_dialogues(root / "valid.jsonl", valid[:2])
-    texts = [m.text for d in train[:200] for m in d.messages]
-    build_tiny_model("qwen2", root / "model", tokenizer="bpe", bpe_texts=texts, hidden_size=32, seed=0)
+    tiny_run_data(root, esconv_dir)
     return root
 
 
 def overrides(root: Path, name: str, **over) -> dict:
-    base = {"model.path": root / "model", "train.train_file": root / "train.jsonl",
-            "train.ref_cache": root / "refcache", "run.out_dir": root / name, "data.max_length": 512,
-            "pack.max_tokens": 1024, "train.lr": 3e-3, "train.warmup_ratio": 0.0, "train.max_steps": 4,
-            "train.grad_accum": 3, "slurm.gpus_per_node": 0, "slurm.cpus_per_task": 1, "slurm.time_min": 10}
-    return {k: str(v) for k, v in {**base, **over}.items()}
-
-
-def argv(over: dict) -> list[str]:
-    return [f"--{k}={v}" for k, v in over.items()]
-
-
-def cfg_of(over: dict):
-    return load_config(None, parse_overrides(argv(over)))
+    return run_overrides(root, name, **{"slurm.gpus_per_node": 0, "slurm.cpus_per_task": 1, "slurm.time_min": 10,
+                                        **over})
 
 
 def sacct_state(job: str) -> str:
@@ -185,7 +166,7 @@ def test_submitit_preempted_run_requeues_and_resumes_the_same_curve(slurm, data)
     assert 3 <= times["stopped_at"] < 40
     assert losses(data / "preempt-submitit") == _uninterrupted(over, "preempt-ref", data)
     log = Path(run.job.paths.stderr).read_text() + Path(run.job.paths.stdout).read_text()
-    assert f"resumed from" in log and f"step-{times['stopped_at']:07d}" in log
+    assert "resumed from" in log and f"step-{times['stopped_at']:07d}" in log
 
 
 def test_sbatch_time_limit_signal_checkpoints_requeues_and_resumes(slurm, data):

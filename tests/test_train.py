@@ -10,30 +10,24 @@ import time
 import pytest
 import torch
 
-from cso_dist.config import DataConfig, load_config
-from cso_dist.data.build import build_dialogues
-from cso_dist.data.dialogue import read_dialogues, write_dialogues
+from cso_dist.config import load_config
+from cso_dist.data.dialogue import read_dialogues
 from cso_dist.data.export import iter_pairs
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.errors import CsoError
-from cso_dist.models import build_tiny_model, load_model
+from cso_dist.models import load_model
 from cso_dist.objective import micro_loss
 from cso_dist.refcache import cache_key, load_reference, run_precompute
 from cso_dist.refcache.key import load_split, make_cfg_renderer, resolve_sset
 from cso_dist.tracking import read_metrics
 from cso_dist.train import Layout, forward, plan_steps, run_train
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, tiny_run_data
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, esconv_dir):
     root = tmp_path_factory.mktemp("train")
-    train, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="train"))
-    valid, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="valid"))
-    write_dialogues(root / "train.jsonl", train[:8])
-    write_dialogues(root / "valid.jsonl", valid[:3])
-    texts = [m.text for d in train[:200] for m in d.messages]
-    model = build_tiny_model("qwen2", root / "model", tokenizer="bpe", bpe_texts=texts, hidden_size=32, seed=0)
+    model = tiny_run_data(root, esconv_dir, n_train=8, n_valid=3)
     return root, model
 
 
