@@ -215,3 +215,52 @@ def test_submitit_gives_up_after_max_num_timeout(slurm, data):
     (row,) = collect([run])
     assert row["state"] == "FAILED" and "timed-out too many times" in row["error"], row
     assert list((data / "timeouts" / "checkpoints").glob("step-*/state.json"))  # resumable by hand
+
+
+def test_submitit_two_node_deepspeed_run(slurm, data):
+    """Multi-node through submitit: one task per node, ranks from TorchDistributedEnvironment."""
+    over = overrides(data, "submitit-2n", **{"dist.engine": "deepspeed", "slurm.nodes": 2})
+    run = submit_run(cfg_of(over))
+    (row,) = collect([run])
+    assert row["state"] == "COMPLETED", row
+    log = Path(run.job.paths.stdout).read_text()
+    assert "deepspeed engine on 2 ranks" in log
+    ref = _uninterrupted({**over, "dist.engine": "torch"}, "submitit-2n-ref", data)
+    got = losses(data / "submitit-2n")
+    assert [s for s, _ in got] == [s for s, _ in ref] and all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(got, ref))
+
+
+def test_sbatch_precompute_on_two_nodes_equals_one_process(slurm, data):
+    """srun one task per node, ranks from SLURM_PROCID/SLURM_NTASKS: the same cache as one process."""
+    from cso_dist.refcache import cache_key, load_reference, run_precompute
+
+    one = overrides(data, "pc-1", **{"train.ref_cache": data / "pc-1-cache", "refcache.dialogues_per_shard": 1})
+    two = {**one, "train.ref_cache": str(data / "pc-2-cache"), "run.out_dir": str(data / "pc-2")}
+    run_precompute(cfg_of(one), progress=False)
+    proc = run_cli("launch", "sbatch", "--template", "precompute", "--nodes", 2, *argv(two))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    assert wait_job(job) == "COMPLETED"
+    log = next((data / "pc-2" / "slurm").glob("*.out")).read_text()
+    assert "rank 0/2" in log and "rank 1/2" in log
+    c1, c2 = cfg_of(one), cfg_of(two)
+    a, b = load_reference(c1, cache_key(c1)), load_reference(c2, cache_key(c2))
+    assert a.keys() == b.keys() and all(abs(a[k][0] - b[k][0]) <= 1e-5 for k in a)
+
+
+def test_sbatch_sweep_array_runs_every_grid_point(slurm, data):
+    over = overrides(data, "sb-sweep", **{"train.max_steps": 2})
+    proc = run_cli("launch", "sbatch", "--sweep", "train.beta=0.1,0.3", *argv(over))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        states = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "--format=JobID,State"], capture_output=True,
+                                text=True).stdout.split()
+        if len(states) == 2 and all(s.endswith("|COMPLETED") or s.endswith("|FAILED") for s in states):
+            break
+        time.sleep(1)
+    assert sorted(states) == [f"{job}_0|COMPLETED", f"{job}_1|COMPLETED"], states
+    for beta in ("0.1", "0.3"):
+        run = data / "sb-sweep" / f"beta={beta}"
+        assert len(losses(run)) == 2 and load_config(run / "config.yaml", {}).train.beta == float(beta)
