@@ -207,6 +207,38 @@ def cmd_launch_submitit(args, extra) -> int:
     return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
 
 
+# ---------------------------------------------------------------- eval
+def cmd_eval_score(args, extra) -> int:
+    from cso_dist.data.strategies import load_strategy_set
+    from cso_dist.eval.report import format_scores, score_file
+
+    scores = score_file(Path(args.pred), load_strategy_set(args.strategies))
+    if args.json:
+        keys = ("Q", "W", "B", "accuracy", "per_strategy", "unknown", "n", "bt_undetermined", "text")
+        print(json.dumps({k: scores[k] for k in keys if k in scores}, indent=2))
+    else:
+        print(format_scores(scores))
+    return 0
+
+
+def cmd_eval_generate(args, extra) -> int:
+    from cso_dist.eval.generate import run_generate
+
+    cfg = _config(args, extra, {"mode": "eval.mode"})
+    out = Path(args.out) if args.out else Path(cfg.run.out_dir) / "eval" / f"pred-{args.split}-{cfg.eval.mode}.jsonl"
+    run_generate(cfg, args.split, out, cfg.eval.mode, args.data or "")
+    return 0
+
+
+def cmd_eval_report(args, extra) -> int:
+    from cso_dist.data.strategies import load_strategy_set
+    from cso_dist.eval.report import run_report
+
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "report"
+    print(f"report: {run_report([Path(r) for r in args.runs], out, load_strategy_set(args.strategies))}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo (the main job)
 def cmd_demo(args, extra) -> int:
     from cso_dist.demo import run_demo
@@ -322,6 +354,26 @@ def build_parser() -> argparse.ArgumentParser:
                             help="local/debug: run here through the same code path")
             lp.add_argument("--no-wait", action="store_true", help="submit and return; do not collect")
             lp.set_defaults(func=cmd_launch_submitit)
+
+    ev = sub.add_parser("eval", help="strategy metrics (Q/W/B), generation, reports")
+    esub = ev.add_subparsers(dest="eval_command", required=True)
+    es = esub.add_parser("score", help="Q, W, B, accuracy, per-strategy F1 and strengths of a PRED.jsonl")
+    es.add_argument("pred", help="JSONL rows with gold_strategy, pred_strategy (+ gold_response, pred_response)")
+    es.add_argument("--strategies", default="esconv", help="esconv, escpro or a strategy file")
+    es.add_argument("--json", action="store_true", help="one JSON object (Q, W, B, accuracy, per_strategy, unknown)")
+    es.set_defaults(func=cmd_eval_score)
+    eg = esub.add_parser("generate", help="predict the strategy at every supporter turn of a split -> PRED.jsonl")
+    eg.add_argument("config", nargs="?", help="YAML config (model.path = the model to evaluate)")
+    eg.add_argument("--split", default="test", help="ESConv split (default test)")
+    eg.add_argument("--data", help="preference dialogues JSONL instead of an ESConv split")
+    eg.add_argument("--mode", choices=["generate", "likelihood"], help="default: eval.mode")
+    eg.add_argument("--out", help="default <run.out_dir>/eval/pred-<split>-<mode>.jsonl (appended, resumable)")
+    eg.set_defaults(func=cmd_eval_generate)
+    er = esub.add_parser("report", help="report.md + plots for one or several runs side by side")
+    er.add_argument("runs", nargs="+", help="run folders (their eval/pred-*.jsonl and metrics.jsonl)")
+    er.add_argument("--out", help="output folder (default <first run>/report)")
+    er.add_argument("--strategies", default="esconv")
+    er.set_defaults(func=cmd_eval_report)
 
     ex = sub.add_parser("export", help="a checkpoint (torch or DeepSpeed ZeRO shards) or a run's latest one -> "
                                        "an HF save_pretrained folder")

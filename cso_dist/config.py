@@ -158,6 +158,26 @@ class DistConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`cso-dist eval generate`: strategy prediction (and replies) on held-out dialogues."""
+
+    mode: Literal["generate", "likelihood"] = "generate"  # likelihood: best-scoring "(<strategy>)" prefix
+    max_dialogues: int = 0  # first N dialogues of the split (0 = all)
+    max_new_tokens: int = 64
+    batch_size: int = 16  # prompts per generate() call
+    do_sample: bool = False  # greedy by default
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+    def validate(self) -> None:
+        _check(self.max_dialogues >= 0, "eval.max_dialogues", "must be >= 0")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.temperature > 0, "eval.temperature", "must be > 0")
+        _check(0 < self.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+
+
+@dataclass
 class SlurmConfig:
     """Resources of `cso-dist launch sbatch|submitit` (flags of those commands override these keys)."""
 
@@ -232,6 +252,7 @@ class Config:
     refcache: RefCacheConfig = field(default_factory=RefCacheConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -1,0 +1,221 @@
+"""`cso-dist eval generate`: predict the strategy (and the reply) at every supporter turn of a split.
+
+Two modes, both writing PRED.jsonl rows {id, dialogue_id, turn, gold_strategy, gold_response,
+pred_strategy, pred_raw, pred_response | scores, mode}:
+- generate: render the history, generate `(<strategy>) <response>` (batched, left-padded, greedy
+  unless eval.do_sample), parse the strategy tolerant of case and spacing.
+- likelihood: score every strategy's `(<strategy>)` prefix after the history and pick the most
+  likely (summed log-prob). One forward per dialogue with the prefix trie: the dialogue's gold
+  path is the trunk, each turn's strategy prefixes hang off it as branches.
+The file is appended to batch by batch; a rerun skips the turns already in it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cso_dist.config import Config
+from cso_dist.data.build import build_dialogues
+from cso_dist.data.dialogue import PrefDialogue, read_dialogues
+from cso_dist.data.render import format_reply, parse_reply, tokenize_dialogue, truncate_turn
+from cso_dist.data.strategies import StrategySet
+from cso_dist.errors import CsoError
+from cso_dist.eval.metrics import canonical_or_none
+from cso_dist.pack.logps import trie_logps
+from cso_dist.pack.trie import Span, Unit, collate_trie, pack_units
+
+
+@dataclass
+class Turn:
+    id: str
+    dialogue_id: str
+    turn: int
+    gold_strategy: str
+    gold_response: str
+    prompt: list[int]
+
+
+def eval_dialogues(cfg: Config, split: str, data_file: str = "") -> list[PrefDialogue]:
+    """Preference dialogues of a data file, or of an ESConv split built with the config's data settings."""
+    dialogues = read_dialogues(Path(data_file)) if data_file else build_dialogues(replace(cfg.data, split=split))[0]
+    return dialogues[:cfg.eval.max_dialogues] if cfg.eval.max_dialogues else dialogues
+
+
+def eval_turns(dialogues: list[PrefDialogue], renderer, sset: StrategySet, max_length: int,
+               max_new_tokens: int) -> list[Turn]:
+    """Every target supporter turn with its prompt, history cut oldest-first (whole messages) to leave room
+    for `max_new_tokens` reply tokens."""
+    out = []
+    for d in dialogues:
+        toks = tokenize_dialogue(d, renderer, sset)
+        for i in d.turn_indices():
+            prompt = toks.history(i)
+            if len(prompt) + max_new_tokens > max_length:
+                prompt = truncate_turn(d, renderer, sset, i, max_new_tokens, max_length)[0]
+            m = d.messages[i]
+            out.append(Turn(f"{d.id}:{i}", d.id, i, m.strategy, m.text, prompt))
+    return out
+
+
+def _done_ids(path: Path) -> set[str]:
+    """Ids already in a PRED file; a torn last line (interrupted write) is cut off first."""
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    ids = set()
+    for n, line in enumerate(data.decode().splitlines(), 1):
+        if line.strip():
+            try:
+                ids.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CsoError(f"{path}: line {n}: not a PRED row (delete the file to start over)") from None
+    return ids
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, turns: list[Turn], cfg: Config, sset: StrategySet) -> list[dict]:
+    e = cfg.eval
+    device = next(p for p in model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(t.prompt) for t in turns)
+    ids = torch.full((len(turns), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(turns), width), dtype=torch.long)
+    for k, t in enumerate(turns):  # left padding: every prompt ends where generation starts
+        ids[k, width - len(t.prompt):] = torch.tensor(t.prompt)
+        mask[k, width - len(t.prompt):] = 1
+    kw = {"do_sample": True, "temperature": e.temperature, "top_p": e.top_p} if e.do_sample else {"do_sample": False}
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=e.max_new_tokens,
+                         pad_token_id=pad, eos_token_id=_stop_ids(tokenizer), **kw)
+    rows = []
+    for k, t in enumerate(turns):
+        text = tokenizer.decode(out[k, width:], skip_special_tokens=True).strip()
+        label, reply = parse_reply(text)
+        rows.append({"id": t.id, "dialogue_id": t.dialogue_id, "turn": t.turn, "gold_strategy": t.gold_strategy,
+                     "gold_response": t.gold_response, "pred_strategy": canonical_or_none(label, sset) or label,
+                     "pred_raw": text, "pred_response": reply, "mode": "generate"})
+    return rows
+
+
+def likelihood_units(d: PrefDialogue, renderer, sset: StrategySet, prefixes: dict[str, list[int]],
+                     max_length: int, max_tokens: int) -> list[Unit]:
+    """The dialogue as one unit (trunk = gold path up to its last target turn, strategy prefixes as branches
+    at every turn), or one unit per turn when a history had to be truncated (as for generation: oldest
+    messages first, room left for the longest prefix) or the whole does not fit max_tokens."""
+    longest = max(len(p) for p in prefixes.values())
+    turns = eval_turns([d], renderer, sset, max_length, longest)
+    full = tokenize_dialogue(d, renderer, sset).full()
+    trunk_len = max((len(t.prompt) for t in turns), default=0)
+    whole = all(t.prompt == full[:len(t.prompt)] for t in turns)
+    if whole and trunk_len + sum(len(p) for p in prefixes.values()) * len(turns) <= max_tokens:
+        groups = [(full[:trunk_len], turns)]
+    else:
+        groups = [(t.prompt, [t]) for t in turns]
+    units = []
+    for trunk, group in groups:
+        u = Unit(d.id, list(trunk), list(range(len(trunk))), len(trunk))
+        for t in group:
+            ctx = len(t.prompt)
+            for s, toks_s in prefixes.items():
+                u.spans.append(Span(f"{d.id}:{t.turn}:{s}", len(u.tokens), len(toks_s), ctx))
+                u.tokens.extend(toks_s)
+                u.positions.extend(range(ctx, ctx + len(toks_s)))
+        units.append(u)
+    return units
+
+
+@torch.no_grad()
+def likelihood_rows(model, renderer, sset: StrategySet, dialogues: list[PrefDialogue], cfg: Config,
+                    chunk: int) -> list[dict]:
+    tok = renderer.tokenizer
+    # the prefix exactly as a gold reply starts: tokens of "(S) x" minus those of the text after it
+    prefixes = {}
+    for s in sset.names:
+        full = tok.encode(format_reply(s, "x"), add_special_tokens=False)
+        prefixes[s] = full[:len(tok.encode(f"({s})", add_special_tokens=False))]
+    units = [u for d in dialogues for u in likelihood_units(d, renderer, sset, prefixes, cfg.data.max_length,
+                                                             cfg.pack.max_tokens)]
+    budget = max([cfg.pack.max_tokens] + [len(u) for u in units])
+    scores: dict[str, float] = {}
+    for group in pack_units(units, budget):
+        batch = collate_trie(group)
+        lp = trie_logps(model, batch, chunk)
+        scores.update(zip(batch.reply_ids, lp.float().tolist()))
+    rows = []
+    for d in dialogues:
+        for i in d.turn_indices():
+            sc = {s: scores[f"{d.id}:{i}:{s}"] for s in sset.names}
+            best = max(sc, key=sc.get)
+            m = d.messages[i]
+            rows.append({"id": f"{d.id}:{i}", "dialogue_id": d.id, "turn": i, "gold_strategy": m.strategy,
+                         "gold_response": m.text, "pred_strategy": best, "scores": sc, "mode": "likelihood"})
+    return rows
+
+
+def run_generate(cfg: Config, split: str, out: Path, mode: str, data_file: str = "", progress: bool = True) -> Path:
+    """Write (or complete) the PRED file of `split` with the model at model.path."""
+    from cso_dist.models import LoraSettings, load_model
+    from cso_dist.refcache.key import make_cfg_renderer, resolve_sset
+
+    renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
+    dialogues = eval_dialogues(cfg, split, data_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = _done_ids(out)
+    torch.manual_seed(cfg.run.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lora = LoraSettings(cfg.model.lora_r, cfg.model.lora_alpha, 0.0, list(cfg.model.lora_target_modules))
+    model = load_model(cfg.model.path, cfg.model.method, cfg.model.precision, lora=lora, device=device)
+    model.eval()
+    t0 = time.time()
+    if mode == "likelihood":
+        todo = [d for d in dialogues if any(f"{d.id}:{i}" not in done for i in d.turn_indices())]
+        bar = tqdm(total=sum(len(d.turn_indices()) for d in todo), desc="scoring strategies", unit="turn",
+                   disable=None if progress else True)
+        step, n = 16, 0  # dialogues per write
+        for k in range(0, len(todo), step):
+            rows = [r for r in likelihood_rows(model, renderer, sset, todo[k:k + step], cfg, cfg.pack.logit_chunk)
+                    if r["id"] not in done]
+            _append(out, rows)
+            bar.update(len(rows))
+            n += len(rows)
+        bar.close()
+    else:
+        turns = [t for t in eval_turns(dialogues, renderer, sset, cfg.data.max_length, cfg.eval.max_new_tokens)
+                 if t.id not in done]
+        turns.sort(key=lambda t: len(t.prompt))  # similar lengths per batch: little padding
+        bar = tqdm(total=len(turns), desc="generating", unit="turn", disable=None if progress else True)
+        for k in range(0, len(turns), cfg.eval.batch_size):
+            rows = generate_batch(model, renderer.tokenizer, turns[k:k + cfg.eval.batch_size], cfg, sset)
+            _append(out, rows)
+            bar.update(len(rows))
+        bar.close()
+        n = len(turns)
+    secs = time.time() - t0
+    print(f"{mode}: {n} turns in {secs:.1f}s ({n / max(secs, 1e-9):.1f} turns/s), {len(done)} already done -> {out}")
+    return out

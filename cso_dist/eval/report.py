@@ -1,0 +1,188 @@
+"""`cso-dist eval score` and `cso-dist eval report`: metrics of PRED files, and a Markdown report with
+plots (confusion matrix, preference strengths, gold vs predicted strategy distribution, training
+curves) for one or several runs side by side."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cso_dist.data.dialogue import atomic_write_text
+from cso_dist.data.strategies import StrategySet
+from cso_dist.errors import DataError
+from cso_dist.eval.metrics import score_rows
+from cso_dist.tracking import read_metrics
+
+TEXT_KEYS = ("bleu1", "bleu2", "bleu4", "rougeL", "distinct1", "distinct2", "mean_len")
+
+
+def read_pred(path: Path) -> list[dict]:
+    """PRED rows; each needs gold_strategy and pred_strategy (null allowed for the prediction)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, f"line {n}", None, f"not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(path, f"line {n}", None, "expected a JSON object")
+            for key in ("gold_strategy", "pred_strategy"):
+                if key not in row:
+                    raise DataError(path, f"line {n}", key, "missing")
+            if not isinstance(row["gold_strategy"], str):
+                raise DataError(path, f"line {n}", "gold_strategy", "must be a string")
+            rows.append(row)
+    if not rows:
+        raise DataError(path, None, None, "no prediction rows")
+    return rows
+
+
+def score_file(path: Path, sset: StrategySet) -> dict:
+    rows = read_pred(path)
+    try:
+        return score_rows(rows, sset)
+    except ValueError as e:
+        raise DataError(path, None, "gold_strategy", str(e)) from None
+
+
+def format_scores(s: dict) -> str:
+    lines = [f"Q (macro-F1) {s['Q']:.4f}   W (weighted-F1) {s['W']:.4f}   B (preference bias) {s['B']:.4f}   "
+             f"accuracy {s['accuracy']:.4f}   turns {s['n']}   unknown predictions {s['unknown']}",
+             f"{'strategy':<32}{'F1':>8}{'strength':>10}{'gold':>7}{'pred':>7}"]
+    for name, v in s["per_strategy"].items():
+        lines.append(f"{name:<32}{v['f1']:>8.4f}{v['preference']:>10.4f}{v['gold']:>7}{v['predicted']:>7}")
+    if s.get("bt_undetermined"):
+        lines.append(f"strengths left at their last value (no mispredicted gold turn): {', '.join(s['bt_undetermined'])}")
+    if s.get("text"):
+        lines.append("text: " + "  ".join(f"{k} {s['text'][k]:.3f}" for k in TEXT_KEYS if k in s["text"]))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(s: dict, path: Path, title: str) -> None:
+    plt = _plt()
+    conf = np.array(s["confusion"]).T  # rows gold, columns predicted
+    names = s["strategies"]
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(conf, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if conf[i, j] > conf.max() / 2 else "black")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(s: dict, path: Path, title: str) -> None:
+    """Preference strengths (the bias picture) and gold vs predicted strategy counts."""
+    plt = _plt()
+    names = s["strategies"]
+    per = s["per_strategy"]
+    x = np.arange(len(names))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    a.bar(x, [per[n]["preference"] for n in names], color="tab:orange")
+    a.axhline(1.0, color="gray", lw=0.8, ls="--")
+    a.set_title(f"preference strengths (B = {s['B']:.3f})", fontsize=9)
+    b.bar(x - 0.2, [per[n]["gold"] for n in names], 0.4, label="gold")
+    b.bar(x + 0.2, [per[n]["predicted"] for n in names], 0.4, label="predicted")
+    b.legend(fontsize=8)
+    b.set_title("strategy distribution", fontsize=9)
+    for ax in (a, b):
+        ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(metrics: list[dict], path: Path, title: str) -> bool:
+    keys = ("loss", "rewards/margins", "rewards/accuracies")
+    train = [m for m in metrics if "loss" in m]
+    if not train:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, k in zip(axes, keys):
+        pts = [(m["step"], m[k]) for m in train if k in m]
+        ev = [(m["step"], m[f"eval/{k}"]) for m in metrics if f"eval/{k}" in m]
+        if pts:
+            ax.plot(*zip(*pts), label="train", lw=1)
+        if ev:
+            ax.plot(*zip(*ev), "o-", label="eval", ms=3)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------- report
+def pred_files(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "eval").glob("pred-*.jsonl")) if (run_dir / "eval").is_dir() else []
+
+
+def run_report(run_dirs: list[Path], out: Path, sset: StrategySet) -> Path:
+    """report.md + PNGs in `out` for every run's eval/pred-*.jsonl and metrics.jsonl."""
+    out.mkdir(parents=True, exist_ok=True)
+    table, sections = [], []
+    for run in run_dirs:
+        run = Path(run)
+        if not run.is_dir():
+            raise DataError(run, None, None, "no such run folder")
+        tag = run.name
+        sec = [f"## {tag}", f"`{run}`", ""]
+        metrics = read_metrics(run) if (run / "metrics.jsonl").is_file() else []
+        if metrics and plot_curves(metrics, out / f"{tag}-curves.png", f"{tag}: training curves"):
+            sec += [f"![training curves]({tag}-curves.png)", ""]
+        preds = pred_files(run)
+        if not preds and not metrics:
+            raise DataError(run, None, None, "neither eval/pred-*.jsonl nor metrics.jsonl: nothing to report")
+        for p in preds:
+            s = score_file(p, sset)
+            name = f"{tag}-{p.stem}"
+            plot_confusion(s, out / f"{name}-confusion.png", f"{tag} / {p.name}")
+            plot_bars(s, out / f"{name}-strategies.png", f"{tag} / {p.name}")
+            atomic_write_text(out / f"{name}.json", json.dumps(s, indent=2))
+            mode = read_pred(p)[0].get("mode", "")
+            text = s.get("text", {})
+            table.append([tag, p.name, mode, s["n"], s["Q"], s["W"], s["B"], s["accuracy"], s["unknown"],
+                          *[text.get(k) for k in TEXT_KEYS]])
+            sec += [f"### {p.name}", "", "```", format_scores(s), "```", "",
+                    f"![confusion]({name}-confusion.png)", "", f"![strategies]({name}-strategies.png)", ""]
+        sections.append("\n".join(sec))
+    head = ["run", "predictions", "mode", "turns", "Q", "W", "B", "acc", "unknown", *TEXT_KEYS]
+
+    def cell(v) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
+
+    lines = ["# cso_dist evaluation report", "",
+             "Q = macro-F1, W = weighted-F1 of the predicted strategy; B = preference bias (std of the "
+             "Bradley-Terry strengths, lower is better); text metrics on generated replies (BLEU 0-100, "
+             "ROUGE-L F 0-100, Distinct-n, mean length in words).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table]
+    report = out / "report.md"
+    atomic_write_text(report, "\n".join(lines) + "\n\n" + "\n\n".join(sections) + "\n")
+    return report
