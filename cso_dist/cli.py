@@ -247,6 +247,36 @@ def cmd_demo(args, extra) -> int:
     return 0
 
 
+def cmd_plan(args, extra) -> int:
+    import dataclasses
+
+    from cso_dist.plan import Setup, cheapest, format_plan, plan, resolve_shape, setup_from_config
+
+    if args.config or extra:
+        shape, setup = setup_from_config(_config(args, extra, {}))
+    elif args.model:
+        shape, setup = resolve_shape(args.model), Setup()
+        if args.method in ("lora", "qlora") and args.zero is None:
+            setup.zero = 0 if args.method == "qlora" else 3
+    else:
+        raise CsoError("plan: give --model (7b, 8b, 9b, 13b, 34b, 70b or an HF config.json) or --config RECIPE.yaml")
+    if args.model and (args.config or extra):
+        shape = resolve_shape(args.model)
+    flags = {"method": args.method, "zero": args.zero, "offload": args.offload, "gpus_per_node": args.gpus_per_node,
+             "nodes": args.nodes, "gpu_mem_gb": args.gpu_mem, "cpu_mem_gb": args.cpu_mem, "seq_len": args.seq_len,
+             "micro_batch": args.micro_batch, "checkpointing": args.checkpointing, "lora_r": args.lora_r}
+    setup = dataclasses.replace(setup, **{k: v for k, v in flags.items() if v is not None})
+    if setup.method == "qlora" and args.zero is None:
+        setup.zero = 0
+    p = plan(shape, setup)
+    best, here = cheapest(shape, setup), cheapest(shape, setup, same_gpus=True)
+    if args.json:
+        print(json.dumps({**p, "cheapest": best, "fastest_on_these_gpus": here}))
+    else:
+        print(format_plan(p, best, here))
+    return 0
+
+
 def cmd_config_show(args, extra) -> int:
     import yaml
 
@@ -386,6 +416,27 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: ESConv -> preference data -> statistics (CPU)")
     d.add_argument("--config")
     d.set_defaults(func=cmd_demo)
+
+    pl = sub.add_parser("plan", help="per-GPU memory of a job (parameters, gradients, optimizer, activations) "
+                                     "and the cheapest setup that fits")
+    pl.add_argument("--config", help="a recipe (its plan, model, dist, slurm and pack sections)")
+    pl.add_argument("--model", help="7b, 8b, 9b, 13b, 34b, 70b, or an HF config.json (or its folder)")
+    pl.add_argument("--method", choices=["full", "lora", "qlora"])
+    pl.add_argument("--zero", type=int, choices=[0, 2, 3], help="DeepSpeed ZeRO stage (0 = torch engine, DDP)")
+    pl.add_argument("--offload", choices=["none", "optimizer", "params"],
+                    help="DeepSpeed CPU offload (params = parameters and optimizer, ZeRO-3)")
+    pl.add_argument("--gpus-per-node", type=int)
+    pl.add_argument("--nodes", type=int)
+    pl.add_argument("--gpu-mem", type=float, help="GB of one GPU (default 80)")
+    pl.add_argument("--cpu-mem", type=float, help="GB of host memory per node, for CPU offload (default 1024)")
+    pl.add_argument("--seq-len", type=int, help="tokens of one packed row (pack.max_tokens; default 4096)")
+    pl.add_argument("--micro-batch", type=int, help="packed rows per forward (default 1)")
+    pl.add_argument("--lora-r", type=int)
+    ck = pl.add_mutually_exclusive_group()
+    ck.add_argument("--checkpointing", dest="checkpointing", action="store_true", default=None)
+    ck.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    pl.add_argument("--json", action="store_true", help="one JSON object")
+    pl.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("config", help="show the resolved config").add_subparsers(dest="config_command", required=True)
     cs = c.add_parser("show")

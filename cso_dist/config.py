@@ -207,6 +207,19 @@ class SlurmConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`cso-dist plan --config`: the model shape and GPU a recipe targets (nodes and GPUs: `slurm`)."""
+
+    model: str = ""  # preset (7b, 8b, 9b, 13b, 34b, 70b) or an HF config.json path; "" = not planned
+    gpu_mem_gb: float = 80.0  # memory of one GPU
+    cpu_mem_gb: float = 1024.0  # host memory of one node (CPU offload)
+
+    def validate(self) -> None:
+        _check(self.gpu_mem_gb > 0, "plan.gpu_mem_gb", "must be > 0")
+        _check(self.cpu_mem_gb > 0, "plan.cpu_mem_gb", "must be > 0")
+
+
+@dataclass
 class TrackConfig:
     wandb: bool = False  # also log to Weights & Biases (rank 0; WANDB_MODE=offline works)
     project: str = "cso_dist"
@@ -253,6 +266,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     run: RunConfig = field(default_factory=RunConfig)
