@@ -207,6 +207,60 @@ def cmd_launch_submitit(args, extra) -> int:
     return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
 
 
+# ---------------------------------------------------------------- mcts (ESC-Pro builder)
+MCTS_FLAGS = {"backend": "mcts.backend", "model": "mcts.model", "base_url": "mcts.base_url",
+              "workers": "mcts.workers", "max_seeds": "mcts.max_seeds", "prompts": "mcts.prompts"}
+
+
+def _print_mcts_report(r: dict) -> None:
+    print(f"wrote {r['records']} ESC-Pro records from {r['seeds']} seed dialogues to {r['out']} "
+          f"({r['wall_s']:.1f} s; strategy set {r['strategy_set']})")
+    print(f"  LLM calls: {r['llm_calls_made']} made, {r['llm_calls_cached']} from the cache; "
+          f"{r['llm_calls_per_tree']:.0f} per seed dialogue, {r['wall_s_per_tree']:.1f} s per tree")
+    issues = {k: v for k, v in r["role_stats"].items() if not k.startswith("calls_") and v}
+    if issues or r["dropped"]:
+        print(f"  malformed/missing answers: {issues or 'none'}; dropped: {r['dropped'] or 'none'}")
+
+
+def cmd_mcts_build(args, extra) -> int:
+    from cso_dist.mcts.build import build, parse_shard
+
+    cfg = _config(args, extra, MCTS_FLAGS)
+    r = build(cfg, args.seeds, args.out, parse_shard(args.shard))
+    _print_mcts_report(r)
+    return 0
+
+
+def cmd_mcts_merge(args, extra) -> int:
+    from cso_dist.mcts.build import merge
+
+    print(f"wrote {merge(args.parts, args.out)} ESC-Pro records to {args.out}")
+    return 0
+
+
+def cmd_mcts_draw(args, extra) -> int:
+    from cso_dist.mcts.draw import draw_tree
+
+    print(f"wrote {draw_tree(args.tree, args.out, args.max_depth)}")
+    return 0
+
+
+def cmd_mcts_submit(args, extra) -> int:
+    from cso_dist.mcts.launch import collect_build, submit_build
+
+    cfg = _config(args, extra, MCTS_FLAGS)
+    jobs, parts = submit_build(cfg, args.seeds, args.out, args.tasks, args.cluster)
+    print(f"submitted {len(jobs)} array tasks: " + " ".join(str(j.job_id) for j in jobs))
+    if args.no_wait:
+        print(f"merge when done: cso-dist mcts merge --out {args.out} " + " ".join(map(str, parts)))
+        return 0
+    reports, n = collect_build(jobs, parts, args.out)
+    for r in reports:
+        _print_mcts_report(r)
+    print(f"merged {n} ESC-Pro records into {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------- eval
 def cmd_eval_score(args, extra) -> int:
     from cso_dist.data.strategies import load_strategy_set
@@ -416,6 +470,36 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: ESConv -> preference data -> statistics (CPU)")
     d.add_argument("--config")
     d.set_defaults(func=cmd_demo)
+
+    mc = sub.add_parser("mcts", help="build ESC-Pro-format preference data by MCTS over strategies (CSO stage 1)"
+                        ).add_subparsers(dest="mcts_command", required=True)
+    mb = mc.add_parser("build", help="search every seed dialogue's strategy tree -> ESC-Pro JSON (resumable)")
+    ms = mc.add_parser("submit", help="the same build split across a Slurm job array (submitit), then merged")
+    for q in (mb, ms):
+        q.add_argument("--config")
+        q.add_argument("--seeds", required=True, help="ESConv JSONL, ExTES JSON or ESC-Pro records (gold dialogues)")
+        q.add_argument("--out", required=True, help="ESC-Pro JSON to write (work files beside it: OUT.work/)")
+        q.add_argument("--backend", choices=["hf", "openai"])
+        q.add_argument("--model", help="hf: model folder; openai: served model name")
+        q.add_argument("--base-url", help="openai: e.g. http://node:8000/v1 (key from $OPENAI_API_KEY)")
+        q.add_argument("--workers", type=int, help="trees searched at once")
+        q.add_argument("--max-seeds", type=int)
+        q.add_argument("--prompts", help="folder of role prompts (scorer/supporter/seeker/judge .txt)")
+    mb.add_argument("--shard", default="0/1", help="I/N: build every N-th seed from the I-th (array task)")
+    mb.set_defaults(func=cmd_mcts_build)
+    ms.add_argument("--tasks", type=int, required=True, help="array tasks (seeds are dealt round-robin)")
+    ms.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"])
+    ms.add_argument("--no-wait", action="store_true")
+    ms.set_defaults(func=cmd_mcts_submit)
+    mm = mc.add_parser("merge", help="join shard outputs into one ESC-Pro file")
+    mm.add_argument("parts", nargs="+")
+    mm.add_argument("--out", required=True)
+    mm.set_defaults(func=cmd_mcts_merge)
+    md = mc.add_parser("draw", help="a tree checkpoint (OUT.work/trees/SEED.json) -> PNG")
+    md.add_argument("tree")
+    md.add_argument("--out", required=True)
+    md.add_argument("--max-depth", type=int, default=0)
+    md.set_defaults(func=cmd_mcts_draw)
 
     pl = sub.add_parser("plan", help="per-GPU memory of a job (parameters, gradients, optimizer, activations) "
                                      "and the cheapest setup that fits")

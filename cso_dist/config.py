@@ -207,6 +207,54 @@ class SlurmConfig:
 
 
 @dataclass
+class MctsConfig:
+    """`cso-dist mcts build`: the ESC-Pro search (stage 1 of CSO) with an LLM playing four roles."""
+
+    backend: Literal["hf", "openai"] = "hf"  # hf: a local transformers model; openai: any compatible endpoint
+    model: str = ""  # hf: a model folder; openai: the served model's name
+    base_url: str = "http://127.0.0.1:8000/v1"  # openai: e.g. a vLLM server on the cluster
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable, never from files
+    timeout_s: float = 120.0  # per HTTP call
+    retries: int = 3  # HTTP: transport retries (timeouts, 429, 5xx) by the client
+    parse_retries: int = 2  # malformed answers (no score, no rating, empty reply) asked again
+    workers: int = 8  # seed trees searched at once (threads; the hf backend batches their calls)
+    batch_size: int = 16  # hf: prompts per generate()
+    max_new_tokens: int = 96  # supporter and seeker messages
+    scorer_max_tokens: int = 128  # the strategy scorer's answer (8 lines "<strategy>: <0-10>")
+    judge_max_tokens: int = 48  # the judge's answer (4 lines "<aspect>: <0-4>")
+    temperature: float = 0.7  # supporter and seeker; the scorer and the judge are greedy
+    prompts: str = ""  # folder with scorer/supporter/seeker/judge .txt overriding our defaults
+    cache_dir: str = ""  # per-call answer cache; "" = <out>.work/cache
+    strategies: str = "auto"  # auto: esconv for ESConv seeds, escpro otherwise; or a set file
+    max_seeds: int = 0  # first N seed dialogues (0 = all)
+    checkpoint_every: int = 10  # iterations between tree checkpoints
+    c_puct: float = 1.0
+    rollout_turns: int = 4
+    min_iterations: int = 100
+    max_iterations: int = 200
+    min_finished: int = 1
+    max_finished: int = 25
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(self.timeout_s > 0, "mcts.timeout_s", "must be > 0")
+        _check(self.retries >= 0 and self.parse_retries >= 0, "mcts.retries", "must be >= 0")
+        _check(self.workers >= 1, "mcts.workers", "must be >= 1")
+        _check(self.batch_size >= 1, "mcts.batch_size", "must be >= 1")
+        _check(min(self.max_new_tokens, self.scorer_max_tokens, self.judge_max_tokens) >= 1, "mcts.max_new_tokens",
+               "must be >= 1 (and mcts.scorer_max_tokens, mcts.judge_max_tokens)")
+        _check(self.temperature >= 0, "mcts.temperature", "must be >= 0")
+        _check(self.max_seeds >= 0, "mcts.max_seeds", "must be >= 0")
+        _check(self.checkpoint_every >= 1, "mcts.checkpoint_every", "must be >= 1")
+        _check(self.c_puct > 0, "mcts.c_puct", "must be > 0")
+        _check(self.rollout_turns >= 1, "mcts.rollout_turns", "must be >= 1")
+        _check(1 <= self.min_iterations <= self.max_iterations, "mcts.min_iterations",
+               "must be >= 1 and <= mcts.max_iterations")
+        _check(0 <= self.min_finished <= self.max_finished and self.max_finished >= 1, "mcts.min_finished",
+               "must be >= 0 and <= mcts.max_finished (>= 1)")
+
+
+@dataclass
 class PlanConfig:
     """`cso-dist plan --config`: the model shape and GPU a recipe targets (nodes and GPUs: `slurm`)."""
 
@@ -267,6 +315,7 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    mcts: MctsConfig = field(default_factory=MctsConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     run: RunConfig = field(default_factory=RunConfig)

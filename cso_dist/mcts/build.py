@@ -1,0 +1,176 @@
+"""`cso-dist mcts build`: search every seed dialogue's strategy tree and write ESC-Pro records.
+
+Trees run in a thread pool (`mcts.workers`); the HF backend batches their concurrent calls,
+the HTTP backend runs them in parallel. Every LLM answer is cached on disk, and every tree is
+checkpointed (`<out>.work/trees/<seed>.json`, atomically) every `mcts.checkpoint_every`
+iterations, so an interrupted build resumes where it stopped and a rerun costs no LLM call.
+`--shard I/N` builds every N-th seed (a Slurm array task); `merge` joins the parts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cso_dist.config import Config
+from cso_dist.data.dialogue import atomic_write_text
+from cso_dist.errors import CsoError
+from cso_dist.mcts.backends import CachedBackend, make_backend
+from cso_dist.mcts.llm_roles import LLMRoles, RoleSettings, load_prompts
+from cso_dist.mcts.search import SearchConfig, Tree, extract, new_tree, run
+from cso_dist.mcts.seeds import Seed, read_seeds
+
+
+def search_config(cfg: Config) -> SearchConfig:
+    m = cfg.mcts
+    return SearchConfig(c_puct=m.c_puct, rollout_turns=m.rollout_turns, min_iterations=m.min_iterations,
+                        max_iterations=m.max_iterations, min_finished=m.min_finished, max_finished=m.max_finished)
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise CsoError(f"mcts build: --shard {spec!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise CsoError(f"mcts build: --shard {spec!r}: need 0 <= I < N")
+    return i, n
+
+
+def work_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".work")
+
+
+def clean_records(records: list[dict], dropped: Counter) -> list[dict]:
+    """Drop (and count) empty replies: an empty preferred reply drops its record, an empty negative itself."""
+    out = []
+    for r in records:
+        ok = True
+        for m in r["messages"]:
+            if m["role"] == "assistant":
+                if not m["content"].strip():
+                    ok = False
+                keep = [o for o in m.get("negative", []) if o["content"].strip()]
+                dropped["empty_negatives"] += len(m.get("negative", [])) - len(keep)
+                m["negative"] = keep
+        msgs = r["messages"]
+        if msgs and msgs[-1]["role"] == "user" and not msgs[-1]["content"].strip():
+            r["messages"] = msgs[:-1]  # an empty closing seeker message adds nothing
+        if ok:
+            out.append(r)
+        else:
+            dropped["records_with_empty_preferred_reply"] += 1
+    return out
+
+
+class _Checkpoints:
+    def __init__(self, folder: Path, scfg: SearchConfig):
+        self.folder, self.scfg = folder, json.loads(json.dumps(dataclasses.asdict(scfg)))
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, seed: Seed) -> Path:
+        return self.folder / f"{seed.id}.json"
+
+    def load(self, seed: Seed) -> dict | None:
+        p = self.path(seed)
+        if not p.is_file():
+            return None
+        state = json.loads(p.read_text(encoding="utf-8"))
+        if state.get("search") != self.scfg:
+            raise CsoError(f"mcts build: {p} was searched with other mcts settings ({state.get('search')}); "
+                           f"remove {self.folder} to start over, or use the same settings")
+        return state
+
+    def save(self, seed: Seed, tree, done: bool, wall_s: float, stats: Counter) -> None:
+        atomic_write_text(self.path(seed), json.dumps(
+            {"search": self.scfg, "done": done, "wall_s": wall_s, "llm_stats": dict(stats), "tree": tree.to_dict()},
+            ensure_ascii=False))
+
+
+def build(cfg: Config, seeds_file: str, out: str | Path, shard: tuple[int, int] = (0, 1),
+          progress: bool = True) -> dict:
+    m = cfg.mcts
+    out = Path(out)
+    seeds, sset = read_seeds(seeds_file, m.strategies, limit=m.max_seeds)
+    seeds = seeds[shard[0]::shard[1]]
+    work = work_dir(out)
+    scfg = search_config(cfg)
+    ckpts = _Checkpoints(work / "trees", scfg)
+    prompts = load_prompts(m.prompts)
+    backend = CachedBackend(make_backend(m.backend, m.model, m.base_url, m.api_key_env, m.timeout_s, m.retries,
+                                         m.batch_size, m.seed), m.cache_dir or work / "cache")
+    settings = RoleSettings(max_new_tokens=m.max_new_tokens, temperature=m.temperature, retries=m.parse_retries,
+                            scorer_max_tokens=m.scorer_max_tokens, judge_max_tokens=m.judge_max_tokens)
+    lock, t_start = threading.Lock(), time.monotonic()
+
+    def one(seed: Seed) -> dict:
+        state = ckpts.load(seed)
+        if state and state["done"]:
+            return state
+        tree = Tree.from_dict(state["tree"]) if state else new_tree(seed.id, seed.description, seed.scene, seed.turns)
+        stats = Counter(state["llm_stats"]) if state else Counter()
+        roles = LLMRoles(backend, sset, prompts, seed.description, seed.scene, settings, stats)
+        wall0, t0 = (state["wall_s"] if state else 0.0), time.monotonic()
+
+        def checkpoint(t) -> None:
+            if t.iterations % m.checkpoint_every == 0:
+                ckpts.save(seed, t, False, wall0 + time.monotonic() - t0, stats)
+
+        run(tree, roles, scfg, on_iteration=checkpoint)
+        ckpts.save(seed, tree, True, wall0 + time.monotonic() - t0, stats)
+        return ckpts.load(seed)
+
+    states: dict[str, dict] = {}
+    with tqdm(total=len(seeds), desc="mcts trees", unit="tree", disable=None if progress else True) as bar, \
+            ThreadPoolExecutor(max_workers=m.workers) as pool:
+        futures = {pool.submit(one, s): s for s in seeds}
+        for f in as_completed(futures):
+            states[futures[f].id] = f.result()
+            with lock:
+                rate = backend.calls / max(time.monotonic() - t_start, 1e-9)
+            bar.set_postfix(llm_calls=backend.calls, cached=backend.hits, calls_per_s=f"{rate:.1f}")
+            bar.update(1)
+
+    dropped: Counter = Counter()
+    records: list[dict] = []
+    for s in seeds:
+        records += clean_records(extract(Tree.from_dict(states[s.id]["tree"]), scfg), dropped)
+    atomic_write_text(out, json.dumps(records, ensure_ascii=False, indent=1))
+    per_tree = [{"seed": s.id, "iterations": states[s.id]["tree"]["iterations"],
+                 "llm_calls": sum(v for k, v in states[s.id]["llm_stats"].items() if k.startswith("calls_")),
+                 "wall_s": states[s.id]["wall_s"]} for s in seeds]
+    totals: Counter = Counter()
+    for s in seeds:
+        totals.update(states[s.id]["llm_stats"])
+    report = {"out": str(out), "seeds": len(seeds), "records": len(records), "strategy_set": sset.name,
+              "backend": backend.name, "llm_calls_made": backend.calls, "llm_calls_cached": backend.hits,
+              "llm_calls_per_tree": (sum(t["llm_calls"] for t in per_tree) / len(per_tree)) if per_tree else 0.0,
+              "wall_s_per_tree": (sum(t["wall_s"] for t in per_tree) / len(per_tree)) if per_tree else 0.0,
+              "role_stats": dict(sorted(totals.items())), "dropped": dict(dropped), "trees": per_tree,
+              "wall_s": time.monotonic() - t_start}
+    atomic_write_text(out.with_name(out.name + ".report.json"), json.dumps(report, indent=1))
+    return report
+
+
+def merge(parts: list[str | Path], out: str | Path) -> int:
+    """Join the record lists of several shard outputs (in the order given) into one ESC-Pro file."""
+    records: list[dict] = []
+    for p in parts:
+        p = Path(p)
+        if not p.is_file():
+            raise CsoError(f"mcts merge: {p}: no such file (did that array task finish?)")
+        try:
+            part = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise CsoError(f"mcts merge: {p}: bad JSON: {e.msg}") from None
+        if not isinstance(part, list):
+            raise CsoError(f"mcts merge: {p}: expected a list of ESC-Pro records")
+        records += part
+    atomic_write_text(Path(out), json.dumps(records, ensure_ascii=False, indent=1))
+    return len(records)

@@ -1,0 +1,150 @@
+"""The four search roles played by one chat LLM: prompts from files, tolerant parsing, retries.
+
+A malformed answer (no score found, no rating, an empty reply) is asked again up to `retries`
+times with a fresh sample; after that it counts as missing (stats) and the search goes on:
+a missing strategy score is 0, a missing rating leaves the aspect out, an empty reply stays
+empty and is filtered (and counted) when records are written.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cso_dist.data.strategies import StrategySet
+from cso_dist.errors import ConfigError
+from cso_dist.mcts.roles import JUDGE_ASPECTS, SEEKER, Turn
+
+PROMPTS = ("scorer", "supporter", "seeker", "judge")
+DEFAULT_PROMPTS = Path(__file__).parent / "prompts"
+END_MARKER = "[END]"
+NUMBER = r"(-?\d+(?:\.\d+)?)"
+
+
+def load_prompts(folder: str = "") -> dict[str, str]:
+    """Role prompt templates: `folder`/<role>.txt where present, else our defaults."""
+    out = {}
+    for role in PROMPTS:
+        p = Path(folder) / f"{role}.txt" if folder else None
+        out[role] = (p if p is not None and p.is_file() else DEFAULT_PROMPTS / f"{role}.txt").read_text()
+    if folder and not Path(folder).is_dir():
+        raise ConfigError(f"mcts.prompts: '{folder}' is not a folder")
+    return out
+
+
+def render_history(history: list[Turn]) -> str:
+    if not history:
+        return "(nothing yet: the conversation is just starting)"
+    return "\n".join(f"{'Seeker' if t.role == SEEKER else 'Supporter'}: {t.text}" for t in history)
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", s.lower()).strip()
+
+
+def parse_scores(text: str, names: list[str], lo: float = 0.0, hi: float = 10.0) -> dict[str, float | None]:
+    """`<name>: <number>` per name, tolerant of case, punctuation, bullets, bold, JSON and "8/10"; clamped."""
+    out: dict[str, float | None] = {}
+    for name in sorted(names, key=len, reverse=True):  # longer names first: "Affirmation and Reassurance"
+        words = r"[\W_]+".join(map(re.escape, _norm(name).split()))
+        m = re.search(r"(?<![a-z0-9])" + words + r"(?![a-z0-9])[^0-9a-z\n]{0,12}" + NUMBER, text, re.I)
+        out[name] = None if m is None else min(hi, max(lo, float(m.group(1))))
+        if m is not None:  # blank the match: a shorter name must not match inside it again
+            text = text[:m.start()] + " " * (m.end() - m.start()) + text[m.end():]
+    return {n: out[n] for n in names}
+
+
+def clean_reply(text: str, strategy_names: list[str]) -> str:
+    """Strip a speaker label or a leading "(strategy)" the model added anyway, and wrapping quotes."""
+    t = text.strip()
+    t = re.sub(r"^(supporter|assistant|seeker|user)\s*:\s*", "", t, flags=re.I)
+    m = re.match(r"^\(\s*([^()]{1,60})\s*\)\s*", t)
+    if m and _norm(m.group(1)) in {_norm(n) for n in strategy_names}:
+        t = t[m.end():]
+    if len(t) >= 2 and t[0] == t[-1] and t[0] in "\"'":
+        t = t[1:-1]
+    return t.strip()
+
+
+@dataclass
+class RoleSettings:
+    max_new_tokens: int = 128  # supporter and seeker replies
+    temperature: float = 0.7  # supporter and seeker; the scorer and the judge are greedy
+    retries: int = 2  # malformed answers asked again (fresh sample)
+    scorer_max_tokens: int = 128
+    judge_max_tokens: int = 48
+
+
+@dataclass
+class LLMRoles:
+    """Roles for one seed dialogue (its description and scene go into every prompt)."""
+
+    backend: object  # CachedBackend
+    sset: StrategySet
+    prompts: dict[str, str]
+    description: str = ""
+    scene: str = ""
+    settings: RoleSettings = field(default_factory=RoleSettings)
+    stats: Counter = field(default_factory=Counter)
+
+    @property
+    def strategies(self) -> list[str]:
+        return list(self.sset.names)
+
+    def _ask(self, role: str, attempt: int, max_tokens: int, temperature: float, **fields) -> str:
+        prompt = self.prompts[role].format(description=self.description or "(not given)",
+                                           scene=self.scene or "(not given)", end_marker=END_MARKER, **fields)
+        self.stats[f"calls_{role}"] += 1
+        if attempt:
+            self.stats[f"retries_{role}"] += 1
+            temperature = max(temperature, 0.7)  # a greedy retry would repeat itself
+        return self.backend.chat([{"role": "user", "content": prompt}], max_tokens, temperature, sample=attempt)
+
+    def score_strategies(self, history: list[Turn]) -> dict[str, float | None]:
+        lines = "\n".join(f"- {n}: {d}" if d else f"- {n}" for n, d in self.sset.descriptions.items())
+        scores: dict[str, float | None] = {n: None for n in self.strategies}
+        for attempt in range(self.settings.retries + 1):
+            text = self._ask("scorer", attempt, self.settings.scorer_max_tokens, 0.0,
+                             history=render_history(history), strategies=lines)
+            got = parse_scores(text, self.strategies)
+            scores = {n: got[n] if got[n] is not None else scores[n] for n in self.strategies}
+            if all(v is not None for v in scores.values()):
+                break
+        self.stats["missing_scores"] += sum(v is None for v in scores.values())
+        return scores
+
+    def supporter(self, history: list[Turn], strategy: str) -> str:
+        s = self.settings
+        for attempt in range(s.retries + 1):
+            text = clean_reply(self._ask("supporter", attempt, s.max_new_tokens, s.temperature,
+                                         history=render_history(history), strategy=strategy,
+                                         strategy_description=self.sset.descriptions.get(strategy, "")),
+                               self.strategies)
+            if text:
+                return text
+        self.stats["empty_supporter"] += 1
+        return ""
+
+    def seeker(self, history: list[Turn]) -> tuple[str, bool]:
+        s = self.settings
+        for attempt in range(s.retries + 1):
+            raw = self._ask("seeker", attempt, s.max_new_tokens, s.temperature, history=render_history(history))
+            finished = END_MARKER.lower() in raw.lower()
+            text = clean_reply(re.sub(re.escape(END_MARKER), "", raw, flags=re.I), self.strategies)
+            if text or finished:
+                return text, finished
+        self.stats["empty_seeker"] += 1
+        return "", True  # a seeker with nothing left to say ends the conversation
+
+    def judge(self, history: list[Turn], reply: Turn) -> dict[str, float | None]:
+        ratings: dict[str, float | None] = {a: None for a in JUDGE_ASPECTS}
+        for attempt in range(self.settings.retries + 1):
+            text = self._ask("judge", attempt, self.settings.judge_max_tokens, 0.0, history=render_history(history),
+                             strategy=reply.strategy or "", reply=reply.text)
+            got = parse_scores(text, list(JUDGE_ASPECTS), 0.0, 4.0)
+            ratings = {a: got[a] if got[a] is not None else ratings[a] for a in JUDGE_ASPECTS}
+            if all(v is not None for v in ratings.values()):
+                break
+        self.stats["missing_ratings"] += sum(v is None for v in ratings.values())
+        return ratings

@@ -1,0 +1,222 @@
+"""The ESC-Pro builder end to end: LLM roles (parsing, retries, cache), a real build with a tiny local
+HF model on ESConv seeds (read back by `data build --from escpro`), kill + resume, drawing, and the
+OpenAI-compatible backend against a real HTTP server on loopback."""
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from cso_dist.data.strategies import load_strategy_set
+from cso_dist.mcts.backends import CachedBackend, HFBackend
+from cso_dist.mcts.llm_roles import LLMRoles, clean_reply, load_prompts, parse_scores
+from cso_dist.mcts.roles import JUDGE_ASPECTS, SEEKER, SUPPORTER, Turn
+from conftest import REPO, run_cli, tiny_run_data
+
+SMALL = ["--mcts.min_iterations", "2", "--mcts.max_iterations", "3", "--mcts.rollout_turns", "2",
+         "--mcts.max_new_tokens", "12", "--mcts.scorer_max_tokens", "12", "--mcts.judge_max_tokens", "8",
+         "--mcts.parse_retries", "1", "--mcts.temperature", "0", "--mcts.workers", "1", "--mcts.batch_size", "1",
+         "--mcts.checkpoint_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, esconv_dir):
+    root = tmp_path_factory.mktemp("mcts")
+    model = tiny_run_data(root, esconv_dir, n_train=1, n_valid=1)
+    seeds = root / "seeds.jsonl"
+    seeds.write_text("".join((esconv_dir / "test.jsonl").read_text().splitlines(keepends=True)[:2]))
+    return root, model, seeds
+
+
+def test_parse_scores_and_clean_reply_are_tolerant():
+    names = list(load_strategy_set("esconv").names)
+    got = parse_scores("- **Question**: 7\nRestatement or Paraphrasing - 5/10\nreflection of feelings = 8.5\n"
+                       "Affirmation and Reassurance: 12\nInformation: none", names)
+    assert got["Question"] == 7 and got["Restatement or Paraphrasing"] == 5 and got["Reflection of feelings"] == 8.5
+    assert got["Affirmation and Reassurance"] == 10  # clamped
+    assert got["Information"] is None and got["Others"] is None
+    assert parse_scores('{"Empathy": 3, "Information": 2, "Humanoid": 9, "Strategy": 1.5}',
+                        list(JUDGE_ASPECTS), 0, 4) == {"Empathy": 3, "Information": 2, "Humanoid": 4, "Strategy": 1.5}
+    assert clean_reply('Supporter: (Question) "How are you feeling?"', names) == "How are you feeling?"
+    assert clean_reply("(not a strategy) kept", names) == "(not a strategy) kept"
+
+
+class Scripted:
+    """A chat backend answering from a list per role (the last answer repeats)."""
+
+    name = "scripted"
+
+    def __init__(self, answers: dict[str, list[str]]):
+        self.answers, self.seen = answers, []
+
+    def chat(self, messages, max_tokens, temperature):
+        prompt = messages[-1]["content"]
+        role = next(r for r, key in (("scorer", "Rate how helpful"), ("judge", "Rate the reply"),
+                                     ("seeker", "role-playing"), ("supporter", "next reply")) if key in prompt)
+        self.seen.append((role, temperature))
+        k = sum(1 for r, _ in self.seen if r == role) - 1
+        return self.answers[role][min(k, len(self.answers[role]) - 1)]
+
+
+def test_llm_roles_retry_malformed_answers_then_count_them_missing(tmp_path):
+    sset = load_strategy_set("esconv")
+    backend = Scripted({"scorer": ["I think questions are good", "\n".join(f"{n}: {i}" for i, n in enumerate(sset.names))],
+                        "judge": ["great reply!"], "seeker": ["Thanks, that helps a lot. [END]"],
+                        "supporter": ["", "Supporter: (Question) How long has this been going on?"]})
+    cached = CachedBackend(backend, tmp_path / "cache")
+    roles = LLMRoles(cached, sset, load_prompts(), "sad about work", "job crisis")
+    hist = [Turn(SEEKER, "I lost my job.")]
+    scores = roles.score_strategies(hist)
+    assert scores == {n: float(i) for i, n in enumerate(sset.names)}
+    assert roles.stats["retries_scorer"] == 1 and roles.stats["missing_scores"] == 0
+    assert [t for r, t in backend.seen if r == "scorer"] == [0.0, 0.7]  # a greedy retry would repeat itself
+    assert roles.supporter(hist, "Question") == "How long has this been going on?"
+    assert roles.seeker(hist + [Turn(SUPPORTER, "x", "Question")]) == ("Thanks, that helps a lot.", True)
+    ratings = roles.judge(hist, Turn(SUPPORTER, "How long?", "Question"))
+    assert ratings == {a: None for a in JUDGE_ASPECTS}
+    assert roles.stats["missing_ratings"] == 4 and roles.stats["retries_judge"] == 2
+    # every answer is on disk: the same questions again cost no call
+    n_calls = len(backend.seen)
+    again = LLMRoles(cached, sset, load_prompts(), "sad about work", "job crisis")
+    assert again.score_strategies(hist) == scores and len(backend.seen) == n_calls
+    assert cached.hits >= 2
+
+
+def _build(world, out: Path, *extra, **popen):
+    root, model, seeds = world
+    args = [sys.executable, "-m", "cso_dist.cli", "mcts", "build", "--seeds", str(seeds), "--backend", "hf",
+            "--model", str(model), "--out", str(out), *SMALL, *map(str, extra)]
+    if popen:
+        return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_hf_build_on_esconv_seeds_reads_back_reruns_free_and_resumes_after_kill(world, tmp_path):
+    out = tmp_path / "full" / "ESC-Pro.json"
+    t0 = time.time()
+    first = _build(world, out)
+    wall = time.time() - t0
+    report = json.loads(out.with_name(out.name + ".report.json").read_text())
+    records = json.loads(out.read_text())
+    assert report["seeds"] == 2 and report["records"] == len(records) >= 2  # at least each gold path
+    assert report["llm_calls_made"] > 0 and report["llm_calls_per_tree"] > 0
+    assert {r["seed"] for r in records} == {"seeds-0", "seeds-1"}
+    assert any(m.get("negative") for r in records for m in r["messages"]), "siblings became negatives"
+    print(f"hf build: {wall:.1f} s, {report['llm_calls_per_tree']:.0f} LLM calls and "
+          f"{report['wall_s_per_tree']:.1f} s per tree")
+    assert "LLM calls" in first.stdout and "per seed dialogue" in first.stdout
+    back = run_cli("data", "build", "--from", "escpro", "--input", out, "--out", tmp_path / "back.jsonl", check=True)
+    assert "wrote 2 preference dialogues" in back.stdout and "strategy set: esconv" in back.stdout
+
+    again = _build(world, out)  # a rerun: every tree is done, nothing is asked
+    assert "0 made" in again.stdout and out.read_text() == json.dumps(records, ensure_ascii=False, indent=1)
+
+    killed = tmp_path / "killed" / "ESC-Pro.json"
+    proc = _build(world, killed, popen=True)
+    trees = killed.with_name(killed.name + ".work") / "trees"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(trees.glob("*.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not killed.exists(), "killed before the end"
+    partial = [json.loads(p.read_text()) for p in trees.glob("*.json")]
+    assert partial and not all(s["done"] for s in partial)
+    _build(world, killed)
+    assert killed.read_text() == out.read_text(), "a resumed build ends like an uninterrupted one"
+
+    png = tmp_path / "tree.png"
+    run_cli("mcts", "draw", out.with_name(out.name + ".work") / "trees" / "seeds-0.json", "--out", png, check=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_bad_seed_file_gives_one_line_naming_file_record_field(world, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"dialog": [{"speaker": "usr", "text": "hi"},
+                                          {"speaker": "sys", "text": "hello", "strategy": "Hugging"}]}) + "\n")
+    proc = run_cli("mcts", "build", "--seeds", bad, "--model", world[1], "--out", tmp_path / "o.json")
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert len(line.splitlines()) == 1 and str(bad) in line and "line 1" in line and "dialog[1].strategy" in line
+
+
+class ChatServer(ThreadingHTTPServer):
+    """A minimal OpenAI-style chat-completions endpoint over a tiny local model, with injected faults:
+    the first request fails with HTTP 500, the second answers only after the client's timeout."""
+
+    daemon_threads = True
+
+    def __init__(self, model_dir):
+        super().__init__(("127.0.0.1", 0), ChatHandler)
+        self.backend = HFBackend(str(model_dir), batch_size=4)
+        self.requests, self.auth, self.lock = 0, set(), threading.Lock()
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        srv = self.server
+        with srv.lock:
+            srv.requests += 1
+            k = srv.requests
+            srv.auth.add(self.headers.get("Authorization", ""))
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if not self.path.endswith("/chat/completions"):
+            return self._send(404, {"error": {"message": "not found"}})
+        if k == 1:
+            return self._send(500, {"error": {"message": "injected failure"}})
+        if k == 2:
+            time.sleep(2.5)
+        text = srv.backend.chat(body["messages"], int(body.get("max_tokens") or 16), float(body.get("temperature", 0)))
+        self._send(200, {"id": f"c{k}", "object": "chat.completion", "created": int(time.time()),
+                         "model": body["model"], "choices": [{"index": 0, "finish_reason": "stop",
+                                                               "message": {"role": "assistant", "content": text}}],
+                         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}})
+
+    def _send(self, code, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout) and retried
+
+
+def test_openai_backend_against_a_loopback_server_retries_caches_and_keeps_the_key_secret(world, tmp_path):
+    root, model, seeds = world
+    server = ChatServer(model)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    secret = "sk-test-secret-0123456789"
+    out = tmp_path / "http" / "ESC-Pro.json"
+    args = ["mcts", "build", "--seeds", seeds, "--backend", "openai", "--model", "tiny",
+            "--base-url", f"http://127.0.0.1:{server.server_port}/v1", "--out", out, "--max-seeds", "1",
+            *SMALL, "--mcts.timeout_s", "1.5", "--mcts.retries", "3"]
+    try:
+        proc = run_cli(*args, env={"OPENAI_API_KEY": secret}, check=True)
+        served = server.requests
+        report = json.loads(out.with_name(out.name + ".report.json").read_text())
+        assert report["llm_calls_made"] == served - 2  # the failed and the timed-out request were retried
+        assert server.auth == {f"Bearer {secret}"}
+        records = json.loads(out.read_text())
+        assert len(records) >= 1 and records[0]["seed"] == "seeds-0"
+        run_cli("data", "build", "--from", "escpro", "--input", out, "--out", tmp_path / "back.jsonl", check=True)
+        rerun = run_cli(*args, env={"OPENAI_API_KEY": secret}, check=True)
+        assert server.requests == served and "0 made" in rerun.stdout  # the cache answers everything
+        for p in [*out.parent.rglob("*")]:
+            if p.is_file():
+                assert secret not in p.read_text(errors="replace"), f"{p} holds the API key"
+        assert secret not in proc.stdout + proc.stderr
+    finally:
+        server.shutdown()
