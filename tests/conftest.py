@@ -75,3 +75,10 @@ def cfg_of(over: dict):
     from cso_dist.config import load_config, parse_overrides
 
     return load_config(None, parse_overrides(argv(over)))
+
+
+# a very small ESC-Pro search (tests): a few iterations, short answers, deterministic, checkpoint every iteration
+MCTS_SMALL = ["--mcts.min_iterations", "2", "--mcts.max_iterations", "3", "--mcts.rollout_turns", "2",
+              "--mcts.max_new_tokens", "12", "--mcts.scorer_max_tokens", "12", "--mcts.judge_max_tokens", "8",
+              "--mcts.parse_retries", "1", "--mcts.temperature", "0", "--mcts.workers", "1", "--mcts.batch_size", "1",
+              "--mcts.checkpoint_every", "1"]

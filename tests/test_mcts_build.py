@@ -16,13 +16,8 @@ from cso_dist.data.strategies import load_strategy_set
 from cso_dist.mcts.backends import CachedBackend, HFBackend
 from cso_dist.mcts.llm_roles import LLMRoles, clean_reply, load_prompts, parse_scores
 from cso_dist.mcts.roles import JUDGE_ASPECTS, SEEKER, SUPPORTER, Turn
+from conftest import MCTS_SMALL as SMALL
 from conftest import REPO, run_cli, tiny_run_data
-
-SMALL = ["--mcts.min_iterations", "2", "--mcts.max_iterations", "3", "--mcts.rollout_turns", "2",
-         "--mcts.max_new_tokens", "12", "--mcts.scorer_max_tokens", "12", "--mcts.judge_max_tokens", "8",
-         "--mcts.parse_retries", "1", "--mcts.temperature", "0", "--mcts.workers", "1", "--mcts.batch_size", "1",
-         "--mcts.checkpoint_every", "1"]
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, esconv_dir):

@@ -16,7 +16,7 @@ from cso_dist.config import load_config
 from cso_dist.launch import collect, submit_run, submit_sweep, table
 from cso_dist.tracking import read_metrics
 from cso_dist.train import run_train
-from conftest import REPO, argv, cfg_of, run_cli, run_overrides, tiny_run_data
+from conftest import MCTS_SMALL, REPO, argv, cfg_of, run_cli, run_overrides, tiny_run_data
 
 SECRET = "wandb-secret-0123456789abcdef"
 
@@ -264,3 +264,24 @@ def test_sbatch_sweep_array_runs_every_grid_point(slurm, data):
     for beta in ("0.1", "0.3"):
         run = data / "sb-sweep" / f"beta={beta}"
         assert len(losses(run)) == 2 and load_config(run / "config.yaml", {}).train.beta == float(beta)
+
+
+def test_mcts_build_split_across_a_job_array_then_merged(slurm, data, tmp_path, esconv_dir):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join((esconv_dir / "test.jsonl").read_text().splitlines(keepends=True)[:2]))
+    out = tmp_path / "ESC-Pro.json"
+    t0 = time.time()
+    proc = run_cli("mcts", "submit", "--seeds", seeds, "--out", out, "--tasks", 2, "--backend", "hf",
+                   "--model", data / "model", *MCTS_SMALL, "--slurm.gpus_per_node", 0, "--slurm.cpus_per_task", 1,
+                   "--slurm.time_min", 10, check=True)
+    print(f"mcts array build: {time.time() - t0:.1f} s")
+    jobs = re.search(r"submitted 2 array tasks: (\S+) (\S+)", proc.stdout)
+    assert jobs, proc.stdout
+    assert [wait_job(j, 60) for j in jobs.groups()] == ["COMPLETED", "COMPLETED"]
+    records = json.loads(out.read_text())
+    assert {r["seed"] for r in records} == {"seeds-0", "seeds-1"}  # one seed per task, merged
+    for i in range(2):
+        part = json.loads(out.with_name(f"ESC-Pro.part-{i}-of-2.json").read_text())
+        assert {r["seed"] for r in part} == {f"seeds-{i}"}
+    assert "merged" in proc.stdout and "per seed dialogue" in proc.stdout
+    run_cli("data", "build", "--from", "escpro", "--input", out, "--out", tmp_path / "back.jsonl", check=True)

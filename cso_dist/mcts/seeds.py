@@ -13,6 +13,7 @@ from cso_dist.data.dialogue import canonical_strategy
 from cso_dist.data.strategies import StrategySet, load_strategy_set
 from cso_dist.errors import DataError
 from cso_dist.mcts.roles import SEEKER, SUPPORTER, Turn
+from cso_dist.mcts.search import merge_turns
 
 
 @dataclass
@@ -21,16 +22,6 @@ class Seed:
     description: str
     scene: str
     turns: list[Turn]
-
-
-def _merge(turns: list[Turn]) -> list[Turn]:
-    out: list[Turn] = []
-    for t in turns:
-        if out and out[-1].role == t.role:
-            out[-1] = Turn(t.role, out[-1].text + " " + t.text, out[-1].strategy)
-        else:
-            out.append(t)
-    return out
 
 
 def _records(path: Path) -> list[tuple[str, dict]]:
@@ -109,7 +100,7 @@ def read_seeds(path: str | Path, strategies: str = "auto", aliases: bool = True,
     seeds = []
     for record, obj in _records(p):
         description, scene, turns = _parse(str(p), record, obj, sset, aliases)
-        turns = _merge(turns)
+        turns = merge_turns(turns)
         if not any(t.role == SUPPORTER for t in turns):
             raise DataError(str(p), record, None, "no supporter turn", "no-turn")
         seeds.append(Seed(f"{p.stem}-{len(seeds)}", description, scene, turns))
