@@ -104,6 +104,22 @@ def test_dpo_gradients_equal_per_pair(tiny, dialogues):
         assert (trie[n] - pair[n]).abs().max().item() <= 1e-5 * max(scale, 1e-12), n
 
 
+def test_fast_mask_equals_the_interval_definition_on_esconv_batches(esconv_dir, qwen_tok):
+    from cso_dist.pack import lay_out, pack_units
+
+    dialogues, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="valid"))
+    laid = lay_out(dialogues[:6], make_renderer(qwen_tok, "chatml"), load_strategy_set("esconv"), 1500, 700,
+                   kl=True, progress=False)
+    batches = pack_units(laid.all_units(), 1500)
+    assert len(batches) >= 3
+    for units in batches:
+        b = collate_trie(units)
+        k = torch.arange(b.n_tokens)
+        q = k[:, None]
+        ref = ((k >= b.ctx_lo[:, None]) & (k < b.ctx_hi[:, None])) | ((k >= b.own_lo[:, None]) & (k <= q))
+        assert torch.equal(b.allowed(), ref)
+
+
 def test_mask_and_positions_of_a_branch():
     tok = [11, 12, 13, 14, 15]  # prefix 11 12 | chosen 13 14 15 ; branch 21 22 after the 2-token history
     from cso_dist.pack.trie import Span, Unit
