@@ -214,11 +214,12 @@ class TrieBatch:
         gap = (self.own_lo > self.ctx_hi) & (self.own_lo <= k)  # branch tokens (trunk: own_lo = unit end)
         rows = torch.nonzero(gap).squeeze(1).tolist()
         hi, own = self.ctx_hi.tolist(), self.own_lo.tolist()
+        view = allowed.numpy()  # same memory; numpy fills small blocks without waking a thread pool
         start = 0
         for i in range(1, len(rows) + 1):
             r0 = rows[start]
             if i == len(rows) or rows[i] != rows[i - 1] + 1 or (hi[rows[i]], own[rows[i]]) != (hi[r0], own[r0]):
-                allowed[r0:rows[i - 1] + 1, hi[r0]:own[r0]] = False
+                view[r0:rows[i - 1] + 1, hi[r0]:own[r0]] = False
                 start = i
         return allowed
 
