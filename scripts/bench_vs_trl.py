@@ -1,0 +1,523 @@
+"""cso-dist train vs TRL's DPOTrainer: DPO throughput, memory and loss on the same model, data and steps.
+
+Same tiny Qwen2 model (real Qwen2.5 tokenizer, fp32, no dropout), the same ESConv pairs (first
+--dialogues train dialogues, K=3 negatives per turn), the same effective batch (one optimizer step
+per epoch over ALL pairs), the same number of optimizer steps, AdamW (betas 0.9/0.999, eps 1e-8,
+no weight decay), constant lr, no warmup, gradient clipping at 1.0, beta 0.1, sigmoid DPO loss:
+
+    trl_ref         TRL DPOTrainer with its reference model (a second copy, scored live every step)
+    trl_precompute  TRL DPOTrainer with precompute_ref_log_probs=True (reference pass in its __init__)
+    cso_trie        cso-dist train, prefix-trie layout, reference log-probs from the cache
+    cso_pair        cso-dist train, per-pair layout, reference log-probs from the cache
+    (cso_precompute: `run_precompute`, the cache both cso variants read; timed and measured apart)
+
+Each variant runs in its own process (this script re-invoked with --variant), so memory is per variant.
+Prints one JSON object on stdout (logs go to stderr):
+
+    python scripts/bench_vs_trl.py                # 1 dialogue cut after its 6th turn: 18 pairs, 2 steps
+    python scripts/bench_vs_trl.py --turns 0      # the whole first dialogue: 30 pairs (~2x longer)
+    python scripts/bench_vs_trl.py --turns 2 --variants cso_trie,trl_precompute   # a quick check
+
+TRL dominates the run time: on CPU (no Triton) its fused LM head projects EVERY position (prompt and
+padding too) onto the 151k vocabulary and folds each [4096 x 32768] tile with several elementwise passes
+(log-probs plus the entropy / mean-logit / top-1 metrics it logs): ~0.1-0.2 pairs/s on 2 cores. The
+default takes ~10 min on 2 cores, almost all of it TRL; --turns 0 ~20 min, more when the cores are shared.
+
+TRL is fed the conversational rows a TRL user would write (system prompt + history messages, then
+the chosen / rejected assistant message) and tokenises them itself; before training the script checks
+that TRL's prompt / chosen / rejected token ids equal ours for every pair (so both sides score exactly
+the same sequences) and stops if any differs. Histories are cut by our truncation policy first
+(data.max_length: oldest messages dropped, replies never cut), so TRL's own `max_length` (set to the
+same value) never truncates; the script checks that too. TRL micro-batches hold --trl-batch pairs
+(default: as many pairs as fit --max-tokens, our micro-batch budget, at the mean row length), lowered to
+a divisor of the pair count so that TRL's gradient-accumulation average is exactly the mean over all
+pairs; gradient_accumulation_steps = pairs / batch. Ours pack --max-tokens tokens per
+micro-batch with train.grad_accum large enough for one step per epoch. TRL's own defaults that differ
+from ours are set to ours: bf16 off (fp32), gradient checkpointing off, optim adamw_torch.
+
+Reported per variant (definitions):
+  pairs_per_s                  pairs / wall time of the LAST optimizer step (steady state; as
+                               bench_layouts.py); a step is all its micro-batches' forward+backward, the
+                               clip and the optimizer step (TRL: from its epoch start, so the collation
+                               of that step's batches is included; ours collate up front)
+  pairs_per_s_train            pairs * steps / sum of all step times
+  pairs_per_s_with_precompute  pairs * steps / (sum of step times + reference precompute time)
+                               (cso: run_precompute wall; trl_precompute: TRL's precompute pass;
+                               trl_ref: no precompute, its reference cost is inside every step)
+  tokens_per_pair              tokens the trained model processes per pair and step, padding included
+                               (TRL: input_ids.numel() of every policy forward; ours: the packed tokens)
+  lm_head_positions_per_pair   positions per pair and step that go through the vocabulary projection
+                               (trie: those predicting reply tokens; per-pair layout: all; TRL: all on
+                               CPU, completion positions only where Triton runs)
+  ref_tokens_per_pair          tokens the reference model processes per pair: per step for trl_ref,
+                               once (precompute) for trl_precompute and the cso variants
+  pairs_per_forward            pairs in one micro-batch (TRL: its batch size; ours: pairs / micro-batches)
+  base_rss_mb                  RSS of the variant's process after its imports, before model or data
+  peak_rss_mb                  VmHWM (peak RSS) of the variant's process over its whole run
+  peak_mem_per_pair_mb         (peak_rss_mb - base_rss_mb) / pairs_per_forward: the memory the run
+                               adds on top of the bare interpreter + libraries (models, optimizer state,
+                               gradients, activations, data), per pair processed together -- the
+                               memory target's figure
+  peak_rss_per_pair_mb         peak_rss_mb / pairs_per_forward (the whole process, libraries included)
+  loss_first / loss            loss logged at the first / last optimizer step (first must be ln 2)
+Top level: speedups of each cso variant over each TRL variant, memory ratios, loss differences, the
+targets (>= 10x TRL's pairs/s, >= 3x lower peak memory per pair processed), machine and command.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TRL_VARIANTS = ("trl_ref", "trl_precompute")
+CSO_VARIANTS = ("cso_trie", "cso_pair")
+ALL_VARIANTS = ("cso_precompute",) + CSO_VARIANTS + TRL_VARIANTS
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def mem_status() -> dict:
+    """VmRSS and VmHWM (peak RSS) of this process, in MB. VmHWM belongs to this process image
+    (unlike ru_maxrss, which can carry the forking parent's peak across exec)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                k, v = line.split(":", 1)
+                out[k] = int(v.split()[0]) / 1024
+    return {"rss_mb": out.get("VmRSS", 0.0), "hwm_mb": out.get("VmHWM", 0.0)}
+
+
+# ---------------------------------------------------------------- shared set-up
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dialogues", type=int, default=1, help="first N ESConv train dialogues (K=3 negatives per turn)")
+    ap.add_argument("--turns", type=int, default=6,
+                    help="cut each dialogue after its N-th target supporter turn (0 = whole dialogues); "
+                         "shorter histories favour the per-pair layouts (TRL), so the cut is conservative")
+    ap.add_argument("--steps", type=int, default=2, help="optimizer steps, one per epoch over all pairs")
+    ap.add_argument("--hidden-size", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=1024, help="tokens per turn example (our truncation)")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="cso: tokens per micro-batch (trie layout)")
+    ap.add_argument("--pair-max-tokens", type=int, default=0,
+                    help="cso_pair: tokens per micro-batch (0 = --max-tokens)")
+    ap.add_argument("--trl-batch", type=int, default=0,
+                    help="TRL pairs per micro-batch, lowered to the largest divisor of the pair count (0 = auto: "
+                         "the most pairs whose 2 rows each fit --max-tokens together, like our micro-batches)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--variants", default=",".join(ALL_VARIANTS[1:]),
+                    help=f"comma list of {', '.join(ALL_VARIANTS[1:])} "
+                         "(cso_precompute runs whenever a cso variant does)")
+    ap.add_argument("--work", default="", help="working folder (default: a temporary one)")
+    ap.add_argument("--variant", default="", choices=("",) + ALL_VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--trl-batch-used", type=int, default=0, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def model_dir(work: Path, hidden: int) -> Path:
+    return work / f"tiny-qwen-h{hidden}"
+
+
+def cso_config(args, work: Path, layout: str = "trie", out: str = "pre"):
+    from cso_dist.config import load_config
+
+    max_tokens = (args.pair_max_tokens or args.max_tokens) if layout == "pair" else args.max_tokens
+    return load_config(None, {
+        "model.path": str(model_dir(work, args.hidden_size)), "model.precision": "fp32",
+        "train.train_file": str(work / "train.jsonl"), "train.method": "dpo", "train.beta": args.beta,
+        "train.ref_cache": str(work / "refcache"), "data.max_length": args.max_length,
+        "pack.max_tokens": max_tokens, "pack.layout": layout, "train.epochs": args.steps, "train.lr": args.lr,
+        "train.log_every": 1, "train.warmup_ratio": 0.0, "train.schedule": "constant", "train.weight_decay": 0.0,
+        "train.max_grad_norm": 1.0, "train.gradient_checkpointing": False,
+        # one optimizer step per epoch over all pairs, as TRL below: the same pairs in every update
+        "train.grad_accum": 10 ** 6, "run.out_dir": str(work / out)})
+
+
+def pair_table(cfg) -> list[dict]:
+    """Every (turn, rejected reply) pair of the train file, in data order: our token ids (exactly what
+    both cso layouts score) and the conversational TRL row with the same (truncated) history."""
+    from cso_dist.data.render import dialogue_system_prompt, format_reply, to_chat, turn_examples
+    from cso_dist.pack.trie import reply_id
+    from cso_dist.refcache.key import load_split, make_cfg_renderer, resolve_sset
+
+    renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
+    rows = []
+    for d in load_split(cfg, "train").dialogues:
+        for ex in turn_examples(d, renderer, sset, cfg.data.max_length):
+            m = d.messages[ex.turn]
+            # truncation keeps messages[dropped_messages:turn] after the system prompt
+            prompt = to_chat(d.messages[ex.dropped_messages:ex.turn], dialogue_system_prompt(d, sset))
+            chosen = [{"role": "assistant", "content": format_reply(m.strategy, m.text)}]
+            for k, (o, ids) in enumerate(zip(m.rejected, ex.rejected)):
+                rows.append({"id": reply_id(d.id, ex.turn, f"r{k}"), "chosen_id": reply_id(d.id, ex.turn, "c"),
+                             "prompt": prompt, "chosen": chosen,
+                             "rejected": [{"role": "assistant", "content": format_reply(o.strategy, o.text)}],
+                             "ids": (ex.history, ex.chosen, ids)})
+    return rows
+
+
+def prepare(args, work: Path) -> None:
+    from cso_dist.config import DataConfig
+    from cso_dist.data.build import build_dialogues
+    from cso_dist.data.dialogue import write_dialogues
+    from cso_dist.models import build_tiny_model
+
+    dialogues, _ = build_dialogues(DataConfig(source="esconv", split="train"))
+    dialogues = dialogues[:args.dialogues]
+    if args.turns:  # a shorter dialogue: it ends with its N-th target turn
+        dialogues = [replace(d, messages=d.messages[:d.turn_indices()[:args.turns][-1] + 1])
+                     for d in dialogues if d.turn_indices()]
+    write_dialogues(work / "train.jsonl", dialogues)  # same content -> same reference cache key
+    if not (model_dir(work, args.hidden_size) / "config.json").is_file():
+        build_tiny_model("qwen2", model_dir(work, args.hidden_size), tokenizer="qwen", hidden_size=args.hidden_size)
+
+
+# ---------------------------------------------------------------- variants (each in its own process)
+def run_cso_precompute(args, work: Path, base: dict) -> dict:
+    from cso_dist.refcache.cache import precompute
+
+    cfg = cso_config(args, work)
+    t0 = time.perf_counter()
+    reports = precompute(cfg, progress=False)  # the body of run_precompute, which returns only the path
+    wall = time.perf_counter() - t0
+    rep = reports[0]
+    if rep.skipped or not rep.complete:
+        raise SystemExit(f"bench_vs_trl: the reference cache {rep.cache_dir} was not computed afresh")
+    # the tokens it scored (every reply once, trie layout; it also scores KTO's mismatched completions)
+    return {"precompute_s": wall, "precompute_scoring_s": rep.seconds, "ref_tokens": rep.tokens,
+            "peak_rss_mb": mem_status()["hwm_mb"], "base_rss_mb": base["rss_mb"]}
+
+
+def run_cso(args, work: Path, layout: str, base: dict) -> dict:
+    import torch
+
+    from cso_dist.refcache.key import load_split, make_cfg_renderer, resolve_sset
+    from cso_dist.tracking import read_metrics
+    from cso_dist.train import Layout, plan_steps, run_train
+
+    cfg = cso_config(args, work, layout, f"cso-{layout}")
+    t0 = time.perf_counter()
+    summary = run_train(cfg, progress=False)
+    wall = time.perf_counter() - t0
+    peak = mem_status()["hwm_mb"]
+    ms = [m for m in read_metrics(Path(cfg.run.out_dir)) if "loss" in m]
+    # the plan run_train followed (deterministic): micro-batches per step -> pairs per forward
+    lay = Layout(cfg, load_split(cfg, "train").dialogues, make_cfg_renderer(cfg), resolve_sset(cfg), False)
+    plan = plan_steps(lay, len(lay.items), cfg)
+    micro = [len(s) for s in plan]
+    pairs = sum(b.counts["pairs"] for b in plan[-1])
+    # positions the LM head (vocab projection + log-softmax) runs on: the trie only those predicting reply
+    # tokens; the per-pair layout takes the model's full logits, every position of every padded row
+    head = sum(int(b.data.reply_tokens.sum()) if layout == "trie" else b.n_tokens for b in plan[-1])
+    step_s = [pairs / m["pairs_per_s"] for m in ms]  # the logged rate is pairs / step wall time
+    last = ms[-1]
+    return {"layout": layout, "steps": summary["steps"], "pairs_per_step": pairs,
+            "micro_batches_per_step": micro[-1], "pairs_per_forward": pairs / micro[-1],
+            "pairs_per_s": last["pairs_per_s"], "pairs_per_s_train": pairs * len(ms) / sum(step_s),
+            "tokens_per_pair": last["tokens_per_s"] / last["pairs_per_s"], "lm_head_positions_per_pair": head / pairs,
+            "step_s": step_s, "train_s": wall, "loss_first": ms[0]["loss"], "loss": last["loss"],
+            "losses": [m["loss"] for m in ms], "grad_norm": last["grad_norm"],
+            "peak_rss_mb": peak, "base_rss_mb": base["rss_mb"], "threads": torch.get_num_threads()}
+
+
+def run_trl(args, work: Path, precompute: bool, base: dict) -> dict:
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from cso_dist.models import load_tokenizer
+
+    cfg = cso_config(args, work)
+    table = pair_table(cfg)
+    n_pairs, b = len(table), args.trl_batch_used
+    assert b >= 1 and n_pairs % b == 0, (n_pairs, b)
+    mdir = model_dir(work, args.hidden_size)
+    tok = load_tokenizer(mdir)  # AutoTokenizer would re-read the folder with another pre-tokenizer
+    t_load = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
+    load_s = time.perf_counter() - t_load
+    ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in table])
+    acct = {"policy_tokens": 0, "policy_real_tokens": 0, "policy_forwards": 0, "ref_tokens": 0,
+            "precompute_tokens": 0, "precompute_s": 0.0, "tokenise_s": 0.0, "step_s": [], "head_positions": 0}
+    try:  # TRL's fused LM head scores only completion positions where Triton runs (CUDA/XPU), else all
+        from trl.kernels.chunked_logprob import _use_triton
+    except ImportError:
+        _use_triton = None
+
+    class Trainer(DPOTrainer):
+        """DPOTrainer, instrumented only: counts tokens and times its stages."""
+
+        def _prepare_dataset(self, *a, **k):
+            t0 = time.perf_counter()
+            try:
+                return super()._prepare_dataset(*a, **k)
+            finally:
+                acct["tokenise_s"] += time.perf_counter() - t0
+
+        def _precompute_ref_logps(self, *a, **k):
+            t0 = time.perf_counter()
+            try:
+                return super()._precompute_ref_logps(*a, **k)
+            finally:
+                acct["precompute_s"] += time.perf_counter() - t0
+
+        def compute_ref_log_probs(self, model, inputs):
+            acct["precompute_tokens"] += inputs["input_ids"].numel()
+            return super().compute_ref_log_probs(model, inputs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            acct["policy_tokens"] += inputs["input_ids"].numel()
+            acct["policy_real_tokens"] += int(inputs["attention_mask"].sum())
+            acct["policy_forwards"] += 1
+            ids, cm = inputs["input_ids"], inputs["completion_mask"]
+            compact = _use_triton(ids.device) if _use_triton else False
+            acct["head_positions"] += int(cm[:, 1:].sum()) if compact else ids.shape[0] * (ids.shape[1] - 1)
+            if not self.precompute_ref_logps:
+                acct["ref_tokens"] += inputs["input_ids"].numel()  # the reference scores the same padded batch
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    class StepTimer(TrainerCallback):
+        def on_epoch_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            acct["step_s"].append(time.perf_counter() - self.t0)
+            self.t0 = time.perf_counter()
+
+    targs = DPOConfig(
+        output_dir=str(work / f"trl-{'pre' if precompute else 'ref'}"), per_device_train_batch_size=b,
+        gradient_accumulation_steps=n_pairs // b, num_train_epochs=args.steps, max_steps=-1,
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch", max_grad_norm=1.0,
+        beta=args.beta, loss_type=["sigmoid"], max_length=args.max_length, truncation_mode="keep_start",
+        precompute_ref_log_probs=precompute, precompute_ref_batch_size=b, gradient_checkpointing=False,
+        bf16=False, fp16=False, use_cpu=True, disable_dropout=True, logging_steps=1, report_to="none",
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, dataloader_drop_last=False, seed=0)
+    t0 = time.perf_counter()
+    trainer = Trainer(model=model, ref_model=None, args=targs, train_dataset=ds, processing_class=tok,
+                      callbacks=[StepTimer()])
+    init_s = time.perf_counter() - t0
+    pre_train = mem_status()
+
+    # TRL's own tokenisation must give exactly our ids, pair by pair (its dataset keeps the row order)
+    got = trainer.train_dataset
+    bad = []
+    for i, r in enumerate(table):
+        g = got[i]
+        ours = r["ids"]
+        if (g["prompt_ids"], g["chosen_ids"], g["rejected_ids"]) != (list(ours[0]), list(ours[1]), list(ours[2])):
+            bad.append(r["id"])
+        elif len(ours[0]) + max(len(ours[1]), len(ours[2])) > args.max_length:
+            bad.append(r["id"] + " (longer than max_length: TRL would truncate it)")
+    if len(got) != n_pairs or bad:
+        raise SystemExit(f"bench_vs_trl: TRL's tokenisation differs from ours on {len(bad)} of {n_pairs} pairs "
+                         f"(TRL kept {len(got)}), first: {bad[:3]}")
+    ref_check = None
+    if precompute:  # TRL's precomputed reference log-probs against our cache (same reference, other layout)
+        from cso_dist.refcache import load_reference
+        from cso_dist.refcache.key import cache_key
+
+        try:
+            ours = load_reference(cfg, cache_key(cfg, "train"), "train")
+            diffs = []
+            for i, r in enumerate(table):
+                for col, rid in (("ref_chosen_logps", r["chosen_id"]), ("ref_rejected_logps", r["id"])):
+                    x, y = float(got[i][col]), ours[rid][0]
+                    diffs.append(abs(x - y) / max(abs(y), 1.0))
+            ref_check = {"replies": len(diffs), "max_rel_diff": max(diffs)}
+        except Exception as e:  # noqa: BLE001 -- the check is extra; report why it could not run
+            ref_check = {"error": f"{type(e).__name__}: {e}"}
+
+    t0 = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t0
+    peak = mem_status()["hwm_mb"]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    steps = len(acct["step_s"])
+    assert steps == args.steps == len(losses), (steps, args.steps, losses)
+    step_s = acct["step_s"]
+    return {
+        "trl": trl.__version__, "steps": steps, "pairs_per_step": n_pairs, "batch_pairs": b,
+        "grad_accum": n_pairs // b, "pairs_per_forward": b, "rows_per_forward": 2 * b,
+        "pairs_per_s": n_pairs / step_s[-1], "pairs_per_s_train": n_pairs * steps / sum(step_s),
+        "pairs_per_s_with_precompute": n_pairs * steps / (sum(step_s) + acct["precompute_s"]),
+        "tokens_per_pair": acct["policy_tokens"] / (n_pairs * steps),
+        "real_tokens_per_pair": acct["policy_real_tokens"] / (n_pairs * steps),
+        "lm_head_positions_per_pair": acct["head_positions"] / (n_pairs * steps),
+        "ref_tokens_per_pair": (acct["precompute_tokens"] if precompute else acct["ref_tokens"] / steps) / n_pairs,
+        "ref_tokens_when": "once, before training" if precompute else "every step",
+        "step_s": step_s, "train_s": train_s, "init_s": init_s, "model_load_s": load_s,
+        "tokenise_s": acct["tokenise_s"], "precompute_s": acct["precompute_s"],
+        "init_other_s": init_s - acct["tokenise_s"] - acct["precompute_s"],
+        "loss_first": losses[0], "loss": losses[-1], "losses": losses,
+        "grad_norm": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h][-1],
+        "ids_identical_pairs": n_pairs, "ref_logps_vs_cso_cache": ref_check,
+        "peak_rss_mb": peak, "base_rss_mb": base["rss_mb"], "pre_train_rss_mb": pre_train["rss_mb"],
+        "threads": torch.get_num_threads()}
+
+
+def child(args) -> None:
+    with contextlib.redirect_stdout(sys.stderr):
+        import torch  # noqa: F401 -- the libraries every variant loads, before the base RSS is taken
+        import transformers  # noqa: F401
+
+        import cso_dist.train  # noqa: F401
+        if args.variant in TRL_VARIANTS:
+            import datasets  # noqa: F401
+            import trl  # noqa: F401
+        base = mem_status()
+        work = Path(args.work)
+        t0 = time.perf_counter()
+        if args.variant == "cso_precompute":
+            out = run_cso_precompute(args, work, base)
+        elif args.variant in CSO_VARIANTS:
+            out = run_cso(args, work, args.variant.split("_")[1], base)
+        else:
+            out = run_trl(args, work, args.variant == "trl_precompute", base)
+        out["process_s"] = time.perf_counter() - t0
+    print(json.dumps(out))
+
+
+# ---------------------------------------------------------------- orchestration
+def run_child(args, variant: str, work: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--work", str(work),
+           "--dialogues", str(args.dialogues), "--turns", str(args.turns), "--steps", str(args.steps),
+           "--hidden-size", str(args.hidden_size),
+           "--max-length", str(args.max_length), "--max-tokens", str(args.max_tokens),
+           "--pair-max-tokens", str(args.pair_max_tokens), "--lr", str(args.lr), "--beta", str(args.beta), *extra]
+    log(f"--- {variant}")
+    env = dict(os.environ, TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false",
+               HF_DATASETS_CACHE=str(work / f"hf-datasets-{variant}"), HF_HUB_OFFLINE="1")
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"bench_vs_trl: variant {variant} failed (exit {p.returncode})")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out["wall_s"] = time.perf_counter() - t0
+    log(f"    {variant}: " + ", ".join(f"{k}={out[k]:.4g}" for k in ("pairs_per_s", "loss", "peak_rss_mb")
+                                         if isinstance(out.get(k), (int, float))))
+    return out
+
+
+def largest_divisor(n: int, cap: int) -> int:
+    return max(d for d in range(1, max(min(cap, n), 1) + 1) if n % d == 0)
+
+
+def bench(args) -> dict:
+    import torch
+    import transformers
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in ALL_VARIANTS[1:]]
+    if unknown:
+        raise SystemExit(f"bench_vs_trl: unknown variants {unknown}")
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-vs-trl-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for old in ("refcache", "cso-trie", "cso-pair", "trl-ref", "trl-pre"):  # a reused --work starts afresh
+        shutil.rmtree(work / old, ignore_errors=True)
+    prepare(args, work)
+    table = pair_table(cso_config(args, work))
+    n_pairs = len(table)
+    row_len = sum(len(r["ids"][0]) * 2 + len(r["ids"][1]) + len(r["ids"][2]) for r in table) / max(n_pairs, 1) / 2
+    want = args.trl_batch or max(1, int(args.max_tokens // (2 * row_len)))
+    b = largest_divisor(n_pairs, want)
+    log(f"{n_pairs} pairs, mean TRL row {row_len:.0f} tokens: TRL micro-batch {b} pairs "
+        f"({'asked' if args.trl_batch else 'token budget'} {want}; a divisor of {n_pairs}), "
+        f"gradient_accumulation_steps {n_pairs // max(b, 1)}")
+    res: dict = {}
+    if any(v in CSO_VARIANTS for v in variants):
+        res["cso_precompute"] = run_child(args, "cso_precompute", work, [])
+    for v in variants:
+        res[v] = run_child(args, v, work, ["--trl-batch-used", str(b)] if v in TRL_VARIANTS else [])
+
+    pre = res.get("cso_precompute")
+    for v in CSO_VARIANTS:
+        if v in res:
+            r = res[v]
+            r["precompute_s"] = pre["precompute_s"]
+            r["pairs_per_s_with_precompute"] = (r["pairs_per_step"] * r["steps"]
+                                                / (sum(r["step_s"]) + pre["precompute_s"]))
+            r["ref_tokens_per_pair"] = pre["ref_tokens"] / r["pairs_per_step"]
+            r["ref_tokens_when"] = "once, before training (cso_precompute)"
+    for r in res.values():
+        if "pairs_per_forward" in r:
+            r["peak_mem_per_pair_mb"] = (r["peak_rss_mb"] - r["base_rss_mb"]) / r["pairs_per_forward"]
+            r["peak_rss_per_pair_mb"] = r["peak_rss_mb"] / r["pairs_per_forward"]
+
+    out: dict = {"bench": "vs_trl", "dialogues": args.dialogues, "turns": args.turns or "all", "pairs": n_pairs,
+                 "steps": args.steps,
+                 "negatives_per_turn": 3, "hidden_size": args.hidden_size, "max_length": args.max_length,
+                 "max_tokens": args.max_tokens, "pair_max_tokens": args.pair_max_tokens or args.max_tokens,
+                 "trl_batch_pairs": b, "lr": args.lr, "beta": args.beta, **res}
+    ln2 = math.log(2)
+    trained = [v for v in CSO_VARIANTS + TRL_VARIANTS if v in res]
+    out["first_loss_minus_ln2"] = {v: res[v]["loss_first"] - ln2 for v in trained}
+    if trained:
+        ref = "trl_ref" if "trl_ref" in res else trained[0]
+        out["final_loss_abs_diff_vs_" + ref] = {v: abs(res[v]["loss"] - res[ref]["loss"]) for v in trained if v != ref}
+    speed, mem = {}, {}
+    for c in CSO_VARIANTS:
+        for t in TRL_VARIANTS:
+            if c in res and t in res:
+                speed[f"{c}/{t}"] = res[c]["pairs_per_s"] / res[t]["pairs_per_s"]
+                speed[f"{c}/{t}_with_precompute"] = (res[c]["pairs_per_s_with_precompute"]
+                                                     / res[t]["pairs_per_s_with_precompute"])
+                mem[f"{t}/{c}"] = res[t]["peak_mem_per_pair_mb"] / res[c]["peak_mem_per_pair_mb"]
+                mem[f"{t}/{c}_whole_process"] = res[t]["peak_rss_per_pair_mb"] / res[c]["peak_rss_per_pair_mb"]
+    out["speedup_pairs_per_s"] = speed
+    out["memory_per_pair_ratio"] = mem
+    if "cso_trie" in res and all(t in res for t in TRL_VARIANTS):
+        out["targets"] = {
+            "pairs_per_s_10x": all(speed[f"cso_trie/{t}"] >= 10 for t in TRL_VARIANTS),
+            "memory_per_pair_3x": all(mem[f"{t}/cso_trie"] >= 3 for t in TRL_VARIANTS),
+            "losses_agree_1e-4": all(abs(res[v]["loss"] - res["trl_ref"]["loss"]) <= 1e-4 for v in trained)}
+    threads = next((r["threads"] for r in res.values() if "threads" in r), torch.get_num_threads())
+    try:
+        import trl
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
+    out["machine"] = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads,
+                      "python": platform.python_version(), "torch": torch.__version__,
+                      "transformers": transformers.__version__, "trl": trl_version}
+    out["command"] = " ".join([Path(sys.executable).name, "scripts/bench_vs_trl.py", *sys.argv[1:]])
+    return out
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.variant:
+        child(args)
+        return
+    with contextlib.redirect_stdout(sys.stderr):  # progress and logs to stderr: stdout is one JSON object
+        out = bench(args)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
