@@ -13,7 +13,7 @@ import json
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from tqdm import tqdm
@@ -130,12 +130,15 @@ def build(cfg: Config, seeds_file: str, out: str | Path, shard: tuple[int, int] 
     with tqdm(total=len(seeds), desc="mcts trees", unit="tree", disable=None if progress else True) as bar, \
             ThreadPoolExecutor(max_workers=m.workers) as pool:
         futures = {pool.submit(one, s): s for s in seeds}
-        for f in as_completed(futures):
-            states[futures[f].id] = f.result()
+        pending = set(futures)
+        while pending:  # refresh the LLM call rate every few seconds, not only when a tree ends
+            done, pending = wait(pending, timeout=5.0, return_when=FIRST_COMPLETED)
+            for f in done:
+                states[futures[f].id] = f.result()
             with lock:
                 rate = backend.calls / max(time.monotonic() - t_start, 1e-9)
             bar.set_postfix(llm_calls=backend.calls, cached=backend.hits, calls_per_s=f"{rate:.1f}")
-            bar.update(1)
+            bar.update(len(done))
 
     dropped: Counter = Counter()
     records: list[dict] = []
