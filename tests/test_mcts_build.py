@@ -215,3 +215,16 @@ def test_openai_backend_against_a_loopback_server_retries_caches_and_keeps_the_k
         assert secret not in proc.stdout + proc.stderr
     finally:
         server.shutdown()
+
+
+def test_hf_backend_batches_calls_from_many_threads(world):
+    """Calls from concurrent trees go into one left-padded generate(); greedy answers equal lone calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = HFBackend(str(world[1]), batch_size=8, wait_s=0.5)
+    chats = [[{"role": "user", "content": "I feel " + "very " * k + "sad today."}] for k in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda c: backend.chat(c, 8, 0.0), chats))
+    assert backend.batches == 1
+    alone = [backend.chat(c, 8, 0.0) for c in chats]
+    assert backend.batches == 5 and together == alone
