@@ -87,10 +87,10 @@ class _Checkpoints:
                            f"remove {self.folder} to start over, or use the same settings")
         return state
 
-    def save(self, seed: Seed, tree, done: bool, wall_s: float, stats: Counter) -> None:
-        atomic_write_text(self.path(seed), json.dumps(
-            {"search": self.scfg, "done": done, "wall_s": wall_s, "llm_stats": dict(stats), "tree": tree.to_dict()},
-            ensure_ascii=False))
+    def save(self, seed: Seed, tree, done: bool, wall_s: float, stats: Counter) -> dict:
+        state = {"search": self.scfg, "done": done, "wall_s": wall_s, "llm_stats": dict(stats), "tree": tree.to_dict()}
+        atomic_write_text(self.path(seed), json.dumps(state, ensure_ascii=False))
+        return state
 
 
 def build(cfg: Config, seeds_file: str, out: str | Path, shard: tuple[int, int] = (0, 1),
@@ -123,8 +123,7 @@ def build(cfg: Config, seeds_file: str, out: str | Path, shard: tuple[int, int] 
                 ckpts.save(seed, t, False, wall0 + time.monotonic() - t0, stats)
 
         run(tree, roles, scfg, on_iteration=checkpoint)
-        ckpts.save(seed, tree, True, wall0 + time.monotonic() - t0, stats)
-        return ckpts.load(seed)
+        return ckpts.save(seed, tree, True, wall0 + time.monotonic() - t0, stats)
 
     states: dict[str, dict] = {}
     with tqdm(total=len(seeds), desc="mcts trees", unit="tree", disable=None if progress else True) as bar, \
