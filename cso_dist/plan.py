@@ -316,7 +316,7 @@ def format_plan(p: dict, best: dict | None, here: dict | None = None) -> str:
     a0, a1 = p["no_checkpointing"]["activations_gib"], p["checkpointing"]["activations_gib"]
     names = {"saved": "activations kept for backward", "recompute": "one layer recomputed (ckpt)",
              "working": "backward working set", "lm_head": "LM head (reply tokens, chunked)",
-             "trie_mask": "trie masks (in the peak)", "peak": "activation peak"}
+             "trie_mask": "trie-layout overhead (masks)", "peak": "activation peak"}
     for k, label in names.items():
         lines.append(f"  {label:<32}{a0[k]:>18.2f}{a1[k]:>16.2f}")
     t0, t1 = p["no_checkpointing"], p["checkpointing"]

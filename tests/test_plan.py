@@ -101,7 +101,7 @@ def test_hf_config_path_gives_the_model_param_count(tmp_path, esconv_dir):
 def test_plan_cli_text_json_and_errors(tmp_path):
     proc = run_cli("plan", "--model", "8b", "--gpus-per-node", "8", "--nodes", "1", "--gpu-mem", "80",
                    "--method", "full", "--zero", "3", "--seq-len", "4096", "--micro-batch", "1", check=True)
-    for words in ("params", "gradients", "optimizer", "activation peak", "trie masks", "fits in",
+    for words in ("params", "gradients", "optimizer", "activation peak", "trie-layout overhead", "fits in",
                   "cheapest setup that fits", "fastest setup on these GPUs"):
         assert words in proc.stdout
     p = json.loads(run_cli("plan", "--model", "70b", "--gpus-per-node", "8", "--nodes", "1", "--gpu-mem", "80",
