@@ -100,22 +100,28 @@ def _stop_ids(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, turns: list[Turn], cfg: Config, sset: StrategySet) -> list[dict]:
-    e = cfg.eval
+def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, **sampling) -> list[str]:
+    """Continue every token prompt in one left-padded generate() (each prompt ends where generation
+    starts); the decoded new text of each, special tokens dropped. `sampling`: generate() options."""
     device = next(p for p in model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(t.prompt) for t in turns)
-    ids = torch.full((len(turns), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(turns), width), dtype=torch.long)
-    for k, t in enumerate(turns):  # left padding: every prompt ends where generation starts
-        ids[k, width - len(t.prompt):] = torch.tensor(t.prompt)
-        mask[k, width - len(t.prompt):] = 1
+    width = max(len(x) for x in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for k, x in enumerate(prompts):
+        ids[k, width - len(x):] = torch.tensor(x)
+        mask[k, width - len(x):] = 1
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                         pad_token_id=pad, eos_token_id=_stop_ids(tokenizer), **sampling)
+    return [tokenizer.decode(out[k, width:], skip_special_tokens=True).strip() for k in range(len(prompts))]
+
+
+def generate_batch(model, tokenizer, turns: list[Turn], cfg: Config, sset: StrategySet) -> list[dict]:
+    e = cfg.eval
     kw = {"do_sample": True, "temperature": e.temperature, "top_p": e.top_p} if e.do_sample else {"do_sample": False}
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=e.max_new_tokens,
-                         pad_token_id=pad, eos_token_id=_stop_ids(tokenizer), **kw)
+    texts = generate_texts(model, tokenizer, [t.prompt for t in turns], e.max_new_tokens, **kw)
     rows = []
-    for k, t in enumerate(turns):
-        text = tokenizer.decode(out[k, width:], skip_special_tokens=True).strip()
+    for t, text in zip(turns, texts):
         label, reply = parse_reply(text)
         rows.append({"id": t.id, "dialogue_id": t.dialogue_id, "turn": t.turn, "gold_strategy": t.gold_strategy,
                      "gold_response": t.gold_response, "pred_strategy": canonical_or_none(label, sset) or label,

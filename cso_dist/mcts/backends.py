@@ -84,27 +84,17 @@ class HFBackend:
     def _generate(self, chats: list[list[dict]], max_tokens: int, temperature: float) -> list[str]:
         import torch
 
-        from cso_dist.eval.generate import _stop_ids
+        from cso_dist.eval.generate import generate_texts
 
         tok = self.tokenizer
         prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        width = max(len(x) for x in ids)
-        inp = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for k, x in enumerate(ids):  # left padding
-            inp[k, width - len(x):] = torch.tensor(x)
-            mask[k, width - len(x):] = 1
         kw = {"do_sample": True, "temperature": temperature, "top_p": 0.95} if temperature > 0 else {"do_sample": False}
         if temperature > 0:  # the same prompts sample the same answers, whatever ran before (resume)
             digest = hashlib.sha256(json.dumps([chats, temperature, self.seed]).encode()).hexdigest()
             torch.manual_seed(int(digest[:12], 16))
         self.batches += 1
-        with torch.no_grad():
-            out = self.model.generate(input_ids=inp.to(self.device), attention_mask=mask.to(self.device),
-                                      max_new_tokens=max_tokens, pad_token_id=pad, eos_token_id=_stop_ids(tok), **kw)
-        return [tok.decode(out[k, width:], skip_special_tokens=True).strip() for k in range(len(ids))]
+        return generate_texts(self.model, tok, ids, max_tokens, **kw)
 
 
 class OpenAIBackend:

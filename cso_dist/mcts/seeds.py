@@ -5,11 +5,10 @@ turns (consecutive messages of one speaker merged with a space, as our ESConv bu
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cso_dist.data.dialogue import canonical_strategy
+from cso_dist.data.dialogue import canonical_strategy, load_json_records
 from cso_dist.data.strategies import StrategySet, load_strategy_set
 from cso_dist.errors import DataError
 from cso_dist.mcts.roles import SEEKER, SUPPORTER, Turn
@@ -22,25 +21,6 @@ class Seed:
     description: str
     scene: str
     turns: list[Turn]
-
-
-def _records(path: Path) -> list[tuple[str, dict]]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            raise json.JSONDecodeError("JSON Lines", text, 0)
-        obj = json.loads(text)
-        recs = obj if isinstance(obj, list) else [obj]
-        return [(f"record {i}", r) for i, r in enumerate(recs)]
-    except json.JSONDecodeError:
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append((f"line {n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(str(path), f"line {n}", None, f"bad JSON: {e.msg}", "bad-json") from None
-        return out
 
 
 def _text(path: str, record: str, fld: str, value) -> str:
@@ -87,8 +67,8 @@ def _parse(path: str, record: str, obj, sset: StrategySet, aliases: bool) -> tup
 
 def detect_strategies(path: str | Path) -> str:
     """esconv for ESConv seeds (a 'dialog' list), escpro otherwise."""
-    recs = _records(Path(path))
-    return "esconv" if recs and isinstance(recs[0][1], dict) and "dialog" in recs[0][1] else "escpro"
+    first = next(iter(load_json_records(path)), (None, None))[1]
+    return "esconv" if isinstance(first, dict) and "dialog" in first else "escpro"
 
 
 def read_seeds(path: str | Path, strategies: str = "auto", aliases: bool = True,
@@ -98,7 +78,7 @@ def read_seeds(path: str | Path, strategies: str = "auto", aliases: bool = True,
         raise DataError(str(p), None, None, "no such seed file", "missing-file")
     sset = load_strategy_set(detect_strategies(p) if strategies == "auto" else strategies)
     seeds = []
-    for record, obj in _records(p):
+    for record, obj in load_json_records(p):
         description, scene, turns = _parse(str(p), record, obj, sset, aliases)
         turns = merge_turns(turns)
         if not any(t.role == SUPPORTER for t in turns):
