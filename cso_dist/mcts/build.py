@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -107,7 +106,7 @@ def build(cfg: Config, seeds_file: str, out: str | Path, shard: tuple[int, int] 
                                          m.batch_size, m.seed), m.cache_dir or work / "cache")
     settings = RoleSettings(max_new_tokens=m.max_new_tokens, temperature=m.temperature, retries=m.parse_retries,
                             scorer_max_tokens=m.scorer_max_tokens, judge_max_tokens=m.judge_max_tokens)
-    lock, t_start = threading.Lock(), time.monotonic()
+    t_start = time.monotonic()
 
     def one(seed: Seed) -> dict:
         state = ckpts.load(seed)
@@ -134,8 +133,7 @@ def build(cfg: Config, seeds_file: str, out: str | Path, shard: tuple[int, int] 
             done, pending = wait(pending, timeout=5.0, return_when=FIRST_COMPLETED)
             for f in done:
                 states[futures[f].id] = f.result()
-            with lock:
-                rate = backend.calls / max(time.monotonic() - t_start, 1e-9)
+            rate = backend.calls / max(time.monotonic() - t_start, 1e-9)
             bar.set_postfix(llm_calls=backend.calls, cached=backend.hits, calls_per_s=f"{rate:.1f}")
             bar.update(len(done))
 
