@@ -13,6 +13,19 @@ from cso_dist.errors import CsoError
 from cso_dist.preempt import Preempted
 
 
+def add_config_arg(parser: argparse.ArgumentParser, help: str = "YAML config") -> None:
+    """Every command that reads a config takes it both ways: `cmd CONFIG` and `cmd --config CONFIG`."""
+    parser.add_argument("config", nargs="?", help=f"{help} (or --config FILE)")
+    parser.add_argument("--config", dest="config_flag", metavar="CONFIG", help=help)
+
+
+def config_path(args: argparse.Namespace) -> str | None:
+    pos, flag = getattr(args, "config", None), getattr(args, "config_flag", None)
+    if pos and flag and Path(pos) != Path(flag):
+        raise CsoError(f"two configs given: {pos} (positional) and --config {flag}; give one")
+    return pos or flag
+
+
 def _config(args: argparse.Namespace, extra: list[str], flags: dict[str, str]) -> Config:
     """Config file + dotted overrides + explicit command flags (flags win)."""
     overrides = parse_overrides(extra)
@@ -20,7 +33,7 @@ def _config(args: argparse.Namespace, extra: list[str], flags: dict[str, str]) -
         val = getattr(args, attr, None)
         if val is not None and val is not False:
             overrides[key] = val
-    return load_config(getattr(args, "config", None), overrides)
+    return load_config(config_path(args), overrides)
 
 
 def _print_kv(title: str, d: dict, indent: str = "  ") -> None:
@@ -97,9 +110,9 @@ def cmd_data_pairs(args, extra) -> int:
 
 def cmd_data_fetch(args, extra) -> int:
     from cso_dist.data.fetch import fetch_esconv
-    from cso_dist.paths import data_dir
+    from cso_dist.paths import user_data_dir
 
-    dest = Path(args.dest) if args.dest else data_dir()
+    dest = Path(args.dest) if args.dest else user_data_dir()
     for p in fetch_esconv(dest):
         print(f"wrote {p}")
     return 0
@@ -122,11 +135,22 @@ def cmd_tiny_model(args, extra) -> int:
 
 
 # ---------------------------------------------------------------- precompute / train
+def _print_dry_run(cfg: Config, command: str) -> int:
+    from cso_dist.preflight import dry_run
+
+    for line in dry_run(cfg, command):
+        print(line)
+    print(f"{command} --dry-run: config and inputs ok (nothing computed)")
+    return 0
+
+
 def cmd_precompute(args, extra) -> int:
     from cso_dist.dist import world_from_env
     from cso_dist.refcache import run_precompute
 
     cfg = _config(args, extra, {})
+    if args.dry_run:
+        return _print_dry_run(cfg, "precompute")
     world = world_from_env()  # under torchrun / srun: this rank computes its own shards
     root = run_precompute(cfg, world.rank, world.world_size, progress=world.main)
     print(f"reference cache {'ready' if world.world_size == 1 else f'shards of rank {world.rank} ready'}: {root}")
@@ -145,6 +169,8 @@ def cmd_train(args, extra) -> int:
     from cso_dist.train import run_train
 
     cfg = _config(args, extra, {})
+    if args.dry_run:
+        return _print_dry_run(cfg, "train")
     summary = run_train(cfg, resume="auto" if args.auto_resume else args.resume)
     if summary.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -306,7 +332,7 @@ def cmd_plan(args, extra) -> int:
 
     from cso_dist.plan import Setup, cheapest, format_plan, plan, resolve_shape, setup_from_config
 
-    if args.config or extra:
+    if config_path(args) or extra:
         shape, setup = setup_from_config(_config(args, extra, {}))
     elif args.model:
         shape, setup = resolve_shape(args.model), Setup()
@@ -314,7 +340,7 @@ def cmd_plan(args, extra) -> int:
             setup.zero = 0 if args.method == "qlora" else 3
     else:
         raise CsoError("plan: give --model (7b, 8b, 9b, 13b, 34b, 70b or an HF config.json) or --config RECIPE.yaml")
-    if args.model and (args.config or extra):
+    if args.model and (config_path(args) or extra):
         shape = resolve_shape(args.model)
     flags = {"method": args.method, "zero": args.zero, "offload": args.offload, "gpus_per_node": args.gpus_per_node,
              "nodes": args.nodes, "gpu_mem_gb": args.gpu_mem, "cpu_mem_gb": args.cpu_mem, "seq_len": args.seq_len,
@@ -341,13 +367,14 @@ def cmd_config_show(args, extra) -> int:
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cso-dist", description="Chain-of-Strategy Optimization (CSO) toolkit. "
-                                "Any command also takes --config FILE.yaml and dotted overrides (--data.seed 1).")
+                                "Every command that reads a config takes it as CONFIG or --config CONFIG, plus dotted "
+                                "overrides (--data.seed 1).")
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="build, inspect and export preference data").add_subparsers(
         dest="data_command", required=True)
     b = data.add_parser("build", help="any source -> preference dialogues (JSONL)")
-    b.add_argument("--from", dest="source", required=True, choices=SOURCES)
+    b.add_argument("--from", dest="source", choices=SOURCES, help="the input's format (default: data.source)")
     b.add_argument("--input", help="file or folder (ESConv: default the data dir's esconv/)")
     b.add_argument("--split", help="ESConv split: train, valid or test (default train)")
     b.add_argument("--negatives", type=int, help="ESConv: non-preferred options per supporter turn (default 3)")
@@ -356,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--aliases", action="store_true", help="map known strategy label variants (Questions -> Question)")
     b.add_argument("--skip-invalid", action="store_true", help="skip invalid records and report them")
     b.add_argument("--out", required=True)
-    b.add_argument("--config")
+    add_config_arg(b)
     b.set_defaults(func=cmd_data_build)
 
     s = data.add_parser("stats", help="statistics of a preference-dialogue file")
@@ -366,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat-template", help="auto, chatml, llama3, gemma2 or a Jinja file")
     s.add_argument("--max-length", type=int, help="truncation length for the token statistics")
     s.add_argument("--strategies")
-    s.add_argument("--config")
+    add_config_arg(s, "YAML config (its data section: chat template, max length, strategies)")
     s.set_defaults(func=cmd_data_stats)
 
     x = data.add_parser("pairs", help="export flat DPO/KTO rows in the CSO authors' format")
@@ -378,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = data.add_parser("fetch", help="download a dataset from the Hugging Face Hub (online only)")
     f.add_argument("dataset", choices=("esconv",))
-    f.add_argument("--dest", help="data dir (default $CSO_DATA_DIR or ../shared/data)")
+    f.add_argument("--dest", help="data dir (default $CSO_DATA_DIR, else ~/.cache/cso_dist/data)")
     f.set_defaults(func=cmd_data_fetch)
 
     t = sub.add_parser("tiny-model", help="write a small random model + real tokenizer for tests and demos")
@@ -396,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tiny_model)
 
     pc = sub.add_parser("precompute", help="reference log-probs of every reply, once (content-addressed cache)")
-    pc.add_argument("config", nargs="?")
+    add_config_arg(pc)
+    pc.add_argument("--dry-run", action="store_true",
+                    help="check the config and its inputs and print what would be computed; load no model")
     pc.set_defaults(func=cmd_precompute)
 
     ce = sub.add_parser("cache", help="inspect reference caches").add_subparsers(dest="cache_command", required=True)
@@ -406,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     cx.set_defaults(func=cmd_cache_export)
 
     tr = sub.add_parser("train", help="train with sft, dpo, ipo, simpo, kto or orpo")
-    tr.add_argument("config", nargs="?")
+    add_config_arg(tr)
+    tr.add_argument("--dry-run", action="store_true",
+                    help="check the config and its inputs and print what would run; load no model")
     tr.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     tr.add_argument("--auto-resume", action="store_true",
                     help="continue from the latest checkpoint when there is one, else start (requeued jobs)")
@@ -417,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("sbatch", "render a slurm/ template to <run>/slurm/*.sbatch and submit it"),
                            ("submitit", "submit a run or a sweep (job array) with submitit and collect the results")):
         lp = lsub.add_parser(name, help=helptext)
-        lp.add_argument("config", nargs="?", help="YAML config")
+        add_config_arg(lp)
         lp.add_argument("--nodes", type=int)
         lp.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, help="0 = CPU only")
         lp.add_argument("--partition")
@@ -447,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--json", action="store_true", help="one JSON object (Q, W, B, accuracy, per_strategy, unknown)")
     es.set_defaults(func=cmd_eval_score)
     eg = esub.add_parser("generate", help="predict the strategy at every supporter turn of a split -> PRED.jsonl")
-    eg.add_argument("config", nargs="?", help="YAML config (model.path = the model to evaluate)")
+    add_config_arg(eg, "YAML config (model.path = the model to evaluate)")
     eg.add_argument("--split", default="test", help="ESConv split (default test)")
     eg.add_argument("--data", help="preference dialogues JSONL instead of an ESConv split")
     eg.add_argument("--mode", choices=["generate", "likelihood"], help="default: eval.mode")
@@ -468,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="the main job: ESConv -> preference data -> statistics (CPU)")
-    d.add_argument("--config")
+    add_config_arg(d)
     d.set_defaults(func=cmd_demo)
 
     mc = sub.add_parser("mcts", help="build ESC-Pro-format preference data by MCTS over strategies (CSO stage 1)"
@@ -476,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     mb = mc.add_parser("build", help="search every seed dialogue's strategy tree -> ESC-Pro JSON (resumable)")
     ms = mc.add_parser("submit", help="the same build split across a Slurm job array (submitit), then merged")
     for q in (mb, ms):
-        q.add_argument("--config")
+        add_config_arg(q)
         q.add_argument("--seeds", required=True, help="ESConv JSONL, ExTES JSON or ESC-Pro records (gold dialogues)")
         q.add_argument("--out", required=True, help="ESC-Pro JSON to write (work files beside it: OUT.work/)")
         q.add_argument("--backend", choices=["hf", "openai"])
@@ -503,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="per-GPU memory of a job (parameters, gradients, optimizer, activations) "
                                      "and the cheapest setup that fits")
-    pl.add_argument("--config", help="a recipe (its plan, model, dist, slurm and pack sections)")
+    add_config_arg(pl, "a recipe (its plan, model, dist, slurm and pack sections)")
     pl.add_argument("--model", help="7b, 8b, 9b, 13b, 34b, 70b, or an HF config.json (or its folder)")
     pl.add_argument("--method", choices=["full", "lora", "qlora"])
     pl.add_argument("--zero", type=int, choices=[0, 2, 3], help="DeepSpeed ZeRO stage (0 = torch engine, DDP)")
@@ -524,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="show the resolved config").add_subparsers(dest="config_command", required=True)
     cs = c.add_parser("show")
-    cs.add_argument("--config")
+    add_config_arg(cs)
     cs.set_defaults(func=cmd_config_show)
     return p
 

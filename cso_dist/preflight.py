@@ -1,0 +1,60 @@
+"""`precompute --dry-run` / `train --dry-run`: check a config and the inputs it reads without loading a
+model, and say what the command would do. A login node can run it before a job is submitted."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cso_dist.config import Config
+from cso_dist.errors import CsoError
+from cso_dist.losses import needs_reference
+from cso_dist.refcache.key import cache_root, data_file, model_dir, split_dir
+
+
+def _model_problem(cfg: Config) -> str:
+    path = model_dir(cfg)
+    if not cfg.model.path:
+        return ""  # the demo's tiny model, written by the command itself
+    if not path.is_dir():
+        return (f"model.path: '{path}' is not a folder on this machine; cso-dist loads local HF folders "
+                f"(download the model, e.g. `huggingface-cli download {cfg.model.path} --local-dir DIR`, "
+                f"and set model.path DIR)")
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        return f"model.path: '{path}' has no config.json (not a Hugging Face model folder)"
+    return ""
+
+
+def _data_problem(cfg: Config, split: str) -> str:
+    path = data_file(cfg, split)
+    if path is None or path.is_file():
+        return ""
+    key = "train.train_file" if split == "train" else "train.eval_file"
+    return (f"{key}: '{path}' does not exist (build it: cso-dist data build --config CONFIG --split "
+            f"{'train' if split == 'train' else 'valid'} --out {path})")
+
+
+def dry_run(cfg: Config, command: str) -> list[str]:
+    """Lines describing what `command` (precompute or train) would do; raises CsoError naming every
+    missing input at once."""
+    problems = [p for p in (_model_problem(cfg), _data_problem(cfg, "train"), _data_problem(cfg, "eval")) if p]
+    if problems:
+        raise CsoError(f"{command} --dry-run: " + "; ".join(problems))
+    t = cfg.train
+    root = cache_root(cfg)
+    cached = needs_reference(t.method) and t.reference == "cache"
+    lines = [f"model: {model_dir(cfg)} ({cfg.model.method}, {cfg.model.precision})",
+             f"train data: {data_file(cfg, 'train')}"
+             + (f" (first {t.max_dialogues} dialogues)" if t.max_dialogues else ""),
+             f"eval data: {data_file(cfg, 'eval') or 'none (train.eval_file not set)'}"]
+    if command == "precompute":
+        if not cached:
+            lines.append(f"nothing to precompute: train.method {t.method} with train.reference {t.reference} "
+                         "needs no reference cache")
+        else:
+            status = "present" if (split_dir(root, "train") / "manifest.json").is_file() else "not built yet"
+            lines.append(f"reference cache: {root} ({status}; verified against its key when the command runs)")
+    else:
+        ref = (f"cached reference log-probs in {root}" if cached else
+               "live reference (adapter disabled)" if needs_reference(t.method) else "no reference")
+        lines.append(f"train: {t.method}, {ref}; {cfg.pack.layout} layout, {cfg.pack.max_tokens} tokens per "
+                     f"micro-batch; {cfg.dist.engine} engine; writes {Path(cfg.run.out_dir)}")
+    return lines
