@@ -30,6 +30,29 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# environment variables that select CPU kernels (and so fp32 reduction order) besides the thread count
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+def numeric_conditions(world_size: int, engine: str) -> dict:
+    """What a run's fp32 bits depend on besides its inputs: a resume under the same conditions
+    reproduces the uninterrupted curve bit for bit; under others, within fp32 rounding."""
+    cond = {"torch": torch.__version__, "engine": engine, "world_size": world_size,
+            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if torch.cuda.is_available():
+        cond["gpu"] = torch.cuda.get_device_name()
+    cond.update({k: os.environ[k] for k in KERNEL_ENV if os.environ.get(k)})
+    return cond
+
+
+def condition_changes(saved: dict | None, now: dict) -> str:
+    """'threads 1 -> 2, ...' for the conditions that differ ('' when none or nothing was saved)."""
+    if not saved:
+        return ""
+    keys = sorted(set(saved) | set(now), key=lambda k: (k not in now, k))
+    return ", ".join(f"{k} {saved.get(k, '-')} -> {now.get(k, '-')}" for k in keys if saved.get(k) != now.get(k))
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 

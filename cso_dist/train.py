@@ -24,7 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from cso_dist import dist
-from cso_dist.checkpoint import list_checkpoints
+from cso_dist.checkpoint import condition_changes, list_checkpoints, numeric_conditions
 from cso_dist.config import Config
 from cso_dist.data.dialogue import PrefDialogue, atomic_write_text
 from cso_dist.errors import ConfigError, CsoError
@@ -223,10 +223,16 @@ def run_train(cfg: Config, resume: bool | str = False, progress: bool = True) ->
     engine = build_engine(cfg, world, len(steps), resume_from)
     n_train, n_total = engine.counts()
     start = 0
+    conditions = numeric_conditions(world.world_size, engine.kind)
     if resume_from is not None:
-        start = engine.load(resume_from)["step"]
+        state = engine.load(resume_from)
+        start = state["step"]
         if world.main:
             print(f"resumed from {resume_from} (step {start} of {len(steps)})")
+            changed = condition_changes(state.get("numerics"), conditions)
+            if changed:
+                print(f"note: resumed under other numeric conditions ({changed}): the curve matches an "
+                      "uninterrupted run within fp32 rounding, not bit for bit")
     tracker = Tracker(run_dir, cfg.to_dict(), cfg.track.wandb, cfg.track.project, cfg.track.group, cfg.track.name,
                       rank=world.rank, resume_step=start if resume_from is not None else None)
     stop = StopRequest(run_dir)
@@ -287,10 +293,10 @@ def run_train(cfg: Config, resume: bool | str = False, progress: bool = True) ->
             bar.set_postfix(loss=f"{last['loss']:.4f}")
         saved = t.save_every and done_step % t.save_every == 0 and done_step < len(steps)
         if saved:
-            engine.save(ckpt_dir, done_step, {"total_steps": len(steps)}, t.keep_last)
+            engine.save(ckpt_dir, done_step, {"total_steps": len(steps), "numerics": conditions}, t.keep_last)
         if done_step < len(steps) and dist.any_true(stop.requested()):
             if not saved:
-                engine.save(ckpt_dir, done_step, {"total_steps": len(steps)}, t.keep_last)
+                engine.save(ckpt_dir, done_step, {"total_steps": len(steps), "numerics": conditions}, t.keep_last)
             bar.close()
             tracker.close()
             raise stop.stopped(done_step, ckpt_dir / f"step-{done_step:07d}", world.main)

@@ -24,6 +24,7 @@ from cso_dist.refcache import cache_key, load_reference
 from cso_dist.tracking import read_metrics
 from cso_dist.train import run_train
 from conftest import REPO, argv, cfg_of, run_cli, run_overrides, tiny_run_data
+from numerics import close_curves
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -68,22 +69,15 @@ def curve(run_dir) -> list[dict]:
     return read_metrics(run_dir)
 
 
-def assert_same_curve(a: list[dict], b: list[dict], tol: float = 1e-4) -> float:
-    """Same logged steps; loss, rewards, log-probs within `tol`; grad norm within 1e-3 relative.
-    Returns the largest loss difference."""
-    assert [m["step"] for m in a] == [m["step"] for m in b]
-    worst = 0.0
-    for x, y in zip(a, b):
-        for k, v in x.items():
-            if k in ("step", "epoch", "lr") or "per_s" in k:
-                continue
-            if k == "grad_norm":
-                assert y[k] == pytest.approx(v, rel=1e-3), (x["step"], k)
-            else:
-                assert abs(y[k] - v) <= tol * max(1.0, abs(v)), (x["step"], k, v, y[k])
-        if "loss" in x:
-            worst = max(worst, abs(x["loss"] - y["loss"]))
-    return worst
+def assert_same_curve(a: list[dict], b: list[dict]) -> float:
+    """Runs on other world sizes (another reduction order): every logged metric within fp32's curve
+    tolerance (tests/numerics.py). Returns the largest relative loss difference."""
+    return close_curves(a, b)
+
+
+def numeric(c: list[dict]) -> list[dict]:
+    """A curve without its wall-clock rates, for bitwise comparisons."""
+    return [{k: v for k, v in m.items() if "per_s" not in k} for m in c]
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +103,12 @@ def zero3(setup, single):
 def test_ddp_matches_single_process(setup, single):
     launch(["train", *argv(overrides(setup, "ddp"))])
     worst = assert_same_curve(single, curve(setup / "ddp"))
-    print(f"DDP: max loss difference {worst:.2e}")
+    print(f"DDP: max relative loss difference {worst:.2e}")
 
 
 def test_zero3_matches_single_process(setup, single, zero3):
     worst = assert_same_curve(single, curve(setup / "zero3"))
-    print(f"ZeRO-3: max loss difference {worst:.2e}")
+    print(f"ZeRO-3: max relative loss difference {worst:.2e}")
     state = json.loads((setup / "zero3" / "checkpoints" / "step-0000002" / "state.json").read_text())
     assert state["engine"] == "deepspeed" and state["zero_stage"] == 3 and state["world_size"] == 2
 
@@ -125,7 +119,7 @@ def test_zero2_and_zero3_offload_match_single_process(setup, single, ds, launche
     t0 = time.time()
     launch(["train", *argv(over)], launcher=launcher)
     worst = assert_same_curve(single, curve(setup / ds))
-    print(f"{ds} ({launcher} launcher): max loss difference {worst:.2e}, {time.time() - t0:.1f} s")
+    print(f"{ds} ({launcher} launcher): max relative loss difference {worst:.2e}, {time.time() - t0:.1f} s")
 
 
 def test_zero3_kill_and_resume_reproduces_the_curve(setup, zero3):
@@ -143,7 +137,7 @@ def test_zero3_kill_and_resume_reproduces_the_curve(setup, zero3):
     assert not (setup / "zero3-killed" / "final").exists()
     launch(["train", *argv(over), "--resume"])
     got, want = curve(setup / "zero3-killed"), curve(setup / "zero3")
-    assert assert_same_curve(want, got, tol=1e-6) <= 1e-6
+    assert numeric(got) == numeric(want)  # same world size (2), threads (1 per rank) and engine: bit for bit
 
 
 def test_resume_on_one_process_via_universal_checkpoint(setup, zero3):
@@ -157,7 +151,7 @@ def test_resume_on_one_process_via_universal_checkpoint(setup, zero3):
     proc = run_cli("train", *argv(over), "--resume", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "universal checkpoint" in proc.stdout
-    assert_same_curve(curve(setup / "zero3"), curve(run), tol=1e-6)
+    assert_same_curve(curve(setup / "zero3"), curve(run))  # 2 ranks, then 1: another reduction order
 
 
 def test_resume_refuses_another_zero_stage(setup, zero3):
@@ -205,7 +199,7 @@ def test_zero3_lora_gradient_checkpointing_and_adapter_export(setup):
     run_train(cfg_of(one), progress=False)
     launch(["train", *argv(overrides(setup, "lora-z3", **lora, **{"dist.engine": "deepspeed"}))])
     worst = assert_same_curve(curve(setup / "lora-1"), curve(setup / "lora-z3"))
-    print(f"ZeRO-3 + LoRA + checkpointing: max loss difference {worst:.2e}")
+    print(f"ZeRO-3 + LoRA + checkpointing: max relative loss difference {worst:.2e}")
     ckpt = setup / "lora-z3" / "checkpoints" / "step-0000002"
     for final in ("adapter", "merged"):
         proc = run_cli("export", ckpt, "--out", setup / f"lora-{final}", "--final", final)
@@ -228,7 +222,7 @@ def test_two_process_precompute_equals_one_process(setup):
     for split in ("train", "eval"):
         a, b = load_reference(cfg1, cache_key(cfg1, split), split), load_reference(cfg2, cache_key(cfg2, split), split)
         assert a.keys() == b.keys() and len(a) > 10
-        assert all(abs(a[k][0] - b[k][0]) <= 1e-5 and a[k][1] == b[k][1] for k in a)
+        assert a == b  # the same shards, each on one thread: the same bits whichever rank computed it
 
 
 def test_qlora_trains_with_paged_optimizer_and_its_adapter_reloads(setup):
@@ -249,7 +243,7 @@ def test_qlora_trains_with_paged_optimizer_and_its_adapter_reloads(setup):
     # the same QLoRA run data-parallel on 2 processes (DDP)
     launch(["train", *argv({**over, "run.out_dir": setup / "qlora-ddp"})])
     worst = assert_same_curve(curve(setup / "qlora"), curve(setup / "qlora-ddp"))
-    print(f"QLoRA DDP: max loss difference {worst:.2e}")
+    print(f"QLoRA DDP: max relative loss difference {worst:.2e}")
 
 
 def test_zero3_bf16_lora_casts_adapters_and_trains(setup):

@@ -15,14 +15,18 @@ import pytest
 from cso_dist.config import load_config
 from cso_dist.launch import collect, submit_run, submit_sweep, table
 from cso_dist.tracking import read_metrics
-from cso_dist.train import run_train
 from conftest import MCTS_SMALL, REPO, argv, cfg_of, run_cli, run_overrides, tiny_run_data
+from numerics import curve_tol
 
 SECRET = "wandb-secret-0123456789abcdef"
 
 
+def _slurm_running() -> bool:
+    return bool(shutil.which("sinfo")) and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+
+
 def _slurm_startable() -> str:
-    if shutil.which("sinfo") and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0:
+    if _slurm_running():
         return ""
     if os.geteuid() != 0:
         return "no running Slurm, and not root: scripts/slurm-up.sh cannot start one"
@@ -33,13 +37,19 @@ def _slurm_startable() -> str:
 
 @pytest.fixture(scope="session")
 def slurm():
+    """A running Slurm: the one already up (CI starts it in .ci/run), else one started here by
+    scripts/slurm-up.sh and stopped again at the end by scripts/slurm-down.sh (by its pidfiles)."""
     reason = _slurm_startable()
     if reason:
         pytest.skip(reason)
+    started_here = not _slurm_running()
     t0 = time.time()
     proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm-up.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, f"scripts/slurm-up.sh failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     print(f"slurm up in {time.time() - t0:.1f} s")
+    yield
+    if started_here:
+        subprocess.run(["bash", str(REPO / "scripts" / "slurm-down.sh")], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +81,7 @@ def wait_job(job: str, timeout: float = 600) -> str:
 
 
 def losses(run_dir) -> list[tuple]:
-    return [(m["step"], round(m["loss"], 6)) for m in read_metrics(run_dir) if "loss" in m]
+    return [(m["step"], m["loss"]) for m in read_metrics(run_dir) if "loss" in m]
 
 
 def test_sbatch_dry_run_renders_every_template_without_secrets(data, tmp_path):
@@ -151,7 +161,10 @@ def _preempt_and_finish(run_dir: Path, signal_job) -> dict:
 
 
 def _uninterrupted(over: dict, name: str, data: Path) -> list[tuple]:
-    run_train(cfg_of({**over, "run.out_dir": str(data / name)}), progress=False)
+    """The same run straight through under the job's numeric conditions (one process, the torch engine,
+    OMP_NUM_THREADS = slurm.cpus_per_task as the job sets it), so the curves must agree bit for bit."""
+    threads = str(cfg_of(over).slurm.cpus_per_task)
+    run_cli("train", *argv({**over, "run.out_dir": str(data / name)}), env={"OMP_NUM_THREADS": threads}, check=True)
     return losses(data / name)
 
 
@@ -194,6 +207,7 @@ def test_failing_job_reports_its_error_and_log(slurm, data):
     assert proc.returncode == 1 and "FAILED" in proc.stdout and "no-such-model" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cluster", ["local", "debug"])
 def test_submitit_local_and_debug_run_the_same_code_path(data, cluster):
     cfg = cfg_of(overrides(data, f"on-{cluster}", **{"train.max_steps": 2}))
@@ -227,16 +241,17 @@ def test_submitit_two_node_deepspeed_run(slurm, data):
     assert "deepspeed engine on 2 ranks" in log
     ref = _uninterrupted({**over, "dist.engine": "torch"}, "submitit-2n-ref", data)
     got = losses(data / "submitit-2n")
-    assert [s for s, _ in got] == [s for s, _ in ref] and all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(got, ref))
+    # 2 ranks against 1 process: another reduction order, so within fp32's curve tolerance
+    assert [s for s, _ in got] == [s for s, _ in ref] and all(abs(a - b) <= curve_tol(b) for (_, a), (_, b) in zip(got, ref))
 
 
 def test_sbatch_precompute_on_two_nodes_equals_one_process(slurm, data):
     """srun one task per node, ranks from SLURM_PROCID/SLURM_NTASKS: the same cache as one process."""
-    from cso_dist.refcache import cache_key, load_reference, run_precompute
+    from cso_dist.refcache import cache_key, load_reference
 
     one = overrides(data, "pc-1", **{"train.ref_cache": data / "pc-1-cache", "refcache.dialogues_per_shard": 1})
     two = {**one, "train.ref_cache": str(data / "pc-2-cache"), "run.out_dir": str(data / "pc-2")}
-    run_precompute(cfg_of(one), progress=False)
+    assert run_cli("precompute", *argv(one), env={"OMP_NUM_THREADS": "1"}).returncode == 0  # as each task runs
     proc = run_cli("launch", "sbatch", "--template", "precompute", "--nodes", 2, *argv(two))
     assert proc.returncode == 0, proc.stderr[-2000:]
     job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
@@ -245,7 +260,7 @@ def test_sbatch_precompute_on_two_nodes_equals_one_process(slurm, data):
     assert "rank 0/2" in log and "rank 1/2" in log
     c1, c2 = cfg_of(one), cfg_of(two)
     a, b = load_reference(c1, cache_key(c1)), load_reference(c2, cache_key(c2))
-    assert a.keys() == b.keys() and all(abs(a[k][0] - b[k][0]) <= 1e-5 for k in a)
+    assert a.keys() == b.keys() and a == b  # the same shards on one thread each: the same bits
 
 
 def test_sbatch_sweep_array_runs_every_grid_point(slurm, data):
