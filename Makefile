@@ -1,6 +1,9 @@
 # Two entry points, both create/reuse the virtual environment in $(VENV):
 #   make demo   - the main job (build CSO preference data from ESConv, print statistics)
-#   make test   - the test suite
+#   make test   - the whole test suite (CI's command), then its numerics tests again on the AVX2 kernels
+# and for the edit loop:
+#   make test-fast      - the `unit` tier (no training runs, no extra processes, no Slurm; < 2 min)
+#   make test-numerics  - the `numerics` tier under both CPU kernel families
 # CPU machines get the local CPU torch wheel (TORCH=torch==2.13.0); on a GPU machine
 # run `make TORCH=torch ...` or `pip install -e .` inside your own CUDA environment.
 VENV ?= .venv
@@ -8,7 +11,11 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cso-installed
 
-.PHONY: demo test install clean
+# The kernels an AVX2-only CPU (e.g. AMD EPYC) runs, selected on an AVX-512 machine: ATen's own kernels,
+# MKL's (sgemm) and oneDNN's each read the CPU type on their own. On an AVX2 machine this is a no-op.
+AVX2_KERNELS := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+
+.PHONY: demo test test-fast test-numerics install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,7 +30,15 @@ demo: $(STAMP)
 	$(VENV)/bin/cso-dist demo --config configs/demo.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(PY) -m pytest -q tests
+	$(AVX2_KERNELS) $(PY) -m pytest -q -m numerics tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m unit tests
+
+test-numerics: $(STAMP)
+	$(PY) -m pytest -q -m numerics tests
+	$(AVX2_KERNELS) $(PY) -m pytest -q -m numerics tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -9,6 +9,19 @@ import pytest
 from cso_dist.paths import data_dir
 
 REPO = Path(__file__).resolve().parents[1]
+TIERS = ("slow", "distributed", "slurm")  # everything else is `unit`: the edit loop's fast tier
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers: test_distributed.py is `distributed` (several processes), a test that needs the `slurm`
+    fixture is `slurm`, `slow` is marked by hand (over ~5 s on 2 cores), the rest is `unit`."""
+    for item in items:
+        if item.path.name == "test_distributed.py":
+            item.add_marker(pytest.mark.distributed)
+        if "slurm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.unit)
 
 
 def run_cli(*args, env=None, check=False, cwd=None):
@@ -29,7 +42,7 @@ def write_jsonl(path, rows):
 def esconv_dir():
     d = data_dir() / "esconv"
     if not (d / "train.jsonl").is_file():
-        pytest.skip(f"ESConv not found in {d}: set CSO_DATA_DIR or place ../shared/data/esconv")
+        pytest.skip(f"ESConv not found in {d}: set CSO_DATA_DIR or run `cso-dist data fetch esconv`")
     return d
 
 

@@ -3,6 +3,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, run_cli
 
 
@@ -34,6 +36,7 @@ def test_build_stats_pairs_roundtrip(tmp_path, esconv_dir):
     assert len(dpo) <= stats["pairs"] and len({json.dumps(r, sort_keys=True) for r in dpo}) == len(dpo)
 
 
+@pytest.mark.slow
 def test_tiny_model_command_and_token_stats(tmp_path, esconv_dir):
     model = tmp_path / "tiny-llama"
     proc = run_cli("tiny-model", "--arch", "llama", "--tokenizer", "bpe", "--out", model, check=True)
@@ -51,6 +54,7 @@ def test_tiny_model_command_and_token_stats(tmp_path, esconv_dir):
     assert tok["per_pair_tokens"] > 10 * tok["dialogue_tokens_with_branches"]
 
 
+@pytest.mark.slow
 def test_demo_main_job(tmp_path, esconv_dir):
     """The README's main command end to end, on a few dialogues: data -> tiny model -> SFT -> precompute -> DPO."""
     proc = run_cli("demo", "--config", REPO / "configs" / "demo.yaml", "--run.out_dir", tmp_path / "demo",
@@ -79,3 +83,14 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
     assert not [f for f in tracked if Path(f).name in ("train.jsonl", "valid.jsonl", "test.jsonl")], \
         "no dataset text is committed"
+
+
+def test_user_facing_text_points_only_inside_the_repository():
+    """A user's clone has no ../shared: the README, docs, configs, templates and scripts never send them there."""
+    tracked = subprocess.run(["git", "ls-files", "README.md", "docs", "configs", "slurm", "scripts", "ds_configs",
+                              "Makefile"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    untracked_docs = [str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")]
+    offenders = [f for f in set(tracked + untracked_docs)
+                 if (REPO / f).is_file() and ("../shared" in (REPO / f).read_text() or "shared/recipes" in (REPO / f).read_text())]
+    assert not offenders, offenders
+    assert (REPO / "docs" / "method.md").is_file()

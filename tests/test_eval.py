@@ -124,6 +124,7 @@ def test_text_metrics():
     assert distinct(["a b a b"], 1) == 0.5 and distinct(["a b a b"], 2) == pytest.approx(2 / 3)
 
 
+@pytest.mark.slow
 def test_cli_score_json_and_bad_rows(tmp_path):
     rows = [{"gold_strategy": "Question", "pred_strategy": "Question", "gold_response": "how are you?",
              "pred_response": "how are you?"},
@@ -158,6 +159,7 @@ def _gen(setup, name, *extra):
     return proc
 
 
+@pytest.mark.slow
 def test_generate_writes_every_turn_and_resumes(setup):
     _gen(setup, "gen")
     pred = setup / "gen" / "eval" / "pred-test-generate.jsonl"
@@ -180,6 +182,7 @@ def _brute_force(model, tok, prompt, prefix):
     return sum(float(logp[len(prompt) + k - 1, t]) for k, t in enumerate(prefix))
 
 
+@pytest.mark.slow
 def test_likelihood_mode_scores_every_strategy_exactly(setup):
     from cso_dist.data.render import format_reply
     from cso_dist.eval.generate import eval_dialogues, eval_turns
@@ -212,6 +215,7 @@ def test_likelihood_mode_scores_every_strategy_exactly(setup):
     assert checked == 18
 
 
+@pytest.mark.slow
 def test_generate_with_lora_and_qlora_adapters(setup):
     from peft import LoraConfig, get_peft_model
 
@@ -231,6 +235,7 @@ def test_generate_with_lora_and_qlora_adapters(setup):
         assert len((setup / f"gen-{method}" / "eval" / "pred-test-generate.jsonl").read_text().splitlines()) > 3
 
 
+@pytest.mark.slow
 def test_report_puts_runs_side_by_side(setup, tmp_path):
     _gen(setup, "gen")  # resumable: nothing to do when the earlier tests wrote them
     _gen(setup, "lik", "--mode", "likelihood")

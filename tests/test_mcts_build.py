@@ -93,6 +93,7 @@ def _build(world, out: Path, *extra, **popen):
     return proc
 
 
+@pytest.mark.slow
 def test_hf_build_on_esconv_seeds_reads_back_reruns_free_and_resumes_after_kill(world, tmp_path):
     out = tmp_path / "full" / "ESC-Pro.json"
     t0 = time.time()
@@ -189,6 +190,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             pass  # the client gave up (timeout) and retried
 
 
+@pytest.mark.slow
 def test_openai_backend_against_a_loopback_server_retries_caches_and_keeps_the_key_secret(world, tmp_path):
     root, model, seeds = world
     server = ChatServer(model)

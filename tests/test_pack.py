@@ -57,7 +57,8 @@ def _both(model, tok, dialogues, max_length=768, budget=1200):
     return tri, pair, units
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.slow
+@pytest.mark.parametrize("attn", [pytest.param("sdpa", marks=pytest.mark.numerics), "eager"])
 def test_trie_logps_equal_per_pair(tiny, dialogues, attn):
     arch, path, tok = tiny
     with torch.no_grad():
@@ -73,6 +74,8 @@ def test_trie_logps_equal_per_pair(tiny, dialogues, attn):
     assert max(abs(tri64[k] - pair64[k]) for k in pair64) < (1e-10 if attn == "sdpa" else 1e-6)
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 def test_dpo_gradients_equal_per_pair(tiny, dialogues):
     arch, path, tok = tiny
     grads = []
@@ -172,6 +175,7 @@ def test_kl_branches_and_single_turn():
     assert [s.reply_id for u in alone.all_units() for s in u.spans] == ["x:1:c", "x:1:r0"]  # no mismatched pair
 
 
+@pytest.mark.slow
 def test_tokens_per_pair_on_esconv_train(qwen_tok, esconv_dir, capsys):
     """Real Qwen2.5 tokenizer, ESConv train, K=3: tokens the model processes per preference pair."""
     ds, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="train"))

@@ -72,6 +72,7 @@ def test_model_states_agree_with_deepspeed_estimators(name, nodes, gpus, capsys)
         assert ours / GIB == pytest.approx(ds_gib, rel=0.10, abs=0.01), (zero, offload)
 
 
+@pytest.mark.slow
 def test_activation_estimate_matches_measured_peak_on_cpu(tmp_path, esconv_dir):
     """The planner's activation peak against the measured peak memory (VmHWM) of a tiny model's
     forward + backward over a real trie row of ESConv dialogues, with and without checkpointing."""

@@ -77,6 +77,8 @@ def _worst(a, b, ids):
     return max(abs(a[k][0] - b[k][0]) / abs(b[k][0]) for k in ids)
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 def test_precompute_values_equal_per_pair(setup, built):
     cfg, reports, values = built
     root = cache_root(cfg)
@@ -182,6 +184,7 @@ def test_export_refuses_changed_data(setup, tmp_path):
         export_cache(cache_root(cfg), tmp_path / "x.jsonl")
 
 
+@pytest.mark.numerics
 def test_two_ranks_equal_one(setup, built, tmp_path):
     cfg1, _, values = built
     cfg = make_cfg(setup, tmp_path)

@@ -100,6 +100,7 @@ def test_truncation_drops_oldest_history_never_the_target(qwen_tok):
     assert stats["truncated_turns"] == 1 and stats["dropped_history_messages"] == 2
 
 
+@pytest.mark.slow
 def test_history_prefix_property_on_all_of_esconv_train(qwen_tok, esconv_dir):
     """Turn t's history ids are an exact prefix of turn t+1's, for every dialogue of ESConv train."""
     dialogues, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="train", negatives=1))
