@@ -23,7 +23,7 @@ SOURCES = ("escpro", "cso-rows", "kto-rows", "trl", "esconv")
 @dataclass
 class DataConfig:
     source: Literal["escpro", "cso-rows", "kto-rows", "trl", "esconv"] = "esconv"
-    input: str = ""  # file or folder; "" = ESConv from the data dir ($CSO_DATA_DIR or ../shared/data)
+    input: str = ""  # file or folder; "" = ESConv from the data dir (cso_dist.paths.data_dir)
     split: str = "train"
     negatives: int = 3  # ESConv: non-preferred options per supporter turn
     seed: int = 0

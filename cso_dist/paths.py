@@ -1,4 +1,6 @@
-"""Where the datasets live: $CSO_DATA_DIR, else ../shared/data when it exists."""
+"""Where the datasets live: $CSO_DATA_DIR, else the user cache (~/.cache/cso_dist/data, or under
+$XDG_CACHE_HOME), which `cso-dist data fetch` fills. A developers' checkout may instead find a
+`shared/data` folder beside it (used only when the user cache has no ESConv)."""
 from __future__ import annotations
 
 import os
@@ -10,16 +12,26 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ESCONV_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")
 
 
-def data_dir() -> Path:
-    """$CSO_DATA_DIR if set; else ../shared/data beside the checkout (or the working directory)."""
+def user_data_dir() -> Path:
+    """The per-user data folder: $CSO_DATA_DIR if set, else <cache>/cso_dist/data."""
     env = os.environ.get("CSO_DATA_DIR")
     if env:
         return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "cso_dist" / "data"
+
+
+def data_dir() -> Path:
+    """user_data_dir(); without $CSO_DATA_DIR and with no ESConv in the user cache, a developers'
+    ../shared/data beside the checkout (or the working directory) when it exists."""
+    user = user_data_dir()
+    if os.environ.get("CSO_DATA_DIR") or (user / "esconv").is_dir():
+        return user
     for base in (Path.cwd(), REPO_ROOT):
         cand = (base / ".." / "shared" / "data").resolve()
-        if cand.is_dir():
+        if (cand / "esconv").is_dir():
             return cand
-    return (REPO_ROOT / ".." / "shared" / "data").resolve()
+    return user
 
 
 def esconv_dir() -> Path:
@@ -27,8 +39,7 @@ def esconv_dir() -> Path:
     d = data_dir() / "esconv"
     missing = [f for f in ESCONV_FILES if not (d / f).is_file()]
     if missing:
-        where = "$CSO_DATA_DIR" if os.environ.get("CSO_DATA_DIR") else "the default ../shared/data"
-        raise CsoError(f"ESConv not found: {d} lacks {', '.join(missing)} ({where}). Put the ESConv HF split "
-                       f"(train.jsonl, valid.jsonl, test.jsonl) in {d}, set CSO_DATA_DIR to a folder whose "
-                       f"esconv/ holds them, or run `cso-dist data fetch esconv` when online")
+        raise CsoError(f"ESConv not found: {d} lacks {', '.join(missing)}. Run `cso-dist data fetch esconv` "
+                       f"(online) to fill it, put the ESConv HF split (train.jsonl, valid.jsonl, test.jsonl) "
+                       f"there, or set CSO_DATA_DIR to a folder whose esconv/ holds them")
     return d

@@ -8,7 +8,7 @@
 #   CSO_SLURM_NODES   fake nodes node1..nodeN          (default 2)
 #   CSO_SLURM_CPUS    CPUs advertised per node         (default: nproc)
 #   CSO_SLURM_MEM     MB advertised per node           (default 4000)
-# Facts behind the settings: ../shared/recipes/slurm-local.md.
+# Why each setting is what it is: the comment beside it below.
 set -euo pipefail
 
 NODES=${CSO_SLURM_NODES:-2}

@@ -7,7 +7,7 @@ supporter turn"); its children answer the seed's opening history. All LLM work g
 roles it is fully reproducible, and a tree saved with `tree_to_json` after any iteration and
 resumed with `tree_from_json` + `run` ends exactly as an uninterrupted run.
 
-Rules (the recipe leaves these open; see shared/recipes/cso-method.md, "ESC-Pro construction"):
+Rules (the recipe leaves these open; see docs/method.md, "ESC-Pro by Monte Carlo Tree Search"):
 - Seed: consecutive messages by the same speaker are merged, texts joined with one space (a
   merged supporter turn keeps the first strategy given). The opening history is everything
   before the first supporter turn (empty if the seed starts with a supporter turn). Each gold
@@ -40,7 +40,7 @@ Rules (the recipe leaves these open; see shared/recipes/cso-method.md, "ESC-Pro 
 - Extraction: a preferred path runs from the root to a finished node with q >= preferred_q and
   n >= preferred_n (the gold path qualifies while its Q stays high). At each supporter turn the
   negatives are the siblings with q <= negative_q, a generated non-empty reply, and on no
-  preferred path. Records follow shared/data/README.md (plus a "seed" field); a path's last
+  preferred path. Records follow the ESC-Pro record schema in docs/method.md; a path's last
   seeker_next is added as a final user message only if non-empty.
 """
 from __future__ import annotations
