@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from cso_dist.config import DataConfig
 from cso_dist.data.build import build_dialogues
 from cso_dist.data.dialogue import Message, Option, PrefDialogue
-from cso_dist.data.render import make_renderer
+from cso_dist.data.render import make_renderer, tokenize_dialogue, turn_examples
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.losses import dpo
 from cso_dist.models import build_tiny_model, load_tokenizer
@@ -184,7 +184,7 @@ def test_tokens_per_pair_on_esconv_train(qwen_tok, esconv_dir, capsys):
     trie_tokens = sum(len(u) for u in laid.all_units())
     pairs = sum(len(d.messages[i].rejected) for d in ds for i in d.turn_indices())
     pair_tokens = sum(2 * len(ex.history) + len(ex.chosen) + len(rej)
-                      for d in ds for ex in __import__("cso_dist.data.render", fromlist=["x"]).turn_examples(d, r, SSET, 2048)
+                      for d in ds for ex in turn_examples(d, r, SSET, 2048, tokenize_dialogue(d, r, SSET))
                       for rej in ex.rejected)
     per_pair, trie = pair_tokens / pairs, trie_tokens / pairs
     with capsys.disabled():
