@@ -43,7 +43,7 @@ def run_demo(cfg: Config) -> dict:
         path = out / "data" / f"{split}.jsonl"
         write_dialogues(path, dialogues)
         built[split] = (path, dialogues, report)
-    print(f"[1/5] preference data: " + ", ".join(f"{s} {len(d)} dialogues" for s, (_, d, _) in built.items()))
+    print("[1/5] preference data: " + ", ".join(f"{s} {len(d)} dialogues" for s, (_, d, _) in built.items()))
 
     # 2. tiny model
     model_dir = Path(cfg.model.path) if cfg.model.path else out / "tiny-model"

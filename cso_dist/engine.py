@@ -26,7 +26,7 @@ from cso_dist.checkpoint import list_checkpoints, load_checkpoint, save_checkpoi
 from cso_dist.config import Config
 from cso_dist.dist import World
 from cso_dist.errors import ConfigError, CsoError
-from cso_dist.models import LoraSettings, count_parameters, load_model
+from cso_dist.models import count_parameters, load_model, lora_settings
 from cso_dist.pack import pair_logps, trie_logps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +48,10 @@ class Scorer(torch.nn.Module):
 
 
 def no_dropout(model) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
+    """The base model's dropout off (policy and reference must score alike, as TRL's disable_dropout);
+    the adapters' own dropout (PEFT's `lora_dropout` modules, model.lora_dropout) stays as configured."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Dropout) and ".lora_dropout." not in f".{name}.":
             m.p = 0.0
     cfg = getattr(getattr(model, "module", model), "config", None)
     if cfg is not None and hasattr(cfg, "attention_dropout"):
@@ -89,10 +91,6 @@ def make_optimizer(params: list, cfg: Config, cpu_offload: bool = False):
     return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def _lora(cfg: Config) -> LoraSettings:
-    return LoraSettings(cfg.model.lora_r, cfg.model.lora_alpha, 0.0, list(cfg.model.lora_target_modules))
-
-
 class TorchEngine:
     """Plain torch: one process, or DDP (gradients all-reduced on the step's last backward)."""
 
@@ -101,7 +99,7 @@ class TorchEngine:
     def __init__(self, cfg: Config, world: World, total_steps: int):
         self.cfg, self.world = cfg, world
         device = dist.device_for(world)
-        self.module = load_model(cfg.model.path, cfg.model.method, cfg.model.precision, lora=_lora(cfg),
+        self.module = load_model(cfg.model.path, cfg.model.method, cfg.model.precision, lora=lora_settings(cfg.model),
                                  device=device, gradient_checkpointing=cfg.train.gradient_checkpointing)
         no_dropout(self.module)
         self.module.train()
@@ -241,7 +239,7 @@ class DeepSpeedEngine:
             MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(base))]  # import outside zero.Init
             self._hf_ds = HfDeepSpeedConfig(self.ds)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        self.module = load_model(cfg.model.path, cfg.model.method, cfg.model.precision, lora=_lora(cfg), device="",
+        self.module = load_model(cfg.model.path, cfg.model.method, cfg.model.precision, lora=lora_settings(cfg.model), device="",
                                  gradient_checkpointing=cfg.train.gradient_checkpointing,
                                  reentrant_checkpointing=self.stage == 3)
         no_dropout(self.module)

@@ -12,7 +12,7 @@ import torch
 
 from cso_dist.config import Config, load_config
 from cso_dist.errors import CsoError
-from cso_dist.models import LoraSettings, load_model, load_tokenizer
+from cso_dist.models import load_model, load_tokenizer, lora_settings
 from cso_dist.models.load import PRECISIONS
 
 
@@ -53,7 +53,7 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], cfg: Config) -> torch.nn.
     `sd` may hold every weight or only the trained ones (LoRA); every trained weight of the model
     must be in it, and every key of it must belong to the model."""
     method = "lora" if cfg.model.method in ("lora", "qlora") else "full"
-    lora = LoraSettings(cfg.model.lora_r, cfg.model.lora_alpha, 0.0, list(cfg.model.lora_target_modules))
+    lora = lora_settings(cfg.model)
     model = load_model(cfg.model.path, method, cfg.model.precision, lora=lora, device="cpu")
     own = model.state_dict()
     unknown = [k for k in sd if k not in own]

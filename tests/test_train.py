@@ -238,6 +238,26 @@ def test_lora_final_outputs_and_wandb_offline(setup, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_lora_dropout_reaches_training_and_is_off_at_eval(setup):
+    """model.lora_dropout is the dropout of the adapters the engine trains (the saved adapter says so); it
+    changes the curve once the adapters are non-zero, and evaluation runs without it."""
+    curves = {}
+    for p in (0.0, 0.5):
+        cfg = cfg_for(setup, f"lora-dropout-{p}", **{
+            "model.method": "lora", "model.lora_r": 4, "model.lora_dropout": p, "train.final": "adapter",
+            "train.max_steps": 3, "train.eval_file": str(setup[0] / "valid.jsonl"), "train.eval_every": 1})
+        summary = run_train(cfg, progress=False)
+        curves[p] = read_metrics(cfg.run.out_dir)
+        saved = json.loads(open(os.path.join(summary["final"], "adapter_config.json")).read())
+        assert saved["lora_dropout"] == p
+    off, on = curves[0.0], curves[0.5]
+    assert off[0]["loss"] == on[0]["loss"]  # lora_B starts at 0: dropout cannot matter at step 1
+    assert off[2]["loss"] != on[2]["loss"]  # ... and does once the adapters moved
+    at3 = [m for m in on if m["step"] == 3 and "eval/loss" in m]
+    assert len(at3) == 2 and at3[0]["eval/loss"] == at3[1]["eval/loss"]  # two evaluations, same weights, no masks
+
+
+@pytest.mark.slow
 def test_training_refuses_a_stale_cache(setup):
     cfg = cfg_for(setup, "stale", **{"train.max_steps": 1})
     run_precompute(cfg, progress=False)

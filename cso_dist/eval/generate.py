@@ -186,7 +186,7 @@ def likelihood_rows(model, renderer, sset: StrategySet, dialogues: list[PrefDial
 
 def run_generate(cfg: Config, split: str, out: Path, mode: str, data_file: str = "", progress: bool = True) -> Path:
     """Write (or complete) the PRED file of `split` with the model at model.path."""
-    from cso_dist.models import LoraSettings, load_model
+    from cso_dist.models import load_model, lora_settings
     from cso_dist.refcache.key import make_cfg_renderer, resolve_sset
 
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
@@ -195,7 +195,7 @@ def run_generate(cfg: Config, split: str, out: Path, mode: str, data_file: str =
     done = _done_ids(out)
     torch.manual_seed(cfg.run.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    lora = LoraSettings(cfg.model.lora_r, cfg.model.lora_alpha, 0.0, list(cfg.model.lora_target_modules))
+    lora = lora_settings(cfg.model)
     model = load_model(cfg.model.path, cfg.model.method, cfg.model.precision, lora=lora, device=device)
     model.eval()
     t0 = time.time()

@@ -28,6 +28,13 @@ class LoraSettings:
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
+def lora_settings(model_cfg) -> LoraSettings:
+    """The LoRA settings of a config's model section (model.lora_r, _alpha, _dropout, _target_modules):
+    the one place they are read, for training, reference scoring, export and evaluation alike."""
+    return LoraSettings(model_cfg.lora_r, model_cfg.lora_alpha, model_cfg.lora_dropout,
+                        list(model_cfg.lora_target_modules))
+
+
 def _check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise ConfigError(f"model.{name}: '{value}' is not one of {', '.join(choices)}")

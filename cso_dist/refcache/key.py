@@ -33,7 +33,7 @@ from cso_dist.data.dialogue import PrefDialogue, atomic_write_text, read_dialogu
 from cso_dist.data.render import Renderer, make_renderer, system_prompt
 from cso_dist.data.strategies import StrategySet, load_strategy_set
 from cso_dist.errors import CsoError
-from cso_dist.models import LoraSettings, is_adapter_dir, load_model, load_tokenizer
+from cso_dist.models import is_adapter_dir, load_model, load_tokenizer, lora_settings
 from cso_dist.models.load import adapter_base_path
 from cso_dist.pack import Unit
 
@@ -283,7 +283,7 @@ def load_reference_model(cfg: Config, device: str) -> RefModel:
     qlora-base: the 4-bit base the QLoRA policy trains on (load_model(method="qlora")), adapter disabled.
     """
     path, ref = model_dir(cfg), method_reference(cfg)
-    lora = LoraSettings(cfg.model.lora_r, cfg.model.lora_alpha, 0.0, list(cfg.model.lora_target_modules))
+    lora = lora_settings(cfg.model)
     if ref == "full":
         model, ctx = load_model(path, "full", cfg.model.precision, device=device), contextlib.nullcontext
     else:
