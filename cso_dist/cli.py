@@ -97,7 +97,8 @@ def cmd_data_stats(args, extra) -> int:
 
 
 def cmd_data_pairs(args, extra) -> int:
-    from cso_dist.data.dialogue import read_dialogues, write_jsonl
+    from cso_dist.data.dialogue import read_dialogues
+    from cso_dist.io import write_jsonl
     from cso_dist.data.export import pair_rows
     from cso_dist.data.strategies import load_strategy_set
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from cso_dist.config import Config
 from cso_dist.data.build import build_dialogues
-from cso_dist.data.dialogue import atomic_write_text, write_dialogues
+from cso_dist.data.dialogue import write_dialogues
+from cso_dist.io import atomic_write_text
 from cso_dist.data.esconv import esconv_texts
 from cso_dist.data.stats import dialogue_stats, token_stats_for
 from cso_dist.models import build_tiny_model

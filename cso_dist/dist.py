@@ -137,14 +137,6 @@ def any_true(flag: bool) -> bool:
     return bool(t.item())
 
 
-def broadcast_object(obj, src: int = 0):
-    if not td.is_initialized():
-        return obj
-    box = [obj]
-    td.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def my_share(items: list, world: World) -> list[tuple[object, float]]:
     """This rank's items of a step, round-robin, padded so every rank runs the same number of forwards
     (ZeRO-3 gathers parameters collectively; DDP all-reduces on the last backward). A padding item is

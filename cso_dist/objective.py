@@ -52,10 +52,6 @@ def structure(reply_ids: list[str]) -> Structure:
     return s
 
 
-def norm_key(method: str) -> str:
-    return {"sft": "chosen", "kto": "kto"}.get(method, "pairs")
-
-
 def micro_loss(cfg: TrainConfig, reply_ids: list[str], logps: torch.Tensor, ntok: torch.Tensor,
                ref: dict[str, tuple[float, int]] | None, norm: dict[str, int]) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch (already divided by the step's counts) and metric sums."""

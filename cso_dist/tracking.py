@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from cso_dist.data.dialogue import atomic_write_text
+from cso_dist.io import atomic_write_text
 
 
 class Tracker:

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from cso_dist import dist
 from cso_dist.checkpoint import condition_changes, list_checkpoints, numeric_conditions
 from cso_dist.config import Config
-from cso_dist.data.dialogue import PrefDialogue, atomic_write_text
+from cso_dist.data.dialogue import PrefDialogue
+from cso_dist.io import atomic_write_text
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.losses import needs_reference
 from cso_dist.dist import World, my_share, world_from_env

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cso_dist.data.dialogue import atomic_write_text
+from cso_dist.io import atomic_write_text
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import DataError
 from cso_dist.eval.metrics import score_rows

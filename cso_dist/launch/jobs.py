@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from cso_dist.config import Config, load_config, parse_overrides
-from cso_dist.data.dialogue import atomic_write_text
+from cso_dist.io import atomic_write_text
 from cso_dist.errors import CsoError
 
 CLUSTERS = ("slurm", "local", "debug")

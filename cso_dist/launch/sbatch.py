@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from cso_dist.config import Config
-from cso_dist.data.dialogue import atomic_write_text
+from cso_dist.io import atomic_write_text
 from cso_dist.errors import CsoError
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"

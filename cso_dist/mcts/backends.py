@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
-from cso_dist.data.dialogue import atomic_write_text
+from cso_dist.io import atomic_write_text
 from cso_dist.errors import ConfigError, CsoError
 
 

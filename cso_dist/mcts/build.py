@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cso_dist.config import Config
-from cso_dist.data.dialogue import atomic_write_text
+from cso_dist.io import atomic_write_text
 from cso_dist.errors import CsoError
 from cso_dist.mcts.backends import CachedBackend, make_backend
 from cso_dist.mcts.llm_roles import LLMRoles, RoleSettings, load_prompts

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 from cso_dist.config import Config
-from cso_dist.data.dialogue import atomic_write_text, read_dialogues, write_jsonl
+from cso_dist.data.dialogue import read_dialogues
+from cso_dist.io import atomic_write_text, write_jsonl
 from cso_dist.data.export import iter_pairs
 from cso_dist.data.render import Renderer
 from cso_dist.data.strategies import StrategySet

@@ -29,7 +29,8 @@ from typing import Callable, ContextManager
 import torch
 
 from cso_dist.config import Config
-from cso_dist.data.dialogue import PrefDialogue, atomic_write_text, read_dialogues
+from cso_dist.data.dialogue import PrefDialogue, read_dialogues
+from cso_dist.io import atomic_write_text
 from cso_dist.data.render import Renderer, make_renderer, system_prompt
 from cso_dist.data.strategies import StrategySet, load_strategy_set
 from cso_dist.errors import CsoError
