@@ -85,12 +85,12 @@ class PackConfig:
 
 @dataclass
 class TrainConfig:
-    method: Literal["sft", "dpo", "ipo", "simpo", "kto", "orpo"] = "dpo"
+    method: Literal["sft", "dpo", "ipo", "simpo", "kto", "orpo"] = "dpo"  # = cso_dist.losses.METHODS (tested)
     train_file: str = ""  # preference dialogues (data build output); "" = <run.out_dir>/data/train.jsonl
     eval_file: str = ""  # held-out dialogues for periodic evaluation; "" = none
     max_dialogues: int = 0  # use only the first N dialogues of train_file (0 = all)
     eval_max_dialogues: int = 0  # use only the first N dialogues of eval_file (0 = all)
-    beta: float = -1.0  # -1 = the method's default (dpo/ipo/kto/orpo 0.1, simpo 2.5)
+    beta: float = -1.0  # -1 = the method's default (its loss function's beta; cso_dist.losses.REGISTRY)
     label_smoothing: float = 0.0  # dpo (cDPO)
     gamma_beta_ratio: float = 0.55  # simpo
     desirable_weight: float = 1.0  # kto
@@ -129,9 +129,6 @@ class TrainConfig:
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.max_dialogues >= 0, "train.max_dialogues", "must be >= 0")
         _check(self.eval_max_dialogues >= 0, "train.eval_max_dialogues", "must be >= 0")
-
-    def method_beta(self) -> float:
-        return self.beta if self.beta > 0 else (2.5 if self.method == "simpo" else 0.1)
 
 
 @dataclass

@@ -15,15 +15,15 @@ Semantics follow TRL (DPOTrainer / CPOTrainer / ORPOTrainer / KTOTrainer) unless
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METHODS = frozenset({"dpo", "ipo", "simpo", "orpo", "kto", "sft"})
-_REFERENCE_METHODS = frozenset({"dpo", "ipo", "kto"})
 ORPO_EPS = 1e-6  # ORPO clamps average log-probs to <= -ORPO_EPS so log(1 - p) stays finite
 _LN2 = math.log(2.0)
 
@@ -51,13 +51,6 @@ class LossOutput:
     desirable: Tensor | None = None
     kl: Tensor | None = None
     log_odds: Tensor | None = None
-
-
-def needs_reference(method: str) -> bool:
-    """True for methods whose loss needs reference-model log-probs (dpo, ipo, kto)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
-    return method in _REFERENCE_METHODS
 
 
 def _up(x: Tensor) -> Tensor:
@@ -214,3 +207,56 @@ def sft_nll(chosen_logps: Tensor, chosen_len: Tensor) -> Tensor:
     _same_shape(chosen_logps=chosen_logps, chosen_len=chosen_len)
     c = _up(chosen_logps)
     return -c / _lens(chosen_len, c)
+
+
+# ---------------------------------------------------------------- the method registry
+@dataclass(frozen=True)
+class Method:
+    """One training method. `loss` is its per-example loss function (None for sft, whose loss is sft_nll on
+    the chosen replies); its keyword defaults are the method's defaults (beta, label_smoothing, ...), and the
+    objective passes every train.<name> config key that matches one of its parameters."""
+
+    name: str
+    loss: Callable[..., LossOutput] | None
+    needs_reference: bool  # reference log-probs: the precomputed cache or the adapter-disabled base
+    pair_layout: bool  # pack.layout: pair (the per-pair baseline layout) can serve it
+    pairwise: bool  # one loss per (chosen, rejected) pair; else per example (kto) or per chosen reply (sft)
+
+    @property
+    def defaults(self) -> dict[str, float]:
+        if self.loss is None:
+            return {}
+        return {k: p.default for k, p in inspect.signature(self.loss).parameters.items()
+                if p.default is not inspect.Parameter.empty and isinstance(p.default, float)}
+
+    @property
+    def beta(self) -> float | None:
+        """The default beta (ORPO: its lambda); None for sft."""
+        return self.defaults.get("beta")
+
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("dpo", dpo, needs_reference=True, pair_layout=True, pairwise=True),
+    Method("ipo", ipo, needs_reference=True, pair_layout=True, pairwise=True),
+    Method("simpo", simpo, needs_reference=False, pair_layout=True, pairwise=True),
+    Method("orpo", orpo, needs_reference=False, pair_layout=True, pairwise=True),
+    Method("kto", kto, needs_reference=True, pair_layout=False, pairwise=False),
+    Method("sft", None, needs_reference=False, pair_layout=False, pairwise=False),
+)}
+METHODS = frozenset(REGISTRY)
+
+
+def method(name: str) -> Method:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; expected one of {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def needs_reference(name: str) -> bool:
+    """True for methods whose loss needs reference-model log-probs (dpo, ipo, kto)."""
+    return method(name).needs_reference
+
+
+def resolved_beta(name: str, beta: float) -> float:
+    """train.beta, or the method's default where it is -1."""
+    return beta if beta > 0 else (method(name).beta or 0.0)

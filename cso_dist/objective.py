@@ -10,6 +10,7 @@ Losses are summed per micro-batch and divided by the whole optimizer step's coun
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -52,11 +53,20 @@ def structure(reply_ids: list[str]) -> Structure:
     return s
 
 
+def hyperparameters(spec: L.Method, cfg: TrainConfig, beta: float) -> dict[str, float]:
+    """The keyword hyperparameters of a method's loss: beta (resolved), and each other defaulted parameter
+    from the train.<same name> config key (label_smoothing, gamma_beta_ratio, desirable_weight, ...)."""
+    out = {k: getattr(cfg, k) for k in spec.defaults if hasattr(cfg, k)}
+    out["beta"] = beta
+    return out
+
+
 def micro_loss(cfg: TrainConfig, reply_ids: list[str], logps: torch.Tensor, ntok: torch.Tensor,
                ref: dict[str, tuple[float, int]] | None, norm: dict[str, int]) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch (already divided by the step's counts) and metric sums."""
     s = structure(reply_ids)
-    method, beta = cfg.method, cfg.method_beta()
+    method, beta = cfg.method, L.resolved_beta(cfg.method, cfg.beta)
+    spec = L.method(method)
     dev = logps.device
     ntok = ntok.to(dev).float()
     idx = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
@@ -81,8 +91,8 @@ def micro_loss(cfg: TrainConfig, reply_ids: list[str], logps: torch.Tensor, ntok
         desirable = torch.cat([torch.ones(len(c), dtype=torch.bool, device=dev),
                                torch.zeros(len(pr), dtype=torch.bool, device=dev)])
         kl_ix = idx(s.kl)
-        out = L.kto(logps[ex], refs(s.chosen + s.pair_r), desirable, logps[kl_ix].detach(), refs(s.kl), beta,
-                    cfg.desirable_weight, cfg.undesirable_weight)
+        out = spec.loss(logps[ex], refs(s.chosen + s.pair_r), desirable, logps[kl_ix].detach(), refs(s.kl),
+                        **hyperparameters(spec, cfg, beta))
         total = total + out.losses.sum() / max(norm["kto"], 1)
         # pairwise rewards for logging: each rejected reply against its turn's chosen reply
         rew = out.rewards.detach()
@@ -92,16 +102,11 @@ def micro_loss(cfg: TrainConfig, reply_ids: list[str], logps: torch.Tensor, ntok
         rr = rew[len(c):]
         m["kl"] = float(out.kl) if out.kl is not None else 0.0
     else:
-        if method == "dpo":
-            out = L.dpo(lc, lr, refs(s.pair_c), refs(s.pair_r), beta, cfg.label_smoothing)
-        elif method == "ipo":
-            out = L.ipo(lc, lr, refs(s.pair_c), refs(s.pair_r), nc, nr, beta)
-        elif method == "simpo":
-            out = L.simpo(lc, lr, nc, nr, beta, cfg.gamma_beta_ratio)
-        elif method == "orpo":
-            out = L.orpo(lc, lr, nc, nr, beta)
-        else:
-            raise ValueError(f"unknown method {method}")
+        inputs = {"chosen_logps": lc, "rejected_logps": lr, "chosen_len": nc, "rejected_len": nr}
+        if spec.needs_reference:
+            inputs.update(ref_chosen_logps=refs(s.pair_c), ref_rejected_logps=refs(s.pair_r))
+        params = inspect.signature(spec.loss).parameters
+        out = spec.loss(**{k: v for k, v in inputs.items() if k in params}, **hyperparameters(spec, cfg, beta))
         per_pair = out.losses + (out.nll if out.nll is not None else 0.0)
         total = total + per_pair.sum() / max(norm["pairs"], 1)
         rc, rr = out.chosen_rewards.detach(), out.rejected_rewards.detach()

@@ -29,7 +29,7 @@ from cso_dist.config import Config
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.io import atomic_write_text
 from cso_dist.errors import ConfigError, CsoError
-from cso_dist.losses import needs_reference
+from cso_dist.losses import REGISTRY, needs_reference
 from cso_dist.dist import World, my_share, world_from_env
 from cso_dist.engine import build_engine
 from cso_dist.objective import finish_metrics, micro_loss, structure
@@ -40,7 +40,6 @@ from cso_dist.refcache.cache import precompute
 from cso_dist.refcache.key import cache_root, load_split, make_cfg_renderer, resolve_sset, split_dir
 from cso_dist.tracking import Tracker
 
-PAIR_METHODS = ("dpo", "ipo", "simpo", "orpo")
 
 
 # ---------------------------------------------------------------- data -> micro-batches
@@ -185,8 +184,9 @@ def run_train(cfg: Config, resume: bool | str = False, progress: bool = True) ->
     t = cfg.train
     world = world_from_env()
     progress = progress and world.main
-    if cfg.pack.layout == "pair" and t.method not in PAIR_METHODS:
-        raise ConfigError(f"pack.layout: the per-pair layout serves {', '.join(PAIR_METHODS)}; use trie for {t.method}")
+    if cfg.pack.layout == "pair" and not REGISTRY[t.method].pair_layout:
+        serves = ", ".join(m.name for m in REGISTRY.values() if m.pair_layout)
+        raise ConfigError(f"pack.layout: the per-pair layout serves {serves}; use trie for {t.method}")
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.main:

@@ -232,6 +232,27 @@ def test_methods_and_reference():
         L.needs_reference("ppo")
 
 
+def test_the_registry_is_the_one_list_of_methods():
+    """config's choices, reference needs, layouts and default betas all come from losses.REGISTRY."""
+    from typing import get_args, get_type_hints
+
+    from cso_dist.config import TrainConfig, load_config
+    from cso_dist.objective import hyperparameters
+
+    assert set(get_args(get_type_hints(TrainConfig)["method"])) == L.METHODS == set(L.REGISTRY)
+    assert {m.name for m in L.REGISTRY.values() if m.pair_layout} == {"dpo", "ipo", "simpo", "orpo"}
+    assert {k: m.beta for k, m in L.REGISTRY.items()} == {"dpo": 0.1, "ipo": 0.1, "simpo": 2.5, "orpo": 0.1,
+                                                         "kto": 0.1, "sft": None}
+    assert L.resolved_beta("simpo", -1.0) == 2.5 and L.resolved_beta("simpo", 0.3) == 0.3
+    cfg = load_config(None, {"train.method": "dpo", "train.label_smoothing": 0.2}).train
+    assert hyperparameters(L.REGISTRY["dpo"], cfg, 0.1) == {"beta": 0.1, "label_smoothing": 0.2}
+    kto = load_config(None, {"train.method": "kto", "train.desirable_weight": 1.33}).train
+    assert hyperparameters(L.REGISTRY["kto"], kto, 0.1) == {"beta": 0.1, "desirable_weight": 1.33,
+                                                            "undesirable_weight": 1.0}
+    simpo = load_config(None, {"train.method": "simpo"}).train
+    assert hyperparameters(L.REGISTRY["simpo"], simpo, 2.5) == {"beta": 2.5, "gamma_beta_ratio": 0.55}
+
+
 def test_shape_and_dtype_checks():
     with pytest.raises(ValueError):
         L.dpo(t(-1.0, -2.0), t(-1.0), t(-1.0), t(-1.0))

@@ -16,6 +16,7 @@ from cso_dist.data.dialogue import read_dialogues
 from cso_dist.data.export import iter_pairs
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.errors import CsoError
+from cso_dist.losses import resolved_beta
 from cso_dist.models import load_model
 from cso_dist.objective import micro_loss, structure
 from cso_dist.refcache import cache_key, load_reference, run_precompute
@@ -78,7 +79,7 @@ def test_step0_dpo_loss_is_ln2_on_every_batch(setup):
             loss, _ = micro_loss(cfg.train, b.reply_ids, logps, ntok, live, b.counts)
             assert abs(float(loss) - math.log(2)) <= n_pairs * U32 * math.log(2)  # same code, same shapes
             loss, _ = micro_loss(cfg.train, b.reply_ids, logps, ntok, cached, b.counts)
-            bound = dpo_step0_bound(cfg.train.method_beta(), _ref_pairs(b, cached))
+            bound = dpo_step0_bound(resolved_beta("dpo", cfg.train.beta), _ref_pairs(b, cached))
             assert abs(float(loss) - math.log(2)) <= bound, (float(loss), bound)
             assert all(abs(live[k][0] - cached[k][0]) <= summed_logp_tol(cached[k][0], cached[k][1]) for k in live)
             worst = max(worst, abs(float(loss) - math.log(2)) / bound)
@@ -96,7 +97,7 @@ def test_short_dpo_run_learns_the_training_pairs(setup):
     ref = load_reference(cfg, cache_key(cfg, "train", renderer, sset))
     train = load_split(cfg, "train")
     step1 = plan_steps(Layout(cfg, train.dialogues, renderer, sset, False), len(train.dialogues), cfg)[0]
-    assert abs(metrics[0]["loss"] - math.log(2)) <= dpo_step0_bound(cfg.train.method_beta(),
+    assert abs(metrics[0]["loss"] - math.log(2)) <= dpo_step0_bound(resolved_beta("dpo", cfg.train.beta),
                                                                      [p for b in step1 for p in _ref_pairs(b, ref)])
     assert summary["eval/rewards/accuracies"] > 0.9, summary  # scored on the training pairs after training
     for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
