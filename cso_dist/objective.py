@@ -17,6 +17,7 @@ import torch
 
 from cso_dist import losses as L
 from cso_dist.config import TrainConfig
+from cso_dist.pack.trie import ReplyId
 
 
 @dataclass
@@ -33,22 +34,20 @@ class Structure:
         return {"chosen": len(self.chosen), "pairs": len(self.pair_r), "kto": len(self.chosen) + len(self.pair_r)}
 
 
-def structure(reply_ids: list[str]) -> Structure:
+def structure(reply_ids: list[ReplyId]) -> Structure:
     s = Structure()
-    last_chosen: dict[str, int] = {}
-    for i, rid in enumerate(reply_ids):
-        base = rid.split("#", 1)[0]
-        turn, kind = base.rsplit(":", 1)
-        if kind == "c":
-            last_chosen[turn] = i
-            if base == rid:
+    last_chosen: dict[tuple[str, int], int] = {}
+    for i, rid in enumerate(map(ReplyId.parse, reply_ids)):  # ids from a layout are ReplyIds already
+        if rid.kind == "c":
+            last_chosen[rid.turn_key] = i
+            if not rid.copy:
                 s.chosen.append(i)
-        elif kind == "kl":
+        elif rid.kind == "kl":
             s.kl.append(i)
         else:
-            if turn not in last_chosen:
+            if rid.turn_key not in last_chosen:
                 raise ValueError(f"reply {rid} has no chosen reply of its turn before it in the batch")
-            s.pair_c.append(last_chosen[turn])
+            s.pair_c.append(last_chosen[rid.turn_key])
             s.pair_r.append(i)
     return s
 
@@ -61,7 +60,7 @@ def hyperparameters(spec: L.Method, cfg: TrainConfig, beta: float) -> dict[str, 
     return out
 
 
-def micro_loss(cfg: TrainConfig, reply_ids: list[str], logps: torch.Tensor, ntok: torch.Tensor,
+def micro_loss(cfg: TrainConfig, reply_ids: list[ReplyId], logps: torch.Tensor, ntok: torch.Tensor,
                ref: dict[str, tuple[float, int]] | None, norm: dict[str, int]) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch (already divided by the step's counts) and metric sums."""
     s = structure(reply_ids)
@@ -72,7 +71,7 @@ def micro_loss(cfg: TrainConfig, reply_ids: list[str], logps: torch.Tensor, ntok
     idx = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
 
     def refs(ix: list[int]) -> torch.Tensor:
-        return torch.tensor([ref[reply_ids[i].split("#", 1)[0]][0] for i in ix], dtype=logps.dtype, device=dev)
+        return torch.tensor([ref[ReplyId.parse(reply_ids[i]).key][0] for i in ix], dtype=logps.dtype, device=dev)
 
     c, pc, pr = idx(s.chosen), idx(s.pair_c), idx(s.pair_r)
     m: dict[str, float] = {}

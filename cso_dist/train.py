@@ -34,7 +34,8 @@ from cso_dist.dist import World, my_share, world_from_env
 from cso_dist.engine import build_engine
 from cso_dist.objective import finish_metrics, micro_loss, structure
 from cso_dist.preempt import STOPPED_FILE, StopRequest
-from cso_dist.pack import collate_pairs, collate_trie, dialogue_pair_rows, lay_out, pack_units, pair_logps, trie_logps
+from cso_dist.pack import (ReplyId, collate_pairs, collate_trie, dialogue_pair_rows, lay_out, pack_units, pair_logps,
+                           trie_logps)
 from cso_dist.refcache import cache_key, cache_status, load_reference
 from cso_dist.refcache.cache import precompute
 from cso_dist.refcache.key import cache_root, load_split, make_cfg_renderer, resolve_sset, split_dir
@@ -46,7 +47,7 @@ from cso_dist.tracking import Tracker
 @dataclass
 class Batch:
     data: object  # TrieBatch or PairBatch
-    reply_ids: list[str]
+    reply_ids: list[ReplyId]
     counts: dict
     n_tokens: int
 
@@ -143,8 +144,10 @@ def _live_reference(engine, batch: Batch) -> dict:
     """Reference log-probs of a LoRA/QLoRA policy: the same model with its adapter disabled."""
     with torch.no_grad(), engine.module.disable_adapter():
         lp = engine.score(batch.data)
-    return {rid.split("#", 1)[0]: (float(x), int(n))
-            for rid, x, n in zip(batch.reply_ids, lp.tolist(), batch.data.reply_tokens.tolist())}
+    out: dict = {}
+    for rid, x, n in zip(batch.reply_ids, lp.tolist(), batch.data.reply_tokens.tolist()):
+        out.setdefault(rid.key, (float(x), int(n)))  # a copy of a chosen reply scores as its original
+    return out
 
 
 def _refs(ref: dict | None, engine, cfg: Config):

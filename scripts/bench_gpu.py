@@ -102,7 +102,7 @@ def bench() -> dict:
     need = args.micro * (args.steps + 1)
     batches = (batches * (need // max(len(batches), 1) + 1))[:need]
     steps = [batches[i:i + args.micro] for i in range(0, need, args.micro)]
-    ref = {rid.split("#", 1)[0]: (0.0, 1) for b in batches for rid in b.reply_ids}
+    ref = {rid.key: (0.0, 1) for b in batches for rid in b.reply_ids}
 
     world = World()
     if args.mode == "zero3":

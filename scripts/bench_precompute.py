@@ -53,7 +53,7 @@ from cso_dist.data.dialogue import write_dialogues  # noqa: E402
 from cso_dist.data.esconv import esconv_texts  # noqa: E402
 from cso_dist.models import build_tiny_model  # noqa: E402
 from cso_dist.pack import collate_trie, lay_out, pack_units  # noqa: E402
-from cso_dist.pack.trie import TrieBatch, base_reply_id  # noqa: E402
+from cso_dist.pack.trie import TrieBatch  # noqa: E402
 from cso_dist.refcache import load_reference, load_reference_model, run_precompute  # noqa: E402
 from cso_dist.refcache.key import cache_key, load_split, make_cfg_renderer, resolve_sset  # noqa: E402
 
@@ -294,7 +294,7 @@ def bench() -> dict:
     for tb, lg in zip(tbs, logits):
         tok = torch.log_softmax(lg.float(), -1).gather(1, tb.target_ids[:, None]).squeeze(1)
         lp = torch.zeros(len(tb.reply_ids), dtype=tok.dtype).index_add(0, tb.token_reply, tok)
-        diff = max([diff] + [abs(cached[base_reply_id(r)][0] - v) for r, v in zip(tb.reply_ids, lp.tolist())])
+        diff = max([diff] + [abs(cached[r.key][0] - v) for r, v in zip(tb.reply_ids, lp.tolist())])
     del logits
     log(f"warm-up done; baseline (a) vs cached log-probs: max |diff| {diff:.2e}")
 

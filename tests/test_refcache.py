@@ -245,3 +245,23 @@ def test_qlora_reference_is_the_quantised_base(setup, tmp_path):
     got = load_reference(run_precompute(cfg, progress=False), cache_key(cfg))
     assert set(got) == set(full)
     assert 1e-5 < _worst(got, full, full) < 0.05  # 4-bit weights: close to the full-precision base, not equal
+
+
+@pytest.mark.numerics
+def test_a_tight_budget_splits_turns_and_the_cache_still_holds_every_reply(setup, built, tmp_path):
+    """pack.max_tokens too small for a turn's history + chosen + all its rejected replies: the layout re-emits
+    the chosen reply as copies ("#k"); the cache stores each reply once and agrees with a roomy layout
+    within the fp32 summation bound (other packed rows, other reduction order)."""
+    from cso_dist.refcache.key import load_split, make_cfg_renderer, resolve_sset
+    from numerics import summed_logp_tol
+
+    cfg_roomy, _, want = built
+    tight = make_cfg(setup, tmp_path / "tight", **{"pack.max_tokens": 600})
+    laid = lay_out(load_split(tight, "train").dialogues, make_cfg_renderer(tight), resolve_sset(tight), 600,
+                   MAX_LENGTH, kl=False, progress=False)
+    assert any(s.reply_id.copy for u in laid.all_units() for s in u.spans)  # the case under test occurs
+    run_precompute(tight, progress=False)
+    got = load_reference(tight, cache_key(tight))
+    assert got.keys() == want.keys()
+    assert all(abs(got[k][0] - want[k][0]) <= summed_logp_tol(want[k][0], want[k][1]) and got[k][1] == want[k][1]
+               for k in want)

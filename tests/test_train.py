@@ -49,7 +49,7 @@ def cfg_for(setup, name, **over):
 def _ref_pairs(b, ref) -> list[tuple[float, int, float, int]]:
     """(ref_chosen, n_chosen, ref_rejected, n_rejected) of every pair of micro-batch b."""
     s, ntok = structure(b.reply_ids), b.data.reply_tokens.tolist()
-    base = [r.split("#", 1)[0] for r in b.reply_ids]
+    base = [r.key for r in b.reply_ids]
     return [(ref[base[c]][0], ntok[c], ref[base[r]][0], ntok[r]) for c, r in zip(s.pair_c, s.pair_r)]
 
 
@@ -74,7 +74,7 @@ def test_step0_dpo_loss_is_ln2_on_every_batch(setup):
             logps, ntok = forward(model, b, 64)
             live: dict = {}
             for rid, v, n in zip(b.reply_ids, logps.tolist(), ntok.tolist()):
-                live.setdefault(rid.split("#", 1)[0], (v, n))  # as score_units keeps the first copy
+                live.setdefault(rid.key, (v, n))  # as score_units keeps the first copy
             n_pairs = b.counts["pairs"]
             loss, _ = micro_loss(cfg.train, b.reply_ids, logps, ntok, live, b.counts)
             assert abs(float(loss) - math.log(2)) <= n_pairs * U32 * math.log(2)  # same code, same shapes
@@ -246,7 +246,8 @@ def test_lora_dropout_reaches_training_and_is_off_at_eval(setup):
     for p in (0.0, 0.5):
         cfg = cfg_for(setup, f"lora-dropout-{p}", **{
             "model.method": "lora", "model.lora_r": 4, "model.lora_dropout": p, "train.final": "adapter",
-            "train.max_steps": 3, "train.eval_file": str(setup[0] / "valid.jsonl"), "train.eval_every": 1})
+            "train.max_steps": 3, "train.eval_file": str(setup[0] / "valid.jsonl"), "train.eval_every": 1,
+            "train.ref_cache": str(setup[0] / "refcache-valid-eval")})  # its eval file differs from the others
         summary = run_train(cfg, progress=False)
         curves[p] = read_metrics(cfg.run.out_dir)
         saved = json.loads(open(os.path.join(summary["final"], "adapter_config.json")).read())

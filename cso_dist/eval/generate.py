@@ -28,7 +28,7 @@ from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import CsoError
 from cso_dist.eval.metrics import canonical_or_none
 from cso_dist.pack.logps import trie_logps
-from cso_dist.pack.trie import Span, Unit, collate_trie, pack_units
+from cso_dist.pack.trie import ReplyId, Span, Unit, collate_trie, pack_units
 
 
 @dataclass
@@ -149,7 +149,7 @@ def likelihood_units(d: PrefDialogue, renderer, sset: StrategySet, prefixes: dic
         for t in group:
             ctx = len(t.prompt)
             for s, toks_s in prefixes.items():
-                u.spans.append(Span(f"{d.id}:{t.turn}:{s}", len(u.tokens), len(toks_s), ctx))
+                u.spans.append(Span(ReplyId(d.id, t.turn, s), len(u.tokens), len(toks_s), ctx))  # kind: strategy
                 u.tokens.extend(toks_s)
                 u.positions.extend(range(ctx, ctx + len(toks_s)))
         units.append(u)

@@ -2,8 +2,9 @@
 from cso_dist.pack.dataset import LaidOut, lay_out, score_units
 from cso_dist.pack.logps import trie_logps
 from cso_dist.pack.pairs import PairBatch, PairRow, collate_pairs, dialogue_pair_rows, pair_logps
-from cso_dist.pack.trie import (Span, base_reply_id, TrieBatch, Unit, collate_trie, dialogue_units, kl_completions, pack_units,
-                                reply_id)
+from cso_dist.pack.trie import (ReplyId, Span, TrieBatch, Unit, collate_trie, dialogue_units,
+                                kl_completions, pack_units, reply_id)
 
-__all__ = ["LaidOut", "lay_out", "score_units", "PairBatch", "PairRow", "Span", "TrieBatch", "Unit", "base_reply_id", "collate_pairs", "collate_trie", "dialogue_pair_rows",
-           "dialogue_units", "kl_completions", "pack_units", "pair_logps", "reply_id", "trie_logps"]
+__all__ = ["LaidOut", "PairBatch", "PairRow", "ReplyId", "Span", "TrieBatch", "Unit",
+           "collate_pairs", "collate_trie", "dialogue_pair_rows", "dialogue_units", "kl_completions", "lay_out",
+           "pack_units", "pair_logps", "reply_id", "score_units", "trie_logps"]

@@ -10,7 +10,7 @@ from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.render import Renderer, tokenize_dialogue
 from cso_dist.data.strategies import StrategySet
 from cso_dist.pack.logps import trie_logps
-from cso_dist.pack.trie import Unit, base_reply_id, collate_trie, dialogue_units, kl_completions, pack_units
+from cso_dist.pack.trie import Unit, collate_trie, dialogue_units, kl_completions, pack_units
 
 
 @dataclass
@@ -46,6 +46,6 @@ def score_units(model, units: list[Unit], max_tokens: int, chunk: int = 2048,
             tb = collate_trie(b)
             lp = trie_logps(model, tb, chunk).tolist()
             for rid, v, n in zip(tb.reply_ids, lp, tb.reply_tokens.tolist()):
-                out.setdefault(base_reply_id(rid), (v, n))  # copies of a chosen reply score the same
+                out.setdefault(rid.key, (v, n))  # copies of a chosen reply score the same
             bar.update(tb.n_tokens)
     return out

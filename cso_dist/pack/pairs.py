@@ -14,12 +14,12 @@ import torch
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.render import Renderer, turn_examples
 from cso_dist.data.strategies import StrategySet
-from cso_dist.pack.trie import reply_id
+from cso_dist.pack.trie import ReplyId, reply_id
 
 
 @dataclass
 class PairRow:
-    reply_id: str
+    reply_id: ReplyId
     history: list[int]
     reply: list[int]
 
@@ -45,7 +45,7 @@ class PairBatch:
     input_ids: torch.Tensor  # [B, L] right-padded
     attention_mask: torch.Tensor  # [B, L]
     reply_mask: torch.Tensor  # [B, L] 1 on reply tokens (targets)
-    reply_ids: list[str]
+    reply_ids: list[ReplyId]
     reply_tokens: torch.Tensor  # [B]
     n_tokens: int  # tokens processed including padding
 

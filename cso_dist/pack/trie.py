@@ -17,8 +17,8 @@ history + longest reply exceed data.max_length use the truncated history of
 cso_dist.data.render (oldest messages dropped) in a unit of their own, exactly as the
 per-pair layout does.
 
-Reply ids: "<dialogue>:<turn>:c" (chosen), ":r<k>" (k-th non-preferred), ":kl" (KTO mismatched);
-"<id>#k" marks a re-emitted copy of a chosen reply (base_reply_id strips it).
+Reply ids (ReplyId): "<dialogue>:<turn>:c" (chosen), ":r<k>" (k-th non-preferred), ":kl" (KTO
+mismatched); "<id>#k" marks a re-emitted copy of a chosen reply (its `key` drops the marker).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from cso_dist.errors import CsoError
 class Span:
     """A scored reply inside a unit: tokens [start, start+length) conditioned on `ctx` trunk tokens."""
 
-    reply_id: str
+    reply_id: ReplyId
     start: int
     length: int
     ctx: int
@@ -54,13 +54,59 @@ class Unit:
         return len(self.tokens)
 
 
-def reply_id(dialogue_id: str, turn: int, kind: str) -> str:
-    return f"{dialogue_id}:{turn}:{kind}"
+class ReplyId(str):
+    """A reply's id, "<dialogue>:<turn>:<kind>" plus "#<copy>" for a re-emitted copy of a chosen reply, with
+    its parts as attributes: built from them by the layouts, so nothing downstream parses strings. It is a
+    str, so it compares, hashes and serialises as the id text (cache shards store that text)."""
+
+    dialogue: str
+    turn: int
+    kind: str  # "c" chosen, "r<k>" k-th non-preferred, "kl" KTO mismatched completion
+    copy: int  # 0, or k for the k-th copy of a chosen reply
+
+    def __new__(cls, dialogue: str, turn: int, kind: str, copy: int = 0) -> "ReplyId":
+        self = super().__new__(cls, f"{dialogue}:{turn}:{kind}" + (f"#{copy}" if copy else ""))
+        self.dialogue, self.turn, self.kind, self.copy = dialogue, turn, kind, copy
+        return self
+
+    def __reduce__(self):
+        return ReplyId, (self.dialogue, self.turn, self.kind, self.copy)
+
+    @classmethod
+    def parse(cls, text: str) -> "ReplyId":
+        """The one parser, for ids read back as text (cache shards, exported pair ids)."""
+        if isinstance(text, ReplyId):
+            return text
+        base, _, copy = text.partition("#")
+        dialogue, turn, kind = base.rsplit(":", 2)
+        return cls(dialogue, int(turn), kind, int(copy) if copy else 0)
+
+    @property
+    def key(self) -> str:
+        """The id without a copy marker: what the reference cache stores (a copy scores as its original)."""
+        return f"{self.dialogue}:{self.turn}:{self.kind}"
+
+    @property
+    def turn_key(self) -> tuple[str, int]:
+        return self.dialogue, self.turn
+
+    def with_copy(self, copy: int) -> "ReplyId":
+        return ReplyId(self.dialogue, self.turn, self.kind, copy)
+
+    def chosen(self) -> "ReplyId":
+        """The chosen reply of this reply's turn."""
+        return ReplyId(self.dialogue, self.turn, "c")
+
+    def order(self) -> tuple:
+        """Canonical order inside a dialogue: by turn, then c, r0, r1, ..., kl."""
+        k = self.kind
+        rank = (0, 0) if k == "c" else (1, int(k[1:])) if k[:1] == "r" and k[1:].isdigit() \
+            else (2, 0) if k == "kl" else (3, k)
+        return self.turn, rank
 
 
-def base_reply_id(rid: str) -> str:
-    """The reply id without a copy marker ("d:3:c#1" -> "d:3:c")."""
-    return rid.split("#", 1)[0]
+def reply_id(dialogue_id: str, turn: int, kind: str) -> ReplyId:
+    return ReplyId(dialogue_id, turn, kind)
 
 
 @dataclass
@@ -68,8 +114,8 @@ class _Turn:
     turn: int
     trunk: list[int]  # the trunk this turn needs: dialogue start .. end of its chosen reply
     hist: int  # length of the history inside that trunk
-    chosen_id: str
-    branches: list[tuple[str, list[int]]]  # (reply id, tokens)
+    chosen_id: ReplyId
+    branches: list[tuple[ReplyId, list[int]]]  # (reply id, tokens)
 
 
 def _turns(d: PrefDialogue, toks: DialogueTokens, renderer: Renderer, sset: StrategySet, max_length: int | None,
@@ -101,7 +147,7 @@ def _new_unit(did: str, trunk: list[int]) -> Unit:
     return Unit(did, list(trunk), list(range(len(trunk))), len(trunk))
 
 
-def _add_branch(u: Unit, rid: str, toks: list[int], ctx: int) -> None:
+def _add_branch(u: Unit, rid: ReplyId, toks: list[int], ctx: int) -> None:
     u.spans.append(Span(rid, len(u.tokens), len(toks), ctx))
     u.tokens.extend(toks)
     u.positions.extend(range(ctx, ctx + len(toks)))
@@ -114,7 +160,7 @@ def dialogue_units(d: PrefDialogue, renderer: Renderer, sset: StrategySet, max_t
     toks = toks or tokenize_dialogue(d, renderer, sset)
     units: list[Unit] = []
     cur: Unit | None = None  # open unit: trunk of the dialogue, extended turn by turn
-    pending: list[tuple[str, list[int], int]] = []  # branches of the open unit, appended at close
+    pending: list[tuple[ReplyId, list[int], int]] = []  # branches of the open unit, appended at close
 
     def close() -> None:
         nonlocal cur, pending
@@ -147,7 +193,7 @@ def dialogue_units(d: PrefDialogue, renderer: Renderer, sset: StrategySet, max_t
                 close()
                 copies += 1
                 cur = _new_unit(d.id, t.trunk)
-                cur.spans.append(Span(f"{t.chosen_id}#{copies}", chosen.start, chosen.length, chosen.ctx))
+                cur.spans.append(Span(t.chosen_id.with_copy(copies), chosen.start, chosen.length, chosen.ctx))
             if len(cur) + len(b) > max_tokens:
                 raise CsoError(f"{d.id}: turn {t.turn}: history + chosen ({len(t.trunk)} tokens) + a reply of "
                                f"{len(b)} tokens exceed pack.max_tokens={max_tokens}; raise pack.max_tokens")
@@ -198,7 +244,7 @@ class TrieBatch:
     pred_idx: torch.Tensor  # [N] row index whose logits predict reply token n
     target_ids: torch.Tensor  # [N]
     token_reply: torch.Tensor  # [N] which reply token n belongs to
-    reply_ids: list[str]
+    reply_ids: list[ReplyId]
     reply_tokens: torch.Tensor  # [R]
     n_tokens: int
 

@@ -30,7 +30,7 @@ from cso_dist.data.export import iter_pairs
 from cso_dist.data.render import Renderer
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import ConfigError, CsoError
-from cso_dist.pack import LaidOut, lay_out, score_units
+from cso_dist.pack import LaidOut, ReplyId, lay_out, score_units
 from cso_dist.refcache.key import (FORMAT_VERSION, SPLITS, RefModel, SplitInputs, cache_key, cache_root,
                                    canonical_reply_order, default_device, differing, key_digest, key_info,
                                    load_reference_model, load_split, make_cfg_renderer, memo_path, resolve_sset,
@@ -340,7 +340,7 @@ def export_cache(cache_dir: str | Path, out: str | Path) -> int:
     sset = StrategySet(ss["name"], dict(ss["descriptions"]), dict(ss.get("aliases") or {}))
     rows = []
     for pid, _ in iter_pairs(dialogues, sset, "dpo"):
-        cid = pid.rsplit(":", 1)[0] + ":c"
+        cid = ReplyId.parse(pid).chosen()
         if cid not in values or pid not in values:
             raise CsoError(f"reference cache {d}: no value for pair {pid} (cache and dialogue file disagree)")
         (c_lp, c_n), (r_lp, r_n) = values[cid], values[pid]

@@ -36,7 +36,7 @@ from cso_dist.data.strategies import StrategySet, load_strategy_set
 from cso_dist.errors import CsoError
 from cso_dist.models import is_adapter_dir, load_model, load_tokenizer, lora_settings
 from cso_dist.models.load import adapter_base_path
-from cso_dist.pack import Unit
+from cso_dist.pack import ReplyId, Unit
 
 RefModel = tuple[torch.nn.Module, Callable[[], ContextManager]]  # the model and the context to score under
 LAYOUT_VERSION = 1  # trie layout incl. KTO ":kl" branches, truncation of cso_dist.data.render
@@ -257,16 +257,10 @@ def differing(man: dict, key: dict[str, str]) -> list[str]:
 
 def canonical_reply_order(units: list[Unit]) -> list[str]:
     """Reply ids per dialogue in order, within a dialogue by turn then c, r0, r1, ..., kl."""
-    def kind_order(rid: str) -> tuple:
-        _, turn, kind = rid.rsplit(":", 2)
-        rank = (0, 0) if kind == "c" else (1, int(kind[1:])) if kind[:1] == "r" and kind[1:].isdigit() \
-            else (2, 0) if kind == "kl" else (3, kind)
-        return (int(turn), rank)
-
-    per: dict[str, list[str]] = {}
+    per: dict[str, list[ReplyId]] = {}
     for u in units:
-        per.setdefault(u.dialogue_id, []).extend(s.reply_id for s in u.spans)
-    return [r for ids in per.values() for r in sorted(dict.fromkeys(ids), key=kind_order)]
+        per.setdefault(u.dialogue_id, []).extend(s.reply_id for s in u.spans if not s.reply_id.copy)
+    return [r for ids in per.values() for r in sorted(dict.fromkeys(ids), key=ReplyId.order)]
 
 
 # ---------------------------------------------------------------- the reference model
