@@ -27,7 +27,6 @@ from cso_dist.config import Config
 from cso_dist.dist import World
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.models import count_parameters, load_model, lora_settings
-from cso_dist.pack import pair_logps, trie_logps
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_DS = ("zero2", "zero3", "zero3_offload")
@@ -42,9 +41,7 @@ class Scorer(torch.nn.Module):
         self.model, self.chunk = model, chunk
 
     def forward(self, data) -> torch.Tensor:
-        if hasattr(data, "pred_idx"):
-            return trie_logps(self.model, data, self.chunk)
-        return pair_logps(self.model, data)
+        return data.logps(self.model, self.chunk)  # a TrieBatch or a PairBatch
 
 
 def no_dropout(model) -> None:

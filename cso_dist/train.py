@@ -34,8 +34,7 @@ from cso_dist.dist import World, my_share, world_from_env
 from cso_dist.engine import build_engine
 from cso_dist.objective import finish_metrics, micro_loss, structure
 from cso_dist.preempt import STOPPED_FILE, StopRequest
-from cso_dist.pack import (ReplyId, collate_pairs, collate_trie, dialogue_pair_rows, lay_out, pack_units, pair_logps,
-                           trie_logps)
+from cso_dist.pack import ReplyId, collate_pairs, collate_trie, dialogue_pair_rows, lay_out, pack_units
 from cso_dist.refcache import cache_key, cache_status, load_reference
 from cso_dist.refcache.cache import precompute
 from cso_dist.refcache.key import cache_root, load_split, make_cfg_renderer, resolve_sset, split_dir
@@ -108,12 +107,6 @@ def plan_steps(layout: Layout, n: int, cfg: Config) -> list[list[Batch]]:
 
 
 # ---------------------------------------------------------------- model pieces
-def forward(model, batch: Batch, chunk: int):
-    if hasattr(batch.data, "pred_idx"):
-        return trie_logps(model, batch.data, chunk), batch.data.reply_tokens
-    return pair_logps(model, batch.data), batch.data.reply_tokens
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

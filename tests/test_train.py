@@ -22,7 +22,7 @@ from cso_dist.objective import micro_loss, structure
 from cso_dist.refcache import cache_key, load_reference, run_precompute
 from cso_dist.refcache.key import load_split, make_cfg_renderer, resolve_sset
 from cso_dist.tracking import read_metrics
-from cso_dist.train import Layout, forward, plan_steps, run_train
+from cso_dist.train import Layout, plan_steps, run_train
 from conftest import REPO, run_cli, tiny_run_data
 from numerics import U32, curve_tol, dpo_step0_bound, summed_logp_tol
 
@@ -71,7 +71,7 @@ def test_step0_dpo_loss_is_ln2_on_every_batch(setup):
     worst = 0.0
     with torch.no_grad():
         for b in batches:
-            logps, ntok = forward(model, b, 64)
+            logps, ntok = b.data.logps(model, 64), b.data.reply_tokens
             live: dict = {}
             for rid, v, n in zip(b.reply_ids, logps.tolist(), ntok.tolist()):
                 live.setdefault(rid.key, (v, n))  # as score_units keeps the first copy

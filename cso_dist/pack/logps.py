@@ -1,10 +1,13 @@
 """Per-reply summed log-probs from a packed trie batch, with logits only where replies are predicted."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from cso_dist.pack.trie import TrieBatch
+if TYPE_CHECKING:  # a type only: trie.py imports this module for TrieBatch.logps
+    from cso_dist.pack.trie import TrieBatch
 
 
 def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: float | None) -> torch.Tensor:

@@ -49,6 +49,10 @@ class PairBatch:
     reply_tokens: torch.Tensor  # [B]
     n_tokens: int  # tokens processed including padding
 
+    def logps(self, model, chunk: int = 2048) -> torch.Tensor:
+        """Summed log-prob of every row's reply, in reply_ids order (`chunk` is the trie layout's; unused)."""
+        return pair_logps(model, self)
+
 
 def collate_pairs(rows: list[PairRow], pad_id: int) -> PairBatch:
     width = max(len(r) for r in rows)

@@ -30,6 +30,7 @@ from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.render import DialogueTokens, Renderer, tokenize_dialogue, truncate_turn
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import CsoError
+from cso_dist.pack.logps import trie_logps
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,10 @@ class TrieBatch:
     reply_ids: list[ReplyId]
     reply_tokens: torch.Tensor  # [R]
     n_tokens: int
+
+    def logps(self, model, chunk: int = 2048) -> torch.Tensor:
+        """Summed log-prob of every reply, in reply_ids order (the layouts' one interface)."""
+        return trie_logps(model, self, chunk)
 
     def allowed(self) -> torch.Tensor:
         """[T, T] bool: query q sees key k iff k is in [ctx_lo, ctx_hi) or in [own_lo, q]. As ctx_hi <= own_lo
