@@ -4,6 +4,7 @@
 # and for the edit loop:
 #   make test-fast      - the `unit` tier (no training runs, no extra processes, no Slurm; < 2 min)
 #   make test-numerics  - the `numerics` tier under both CPU kernel families
+#   make lint           - ruff (pycodestyle + pyflakes, 120 columns); CI runs it before the tests
 # CPU machines get the local CPU torch wheel (TORCH=torch==2.13.0); on a GPU machine
 # run `make TORCH=torch ...` or `pip install -e .` inside your own CUDA environment.
 VENV ?= .venv
@@ -15,7 +16,7 @@ STAMP := $(VENV)/.cso-installed
 # MKL's (sgemm) and oneDNN's each read the CPU type on their own. On an AVX2 machine this is a no-op.
 AVX2_KERNELS := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 
-.PHONY: demo test test-fast test-numerics install clean
+.PHONY: demo test test-fast test-numerics lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +33,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 	$(AVX2_KERNELS) $(PY) -m pytest -q -m numerics tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check cso_dist tests scripts
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m unit tests

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from cso_dist.errors import ConfigError
+from cso_dist.mcts.search import SearchConfig
 
 SOURCES = ("escpro", "cso-rows", "kto-rows", "trl", "esconv")
 
@@ -203,6 +204,9 @@ class SlurmConfig:
         _check(self.array_parallelism >= 1, "slurm.array_parallelism", "must be >= 1")
 
 
+_SEARCH = SearchConfig()
+
+
 @dataclass
 class MctsConfig:
     """`cso-dist mcts build`: the ESC-Pro search (stage 1 of CSO) with an LLM playing four roles."""
@@ -225,12 +229,13 @@ class MctsConfig:
     strategies: str = "auto"  # auto: esconv for ESConv seeds, escpro otherwise; or a set file
     max_seeds: int = 0  # first N seed dialogues (0 = all)
     checkpoint_every: int = 10  # iterations between tree checkpoints
-    c_puct: float = 1.0
-    rollout_turns: int = 4
-    min_iterations: int = 100
-    max_iterations: int = 200
-    min_finished: int = 1
-    max_finished: int = 25
+    # the search settings a user may set; their defaults (and the fixed ones) live in mcts.search.SearchConfig
+    c_puct: float = _SEARCH.c_puct
+    rollout_turns: int = _SEARCH.rollout_turns
+    min_iterations: int = _SEARCH.min_iterations
+    max_iterations: int = _SEARCH.max_iterations
+    min_finished: int = _SEARCH.min_finished
+    max_finished: int = _SEARCH.max_finished
     seed: int = 0
 
     def validate(self) -> None:

@@ -236,8 +236,8 @@ class DeepSpeedEngine:
             MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(base))]  # import outside zero.Init
             self._hf_ds = HfDeepSpeedConfig(self.ds)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        self.module = load_model(cfg.model.path, cfg.model.method, cfg.model.precision, lora=lora_settings(cfg.model), device="",
-                                 gradient_checkpointing=cfg.train.gradient_checkpointing,
+        self.module = load_model(cfg.model.path, cfg.model.method, cfg.model.precision, lora=lora_settings(cfg.model),
+                                 device="", gradient_checkpointing=cfg.train.gradient_checkpointing,
                                  reentrant_checkpointing=self.stage == 3)
         no_dropout(self.module)
         self.module.train()

@@ -73,7 +73,8 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], cfg: Config) -> torch.nn.
 
 def _tied(model, name: str) -> bool:
     """lm_head.weight of a model with tied embeddings is saved once, as the embedding."""
-    return name.endswith("lm_head.weight") and bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    return name.endswith("lm_head.weight") and bool(
+        getattr(getattr(model, "config", None), "tie_word_embeddings", False))
 
 
 def _run_config(ckpt: Path) -> Config:

@@ -3,8 +3,9 @@
 Builds a tiny Qwen2 (fp32, ESConv BPE vocabulary), lays real ESConv dialogues out as trie
 rows of about --seq-len tokens, runs one warm-up step (so gradients exist), then measures the
 process's peak resident memory (VmHWM, reset through /proc/self/clear_refs) during one more
-forward + backward of the longest row, without and then with gradient checkpointing. Prints one JSON object with the measured bytes and the
-planner's activation estimate for the same shape and row length.
+forward + backward of the longest row, without and then with gradient checkpointing. Prints one
+JSON object with the measured bytes and the planner's activation estimate for the same shape
+and row length.
 
 Run it with MALLOC_MMAP_THRESHOLD_=65536 so freed tensors go back to the OS and the peak
 counts live tensors only (tests/test_plan.py does):

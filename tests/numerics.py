@@ -25,7 +25,8 @@ def dpo_step0_bound(beta: float, pairs: list[tuple[float, int, float, int]], ter
     and only the policy side can differ."""
     if not pairs:
         return 0.0
-    per_pair = [beta / 2 * (terms / 2) * (summed_logp_tol(rc, nc) + summed_logp_tol(rr, nr)) for rc, nc, rr, nr in pairs]
+    per_pair = [beta / 2 * (terms / 2) * (summed_logp_tol(rc, nc) + summed_logp_tol(rr, nr))
+                for rc, nc, rr, nr in pairs]
     return sum(per_pair) / len(pairs) + len(pairs) * U32 * math.log(2)
 
 

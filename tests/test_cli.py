@@ -91,6 +91,7 @@ def test_user_facing_text_points_only_inside_the_repository():
                               "Makefile"], cwd=REPO, capture_output=True, text=True).stdout.split()
     untracked_docs = [str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")]
     offenders = [f for f in set(tracked + untracked_docs)
-                 if (REPO / f).is_file() and ("../shared" in (REPO / f).read_text() or "shared/recipes" in (REPO / f).read_text())]
+                 if (REPO / f).is_file()
+                 and ("../shared" in (REPO / f).read_text() or "shared/recipes" in (REPO / f).read_text())]
     assert not offenders, offenders
     assert (REPO / "docs" / "method.md").is_file()

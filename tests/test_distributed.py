@@ -194,8 +194,9 @@ def test_zero3_lora_gradient_checkpointing_and_adapter_export(setup):
     """The ZeRO-3 + LoRA + gradient checkpointing trap: matches the single-process LoRA curve; the
     adapter exports alone and merged."""
     # lora_dropout 0: dropout masks come from each rank's RNG, so curves on 1 and 2 ranks could not agree
-    lora = {"model.method": "lora", "model.lora_r": "4", "model.lora_dropout": "0", "train.gradient_checkpointing": "true",
-            "train.reference": "adapter", "train.save_every": "2", "train.eval_every": "0"}
+    lora = {"model.method": "lora", "model.lora_r": "4", "model.lora_dropout": "0",
+            "train.gradient_checkpointing": "true", "train.reference": "adapter", "train.save_every": "2",
+            "train.eval_every": "0"}
     one = overrides(setup, "lora-1", **lora)
     run_train(cfg_of(one), progress=False)
     launch(["train", *argv(overrides(setup, "lora-z3", **lora, **{"dist.engine": "deepspeed"}))])

@@ -22,8 +22,10 @@ def test_train_build_counts_and_merges(train, esconv_dir):
     dialogues, report = train
     raw = _raw(esconv_dir, "train")
     assert len(dialogues) == len(raw) == 910
-    sys_runs = sum(1 for r in raw for a, b in zip(r["dialog"], r["dialog"][1:]) if a["speaker"] == b["speaker"] == "sys")
-    usr_runs = sum(1 for r in raw for a, b in zip(r["dialog"], r["dialog"][1:]) if a["speaker"] == b["speaker"] == "usr")
+    sys_runs = sum(1 for r in raw for a, b in zip(r["dialog"], r["dialog"][1:])
+                   if a["speaker"] == b["speaker"] == "sys")
+    usr_runs = sum(1 for r in raw for a, b in zip(r["dialog"], r["dialog"][1:])
+                   if a["speaker"] == b["speaker"] == "usr")
     assert report.notes["merged_supporter_utterances"] == sys_runs
     assert report.notes["merged_seeker_utterances"] == usr_runs
     for d, r in zip(dialogues, raw):

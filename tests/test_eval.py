@@ -191,7 +191,8 @@ def test_likelihood_mode_scores_every_strategy_exactly(setup):
     _gen(setup, "lik", "--mode", "likelihood")
     _gen(setup, "lik-small", "--mode", "likelihood", "--pack.max_tokens", 520)  # forces one unit per turn
     a = {json.loads(x)["id"]: json.loads(x) for x in (setup / "lik" / "eval" / "pred-test-likelihood.jsonl").open()}
-    b = {json.loads(x)["id"]: json.loads(x) for x in (setup / "lik-small" / "eval" / "pred-test-likelihood.jsonl").open()}
+    b = {json.loads(x)["id"]: json.loads(x)
+         for x in (setup / "lik-small" / "eval" / "pred-test-likelihood.jsonl").open()}
     assert a.keys() == b.keys()
     cfg = cfg_of({"model.path": setup / "model", "data.max_length": 512, "eval.max_dialogues": 2})
     model, tok = load_model(setup / "model"), load_tokenizer(setup / "model")

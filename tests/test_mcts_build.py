@@ -60,7 +60,8 @@ class Scripted:
 
 def test_llm_roles_retry_malformed_answers_then_count_them_missing(tmp_path):
     sset = load_strategy_set("esconv")
-    backend = Scripted({"scorer": ["I think questions are good", "\n".join(f"{n}: {i}" for i, n in enumerate(sset.names))],
+    backend = Scripted({"scorer": ["I think questions are good",
+                                   "\n".join(f"{n}: {i}" for i, n in enumerate(sset.names))],
                         "judge": ["great reply!"], "seeker": ["Thanks, that helps a lot. [END]"],
                         "supporter": ["", "Supporter: (Question) How long has this been going on?"]})
     cached = CachedBackend(backend, tmp_path / "cache")

@@ -71,8 +71,8 @@ def test_pucb_selection_order_and_backpropagation():
     assert kids(t.root) == [(A, 1, -0.5), (B, 0, 0), (C, 0, 0)]
     assert t.stats["llm_calls"] == {"score_strategies": 2, "supporter": 2, "seeker": 1, "judge": 2}
     a = t.root.children[0]
-    assert (a.reply, a.seeker_next, a.generated, a.children) == (f"{A} reply at depth 1", f"seeker after {A} at depth 1",
-                                                                 True, [])
+    assert (a.reply, a.seeker_next, a.generated, a.children) == (f"{A} reply at depth 1",
+                                                                 f"seeker after {A} at depth 1", True, [])
     # 2: N=1: A -0.5 + P_A*1/2 = -0.167, B 0 + P_B*1/1 = 0.245, C 0.090 -> B; generate B@1, expand B,
     #    simulate B/A: A@2 (2) + A@3 (2) -> reward -1
     iterate(t, roles, cfg)
@@ -147,8 +147,10 @@ def test_gold_seeding_and_merge_rule():
     assert (t.root.q, t.root.n, t.root.gold, t.root.expanded) == (1.0, 100, False, False)
     g1, = t.root.children
     g2, = g1.children
-    assert (g1.strategy, g1.reply, g1.seeker_next, g1.finished) == (A, "I'm sorry. Tell me more.", "My dog died.", False)
-    assert (g2.strategy, g2.reply, g2.seeker_next, g2.finished, g2.children) == (C, "That is hard.", "Thanks.", True, [])
+    assert (g1.strategy, g1.reply, g1.seeker_next, g1.finished) == (A, "I'm sorry. Tell me more.", "My dog died.",
+                                                                    False)
+    assert (g2.strategy, g2.reply, g2.seeker_next, g2.finished, g2.children) == (C, "That is hard.", "Thanks.",
+                                                                                 True, [])
     for g in (g1, g2):
         assert (g.q, g.n, g.generated, g.gold, g.expanded) == (1.0, 100, True, True, False)
     t = new_tree("g", "", "", GOLD, SearchConfig(gold_q=0.8, gold_n=7))

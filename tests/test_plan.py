@@ -127,7 +127,8 @@ def test_more_gpus_and_checkpointing_lower_memory():
     assert four["per_gpu_gib"]["optimizer"] == pytest.approx(one["per_gpu_gib"]["optimizer"] / 4)
     assert one["checkpointing"]["total_gib"] < one["no_checkpointing"]["total_gib"]
     longer = plan(shape, Setup(nodes=4, gpus_per_node=8, seq_len=8192))
-    assert longer["checkpointing"]["activations_gib"]["trie_mask"] > four["checkpointing"]["activations_gib"]["trie_mask"]
+    assert (longer["checkpointing"]["activations_gib"]["trie_mask"]
+            > four["checkpointing"]["activations_gib"]["trie_mask"])
 
 
 RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if "plan:" in p.read_text())

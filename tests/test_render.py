@@ -16,7 +16,8 @@ D = PrefDialogue("d0", [
     Message("supporter", "What has been going on?", "Question",
             [Option("Information", "Many people feel low in winter."), Option("Others", "Hello!")]),
     Message("seeker", "I lost my job last week."),
-    Message("supporter", "That must be really hard for you.", "Reflection of feelings", [Option("Self-disclosure", "I lost mine too.")]),
+    Message("supporter", "That must be really hard for you.", "Reflection of feelings",
+            [Option("Self-disclosure", "I lost mine too.")]),
     Message("seeker", "It is."),
     Message("supporter", "Maybe try talking to a friend?", "Providing Suggestions", []),
 ], "esconv")
@@ -58,7 +59,8 @@ def test_gemma2_folds_the_system_prompt(qwen_tok):
     # a dialogue that opens with the supporter still renders: the system prompt gets a user turn of its own
     d = PrefDialogue("d1", D.messages[1:], "esconv")
     text = qwen_tok.decode(tokenize_dialogue(d, r, ESCONV).full())
-    assert text.startswith("<bos><start_of_turn>user\n" + system_prompt(ESCONV) + "<end_of_turn>\n<start_of_turn>model\n(Question)")
+    assert text.startswith("<bos><start_of_turn>user\n" + system_prompt(ESCONV)
+                           + "<end_of_turn>\n<start_of_turn>model\n(Question)")
 
 
 def test_template_choice(qwen_tok):
@@ -120,4 +122,5 @@ def test_history_prefix_property_on_all_of_esconv_train(qwen_tok, esconv_dir):
     assert turns == 10679
     # and the segments reproduce the template text exactly (checked on a sample: decoding is slow)
     for d in dialogues[::50]:
-        assert qwen_tok.decode(tokenize_dialogue(d, r, ESCONV).full()) == r.render(to_chat(d.messages, system_prompt(ESCONV)))
+        assert (qwen_tok.decode(tokenize_dialogue(d, r, ESCONV).full())
+                == r.render(to_chat(d.messages, system_prompt(ESCONV))))

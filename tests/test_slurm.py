@@ -242,7 +242,8 @@ def test_submitit_two_node_deepspeed_run(slurm, data):
     ref = _uninterrupted({**over, "dist.engine": "torch"}, "submitit-2n-ref", data)
     got = losses(data / "submitit-2n")
     # 2 ranks against 1 process: another reduction order, so within fp32's curve tolerance
-    assert [s for s, _ in got] == [s for s, _ in ref] and all(abs(a - b) <= curve_tol(b) for (_, a), (_, b) in zip(got, ref))
+    assert [s for s, _ in got] == [s for s, _ in ref] and all(abs(a - b) <= curve_tol(b)
+                                                              for (_, a), (_, b) in zip(got, ref))
 
 
 def test_sbatch_precompute_on_two_nodes_equals_one_process(slurm, data):

@@ -154,7 +154,8 @@ def killed(setup, tmp_path_factory):
     ckpts = os.path.join(over["run.out_dir"], "checkpoints")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(ckpts) and any(os.path.isfile(os.path.join(ckpts, d, "state.json")) for d in os.listdir(ckpts)):
+        if os.path.isdir(ckpts) and any(os.path.isfile(os.path.join(ckpts, d, "state.json"))
+                                        for d in os.listdir(ckpts)):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)

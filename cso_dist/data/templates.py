@@ -22,14 +22,16 @@ CHATML = (
 LLAMA3 = (
     "{{- '<|begin_of_text|>' -}}"
     "{%- for message in messages -%}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' -}}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+    "message['content'] | trim + '<|eot_id|>' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
 )
 
 GEMMA2 = (
     "{{- '<bos>' -}}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}{{- raise_exception('System role not supported') -}}{%- endif -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{- raise_exception('System role not supported') -}}{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
     "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}"

@@ -56,7 +56,8 @@ def format_scores(s: dict) -> str:
     for name, v in s["per_strategy"].items():
         lines.append(f"{name:<32}{v['f1']:>8.4f}{v['preference']:>10.4f}{v['gold']:>7}{v['predicted']:>7}")
     if s.get("bt_undetermined"):
-        lines.append(f"strengths left at their last value (no mispredicted gold turn): {', '.join(s['bt_undetermined'])}")
+        lines.append("strengths left at their last value (no mispredicted gold turn): "
+                     f"{', '.join(s['bt_undetermined'])}")
     if s.get("text"):
         lines.append("text: " + "  ".join(f"{k} {s['text'][k]:.3f}" for k in TEXT_KEYS if k in s["text"]))
     return "\n".join(lines)

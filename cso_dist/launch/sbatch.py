@@ -112,7 +112,8 @@ def submit(script: Path) -> str:
     try:
         out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
-        raise CsoError("launch: sbatch not found (is Slurm installed here? use --dry-run to only write the script)") from None
+        raise CsoError("launch: sbatch not found "
+                       "(is Slurm installed here? use --dry-run to only write the script)") from None
     if out.returncode != 0:
         raise CsoError(f"launch: sbatch {script} failed: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
     return out.stdout.strip().split(";")[0]

@@ -27,9 +27,9 @@ from cso_dist.mcts.seeds import Seed, read_seeds
 
 
 def search_config(cfg: Config) -> SearchConfig:
-    m = cfg.mcts
-    return SearchConfig(c_puct=m.c_puct, rollout_turns=m.rollout_turns, min_iterations=m.min_iterations,
-                        max_iterations=m.max_iterations, min_finished=m.min_finished, max_finished=m.max_finished)
+    """The search settings: every SearchConfig field that the mcts config section exposes, the rest fixed."""
+    return SearchConfig(**{f.name: getattr(cfg.mcts, f.name) for f in dataclasses.fields(SearchConfig)
+                           if hasattr(cfg.mcts, f.name)})
 
 
 def parse_shard(spec: str) -> tuple[int, int]:

@@ -37,9 +37,11 @@ def _parse(path: str, record: str, obj, sset: StrategySet, aliases: bool) -> tup
     if isinstance(obj.get("dialog"), list):  # ESConv (HF split)
         for i, u in enumerate(obj["dialog"]):
             sys_turn = u.get("speaker") == "sys"
-            turns.append(Turn(SUPPORTER if sys_turn else SEEKER, _text(path, record, f"dialog[{i}].text", u.get("text")),
+            turns.append(Turn(SUPPORTER if sys_turn else SEEKER,
+                              _text(path, record, f"dialog[{i}].text", u.get("text")),
                               strat(u.get("strategy"), f"dialog[{i}].strategy") if sys_turn else None))
-        return obj.get("situation", ""), ", ".join(x for x in (obj.get("emotion_type"), obj.get("problem_type")) if x), turns
+        return (obj.get("situation", ""),
+                ", ".join(x for x in (obj.get("emotion_type"), obj.get("problem_type")) if x), turns)
     if isinstance(obj.get("content"), list):  # ExTES: {"User": ...} / {"AI": ..., "AI Strategy": ...}
         for i, u in enumerate(obj["content"]):
             if "AI" in u:

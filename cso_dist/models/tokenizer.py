@@ -97,7 +97,7 @@ def _ranks_to_bpe(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[s
             if lr is not None and rr is not None:
                 keyed.append((rank, lr, rr, left, right))
     keyed.sort()
-    return vocab, [(to_str(l), to_str(r)) for _, _, _, l, r in keyed]
+    return vocab, [(to_str(left), to_str(right)) for _, _, _, left, right in keyed]
 
 
 def _wrap(tok: Tokenizer, template: str, kind: str) -> PreTrainedTokenizerFast:
