@@ -100,11 +100,11 @@ def cmd_data_pairs(args, extra) -> int:
     from cso_dist.data.dialogue import read_dialogues
     from cso_dist.io import write_jsonl
     from cso_dist.data.export import pair_rows
-    from cso_dist.data.strategies import load_strategy_set
+    from cso_dist.data.strategies import resolve_strategy_set
 
     dialogues = read_dialogues(args.file)
-    spec = args.strategies or (dialogues[0].strategy_set if dialogues else "esconv")
-    n = write_jsonl(args.out, pair_rows(dialogues, load_strategy_set(spec), args.format))
+    sset = resolve_strategy_set(args.strategies or "auto", dialogues[0].strategy_set if dialogues else None)
+    n = write_jsonl(args.out, pair_rows(dialogues, sset, args.format))
     print(f"wrote {n} {args.format.upper()} rows to {args.out}")
     return 0
 
@@ -136,22 +136,15 @@ def cmd_tiny_model(args, extra) -> int:
 
 
 # ---------------------------------------------------------------- precompute / train
-def _print_dry_run(cfg: Config, command: str) -> int:
-    from cso_dist.preflight import dry_run
-
-    for line in dry_run(cfg, command):
-        print(line)
-    print(f"{command} --dry-run: config and inputs ok (nothing computed)")
-    return 0
-
-
 def cmd_precompute(args, extra) -> int:
     from cso_dist.dist import world_from_env
     from cso_dist.refcache import run_precompute
 
     cfg = _config(args, extra, {})
     if args.dry_run:
-        return _print_dry_run(cfg, "precompute")
+        from cso_dist.preflight import print_dry_run
+
+        return print_dry_run(cfg, "precompute")
     world = world_from_env()  # under torchrun / srun: this rank computes its own shards
     root = run_precompute(cfg, world.rank, world.world_size, progress=world.main)
     print(f"reference cache {'ready' if world.world_size == 1 else f'shards of rank {world.rank} ready'}: {root}")
@@ -171,7 +164,9 @@ def cmd_train(args, extra) -> int:
 
     cfg = _config(args, extra, {})
     if args.dry_run:
-        return _print_dry_run(cfg, "train")
+        from cso_dist.preflight import print_dry_run
+
+        return print_dry_run(cfg, "train")
     summary = run_train(cfg, resume="auto" if args.auto_resume else args.resume)
     if summary.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -239,22 +234,12 @@ MCTS_FLAGS = {"backend": "mcts.backend", "model": "mcts.model", "base_url": "mct
               "workers": "mcts.workers", "max_seeds": "mcts.max_seeds", "prompts": "mcts.prompts"}
 
 
-def _print_mcts_report(r: dict) -> None:
-    print(f"wrote {r['records']} ESC-Pro records from {r['seeds']} seed dialogues to {r['out']} "
-          f"({r['wall_s']:.1f} s; strategy set {r['strategy_set']})")
-    print(f"  LLM calls: {r['llm_calls_made']} made, {r['llm_calls_cached']} from the cache; "
-          f"{r['llm_calls_per_tree']:.0f} per seed dialogue, {r['wall_s_per_tree']:.1f} s per tree")
-    issues = {k: v for k, v in r["role_stats"].items() if not k.startswith("calls_") and v}
-    if issues or r["dropped"]:
-        print(f"  malformed/missing answers: {issues or 'none'}; dropped: {r['dropped'] or 'none'}")
-
-
 def cmd_mcts_build(args, extra) -> int:
-    from cso_dist.mcts.build import build, parse_shard
+    from cso_dist.mcts.build import build, format_report, parse_shard
 
     cfg = _config(args, extra, MCTS_FLAGS)
     r = build(cfg, args.seeds, args.out, parse_shard(args.shard))
-    _print_mcts_report(r)
+    print(format_report(r))
     return 0
 
 
@@ -273,6 +258,7 @@ def cmd_mcts_draw(args, extra) -> int:
 
 
 def cmd_mcts_submit(args, extra) -> int:
+    from cso_dist.mcts.build import format_report
     from cso_dist.mcts.launch import collect_build, submit_build
 
     cfg = _config(args, extra, MCTS_FLAGS)
@@ -283,7 +269,7 @@ def cmd_mcts_submit(args, extra) -> int:
         return 0
     reports, n = collect_build(jobs, parts, args.out)
     for r in reports:
-        _print_mcts_report(r)
+        print(format_report(r))
     print(f"merged {n} ESC-Pro records into {args.out}")
     return 0
 

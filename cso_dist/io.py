@@ -1,6 +1,8 @@
-"""File writes that a crash cannot leave half-done: a temporary file in the same folder, then a rename."""
+"""File I/O helpers: writes that a crash cannot leave half-done (a temporary file in the same folder, then a
+rename), and a file's sha256."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -32,3 +34,11 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -7,7 +7,8 @@ from pathlib import Path
 from cso_dist.config import Config
 from cso_dist.errors import CsoError
 from cso_dist.losses import needs_reference
-from cso_dist.refcache.key import cache_root, data_file, model_dir, split_dir
+from cso_dist.inputs import data_file, model_dir
+from cso_dist.refcache.key import cache_root, split_dir
 
 
 def _model_problem(cfg: Config) -> str:
@@ -58,3 +59,10 @@ def dry_run(cfg: Config, command: str) -> list[str]:
         lines.append(f"train: {t.method}, {ref}; {cfg.pack.layout} layout, {cfg.pack.max_tokens} tokens per "
                      f"micro-batch; {cfg.dist.engine} engine; writes {Path(cfg.run.out_dir)}")
     return lines
+
+
+def print_dry_run(cfg: Config, command: str) -> int:
+    for line in dry_run(cfg, command):
+        print(line)
+    print(f"{command} --dry-run: config and inputs ok (nothing computed)")
+    return 0

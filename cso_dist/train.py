@@ -37,7 +37,8 @@ from cso_dist.preempt import STOPPED_FILE, StopRequest
 from cso_dist.pack import ReplyId, collate_pairs, collate_trie, dialogue_pair_rows, lay_out, pack_units
 from cso_dist.refcache import cache_key, cache_status, load_reference
 from cso_dist.refcache.cache import precompute
-from cso_dist.refcache.key import cache_root, load_split, make_cfg_renderer, resolve_sset, split_dir
+from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
+from cso_dist.refcache.key import cache_root, split_dir
 from cso_dist.tracking import Tracker
 
 

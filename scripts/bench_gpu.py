@@ -33,7 +33,7 @@ from cso_dist.dist import World  # noqa: E402
 from cso_dist.engine import build_engine  # noqa: E402
 from cso_dist.models import qwen_tokenizer  # noqa: E402
 from cso_dist.objective import micro_loss  # noqa: E402
-from cso_dist.refcache.key import make_cfg_renderer, resolve_sset  # noqa: E402
+from cso_dist.inputs import make_cfg_renderer, resolve_sset  # noqa: E402
 from cso_dist.train import Layout  # noqa: E402
 
 SHAPES = {  # Llama-3 shapes (hidden, layers, heads, kv heads, MLP)

@@ -55,7 +55,8 @@ from cso_dist.models import build_tiny_model  # noqa: E402
 from cso_dist.pack import collate_trie, lay_out, pack_units  # noqa: E402
 from cso_dist.pack.trie import TrieBatch  # noqa: E402
 from cso_dist.refcache import load_reference, load_reference_model, run_precompute  # noqa: E402
-from cso_dist.refcache.key import cache_key, load_split, make_cfg_renderer, resolve_sset  # noqa: E402
+from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset  # noqa: E402
+from cso_dist.refcache.key import cache_key  # noqa: E402
 
 
 def main() -> None:

@@ -153,7 +153,7 @@ def pair_table(cfg) -> list[dict]:
     both cso layouts score) and the conversational TRL row with the same (truncated) history."""
     from cso_dist.data.render import dialogue_system_prompt, format_reply, to_chat, turn_examples
     from cso_dist.pack.trie import reply_id
-    from cso_dist.refcache.key import load_split, make_cfg_renderer, resolve_sset
+    from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
 
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
     rows = []
@@ -206,7 +206,7 @@ def run_cso_precompute(args, work: Path, base: dict) -> dict:
 def run_cso(args, work: Path, layout: str, base: dict) -> dict:
     import torch
 
-    from cso_dist.refcache.key import load_split, make_cfg_renderer, resolve_sset
+    from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
     from cso_dist.tracking import read_metrics
     from cso_dist.train import Layout, plan_steps, run_train
 

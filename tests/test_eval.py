@@ -186,7 +186,7 @@ def _brute_force(model, tok, prompt, prefix):
 def test_likelihood_mode_scores_every_strategy_exactly(setup):
     from cso_dist.data.render import format_reply
     from cso_dist.eval.generate import eval_dialogues, eval_turns
-    from cso_dist.refcache.key import make_cfg_renderer
+    from cso_dist.inputs import make_cfg_renderer
 
     _gen(setup, "lik", "--mode", "likelihood")
     _gen(setup, "lik-small", "--mode", "likelihood", "--pack.max_tokens", 520)  # forces one unit per turn

@@ -20,7 +20,7 @@ from cso_dist.losses import resolved_beta
 from cso_dist.models import load_model
 from cso_dist.objective import micro_loss, structure
 from cso_dist.refcache import cache_key, load_reference, run_precompute
-from cso_dist.refcache.key import load_split, make_cfg_renderer, resolve_sset
+from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
 from cso_dist.tracking import read_metrics
 from cso_dist.train import Layout, plan_steps, run_train
 from conftest import REPO, run_cli, tiny_run_data

@@ -76,10 +76,9 @@ def token_stats(dialogues: list[PrefDialogue], renderer: Renderer, sset: Strateg
 def token_stats_for(dialogues: list[PrefDialogue], tokenizer_dir: str, data_cfg) -> dict:
     """token_stats with the tokenizer of a model folder and the data config's template and strategies."""
     from cso_dist.data.render import make_renderer
-    from cso_dist.data.strategies import load_strategy_set
+    from cso_dist.data.strategies import resolve_strategy_set
     from cso_dist.models import load_tokenizer
 
-    spec = data_cfg.strategies if data_cfg.strategies != "auto" else (
-        dialogues[0].strategy_set if dialogues else "esconv")
+    sset = resolve_strategy_set(data_cfg.strategies, dialogues[0].strategy_set if dialogues else None)
     renderer = make_renderer(load_tokenizer(tokenizer_dir), data_cfg.chat_template)
-    return token_stats(dialogues, renderer, load_strategy_set(spec), data_cfg.max_length)
+    return token_stats(dialogues, renderer, sset, data_cfg.max_length)

@@ -129,3 +129,9 @@ def load_strategy_set(spec: str) -> StrategySet:
         if name not in desc:
             raise ConfigError(f"strategies: {path}: alias '{variant}' maps to unknown strategy '{name}'")
     return StrategySet(path.stem, desc, {str(k): str(v) for k, v in aliases.items()})
+
+
+def resolve_strategy_set(spec: str, named: str | None) -> StrategySet:
+    """`spec` (a set name or file), or with "auto" the set that stored preference dialogues name (their
+    `strategy_set`, given as `named`; esconv when there is none)."""
+    return load_strategy_set(spec if spec != "auto" else (named or "esconv"))

@@ -187,14 +187,14 @@ def likelihood_rows(model, renderer, sset: StrategySet, dialogues: list[PrefDial
 def run_generate(cfg: Config, split: str, out: Path, mode: str, data_file: str = "", progress: bool = True) -> Path:
     """Write (or complete) the PRED file of `split` with the model at model.path."""
     from cso_dist.models import load_model, lora_settings
-    from cso_dist.refcache.key import make_cfg_renderer, resolve_sset
+    from cso_dist.inputs import default_device, make_cfg_renderer, resolve_sset
 
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
     dialogues = eval_dialogues(cfg, split, data_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = _done_ids(out)
     torch.manual_seed(cfg.run.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     lora = lora_settings(cfg.model)
     model = load_model(cfg.model.path, cfg.model.method, cfg.model.precision, lora=lora, device=device)
     model.eval()

@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
+from cso_dist.inputs import default_device
 from cso_dist.io import atomic_write_text
 from cso_dist.errors import ConfigError, CsoError
 
@@ -42,7 +43,7 @@ class HFBackend:
         if not (p / "config.json").is_file():
             raise ConfigError(f"mcts.model: '{path}' is not a model folder (no config.json)")
         self.name = f"hf:{p.resolve()}"
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or default_device()
         self.tokenizer = load_tokenizer(p)
         if not getattr(self.tokenizer, "chat_template", None):
             raise ConfigError(f"mcts.model: the tokenizer in '{path}' has no chat template")

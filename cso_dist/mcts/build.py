@@ -32,6 +32,18 @@ def search_config(cfg: Config) -> SearchConfig:
                            if hasattr(cfg.mcts, f.name)})
 
 
+def format_report(r: dict) -> str:
+    """The lines `cso-dist mcts build` / `submit` print for one build report."""
+    lines = [f"wrote {r['records']} ESC-Pro records from {r['seeds']} seed dialogues to {r['out']} "
+             f"({r['wall_s']:.1f} s; strategy set {r['strategy_set']})",
+             f"  LLM calls: {r['llm_calls_made']} made, {r['llm_calls_cached']} from the cache; "
+             f"{r['llm_calls_per_tree']:.0f} per seed dialogue, {r['wall_s_per_tree']:.1f} s per tree"]
+    issues = {k: v for k, v in r["role_stats"].items() if not k.startswith("calls_") and v}
+    if issues or r["dropped"]:
+        lines.append(f"  malformed/missing answers: {issues or 'none'}; dropped: {r['dropped'] or 'none'}")
+    return "\n".join(lines)
+
+
 def parse_shard(spec: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in spec.split("/"))

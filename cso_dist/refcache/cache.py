@@ -25,16 +25,15 @@ from typing import Callable
 
 from cso_dist.config import Config
 from cso_dist.data.dialogue import read_dialogues
-from cso_dist.io import atomic_write_text, write_jsonl
+from cso_dist.io import atomic_write_text, sha256_file, write_jsonl
 from cso_dist.data.export import iter_pairs
 from cso_dist.data.render import Renderer
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.pack import LaidOut, ReplyId, lay_out, score_units
-from cso_dist.refcache.key import (FORMAT_VERSION, SPLITS, RefModel, SplitInputs, cache_key, cache_root,
-                                   canonical_reply_order, default_device, differing, key_digest, key_info,
-                                   load_reference_model, load_split, make_cfg_renderer, memo_path, resolve_sset,
-                                   sha256_file, split_dir)
+from cso_dist.inputs import SPLITS, SplitInputs, default_device, load_split, make_cfg_renderer, resolve_sset
+from cso_dist.refcache.key import (FORMAT_VERSION, RefModel, cache_key, cache_root, canonical_reply_order, differing,
+                                   key_digest, key_info, load_reference_model, memo_path, split_dir)
 
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"

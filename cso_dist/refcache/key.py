@@ -1,4 +1,4 @@
-"""What a reference log-prob cache depends on: paths, inputs, the content-addressed key, the model.
+"""What a reference log-prob cache depends on: its paths, the content-addressed key, the reference model.
 
 The key is a dict of named components, each the first 16 hex digits of a sha256:
   model            config.json + every *.safetensors / *.bin of the weights the reference runs
@@ -21,31 +21,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
 
 from cso_dist.config import Config
-from cso_dist.data.dialogue import PrefDialogue, read_dialogues
-from cso_dist.io import atomic_write_text
-from cso_dist.data.render import Renderer, make_renderer, system_prompt
-from cso_dist.data.strategies import StrategySet, load_strategy_set
+from cso_dist.io import atomic_write_text, sha256_file
+from cso_dist.data.render import Renderer, system_prompt
+from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import CsoError
-from cso_dist.models import is_adapter_dir, load_model, load_tokenizer, lora_settings
-from cso_dist.models.load import adapter_base_path
+from cso_dist.inputs import (SPLITS, TOKENIZER_FILES, SplitInputs, data_file, make_cfg_renderer, model_dir,
+                             resolve_sset, split_max_dialogues, tokenizer_dir, weights_dir)
+from cso_dist.models import is_adapter_dir, load_model, lora_settings
 from cso_dist.pack import ReplyId, Unit
 
 RefModel = tuple[torch.nn.Module, Callable[[], ContextManager]]  # the model and the context to score under
 LAYOUT_VERSION = 1  # trie layout incl. KTO ":kl" branches, truncation of cso_dist.data.render
 FORMAT_VERSION = 1  # on-disk format of manifest + shards
-SPLITS = ("train", "eval")
 KEY_COMPONENTS = ("model", "tokenizer", "chat_template", "data", "strategies", "system_prompt", "truncation",
                   "dtype", "method_reference", "layout_version")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 
 
 def short(text: str | bytes) -> str:
@@ -53,19 +48,7 @@ def short(text: str | bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------- paths
-def model_dir(cfg: Config) -> Path:
-    return Path(cfg.model.path) if cfg.model.path else Path(cfg.run.out_dir) / "tiny-model"
-
-
 def cache_root(cfg: Config) -> Path:
     return Path(cfg.train.ref_cache) if cfg.train.ref_cache else Path(cfg.run.out_dir) / "refcache"
 
@@ -77,32 +60,10 @@ def split_dir(root: Path, split: str) -> Path:
     return root if split == "train" else root / "eval"
 
 
-def data_file(cfg: Config, split: str) -> Path | None:
-    if split == "train":
-        return Path(cfg.train.train_file) if cfg.train.train_file else Path(cfg.run.out_dir) / "data" / "train.jsonl"
-    return Path(cfg.train.eval_file) if cfg.train.eval_file else None
-
-
-def split_max_dialogues(cfg: Config, split: str) -> int:
-    return cfg.train.max_dialogues if split == "train" else cfg.train.eval_max_dialogues
-
-
 def method_reference(cfg: Config) -> str:
     if cfg.model.method == "qlora":
         return "qlora-base"
     return "adapter-disabled" if is_adapter_dir(model_dir(cfg)) else "full"
-
-
-def weights_dir(path: Path) -> Path:
-    """The folder whose weights the reference runs: an adapter's base, else the folder itself."""
-    return adapter_base_path(path) if is_adapter_dir(path) else path
-
-
-def tokenizer_dir(path: Path) -> Path:
-    """The model folder; an adapter folder without tokenizer files falls back to its base."""
-    if is_adapter_dir(path) and not any((path / n).is_file() for n in TOKENIZER_FILES):
-        return adapter_base_path(path)
-    return path
 
 
 # ---------------------------------------------------------------- file hash memo
@@ -151,56 +112,7 @@ def model_files(folder: Path) -> list[Path]:
     return ([cfg] if cfg.is_file() else []) + weights
 
 
-# ---------------------------------------------------------------- inputs
-@dataclass
-class SplitInputs:
-    split: str
-    data_file: Path
-    data_sha256: str
-    max_dialogues: int
-    dialogues: list[PrefDialogue]
-
-
-def resolve_sset(cfg: Config) -> StrategySet:
-    """data.strategies, or with "auto" the set named by the first train dialogue (eval shares it)."""
-    if cfg.data.strategies != "auto":
-        return load_strategy_set(cfg.data.strategies)
-    for split in SPLITS:
-        path = data_file(cfg, split)
-        if path is not None and path.is_file():
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        try:
-                            return load_strategy_set(str(json.loads(line).get("strategy_set") or "esconv"))
-                        except (json.JSONDecodeError, AttributeError):
-                            break  # read_dialogues reports the bad record
-    return load_strategy_set("esconv")
-
-
-def load_split(cfg: Config, split: str) -> SplitInputs | None:
-    """The dialogues of a split (first max_dialogues for train); None when the split has no file."""
-    path = data_file(cfg, split)
-    if path is None:
-        return None
-    if not path.is_file():
-        where = "train.train_file" if split == "train" else "train.eval_file"
-        raise CsoError(f"{where}: '{path}' does not exist (build it with cso-dist data build)")
-    n = split_max_dialogues(cfg, split)
-    dialogues = read_dialogues(path)
-    dialogues = dialogues[:n] if n else dialogues
-    seen: set[str] = set()
-    for d in dialogues:
-        if d.id in seen:
-            raise CsoError(f"{path}: dialogue id '{d.id}' occurs twice; reply ids would collide")
-        seen.add(d.id)
-    return SplitInputs(split, path, sha256_file(path), n, dialogues)
-
-
-def make_cfg_renderer(cfg: Config) -> Renderer:
-    return make_renderer(load_tokenizer(tokenizer_dir(model_dir(cfg))), cfg.data.chat_template)
-
-
+# ---------------------------------------------------------------- the key
 def cache_key(cfg: Config, split: str = "train", renderer: Renderer | None = None,
               sset: StrategySet | None = None, memo: Path | None = None) -> dict[str, str]:
     """The key of the reference cache of `split` for `cfg` (component name -> short sha256 hex)."""
@@ -264,12 +176,6 @@ def canonical_reply_order(units: list[Unit]) -> list[str]:
 
 
 # ---------------------------------------------------------------- the reference model
-def default_device(rank: int = 0) -> str:
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-    return "cpu"
-
-
 def load_reference_model(cfg: Config, device: str) -> RefModel:
     """The frozen reference in eval mode and the context to score under (adapter disabled where one exists).
 

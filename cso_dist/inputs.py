@@ -1,0 +1,109 @@
+"""What a run reads, resolved from its config: the model folder (and the tokenizer's and weights' folders of an
+adapter), the data files of each split and their dialogues, the strategy set, the renderer, the device.
+Used by training, precompute, evaluation, export and the reference cache's key."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cso_dist.config import Config
+from cso_dist.data.dialogue import PrefDialogue, read_dialogues
+from cso_dist.data.render import Renderer, make_renderer
+from cso_dist.data.strategies import StrategySet, resolve_strategy_set
+from cso_dist.errors import CsoError
+from cso_dist.io import sha256_file
+from cso_dist.models import is_adapter_dir, load_tokenizer
+from cso_dist.models.load import adapter_base_path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+SPLITS = ("train", "eval")
+
+
+def model_dir(cfg: Config) -> Path:
+    return Path(cfg.model.path) if cfg.model.path else Path(cfg.run.out_dir) / "tiny-model"
+
+
+def data_file(cfg: Config, split: str) -> Path | None:
+    if split == "train":
+        return Path(cfg.train.train_file) if cfg.train.train_file else Path(cfg.run.out_dir) / "data" / "train.jsonl"
+    return Path(cfg.train.eval_file) if cfg.train.eval_file else None
+
+
+def split_max_dialogues(cfg: Config, split: str) -> int:
+    return cfg.train.max_dialogues if split == "train" else cfg.train.eval_max_dialogues
+
+
+def weights_dir(path: Path) -> Path:
+    """The folder whose weights the reference runs: an adapter's base, else the folder itself."""
+    return adapter_base_path(path) if is_adapter_dir(path) else path
+
+
+def tokenizer_dir(path: Path) -> Path:
+    """The model folder; an adapter folder without tokenizer files falls back to its base."""
+    if is_adapter_dir(path) and not any((path / n).is_file() for n in TOKENIZER_FILES):
+        return adapter_base_path(path)
+    return path
+
+
+@dataclass
+class SplitInputs:
+    split: str
+    data_file: Path
+    data_sha256: str
+    max_dialogues: int
+    dialogues: list[PrefDialogue]
+
+
+def resolve_sset(cfg: Config) -> StrategySet:
+    """data.strategies, or with "auto" the set named by the first train dialogue (else the first eval one)."""
+    return resolve_strategy_set(cfg.data.strategies, _named_set(cfg) if cfg.data.strategies == "auto" else None)
+
+
+def _named_set(cfg: Config) -> str | None:
+    for split in SPLITS:
+        path = data_file(cfg, split)
+        if path is None or not path.is_file():
+            continue
+        with open(path, encoding="utf-8") as f:
+            line = next((x for x in f if x.strip()), "")
+        if not line:
+            continue
+        try:
+            return str(json.loads(line).get("strategy_set") or "") or None
+        except (json.JSONDecodeError, AttributeError):
+            continue  # read_dialogues reports the bad record
+    return None
+
+
+def load_split(cfg: Config, split: str) -> SplitInputs | None:
+    """The dialogues of a split (first max_dialogues for train); None when the split has no file."""
+    path = data_file(cfg, split)
+    if path is None:
+        return None
+    if not path.is_file():
+        where = "train.train_file" if split == "train" else "train.eval_file"
+        raise CsoError(f"{where}: '{path}' does not exist (build it with cso-dist data build)")
+    n = split_max_dialogues(cfg, split)
+    dialogues = read_dialogues(path)
+    dialogues = dialogues[:n] if n else dialogues
+    seen: set[str] = set()
+    for d in dialogues:
+        if d.id in seen:
+            raise CsoError(f"{path}: dialogue id '{d.id}' occurs twice; reply ids would collide")
+        seen.add(d.id)
+    return SplitInputs(split, path, sha256_file(path), n, dialogues)
+
+
+def make_cfg_renderer(cfg: Config) -> Renderer:
+    return make_renderer(load_tokenizer(tokenizer_dir(model_dir(cfg))), cfg.data.chat_template)
+
+
+def default_device(rank: int = 0) -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    return "cpu"
