@@ -26,10 +26,10 @@ from cso_dist.checkpoint import list_checkpoints, load_checkpoint, save_checkpoi
 from cso_dist.config import Config
 from cso_dist.dist import World
 from cso_dist.errors import ConfigError, CsoError
+from cso_dist.export import model_from_state_dict, save_final
 from cso_dist.models import count_parameters, load_model, lora_settings
+from cso_dist.paths import ds_config_path
 
-REPO = Path(__file__).resolve().parents[1]
-SHIPPED_DS = ("zero2", "zero3", "zero3_offload")
 
 
 class Scorer(torch.nn.Module):
@@ -157,7 +157,6 @@ class TorchEngine:
         return load_checkpoint(path, self.module, self.optimizer, self.scheduler)
 
     def final(self, out: Path, tokenizer) -> Path:
-        from cso_dist.export import save_final
 
         if self.world.main:
             save_final(self.module, self.cfg, out, tokenizer)
@@ -166,15 +165,6 @@ class TorchEngine:
 
 
 # ---------------------------------------------------------------- DeepSpeed
-def ds_config_path(name: str) -> Path:
-    if name in SHIPPED_DS:
-        return REPO / "ds_configs" / f"{name}.json"
-    p = Path(name)
-    if not p.is_file():
-        raise ConfigError(f"dist.deepspeed_config: '{name}' is neither a file nor one of {', '.join(SHIPPED_DS)}")
-    return p
-
-
 def ds_config(cfg: Config, world: World) -> dict:
     """The DeepSpeed JSON with the values our loop owns filled in: one micro-batch per forward, the
     step boundary set by the loop (managed_gradient_accumulation off), clipping, precision."""
@@ -329,7 +319,6 @@ class DeepSpeedEngine:
     def final(self, out: Path, tokenizer) -> Path:
         """Gather the weights (ZeRO-3: a collective, whole tensors land on rank 0 only) and save them as an
         HF folder from rank 0."""
-        from cso_dist.export import model_from_state_dict, save_final
 
         if self.stage == 3:
             sd = self.net._zero3_consolidated_16bit_state_dict()  # the API HF Trainer uses too

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from cso_dist.checkpoint import list_checkpoints
 from cso_dist.config import Config, load_config
 from cso_dist.errors import CsoError
 from cso_dist.models import load_model, load_tokenizer, lora_settings
@@ -102,7 +103,6 @@ def checkpoint_state_dict(ckpt: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 def export(ckpt: Path, out: Path, final: str | None = None) -> Path:
     """`cso-dist export`: a checkpoint folder, or a run folder (its latest checkpoint), to an HF folder."""
-    from cso_dist.checkpoint import list_checkpoints
 
     ckpt = Path(ckpt)
     if not (ckpt / "state.json").is_file():

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cso_dist.errors import CsoError
+from cso_dist.errors import ConfigError, CsoError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ESCONV_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")
+SHIPPED_DS = ("zero2", "zero3", "zero3_offload")  # ds_configs/<name>.json
 
 
 def user_data_dir() -> Path:
@@ -43,3 +44,12 @@ def esconv_dir() -> Path:
                        f"(online) to fill it, put the ESConv HF split (train.jsonl, valid.jsonl, test.jsonl) "
                        f"there, or set CSO_DATA_DIR to a folder whose esconv/ holds them")
     return d
+
+
+def ds_config_path(name: str) -> Path:
+    if name in SHIPPED_DS:
+        return REPO_ROOT / "ds_configs" / f"{name}.json"
+    p = Path(name)
+    if not p.is_file():
+        raise ConfigError(f"dist.deepspeed_config: '{name}' is neither a file nor one of {', '.join(SHIPPED_DS)}")
+    return p

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cso_dist.errors import ConfigError
+from cso_dist.paths import ds_config_path
 
 GIB = 2 ** 30
 HEADROOM = 0.10  # of the card: CUDA context, NCCL buffers, allocator fragmentation
@@ -336,7 +337,6 @@ def format_plan(p: dict, best: dict | None, here: dict | None = None) -> str:
 
 def setup_from_config(cfg) -> tuple[Shape, Setup]:
     """The shape and setup a run config describes (its `plan` section names the model and card)."""
-    from cso_dist.engine import ds_config_path
 
     if not cfg.plan.model:
         raise ConfigError("config: plan.model: set it to a preset (7b, 8b, 9b, 13b, 34b, 70b) or an HF config path")

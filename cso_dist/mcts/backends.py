@@ -18,7 +18,6 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
-from cso_dist.inputs import default_device
 from cso_dist.io import atomic_write_text
 from cso_dist.errors import ConfigError, CsoError
 
@@ -34,10 +33,10 @@ class HFBackend:
 
     def __init__(self, path: str, device: str = "", batch_size: int = 16, wait_s: float = 0.02, seed: int = 0):
         import torch
-
-        from cso_dist.models.tokenizer import load_tokenizer
-
         from transformers import AutoModelForCausalLM
+
+        from cso_dist.inputs import default_device  # torch and transformers only for this backend
+        from cso_dist.models.tokenizer import load_tokenizer
 
         p = Path(path)
         if not (p / "config.json").is_file():
