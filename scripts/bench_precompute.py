@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cso_dist.pack.dataset as pack_dataset  # noqa: E402
+import cso_dist.pack.layout as pack_layout  # noqa: E402
 import cso_dist.pack.logps as pack_logps  # noqa: E402
 import cso_dist.refcache.cache as rc  # noqa: E402
 from cso_dist.config import DataConfig, load_config  # noqa: E402
@@ -129,11 +129,11 @@ PROBES = {
     (rc, "lay_out"): "tokenise + lay out (trie units)",
     (rc, "canonical_reply_order"): "result assembly (ids, floats, dict)",
     (rc, "atomic_write_text"): "shard + sidecar + manifest writes",
-    # cso_dist.pack.dataset namespace (inside score_units)
-    (pack_dataset, "score_units"): "score_units loop (tqdm, .tolist, result dict)",
-    (pack_dataset, "pack_units"): "pack micro-batches",
-    (pack_dataset, "collate_trie"): "collate (TrieBatch)",
-    (pack_dataset, "trie_logps"): "trie_logps glue (index_select, index_add, .tolist)",
+    # cso_dist.pack.layout namespace (inside score_units)
+    (pack_layout, "score_units"): "score_units loop (tqdm, .tolist, result dict)",
+    (pack_layout, "pack_units"): "pack micro-batches",
+    (pack_layout, "collate_trie"): "collate (TrieBatch)",
+    (pack_layout, "trie_logps"): "trie_logps glue (index_select, index_add, .tolist)",
     # cso_dist.pack.logps namespace (inside trie_logps)
     (pack_logps, "_chunk_logps"): "log-softmax + gather (fp32)",
 }

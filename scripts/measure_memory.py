@@ -34,7 +34,7 @@ from cso_dist.models.load import _enable_checkpointing  # noqa: E402
 from cso_dist.models.tiny import init_model, tiny_config  # noqa: E402
 from cso_dist.models.tokenizer import bpe_tokenizer, load_tokenizer  # noqa: E402
 from cso_dist.pack import trie_logps  # noqa: E402
-from cso_dist.pack.dataset import lay_out  # noqa: E402
+from cso_dist.pack.layout import lay_out  # noqa: E402
 from cso_dist.pack.trie import collate_trie, pack_units  # noqa: E402
 from cso_dist.plan import Setup, activations, shape_from_hf_config  # noqa: E402
 

@@ -1,5 +1,5 @@
 """Tokenised preference dialogues -> model inputs: the prefix-trie layout and the per-pair baseline."""
-from cso_dist.pack.dataset import LaidOut, lay_out, score_units
+from cso_dist.pack.layout import LaidOut, lay_out, score_units
 from cso_dist.pack.logps import trie_logps
 from cso_dist.pack.pairs import PairBatch, PairRow, collate_pairs, dialogue_pair_rows, pair_logps
 from cso_dist.pack.trie import (ReplyId, Span, TrieBatch, Unit, collate_trie, dialogue_units,

@@ -1,4 +1,5 @@
-"""A dataset of preference dialogues laid out for the model: shared by precompute, training and eval."""
+"""Dialogues laid out for the model (LaidOut, lay_out) and scored unit by unit (score_units): shared by precompute,
+training and eval."""
 from __future__ import annotations
 
 from dataclasses import dataclass
