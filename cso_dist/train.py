@@ -34,7 +34,7 @@ from cso_dist.dist import World, my_share, world_from_env
 from cso_dist.engine import build_engine
 from cso_dist.objective import finish_metrics, micro_loss, structure
 from cso_dist.preempt import STOPPED_FILE, StopRequest
-from cso_dist.pack import ReplyId, collate_pairs, collate_trie, dialogue_pair_rows, lay_out, pack_units
+from cso_dist.pack import PairLayout, ReplyId, TrieLayout
 from cso_dist.refcache import cache_key, cache_status, load_reference
 from cso_dist.refcache.cache import precompute
 from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
@@ -61,37 +61,22 @@ def _strip_rejected(dialogues: list[PrefDialogue]) -> list[PrefDialogue]:
     return [replace(d, messages=[replace(m, rejected=[]) for m in d.messages]) for d in dialogues]
 
 
-class Layout:
-    """The chosen layout of one split, able to cut an epoch into micro-batches."""
-
-    def __init__(self, cfg: Config, dialogues: list[PrefDialogue], renderer, sset, progress: bool):
-        self.cfg, self.kind = cfg, cfg.pack.layout
-        if cfg.train.method == "sft":
-            dialogues = _strip_rejected(dialogues)
-        if self.kind == "trie":
-            self.items = lay_out(dialogues, renderer, sset, cfg.pack.max_tokens, cfg.data.max_length,
-                                 kl=cfg.train.method == "kto", progress=progress).units
-        else:
-            self.items = [dialogue_pair_rows(d, renderer, sset, cfg.data.max_length) for d in dialogues]
-            self.pad = renderer.tokenizer.pad_token_id or 0
-
-    def batches(self, order: list[int]) -> list[Batch]:
-        budget = self.cfg.pack.max_tokens
-        if self.kind == "trie":
-            units = [u for i in order for u in self.items[i]]
-            return [_batch(collate_trie(b)) for b in pack_units(units, budget)]
-        out, cur = [], []
-        for turn in (t for i in order for t in self.items[i]):  # a turn's rows stay in one micro-batch
-            if cur and (len(cur) + len(turn)) * max(len(r) for r in cur + turn) > budget:
-                out.append(_batch(collate_pairs(cur, self.pad)))
-                cur = []
-            cur.extend(turn)
-        if cur:
-            out.append(_batch(collate_pairs(cur, self.pad)))
-        return out
+def make_layout(cfg: Config, dialogues: list[PrefDialogue], renderer, sset, progress: bool) -> TrieLayout | PairLayout:
+    """The split laid out as pack.layout says (SFT: without the rejected replies; KTO: with its mismatched
+    completions)."""
+    if cfg.train.method == "sft":
+        dialogues = _strip_rejected(dialogues)
+    if cfg.pack.layout == "trie":
+        return TrieLayout(dialogues, renderer, sset, cfg.pack.max_tokens, cfg.data.max_length,
+                          kl=cfg.train.method == "kto", progress=progress)
+    return PairLayout(dialogues, renderer, sset, cfg.pack.max_tokens, cfg.data.max_length)
 
 
-def plan_steps(layout: Layout, n: int, cfg: Config) -> list[list[Batch]]:
+def micro_batches(layout: TrieLayout | PairLayout, order: list[int]) -> list[Batch]:
+    return [_batch(data) for data in layout.batches(order)]
+
+
+def plan_steps(layout: TrieLayout | PairLayout, n: int, cfg: Config) -> list[list[Batch]]:
     """Optimizer steps (lists of micro-batches), epoch by epoch; each epoch's dialogue order is
     a permutation seeded by (run.seed, epoch), so a resumed run sees the same batches."""
     t = cfg.train
@@ -99,7 +84,7 @@ def plan_steps(layout: Layout, n: int, cfg: Config) -> list[list[Batch]]:
     epoch = 0
     while epoch < t.epochs or (t.max_steps and len(steps) < t.max_steps):
         g = torch.Generator().manual_seed(cfg.run.seed * 1000 + epoch)
-        micro = layout.batches(torch.randperm(n, generator=g).tolist())
+        micro = micro_batches(layout, torch.randperm(n, generator=g).tolist())
         steps += [micro[i:i + t.grad_accum] for i in range(0, len(micro), t.grad_accum)]
         epoch += 1
         if not micro:
@@ -193,12 +178,12 @@ def run_train(cfg: Config, resume: bool | str = False, progress: bool = True) ->
     # data: every rank lays out the same plan on its own, before joining the process group
     train_in, eval_in = load_split(cfg, "train"), load_split(cfg, "eval")
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
-    layout = Layout(cfg, train_in.dialogues, renderer, sset, progress)
+    layout = make_layout(cfg, train_in.dialogues, renderer, sset, progress)
     steps = plan_steps(layout, len(train_in.dialogues), cfg)
     if not steps:
         raise CsoError(f"{train_in.data_file}: nothing to train on (no supporter turns with the needed replies)")
-    eval_batches = Layout(cfg, eval_in.dialogues, renderer, sset, False).batches(
-        list(range(len(eval_in.dialogues)))) if eval_in else []
+    eval_batches = micro_batches(make_layout(cfg, eval_in.dialogues, renderer, sset, False),
+                                 list(range(len(eval_in.dialogues)))) if eval_in else []
 
     # reference log-probs: from the cache (no reference model while training), or the adapter-disabled policy
     ref = eval_ref = None

@@ -34,7 +34,7 @@ from cso_dist.engine import build_engine  # noqa: E402
 from cso_dist.models import qwen_tokenizer  # noqa: E402
 from cso_dist.objective import micro_loss  # noqa: E402
 from cso_dist.inputs import make_cfg_renderer, resolve_sset  # noqa: E402
-from cso_dist.train import Layout  # noqa: E402
+from cso_dist.train import make_layout, micro_batches  # noqa: E402
 
 SHAPES = {  # Llama-3 shapes (hidden, layers, heads, kv heads, MLP)
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -98,7 +98,8 @@ def bench() -> dict:
             "dist.engine": "torch" if args.mode == "qlora" else "deepspeed", "dist.deepspeed_config": args.ds}
     cfg = load_config(None, parse_overrides([f"--{k}={v}" for k, v in over.items()]))
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
-    batches = Layout(cfg, dialogues[:args.dialogues], renderer, sset, False).batches(list(range(args.dialogues)))
+    batches = micro_batches(make_layout(cfg, dialogues[:args.dialogues], renderer, sset, False),
+                            list(range(args.dialogues)))
     need = args.micro * (args.steps + 1)
     batches = (batches * (need // max(len(batches), 1) + 1))[:need]
     steps = [batches[i:i + args.micro] for i in range(0, need, args.micro)]

@@ -208,7 +208,7 @@ def run_cso(args, work: Path, layout: str, base: dict) -> dict:
 
     from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
     from cso_dist.tracking import read_metrics
-    from cso_dist.train import Layout, plan_steps, run_train
+    from cso_dist.train import make_layout, plan_steps, run_train
 
     cfg = cso_config(args, work, layout, f"cso-{layout}")
     t0 = time.perf_counter()
@@ -217,7 +217,7 @@ def run_cso(args, work: Path, layout: str, base: dict) -> dict:
     peak = mem_status()["hwm_mb"]
     ms = [m for m in read_metrics(Path(cfg.run.out_dir)) if "loss" in m]
     # the plan run_train followed (deterministic): micro-batches per step -> pairs per forward
-    lay = Layout(cfg, load_split(cfg, "train").dialogues, make_cfg_renderer(cfg), resolve_sset(cfg), False)
+    lay = make_layout(cfg, load_split(cfg, "train").dialogues, make_cfg_renderer(cfg), resolve_sset(cfg), False)
     plan = plan_steps(lay, len(lay.items), cfg)
     micro = [len(s) for s in plan]
     pairs = sum(b.counts["pairs"] for b in plan[-1])

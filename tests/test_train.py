@@ -22,7 +22,7 @@ from cso_dist.objective import micro_loss, structure
 from cso_dist.refcache import cache_key, load_reference, run_precompute
 from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
 from cso_dist.tracking import read_metrics
-from cso_dist.train import Layout, plan_steps, run_train
+from cso_dist.train import make_layout, plan_steps, run_train
 from conftest import REPO, run_cli, tiny_run_data
 from numerics import U32, curve_tol, dpo_step0_bound, summed_logp_tol
 
@@ -65,7 +65,7 @@ def test_step0_dpo_loss_is_ln2_on_every_batch(setup):
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
     cached = load_reference(cfg, cache_key(cfg, "train", renderer, sset))
     train = load_split(cfg, "train")
-    batches = [b for step in plan_steps(Layout(cfg, train.dialogues, renderer, sset, False), 8, cfg) for b in step]
+    batches = [b for step in plan_steps(make_layout(cfg, train.dialogues, renderer, sset, False), 8, cfg) for b in step]
     model = load_model(cfg.model.path)
     assert len(batches) > 3
     worst = 0.0
@@ -96,7 +96,7 @@ def test_short_dpo_run_learns_the_training_pairs(setup):
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
     ref = load_reference(cfg, cache_key(cfg, "train", renderer, sset))
     train = load_split(cfg, "train")
-    step1 = plan_steps(Layout(cfg, train.dialogues, renderer, sset, False), len(train.dialogues), cfg)[0]
+    step1 = plan_steps(make_layout(cfg, train.dialogues, renderer, sset, False), len(train.dialogues), cfg)[0]
     assert abs(metrics[0]["loss"] - math.log(2)) <= dpo_step0_bound(resolved_beta("dpo", cfg.train.beta),
                                                                      [p for b in step1 for p in _ref_pairs(b, ref)])
     assert summary["eval/rewards/accuracies"] > 0.9, summary  # scored on the training pairs after training
