@@ -21,6 +21,19 @@ from cso_dist.mcts.search import SearchConfig
 SOURCES = ("escpro", "cso-rows", "kto-rows", "trl", "esconv")
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings, and their defaults (model.lora_*; models.lora_settings builds one from a config)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
 @dataclass
 class DataConfig:
     source: Literal["escpro", "cso-rows", "kto-rows", "trl", "esconv"] = "esconv"
@@ -49,11 +62,10 @@ class ModelConfig:
     path: str = ""  # HF model folder; "" = the demo's tiny model
     method: Literal["full", "lora", "qlora"] = "full"
     precision: Literal["fp32", "bf16"] = "fp32"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora_r: int = LoraSettings.r
+    lora_alpha: int = LoraSettings.alpha
+    lora_dropout: float = LoraSettings.dropout
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
     def validate(self) -> None:
         _check(self.lora_r >= 1, "model.lora_r", "must be >= 1")

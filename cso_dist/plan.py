@@ -21,12 +21,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cso_dist.config import LORA_TARGETS, LoraSettings
 from cso_dist.errors import ConfigError
 from cso_dist.paths import ds_config_path
 
 GIB = 2 ** 30
 HEADROOM = 0.10  # of the card: CUDA context, NCCL buffers, allocator fragmentation
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,8 @@ class Setup:
     seq_len: int = 4096  # tokens of one packed row (pack.max_tokens)
     micro_batch: int = 1  # packed rows per forward
     checkpointing: bool = True
-    lora_r: int = 16
-    lora_dropout: float = 0.05
+    lora_r: int = LoraSettings.r
+    lora_dropout: float = LoraSettings.dropout
     lora_targets: tuple[str, ...] = LORA_TARGETS
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit | paged_adamw (torch engine)
     logit_chunk: int = 2048

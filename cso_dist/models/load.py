@@ -6,26 +6,17 @@ adapter_config.json) loads its base model plus the adapter, trainable.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
+from cso_dist.config import LoraSettings
 from cso_dist.errors import ConfigError
 
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-@dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 def lora_settings(model_cfg) -> LoraSettings:
