@@ -42,7 +42,6 @@ from cso_dist.refcache.key import cache_root, split_dir
 from cso_dist.tracking import Tracker
 
 
-
 # ---------------------------------------------------------------- data -> micro-batches
 @dataclass
 class Batch:
