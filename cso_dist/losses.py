@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -219,10 +220,14 @@ class Method:
     name: str
     loss: Callable[..., LossOutput] | None
     needs_reference: bool  # reference log-probs: the precomputed cache or the adapter-disabled base
-    pair_layout: bool  # pack.layout: pair (the per-pair baseline layout) can serve it
-    pairwise: bool  # one loss per (chosen, rejected) pair; else per example (kto) or per chosen reply (sft)
+    pair_layout: bool  # pack.layout: pair (the per-pair baseline layout) can serve it; these are the pairwise losses
 
-    @property
+    @cached_property
+    def params(self) -> tuple[str, ...]:
+        """The loss function's parameter names (read once: the objective binds inputs by name every micro-batch)."""
+        return tuple(inspect.signature(self.loss).parameters) if self.loss is not None else ()
+
+    @cached_property
     def defaults(self) -> dict[str, float]:
         if self.loss is None:
             return {}
@@ -236,12 +241,12 @@ class Method:
 
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
-    Method("dpo", dpo, needs_reference=True, pair_layout=True, pairwise=True),
-    Method("ipo", ipo, needs_reference=True, pair_layout=True, pairwise=True),
-    Method("simpo", simpo, needs_reference=False, pair_layout=True, pairwise=True),
-    Method("orpo", orpo, needs_reference=False, pair_layout=True, pairwise=True),
-    Method("kto", kto, needs_reference=True, pair_layout=False, pairwise=False),
-    Method("sft", None, needs_reference=False, pair_layout=False, pairwise=False),
+    Method("dpo", dpo, needs_reference=True, pair_layout=True),
+    Method("ipo", ipo, needs_reference=True, pair_layout=True),
+    Method("simpo", simpo, needs_reference=False, pair_layout=True),
+    Method("orpo", orpo, needs_reference=False, pair_layout=True),
+    Method("kto", kto, needs_reference=True, pair_layout=False),
+    Method("sft", None, needs_reference=False, pair_layout=False),
 )}
 METHODS = frozenset(REGISTRY)
 

@@ -10,7 +10,6 @@ Losses are summed per micro-batch and divided by the whole optimizer step's coun
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -104,8 +103,7 @@ def micro_loss(cfg: TrainConfig, reply_ids: list[ReplyId], logps: torch.Tensor, 
         inputs = {"chosen_logps": lc, "rejected_logps": lr, "chosen_len": nc, "rejected_len": nr}
         if spec.needs_reference:
             inputs.update(ref_chosen_logps=refs(s.pair_c), ref_rejected_logps=refs(s.pair_r))
-        params = inspect.signature(spec.loss).parameters
-        out = spec.loss(**{k: v for k, v in inputs.items() if k in params}, **hyperparameters(spec, cfg, beta))
+        out = spec.loss(**{k: v for k, v in inputs.items() if k in spec.params}, **hyperparameters(spec, cfg, beta))
         per_pair = out.losses + (out.nll if out.nll is not None else 0.0)
         total = total + per_pair.sum() / max(norm["pairs"], 1)
         rc, rr = out.chosen_rewards.detach(), out.rejected_rewards.detach()

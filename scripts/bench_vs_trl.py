@@ -152,7 +152,7 @@ def pair_table(cfg) -> list[dict]:
     """Every (turn, rejected reply) pair of the train file, in data order: our token ids (exactly what
     both cso layouts score) and the conversational TRL row with the same (truncated) history."""
     from cso_dist.data.render import dialogue_system_prompt, format_reply, to_chat, turn_examples
-    from cso_dist.pack.trie import reply_id
+    from cso_dist.pack.trie import ReplyId
     from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
 
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
@@ -164,7 +164,7 @@ def pair_table(cfg) -> list[dict]:
             prompt = to_chat(d.messages[ex.dropped_messages:ex.turn], dialogue_system_prompt(d, sset))
             chosen = [{"role": "assistant", "content": format_reply(m.strategy, m.text)}]
             for k, (o, ids) in enumerate(zip(m.rejected, ex.rejected)):
-                rows.append({"id": reply_id(d.id, ex.turn, f"r{k}"), "chosen_id": reply_id(d.id, ex.turn, "c"),
+                rows.append({"id": ReplyId(d.id, ex.turn, f"r{k}"), "chosen_id": ReplyId(d.id, ex.turn, "c"),
                              "prompt": prompt, "chosen": chosen,
                              "rejected": [{"role": "assistant", "content": format_reply(o.strategy, o.text)}],
                              "ids": (ex.history, ex.chosen, ids)})

@@ -14,7 +14,7 @@ import torch
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.render import Renderer, turn_examples
 from cso_dist.data.strategies import StrategySet
-from cso_dist.pack.trie import ReplyId, reply_id
+from cso_dist.pack.trie import ReplyId
 
 
 @dataclass
@@ -34,8 +34,8 @@ def dialogue_pair_rows(d: PrefDialogue, renderer: Renderer, sset: StrategySet,
     for ex in turn_examples(d, renderer, sset, max_length):
         if not ex.rejected:
             continue
-        rows = [PairRow(reply_id(d.id, ex.turn, "c"), ex.history, ex.chosen)]
-        rows += [PairRow(reply_id(d.id, ex.turn, f"r{k}"), ex.history, r) for k, r in enumerate(ex.rejected)]
+        rows = [PairRow(ReplyId(d.id, ex.turn, "c"), ex.history, ex.chosen)]
+        rows += [PairRow(ReplyId(d.id, ex.turn, f"r{k}"), ex.history, r) for k, r in enumerate(ex.rejected)]
         out.append(rows)
     return out
 

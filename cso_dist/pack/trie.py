@@ -106,10 +106,6 @@ class ReplyId(str):
         return self.turn, rank
 
 
-def reply_id(dialogue_id: str, turn: int, kind: str) -> ReplyId:
-    return ReplyId(dialogue_id, turn, kind)
-
-
 @dataclass
 class _Turn:
     turn: int
@@ -135,12 +131,12 @@ def _turns(d: PrefDialogue, toks: DialogueTokens, renderer: Renderer, sset: Stra
             trunk, h = hist_ids + body, len(hist_ids)
         else:
             trunk = full[:h + len(body)]
-        branches = [(reply_id(d.id, i, f"r{k}"), r) for k, r in enumerate(rej)]
+        branches = [(ReplyId(d.id, i, f"r{k}"), r) for k, r in enumerate(rej)]
         if i in kl:
             room = (max_length - h) if max_length else len(kl[i])
             if room > 0:
-                branches.append((reply_id(d.id, i, "kl"), kl[i][:room]))
-        out.append(_Turn(i, trunk, h, reply_id(d.id, i, "c"), branches))
+                branches.append((ReplyId(d.id, i, "kl"), kl[i][:room]))
+        out.append(_Turn(i, trunk, h, ReplyId(d.id, i, "c"), branches))
     return out
 
 
