@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from cso_dist.config import SOURCES, Config, load_config, parse_overrides
+from cso_dist.config import Config, add_flags, flag_overrides, load_config, parse_overrides
 from cso_dist.errors import CsoError
 from cso_dist.preempt import Preempted
 
@@ -26,14 +26,10 @@ def config_path(args: argparse.Namespace) -> str | None:
     return pos or flag
 
 
-def _config(args: argparse.Namespace, extra: list[str], flags: dict[str, str]) -> Config:
-    """Config file + dotted overrides + explicit command flags (flags win)."""
-    overrides = parse_overrides(extra)
-    for attr, key in flags.items():
-        val = getattr(args, attr, None)
-        if val is not None and val is not False:
-            overrides[key] = val
-    return load_config(config_path(args), overrides)
+def _config(args: argparse.Namespace, extra: list[str], family: str) -> Config:
+    """Config file + dotted overrides + the command's generated flags (config.add_flags; flags win), for the
+    sections of the command's family (config.FAMILIES)."""
+    return load_config(config_path(args), {**parse_overrides(extra), **flag_overrides(args)}, family)
 
 
 def _print_kv(title: str, d: dict, indent: str = "  ") -> None:
@@ -48,9 +44,6 @@ def _print_kv(title: str, d: dict, indent: str = "  ") -> None:
 
 
 # ---------------------------------------------------------------- data
-BUILD_FLAGS = {"source": "data.source", "input": "data.input", "split": "data.split", "negatives": "data.negatives",
-               "seed": "data.seed", "strategies": "data.strategies", "aliases": "data.aliases",
-               "skip_invalid": "data.skip_invalid"}
 
 
 def cmd_data_build(args, extra) -> int:
@@ -58,7 +51,7 @@ def cmd_data_build(args, extra) -> int:
     from cso_dist.data.dialogue import write_dialogues
     from cso_dist.data.stats import dialogue_stats
 
-    cfg = _config(args, extra, BUILD_FLAGS)
+    cfg = _config(args, extra, "data")
     t0 = time.time()
     dialogues, report = build_dialogues(cfg.data)
     n = write_dialogues(args.out, dialogues)
@@ -81,8 +74,7 @@ def cmd_data_stats(args, extra) -> int:
     from cso_dist.data.dialogue import read_dialogues
     from cso_dist.data.stats import dialogue_stats
 
-    cfg = _config(args, extra, {"chat_template": "data.chat_template", "max_length": "data.max_length",
-                                "strategies": "data.strategies"})
+    cfg = _config(args, extra, "data")
     dialogues = read_dialogues(args.file)
     stats = dialogue_stats(dialogues)
     if args.tokenizer:
@@ -140,7 +132,7 @@ def cmd_precompute(args, extra) -> int:
     from cso_dist.dist import world_from_env
     from cso_dist.refcache import run_precompute
 
-    cfg = _config(args, extra, {})
+    cfg = _config(args, extra, "training")
     if args.dry_run:
         from cso_dist.preflight import print_dry_run
 
@@ -162,7 +154,7 @@ def cmd_cache_export(args, extra) -> int:
 def cmd_train(args, extra) -> int:
     from cso_dist.train import run_train
 
-    cfg = _config(args, extra, {})
+    cfg = _config(args, extra, "training")
     if args.dry_run:
         from cso_dist.preflight import print_dry_run
 
@@ -184,16 +176,13 @@ def cmd_export(args, extra) -> int:
 
 
 # ---------------------------------------------------------------- launch (Slurm / submitit)
-LAUNCH_FLAGS = {"nodes": "slurm.nodes", "gpus_per_node": "slurm.gpus_per_node", "partition": "slurm.partition",
-                "account": "slurm.account", "qos": "slurm.qos", "time": "slurm.time_min",
-                "cpus_per_task": "slurm.cpus_per_task", "mem_gb": "slurm.mem_gb"}
 
 
 def cmd_launch_sbatch(args, extra) -> int:
     from cso_dist.launch import parse_grid, sweep_runs
     from cso_dist.launch.sbatch import submit, write_job
 
-    cfg = _config(args, extra, LAUNCH_FLAGS)
+    cfg = _config(args, extra, "launch")
     template = args.template or ("sweep" if args.sweep else "train")
     sweep = None
     if template == "sweep":
@@ -216,7 +205,7 @@ def cmd_launch_submitit(args, extra) -> int:
     from cso_dist.launch import collect, parse_grid, submit_run, submit_sweep, table
     from cso_dist.launch.jobs import write_results
 
-    cfg = _config(args, extra, LAUNCH_FLAGS)
+    cfg = _config(args, extra, "launch")
     runs = submit_sweep(cfg, parse_grid(args.sweep), args.cluster) if args.sweep else [submit_run(cfg, args.cluster)]
     for r in runs:
         print(f"submitted {r.name}: job {r.job.job_id} -> {r.cfg.run.out_dir}")
@@ -230,14 +219,12 @@ def cmd_launch_submitit(args, extra) -> int:
 
 
 # ---------------------------------------------------------------- mcts (ESC-Pro builder)
-MCTS_FLAGS = {"backend": "mcts.backend", "model": "mcts.model", "base_url": "mcts.base_url",
-              "workers": "mcts.workers", "max_seeds": "mcts.max_seeds", "prompts": "mcts.prompts"}
 
 
 def cmd_mcts_build(args, extra) -> int:
     from cso_dist.mcts.build import build, format_report, parse_shard
 
-    cfg = _config(args, extra, MCTS_FLAGS)
+    cfg = _config(args, extra, "mcts")
     r = build(cfg, args.seeds, args.out, parse_shard(args.shard))
     print(format_report(r))
     return 0
@@ -261,7 +248,7 @@ def cmd_mcts_submit(args, extra) -> int:
     from cso_dist.mcts.build import format_report
     from cso_dist.mcts.launch import collect_build, submit_build
 
-    cfg = _config(args, extra, MCTS_FLAGS)
+    cfg = _config(args, extra, "mcts")
     jobs, parts = submit_build(cfg, args.seeds, args.out, args.tasks, args.cluster)
     print(f"submitted {len(jobs)} array tasks: " + " ".join(str(j.job_id) for j in jobs))
     if args.no_wait:
@@ -291,7 +278,7 @@ def cmd_eval_score(args, extra) -> int:
 def cmd_eval_generate(args, extra) -> int:
     from cso_dist.eval.generate import run_generate
 
-    cfg = _config(args, extra, {"mode": "eval.mode"})
+    cfg = _config(args, extra, "training")
     out = Path(args.out) if args.out else Path(cfg.run.out_dir) / "eval" / f"pred-{args.split}-{cfg.eval.mode}.jsonl"
     run_generate(cfg, args.split, out, cfg.eval.mode, args.data or "")
     return 0
@@ -310,7 +297,7 @@ def cmd_eval_report(args, extra) -> int:
 def cmd_demo(args, extra) -> int:
     from cso_dist.demo import run_demo
 
-    run_demo(_config(args, extra, {}))
+    run_demo(_config(args, extra, "all"))
     return 0
 
 
@@ -320,7 +307,7 @@ def cmd_plan(args, extra) -> int:
     from cso_dist.plan import Setup, cheapest, format_plan, plan, resolve_shape, setup_from_config
 
     if config_path(args) or extra:
-        shape, setup = setup_from_config(_config(args, extra, {}))
+        shape, setup = setup_from_config(_config(args, extra, "plan"))
     elif args.model:
         shape, setup = resolve_shape(args.model), Setup()
         if args.method in ("lora", "qlora") and args.zero is None:
@@ -347,7 +334,7 @@ def cmd_plan(args, extra) -> int:
 def cmd_config_show(args, extra) -> int:
     import yaml
 
-    print(yaml.safe_dump(_config(args, extra, {}).to_dict(), sort_keys=False), end="")
+    print(yaml.safe_dump(_config(args, extra, "all").to_dict(), sort_keys=False), end="")
     return 0
 
 
@@ -361,14 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="build, inspect and export preference data").add_subparsers(
         dest="data_command", required=True)
     b = data.add_parser("build", help="any source -> preference dialogues (JSONL)")
-    b.add_argument("--from", dest="source", choices=SOURCES, help="the input's format (default: data.source)")
-    b.add_argument("--input", help="file or folder (ESConv: default the data dir's esconv/)")
-    b.add_argument("--split", help="ESConv split: train, valid or test (default train)")
-    b.add_argument("--negatives", type=int, help="ESConv: non-preferred options per supporter turn (default 3)")
-    b.add_argument("--seed", type=int, help="ESConv: seed of the negative selection (default 0)")
-    b.add_argument("--strategies", help="esconv, escpro or a JSON/YAML file (default: by source)")
-    b.add_argument("--aliases", action="store_true", help="map known strategy label variants (Questions -> Question)")
-    b.add_argument("--skip-invalid", action="store_true", help="skip invalid records and report them")
+    add_flags(b, "data", rename={"source": "from"})
     b.add_argument("--out", required=True)
     add_config_arg(b)
     b.set_defaults(func=cmd_data_build)
@@ -377,9 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--json", action="store_true", help="one JSON object")
     s.add_argument("--tokenizer", help="model/tokenizer folder: add token-length statistics")
-    s.add_argument("--chat-template", help="auto, chatml, llama3, gemma2 or a Jinja file")
-    s.add_argument("--max-length", type=int, help="truncation length for the token statistics")
-    s.add_argument("--strategies")
+    add_flags(s, "data", ["chat_template", "max_length", "strategies"])
     add_config_arg(s, "YAML config (its data section: chat template, max length, strategies)")
     s.set_defaults(func=cmd_data_stats)
 
@@ -436,14 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                            ("submitit", "submit a run or a sweep (job array) with submitit and collect the results")):
         lp = lsub.add_parser(name, help=helptext)
         add_config_arg(lp)
-        lp.add_argument("--nodes", type=int)
-        lp.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, help="0 = CPU only")
-        lp.add_argument("--partition")
-        lp.add_argument("--account")
-        lp.add_argument("--qos")
-        lp.add_argument("--time", type=int, help="minutes")
-        lp.add_argument("--cpus-per-task", dest="cpus_per_task", type=int)
-        lp.add_argument("--mem-gb", dest="mem_gb", type=int)
+        add_flags(lp, "slurm", ["nodes", "gpus_per_node", "partition", "account", "qos", "time_min", "cpus_per_task",
+                                "mem_gb"], rename={"time_min": "time"})
         lp.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
                         help="grid axis (repeat): every combination is one run, as a job array")
         if name == "sbatch":
@@ -468,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arg(eg, "YAML config (model.path = the model to evaluate)")
     eg.add_argument("--split", default="test", help="ESConv split (default test)")
     eg.add_argument("--data", help="preference dialogues JSONL instead of an ESConv split")
-    eg.add_argument("--mode", choices=["generate", "likelihood"], help="default: eval.mode")
+    add_flags(eg, "eval", ["mode"])
     eg.add_argument("--out", help="default <run.out_dir>/eval/pred-<split>-<mode>.jsonl (appended, resumable)")
     eg.set_defaults(func=cmd_eval_generate)
     er = esub.add_parser("report", help="report.md + plots for one or several runs side by side")
@@ -497,12 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_arg(q)
         q.add_argument("--seeds", required=True, help="ESConv JSONL, ExTES JSON or ESC-Pro records (gold dialogues)")
         q.add_argument("--out", required=True, help="ESC-Pro JSON to write (work files beside it: OUT.work/)")
-        q.add_argument("--backend", choices=["hf", "openai"])
-        q.add_argument("--model", help="hf: model folder; openai: served model name")
-        q.add_argument("--base-url", help="openai: e.g. http://node:8000/v1 (key from $OPENAI_API_KEY)")
-        q.add_argument("--workers", type=int, help="trees searched at once")
-        q.add_argument("--max-seeds", type=int)
-        q.add_argument("--prompts", help="folder of role prompts (scorer/supporter/seeker/judge .txt)")
+        add_flags(q, "mcts", ["backend", "model", "base_url", "workers", "max_seeds", "prompts"])
     mb.add_argument("--shard", default="0/1", help="I/N: build every N-th seed from the I-th (array task)")
     mb.set_defaults(func=cmd_mcts_build)
     ms.add_argument("--tasks", type=int, required=True, help="array tasks (seeds are dealt round-robin)")

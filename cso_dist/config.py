@@ -5,20 +5,30 @@ load with the key named. Later stages (precompute, train, eval, launch) add sect
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import yaml
 
 from cso_dist.errors import ConfigError
-from cso_dist.mcts.search import SearchConfig
+from cso_dist.mcts.search import SearchSettings
 
 SOURCES = ("escpro", "cso-rows", "kto-rows", "trl", "esconv")
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config key: its default and the help text that `--help` and the generated flags show."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
+def help_of(section: type, name: str) -> str:
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(section) if f.name == name)
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -36,18 +46,18 @@ class LoraSettings:
 
 @dataclass
 class DataConfig:
-    source: Literal["escpro", "cso-rows", "kto-rows", "trl", "esconv"] = "esconv"
-    input: str = ""  # file or folder; "" = ESConv from the data dir (cso_dist.paths.data_dir)
-    split: str = "train"
-    negatives: int = 3  # ESConv: non-preferred options per supporter turn
-    seed: int = 0
-    strategies: str = "auto"  # auto (ESConv: esconv; else the named set the file uses), esconv, escpro, or a file
-    aliases: bool = False  # map known label variants ("Questions" -> "Question")
-    skip_invalid: bool = False
-    context_seeker_messages: int = 2  # ESConv negatives: seeker messages used as retrieval context
-    pool: int = 20  # ESConv negatives: most similar candidates to choose from
-    chat_template: str = "auto"  # auto (tokenizer's own), chatml, llama3, gemma2, or a Jinja file
-    max_length: int = 2048  # tokens per turn example: history is cut oldest-first, never the target
+    source: Literal["escpro", "cso-rows", "kto-rows", "trl", "esconv"] = setting("esconv", "the input's format")
+    input: str = setting("", "file or folder; \"\" = ESConv from the data dir (cso_dist.paths.data_dir)")
+    split: str = setting("train", "ESConv split: train, valid or test")
+    negatives: int = setting(3, "ESConv: non-preferred options per supporter turn")
+    seed: int = setting(0, "ESConv: seed of the negative selection")
+    strategies: str = setting("auto", "auto (ESConv: esconv; else the named set the file uses), esconv, escpro, or a file")
+    aliases: bool = setting(False, "map known label variants (\"Questions\" -> \"Question\")")
+    skip_invalid: bool = setting(False, "skip invalid records and report them (else the first one is an error)")
+    context_seeker_messages: int = setting(2, "ESConv negatives: seeker messages used as retrieval context")
+    pool: int = setting(20, "ESConv negatives: most similar candidates to choose from")
+    chat_template: str = setting("auto", "auto (tokenizer's own), chatml, llama3, gemma2, or a Jinja file")
+    max_length: int = setting(2048, "tokens per turn example: history is cut oldest-first, never the target")
 
     def validate(self) -> None:
         _check(self.negatives >= 0, "data.negatives", "must be >= 0")
@@ -59,13 +69,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # HF model folder; "" = the demo's tiny model
-    method: Literal["full", "lora", "qlora"] = "full"
-    precision: Literal["fp32", "bf16"] = "fp32"
-    lora_r: int = LoraSettings.r
-    lora_alpha: int = LoraSettings.alpha
-    lora_dropout: float = LoraSettings.dropout
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    path: str = setting("", "HF model folder; \"\" = the demo's tiny model")
+    method: Literal["full", "lora", "qlora"] = setting("full", "full fine-tuning, LoRA, or QLoRA (4-bit nf4 base + LoRA)")
+    precision: Literal["fp32", "bf16"] = setting("fp32", "weights and compute dtype (bf16: autocast on CPU)")
+    lora_r: int = setting(LoraSettings.r, "LoRA rank")
+    lora_alpha: int = setting(LoraSettings.alpha, "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = setting(LoraSettings.dropout, "dropout on the LoRA input during training (off at eval and export)")
+    lora_target_modules: list[str] = setting(help="module names that get adapters (comma-separated on the command line)",
+                                         factory=lambda: list(LORA_TARGETS))
 
     def validate(self) -> None:
         _check(self.lora_r >= 1, "model.lora_r", "must be >= 1")
@@ -75,10 +86,10 @@ class ModelConfig:
 
 @dataclass
 class TinyModelConfig:
-    arch: Literal["qwen2", "llama"] = "qwen2"
-    tokenizer: Literal["qwen", "bpe"] = "qwen"
-    hidden_size: int = 64
-    num_layers: int = 2
+    arch: Literal["qwen2", "llama"] = setting("qwen2", "architecture of the demo's random model")
+    tokenizer: Literal["qwen", "bpe"] = setting("qwen", "qwen: the real Qwen2.5 vocabulary; bpe: a small BPE trained on ESConv")
+    hidden_size: int = setting(64, "hidden size of the demo's random model")
+    num_layers: int = setting(2, "decoder layers of the demo's random model")
 
     def validate(self) -> None:
         _check(self.hidden_size >= 8, "tiny_model.hidden_size", "must be >= 8")
@@ -87,9 +98,9 @@ class TinyModelConfig:
 
 @dataclass
 class PackConfig:
-    layout: Literal["trie", "pair"] = "trie"  # trie: one sequence per dialogue + branches; pair: per-pair rows
-    max_tokens: int = 4096  # token budget of one micro-batch (one packed row; per-pair: all rows)
-    logit_chunk: int = 2048  # reply tokens per log-softmax chunk (bounds [tokens x vocab] memory)
+    layout: Literal["trie", "pair"] = setting("trie", "trie: one sequence per dialogue + branches; pair: per-pair rows")
+    max_tokens: int = setting(4096, "token budget of one micro-batch (one packed row; per-pair: all rows)")
+    logit_chunk: int = setting(2048, "reply tokens per log-softmax chunk (bounds [tokens x vocab] memory)")
 
     def validate(self) -> None:
         _check(self.max_tokens >= 32, "pack.max_tokens", "must be >= 32")
@@ -98,35 +109,34 @@ class PackConfig:
 
 @dataclass
 class TrainConfig:
-    method: Literal["sft", "dpo", "ipo", "simpo", "kto", "orpo"] = "dpo"  # = cso_dist.losses.METHODS (tested)
-    train_file: str = ""  # preference dialogues (data build output); "" = <run.out_dir>/data/train.jsonl
-    eval_file: str = ""  # held-out dialogues for periodic evaluation; "" = none
-    max_dialogues: int = 0  # use only the first N dialogues of train_file (0 = all)
-    eval_max_dialogues: int = 0  # use only the first N dialogues of eval_file (0 = all)
-    beta: float = -1.0  # -1 = the method's default (its loss function's beta; cso_dist.losses.REGISTRY)
-    label_smoothing: float = 0.0  # dpo (cDPO)
-    gamma_beta_ratio: float = 0.55  # simpo
-    desirable_weight: float = 1.0  # kto
-    undesirable_weight: float = 1.0  # kto
-    nll_weight: float = 0.0  # extra SFT/NLL term on chosen replies, for every method (orpo: its lambda-free NLL)
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    epochs: int = 1
-    max_steps: int = 0  # 0 = run `epochs`
-    grad_accum: int = 1  # micro-batches (token budget each) per optimizer step
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    gradient_checkpointing: bool = False
-    log_every: int = 1
-    eval_every: int = 0  # 0 = only at the end (when eval_file is set)
-    save_every: int = 0  # 0 = only the final output
-    keep_last: int = 2
-    ref_cache: str = ""  # "" = <run.out_dir>/refcache
-    final: Literal["merged", "adapter"] = "merged"  # LoRA/QLoRA final output
-    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"] = "adamw"  # 8-bit/paged: bitsandbytes
-    reference: Literal["cache", "adapter"] = "cache"  # cache: precomputed log-probs; adapter: LoRA/QLoRA base
-    #                                                   with the adapter disabled, scored live (no precompute)
+    method: Literal["sft", "dpo", "ipo", "simpo", "kto", "orpo"] = setting("dpo", "= cso_dist.losses.METHODS (tested)")
+    train_file: str = setting("", "preference dialogues (data build output); \"\" = <run.out_dir>/data/train.jsonl")
+    eval_file: str = setting("", "held-out dialogues for periodic evaluation; \"\" = none")
+    max_dialogues: int = setting(0, "use only the first N dialogues of train_file (0 = all)")
+    eval_max_dialogues: int = setting(0, "use only the first N dialogues of eval_file (0 = all)")
+    beta: float = setting(-1.0, "-1 = the method's default (its loss function's beta; cso_dist.losses.REGISTRY)")
+    label_smoothing: float = setting(0.0, "dpo (cDPO)")
+    gamma_beta_ratio: float = setting(0.55, "simpo")
+    desirable_weight: float = setting(1.0, "kto")
+    undesirable_weight: float = setting(1.0, "kto")
+    nll_weight: float = setting(0.0, "extra SFT/NLL term on chosen replies, for every method (orpo: its lambda-free NLL)")
+    lr: float = setting(1e-6, "peak learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    warmup_ratio: float = setting(0.1, "share of the steps with linear warm-up")
+    schedule: Literal["cosine", "linear", "constant"] = setting("cosine", "learning-rate schedule after warm-up")
+    epochs: int = setting(1, "passes over the training dialogues")
+    max_steps: int = setting(0, "0 = run `epochs`")
+    grad_accum: int = setting(1, "micro-batches (token budget each) per optimizer step")
+    max_grad_norm: float = setting(1.0, "0 = no clipping")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory, ~30% slower)")
+    log_every: int = setting(1, "optimizer steps between metric lines")
+    eval_every: int = setting(0, "0 = only at the end (when eval_file is set)")
+    save_every: int = setting(0, "0 = only the final output")
+    keep_last: int = setting(2, "checkpoints kept (older ones are deleted)")
+    ref_cache: str = setting("", "\"\" = <run.out_dir>/refcache")
+    final: Literal["merged", "adapter"] = setting("merged", "LoRA/QLoRA final output")
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"] = setting("adamw", "8-bit/paged: bitsandbytes")
+    reference: Literal["cache", "adapter"] = setting("cache", "cache: precomputed log-probs; adapter: LoRA/QLoRA base with the adapter disabled, scored live (no precompute)")
 
     def validate(self) -> None:
         _check(self.beta == -1.0 or self.beta > 0, "train.beta", "must be > 0 (or -1 for the method default)")
@@ -146,7 +156,7 @@ class TrainConfig:
 
 @dataclass
 class RefCacheConfig:
-    dialogues_per_shard: int = 64  # work unit of precompute: a shard of consecutive dialogues
+    dialogues_per_shard: int = setting(64, "work unit of precompute: a shard of consecutive dialogues")
 
     def validate(self) -> None:
         _check(self.dialogues_per_shard >= 1, "refcache.dialogues_per_shard", "must be >= 1")
@@ -156,10 +166,10 @@ class RefCacheConfig:
 class DistConfig:
     """Engine and process group. World size and ranks come from the launcher (torchrun, deepspeed, srun)."""
 
-    engine: Literal["torch", "deepspeed"] = "torch"  # torch: one process or DDP; deepspeed: ZeRO-2/3
-    deepspeed_config: str = "zero3"  # zero2 | zero3 | zero3_offload (ds_configs/) or a JSON path
-    zero_stage: int = 0  # 0 = as in the JSON; 2 or 3 overrides it
-    timeout_minutes: int = 60  # collective timeout of the process group
+    engine: Literal["torch", "deepspeed"] = setting("torch", "torch: one process or DDP; deepspeed: ZeRO-2/3")
+    deepspeed_config: str = setting("zero3", "zero2 | zero3 | zero3_offload (ds_configs/) or a JSON path")
+    zero_stage: int = setting(0, "0 = as in the JSON; 2 or 3 overrides it")
+    timeout_minutes: int = setting(60, "collective timeout of the process group")
 
     def validate(self) -> None:
         _check(self.zero_stage in (0, 2, 3), "dist.zero_stage", "must be 0 (from the JSON), 2 or 3")
@@ -171,13 +181,13 @@ class DistConfig:
 class EvalConfig:
     """`cso-dist eval generate`: strategy prediction (and replies) on held-out dialogues."""
 
-    mode: Literal["generate", "likelihood"] = "generate"  # likelihood: best-scoring "(<strategy>)" prefix
-    max_dialogues: int = 0  # first N dialogues of the split (0 = all)
-    max_new_tokens: int = 64
-    batch_size: int = 16  # prompts per generate() call
-    do_sample: bool = False  # greedy by default
-    temperature: float = 0.7
-    top_p: float = 0.9
+    mode: Literal["generate", "likelihood"] = setting("generate", "likelihood: best-scoring \"(<strategy>)\" prefix")
+    max_dialogues: int = setting(0, "first N dialogues of the split (0 = all)")
+    max_new_tokens: int = setting(64, "generate: tokens per reply at most")
+    batch_size: int = setting(16, "prompts per generate() call")
+    do_sample: bool = setting(False, "greedy by default")
+    temperature: float = setting(0.7, "sampling temperature (do_sample)")
+    top_p: float = setting(0.9, "nucleus sampling mass (do_sample)")
 
     def validate(self) -> None:
         _check(self.max_dialogues >= 0, "eval.max_dialogues", "must be >= 0")
@@ -191,19 +201,19 @@ class EvalConfig:
 class SlurmConfig:
     """Resources of `cso-dist launch sbatch|submitit` (flags of those commands override these keys)."""
 
-    partition: str = ""  # "" = the cluster's default
-    account: str = ""
-    qos: str = ""
-    time_min: int = 240  # wall-clock limit per job (a requeued job gets it again)
-    nodes: int = 1
-    gpus_per_node: int = 8  # 0 = CPU-only (one worker per node)
-    cpus_per_task: int = 8
-    mem_gb: int = 0  # 0 = the partition's default
-    signal_delay_s: int = 120  # the time-limit signal comes this long before the limit: checkpoint + requeue
-    max_num_timeout: int = 3  # submitit: requeues after a time-out at most this many times (then fails)
-    array_parallelism: int = 64  # sweeps: array tasks running at once
-    setup: list[str] = field(default_factory=list)  # shell lines run first in the job (module load, ...)
-    extra: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. "--constraint=h100"
+    partition: str = setting("", "Slurm partition (\"\" = the cluster's default)")
+    account: str = setting("", "#SBATCH --account")
+    qos: str = setting("", "#SBATCH --qos")
+    time_min: int = setting(240, "wall-clock limit per job in minutes (a requeued job gets it again)")
+    nodes: int = setting(1, "nodes per job")
+    gpus_per_node: int = setting(8, "GPUs per node (0 = CPU-only, one worker per node)")
+    cpus_per_task: int = setting(8, "CPUs per task (one task per GPU, or one per node when CPU-only)")
+    mem_gb: int = setting(0, "memory per node in GB (0 = the partition's default)")
+    signal_delay_s: int = setting(120, "the time-limit signal comes this long before the limit: checkpoint + requeue")
+    max_num_timeout: int = setting(3, "submitit: requeues after a time-out at most this many times (then fails)")
+    array_parallelism: int = setting(64, "sweeps: array tasks running at once")
+    setup: list[str] = setting(help="shell lines run first in the job (module load, ...)", factory=list)
+    extra: list[str] = setting(help="more #SBATCH options, e.g. \"--constraint=h100\"", factory=list)
 
     def validate(self) -> None:
         _check(self.time_min >= 1, "slurm.time_min", "must be >= 1")
@@ -216,39 +226,33 @@ class SlurmConfig:
         _check(self.array_parallelism >= 1, "slurm.array_parallelism", "must be >= 1")
 
 
-_SEARCH = SearchConfig()
-
-
 @dataclass
-class MctsConfig:
-    """`cso-dist mcts build`: the ESC-Pro search (stage 1 of CSO) with an LLM playing four roles."""
+class MctsConfig(SearchSettings):
+    """`cso-dist mcts build`: the ESC-Pro search (stage 1 of CSO) with an LLM playing four roles.
 
-    backend: Literal["hf", "openai"] = "hf"  # hf: a local transformers model; openai: any compatible endpoint
-    model: str = ""  # hf: a model folder; openai: the served model's name
-    base_url: str = "http://127.0.0.1:8000/v1"  # openai: e.g. a vLLM server on the cluster
-    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this environment variable, never from files
-    timeout_s: float = 120.0  # per HTTP call
-    retries: int = 3  # HTTP: transport retries (timeouts, 429, 5xx) by the client
-    parse_retries: int = 2  # malformed answers (no score, no rating, empty reply) asked again
-    workers: int = 8  # seed trees searched at once (threads; the hf backend batches their calls)
-    batch_size: int = 16  # hf: prompts per generate()
-    max_new_tokens: int = 96  # supporter and seeker messages
-    scorer_max_tokens: int = 128  # the strategy scorer's answer (8 lines "<strategy>: <0-10>")
-    judge_max_tokens: int = 48  # the judge's answer (4 lines "<aspect>: <0-4>")
-    temperature: float = 0.7  # supporter and seeker; the scorer and the judge are greedy
-    prompts: str = ""  # folder with scorer/supporter/seeker/judge .txt overriding our defaults
-    cache_dir: str = ""  # per-call answer cache; "" = <out>.work/cache
-    strategies: str = "auto"  # auto: esconv for ESConv seeds, escpro otherwise; or a set file
-    max_seeds: int = 0  # first N seed dialogues (0 = all)
-    checkpoint_every: int = 10  # iterations between tree checkpoints
-    # the search settings a user may set; their defaults (and the fixed ones) live in mcts.search.SearchConfig
-    c_puct: float = _SEARCH.c_puct
-    rollout_turns: int = _SEARCH.rollout_turns
-    min_iterations: int = _SEARCH.min_iterations
-    max_iterations: int = _SEARCH.max_iterations
-    min_finished: int = _SEARCH.min_finished
-    max_finished: int = _SEARCH.max_finished
-    seed: int = 0
+    The search settings (c_puct, rollout_turns, min/max_iterations, min/max_finished) are inherited
+    from mcts.search.SearchSettings, their one home.
+    """
+
+    backend: Literal["hf", "openai"] = setting("hf", "hf: a local transformers model; openai: any compatible endpoint")
+    model: str = setting("", "hf: a model folder; openai: the served model's name")
+    base_url: str = setting("http://127.0.0.1:8000/v1", "openai: e.g. a vLLM server on the cluster")
+    api_key_env: str = setting("OPENAI_API_KEY", "the key is read from this environment variable, never from files")
+    timeout_s: float = setting(120.0, "per HTTP call")
+    retries: int = setting(3, "HTTP: transport retries (timeouts, 429, 5xx) by the client")
+    parse_retries: int = setting(2, "malformed answers (no score, no rating, empty reply) asked again")
+    workers: int = setting(8, "seed trees searched at once (threads; the hf backend batches their calls)")
+    batch_size: int = setting(16, "hf: prompts per generate()")
+    max_new_tokens: int = setting(96, "supporter and seeker messages")
+    scorer_max_tokens: int = setting(128, "the strategy scorer's answer (8 lines \"<strategy>: <0-10>\")")
+    judge_max_tokens: int = setting(48, "the judge's answer (4 lines \"<aspect>: <0-4>\")")
+    temperature: float = setting(0.7, "supporter and seeker; the scorer and the judge are greedy")
+    prompts: str = setting("", "folder with scorer/supporter/seeker/judge .txt overriding our defaults")
+    cache_dir: str = setting("", "per-call answer cache; \"\" = <out>.work/cache")
+    strategies: str = setting("auto", "auto: esconv for ESConv seeds, escpro otherwise; or a set file")
+    max_seeds: int = setting(0, "first N seed dialogues (0 = all)")
+    checkpoint_every: int = setting(10, "iterations between tree checkpoints")
+    seed: int = setting(0, "seed of the supporter/seeker sampling")
 
     def validate(self) -> None:
         _check(self.timeout_s > 0, "mcts.timeout_s", "must be > 0")
@@ -272,9 +276,9 @@ class MctsConfig:
 class PlanConfig:
     """`cso-dist plan --config`: the model shape and GPU a recipe targets (nodes and GPUs: `slurm`)."""
 
-    model: str = ""  # preset (7b, 8b, 9b, 13b, 34b, 70b) or an HF config.json path; "" = not planned
-    gpu_mem_gb: float = 80.0  # memory of one GPU
-    cpu_mem_gb: float = 1024.0  # host memory of one node (CPU offload)
+    model: str = setting("", "preset (7b, 8b, 9b, 13b, 34b, 70b) or an HF config.json path; \"\" = not planned")
+    gpu_mem_gb: float = setting(80.0, "memory of one GPU")
+    cpu_mem_gb: float = setting(1024.0, "host memory of one node (CPU offload)")
 
     def validate(self) -> None:
         _check(self.gpu_mem_gb > 0, "plan.gpu_mem_gb", "must be > 0")
@@ -283,10 +287,10 @@ class PlanConfig:
 
 @dataclass
 class TrackConfig:
-    wandb: bool = False  # also log to Weights & Biases (rank 0; WANDB_MODE=offline works)
-    project: str = "cso_dist"
-    group: str = ""
-    name: str = ""
+    wandb: bool = setting(False, "also log to Weights & Biases (rank 0; WANDB_MODE=offline works)")
+    project: str = setting("cso_dist", "W&B project")
+    group: str = setting("", "W&B group (sweeps: the sweep's name)")
+    name: str = setting("", "W&B run name")
 
     def validate(self) -> None:
         pass
@@ -296,10 +300,10 @@ class TrackConfig:
 class DemoConfig:
     """The main job (`cso-dist demo`): data -> tiny model -> short SFT -> precompute -> CSO (train.method)."""
 
-    train_dialogues: int = 300  # ESConv train dialogues used for SFT and CSO (0 = all 910)
-    eval_dialogues: int = 40  # ESConv valid dialogues for held-out evaluation
-    sft_epochs: int = 1
-    sft_lr: float = 1e-3
+    train_dialogues: int = setting(300, "ESConv train dialogues used for SFT and CSO (0 = all 910)")
+    eval_dialogues: int = setting(40, "ESConv valid dialogues for held-out evaluation")
+    sft_epochs: int = setting(1, "SFT epochs before CSO (0 skips SFT)")
+    sft_lr: float = setting(1e-3, "SFT learning rate")
 
     def validate(self) -> None:
         _check(self.train_dialogues >= 0, "demo.train_dialogues", "must be >= 0")
@@ -310,15 +314,17 @@ class DemoConfig:
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/demo"
-    seed: int = 0
+    out_dir: str = setting("runs/demo", "the run folder: data, reference cache, checkpoints, metrics, eval")
+    seed: int = setting(0, "seed of model init, data order and dropout")
 
     def validate(self) -> None:
         _check(bool(self.out_dir.strip()), "run.out_dir", "must not be empty")
 
 
 @dataclass
-class Config:
+class TrainingConfig:
+    """What a training run reads (data build, precompute, train, eval, export): one run's meaning."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tiny_model: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -326,16 +332,35 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     refcache: RefCacheConfig = field(default_factory=RefCacheConfig)
     dist: DistConfig = field(default_factory=DistConfig)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    plan: PlanConfig = field(default_factory=PlanConfig)
-    mcts: MctsConfig = field(default_factory=MctsConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class Config(TrainingConfig):
+    """A config file: the training config plus the sections of the tools around it (launch, plan, mcts,
+    demo). One file serves every command of a recipe; each command reads the sections of its family."""
+
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    mcts: MctsConfig = field(default_factory=MctsConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+TRAINING_SECTIONS = tuple(f.name for f in dataclasses.fields(TrainingConfig))
+# The sections each command family reads; a command-line override of any other section is refused.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "data": ("data",),
+    "training": TRAINING_SECTIONS,
+    "launch": TRAINING_SECTIONS + ("slurm",),
+    "plan": TRAINING_SECTIONS + ("slurm", "plan"),
+    "mcts": ("mcts", "slurm", "run"),
+    "all": tuple(f.name for f in dataclasses.fields(Config)),
+}
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -417,6 +442,14 @@ def _nest(dotted: dict[str, Any]) -> dict:
     return out
 
 
+def _parse_value(raw: str) -> Any:
+    """A command-line value read as YAML (`5` -> 5, `true` -> True, `a,b` stays a string); typed at load."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """`["--data.negatives", "5", "--run.out_dir=x"]` -> {"data.negatives": 5, "run.out_dir": "x"}."""
     out, i = {}, 0
@@ -432,15 +465,53 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"config: {a[2:]}: missing value")
             key, raw = a[2:], args[i + 1]
             i += 2
-        try:
-            out[key] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            out[key] = raw
+        out[key] = _parse_value(raw)
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+_FLAG = "config:"  # argparse dest prefix of the generated flags: "config:data.negatives"
+
+
+def add_flags(parser: argparse.ArgumentParser, section: str, names: Iterable[str] | None = None,
+              rename: dict[str, str] | None = None) -> None:
+    """Flags for config keys, generated from the section's dataclass: `--negatives 5` is `--data.negatives 5`
+    (one override channel), with the key's help, default and choices; values are typed and validated at load."""
+    cls = type(getattr(Config(), section))
+    hints, defaults = typing.get_type_hints(cls), cls()
+    for name in names or [f.name for f in dataclasses.fields(cls)]:
+        key, typ, default = f"{section}.{name}", hints[name], getattr(defaults, name)
+        flag = "--" + (rename or {}).get(name, name).replace("_", "-")
+        text = help_of(cls, name)
+        kw: dict[str, Any] = {"dest": _FLAG + key, "default": argparse.SUPPRESS}
+        if typ is bool:
+            parser.add_argument(flag, action="store_true", help=f"{text} ({key})", **kw)
+            continue
+        if typing.get_origin(typ) is Literal:
+            kw["choices"] = typing.get_args(typ)
+        else:
+            kw["metavar"] = name.upper()
+            if typ is not str:
+                kw["type"] = _parse_value
+        shown = f"; default {default}" if default not in ("", []) else ""
+        parser.add_argument(flag, help=f"{text} ({key}{shown})", **kw)
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The generated flags a command line gave, as dotted overrides."""
+    return {k[len(_FLAG):]: v for k, v in vars(args).items() if k.startswith(_FLAG)}
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                family: str = "all") -> Config:
+    """The config file + dotted overrides, validated. `family` names the sections the command reads
+    (FAMILIES); an override of another section is refused. A file may hold every section (a recipe
+    serves several commands); all of them are validated."""
     cfg = Config()
+    for key in overrides or {}:
+        section = key.split(".", 1)[0]
+        if section in FAMILIES["all"] and section not in FAMILIES[family]:
+            raise ConfigError(f"config: --{key}: this command does not read the {section} section "
+                              f"(it reads {', '.join(FAMILIES[family])})")
     if path:
         p = Path(path)
         if not p.is_file():

@@ -23,7 +23,7 @@ import torch
 
 from cso_dist import dist
 from cso_dist.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from cso_dist.config import Config
+from cso_dist.config import TrainingConfig
 from cso_dist.dist import World
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.export import model_from_state_dict, save_final
@@ -55,7 +55,7 @@ def no_dropout(model) -> None:
         cfg.attention_dropout = 0.0
 
 
-def make_scheduler(optimizer, cfg: Config, total: int):
+def make_scheduler(optimizer, cfg: TrainingConfig, total: int):
     warmup = int(cfg.train.warmup_ratio * total)
     kind = cfg.train.schedule
 
@@ -70,7 +70,7 @@ def make_scheduler(optimizer, cfg: Config, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_optimizer(params: list, cfg: Config, cpu_offload: bool = False):
+def make_optimizer(params: list, cfg: TrainingConfig, cpu_offload: bool = False):
     """AdamW (torch), bitsandbytes 8-bit / paged AdamW, or DeepSpeedCPUAdam under optimizer offload."""
     t = cfg.train
     if cpu_offload:
@@ -93,7 +93,7 @@ class TorchEngine:
 
     kind = "torch"
 
-    def __init__(self, cfg: Config, world: World, total_steps: int):
+    def __init__(self, cfg: TrainingConfig, world: World, total_steps: int):
         self.cfg, self.world = cfg, world
         device = dist.device_for(world)
         self.module = load_model(cfg.model.path, cfg.model.method, cfg.model.precision, lora=lora_settings(cfg.model),
@@ -165,7 +165,7 @@ class TorchEngine:
 
 
 # ---------------------------------------------------------------- DeepSpeed
-def ds_config(cfg: Config, world: World) -> dict:
+def ds_config(cfg: TrainingConfig, world: World) -> dict:
     """The DeepSpeed JSON with the values our loop owns filled in: one micro-batch per forward, the
     step boundary set by the loop (managed_gradient_accumulation off), clipping, precision."""
     path = ds_config_path(cfg.dist.deepspeed_config)
@@ -199,7 +199,7 @@ def _offloads_optimizer(ds: dict) -> bool:
 class DeepSpeedEngine:
     kind = "deepspeed"
 
-    def __init__(self, cfg: Config, world: World, total_steps: int, resume_from: Path | None = None):
+    def __init__(self, cfg: TrainingConfig, world: World, total_steps: int, resume_from: Path | None = None):
         import logging
         import warnings
 
@@ -361,7 +361,7 @@ def to_universal(path: Path, out: Path) -> None:
     (out / "done").write_text("1")
 
 
-def build_engine(cfg: Config, world: World, total_steps: int, resume_from: Path | None = None):
+def build_engine(cfg: TrainingConfig, world: World, total_steps: int, resume_from: Path | None = None):
     if cfg.dist.engine == "deepspeed":
         return DeepSpeedEngine(cfg, world, total_steps, resume_from)
     return TorchEngine(cfg, world, total_steps)

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 
 from cso_dist.checkpoint import list_checkpoints
-from cso_dist.config import Config, load_config
+from cso_dist.config import TrainingConfig, load_config
 from cso_dist.errors import CsoError
 from cso_dist.models import load_model, load_tokenizer, lora_settings
 from cso_dist.models.load import PRECISIONS
 
 
-def save_final(model, cfg: Config, out: Path, tokenizer, final: str | None = None) -> Path:
+def save_final(model, cfg: TrainingConfig, out: Path, tokenizer, final: str | None = None) -> Path:
     """Write `out` atomically (temporary folder + rename): the full model, the LoRA adapter, or the
     adapter merged into the base (`final`: merged | adapter; default train.final)."""
     final = final or cfg.train.final
@@ -48,7 +48,7 @@ def save_final(model, cfg: Config, out: Path, tokenizer, final: str | None = Non
     return out
 
 
-def model_from_state_dict(sd: dict[str, torch.Tensor], cfg: Config) -> torch.nn.Module:
+def model_from_state_dict(sd: dict[str, torch.Tensor], cfg: TrainingConfig) -> torch.nn.Module:
     """A CPU model of the run's kind (full, or base + LoRA) holding the weights of `sd`.
 
     `sd` may hold every weight or only the trained ones (LoRA); every trained weight of the model
@@ -78,7 +78,7 @@ def _tied(model, name: str) -> bool:
         getattr(getattr(model, "config", None), "tie_word_embeddings", False))
 
 
-def _run_config(ckpt: Path) -> Config:
+def _run_config(ckpt: Path) -> TrainingConfig:
     """The config.yaml of the run a checkpoint belongs to (<run>/checkpoints/step-N)."""
     for d in (ckpt, ckpt.parent, ckpt.parent.parent):
         f = d / "config.yaml"

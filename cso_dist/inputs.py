@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from cso_dist.config import Config
+from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import PrefDialogue, read_dialogues
 from cso_dist.data.render import Renderer, make_renderer
 from cso_dist.data.strategies import StrategySet, resolve_strategy_set
@@ -24,17 +24,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 SPLITS = ("train", "eval")
 
 
-def model_dir(cfg: Config) -> Path:
+def model_dir(cfg: TrainingConfig) -> Path:
     return Path(cfg.model.path) if cfg.model.path else Path(cfg.run.out_dir) / "tiny-model"
 
 
-def data_file(cfg: Config, split: str) -> Path | None:
+def data_file(cfg: TrainingConfig, split: str) -> Path | None:
     if split == "train":
         return Path(cfg.train.train_file) if cfg.train.train_file else Path(cfg.run.out_dir) / "data" / "train.jsonl"
     return Path(cfg.train.eval_file) if cfg.train.eval_file else None
 
 
-def split_max_dialogues(cfg: Config, split: str) -> int:
+def split_max_dialogues(cfg: TrainingConfig, split: str) -> int:
     return cfg.train.max_dialogues if split == "train" else cfg.train.eval_max_dialogues
 
 
@@ -59,12 +59,12 @@ class SplitInputs:
     dialogues: list[PrefDialogue]
 
 
-def resolve_sset(cfg: Config) -> StrategySet:
+def resolve_sset(cfg: TrainingConfig) -> StrategySet:
     """data.strategies, or with "auto" the set named by the first train dialogue (else the first eval one)."""
     return resolve_strategy_set(cfg.data.strategies, _named_set(cfg) if cfg.data.strategies == "auto" else None)
 
 
-def _named_set(cfg: Config) -> str | None:
+def _named_set(cfg: TrainingConfig) -> str | None:
     for split in SPLITS:
         path = data_file(cfg, split)
         if path is None or not path.is_file():
@@ -80,7 +80,7 @@ def _named_set(cfg: Config) -> str | None:
     return None
 
 
-def load_split(cfg: Config, split: str) -> SplitInputs | None:
+def load_split(cfg: TrainingConfig, split: str) -> SplitInputs | None:
     """The dialogues of a split (first max_dialogues for train); None when the split has no file."""
     path = data_file(cfg, split)
     if path is None:
@@ -99,7 +99,7 @@ def load_split(cfg: Config, split: str) -> SplitInputs | None:
     return SplitInputs(split, path, sha256_file(path), n, dialogues)
 
 
-def make_cfg_renderer(cfg: Config) -> Renderer:
+def make_cfg_renderer(cfg: TrainingConfig) -> Renderer:
     return make_renderer(load_tokenizer(tokenizer_dir(model_dir(cfg))), cfg.data.chat_template)
 
 

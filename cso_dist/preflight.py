@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cso_dist.config import Config
+from cso_dist.config import TrainingConfig
 from cso_dist.errors import CsoError
 from cso_dist.losses import needs_reference
 from cso_dist.inputs import data_file, model_dir
 from cso_dist.refcache.key import cache_root, split_dir
 
 
-def _model_problem(cfg: Config) -> str:
+def _model_problem(cfg: TrainingConfig) -> str:
     path = model_dir(cfg)
     if not cfg.model.path:
         return ""  # the demo's tiny model, written by the command itself
@@ -24,7 +24,7 @@ def _model_problem(cfg: Config) -> str:
     return ""
 
 
-def _data_problem(cfg: Config, split: str) -> str:
+def _data_problem(cfg: TrainingConfig, split: str) -> str:
     path = data_file(cfg, split)
     if path is None or path.is_file():
         return ""
@@ -33,7 +33,7 @@ def _data_problem(cfg: Config, split: str) -> str:
             f"{'train' if split == 'train' else 'valid'} --out {path})")
 
 
-def dry_run(cfg: Config, command: str) -> list[str]:
+def dry_run(cfg: TrainingConfig, command: str) -> list[str]:
     """Lines describing what `command` (precompute or train) would do; raises CsoError naming every
     missing input at once."""
     problems = [p for p in (_model_problem(cfg), _data_problem(cfg, "train"), _data_problem(cfg, "eval")) if p]
@@ -61,7 +61,7 @@ def dry_run(cfg: Config, command: str) -> list[str]:
     return lines
 
 
-def print_dry_run(cfg: Config, command: str) -> int:
+def print_dry_run(cfg: TrainingConfig, command: str) -> int:
     for line in dry_run(cfg, command):
         print(line)
     print(f"{command} --dry-run: config and inputs ok (nothing computed)")

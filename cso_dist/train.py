@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from cso_dist import dist
 from cso_dist.checkpoint import condition_changes, list_checkpoints, numeric_conditions
-from cso_dist.config import Config
+from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.io import atomic_write_text
 from cso_dist.errors import ConfigError, CsoError
@@ -60,7 +60,7 @@ def _strip_rejected(dialogues: list[PrefDialogue]) -> list[PrefDialogue]:
     return [replace(d, messages=[replace(m, rejected=[]) for m in d.messages]) for d in dialogues]
 
 
-def make_layout(cfg: Config, dialogues: list[PrefDialogue], renderer, sset, progress: bool) -> TrieLayout | PairLayout:
+def make_layout(cfg: TrainingConfig, dialogues: list[PrefDialogue], renderer, sset, progress: bool) -> TrieLayout | PairLayout:
     """The split laid out as pack.layout says (SFT: without the rejected replies; KTO: with its mismatched
     completions)."""
     if cfg.train.method == "sft":
@@ -75,7 +75,7 @@ def micro_batches(layout: TrieLayout | PairLayout, order: list[int]) -> list[Bat
     return [_batch(data) for data in layout.batches(order)]
 
 
-def plan_steps(layout: TrieLayout | PairLayout, n: int, cfg: Config) -> list[list[Batch]]:
+def plan_steps(layout: TrieLayout | PairLayout, n: int, cfg: TrainingConfig) -> list[list[Batch]]:
     """Optimizer steps (lists of micro-batches), epoch by epoch; each epoch's dialogue order is
     a permutation seeded by (run.seed, epoch), so a resumed run sees the same batches."""
     t = cfg.train
@@ -98,7 +98,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _cached_reference(cfg: Config, split: str, renderer, sset, world: World, progress: bool):
+def _cached_reference(cfg: TrainingConfig, split: str, renderer, sset, world: World, progress: bool):
     """The split's cached reference log-probs; a missing cache is computed first, each rank on its
     own shards, the others waited for through the files (no collective, so no timeout)."""
     key = cache_key(cfg, split, renderer, sset)
@@ -128,7 +128,7 @@ def _live_reference(engine, batch: Batch) -> dict:
     return out
 
 
-def _refs(ref: dict | None, engine, cfg: Config):
+def _refs(ref: dict | None, engine, cfg: TrainingConfig):
     if not needs_reference(cfg.train.method):
         return lambda b: None
     if cfg.train.reference == "adapter":
@@ -138,7 +138,7 @@ def _refs(ref: dict | None, engine, cfg: Config):
 
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(engine, batches: list[Batch], cfg: Config, refs, world: World = World()) -> dict:
+def evaluate(engine, batches: list[Batch], cfg: TrainingConfig, refs, world: World = World()) -> dict:
     """Metrics over held-out micro-batches, each rank scoring its share (summed over ranks)."""
     counts = {"chosen": 0, "pairs": 0, "kto": 0}
     for b in batches:
@@ -159,7 +159,7 @@ def evaluate(engine, batches: list[Batch], cfg: Config, refs, world: World = Wor
 
 
 # ---------------------------------------------------------------- the run
-def run_train(cfg: Config, resume: bool | str = False, progress: bool = True) -> dict:
+def run_train(cfg: TrainingConfig, resume: bool | str = False, progress: bool = True) -> dict:
     """Train; `resume`: True = from the latest checkpoint (which must exist), "auto" = from it when there
     is one. Raises cso_dist.preempt.Preempted after checkpointing when asked to stop (signal or file)."""
     t = cfg.train

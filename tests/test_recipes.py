@@ -62,9 +62,10 @@ def test_recipe_header_commands_run(recipe, small, tmp_path, monkeypatch, capsys
     for cmd in header_commands(recipe):
         argv = [a.replace("runs/", f"{tmp_path}/runs/", 1) if a.startswith("runs/") else a
                 for a in shlex.split(cmd)[1:]]
-        argv += ["--run.out_dir", str(out_dir)]
-        if argv[0] == "data":
+        if argv[0] == "data":  # the data family reads only the data section (a --run.* override is refused)
             argv += ["--data.input", str(data)]
+        else:
+            argv += ["--run.out_dir", str(out_dir)]
         if argv[0] in NEEDS_DRY_RUN:
             argv += ["--dry-run"] if "--dry-run" not in argv else []
             argv += ["--model.path", str(model)] if argv[0] != "launch" else []

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cso_dist.config import Config
+from cso_dist.config import TrainingConfig
 from cso_dist.data.build import build_dialogues
 from cso_dist.data.dialogue import PrefDialogue, read_dialogues
 from cso_dist.data.render import format_reply, parse_reply, tokenize_dialogue, truncate_turn
@@ -41,7 +41,7 @@ class Turn:
     prompt: list[int]
 
 
-def eval_dialogues(cfg: Config, split: str, data_file: str = "") -> list[PrefDialogue]:
+def eval_dialogues(cfg: TrainingConfig, split: str, data_file: str = "") -> list[PrefDialogue]:
     """Preference dialogues of a data file, or of an ESConv split built with the config's data settings."""
     dialogues = read_dialogues(Path(data_file)) if data_file else build_dialogues(replace(cfg.data, split=split))[0]
     return dialogues[:cfg.eval.max_dialogues] if cfg.eval.max_dialogues else dialogues
@@ -116,7 +116,7 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     return [tokenizer.decode(out[k, width:], skip_special_tokens=True).strip() for k in range(len(prompts))]
 
 
-def generate_batch(model, tokenizer, turns: list[Turn], cfg: Config, sset: StrategySet) -> list[dict]:
+def generate_batch(model, tokenizer, turns: list[Turn], cfg: TrainingConfig, sset: StrategySet) -> list[dict]:
     e = cfg.eval
     kw = {"do_sample": True, "temperature": e.temperature, "top_p": e.top_p} if e.do_sample else {"do_sample": False}
     texts = generate_texts(model, tokenizer, [t.prompt for t in turns], e.max_new_tokens, **kw)
@@ -157,7 +157,7 @@ def likelihood_units(d: PrefDialogue, renderer, sset: StrategySet, prefixes: dic
 
 
 @torch.no_grad()
-def likelihood_rows(model, renderer, sset: StrategySet, dialogues: list[PrefDialogue], cfg: Config,
+def likelihood_rows(model, renderer, sset: StrategySet, dialogues: list[PrefDialogue], cfg: TrainingConfig,
                     chunk: int) -> list[dict]:
     tok = renderer.tokenizer
     # the prefix exactly as a gold reply starts: tokens of "(S) x" minus those of the text after it
@@ -184,7 +184,7 @@ def likelihood_rows(model, renderer, sset: StrategySet, dialogues: list[PrefDial
     return rows
 
 
-def run_generate(cfg: Config, split: str, out: Path, mode: str, data_file: str = "", progress: bool = True) -> Path:
+def run_generate(cfg: TrainingConfig, split: str, out: Path, mode: str, data_file: str = "", progress: bool = True) -> Path:
     """Write (or complete) the PRED file of `split` with the model at model.path."""
     from cso_dist.models import load_model, lora_settings
     from cso_dist.inputs import default_device, make_cfg_renderer, resolve_sset

@@ -22,14 +22,13 @@ from cso_dist.io import atomic_write_text
 from cso_dist.errors import CsoError
 from cso_dist.mcts.backends import CachedBackend, make_backend
 from cso_dist.mcts.llm_roles import LLMRoles, RoleSettings, load_prompts
-from cso_dist.mcts.search import SearchConfig, Tree, extract, new_tree, run
+from cso_dist.mcts.search import SearchConfig, SearchSettings, Tree, extract, new_tree, run
 from cso_dist.mcts.seeds import Seed, read_seeds
 
 
 def search_config(cfg: Config) -> SearchConfig:
-    """The search settings: every SearchConfig field that the mcts config section exposes, the rest fixed."""
-    return SearchConfig(**{f.name: getattr(cfg.mcts, f.name) for f in dataclasses.fields(SearchConfig)
-                           if hasattr(cfg.mcts, f.name)})
+    """The search settings of the mcts config section (inherited from SearchSettings); the rest fixed."""
+    return SearchConfig(**{f.name: getattr(cfg.mcts, f.name) for f in dataclasses.fields(SearchSettings)})
 
 
 def format_report(r: dict) -> str:

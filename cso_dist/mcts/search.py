@@ -53,15 +53,27 @@ from typing import Callable
 from cso_dist.mcts.roles import JUDGE_ASPECTS, SEEKER, SUPPORTER, Roles, Turn
 
 
+def _setting(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
-class SearchConfig:
-    c_puct: float = 1.0
+class SearchSettings:
+    """The search settings a user may set (the `mcts` config section inherits them: one home)."""
+
+    c_puct: float = _setting(1.0, "exploration weight c of PUCB = Q + c * P * sqrt(N_parent) / (N + 1)")
+    rollout_turns: int = _setting(4, "simulated supporter turns per iteration, the expanded child's included")
+    min_iterations: int = _setting(100, "iterations at least (unless max_finished is reached)")
+    max_iterations: int = _setting(200, "iterations at most")
+    min_finished: int = _setting(1, "finished conversations found before stopping at min_iterations")
+    max_finished: int = _setting(25, "stop once this many finished conversations are found")
+
+
+@dataclass
+class SearchConfig(SearchSettings):
+    """SearchSettings plus the constants of the method (fixed; see the rules above)."""
+
     prior_temperature: float = 5.0  # prior = softmax(score / prior_temperature)
-    rollout_turns: int = 4  # simulated supporter turns per iteration, the expanded child's included
-    min_iterations: int = 100
-    max_iterations: int = 200
-    min_finished: int = 1
-    max_finished: int = 25
     judge_weights: tuple[float, ...] = (0.1, 0.1, 0.1, 0.7)  # over roles.JUDGE_ASPECTS
     reward_offset: float = 3.0
     gold_q: float = 1.0

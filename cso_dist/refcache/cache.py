@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from cso_dist.config import Config
+from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import read_dialogues
 from cso_dist.io import atomic_write_text, sha256_file, write_jsonl
 from cso_dist.data.export import iter_pairs
@@ -146,7 +146,7 @@ def _open_cache(d: Path, key: dict[str, str], split: str) -> dict | None:
     return None
 
 
-def _compute_shard(d: Path, i: int, lo: int, hi: int, laid: LaidOut, ref: RefModel, cfg: Config, kd: str,
+def _compute_shard(d: Path, i: int, lo: int, hi: int, laid: LaidOut, ref: RefModel, cfg: TrainingConfig, kd: str,
                    split: str, n_shards: int, progress: bool) -> tuple[int, float]:
     model, ctx = ref
     units = laid.all_units(list(range(lo, hi)))
@@ -184,7 +184,7 @@ def _finalize(d: Path, man: dict, kd: str) -> bool:
     return True
 
 
-def _precompute_split(cfg: Config, inputs: SplitInputs, key: dict[str, str], renderer: Renderer,
+def _precompute_split(cfg: TrainingConfig, inputs: SplitInputs, key: dict[str, str], renderer: Renderer,
                       sset: StrategySet, rank: int, world_size: int, progress: bool,
                       get_model: Callable[[], RefModel]) -> PrecomputeReport:
     d = split_dir(cache_root(cfg), inputs.split)
@@ -232,7 +232,7 @@ def _precompute_split(cfg: Config, inputs: SplitInputs, key: dict[str, str], ren
     return rep
 
 
-def precompute(cfg: Config, rank: int = 0, world_size: int = 1, progress: bool = True,
+def precompute(cfg: TrainingConfig, rank: int = 0, world_size: int = 1, progress: bool = True,
                device: str | None = None) -> list[PrecomputeReport]:
     """Compute this rank's shards of the train cache (and of the eval cache when train.eval_file is set)."""
     if world_size < 1 or not 0 <= rank < world_size:
@@ -257,23 +257,23 @@ def precompute(cfg: Config, rank: int = 0, world_size: int = 1, progress: bool =
             for inputs, key in jobs]
 
 
-def run_precompute(cfg: Config, rank: int = 0, world_size: int = 1, progress: bool = True) -> Path:
+def run_precompute(cfg: TrainingConfig, rank: int = 0, world_size: int = 1, progress: bool = True) -> Path:
     """The body of `cso-dist precompute CONFIG`; returns the cache root."""
     precompute(cfg, rank, world_size, progress)
     return cache_root(cfg)
 
 
-def _cache_dir_of(cfg_or_cache_dir: Config | str | Path, split: str) -> Path:
-    if isinstance(cfg_or_cache_dir, Config):
+def _cache_dir_of(cfg_or_cache_dir: TrainingConfig | str | Path, split: str) -> Path:
+    if isinstance(cfg_or_cache_dir, TrainingConfig):
         return split_dir(cache_root(cfg_or_cache_dir), split)
     return Path(cfg_or_cache_dir)
 
 
-def load_reference(cfg_or_cache_dir: Config | str | Path, expected_key: dict[str, str],
+def load_reference(cfg_or_cache_dir: TrainingConfig | str | Path, expected_key: dict[str, str],
                    split: str = "train") -> dict[str, tuple[float, int]]:
     """reply id -> (reference summed log-prob, token count), after checking the key and every shard.
 
-    A Config selects the cache of `split` (train: the cache root, eval: <root>/eval); a path
+    A config selects the cache of `split` (train: the cache root, eval: <root>/eval); a path
     is used as the cache folder itself.
     """
     d = _cache_dir_of(cfg_or_cache_dir, split)

@@ -26,7 +26,7 @@ from typing import Callable, ContextManager
 
 import torch
 
-from cso_dist.config import Config
+from cso_dist.config import TrainingConfig
 from cso_dist.io import atomic_write_text, sha256_file
 from cso_dist.data.render import Renderer, system_prompt
 from cso_dist.data.strategies import StrategySet
@@ -49,7 +49,7 @@ def short(text: str | bytes) -> str:
 
 
 # ---------------------------------------------------------------- paths
-def cache_root(cfg: Config) -> Path:
+def cache_root(cfg: TrainingConfig) -> Path:
     return Path(cfg.train.ref_cache) if cfg.train.ref_cache else Path(cfg.run.out_dir) / "refcache"
 
 
@@ -60,7 +60,7 @@ def split_dir(root: Path, split: str) -> Path:
     return root if split == "train" else root / "eval"
 
 
-def method_reference(cfg: Config) -> str:
+def method_reference(cfg: TrainingConfig) -> str:
     if cfg.model.method == "qlora":
         return "qlora-base"
     return "adapter-disabled" if is_adapter_dir(model_dir(cfg)) else "full"
@@ -113,7 +113,7 @@ def model_files(folder: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------- the key
-def cache_key(cfg: Config, split: str = "train", renderer: Renderer | None = None,
+def cache_key(cfg: TrainingConfig, split: str = "train", renderer: Renderer | None = None,
               sset: StrategySet | None = None, memo: Path | None = None) -> dict[str, str]:
     """The key of the reference cache of `split` for `cfg` (component name -> short sha256 hex)."""
     path = data_file(cfg, split)
@@ -143,7 +143,7 @@ def cache_key(cfg: Config, split: str = "train", renderer: Renderer | None = Non
     return key
 
 
-def key_info(cfg: Config, inputs: SplitInputs, sset: StrategySet) -> dict:
+def key_info(cfg: TrainingConfig, inputs: SplitInputs, sset: StrategySet) -> dict:
     """Human-readable record of what the key was computed from (manifest "info"; export uses it)."""
     mdir = model_dir(cfg)
     return {"model_path": str(mdir.resolve()), "weights_path": str(weights_dir(mdir).resolve()),
@@ -176,7 +176,7 @@ def canonical_reply_order(units: list[Unit]) -> list[str]:
 
 
 # ---------------------------------------------------------------- the reference model
-def load_reference_model(cfg: Config, device: str) -> RefModel:
+def load_reference_model(cfg: TrainingConfig, device: str) -> RefModel:
     """The frozen reference in eval mode and the context to score under (adapter disabled where one exists).
 
     full: the model at model.path in model.precision (also for lora on a plain base);
