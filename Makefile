@@ -4,7 +4,7 @@
 # and for the edit loop:
 #   make test-fast      - the `unit` tier (no training runs, no extra processes, no Slurm; < 2 min)
 #   make test-numerics  - the `numerics` tier under both CPU kernel families
-#   make lint           - ruff (pycodestyle + pyflakes, 120 columns); CI runs it before the tests
+#   make lint           - ruff check (pycodestyle + pyflakes, 120 columns) and ruff format --check; CI runs it first
 # CPU machines get the local CPU torch wheel (TORCH=torch==2.13.0); on a GPU machine
 # run `make TORCH=torch ...` or `pip install -e .` inside your own CUDA environment.
 VENV ?= .venv
@@ -36,6 +36,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cso_dist tests scripts
+	$(VENV)/bin/ruff format --check cso_dist tests scripts
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m unit tests

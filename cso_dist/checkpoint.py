@@ -1,4 +1,5 @@
 """Atomic, keep-last-k training checkpoints: trainable weights, optimizer, scheduler, RNG, data position."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,13 @@ KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONE
 def numeric_conditions(world_size: int, engine: str) -> dict:
     """What a run's fp32 bits depend on besides its inputs: a resume under the same conditions
     reproduces the uninterrupted curve bit for bit; under others, within fp32 rounding."""
-    cond = {"torch": torch.__version__, "engine": engine, "world_size": world_size,
-            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    cond = {
+        "torch": torch.__version__,
+        "engine": engine,
+        "world_size": world_size,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
     if torch.cuda.is_available():
         cond["gpu"] = torch.cuda.get_device_name()
     cond.update({k: os.environ[k] for k in KERNEL_ENV if os.environ.get(k)})
@@ -82,7 +88,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
     done = [p for p in ckpt_dir.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
@@ -92,8 +98,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     unknown = [n for n in weights if n not in params]
     if missing or unknown:
-        raise CsoError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unknown[:3]} "
-                       "(different model.method or model.path?)")
+        raise CsoError(
+            f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unknown[:3]} "
+            "(different model.method or model.path?)"
+        )
     with torch.no_grad():
         for n, w in weights.items():
             params[n].copy_(w.to(params[n].device, params[n].dtype))

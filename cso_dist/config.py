@@ -3,6 +3,7 @@
 Every key is a dataclass field; unknown keys, wrong types and out-of-range values fail at
 load with the key named. Later stages (precompute, train, eval, launch) add sections here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,12 +48,14 @@ class LoraSettings:
 @dataclass
 class DataConfig:
     source: Literal["escpro", "cso-rows", "kto-rows", "trl", "esconv"] = setting("esconv", "the input's format")
-    input: str = setting("", "file or folder; \"\" = ESConv from the data dir (cso_dist.paths.data_dir)")
+    input: str = setting("", 'file or folder; "" = ESConv from the data dir (cso_dist.paths.data_dir)')
     split: str = setting("train", "ESConv split: train, valid or test")
     negatives: int = setting(3, "ESConv: non-preferred options per supporter turn")
     seed: int = setting(0, "ESConv: seed of the negative selection")
-    strategies: str = setting("auto", "auto (ESConv: esconv; else the named set the file uses), esconv, escpro, or a file")
-    aliases: bool = setting(False, "map known label variants (\"Questions\" -> \"Question\")")
+    strategies: str = setting(
+        "auto", "auto (ESConv: esconv; else the named set the file uses), esconv, escpro, or a file"
+    )
+    aliases: bool = setting(False, 'map known label variants ("Questions" -> "Question")')
     skip_invalid: bool = setting(False, "skip invalid records and report them (else the first one is an error)")
     context_seeker_messages: int = setting(2, "ESConv negatives: seeker messages used as retrieval context")
     pool: int = setting(20, "ESConv negatives: most similar candidates to choose from")
@@ -69,14 +72,19 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = setting("", "HF model folder; \"\" = the demo's tiny model")
-    method: Literal["full", "lora", "qlora"] = setting("full", "full fine-tuning, LoRA, or QLoRA (4-bit nf4 base + LoRA)")
+    path: str = setting("", 'HF model folder; "" = the demo\'s tiny model')
+    method: Literal["full", "lora", "qlora"] = setting(
+        "full", "full fine-tuning, LoRA, or QLoRA (4-bit nf4 base + LoRA)"
+    )
     precision: Literal["fp32", "bf16"] = setting("fp32", "weights and compute dtype (bf16: autocast on CPU)")
     lora_r: int = setting(LoraSettings.r, "LoRA rank")
     lora_alpha: int = setting(LoraSettings.alpha, "LoRA scaling numerator (scale = alpha / r)")
-    lora_dropout: float = setting(LoraSettings.dropout, "dropout on the LoRA input during training (off at eval and export)")
-    lora_target_modules: list[str] = setting(help="module names that get adapters (comma-separated on the command line)",
-                                         factory=lambda: list(LORA_TARGETS))
+    lora_dropout: float = setting(
+        LoraSettings.dropout, "dropout on the LoRA input during training (off at eval and export)"
+    )
+    lora_target_modules: list[str] = setting(
+        help="module names that get adapters (comma-separated on the command line)", factory=lambda: list(LORA_TARGETS)
+    )
 
     def validate(self) -> None:
         _check(self.lora_r >= 1, "model.lora_r", "must be >= 1")
@@ -87,7 +95,9 @@ class ModelConfig:
 @dataclass
 class TinyModelConfig:
     arch: Literal["qwen2", "llama"] = setting("qwen2", "architecture of the demo's random model")
-    tokenizer: Literal["qwen", "bpe"] = setting("qwen", "qwen: the real Qwen2.5 vocabulary; bpe: a small BPE trained on ESConv")
+    tokenizer: Literal["qwen", "bpe"] = setting(
+        "qwen", "qwen: the real Qwen2.5 vocabulary; bpe: a small BPE trained on ESConv"
+    )
     hidden_size: int = setting(64, "hidden size of the demo's random model")
     num_layers: int = setting(2, "decoder layers of the demo's random model")
 
@@ -110,8 +120,8 @@ class PackConfig:
 @dataclass
 class TrainConfig:
     method: Literal["sft", "dpo", "ipo", "simpo", "kto", "orpo"] = setting("dpo", "= cso_dist.losses.METHODS (tested)")
-    train_file: str = setting("", "preference dialogues (data build output); \"\" = <run.out_dir>/data/train.jsonl")
-    eval_file: str = setting("", "held-out dialogues for periodic evaluation; \"\" = none")
+    train_file: str = setting("", 'preference dialogues (data build output); "" = <run.out_dir>/data/train.jsonl')
+    eval_file: str = setting("", 'held-out dialogues for periodic evaluation; "" = none')
     max_dialogues: int = setting(0, "use only the first N dialogues of train_file (0 = all)")
     eval_max_dialogues: int = setting(0, "use only the first N dialogues of eval_file (0 = all)")
     beta: float = setting(-1.0, "-1 = the method's default (its loss function's beta; cso_dist.losses.REGISTRY)")
@@ -119,7 +129,9 @@ class TrainConfig:
     gamma_beta_ratio: float = setting(0.55, "simpo")
     desirable_weight: float = setting(1.0, "kto")
     undesirable_weight: float = setting(1.0, "kto")
-    nll_weight: float = setting(0.0, "extra SFT/NLL term on chosen replies, for every method (orpo: its lambda-free NLL)")
+    nll_weight: float = setting(
+        0.0, "extra SFT/NLL term on chosen replies, for every method (orpo: its lambda-free NLL)"
+    )
     lr: float = setting(1e-6, "peak learning rate")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     warmup_ratio: float = setting(0.1, "share of the steps with linear warm-up")
@@ -128,15 +140,22 @@ class TrainConfig:
     max_steps: int = setting(0, "0 = run `epochs`")
     grad_accum: int = setting(1, "micro-batches (token budget each) per optimizer step")
     max_grad_norm: float = setting(1.0, "0 = no clipping")
-    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory, ~30% slower)")
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in the backward pass (less memory, ~30% slower)"
+    )
     log_every: int = setting(1, "optimizer steps between metric lines")
     eval_every: int = setting(0, "0 = only at the end (when eval_file is set)")
     save_every: int = setting(0, "0 = only the final output")
     keep_last: int = setting(2, "checkpoints kept (older ones are deleted)")
-    ref_cache: str = setting("", "\"\" = <run.out_dir>/refcache")
+    ref_cache: str = setting("", '"" = <run.out_dir>/refcache')
     final: Literal["merged", "adapter"] = setting("merged", "LoRA/QLoRA final output")
-    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"] = setting("adamw", "8-bit/paged: bitsandbytes")
-    reference: Literal["cache", "adapter"] = setting("cache", "cache: precomputed log-probs; adapter: LoRA/QLoRA base with the adapter disabled, scored live (no precompute)")
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"] = setting(
+        "adamw", "8-bit/paged: bitsandbytes"
+    )
+    reference: Literal["cache", "adapter"] = setting(
+        "cache",
+        "cache: precomputed log-probs; adapter: LoRA/QLoRA base with the adapter disabled, scored live (no precompute)",
+    )
 
     def validate(self) -> None:
         _check(self.beta == -1.0 or self.beta > 0, "train.beta", "must be > 0 (or -1 for the method default)")
@@ -181,7 +200,7 @@ class DistConfig:
 class EvalConfig:
     """`cso-dist eval generate`: strategy prediction (and replies) on held-out dialogues."""
 
-    mode: Literal["generate", "likelihood"] = setting("generate", "likelihood: best-scoring \"(<strategy>)\" prefix")
+    mode: Literal["generate", "likelihood"] = setting("generate", 'likelihood: best-scoring "(<strategy>)" prefix')
     max_dialogues: int = setting(0, "first N dialogues of the split (0 = all)")
     max_new_tokens: int = setting(64, "generate: tokens per reply at most")
     batch_size: int = setting(16, "prompts per generate() call")
@@ -201,7 +220,7 @@ class EvalConfig:
 class SlurmConfig:
     """Resources of `cso-dist launch sbatch|submitit` (flags of those commands override these keys)."""
 
-    partition: str = setting("", "Slurm partition (\"\" = the cluster's default)")
+    partition: str = setting("", 'Slurm partition ("" = the cluster\'s default)')
     account: str = setting("", "#SBATCH --account")
     qos: str = setting("", "#SBATCH --qos")
     time_min: int = setting(240, "wall-clock limit per job in minutes (a requeued job gets it again)")
@@ -213,7 +232,7 @@ class SlurmConfig:
     max_num_timeout: int = setting(3, "submitit: requeues after a time-out at most this many times (then fails)")
     array_parallelism: int = setting(64, "sweeps: array tasks running at once")
     setup: list[str] = setting(help="shell lines run first in the job (module load, ...)", factory=list)
-    extra: list[str] = setting(help="more #SBATCH options, e.g. \"--constraint=h100\"", factory=list)
+    extra: list[str] = setting(help='more #SBATCH options, e.g. "--constraint=h100"', factory=list)
 
     def validate(self) -> None:
         _check(self.time_min >= 1, "slurm.time_min", "must be >= 1")
@@ -244,11 +263,11 @@ class MctsConfig(SearchSettings):
     workers: int = setting(8, "seed trees searched at once (threads; the hf backend batches their calls)")
     batch_size: int = setting(16, "hf: prompts per generate()")
     max_new_tokens: int = setting(96, "supporter and seeker messages")
-    scorer_max_tokens: int = setting(128, "the strategy scorer's answer (8 lines \"<strategy>: <0-10>\")")
-    judge_max_tokens: int = setting(48, "the judge's answer (4 lines \"<aspect>: <0-4>\")")
+    scorer_max_tokens: int = setting(128, 'the strategy scorer\'s answer (8 lines "<strategy>: <0-10>")')
+    judge_max_tokens: int = setting(48, 'the judge\'s answer (4 lines "<aspect>: <0-4>")')
     temperature: float = setting(0.7, "supporter and seeker; the scorer and the judge are greedy")
     prompts: str = setting("", "folder with scorer/supporter/seeker/judge .txt overriding our defaults")
-    cache_dir: str = setting("", "per-call answer cache; \"\" = <out>.work/cache")
+    cache_dir: str = setting("", 'per-call answer cache; "" = <out>.work/cache')
     strategies: str = setting("auto", "auto: esconv for ESConv seeds, escpro otherwise; or a set file")
     max_seeds: int = setting(0, "first N seed dialogues (0 = all)")
     checkpoint_every: int = setting(10, "iterations between tree checkpoints")
@@ -259,24 +278,33 @@ class MctsConfig(SearchSettings):
         _check(self.retries >= 0 and self.parse_retries >= 0, "mcts.retries", "must be >= 0")
         _check(self.workers >= 1, "mcts.workers", "must be >= 1")
         _check(self.batch_size >= 1, "mcts.batch_size", "must be >= 1")
-        _check(min(self.max_new_tokens, self.scorer_max_tokens, self.judge_max_tokens) >= 1, "mcts.max_new_tokens",
-               "must be >= 1 (and mcts.scorer_max_tokens, mcts.judge_max_tokens)")
+        _check(
+            min(self.max_new_tokens, self.scorer_max_tokens, self.judge_max_tokens) >= 1,
+            "mcts.max_new_tokens",
+            "must be >= 1 (and mcts.scorer_max_tokens, mcts.judge_max_tokens)",
+        )
         _check(self.temperature >= 0, "mcts.temperature", "must be >= 0")
         _check(self.max_seeds >= 0, "mcts.max_seeds", "must be >= 0")
         _check(self.checkpoint_every >= 1, "mcts.checkpoint_every", "must be >= 1")
         _check(self.c_puct > 0, "mcts.c_puct", "must be > 0")
         _check(self.rollout_turns >= 1, "mcts.rollout_turns", "must be >= 1")
-        _check(1 <= self.min_iterations <= self.max_iterations, "mcts.min_iterations",
-               "must be >= 1 and <= mcts.max_iterations")
-        _check(0 <= self.min_finished <= self.max_finished and self.max_finished >= 1, "mcts.min_finished",
-               "must be >= 0 and <= mcts.max_finished (>= 1)")
+        _check(
+            1 <= self.min_iterations <= self.max_iterations,
+            "mcts.min_iterations",
+            "must be >= 1 and <= mcts.max_iterations",
+        )
+        _check(
+            0 <= self.min_finished <= self.max_finished and self.max_finished >= 1,
+            "mcts.min_finished",
+            "must be >= 0 and <= mcts.max_finished (>= 1)",
+        )
 
 
 @dataclass
 class PlanConfig:
     """`cso-dist plan --config`: the model shape and GPU a recipe targets (nodes and GPUs: `slurm`)."""
 
-    model: str = setting("", "preset (7b, 8b, 9b, 13b, 34b, 70b) or an HF config.json path; \"\" = not planned")
+    model: str = setting("", 'preset (7b, 8b, 9b, 13b, 34b, 70b) or an HF config.json path; "" = not planned')
     gpu_mem_gb: float = setting(80.0, "memory of one GPU")
     cpu_mem_gb: float = setting(1024.0, "host memory of one node (CPU offload)")
 
@@ -472,8 +500,12 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 _FLAG = "config:"  # argparse dest prefix of the generated flags: "config:data.negatives"
 
 
-def add_flags(parser: argparse.ArgumentParser, section: str, names: Iterable[str] | None = None,
-              rename: dict[str, str] | None = None) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser,
+    section: str,
+    names: Iterable[str] | None = None,
+    rename: dict[str, str] | None = None,
+) -> None:
     """Flags for config keys, generated from the section's dataclass: `--negatives 5` is `--data.negatives 5`
     (one override channel), with the key's help, default and choices; values are typed and validated at load."""
     cls = type(getattr(Config(), section))
@@ -498,11 +530,10 @@ def add_flags(parser: argparse.ArgumentParser, section: str, names: Iterable[str
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The generated flags a command line gave, as dotted overrides."""
-    return {k[len(_FLAG):]: v for k, v in vars(args).items() if k.startswith(_FLAG)}
+    return {k[len(_FLAG) :]: v for k, v in vars(args).items() if k.startswith(_FLAG)}
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                family: str = "all") -> Config:
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, family: str = "all") -> Config:
     """The config file + dotted overrides, validated. `family` names the sections the command reads
     (FAMILIES); an override of another section is refused. A file may hold every section (a recipe
     serves several commands); all of them are validated."""
@@ -510,8 +541,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     for key in overrides or {}:
         section = key.split(".", 1)[0]
         if section in FAMILIES["all"] and section not in FAMILIES[family]:
-            raise ConfigError(f"config: --{key}: this command does not read the {section} section "
-                              f"(it reads {', '.join(FAMILIES[family])})")
+            raise ConfigError(
+                f"config: --{key}: this command does not read the {section} section "
+                f"(it reads {', '.join(FAMILIES[family])})"
+            )
     if path:
         p = Path(path)
         if not p.is_file():
@@ -527,11 +560,20 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         _apply(cfg, _nest(overrides), "")
     for f in dataclasses.fields(cfg):
         getattr(cfg, f.name).validate()
-    _check(cfg.pack.max_tokens >= cfg.data.max_length, "pack.max_tokens",
-           f"must be >= data.max_length ({cfg.data.max_length}): one turn must fit a micro-batch")
-    _check(cfg.train.reference == "cache" or cfg.model.method in ("lora", "qlora"), "train.reference",
-           "'adapter' (the base with the adapter disabled) needs model.method lora or qlora")
-    _check(not (cfg.model.method == "qlora" and cfg.dist.engine == "deepspeed"), "model.method",
-           "qlora runs on the torch engine (one GPU, or DDP under torchrun); 4-bit weights under DeepSpeed "
-           "(bnb_4bit_quant_storage) are not supported by cso_dist: use model.method=lora with dist.engine=deepspeed")
+    _check(
+        cfg.pack.max_tokens >= cfg.data.max_length,
+        "pack.max_tokens",
+        f"must be >= data.max_length ({cfg.data.max_length}): one turn must fit a micro-batch",
+    )
+    _check(
+        cfg.train.reference == "cache" or cfg.model.method in ("lora", "qlora"),
+        "train.reference",
+        "'adapter' (the base with the adapter disabled) needs model.method lora or qlora",
+    )
+    _check(
+        not (cfg.model.method == "qlora" and cfg.dist.engine == "deepspeed"),
+        "model.method",
+        "qlora runs on the torch engine (one GPU, or DDP under torchrun); 4-bit weights under DeepSpeed "
+        "(bnb_4bit_quant_storage) are not supported by cso_dist: use model.method=lora with dist.engine=deepspeed",
+    )
     return cfg

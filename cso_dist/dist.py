@@ -5,6 +5,7 @@ Data preparation (tokenising, laying out the trie) happens in every rank *before
 process group, so a long preparation never runs into a collective's timeout; the group itself is
 created with `dist.timeout_minutes`.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -35,8 +36,9 @@ class World:
 
 def _first_host(nodelist: str) -> str:
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
         if out:
             return out[0]
     except (OSError, subprocess.SubprocessError):
@@ -73,8 +75,10 @@ def world_from_env(env: dict | None = None) -> World:
     if w.distributed:
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
         if missing:
-            raise CsoError(f"distributed environment: WORLD_SIZE={w.world_size} but {', '.join(missing)} is not set "
-                           "(launch with torchrun, deepspeed or srun)")
+            raise CsoError(
+                f"distributed environment: WORLD_SIZE={w.world_size} but {', '.join(missing)} is not set "
+                "(launch with torchrun, deepspeed or srun)"
+            )
     return w
 
 
@@ -90,8 +94,12 @@ def init(world: World, timeout_minutes: int) -> None:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
-    td.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=world.rank,
-                          world_size=world.world_size, timeout=datetime.timedelta(minutes=timeout_minutes))
+    td.init_process_group(
+        "nccl" if torch.cuda.is_available() else "gloo",
+        rank=world.rank,
+        world_size=world.world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
 
 
 def init_single() -> None:
@@ -103,11 +111,20 @@ def init_single() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"), ("WORLD_SIZE", "1"),
-                 ("LOCAL_RANK", "0")):
+    for k, v in (
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(port)),
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+    ):
         os.environ.setdefault(k, v)
-    td.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1,
-                          init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+    td.init_process_group(
+        "nccl" if torch.cuda.is_available() else "gloo",
+        rank=0,
+        world_size=1,
+        init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+    )
 
 
 def barrier() -> None:
@@ -141,7 +158,7 @@ def my_share(items: list, world: World) -> list[tuple[object, float]]:
     """This rank's items of a step, round-robin, padded so every rank runs the same number of forwards
     (ZeRO-3 gathers parameters collectively; DDP all-reduces on the last backward). A padding item is
     (items[0], 0.0): run, but weighted zero."""
-    mine = [(x, 1.0) for x in items[world.rank::world.world_size]]
+    mine = [(x, 1.0) for x in items[world.rank :: world.world_size]]
     per_rank = -(-len(items) // world.world_size) if items else 0
     while len(mine) < per_rank:
         mine.append((items[0], 0.0))

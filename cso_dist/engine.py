@@ -10,6 +10,7 @@ scales each rank's loss by the world size: every rank's loss is already a share 
 step's loss (normalised by the global pair count), and the averaged gradient is then exactly the
 single-process gradient of the same global batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +30,6 @@ from cso_dist.errors import ConfigError, CsoError
 from cso_dist.export import model_from_state_dict, save_final
 from cso_dist.models import count_parameters, load_model, lora_settings
 from cso_dist.paths import ds_config_path
-
 
 
 class Scorer(torch.nn.Module):
@@ -75,8 +75,10 @@ def make_optimizer(params: list, cfg: TrainingConfig, cpu_offload: bool = False)
     t = cfg.train
     if cpu_offload:
         if t.optimizer != "adamw":
-            raise ConfigError(f"train.optimizer: '{t.optimizer}' cannot run with DeepSpeed optimizer offload "
-                              "(offload uses DeepSpeed's CPU Adam); use adamw")
+            raise ConfigError(
+                f"train.optimizer: '{t.optimizer}' cannot run with DeepSpeed optimizer offload "
+                "(offload uses DeepSpeed's CPU Adam); use adamw"
+            )
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, lr=t.lr, weight_decay=t.weight_decay, adamw_mode=True)
@@ -96,8 +98,14 @@ class TorchEngine:
     def __init__(self, cfg: TrainingConfig, world: World, total_steps: int):
         self.cfg, self.world = cfg, world
         device = dist.device_for(world)
-        self.module = load_model(cfg.model.path, cfg.model.method, cfg.model.precision, lora=lora_settings(cfg.model),
-                                 device=device, gradient_checkpointing=cfg.train.gradient_checkpointing)
+        self.module = load_model(
+            cfg.model.path,
+            cfg.model.method,
+            cfg.model.precision,
+            lora=lora_settings(cfg.model),
+            device=device,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
+        )
         no_dropout(self.module)
         self.module.train()
         self.trainable = [p for p in self.module.parameters() if p.requires_grad]
@@ -143,15 +151,24 @@ class TorchEngine:
 
     def save(self, ckpt_dir: Path, step: int, extra: dict, keep_last: int) -> None:
         if self.world.main:  # every rank holds the same weights and optimizer state
-            save_checkpoint(ckpt_dir, step, self.module, self.optimizer, self.scheduler,
-                            {**extra, "engine": self.kind, "world_size": self.world.world_size}, keep_last)
+            save_checkpoint(
+                ckpt_dir,
+                step,
+                self.module,
+                self.optimizer,
+                self.scheduler,
+                {**extra, "engine": self.kind, "world_size": self.world.world_size},
+                keep_last,
+            )
         dist.barrier()
 
     def load(self, path: Path) -> dict:
         state = json.loads((path / "state.json").read_text())
         if state.get("engine", "torch") != self.kind:
-            raise CsoError(f"{path} was written by the {state.get('engine')} engine; resume it with "
-                           f"dist.engine={state.get('engine')} (or export it with cso-dist export)")
+            raise CsoError(
+                f"{path} was written by the {state.get('engine')} engine; resume it with "
+                f"dist.engine={state.get('engine')} (or export it with cso-dist export)"
+            )
         # the plan of micro-batches is global, the optimizer state is whole on every rank:
         # any world size resumes the same curve
         return load_checkpoint(path, self.module, self.optimizer, self.scheduler)
@@ -178,9 +195,17 @@ def ds_config(cfg: TrainingConfig, world: World) -> dict:
         zero["stage"] = cfg.dist.zero_stage
     if zero.get("stage", 0) not in (2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 2 or 3 (got {zero.get('stage', 0)})")
-    ds.update({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-               "train_batch_size": world.world_size, "managed_gradient_accumulation": False,
-               "gradient_clipping": cfg.train.max_grad_norm, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False})
+    ds.update(
+        {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": world.world_size,
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": cfg.train.max_grad_norm,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+    )
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.model.precision == "bf16"}
     ds.pop("fp16", None)
     ds.pop("optimizer", None)  # ours (make_optimizer), so every engine runs the same AdamW
@@ -226,9 +251,15 @@ class DeepSpeedEngine:
             MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(base))]  # import outside zero.Init
             self._hf_ds = HfDeepSpeedConfig(self.ds)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        self.module = load_model(cfg.model.path, cfg.model.method, cfg.model.precision, lora=lora_settings(cfg.model),
-                                 device="", gradient_checkpointing=cfg.train.gradient_checkpointing,
-                                 reentrant_checkpointing=self.stage == 3)
+        self.module = load_model(
+            cfg.model.path,
+            cfg.model.method,
+            cfg.model.precision,
+            lora=lora_settings(cfg.model),
+            device="",
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
+            reentrant_checkpointing=self.stage == 3,
+        )
         no_dropout(self.module)
         self.module.train()
         self._counts = count_parameters(self.module)
@@ -237,24 +268,32 @@ class DeepSpeedEngine:
         scheduler = make_scheduler(optimizer, cfg, total_steps)
         self.scorer = Scorer(self.module, cfg.pack.logit_chunk)
         self.net, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.scorer, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds)
+            model=self.scorer, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds
+        )
 
     def _prepare_resume(self, path: Path) -> None:
         """A checkpoint from another world size loads through DeepSpeed's universal format (converted once,
         by rank 0, next to the checkpoint)."""
         state = json.loads((path / "state.json").read_text())
         if state.get("engine") != self.kind:
-            raise CsoError(f"{path} was written by the {state.get('engine', 'torch')} engine; resume it with "
-                           f"dist.engine={state.get('engine', 'torch')} (or export it with cso-dist export)")
+            raise CsoError(
+                f"{path} was written by the {state.get('engine', 'torch')} engine; resume it with "
+                f"dist.engine={state.get('engine', 'torch')} (or export it with cso-dist export)"
+            )
         if state.get("zero_stage") != _stage(self.ds):
-            raise CsoError(f"{path} was written with ZeRO stage {state.get('zero_stage')}; this run uses stage "
-                           f"{_stage(self.ds)}: resume with the same dist.deepspeed_config")
+            raise CsoError(
+                f"{path} was written with ZeRO stage {state.get('zero_stage')}; this run uses stage "
+                f"{_stage(self.ds)}: resume with the same dist.deepspeed_config"
+            )
         if state.get("world_size") == self.world.world_size:
             return
         universal = path.parent / f"{path.name}-universal"
         if self.world.main and not (universal / "done").is_file():
-            print(f"{path}: written by {state.get('world_size')} ranks, resuming on {self.world.world_size}: "
-                  f"converting to a DeepSpeed universal checkpoint in {universal}", flush=True)
+            print(
+                f"{path}: written by {state.get('world_size')} ranks, resuming on {self.world.world_size}: "
+                f"converting to a DeepSpeed universal checkpoint in {universal}",
+                flush=True,
+            )
             to_universal(path, universal)
         dist.barrier()
         self.ds["checkpoint"] = {**self.ds.get("checkpoint", {}), "load_universal": True}
@@ -295,10 +334,20 @@ class DeepSpeedEngine:
         self.net.save_checkpoint(str(ckpt_dir), tag=tmp, client_state={"step": step}, save_latest=False)
         dist.barrier()
         if self.world.main:
-            (ckpt_dir / tmp / "state.json").write_text(json.dumps(
-                {"step": step, **extra, "engine": self.kind, "world_size": self.world.world_size,
-                 "zero_stage": self.stage, "model_path": self.cfg.model.path, "method": self.cfg.model.method},
-                indent=2))
+            (ckpt_dir / tmp / "state.json").write_text(
+                json.dumps(
+                    {
+                        "step": step,
+                        **extra,
+                        "engine": self.kind,
+                        "world_size": self.world.world_size,
+                        "zero_stage": self.stage,
+                        "model_path": self.cfg.model.path,
+                        "method": self.cfg.model.method,
+                    },
+                    indent=2,
+                )
+            )
             if (ckpt_dir / name).exists():
                 shutil.rmtree(ckpt_dir / name)
             os.replace(ckpt_dir / tmp, ckpt_dir / name)
@@ -310,8 +359,9 @@ class DeepSpeedEngine:
     def load(self, path: Path) -> dict:
         universal = getattr(self, "_universal", None)
         src = universal if universal is not None else path
-        load_dir, _ = self.net.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+        load_dir, _ = self.net.load_checkpoint(
+            str(src.parent), tag=src.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if load_dir is None:
             raise CsoError(f"DeepSpeed could not load the checkpoint {src}")
         return json.loads((path / "state.json").read_text())
@@ -327,7 +377,7 @@ class DeepSpeedEngine:
         _unset_hf_ds()
         self._hf_ds = None
         if self.world.main:
-            sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+            sd = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
             save_final(model_from_state_dict(sd, self.cfg), self.cfg, out, tokenizer)
         dist.barrier()
         return out
@@ -349,15 +399,24 @@ def to_universal(path: Path, out: Path) -> None:
     from deepspeed.checkpoint.ds_to_universal import main as convert
 
     shutil.rmtree(out, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(path), output_folder=str(out), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, no_strict=False,
-                              inject_missing_state=False)
+    args = argparse.Namespace(
+        input_folder=str(path),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        no_strict=False,
+        inject_missing_state=False,
+    )
     try:
         convert(args)
     except Exception as e:  # noqa: BLE001 - DeepSpeed raises bare assertions and KeyErrors here
         shutil.rmtree(out, ignore_errors=True)
-        raise CsoError(f"{path}: DeepSpeed cannot convert this checkpoint to another world size "
-                       f"({type(e).__name__}: {e}); resume with the world size that wrote it") from None
+        raise CsoError(
+            f"{path}: DeepSpeed cannot convert this checkpoint to another world size "
+            f"({type(e).__name__}: {e}); resume with the world size that wrote it"
+        ) from None
     (out / "done").write_text("1")
 
 

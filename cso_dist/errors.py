@@ -1,4 +1,5 @@
 """User-facing errors: one line naming the file, the record and the field."""
+
 from __future__ import annotations
 
 
@@ -18,8 +19,7 @@ class DataError(CsoError):
     `reason` is a short machine-friendly category used when counting skipped records.
     """
 
-    def __init__(self, path: str, record: str | None, field: str | None, message: str,
-                 reason: str = "invalid"):
+    def __init__(self, path: str, record: str | None, field: str | None, message: str, reason: str = "invalid"):
         self.path, self.record, self.field, self.message, self.reason = path, record, field, message, reason
         parts = [str(path)]
         if record:

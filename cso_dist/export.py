@@ -1,6 +1,7 @@
 """From trained weights to an HF `save_pretrained` folder (safetensors): the final output of a run
 and `cso-dist export` of any checkpoint (torch engine, or DeepSpeed ZeRO-2/3 shards consolidated
 with DeepSpeed's zero_to_fp32). LoRA/QLoRA: the adapter alone, or merged into the base."""
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,10 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], cfg: TrainingConfig) -> t
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n in trained if n not in sd and not _tied(model, n)]
     if unknown or missing:
-        raise CsoError(f"the weights do not fit {cfg.model.path} ({cfg.model.method}): unexpected {unknown[:3]}, "
-                       f"missing {missing[:3]}")
+        raise CsoError(
+            f"the weights do not fit {cfg.model.path} ({cfg.model.method}): unexpected {unknown[:3]}, "
+            f"missing {missing[:3]}"
+        )
     dtype = PRECISIONS[cfg.model.precision]
     with torch.no_grad():
         for k, v in sd.items():
@@ -75,7 +78,8 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], cfg: TrainingConfig) -> t
 def _tied(model, name: str) -> bool:
     """lm_head.weight of a model with tied embeddings is saved once, as the embedding."""
     return name.endswith("lm_head.weight") and bool(
-        getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+        getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    )
 
 
 def _run_config(ckpt: Path) -> TrainingConfig:
@@ -97,7 +101,7 @@ def checkpoint_state_dict(ckpt: Path) -> tuple[dict[str, torch.Tensor], str]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}, engine
+        return {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}, engine
     return torch.load(ckpt / "trainable.pt", map_location="cpu"), engine
 
 
@@ -117,4 +121,3 @@ def export(ckpt: Path, out: Path, final: str | None = None) -> Path:
     save_final(model, cfg, out, tok, final)
     print(f"exported {ckpt} ({engine} engine, {cfg.model.method}) -> {out}")
     return Path(out)
-

@@ -1,6 +1,7 @@
 """What a run reads, resolved from its config: the model folder (and the tokenizer's and weights' folders of an
 adapter), the data files of each split and their dialogues, the strategy set, the renderer, the device.
 Used by training, precompute, evaluation, export and the reference cache's key."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,17 @@ from cso_dist.io import sha256_file
 from cso_dist.models import is_adapter_dir, load_tokenizer
 from cso_dist.models.load import adapter_base_path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 SPLITS = ("train", "eval")
 
 

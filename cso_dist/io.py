@@ -1,5 +1,6 @@
 """File I/O helpers: writes that a crash cannot leave half-done (a temporary file in the same folder, then a
 rename), and a file's sha256."""
+
 from __future__ import annotations
 
 import hashlib

@@ -13,6 +13,7 @@ Conventions shared by every function:
 - Rewards are detached and only for logging (TRL's conventions, see each function).
 Semantics follow TRL (DPOTrainer / CPOTrainer / ORPOTrainer / KTOTrainer) unless noted.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -69,16 +70,26 @@ def _same_shape(**tensors: Tensor) -> None:
         raise ValueError(f"loss inputs must have the same shape, got {shapes}")
 
 
-def dpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor,
-        ref_rejected_logps: Tensor, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
+def dpo(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
     """DPO (sigmoid) loss with optional conservative label smoothing ε (cDPO).
 
     Δ = (logp_c − ref_c) − (logp_r − ref_r);
     loss = −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ); at Δ = 0 the loss is ln 2 for every ε.
     Rewards: β(logp − ref) for chosen and rejected.
     """
-    _same_shape(chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-                ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    _same_shape(
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
     c_ratio = _up(chosen_logps) - _up(ref_chosen_logps)
     r_ratio = _up(rejected_logps) - _up(ref_rejected_logps)
     logits = beta * (c_ratio - r_ratio)
@@ -88,18 +99,29 @@ def dpo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor,
     return LossOutput(losses, beta * c_ratio.detach(), beta * r_ratio.detach())
 
 
-def ipo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor,
-        ref_rejected_logps: Tensor, chosen_len: Tensor, rejected_len: Tensor,
-        beta: float = 0.1) -> LossOutput:
+def ipo(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_len: Tensor,
+    rejected_len: Tensor,
+    beta: float = 0.1,
+) -> LossOutput:
     """IPO loss on length-normalised log-ratios (as TRL; OpenRLHF does not normalise).
 
     h = (logp_c − ref_c)/|y_c| − (logp_r − ref_r)/|y_r|;  loss = (h − 1/(2β))².
     Rewards: β·(logp − ref)/|y| — the normalised log-ratio the loss sees, which is what
     TRL logs for IPO (it divides log-probs by length before computing rewards).
     """
-    _same_shape(chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-                ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-                chosen_len=chosen_len, rejected_len=rejected_len)
+    _same_shape(
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        chosen_len=chosen_len,
+        rejected_len=rejected_len,
+    )
     c = _up(chosen_logps)
     c_ratio = (c - _up(ref_chosen_logps)) / _lens(chosen_len, c)
     r_ratio = (_up(rejected_logps) - _up(ref_rejected_logps)) / _lens(rejected_len, c)
@@ -107,15 +129,22 @@ def ipo(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor,
     return LossOutput(losses, beta * c_ratio.detach(), beta * r_ratio.detach())
 
 
-def simpo(chosen_logps: Tensor, rejected_logps: Tensor, chosen_len: Tensor, rejected_len: Tensor,
-          beta: float = 2.5, gamma_beta_ratio: float = 0.55) -> LossOutput:
+def simpo(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    chosen_len: Tensor,
+    rejected_len: Tensor,
+    beta: float = 2.5,
+    gamma_beta_ratio: float = 0.55,
+) -> LossOutput:
     """SimPO (reference-free) loss, pure form without TRL/CPO's default NLL term.
 
     a = logp/|y| (average per-token log-prob); γ = gamma_beta_ratio·β;
     loss = −log σ(β(a_c − a_r) − γ). Rewards: β·a (TRL CPO convention).
     """
-    _same_shape(chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-                chosen_len=chosen_len, rejected_len=rejected_len)
+    _same_shape(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_len=chosen_len, rejected_len=rejected_len
+    )
     c = _up(chosen_logps)
     avg_c = c / _lens(chosen_len, c)
     avg_r = _up(rejected_logps) / _lens(rejected_len, c)
@@ -135,8 +164,9 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(low, torch.log1p(-torch.exp(x_low)), torch.log(-torch.expm1(x_high)))
 
 
-def orpo(chosen_logps: Tensor, rejected_logps: Tensor, chosen_len: Tensor, rejected_len: Tensor,
-         beta: float = 0.1) -> LossOutput:
+def orpo(
+    chosen_logps: Tensor, rejected_logps: Tensor, chosen_len: Tensor, rejected_len: Tensor, beta: float = 0.1
+) -> LossOutput:
     """ORPO odds-ratio term, with its NLL term returned separately (fp32 or fp64).
 
     a = logp/|y| clamped to <= −ORPO_EPS (a → 0⁻ would make log(1 − eᵃ) = −inf);
@@ -146,16 +176,16 @@ def orpo(chosen_logps: Tensor, rejected_logps: Tensor, chosen_len: Tensor, rejec
     chosen_len before averaging if you want TRL's exact number. Total = losses + nll.
     Rewards: β·a (TRL convention, unclamped).
     """
-    _same_shape(chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-                chosen_len=chosen_len, rejected_len=rejected_len)
+    _same_shape(
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_len=chosen_len, rejected_len=rejected_len
+    )
     c = _up(chosen_logps)
     avg_c = c / _lens(chosen_len, c)
     avg_r = _up(rejected_logps) / _lens(rejected_len, c)
     ac, ar = avg_c.clamp_max(-ORPO_EPS), avg_r.clamp_max(-ORPO_EPS)
     log_odds = (ac - ar) - (log1mexp(ac) - log1mexp(ar))
     losses = -beta * F.logsigmoid(log_odds)
-    return LossOutput(losses, beta * avg_c.detach(), beta * avg_r.detach(), nll=-avg_c,
-                      log_odds=log_odds.detach())
+    return LossOutput(losses, beta * avg_c.detach(), beta * avg_r.detach(), nll=-avg_c, log_odds=log_odds.detach())
 
 
 def kto_kl(kl_policy_logps: Tensor | None, kl_ref_logps: Tensor | None) -> Tensor:
@@ -172,10 +202,18 @@ def kto_kl(kl_policy_logps: Tensor | None, kl_ref_logps: Tensor | None) -> Tenso
     return (_up(kl_policy_logps) - _up(kl_ref_logps)).detach().mean()
 
 
-def kto(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor,
-        kl_policy_logps: Tensor | None, kl_ref_logps: Tensor | None, beta: float = 0.1,
-        desirable_weight: float = 1.0, undesirable_weight: float = 1.0, *,
-        kl: Tensor | float | None = None) -> LossOutput:
+def kto(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl_policy_logps: Tensor | None,
+    kl_ref_logps: Tensor | None,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    *,
+    kl: Tensor | float | None = None,
+) -> LossOutput:
     """KTO loss, one value per example in input order (no group reductions, so micro-batches
     holding only desirable or only undesirable examples are fine).
 
@@ -198,8 +236,7 @@ def kto(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor,
     u_loss = undesirable_weight * (1.0 - torch.sigmoid(beta * (z - logratio)))
     losses = torch.where(desirable, d_loss, u_loss)
     rewards = beta * logratio.detach()
-    return LossOutput(losses, rewards[desirable], rewards[~desirable], rewards=rewards,
-                      desirable=desirable, kl=z)
+    return LossOutput(losses, rewards[desirable], rewards[~desirable], rewards=rewards, desirable=desirable, kl=z)
 
 
 def sft_nll(chosen_logps: Tensor, chosen_len: Tensor) -> Tensor:
@@ -231,8 +268,11 @@ class Method:
     def defaults(self) -> dict[str, float]:
         if self.loss is None:
             return {}
-        return {k: p.default for k, p in inspect.signature(self.loss).parameters.items()
-                if p.default is not inspect.Parameter.empty and isinstance(p.default, float)}
+        return {
+            k: p.default
+            for k, p in inspect.signature(self.loss).parameters.items()
+            if p.default is not inspect.Parameter.empty and isinstance(p.default, float)
+        }
 
     @property
     def beta(self) -> float | None:
@@ -240,14 +280,17 @@ class Method:
         return self.defaults.get("beta")
 
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (
-    Method("dpo", dpo, needs_reference=True, pair_layout=True),
-    Method("ipo", ipo, needs_reference=True, pair_layout=True),
-    Method("simpo", simpo, needs_reference=False, pair_layout=True),
-    Method("orpo", orpo, needs_reference=False, pair_layout=True),
-    Method("kto", kto, needs_reference=True, pair_layout=False),
-    Method("sft", None, needs_reference=False, pair_layout=False),
-)}
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("dpo", dpo, needs_reference=True, pair_layout=True),
+        Method("ipo", ipo, needs_reference=True, pair_layout=True),
+        Method("simpo", simpo, needs_reference=False, pair_layout=True),
+        Method("orpo", orpo, needs_reference=False, pair_layout=True),
+        Method("kto", kto, needs_reference=True, pair_layout=False),
+        Method("sft", None, needs_reference=False, pair_layout=False),
+    )
+}
 METHODS = frozenset(REGISTRY)
 
 

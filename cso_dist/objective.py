@@ -8,6 +8,7 @@ unit. The first (un-copied) chosen reply is the one that counts for NLL/SFT and 
 Losses are summed per micro-batch and divided by the whole optimizer step's count of pairs
 (chosen replies for SFT, examples for KTO), so gradient accumulation weighs every pair alike.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -59,8 +60,14 @@ def hyperparameters(spec: L.Method, cfg: TrainConfig, beta: float) -> dict[str, 
     return out
 
 
-def micro_loss(cfg: TrainConfig, reply_ids: list[ReplyId], logps: torch.Tensor, ntok: torch.Tensor,
-               ref: dict[str, tuple[float, int]] | None, norm: dict[str, int]) -> tuple[torch.Tensor, dict]:
+def micro_loss(
+    cfg: TrainConfig,
+    reply_ids: list[ReplyId],
+    logps: torch.Tensor,
+    ntok: torch.Tensor,
+    ref: dict[str, tuple[float, int]] | None,
+    norm: dict[str, int],
+) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch (already divided by the step's counts) and metric sums."""
     s = structure(reply_ids)
     method, beta = cfg.method, L.resolved_beta(cfg.method, cfg.beta)
@@ -86,18 +93,28 @@ def micro_loss(cfg: TrainConfig, reply_ids: list[ReplyId], logps: torch.Tensor, 
     lc, lr, nc, nr = logps[pc], logps[pr], ntok[pc], ntok[pr]
     if method == "kto":
         ex = torch.cat([c, pr])
-        desirable = torch.cat([torch.ones(len(c), dtype=torch.bool, device=dev),
-                               torch.zeros(len(pr), dtype=torch.bool, device=dev)])
+        desirable = torch.cat(
+            [torch.ones(len(c), dtype=torch.bool, device=dev), torch.zeros(len(pr), dtype=torch.bool, device=dev)]
+        )
         kl_ix = idx(s.kl)
-        out = spec.loss(logps[ex], refs(s.chosen + s.pair_r), desirable, logps[kl_ix].detach(), refs(s.kl),
-                        **hyperparameters(spec, cfg, beta))
+        out = spec.loss(
+            logps[ex],
+            refs(s.chosen + s.pair_r),
+            desirable,
+            logps[kl_ix].detach(),
+            refs(s.kl),
+            **hyperparameters(spec, cfg, beta),
+        )
         total = total + out.losses.sum() / max(norm["kto"], 1)
         # pairwise rewards for logging: each rejected reply against its turn's chosen reply
         rew = out.rewards.detach()
         pos = {int(i): k for k, i in enumerate(c.tolist())}
-        rc = torch.stack([rew[pos[i]] if i in pos else beta * (logps[i].detach() - refs([i])[0])
-                          for i in s.pair_c]) if s.pair_c else rew.new_zeros(0)
-        rr = rew[len(c):]
+        rc = (
+            torch.stack([rew[pos[i]] if i in pos else beta * (logps[i].detach() - refs([i])[0]) for i in s.pair_c])
+            if s.pair_c
+            else rew.new_zeros(0)
+        )
+        rr = rew[len(c) :]
         m["kl"] = float(out.kl) if out.kl is not None else 0.0
     else:
         inputs = {"chosen_logps": lc, "rejected_logps": lr, "chosen_len": nc, "rejected_len": nr}
@@ -107,11 +124,16 @@ def micro_loss(cfg: TrainConfig, reply_ids: list[ReplyId], logps: torch.Tensor, 
         per_pair = out.losses + (out.nll if out.nll is not None else 0.0)
         total = total + per_pair.sum() / max(norm["pairs"], 1)
         rc, rr = out.chosen_rewards.detach(), out.rejected_rewards.detach()
-    m.update({
-        "rewards_chosen_sum": float(rc.sum()), "rewards_rejected_sum": float(rr.sum()),
-        "accuracies_sum": float((rc > rr).float().sum()), "margins_sum": float((rc - rr).sum()),
-        "logps_pair_chosen_sum": float(lc.detach().sum()), "logps_rejected_sum": float(lr.detach().sum()),
-    })
+    m.update(
+        {
+            "rewards_chosen_sum": float(rc.sum()),
+            "rewards_rejected_sum": float(rr.sum()),
+            "accuracies_sum": float((rc > rr).float().sum()),
+            "margins_sum": float((rc - rr).sum()),
+            "logps_pair_chosen_sum": float(lc.detach().sum()),
+            "logps_rejected_sum": float(lr.detach().sum()),
+        }
+    )
     return total, m
 
 
@@ -124,14 +146,16 @@ def finish_metrics(sums: dict, counts: dict, method: str) -> dict:
     if method == "sft":
         out["logps/chosen"] = sums.get("logps_chosen_sum", 0.0) / n_chosen
         return out
-    out.update({
-        "rewards/chosen": sums.get("rewards_chosen_sum", 0.0) / n_pairs,
-        "rewards/rejected": sums.get("rewards_rejected_sum", 0.0) / n_pairs,
-        "rewards/accuracies": sums.get("accuracies_sum", 0.0) / n_pairs,
-        "rewards/margins": sums.get("margins_sum", 0.0) / n_pairs,
-        "logps/chosen": sums.get("logps_pair_chosen_sum", 0.0) / n_pairs,
-        "logps/rejected": sums.get("logps_rejected_sum", 0.0) / n_pairs,
-    })
+    out.update(
+        {
+            "rewards/chosen": sums.get("rewards_chosen_sum", 0.0) / n_pairs,
+            "rewards/rejected": sums.get("rewards_rejected_sum", 0.0) / n_pairs,
+            "rewards/accuracies": sums.get("accuracies_sum", 0.0) / n_pairs,
+            "rewards/margins": sums.get("margins_sum", 0.0) / n_pairs,
+            "logps/chosen": sums.get("logps_pair_chosen_sum", 0.0) / n_pairs,
+            "logps/rejected": sums.get("logps_rejected_sum", 0.0) / n_pairs,
+        }
+    )
     if method == "kto":
         out["kl"] = sums.get("kl", 0.0) / max(sums.get("micro_batches", 1), 1)
     return out

@@ -1,6 +1,7 @@
 """Where the datasets live: $CSO_DATA_DIR, else the user cache (~/.cache/cso_dist/data, or under
 $XDG_CACHE_HOME), which `cso-dist data fetch` fills. A developers' checkout may instead find a
 `shared/data` folder beside it (used only when the user cache has no ESConv)."""
+
 from __future__ import annotations
 
 import os
@@ -40,9 +41,11 @@ def esconv_dir() -> Path:
     d = data_dir() / "esconv"
     missing = [f for f in ESCONV_FILES if not (d / f).is_file()]
     if missing:
-        raise CsoError(f"ESConv not found: {d} lacks {', '.join(missing)}. Run `cso-dist data fetch esconv` "
-                       f"(online) to fill it, put the ESConv HF split (train.jsonl, valid.jsonl, test.jsonl) "
-                       f"there, or set CSO_DATA_DIR to a folder whose esconv/ holds them")
+        raise CsoError(
+            f"ESConv not found: {d} lacks {', '.join(missing)}. Run `cso-dist data fetch esconv` "
+            f"(online) to fill it, put the ESConv HF split (train.jsonl, valid.jsonl, test.jsonl) "
+            f"there, or set CSO_DATA_DIR to a folder whose esconv/ holds them"
+        )
     return d
 
 

@@ -14,6 +14,7 @@ recomputed in backward. The LM head runs on reply tokens only, `logit_chunk` at 
 Byte counts use b = 2 (bf16 compute). Card and host sizes are read as GiB (an "80 GB" card
 has 80 GiB); "fits" keeps 10% of them for the CUDA context, NCCL buffers and fragmentation.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,7 @@ from cso_dist.config import LORA_TARGETS, LoraSettings
 from cso_dist.errors import ConfigError
 from cso_dist.paths import ds_config_path
 
-GIB = 2 ** 30
+GIB = 2**30
 HEADROOM = 0.10  # of the card: CUDA context, NCCL buffers, allocator fragmentation
 
 
@@ -49,8 +50,15 @@ class Shape:
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of every projection of one layer."""
         h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     def linear_params(self) -> int:
         per = sum(a * b for a, b in self.linears().values())
@@ -100,13 +108,19 @@ def shape_from_hf_config(path: str | Path) -> Shape:
     mt = str(c.get("model_type", ""))
     heads = int(c["num_attention_heads"])
     return Shape(
-        name=mt or p.parent.name, hidden=int(c["hidden_size"]), layers=int(c["num_hidden_layers"]), heads=heads,
+        name=mt or p.parent.name,
+        hidden=int(c["hidden_size"]),
+        layers=int(c["num_hidden_layers"]),
+        heads=heads,
         kv_heads=int(c.get("num_key_value_heads") or heads),
-        head_dim=int(c.get("head_dim") or c["hidden_size"] // heads), intermediate=int(c["intermediate_size"]),
-        vocab=int(c["vocab_size"]), tied=bool(c.get("tie_word_embeddings", False)),
+        head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
+        intermediate=int(c["intermediate_size"]),
+        vocab=int(c["vocab_size"]),
+        tied=bool(c.get("tie_word_embeddings", False)),
         qkv_bias=bool(c.get("attention_bias", mt.startswith("qwen2"))),
         norms_per_layer=4 if mt.startswith("gemma2") or mt.startswith("gemma3") else 2,
-        eager=mt.startswith("gemma2"))
+        eager=mt.startswith("gemma2"),
+    )
 
 
 def resolve_shape(model: str) -> Shape:
@@ -168,8 +182,11 @@ def model_states(shape: Shape, s: Setup) -> dict[str, float]:
     if s.method == "qlora":  # nf4 (double quant: 4.127 bits) for projections, bf16 for the rest; fp32 adapters
         lin = shape.linear_params()
         T = shape.lora_params(s.lora_r, s.lora_targets)
-        return {"params": lin * 4.127 / 8 + (P - lin) * b + 4 * T, "gradients": 4 * T,
-                "optimizer": _opt_bytes(s.optimizer) * T}
+        return {
+            "params": lin * 4.127 / 8 + (P - lin) * b + 4 * T,
+            "gradients": 4 * T,
+            "optimizer": _opt_bytes(s.optimizer) * T,
+        }
     if s.method == "lora":
         T = shape.lora_params(s.lora_r, s.lora_targets)
         if s.zero == 0:
@@ -230,8 +247,14 @@ def activations(shape: Shape, s: Setup, checkpointing: bool) -> dict[str, float]
     chunk = min(s.logit_chunk, T)
     head = chunk * shape.vocab * (b + 12)  # logits, fp32 upcast, log-softmax, its gradient
     peak = saved + kept_masks + max(head, recompute + working)
-    return {"saved": saved, "recompute": recompute, "working": working, "lm_head": head,
-            "trie_mask": kept_masks + (mask_layer if checkpointing else 0), "peak": peak}
+    return {
+        "saved": saved,
+        "recompute": recompute,
+        "working": working,
+        "lm_head": head,
+        "trie_mask": kept_masks + (mask_layer if checkpointing else 0),
+        "peak": peak,
+    }
 
 
 def plan(shape: Shape, s: Setup) -> dict:
@@ -239,15 +262,23 @@ def plan(shape: Shape, s: Setup) -> dict:
     ms = model_states(shape, s)
     states = sum(ms.values())
     budget = s.gpu_mem_gb * GIB * (1 - HEADROOM)
-    out = {"model": shape.name, "params": shape.params(), "setup": dataclasses.asdict(s),
-           "per_gpu_gib": {k: v / GIB for k, v in ms.items()}, "budget_gib": budget / GIB}
+    out = {
+        "model": shape.name,
+        "params": shape.params(),
+        "setup": dataclasses.asdict(s),
+        "per_gpu_gib": {k: v / GIB for k, v in ms.items()},
+        "budget_gib": budget / GIB,
+    }
     if s.method in ("lora", "qlora"):
         out["trainable_params"] = shape.lora_params(s.lora_r, s.lora_targets)
     for ck in (False, True):
         a = activations(shape, s, ck)
         total = states + a["peak"]
         out["checkpointing" if ck else "no_checkpointing"] = {
-            "activations_gib": {k: v / GIB for k, v in a.items()}, "total_gib": total / GIB, "fits": total <= budget}
+            "activations_gib": {k: v / GIB for k, v in a.items()},
+            "total_gib": total / GIB,
+            "fits": total <= budget,
+        }
     chosen = out["checkpointing" if s.checkpointing else "no_checkpointing"]
     out["total_gib"], out["fits"] = chosen["total_gib"], chosen["fits"]
     host = _cpu_offload(shape, s)
@@ -269,16 +300,17 @@ def _candidates(s: Setup, same_gpus: bool = False):
     """Cheaper first: fewer GPUs, then no offload, then no checkpointing, then ZeRO-2 before 3."""
     zeros = {"full": (2, 3), "lora": (0, 2, 3), "qlora": (0,)}[s.method]
     gpn_options = sorted({g for g in (1, 2, 4, 8) if g <= max(8, s.gpus_per_node)} | {s.gpus_per_node})
-    layouts = sorted({(nodes, g) for nodes in (1, 2, 4, 8, 16, 32, 64) for g in gpn_options
-                      if nodes == 1 or g == max(gpn_options)}, key=lambda x: x[0] * x[1])
+    layouts = sorted(
+        {(nodes, g) for nodes in (1, 2, 4, 8, 16, 32, 64) for g in gpn_options if nodes == 1 or g == max(gpn_options)},
+        key=lambda x: x[0] * x[1],
+    )
     if same_gpus:
         layouts = [(s.nodes, s.gpus_per_node)]
     for nodes, g in layouts:
         for offload in ("none", "optimizer", "params"):
             for ck in (False, True):
                 for z in zeros:
-                    c = dataclasses.replace(s, nodes=nodes, gpus_per_node=g, zero=z, offload=offload,
-                                            checkpointing=ck)
+                    c = dataclasses.replace(s, nodes=nodes, gpus_per_node=g, zero=z, offload=offload, checkpointing=ck)
                     try:
                         c.check()
                     except ConfigError:
@@ -292,46 +324,68 @@ def cheapest(shape: Shape, s: Setup, same_gpus: bool = False) -> dict | None:
     for c in _candidates(s, same_gpus):
         p = plan(shape, c)
         if p["fits"]:
-            return {"nodes": c.nodes, "gpus_per_node": c.gpus_per_node, "zero": c.zero, "offload": c.offload,
-                    "checkpointing": c.checkpointing, "total_gib": p["total_gib"]}
+            return {
+                "nodes": c.nodes,
+                "gpus_per_node": c.gpus_per_node,
+                "zero": c.zero,
+                "offload": c.offload,
+                "checkpointing": c.checkpointing,
+                "total_gib": p["total_gib"],
+            }
     return None
 
 
 def _describe(best: dict) -> str:
     eng = "torch engine" if best["zero"] == 0 else f"ZeRO-{best['zero']}, offload {best['offload']}"
-    return (f"{best['nodes']} node(s) x {best['gpus_per_node']} GPU(s), {eng}, "
-            f"checkpointing {'on' if best['checkpointing'] else 'off'} ({best['total_gib']:.1f} GiB per GPU)")
+    return (
+        f"{best['nodes']} node(s) x {best['gpus_per_node']} GPU(s), {eng}, "
+        f"checkpointing {'on' if best['checkpointing'] else 'off'} ({best['total_gib']:.1f} GiB per GPU)"
+    )
 
 
 def format_plan(p: dict, best: dict | None, here: dict | None = None) -> str:
     s = p["setup"]
     eng = "torch engine (DDP)" if s["zero"] == 0 else f"DeepSpeed ZeRO-{s['zero']}, offload {s['offload']}"
-    lines = [f"{p['model']}: {p['params'] / 1e9:.2f} B parameters"
-             + (f", {p['trainable_params'] / 1e6:.1f} M trainable (LoRA r={s['lora_r']})" if "trainable_params" in p
-                else ""),
-             f"{s['method']} on {s['nodes']} node(s) x {s['gpus_per_node']} GPU(s) of {s['gpu_mem_gb']:g} GB, {eng}; "
-             f"micro-batch {s['micro_batch']} x {s['seq_len']} tokens",
-             "", f"{'per GPU (GiB)':<34}{'no checkpointing':>18}{'checkpointing':>16}"]
+    lines = [
+        f"{p['model']}: {p['params'] / 1e9:.2f} B parameters"
+        + (
+            f", {p['trainable_params'] / 1e6:.1f} M trainable (LoRA r={s['lora_r']})" if "trainable_params" in p else ""
+        ),
+        f"{s['method']} on {s['nodes']} node(s) x {s['gpus_per_node']} GPU(s) of {s['gpu_mem_gb']:g} GB, {eng}; "
+        f"micro-batch {s['micro_batch']} x {s['seq_len']} tokens",
+        "",
+        f"{'per GPU (GiB)':<34}{'no checkpointing':>18}{'checkpointing':>16}",
+    ]
     for k, v in p["per_gpu_gib"].items():
         lines.append(f"  {k:<32}{v:>18.2f}{v:>16.2f}")
     a0, a1 = p["no_checkpointing"]["activations_gib"], p["checkpointing"]["activations_gib"]
-    names = {"saved": "activations kept for backward", "recompute": "one layer recomputed (ckpt)",
-             "working": "backward working set", "lm_head": "LM head (reply tokens, chunked)",
-             "trie_mask": "trie-layout overhead (masks)", "peak": "activation peak"}
+    names = {
+        "saved": "activations kept for backward",
+        "recompute": "one layer recomputed (ckpt)",
+        "working": "backward working set",
+        "lm_head": "LM head (reply tokens, chunked)",
+        "trie_mask": "trie-layout overhead (masks)",
+        "peak": "activation peak",
+    }
     for k, label in names.items():
         lines.append(f"  {label:<32}{a0[k]:>18.2f}{a1[k]:>16.2f}")
     t0, t1 = p["no_checkpointing"], p["checkpointing"]
     lines.append(f"  {'total':<32}{t0['total_gib']:>18.2f}{t1['total_gib']:>16.2f}")
     yn = {True: "yes", False: "NO"}
-    lines.append(f"  {'fits in ' + format(p['budget_gib'], '.1f') + ' GiB usable':<32}"
-                 f"{yn[t0['fits']]:>18}{yn[t1['fits']]:>16}")
+    lines.append(
+        f"  {'fits in ' + format(p['budget_gib'], '.1f') + ' GiB usable':<32}{yn[t0['fits']]:>18}{yn[t1['fits']]:>16}"
+    )
     if p["cpu_offload_gib_per_node"]:
-        lines.append(f"  host memory for offload: {p['cpu_offload_gib_per_node']:.0f} GiB per node of "
-                     f"{s['cpu_mem_gb']:g} GB ({'fits' if p['host_fits'] else 'does NOT fit'})")
+        lines.append(
+            f"  host memory for offload: {p['cpu_offload_gib_per_node']:.0f} GiB per node of "
+            f"{s['cpu_mem_gb']:g} GB ({'fits' if p['host_fits'] else 'does NOT fit'})"
+        )
     lines.append("")
     lines.append("fastest setup on these GPUs: " + (_describe(here) if here else "none fits"))
-    lines.append("cheapest setup that fits (fewest GPUs; offload costs speed): " + (_describe(best) if best else
-                 "none up to 64 nodes (lower --seq-len / --micro-batch, or another --method)"))
+    lines.append(
+        "cheapest setup that fits (fewest GPUs; offload costs speed): "
+        + (_describe(best) if best else "none up to 64 nodes (lower --seq-len / --micro-batch, or another --method)")
+    )
     return "\n".join(lines)
 
 
@@ -345,12 +399,26 @@ def setup_from_config(cfg) -> tuple[Shape, Setup]:
         ds = json.loads(Path(ds_config_path(cfg.dist.deepspeed_config)).read_text())["zero_optimization"]
         zero = cfg.dist.zero_stage or int(ds.get("stage", 3))
         dev = lambda k: (ds.get(k) or {}).get("device", "none")  # noqa: E731
-        offload = "params" if dev("offload_param") == "cpu" else "optimizer" if dev("offload_optimizer") == "cpu" \
-            else "none"
+        offload = (
+            "params" if dev("offload_param") == "cpu" else "optimizer" if dev("offload_optimizer") == "cpu" else "none"
+        )
     m, t = cfg.model, cfg.train
-    s = Setup(method=m.method, zero=zero, offload=offload, gpus_per_node=max(cfg.slurm.gpus_per_node, 1),
-              nodes=cfg.slurm.nodes, gpu_mem_gb=cfg.plan.gpu_mem_gb, cpu_mem_gb=cfg.plan.cpu_mem_gb,
-              seq_len=cfg.pack.max_tokens, micro_batch=1, checkpointing=t.gradient_checkpointing,
-              lora_r=m.lora_r, lora_dropout=m.lora_dropout, lora_targets=tuple(m.lora_target_modules),
-              optimizer=t.optimizer, logit_chunk=cfg.pack.logit_chunk, bytes_per_el=2 if m.precision == "bf16" else 4)
+    s = Setup(
+        method=m.method,
+        zero=zero,
+        offload=offload,
+        gpus_per_node=max(cfg.slurm.gpus_per_node, 1),
+        nodes=cfg.slurm.nodes,
+        gpu_mem_gb=cfg.plan.gpu_mem_gb,
+        cpu_mem_gb=cfg.plan.cpu_mem_gb,
+        seq_len=cfg.pack.max_tokens,
+        micro_batch=1,
+        checkpointing=t.gradient_checkpointing,
+        lora_r=m.lora_r,
+        lora_dropout=m.lora_dropout,
+        lora_targets=tuple(m.lora_target_modules),
+        optimizer=t.optimizer,
+        logit_chunk=cfg.pack.logit_chunk,
+        bytes_per_el=2 if m.precision == "bf16" else 4,
+    )
     return resolve_shape(cfg.plan.model), s

@@ -7,6 +7,7 @@ signals on). The loop looks at the request at each optimizer-step boundary, all 
 the run saves a checkpoint, writes `<run>/PREEMPTED` and raises `Preempted`; the caller requeues
 (the batch script with `scontrol requeue`, submitit through its own handler).
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,9 @@ class StopRequest:
         """Record the stop (rank 0 writes PREEMPTED and removes the request file) and build the exception."""
         if main:
             self.file.unlink(missing_ok=True)
-            (self.file.parent / STOPPED_FILE).write_text(json.dumps(
-                {"step": step, "checkpoint": str(checkpoint), "signal": self.signum}))
+            (self.file.parent / STOPPED_FILE).write_text(
+                json.dumps({"step": step, "checkpoint": str(checkpoint), "signal": self.signum})
+            )
         previous = self.previous.get(self.signum) if self.signum else None
         self.restore()
         return Preempted(step, checkpoint, self.signum, previous)

@@ -1,5 +1,6 @@
 """`precompute --dry-run` / `train --dry-run`: check a config and the inputs it reads without loading a
 model, and say what the command would do. A login node can run it before a job is submitted."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,9 +17,11 @@ def _model_problem(cfg: TrainingConfig) -> str:
     if not cfg.model.path:
         return ""  # the demo's tiny model, written by the command itself
     if not path.is_dir():
-        return (f"model.path: '{path}' is not a folder on this machine; cso-dist loads local HF folders "
-                f"(download the model, e.g. `huggingface-cli download {cfg.model.path} --local-dir DIR`, "
-                f"and set model.path DIR)")
+        return (
+            f"model.path: '{path}' is not a folder on this machine; cso-dist loads local HF folders "
+            f"(download the model, e.g. `huggingface-cli download {cfg.model.path} --local-dir DIR`, "
+            f"and set model.path DIR)"
+        )
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         return f"model.path: '{path}' has no config.json (not a Hugging Face model folder)"
     return ""
@@ -29,8 +32,10 @@ def _data_problem(cfg: TrainingConfig, split: str) -> str:
     if path is None or path.is_file():
         return ""
     key = "train.train_file" if split == "train" else "train.eval_file"
-    return (f"{key}: '{path}' does not exist (build it: cso-dist data build --config CONFIG --split "
-            f"{'train' if split == 'train' else 'valid'} --out {path})")
+    return (
+        f"{key}: '{path}' does not exist (build it: cso-dist data build --config CONFIG --split "
+        f"{'train' if split == 'train' else 'valid'} --out {path})"
+    )
 
 
 def dry_run(cfg: TrainingConfig, command: str) -> list[str]:
@@ -42,22 +47,32 @@ def dry_run(cfg: TrainingConfig, command: str) -> list[str]:
     t = cfg.train
     root = cache_root(cfg)
     cached = needs_reference(t.method) and t.reference == "cache"
-    lines = [f"model: {model_dir(cfg)} ({cfg.model.method}, {cfg.model.precision})",
-             f"train data: {data_file(cfg, 'train')}"
-             + (f" (first {t.max_dialogues} dialogues)" if t.max_dialogues else ""),
-             f"eval data: {data_file(cfg, 'eval') or 'none (train.eval_file not set)'}"]
+    lines = [
+        f"model: {model_dir(cfg)} ({cfg.model.method}, {cfg.model.precision})",
+        f"train data: {data_file(cfg, 'train')}" + (f" (first {t.max_dialogues} dialogues)" if t.max_dialogues else ""),
+        f"eval data: {data_file(cfg, 'eval') or 'none (train.eval_file not set)'}",
+    ]
     if command == "precompute":
         if not cached:
-            lines.append(f"nothing to precompute: train.method {t.method} with train.reference {t.reference} "
-                         "needs no reference cache")
+            lines.append(
+                f"nothing to precompute: train.method {t.method} with train.reference {t.reference} "
+                "needs no reference cache"
+            )
         else:
             status = "present" if (split_dir(root, "train") / "manifest.json").is_file() else "not built yet"
             lines.append(f"reference cache: {root} ({status}; verified against its key when the command runs)")
     else:
-        ref = (f"cached reference log-probs in {root}" if cached else
-               "live reference (adapter disabled)" if needs_reference(t.method) else "no reference")
-        lines.append(f"train: {t.method}, {ref}; {cfg.pack.layout} layout, {cfg.pack.max_tokens} tokens per "
-                     f"micro-batch; {cfg.dist.engine} engine; writes {Path(cfg.run.out_dir)}")
+        ref = (
+            f"cached reference log-probs in {root}"
+            if cached
+            else "live reference (adapter disabled)"
+            if needs_reference(t.method)
+            else "no reference"
+        )
+        lines.append(
+            f"train: {t.method}, {ref}; {cfg.pack.layout} layout, {cfg.pack.max_tokens} tokens per "
+            f"micro-batch; {cfg.dist.engine} engine; writes {Path(cfg.run.out_dir)}"
+        )
     return lines
 
 

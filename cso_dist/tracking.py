@@ -1,4 +1,5 @@
 """Metrics: a JSONL file in the run directory, and Weights & Biases when asked (never fatal)."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,17 @@ from cso_dist.io import atomic_write_text
 class Tracker:
     """Writes one JSON object per logging step to <run>/metrics.jsonl; mirrors to W&B (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, config: dict, wandb_on: bool = False, project: str = "cso_dist",
-                 group: str = "", name: str = "", rank: int = 0, resume_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict,
+        wandb_on: bool = False,
+        project: str = "cso_dist",
+        group: str = "",
+        name: str = "",
+        rank: int = 0,
+        resume_step: int | None = None,
+    ):
         self.path = run_dir / "metrics.jsonl"
         self.rank = rank
         self.wandb = None
@@ -21,8 +31,11 @@ class Tracker:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():  # drop what came after the checkpoint
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            keep = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             atomic_write_text(self.path, "".join(line + "\n" for line in keep))
         elif resume_step is None and self.path.is_file():
             self.path.unlink()
@@ -30,12 +43,20 @@ class Tracker:
             try:
                 import wandb
 
-                self.wandb = wandb.init(project=project, group=group or None, name=name or run_dir.name,
-                                        config=config, dir=str(run_dir), resume="allow",
-                                        id=_wandb_id(run_dir))
+                self.wandb = wandb.init(
+                    project=project,
+                    group=group or None,
+                    name=name or run_dir.name,
+                    config=config,
+                    dir=str(run_dir),
+                    resume="allow",
+                    id=_wandb_id(run_dir),
+                )
             except Exception as e:  # tracking must never stop training
-                print(f"cso-dist: warning: W&B disabled ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
-                      file=sys.stderr)
+                print(
+                    f"cso-dist: warning: W&B disabled ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
+                    file=sys.stderr,
+                )
                 self.wandb = None
 
     def log(self, metrics: dict) -> None:

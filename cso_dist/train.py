@@ -10,6 +10,7 @@ Several ranks: every rank plans the same global steps; a step's micro-batches ar
 round-robin (cso_dist.dist.my_share), each loss is normalised by the *global* step's counts and
 scaled by the world size, so the averaged gradient equals the single-process one.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,14 +61,23 @@ def _strip_rejected(dialogues: list[PrefDialogue]) -> list[PrefDialogue]:
     return [replace(d, messages=[replace(m, rejected=[]) for m in d.messages]) for d in dialogues]
 
 
-def make_layout(cfg: TrainingConfig, dialogues: list[PrefDialogue], renderer, sset, progress: bool) -> TrieLayout | PairLayout:
+def make_layout(
+    cfg: TrainingConfig, dialogues: list[PrefDialogue], renderer, sset, progress: bool
+) -> TrieLayout | PairLayout:
     """The split laid out as pack.layout says (SFT: without the rejected replies; KTO: with its mismatched
     completions)."""
     if cfg.train.method == "sft":
         dialogues = _strip_rejected(dialogues)
     if cfg.pack.layout == "trie":
-        return TrieLayout(dialogues, renderer, sset, cfg.pack.max_tokens, cfg.data.max_length,
-                          kl=cfg.train.method == "kto", progress=progress)
+        return TrieLayout(
+            dialogues,
+            renderer,
+            sset,
+            cfg.pack.max_tokens,
+            cfg.data.max_length,
+            kl=cfg.train.method == "kto",
+            progress=progress,
+        )
     return PairLayout(dialogues, renderer, sset, cfg.pack.max_tokens, cfg.data.max_length)
 
 
@@ -84,11 +94,11 @@ def plan_steps(layout: TrieLayout | PairLayout, n: int, cfg: TrainingConfig) -> 
     while epoch < t.epochs or (t.max_steps and len(steps) < t.max_steps):
         g = torch.Generator().manual_seed(cfg.run.seed * 1000 + epoch)
         micro = micro_batches(layout, torch.randperm(n, generator=g).tolist())
-        steps += [micro[i:i + t.grad_accum] for i in range(0, len(micro), t.grad_accum)]
+        steps += [micro[i : i + t.grad_accum] for i in range(0, len(micro), t.grad_accum)]
         epoch += 1
         if not micro:
             break
-    return steps[:t.max_steps] if t.max_steps else steps
+    return steps[: t.max_steps] if t.max_steps else steps
 
 
 # ---------------------------------------------------------------- model pieces
@@ -106,14 +116,19 @@ def _cached_reference(cfg: TrainingConfig, split: str, renderer, sset, world: Wo
     status = cache_status(d, key)
     if status != "complete":
         if world.main:
-            print(f"reference cache for {split} is {status}: running precompute first "
-                  f"({world.world_size} rank{'s' if world.distributed else ''})", flush=True)
+            print(
+                f"reference cache for {split} is {status}: running precompute first "
+                f"({world.world_size} rank{'s' if world.distributed else ''})",
+                flush=True,
+            )
         precompute(cfg, world.rank, world.world_size, progress=progress)
         t0 = time.time()
         while cache_status(d, key) != "complete":
             if time.time() - t0 > cfg.dist.timeout_minutes * 60:
-                raise CsoError(f"reference cache {d}: other ranks' shards still missing after "
-                               f"{cfg.dist.timeout_minutes} min (dist.timeout_minutes)")
+                raise CsoError(
+                    f"reference cache {d}: other ranks' shards still missing after "
+                    f"{cfg.dist.timeout_minutes} min (dist.timeout_minutes)"
+                )
             time.sleep(2)
     return load_reference(cfg, key, split)
 
@@ -181,8 +196,11 @@ def run_train(cfg: TrainingConfig, resume: bool | str = False, progress: bool = 
     steps = plan_steps(layout, len(train_in.dialogues), cfg)
     if not steps:
         raise CsoError(f"{train_in.data_file}: nothing to train on (no supporter turns with the needed replies)")
-    eval_batches = micro_batches(make_layout(cfg, eval_in.dialogues, renderer, sset, False),
-                                 list(range(len(eval_in.dialogues)))) if eval_in else []
+    eval_batches = (
+        micro_batches(make_layout(cfg, eval_in.dialogues, renderer, sset, False), list(range(len(eval_in.dialogues))))
+        if eval_in
+        else []
+    )
 
     # reference log-probs: from the cache (no reference model while training), or the adapter-disabled policy
     ref = eval_ref = None
@@ -213,24 +231,43 @@ def run_train(cfg: TrainingConfig, resume: bool | str = False, progress: bool = 
             print(f"resumed from {resume_from} (step {start} of {len(steps)})")
             changed = condition_changes(state.get("numerics"), conditions)
             if changed:
-                print(f"note: resumed under other numeric conditions ({changed}): the curve matches an "
-                      "uninterrupted run within fp32 rounding, not bit for bit")
-    tracker = Tracker(run_dir, cfg.to_dict(), cfg.track.wandb, cfg.track.project, cfg.track.group, cfg.track.name,
-                      rank=world.rank, resume_step=start if resume_from is not None else None)
+                print(
+                    f"note: resumed under other numeric conditions ({changed}): the curve matches an "
+                    "uninterrupted run within fp32 rounding, not bit for bit"
+                )
+    tracker = Tracker(
+        run_dir,
+        cfg.to_dict(),
+        cfg.track.wandb,
+        cfg.track.project,
+        cfg.track.group,
+        cfg.track.name,
+        rank=world.rank,
+        resume_step=start if resume_from is not None else None,
+    )
     stop = StopRequest(run_dir)
     if world.main:
         (run_dir / STOPPED_FILE).unlink(missing_ok=True)
     if world.main:
-        print(f"training {t.method} on {len(train_in.dialogues)} dialogues: {len(steps)} steps, "
-              f"{sum(len(s) for s in steps)} micro-batches ({cfg.pack.layout} layout), "
-              f"{n_train:,} of {n_total:,} parameters trainable; {engine.kind} engine on "
-              f"{world.world_size} rank{'s' if world.distributed else ''}", flush=True)
+        print(
+            f"training {t.method} on {len(train_in.dialogues)} dialogues: {len(steps)} steps, "
+            f"{sum(len(s) for s in steps)} micro-batches ({cfg.pack.layout} layout), "
+            f"{n_train:,} of {n_total:,} parameters trainable; {engine.kind} engine on "
+            f"{world.world_size} rank{'s' if world.distributed else ''}",
+            flush=True,
+        )
     train_refs = _refs(ref, engine, cfg)
     eval_refs = _refs(eval_ref, engine, cfg)
 
     last: dict = {}
-    bar = tqdm(range(start, len(steps)), desc=t.method, unit="step", disable=None if progress else True,
-               initial=start, total=len(steps))
+    bar = tqdm(
+        range(start, len(steps)),
+        desc=t.method,
+        unit="step",
+        disable=None if progress else True,
+        initial=start,
+        total=len(steps),
+    )
     for step in bar:
         t0 = time.perf_counter()
         micro = steps[step]
@@ -264,9 +301,16 @@ def run_train(cfg: TrainingConfig, resume: bool | str = False, progress: bool = 
         dt = time.perf_counter() - t0
         done_step = step + 1
         if done_step % t.log_every == 0 or done_step == len(steps):
-            last = {"step": done_step, **finish_metrics(sums, counts, t.method), "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": sums["tokens"] / dt, "pairs_per_s": counts["pairs"] / dt,
-                    "turns_per_s": counts["chosen"] / dt, "epoch": done_step / max(len(steps) / t.epochs, 1)}
+            last = {
+                "step": done_step,
+                **finish_metrics(sums, counts, t.method),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": sums["tokens"] / dt,
+                "pairs_per_s": counts["pairs"] / dt,
+                "turns_per_s": counts["chosen"] / dt,
+                "epoch": done_step / max(len(steps) / t.epochs, 1),
+            }
             if eval_batches and t.eval_every and done_step % t.eval_every == 0:
                 engine.train(False)
                 last.update(evaluate(engine, eval_batches, cfg, eval_refs, world))
@@ -292,8 +336,15 @@ def run_train(cfg: TrainingConfig, resume: bool | str = False, progress: bool = 
         tracker.log({"step": len(steps), **final_eval})
     out = engine.final(run_dir / "final", renderer.tokenizer)
     tracker.close()
-    summary = {"method": t.method, "steps": len(steps), "final": str(out), "engine": engine.kind,
-               "world_size": world.world_size, **{k: v for k, v in last.items()}, **final_eval}
+    summary = {
+        "method": t.method,
+        "steps": len(steps),
+        "final": str(out),
+        "engine": engine.kind,
+        "world_size": world.world_size,
+        **{k: v for k, v in last.items()},
+        **final_eval,
+    }
     if world.main:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     dist.barrier()

@@ -11,6 +11,7 @@ frozen base), attention FLOPs excluded, against the card's dense bf16 peak. The 
 Qwen2.5 one (151,665 ids) for every shape, so the 8B "Llama" has a slightly larger embedding.
 `--shape tiny --allow-cpu` runs the same code on CPU as a smoke test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,12 +38,15 @@ from cso_dist.inputs import make_cfg_renderer, resolve_sset  # noqa: E402
 from cso_dist.train import make_layout, micro_batches  # noqa: E402
 
 SHAPES = {  # Llama-3 shapes (hidden, layers, heads, kv heads, MLP)
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128),
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=8192),
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=14336),
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
+    ),
+    "1b": dict(
+        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192
+    ),
+    "8b": dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336
+    ),
 }
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "GH200": 989e12}
 
@@ -78,8 +82,14 @@ def bench() -> dict:
     tok = qwen_tokenizer("chatml")
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    mcfg = LlamaConfig(**SHAPES[args.shape], vocab_size=len(tok), max_position_embeddings=8192,
-                       tie_word_embeddings=False, bos_token_id=None, eos_token_id=tok.eos_token_id)
+    mcfg = LlamaConfig(
+        **SHAPES[args.shape],
+        vocab_size=len(tok),
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+    )
     t0 = time.time()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(mcfg, dtype=torch.bfloat16)
@@ -90,19 +100,29 @@ def bench() -> dict:
     build_s = time.time() - t0
 
     dialogues, _ = build_dialogues(DataConfig(source="esconv", split="train"))
-    write_dialogues(work / "train.jsonl", dialogues[:args.dialogues])
-    over = {"model.path": work / "model", "model.method": "qlora" if args.mode == "qlora" else "full",
-            "model.precision": "bf16", "train.train_file": work / "train.jsonl", "run.out_dir": work / "run",
-            "pack.max_tokens": args.max_tokens, "data.max_length": min(args.max_tokens, 2048),
-            "train.gradient_checkpointing": "true", "train.lr": 1e-5, "train.warmup_ratio": 0,
-            "dist.engine": "torch" if args.mode == "qlora" else "deepspeed", "dist.deepspeed_config": args.ds}
+    write_dialogues(work / "train.jsonl", dialogues[: args.dialogues])
+    over = {
+        "model.path": work / "model",
+        "model.method": "qlora" if args.mode == "qlora" else "full",
+        "model.precision": "bf16",
+        "train.train_file": work / "train.jsonl",
+        "run.out_dir": work / "run",
+        "pack.max_tokens": args.max_tokens,
+        "data.max_length": min(args.max_tokens, 2048),
+        "train.gradient_checkpointing": "true",
+        "train.lr": 1e-5,
+        "train.warmup_ratio": 0,
+        "dist.engine": "torch" if args.mode == "qlora" else "deepspeed",
+        "dist.deepspeed_config": args.ds,
+    }
     cfg = load_config(None, parse_overrides([f"--{k}={v}" for k, v in over.items()]))
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
-    batches = micro_batches(make_layout(cfg, dialogues[:args.dialogues], renderer, sset, False),
-                            list(range(args.dialogues)))
+    batches = micro_batches(
+        make_layout(cfg, dialogues[: args.dialogues], renderer, sset, False), list(range(args.dialogues))
+    )
     need = args.micro * (args.steps + 1)
     batches = (batches * (need // max(len(batches), 1) + 1))[:need]
-    steps = [batches[i:i + args.micro] for i in range(0, need, args.micro)]
+    steps = [batches[i : i + args.micro] for i in range(0, need, args.micro)]
     ref = {rid.key: (0.0, 1) for b in batches for rid in b.reply_ids}
 
     world = World()
@@ -133,12 +153,20 @@ def bench() -> dict:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = _peak(name) if cuda else None
     return {
-        "device": name, "shape": args.shape, "mode": args.mode, "ds_config": args.ds if args.mode == "zero3" else None,
-        "params": n_params, "micro_batch_tokens": args.max_tokens, "micro_per_step": args.micro,
-        "unique_tokens_per_step": sum(tokens) / len(tokens), "step_s": sum(times) / len(times),
-        "tokens_per_s": tok_s, "mfu": tok_s * flops_per_token / peak if peak else None,
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
-        "model_build_s": build_s, "torch": torch.__version__,
+        "device": name,
+        "shape": args.shape,
+        "mode": args.mode,
+        "ds_config": args.ds if args.mode == "zero3" else None,
+        "params": n_params,
+        "micro_batch_tokens": args.max_tokens,
+        "micro_per_step": args.micro,
+        "unique_tokens_per_step": sum(tokens) / len(tokens),
+        "step_s": sum(times) / len(times),
+        "tokens_per_s": tok_s,
+        "mfu": tok_s * flops_per_token / peak if peak else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "model_build_s": build_s,
+        "torch": torch.__version__,
     }
 
 

@@ -8,6 +8,7 @@ the final loss (the two must agree: same objective, same pairs), plus the machin
 pairs/s and tokens/s are those of the last optimizer step (steady state); tokens count what
 the model processes (per-pair rows include their padding).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,18 +55,32 @@ def bench() -> dict:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-layouts-"))
     dialogues, _ = build_dialogues(DataConfig(source="esconv", split="train"))
-    write_dialogues(work / "train.jsonl", dialogues[:args.dialogues])
+    write_dialogues(work / "train.jsonl", dialogues[: args.dialogues])
     model = work / f"tiny-{args.tokenizer}"
     if not (model / "config.json").is_file():
-        build_tiny_model("qwen2", model, tokenizer=args.tokenizer, hidden_size=args.hidden_size,
-                         bpe_texts=esconv_texts() if args.tokenizer == "bpe" else None)
-    base = {"model.path": str(model), "train.train_file": str(work / "train.jsonl"), "train.method": "dpo",
-            "train.ref_cache": str(work / "refcache"), "data.max_length": args.max_length,
-            "pack.max_tokens": args.max_tokens, "train.epochs": args.epochs, "train.lr": 1e-3, "train.log_every": 1,
-            "train.warmup_ratio": 0.0, "train.schedule": "constant",
-            # one optimizer step per epoch over all pairs: both layouts update on exactly the same pairs,
-            # so their losses must agree at every step (the first is ln 2 for both)
-            "train.grad_accum": 100000}
+        build_tiny_model(
+            "qwen2",
+            model,
+            tokenizer=args.tokenizer,
+            hidden_size=args.hidden_size,
+            bpe_texts=esconv_texts() if args.tokenizer == "bpe" else None,
+        )
+    base = {
+        "model.path": str(model),
+        "train.train_file": str(work / "train.jsonl"),
+        "train.method": "dpo",
+        "train.ref_cache": str(work / "refcache"),
+        "data.max_length": args.max_length,
+        "pack.max_tokens": args.max_tokens,
+        "train.epochs": args.epochs,
+        "train.lr": 1e-3,
+        "train.log_every": 1,
+        "train.warmup_ratio": 0.0,
+        "train.schedule": "constant",
+        # one optimizer step per epoch over all pairs: both layouts update on exactly the same pairs,
+        # so their losses must agree at every step (the first is ln 2 for both)
+        "train.grad_accum": 100000,
+    }
     run_precompute(load_config(None, {**base, "run.out_dir": str(work / "pre")}), progress=False)
     results = {}
     for layout in ("trie", "pair"):
@@ -74,18 +89,33 @@ def bench() -> dict:
         summary = run_train(cfg, progress=False)
         wall = time.perf_counter() - t0
         m = read_metrics(work / layout)[-1]
-        results[layout] = {"pairs_per_s": m["pairs_per_s"], "tokens_per_s": m["tokens_per_s"],
-                           "tokens_per_pair": m["tokens_per_s"] / m["pairs_per_s"], "loss": m["loss"],
-                           "grad_norm": m["grad_norm"], "run_seconds": wall, "steps": summary["steps"]}
+        results[layout] = {
+            "pairs_per_s": m["pairs_per_s"],
+            "tokens_per_s": m["tokens_per_s"],
+            "tokens_per_pair": m["tokens_per_s"] / m["pairs_per_s"],
+            "loss": m["loss"],
+            "grad_norm": m["grad_norm"],
+            "run_seconds": wall,
+            "steps": summary["steps"],
+        }
     out = {
-        "bench": "layouts", "dialogues": args.dialogues, "tokenizer": args.tokenizer, "hidden_size": args.hidden_size,
-        "max_tokens": args.max_tokens, "max_length": args.max_length, **results,
+        "bench": "layouts",
+        "dialogues": args.dialogues,
+        "tokenizer": args.tokenizer,
+        "hidden_size": args.hidden_size,
+        "max_tokens": args.max_tokens,
+        "max_length": args.max_length,
+        **results,
         "speedup_pairs_per_s": results["trie"]["pairs_per_s"] / results["pair"]["pairs_per_s"],
         "token_ratio": results["pair"]["tokens_per_pair"] / results["trie"]["tokens_per_pair"],
         "loss_abs_diff": abs(results["trie"]["loss"] - results["pair"]["loss"]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
     }
     return out
 

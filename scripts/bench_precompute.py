@@ -24,6 +24,7 @@ same run: the overhead with run-to-run noise removed; overhead_cpu is the target
 time instead of wall time. Use those two on a shared, busy machine, with --threads 1 (oversubscribed
 OpenMP threads make every wall timing erratic).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,6 +100,7 @@ class Profiler:
                 return fn(*a, **k)
             finally:
                 self.exit()
+
         return inner
 
 
@@ -149,8 +151,10 @@ def instrumented(prof: Profiler, model_probe_roots: list):
         for (mod, attr), probe in PROBES.items():
             saved.append((mod, attr, getattr(mod, attr)))
             setattr(mod, attr, prof.wrap(probe, getattr(mod, attr)))
-        for attr, proxy in (("hashlib", _Proxy(rc.hashlib, prof, {"sha256": PHASE_HASH})),
-                            ("json", _Proxy(rc.json, prof, {"dumps": PHASE_HASH, "loads": PHASE_BOOK}))):
+        for attr, proxy in (
+            ("hashlib", _Proxy(rc.hashlib, prof, {"sha256": PHASE_HASH})),
+            ("json", _Proxy(rc.json, prof, {"dumps": PHASE_HASH, "loads": PHASE_BOOK})),
+        ):
             saved.append((rc, attr, getattr(rc, attr)))
             setattr(rc, attr, proxy)
         saved.append((TrieBatch, "attention_mask", TrieBatch.attention_mask))
@@ -165,6 +169,7 @@ def instrumented(prof: Profiler, model_probe_roots: list):
                 model_probe_roots.append(mod.register_forward_pre_hook(lambda m, a, p=probe: prof.enter(p)))
                 model_probe_roots.append(mod.register_forward_hook(lambda m, a, o: prof.exit()))
             return ref
+
         rc.load_reference_model = load_and_hook
         yield
     finally:
@@ -182,8 +187,9 @@ def bare_reply_head(model, tbs, masks) -> list[torch.Tensor]:
     out = []
     with torch.no_grad():
         for tb, mask in zip(tbs, masks):
-            hidden = decoder(input_ids=tb.input_ids, position_ids=tb.position_ids, attention_mask=mask,
-                             use_cache=False).last_hidden_state[0]
+            hidden = decoder(
+                input_ids=tb.input_ids, position_ids=tb.position_ids, attention_mask=mask, use_cache=False
+            ).last_hidden_state[0]
             out.append(head(hidden.index_select(0, tb.pred_idx)))
     return out
 
@@ -227,8 +233,12 @@ def bench() -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dialogues", type=int, default=32, help="first N ESConv train dialogues")
     ap.add_argument("--negatives", type=int, default=3, help="non-preferred options per supporter turn")
-    ap.add_argument("--tokenizer", default="bpe", choices=("bpe", "qwen"),
-                    help="bpe: 4k BPE on ESConv (LM head/body cost ratio close to a 7B model); qwen: 151k vocabulary")
+    ap.add_argument(
+        "--tokenizer",
+        default="bpe",
+        choices=("bpe", "qwen"),
+        help="bpe: 4k BPE on ESConv (LM head/body cost ratio close to a 7B model); qwen: 151k vocabulary",
+    )
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--intermediate-size", type=int, default=0, help="MLP width (default 4 x hidden)")
@@ -252,16 +262,29 @@ def bench() -> dict:
     log(f"work folder {work}")
     dialogues, _ = build_dialogues(DataConfig(source="esconv", split="train", negatives=args.negatives))
     data = work / f"train-n{args.dialogues}-k{args.negatives}.jsonl"
-    write_dialogues(data, dialogues[:args.dialogues])
+    write_dialogues(data, dialogues[: args.dialogues])
     model = work / f"tiny-{args.tokenizer}-h{args.hidden_size}-l{args.layers}-i{inter}-a{args.heads}-kv{args.kv_heads}"
     if not (model / "config.json").is_file():
         log(f"building {model.name}")
-        build_tiny_model("qwen2", model, tokenizer=args.tokenizer, hidden_size=args.hidden_size,
-                         num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
-                         intermediate_size=inter, bpe_texts=esconv_texts() if args.tokenizer == "bpe" else None)
-    base = {"model.path": str(model), "model.precision": args.precision, "train.train_file": str(data),
-            "data.max_length": args.max_length, "pack.max_tokens": args.max_tokens,
-            "refcache.dialogues_per_shard": args.dialogues_per_shard}
+        build_tiny_model(
+            "qwen2",
+            model,
+            tokenizer=args.tokenizer,
+            hidden_size=args.hidden_size,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            num_kv_heads=args.kv_heads,
+            intermediate_size=inter,
+            bpe_texts=esconv_texts() if args.tokenizer == "bpe" else None,
+        )
+    base = {
+        "model.path": str(model),
+        "model.precision": args.precision,
+        "train.train_file": str(data),
+        "data.max_length": args.max_length,
+        "pack.max_tokens": args.max_tokens,
+        "refcache.dialogues_per_shard": args.dialogues_per_shard,
+    }
     cfg0 = load_config(None, {**base, "train.ref_cache": str(fresh_cache(work, "cache-check"))})
 
     # the exact micro-batches precompute scores: same layout (kl=True), same shard plan, same packing
@@ -281,8 +304,10 @@ def bench() -> dict:
     kl_tok = sum(s.length for u in laid.all_units() for s in u.spans if s.reply_id.endswith(":kl"))
     no_kl = lay_out(inputs.dialogues, renderer, sset, args.max_tokens, args.max_length, kl=False, progress=False)
     n_tok_no_kl = sum(len(u) for u in no_kl.all_units())
-    log(f"{len(inputs.dialogues)} dialogues -> {len(tbs)} micro-batches, {n_tok:,} tokens "
-        f"({n_pred:,} reply-predicting positions, {n_replies:,} replies); mask {mdt}")
+    log(
+        f"{len(inputs.dialogues)} dialogues -> {len(tbs)} micro-batches, {n_tok:,} tokens "
+        f"({n_pred:,} reply-predicting positions, {n_replies:,} replies); mask {mdt}"
+    )
 
     # warm-up (first calls are slow: allocator, kernels), plus a check that (a) computes what precompute stores
     with ctx():
@@ -318,9 +343,13 @@ def bench() -> dict:
         assert sum(s["tokens"] for s in sides) == n_tok, "precompute scored other tokens than the bare baseline"
         t_score.append(sum(s["seconds"] for s in sides))
         profs.append(prof)
-        log(f"rep {r + 1}/{args.repeats}: bare (a) {t_a[-1]:.2f}s" + (f", bare (b) {t_b[-1]:.2f}s" if t_b else "")
+        log(
+            f"rep {r + 1}/{args.repeats}: bare (a) {t_a[-1]:.2f}s"
+            + (f", bare (b) {t_b[-1]:.2f}s" if t_b else "")
             + f", precompute {t_pre[-1]:.2f}s (scoring {t_score[-1]:.2f}s); CPU s: {c_a[-1]:.2f}"
-            + (f", {c_b[-1]:.2f}" if c_b else "") + f", {c_pre[-1]:.2f}")
+            + (f", {c_b[-1]:.2f}" if c_b else "")
+            + f", {c_pre[-1]:.2f}"
+        )
 
     # breakdown: the profile of the median precompute run
     mid = sorted(range(len(t_pre)), key=lambda i: t_pre[i])[len(t_pre) // 2]
@@ -329,28 +358,53 @@ def bench() -> dict:
     for name, s in prof.excl.items():
         phases[name] = phases.get(name, 0.0) + s
     phases["other (run_precompute glue, not probed)"] = total - sum(prof.excl.values())
-    breakdown = {k: {"seconds": round(v, 4), "percent_of_precompute": round(100 * v / total, 2)}
-                 for k, v in sorted(phases.items(), key=lambda kv: -kv[1])}
+    breakdown = {
+        k: {"seconds": round(v, 4), "percent_of_precompute": round(100 * v / total, 2)}
+        for k, v in sorted(phases.items(), key=lambda kv: -kv[1])
+    }
     a, pre = med(t_a), med(t_pre)
     fwd = phases.get("forward: decoder body", 0.0) + phases.get("forward: LM head (reply positions)", 0.0)
     out = {
         "bench": "precompute",
-        "dialogues": len(inputs.dialogues), "negatives": args.negatives, "tokenizer": args.tokenizer,
+        "dialogues": len(inputs.dialogues),
+        "negatives": args.negatives,
+        "tokenizer": args.tokenizer,
         "vocab": len(renderer.tokenizer),
-        "model": {"arch": "qwen2", "hidden_size": args.hidden_size, "layers": args.layers, "intermediate_size": inter,
-                  "heads": args.heads, "kv_heads": args.kv_heads, "precision": args.precision,
-                  "params": sum(p.numel() for p in ref_model.parameters()),
-                  "attn_implementation": pack_logps._decoder_and_head(ref_model)[3]},
-        "max_tokens": args.max_tokens, "max_length": args.max_length, "repeats": args.repeats,
-        "micro_batches": len(tbs), "tokens": n_tok, "reply_predicting_positions": n_pred, "replies": n_replies,
-        "kl_branch_tokens_frac": round(kl_tok / n_tok, 4), "tokens_without_kl_branches": n_tok_no_kl,
+        "model": {
+            "arch": "qwen2",
+            "hidden_size": args.hidden_size,
+            "layers": args.layers,
+            "intermediate_size": inter,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "precision": args.precision,
+            "params": sum(p.numel() for p in ref_model.parameters()),
+            "attn_implementation": pack_logps._decoder_and_head(ref_model)[3],
+        },
+        "max_tokens": args.max_tokens,
+        "max_length": args.max_length,
+        "repeats": args.repeats,
+        "micro_batches": len(tbs),
+        "tokens": n_tok,
+        "reply_predicting_positions": n_pred,
+        "replies": n_replies,
+        "kl_branch_tokens_frac": round(kl_tok / n_tok, 4),
+        "tokens_without_kl_branches": n_tok_no_kl,
         "check_max_abs_logp_diff_vs_cache": diff,
         "bare_reply_head": {"seconds": a, "tokens_per_s": n_tok / a, "all_seconds": t_a, "cpu_seconds": c_a},
-        "bare_full_logits": ({"seconds": med(t_b), "tokens_per_s": n_tok / med(t_b), "all_seconds": t_b,
-                              "cpu_seconds": c_b} if t_b else None),
-        "precompute": {"seconds": pre, "tokens_per_s": n_tok / pre, "all_seconds": t_pre, "cpu_seconds": c_pre,
-                       "scoring_seconds_reported": med(t_score),
-                       "scoring_tokens_per_s_reported": n_tok / med(t_score)},
+        "bare_full_logits": (
+            {"seconds": med(t_b), "tokens_per_s": n_tok / med(t_b), "all_seconds": t_b, "cpu_seconds": c_b}
+            if t_b
+            else None
+        ),
+        "precompute": {
+            "seconds": pre,
+            "tokens_per_s": n_tok / pre,
+            "all_seconds": t_pre,
+            "cpu_seconds": c_pre,
+            "scoring_seconds_reported": med(t_score),
+            "scoring_tokens_per_s_reported": n_tok / med(t_score),
+        },
         "overhead": pre / a - 1,  # the target figure: end-to-end precompute vs bare (a); target <= 0.05
         "overhead_min_times": min(t_pre) / min(t_a) - 1,
         "overhead_paired_median": med([p / q - 1 for p, q in zip(t_pre, t_a)]),  # per repetition, then median
@@ -364,13 +418,19 @@ def bench() -> dict:
         "target_met": pre / a - 1 <= 0.05,
         "breakdown": breakdown,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "loadavg_1m": os.getloadavg()[0]},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "loadavg_1m": os.getloadavg()[0],
+        },
     }
-    log(f"precompute {n_tok / pre:,.0f} tok/s vs bare (a) {n_tok / a:,.0f} tok/s: overhead {100 * (pre / a - 1):+.1f}% "
+    log(
+        f"precompute {n_tok / pre:,.0f} tok/s vs bare (a) {n_tok / a:,.0f} tok/s: overhead {100 * (pre / a - 1):+.1f}% "
         f"(CPU time: {100 * (med(c_pre) / med(c_a) - 1):+.1f}%; "
-        f"accounted: {100 * (total - fwd) / fwd:+.1f}% outside the forward)")
+        f"accounted: {100 * (total - fwd) / fwd:+.1f}% outside the forward)"
+    )
     for k, v in breakdown.items():
         log(f"  {v['seconds']:8.3f}s {v['percent_of_precompute']:6.2f}%  {k}")
     return out

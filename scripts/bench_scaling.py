@@ -21,6 +21,7 @@ first (in this process, not the point's); pairs/s and tokens/pair are those of t
 (this script with --point), so its peak RSS (VmHWM: the process's own high-water mark,
 measured after torch and the package are imported and then at the end) is its own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,11 +68,20 @@ def run_point(spec: dict) -> dict:
     summary = run_train(cfg, progress=False)
     wall = time.perf_counter() - t0
     m = read_metrics(Path(spec["overrides"]["run.out_dir"]))[-1]
-    return {"pairs_per_s": m["pairs_per_s"], "tokens_per_s": m["tokens_per_s"],
-            "tokens_per_pair": m["tokens_per_s"] / m["pairs_per_s"], "step_seconds": spec["pairs"] / m["pairs_per_s"],
-            "loss": m["loss"], "grad_norm": m["grad_norm"], "steps": summary["steps"], "run_seconds": wall,
-            "rss_start_mb": rss_start, "peak_rss_mb": proc_mb("VmHWM"),
-            "peak_rss_delta_mb": proc_mb("VmHWM") - rss_start, "threads": torch.get_num_threads()}
+    return {
+        "pairs_per_s": m["pairs_per_s"],
+        "tokens_per_s": m["tokens_per_s"],
+        "tokens_per_pair": m["tokens_per_s"] / m["pairs_per_s"],
+        "step_seconds": spec["pairs"] / m["pairs_per_s"],
+        "loss": m["loss"],
+        "grad_norm": m["grad_norm"],
+        "steps": summary["steps"],
+        "run_seconds": wall,
+        "rss_start_mb": rss_start,
+        "peak_rss_mb": proc_mb("VmHWM"),
+        "peak_rss_delta_mb": proc_mb("VmHWM") - rss_start,
+        "threads": torch.get_num_threads(),
+    }
 
 
 # ---------------------------------------------------------------- the grid (parent process)
@@ -80,7 +90,7 @@ def cut(d, turns):
     if turns == "all":
         return d
     idx = d.turn_indices()
-    return d if len(idx) <= turns else replace(d, messages=d.messages[:idx[turns - 1] + 1])
+    return d if len(idx) <= turns else replace(d, messages=d.messages[: idx[turns - 1] + 1])
 
 
 def parse_turns(s: str) -> list:
@@ -112,15 +122,21 @@ def bench(args) -> dict:
     model = work / f"tiny-{args.tokenizer}-h{args.hidden_size}-l{args.layers}"
     if not (model / "config.json").is_file():
         log(f"building {model.name}")
-        build_tiny_model("qwen2", model, tokenizer=args.tokenizer, hidden_size=args.hidden_size,
-                         num_layers=args.layers, bpe_texts=esconv_texts() if args.tokenizer == "bpe" else None)
+        build_tiny_model(
+            "qwen2",
+            model,
+            tokenizer=args.tokenizer,
+            hidden_size=args.hidden_size,
+            num_layers=args.layers,
+            bpe_texts=esconv_texts() if args.tokenizer == "bpe" else None,
+        )
     need = max([t for t in turns if t != "all"], default=1)
     ids = None
     rows, t_all = [], time.perf_counter()
     for k in negs:
         dialogues, _ = build_dialogues(DataConfig(source="esconv", split="train", negatives=k))
         if ids is None:  # the preferred paths do not depend on K: pick the same dialogues for every K
-            ids = [d.id for d in dialogues if len(d.turn_indices()) >= need][:args.dialogues]
+            ids = [d.id for d in dialogues if len(d.turn_indices()) >= need][: args.dialogues]
             if len(ids) < args.dialogues:
                 log(f"only {len(ids)} dialogues have >= {need} target turns")
         by_id = {d.id: d for d in dialogues}
@@ -130,28 +146,51 @@ def bench(args) -> dict:
             write_dialogues(data, chosen)
             n_pairs = sum(len(d.messages[i].rejected) for d in chosen for i in d.turn_indices())
             n_turns = sum(len(d.turn_indices()) for d in chosen)
-            base = {"model.path": str(model), "train.train_file": str(data), "train.method": "dpo",
-                    "train.ref_cache": str(work / "cache" / f"k{k}-t{t}"), "data.max_length": args.max_length,
-                    "pack.max_tokens": args.max_tokens, "train.epochs": args.epochs, "train.lr": 1e-3,
-                    "train.log_every": 1, "train.warmup_ratio": 0.0, "train.schedule": "constant",
-                    # one optimizer step per epoch over all pairs: both layouts update on the same pairs,
-                    # so their losses must agree at every step
-                    "train.grad_accum": 100000}
+            base = {
+                "model.path": str(model),
+                "train.train_file": str(data),
+                "train.method": "dpo",
+                "train.ref_cache": str(work / "cache" / f"k{k}-t{t}"),
+                "data.max_length": args.max_length,
+                "pack.max_tokens": args.max_tokens,
+                "train.epochs": args.epochs,
+                "train.lr": 1e-3,
+                "train.log_every": 1,
+                "train.warmup_ratio": 0.0,
+                "train.schedule": "constant",
+                # one optimizer step per epoch over all pairs: both layouts update on the same pairs,
+                # so their losses must agree at every step
+                "train.grad_accum": 100000,
+            }
             with contextlib.redirect_stdout(sys.stderr):
                 run_precompute(load_config(None, {**base, "run.out_dir": str(work / "pre")}), progress=False)
             for layout in layouts:
                 out_dir = work / "runs" / f"{layout}-k{k}-t{t}"
-                spec = {"overrides": {**base, "pack.layout": layout, "run.out_dir": str(out_dir)}, "pairs": n_pairs,
-                        "threads": args.threads}
-                row = {"layout": layout, "negatives": k, "turns": t, "dialogues": len(chosen),
-                       "target_turns": n_turns, "pairs": n_pairs}
+                spec = {
+                    "overrides": {**base, "pack.layout": layout, "run.out_dir": str(out_dir)},
+                    "pairs": n_pairs,
+                    "threads": args.threads,
+                }
+                row = {
+                    "layout": layout,
+                    "negatives": k,
+                    "turns": t,
+                    "dialogues": len(chosen),
+                    "target_turns": n_turns,
+                    "pairs": n_pairs,
+                }
                 logf = work / "logs" / f"{layout}-k{k}-t{t}.log"
                 logf.parent.mkdir(parents=True, exist_ok=True)
                 t0 = time.perf_counter()
                 try:
                     with open(logf, "w") as err:
-                        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--point", json.dumps(spec)],
-                                           stdout=subprocess.PIPE, stderr=err, text=True, timeout=args.point_timeout)
+                        p = subprocess.run(
+                            [sys.executable, str(Path(__file__).resolve()), "--point", json.dumps(spec)],
+                            stdout=subprocess.PIPE,
+                            stderr=err,
+                            text=True,
+                            timeout=args.point_timeout,
+                        )
                     if p.returncode == 0:
                         row.update(json.loads(p.stdout))
                     else:
@@ -161,10 +200,16 @@ def bench(args) -> dict:
                     row["error"] = f"timed out after {args.point_timeout}s"
                 row["point_seconds"] = time.perf_counter() - t0
                 rows.append(row)
-                log(f"{layout:4s} K={k} T={t}: {n_pairs} pairs, " + (
-                    f"{row['pairs_per_s']:.1f} pairs/s, {row['tokens_per_pair']:.0f} tok/pair, "
-                    f"peak RSS {row['peak_rss_mb']:.0f} MB, loss {row['loss']:.6f}" if "error" not in row
-                    else row["error"]) + f" ({row['point_seconds']:.0f}s)")
+                log(
+                    f"{layout:4s} K={k} T={t}: {n_pairs} pairs, "
+                    + (
+                        f"{row['pairs_per_s']:.1f} pairs/s, {row['tokens_per_pair']:.0f} tok/pair, "
+                        f"peak RSS {row['peak_rss_mb']:.0f} MB, loss {row['loss']:.6f}"
+                        if "error" not in row
+                        else row["error"]
+                    )
+                    + f" ({row['point_seconds']:.0f}s)"
+                )
 
     compare = []
     for k in negs:
@@ -172,31 +217,49 @@ def bench(args) -> dict:
             pt = {r["layout"]: r for r in rows if r["negatives"] == k and r["turns"] == t and "error" not in r}
             if "trie" in pt and "pair" in pt:
                 a, b = pt["trie"], pt["pair"]
-                compare.append({"negatives": k, "turns": t, "pairs": a["pairs"],
-                                "speedup_pairs_per_s": a["pairs_per_s"] / b["pairs_per_s"],
-                                "token_ratio": b["tokens_per_pair"] / a["tokens_per_pair"],
-                                "peak_rss_mb": {"trie": a["peak_rss_mb"], "pair": b["peak_rss_mb"]},
-                                "peak_rss_delta_ratio": b["peak_rss_delta_mb"] / max(a["peak_rss_delta_mb"], 1e-9),
-                                "loss_abs_diff": abs(a["loss"] - b["loss"])})
+                compare.append(
+                    {
+                        "negatives": k,
+                        "turns": t,
+                        "pairs": a["pairs"],
+                        "speedup_pairs_per_s": a["pairs_per_s"] / b["pairs_per_s"],
+                        "token_ratio": b["tokens_per_pair"] / a["tokens_per_pair"],
+                        "peak_rss_mb": {"trie": a["peak_rss_mb"], "pair": b["peak_rss_mb"]},
+                        "peak_rss_delta_ratio": b["peak_rss_delta_mb"] / max(a["peak_rss_delta_mb"], 1e-9),
+                        "loss_abs_diff": abs(a["loss"] - b["loss"]),
+                    }
+                )
     table(rows, compare)
     return {
-        "bench": "scaling", "tokenizer": args.tokenizer, "hidden_size": args.hidden_size, "layers": args.layers,
-        "max_tokens": args.max_tokens, "max_length": args.max_length, "epochs": args.epochs,
+        "bench": "scaling",
+        "tokenizer": args.tokenizer,
+        "hidden_size": args.hidden_size,
+        "layers": args.layers,
+        "max_tokens": args.max_tokens,
+        "max_length": args.max_length,
+        "epochs": args.epochs,
         "dialogues": len(ids),
         "length_control": "same dialogues (>= max T target turns) cut after the T-th target turn",
-        "points": rows, "compare": compare,
+        "points": rows,
+        "compare": compare,
         "max_loss_abs_diff": max((c["loss_abs_diff"] for c in compare), default=None),
         "total_seconds": time.perf_counter() - t_all,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "point_threads": args.threads or torch.get_num_threads(),
-                    "loadavg_1m": os.getloadavg()[0]},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "point_threads": args.threads or torch.get_num_threads(),
+            "loadavg_1m": os.getloadavg()[0],
+        },
     }
 
 
 def table(rows: list[dict], compare: list[dict]) -> None:
     by = {(r["layout"], r["negatives"], r["turns"]): r for r in rows}
-    head = (f"{'K':>2} {'T':>4} {'pairs':>6} | {'trie p/s':>9} {'pair p/s':>9} {'speedup':>7} | "
-            f"{'trie tok/p':>10} {'pair tok/p':>10} | {'trie RSS':>8} {'pair RSS':>8} | {'|dloss|':>8}")
+    head = (
+        f"{'K':>2} {'T':>4} {'pairs':>6} | {'trie p/s':>9} {'pair p/s':>9} {'speedup':>7} | "
+        f"{'trie tok/p':>10} {'pair tok/p':>10} | {'trie RSS':>8} {'pair RSS':>8} | {'|dloss|':>8}"
+    )
     lines = [head, "-" * len(head)]
     cmp = {(c["negatives"], c["turns"]): c for c in compare}
     for (layout, k, t), r in by.items():
@@ -204,11 +267,13 @@ def table(rows: list[dict], compare: list[dict]) -> None:
             continue
         a, b, c = by.get(("trie", k, t), {}), by.get(("pair", k, t), {}), cmp.get((k, t), {})
         f = lambda d, key, fmt: format(d[key], fmt) if key in d else "-"  # noqa: E731
-        lines.append(f"{k:>2} {str(t):>4} {r['pairs']:>6} | "
-                     f"{f(a, 'pairs_per_s', '9.1f')} {f(b, 'pairs_per_s', '9.1f')} "
-                     f"{f(c, 'speedup_pairs_per_s', '6.2f') + 'x' if c else '      -':>7} | "
-                     f"{f(a, 'tokens_per_pair', '10.0f')} {f(b, 'tokens_per_pair', '10.0f')} | "
-                     f"{f(a, 'peak_rss_mb', '8.0f')} {f(b, 'peak_rss_mb', '8.0f')} | {f(c, 'loss_abs_diff', '8.1e')}")
+        lines.append(
+            f"{k:>2} {str(t):>4} {r['pairs']:>6} | "
+            f"{f(a, 'pairs_per_s', '9.1f')} {f(b, 'pairs_per_s', '9.1f')} "
+            f"{f(c, 'speedup_pairs_per_s', '6.2f') + 'x' if c else '      -':>7} | "
+            f"{f(a, 'tokens_per_pair', '10.0f')} {f(b, 'tokens_per_pair', '10.0f')} | "
+            f"{f(a, 'peak_rss_mb', '8.0f')} {f(b, 'peak_rss_mb', '8.0f')} | {f(c, 'loss_abs_diff', '8.1e')}"
+        )
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 

@@ -63,6 +63,7 @@ Reported per variant (definitions):
 Top level: speedups of each cso variant over each TRL variant, memory ratios, loss differences, the
 targets (>= 10x TRL's pairs/s, >= 3x lower peak memory per pair processed), machine and command.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,23 +107,34 @@ def mem_status() -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dialogues", type=int, default=1, help="first N ESConv train dialogues (K=3 negatives per turn)")
-    ap.add_argument("--turns", type=int, default=6,
-                    help="cut each dialogue after its N-th target supporter turn (0 = whole dialogues); "
-                         "shorter histories favour the per-pair layouts (TRL), so the cut is conservative")
+    ap.add_argument(
+        "--turns",
+        type=int,
+        default=6,
+        help="cut each dialogue after its N-th target supporter turn (0 = whole dialogues); "
+        "shorter histories favour the per-pair layouts (TRL), so the cut is conservative",
+    )
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps, one per epoch over all pairs")
     ap.add_argument("--hidden-size", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=1024, help="tokens per turn example (our truncation)")
     ap.add_argument("--max-tokens", type=int, default=4096, help="cso: tokens per micro-batch (trie layout)")
-    ap.add_argument("--pair-max-tokens", type=int, default=0,
-                    help="cso_pair: tokens per micro-batch (0 = --max-tokens)")
-    ap.add_argument("--trl-batch", type=int, default=0,
-                    help="TRL pairs per micro-batch, lowered to the largest divisor of the pair count (0 = auto: "
-                         "the most pairs whose 2 rows each fit --max-tokens together, like our micro-batches)")
+    ap.add_argument(
+        "--pair-max-tokens", type=int, default=0, help="cso_pair: tokens per micro-batch (0 = --max-tokens)"
+    )
+    ap.add_argument(
+        "--trl-batch",
+        type=int,
+        default=0,
+        help="TRL pairs per micro-batch, lowered to the largest divisor of the pair count (0 = auto: "
+        "the most pairs whose 2 rows each fit --max-tokens together, like our micro-batches)",
+    )
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--variants", default=",".join(ALL_VARIANTS[1:]),
-                    help=f"comma list of {', '.join(ALL_VARIANTS[1:])} "
-                         "(cso_precompute runs whenever a cso variant does)")
+    ap.add_argument(
+        "--variants",
+        default=",".join(ALL_VARIANTS[1:]),
+        help=f"comma list of {', '.join(ALL_VARIANTS[1:])} (cso_precompute runs whenever a cso variant does)",
+    )
     ap.add_argument("--work", default="", help="working folder (default: a temporary one)")
     ap.add_argument("--variant", default="", choices=("",) + ALL_VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--trl-batch-used", type=int, default=0, help=argparse.SUPPRESS)
@@ -137,15 +149,31 @@ def cso_config(args, work: Path, layout: str = "trie", out: str = "pre"):
     from cso_dist.config import load_config
 
     max_tokens = (args.pair_max_tokens or args.max_tokens) if layout == "pair" else args.max_tokens
-    return load_config(None, {
-        "model.path": str(model_dir(work, args.hidden_size)), "model.precision": "fp32",
-        "train.train_file": str(work / "train.jsonl"), "train.method": "dpo", "train.beta": args.beta,
-        "train.ref_cache": str(work / "refcache"), "data.max_length": args.max_length,
-        "pack.max_tokens": max_tokens, "pack.layout": layout, "train.epochs": args.steps, "train.lr": args.lr,
-        "train.log_every": 1, "train.warmup_ratio": 0.0, "train.schedule": "constant", "train.weight_decay": 0.0,
-        "train.max_grad_norm": 1.0, "train.gradient_checkpointing": False,
-        # one optimizer step per epoch over all pairs, as TRL below: the same pairs in every update
-        "train.grad_accum": 10 ** 6, "run.out_dir": str(work / out)})
+    return load_config(
+        None,
+        {
+            "model.path": str(model_dir(work, args.hidden_size)),
+            "model.precision": "fp32",
+            "train.train_file": str(work / "train.jsonl"),
+            "train.method": "dpo",
+            "train.beta": args.beta,
+            "train.ref_cache": str(work / "refcache"),
+            "data.max_length": args.max_length,
+            "pack.max_tokens": max_tokens,
+            "pack.layout": layout,
+            "train.epochs": args.steps,
+            "train.lr": args.lr,
+            "train.log_every": 1,
+            "train.warmup_ratio": 0.0,
+            "train.schedule": "constant",
+            "train.weight_decay": 0.0,
+            "train.max_grad_norm": 1.0,
+            "train.gradient_checkpointing": False,
+            # one optimizer step per epoch over all pairs, as TRL below: the same pairs in every update
+            "train.grad_accum": 10**6,
+            "run.out_dir": str(work / out),
+        },
+    )
 
 
 def pair_table(cfg) -> list[dict]:
@@ -161,13 +189,19 @@ def pair_table(cfg) -> list[dict]:
         for ex in turn_examples(d, renderer, sset, cfg.data.max_length):
             m = d.messages[ex.turn]
             # truncation keeps messages[dropped_messages:turn] after the system prompt
-            prompt = to_chat(d.messages[ex.dropped_messages:ex.turn], dialogue_system_prompt(d, sset))
+            prompt = to_chat(d.messages[ex.dropped_messages : ex.turn], dialogue_system_prompt(d, sset))
             chosen = [{"role": "assistant", "content": format_reply(m.strategy, m.text)}]
             for k, (o, ids) in enumerate(zip(m.rejected, ex.rejected)):
-                rows.append({"id": ReplyId(d.id, ex.turn, f"r{k}"), "chosen_id": ReplyId(d.id, ex.turn, "c"),
-                             "prompt": prompt, "chosen": chosen,
-                             "rejected": [{"role": "assistant", "content": format_reply(o.strategy, o.text)}],
-                             "ids": (ex.history, ex.chosen, ids)})
+                rows.append(
+                    {
+                        "id": ReplyId(d.id, ex.turn, f"r{k}"),
+                        "chosen_id": ReplyId(d.id, ex.turn, "c"),
+                        "prompt": prompt,
+                        "chosen": chosen,
+                        "rejected": [{"role": "assistant", "content": format_reply(o.strategy, o.text)}],
+                        "ids": (ex.history, ex.chosen, ids),
+                    }
+                )
     return rows
 
 
@@ -178,10 +212,13 @@ def prepare(args, work: Path) -> None:
     from cso_dist.models import build_tiny_model
 
     dialogues, _ = build_dialogues(DataConfig(source="esconv", split="train"))
-    dialogues = dialogues[:args.dialogues]
+    dialogues = dialogues[: args.dialogues]
     if args.turns:  # a shorter dialogue: it ends with its N-th target turn
-        dialogues = [replace(d, messages=d.messages[:d.turn_indices()[:args.turns][-1] + 1])
-                     for d in dialogues if d.turn_indices()]
+        dialogues = [
+            replace(d, messages=d.messages[: d.turn_indices()[: args.turns][-1] + 1])
+            for d in dialogues
+            if d.turn_indices()
+        ]
     write_dialogues(work / "train.jsonl", dialogues)  # same content -> same reference cache key
     if not (model_dir(work, args.hidden_size) / "config.json").is_file():
         build_tiny_model("qwen2", model_dir(work, args.hidden_size), tokenizer="qwen", hidden_size=args.hidden_size)
@@ -199,8 +236,13 @@ def run_cso_precompute(args, work: Path, base: dict) -> dict:
     if rep.skipped or not rep.complete:
         raise SystemExit(f"bench_vs_trl: the reference cache {rep.cache_dir} was not computed afresh")
     # the tokens it scored (every reply once, trie layout; it also scores KTO's mismatched completions)
-    return {"precompute_s": wall, "precompute_scoring_s": rep.seconds, "ref_tokens": rep.tokens,
-            "peak_rss_mb": mem_status()["hwm_mb"], "base_rss_mb": base["rss_mb"]}
+    return {
+        "precompute_s": wall,
+        "precompute_scoring_s": rep.seconds,
+        "ref_tokens": rep.tokens,
+        "peak_rss_mb": mem_status()["hwm_mb"],
+        "base_rss_mb": base["rss_mb"],
+    }
 
 
 def run_cso(args, work: Path, layout: str, base: dict) -> dict:
@@ -226,13 +268,26 @@ def run_cso(args, work: Path, layout: str, base: dict) -> dict:
     head = sum(int(b.data.reply_tokens.sum()) if layout == "trie" else b.n_tokens for b in plan[-1])
     step_s = [pairs / m["pairs_per_s"] for m in ms]  # the logged rate is pairs / step wall time
     last = ms[-1]
-    return {"layout": layout, "steps": summary["steps"], "pairs_per_step": pairs,
-            "micro_batches_per_step": micro[-1], "pairs_per_forward": pairs / micro[-1],
-            "pairs_per_s": last["pairs_per_s"], "pairs_per_s_train": pairs * len(ms) / sum(step_s),
-            "tokens_per_pair": last["tokens_per_s"] / last["pairs_per_s"], "lm_head_positions_per_pair": head / pairs,
-            "step_s": step_s, "train_s": wall, "loss_first": ms[0]["loss"], "loss": last["loss"],
-            "losses": [m["loss"] for m in ms], "grad_norm": last["grad_norm"],
-            "peak_rss_mb": peak, "base_rss_mb": base["rss_mb"], "threads": torch.get_num_threads()}
+    return {
+        "layout": layout,
+        "steps": summary["steps"],
+        "pairs_per_step": pairs,
+        "micro_batches_per_step": micro[-1],
+        "pairs_per_forward": pairs / micro[-1],
+        "pairs_per_s": last["pairs_per_s"],
+        "pairs_per_s_train": pairs * len(ms) / sum(step_s),
+        "tokens_per_pair": last["tokens_per_s"] / last["pairs_per_s"],
+        "lm_head_positions_per_pair": head / pairs,
+        "step_s": step_s,
+        "train_s": wall,
+        "loss_first": ms[0]["loss"],
+        "loss": last["loss"],
+        "losses": [m["loss"] for m in ms],
+        "grad_norm": last["grad_norm"],
+        "peak_rss_mb": peak,
+        "base_rss_mb": base["rss_mb"],
+        "threads": torch.get_num_threads(),
+    }
 
 
 def run_trl(args, work: Path, precompute: bool, base: dict) -> dict:
@@ -254,8 +309,17 @@ def run_trl(args, work: Path, precompute: bool, base: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
     load_s = time.perf_counter() - t_load
     ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in table])
-    acct = {"policy_tokens": 0, "policy_real_tokens": 0, "policy_forwards": 0, "ref_tokens": 0,
-            "precompute_tokens": 0, "precompute_s": 0.0, "tokenise_s": 0.0, "step_s": [], "head_positions": 0}
+    acct = {
+        "policy_tokens": 0,
+        "policy_real_tokens": 0,
+        "policy_forwards": 0,
+        "ref_tokens": 0,
+        "precompute_tokens": 0,
+        "precompute_s": 0.0,
+        "tokenise_s": 0.0,
+        "step_s": [],
+        "head_positions": 0,
+    }
     try:  # TRL's fused LM head scores only completion positions where Triton runs (CUDA/XPU), else all
         from trl.kernels.chunked_logprob import _use_triton
     except ImportError:
@@ -302,17 +366,43 @@ def run_trl(args, work: Path, precompute: bool, base: dict) -> dict:
             self.t0 = time.perf_counter()
 
     targs = DPOConfig(
-        output_dir=str(work / f"trl-{'pre' if precompute else 'ref'}"), per_device_train_batch_size=b,
-        gradient_accumulation_steps=n_pairs // b, num_train_epochs=args.steps, max_steps=-1,
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch", max_grad_norm=1.0,
-        beta=args.beta, loss_type=["sigmoid"], max_length=args.max_length, truncation_mode="keep_start",
-        precompute_ref_log_probs=precompute, precompute_ref_batch_size=b, gradient_checkpointing=False,
-        bf16=False, fp16=False, use_cpu=True, disable_dropout=True, logging_steps=1, report_to="none",
-        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, dataloader_drop_last=False, seed=0)
+        output_dir=str(work / f"trl-{'pre' if precompute else 'ref'}"),
+        per_device_train_batch_size=b,
+        gradient_accumulation_steps=n_pairs // b,
+        num_train_epochs=args.steps,
+        max_steps=-1,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        beta=args.beta,
+        loss_type=["sigmoid"],
+        max_length=args.max_length,
+        truncation_mode="keep_start",
+        precompute_ref_log_probs=precompute,
+        precompute_ref_batch_size=b,
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        disable_dropout=True,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_drop_last=False,
+        seed=0,
+    )
     t0 = time.perf_counter()
-    trainer = Trainer(model=model, ref_model=None, args=targs, train_dataset=ds, processing_class=tok,
-                      callbacks=[StepTimer()])
+    trainer = Trainer(
+        model=model, ref_model=None, args=targs, train_dataset=ds, processing_class=tok, callbacks=[StepTimer()]
+    )
     init_s = time.perf_counter() - t0
     pre_train = mem_status()
 
@@ -327,8 +417,10 @@ def run_trl(args, work: Path, precompute: bool, base: dict) -> dict:
         elif len(ours[0]) + max(len(ours[1]), len(ours[2])) > args.max_length:
             bad.append(r["id"] + " (longer than max_length: TRL would truncate it)")
     if len(got) != n_pairs or bad:
-        raise SystemExit(f"bench_vs_trl: TRL's tokenisation differs from ours on {len(bad)} of {n_pairs} pairs "
-                         f"(TRL kept {len(got)}), first: {bad[:3]}")
+        raise SystemExit(
+            f"bench_vs_trl: TRL's tokenisation differs from ours on {len(bad)} of {n_pairs} pairs "
+            f"(TRL kept {len(got)}), first: {bad[:3]}"
+        )
     ref_check = None
     if precompute:  # TRL's precomputed reference log-probs against our cache (same reference, other layout)
         from cso_dist.refcache import load_reference
@@ -354,23 +446,39 @@ def run_trl(args, work: Path, precompute: bool, base: dict) -> dict:
     assert steps == args.steps == len(losses), (steps, args.steps, losses)
     step_s = acct["step_s"]
     return {
-        "trl": trl.__version__, "steps": steps, "pairs_per_step": n_pairs, "batch_pairs": b,
-        "grad_accum": n_pairs // b, "pairs_per_forward": b, "rows_per_forward": 2 * b,
-        "pairs_per_s": n_pairs / step_s[-1], "pairs_per_s_train": n_pairs * steps / sum(step_s),
+        "trl": trl.__version__,
+        "steps": steps,
+        "pairs_per_step": n_pairs,
+        "batch_pairs": b,
+        "grad_accum": n_pairs // b,
+        "pairs_per_forward": b,
+        "rows_per_forward": 2 * b,
+        "pairs_per_s": n_pairs / step_s[-1],
+        "pairs_per_s_train": n_pairs * steps / sum(step_s),
         "pairs_per_s_with_precompute": n_pairs * steps / (sum(step_s) + acct["precompute_s"]),
         "tokens_per_pair": acct["policy_tokens"] / (n_pairs * steps),
         "real_tokens_per_pair": acct["policy_real_tokens"] / (n_pairs * steps),
         "lm_head_positions_per_pair": acct["head_positions"] / (n_pairs * steps),
         "ref_tokens_per_pair": (acct["precompute_tokens"] if precompute else acct["ref_tokens"] / steps) / n_pairs,
         "ref_tokens_when": "once, before training" if precompute else "every step",
-        "step_s": step_s, "train_s": train_s, "init_s": init_s, "model_load_s": load_s,
-        "tokenise_s": acct["tokenise_s"], "precompute_s": acct["precompute_s"],
+        "step_s": step_s,
+        "train_s": train_s,
+        "init_s": init_s,
+        "model_load_s": load_s,
+        "tokenise_s": acct["tokenise_s"],
+        "precompute_s": acct["precompute_s"],
         "init_other_s": init_s - acct["tokenise_s"] - acct["precompute_s"],
-        "loss_first": losses[0], "loss": losses[-1], "losses": losses,
+        "loss_first": losses[0],
+        "loss": losses[-1],
+        "losses": losses,
         "grad_norm": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h][-1],
-        "ids_identical_pairs": n_pairs, "ref_logps_vs_cso_cache": ref_check,
-        "peak_rss_mb": peak, "base_rss_mb": base["rss_mb"], "pre_train_rss_mb": pre_train["rss_mb"],
-        "threads": torch.get_num_threads()}
+        "ids_identical_pairs": n_pairs,
+        "ref_logps_vs_cso_cache": ref_check,
+        "peak_rss_mb": peak,
+        "base_rss_mb": base["rss_mb"],
+        "pre_train_rss_mb": pre_train["rss_mb"],
+        "threads": torch.get_num_threads(),
+    }
 
 
 def child(args) -> None:
@@ -379,6 +487,7 @@ def child(args) -> None:
         import transformers  # noqa: F401
 
         import cso_dist.train  # noqa: F401
+
         if args.variant in TRL_VARIANTS:
             import datasets  # noqa: F401
             import trl  # noqa: F401
@@ -397,22 +506,53 @@ def child(args) -> None:
 
 # ---------------------------------------------------------------- orchestration
 def run_child(args, variant: str, work: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--work", str(work),
-           "--dialogues", str(args.dialogues), "--turns", str(args.turns), "--steps", str(args.steps),
-           "--hidden-size", str(args.hidden_size),
-           "--max-length", str(args.max_length), "--max-tokens", str(args.max_tokens),
-           "--pair-max-tokens", str(args.pair_max_tokens), "--lr", str(args.lr), "--beta", str(args.beta), *extra]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--variant",
+        variant,
+        "--work",
+        str(work),
+        "--dialogues",
+        str(args.dialogues),
+        "--turns",
+        str(args.turns),
+        "--steps",
+        str(args.steps),
+        "--hidden-size",
+        str(args.hidden_size),
+        "--max-length",
+        str(args.max_length),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--pair-max-tokens",
+        str(args.pair_max_tokens),
+        "--lr",
+        str(args.lr),
+        "--beta",
+        str(args.beta),
+        *extra,
+    ]
     log(f"--- {variant}")
-    env = dict(os.environ, TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false",
-               HF_DATASETS_CACHE=str(work / f"hf-datasets-{variant}"), HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ,
+        TQDM_DISABLE="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_DATASETS_CACHE=str(work / f"hf-datasets-{variant}"),
+        HF_HUB_OFFLINE="1",
+    )
     t0 = time.perf_counter()
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if p.returncode != 0:
         raise SystemExit(f"bench_vs_trl: variant {variant} failed (exit {p.returncode})")
     out = json.loads(p.stdout.strip().splitlines()[-1])
     out["wall_s"] = time.perf_counter() - t0
-    log(f"    {variant}: " + ", ".join(f"{k}={out[k]:.4g}" for k in ("pairs_per_s", "loss", "peak_rss_mb")
-                                         if isinstance(out.get(k), (int, float))))
+    log(
+        f"    {variant}: "
+        + ", ".join(
+            f"{k}={out[k]:.4g}" for k in ("pairs_per_s", "loss", "peak_rss_mb") if isinstance(out.get(k), (int, float))
+        )
+    )
     return out
 
 
@@ -438,9 +578,11 @@ def bench(args) -> dict:
     row_len = sum(len(r["ids"][0]) * 2 + len(r["ids"][1]) + len(r["ids"][2]) for r in table) / max(n_pairs, 1) / 2
     want = args.trl_batch or max(1, int(args.max_tokens // (2 * row_len)))
     b = largest_divisor(n_pairs, want)
-    log(f"{n_pairs} pairs, mean TRL row {row_len:.0f} tokens: TRL micro-batch {b} pairs "
+    log(
+        f"{n_pairs} pairs, mean TRL row {row_len:.0f} tokens: TRL micro-batch {b} pairs "
         f"({'asked' if args.trl_batch else 'token budget'} {want}; a divisor of {n_pairs}), "
-        f"gradient_accumulation_steps {n_pairs // max(b, 1)}")
+        f"gradient_accumulation_steps {n_pairs // max(b, 1)}"
+    )
     res: dict = {}
     if any(v in CSO_VARIANTS for v in variants):
         res["cso_precompute"] = run_child(args, "cso_precompute", work, [])
@@ -452,8 +594,9 @@ def bench(args) -> dict:
         if v in res:
             r = res[v]
             r["precompute_s"] = pre["precompute_s"]
-            r["pairs_per_s_with_precompute"] = (r["pairs_per_step"] * r["steps"]
-                                                / (sum(r["step_s"]) + pre["precompute_s"]))
+            r["pairs_per_s_with_precompute"] = (
+                r["pairs_per_step"] * r["steps"] / (sum(r["step_s"]) + pre["precompute_s"])
+            )
             r["ref_tokens_per_pair"] = pre["ref_tokens"] / r["pairs_per_step"]
             r["ref_tokens_when"] = "once, before training (cso_precompute)"
     for r in res.values():
@@ -461,11 +604,22 @@ def bench(args) -> dict:
             r["peak_mem_per_pair_mb"] = (r["peak_rss_mb"] - r["base_rss_mb"]) / r["pairs_per_forward"]
             r["peak_rss_per_pair_mb"] = r["peak_rss_mb"] / r["pairs_per_forward"]
 
-    out: dict = {"bench": "vs_trl", "dialogues": args.dialogues, "turns": args.turns or "all", "pairs": n_pairs,
-                 "steps": args.steps,
-                 "negatives_per_turn": 3, "hidden_size": args.hidden_size, "max_length": args.max_length,
-                 "max_tokens": args.max_tokens, "pair_max_tokens": args.pair_max_tokens or args.max_tokens,
-                 "trl_batch_pairs": b, "lr": args.lr, "beta": args.beta, **res}
+    out: dict = {
+        "bench": "vs_trl",
+        "dialogues": args.dialogues,
+        "turns": args.turns or "all",
+        "pairs": n_pairs,
+        "steps": args.steps,
+        "negatives_per_turn": 3,
+        "hidden_size": args.hidden_size,
+        "max_length": args.max_length,
+        "max_tokens": args.max_tokens,
+        "pair_max_tokens": args.pair_max_tokens or args.max_tokens,
+        "trl_batch_pairs": b,
+        "lr": args.lr,
+        "beta": args.beta,
+        **res,
+    }
     ln2 = math.log(2)
     trained = [v for v in CSO_VARIANTS + TRL_VARIANTS if v in res]
     out["first_loss_minus_ln2"] = {v: res[v]["loss_first"] - ln2 for v in trained}
@@ -477,8 +631,9 @@ def bench(args) -> dict:
         for t in TRL_VARIANTS:
             if c in res and t in res:
                 speed[f"{c}/{t}"] = res[c]["pairs_per_s"] / res[t]["pairs_per_s"]
-                speed[f"{c}/{t}_with_precompute"] = (res[c]["pairs_per_s_with_precompute"]
-                                                     / res[t]["pairs_per_s_with_precompute"])
+                speed[f"{c}/{t}_with_precompute"] = (
+                    res[c]["pairs_per_s_with_precompute"] / res[t]["pairs_per_s_with_precompute"]
+                )
                 mem[f"{t}/{c}"] = res[t]["peak_mem_per_pair_mb"] / res[c]["peak_mem_per_pair_mb"]
                 mem[f"{t}/{c}_whole_process"] = res[t]["peak_rss_per_pair_mb"] / res[c]["peak_rss_per_pair_mb"]
     out["speedup_pairs_per_s"] = speed
@@ -487,16 +642,24 @@ def bench(args) -> dict:
         out["targets"] = {
             "pairs_per_s_10x": all(speed[f"cso_trie/{t}"] >= 10 for t in TRL_VARIANTS),
             "memory_per_pair_3x": all(mem[f"{t}/cso_trie"] >= 3 for t in TRL_VARIANTS),
-            "losses_agree_1e-4": all(abs(res[v]["loss"] - res["trl_ref"]["loss"]) <= 1e-4 for v in trained)}
+            "losses_agree_1e-4": all(abs(res[v]["loss"] - res["trl_ref"]["loss"]) <= 1e-4 for v in trained),
+        }
     threads = next((r["threads"] for r in res.values() if "threads" in r), torch.get_num_threads())
     try:
         import trl
+
         trl_version = trl.__version__
     except ImportError:
         trl_version = None
-    out["machine"] = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads,
-                      "python": platform.python_version(), "torch": torch.__version__,
-                      "transformers": transformers.__version__, "trl": trl_version}
+    out["machine"] = {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl_version,
+    }
     out["command"] = " ".join([Path(sys.executable).name, "scripts/bench_vs_trl.py", *sys.argv[1:]])
     return out
 

@@ -12,6 +12,7 @@ counts live tensors only (tests/test_plan.py does):
 
     MALLOC_MMAP_THRESHOLD_=65536 python scripts/measure_memory.py --hidden 256 --layers 4 --seq-len 2048
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,12 +55,26 @@ def measure(args) -> dict:
     else:
         tok = bpe_tokenizer(esconv_texts(), vocab_size=4096, template="chatml")
         dialogues, _ = build_dialogues(DataConfig(source="esconv", split="train", negatives=args.negatives))
-    laid = lay_out(dialogues[:args.dialogues], make_renderer(tok, "chatml"), load_strategy_set("esconv"),
-                   args.seq_len, args.seq_len // 2, kl=False, progress=False)
+    laid = lay_out(
+        dialogues[: args.dialogues],
+        make_renderer(tok, "chatml"),
+        load_strategy_set("esconv"),
+        args.seq_len,
+        args.seq_len // 2,
+        kl=False,
+        progress=False,
+    )
     batch = collate_trie(max(pack_units(laid.all_units(), args.seq_len), key=lambda b: sum(len(u) for u in b)))
-    config = tiny_config("qwen2", tok, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                         num_kv_heads=args.kv_heads, intermediate_size=args.intermediate,
-                         max_position_embeddings=max(4096, args.seq_len))
+    config = tiny_config(
+        "qwen2",
+        tok,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        intermediate_size=args.intermediate,
+        max_position_embeddings=max(4096, args.seq_len),
+    )
     model = init_model(config).train()
 
     def step() -> None:
@@ -79,15 +94,31 @@ def measure(args) -> dict:
     cfg_file.parent.mkdir(parents=True, exist_ok=True)
     config.to_json_file(cfg_file)
     shape = shape_from_hf_config(cfg_file)
-    setup = Setup(method="full", zero=0, gpus_per_node=1, seq_len=batch.n_tokens, micro_batch=1,
-                  logit_chunk=args.logit_chunk, bytes_per_el=4)
-    out = {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate,
-           "n_tokens": batch.n_tokens, "reply_tokens": int(len(batch.pred_idx)), "logit_chunk": args.logit_chunk}
+    setup = Setup(
+        method="full",
+        zero=0,
+        gpus_per_node=1,
+        seq_len=batch.n_tokens,
+        micro_batch=1,
+        logit_chunk=args.logit_chunk,
+        bytes_per_el=4,
+    )
+    out = {
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "intermediate": args.intermediate,
+        "n_tokens": batch.n_tokens,
+        "reply_tokens": int(len(batch.pred_idx)),
+        "logit_chunk": args.logit_chunk,
+    }
     for ck, peak in peaks.items():
         est = activations(shape, setup, ck)
         out["checkpointing" if ck else "no_checkpointing"] = {
-            "measured_peak_mb": peak / 2**20, "estimated_mb": est["peak"] / 2**20,
-            "estimate_parts_mb": {k: v / 2**20 for k, v in est.items()}, "ratio": est["peak"] / peak}
+            "measured_peak_mb": peak / 2**20,
+            "estimated_mb": est["peak"] / 2**20,
+            "estimate_parts_mb": {k: v / 2**20 for k, v in est.items()},
+            "ratio": est["peak"] / peak,
+        }
     return out
 
 

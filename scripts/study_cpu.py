@@ -10,6 +10,7 @@ Strategy metrics (Q, W, B) use likelihood prediction on the whole test split (th
 text metrics and the generated-strategy Q/W/B use greedy generation on the first
 --gen-dialogues test dialogues.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,9 +59,18 @@ def main() -> None:
 
 
 def _cfg(work: Path, name: str, **over) -> object:
-    base = {"data.max_length": 768, "pack.max_tokens": 2048, "train.warmup_ratio": 0.05, "train.schedule": "cosine",
-            "train.grad_accum": 2, "train.log_every": 5, "run.seed": 0, "eval.batch_size": 32,
-            "eval.max_new_tokens": 48, "run.out_dir": work / name}
+    base = {
+        "data.max_length": 768,
+        "pack.max_tokens": 2048,
+        "train.warmup_ratio": 0.05,
+        "train.schedule": "cosine",
+        "train.grad_accum": 2,
+        "train.log_every": 5,
+        "run.seed": 0,
+        "eval.batch_size": 32,
+        "eval.max_new_tokens": 48,
+        "run.out_dir": work / name,
+    }
     base.update(over)
     return load_config(None, parse_overrides([f"--{k}={v}" for k, v in base.items()]))
 
@@ -76,24 +86,48 @@ def study(args) -> list[dict]:
         write_dialogues(files[split], dialogues)
     model = work / "tiny-model"
     if not (model / "config.json").is_file():
-        build_tiny_model("qwen2", model, tokenizer="bpe", bpe_texts=esconv_texts(),
-                         hidden_size=args.hidden_size, num_layers=args.layers, seed=0)
-    common = {"train.train_file": files["train"], "train.eval_file": files["valid"],
-              "train.max_dialogues": args.train_dialogues, "train.eval_max_dialogues": 40,
-              "data.max_length": args.max_length}
+        build_tiny_model(
+            "qwen2",
+            model,
+            tokenizer="bpe",
+            bpe_texts=esconv_texts(),
+            hidden_size=args.hidden_size,
+            num_layers=args.layers,
+            seed=0,
+        )
+    common = {
+        "train.train_file": files["train"],
+        "train.eval_file": files["valid"],
+        "train.max_dialogues": args.train_dialogues,
+        "train.eval_max_dialogues": 40,
+        "data.max_length": args.max_length,
+    }
     timing = {}
 
     t0 = time.time()
-    sft = _cfg(work, "sft", **common, **{"model.path": model, "train.method": "sft", "train.lr": args.sft_lr,
-                                         "train.epochs": args.sft_epochs})
+    sft = _cfg(
+        work,
+        "sft",
+        **common,
+        **{"model.path": model, "train.method": "sft", "train.lr": args.sft_lr, "train.epochs": args.sft_epochs},
+    )
     sft_final = Path(run_train(sft, progress=False)["final"])
     timing["sft"] = time.time() - t0
     runs = {"sft": (sft, sft_final)}
     for method in args.methods.split(","):
         t0 = time.time()
-        cfg = _cfg(work, method, **common, **{"model.path": sft_final, "train.method": method,
-                                              "train.lr": args.cso_lr, "train.epochs": args.cso_epochs,
-                                              "train.ref_cache": work / "refcache"})
+        cfg = _cfg(
+            work,
+            method,
+            **common,
+            **{
+                "model.path": sft_final,
+                "train.method": method,
+                "train.lr": args.cso_lr,
+                "train.epochs": args.cso_epochs,
+                "train.ref_cache": work / "refcache",
+            },
+        )
         if method in ("dpo", "ipo", "kto"):
             run_precompute(cfg, progress=False)
         runs[method] = (cfg, Path(run_train(cfg, progress=False)["final"]))
@@ -104,32 +138,79 @@ def study(args) -> list[dict]:
     for name, (cfg, final) in runs.items():
         t0 = time.time()
         ev = _cfg(work, name, **{"model.path": final, "data.max_length": args.max_length})
-        lik = run_generate(ev, "test", work / name / "eval" / "pred-test-likelihood.jsonl", "likelihood",
-                           str(files["test"]), progress=False)
+        lik = run_generate(
+            ev,
+            "test",
+            work / name / "eval" / "pred-test-likelihood.jsonl",
+            "likelihood",
+            str(files["test"]),
+            progress=False,
+        )
         ev.eval.max_dialogues = args.gen_dialogues
-        gen = run_generate(ev, "test", work / name / "eval" / "pred-test-generate.jsonl", "generate",
-                           str(files["test"]), progress=False)
+        gen = run_generate(
+            ev,
+            "test",
+            work / name / "eval" / "pred-test-generate.jsonl",
+            "generate",
+            str(files["test"]),
+            progress=False,
+        )
         s_lik, s_gen = score_file(lik, sset), score_file(gen, sset)
         timing[f"eval-{name}"] = time.time() - t0
-        rows.append({"model": name, "Q": s_lik["Q"], "W": s_lik["W"], "B": s_lik["B"], "acc": s_lik["accuracy"],
-                     "gen_Q": s_gen["Q"], "gen_B": s_gen["B"], "gen_unknown": s_gen["unknown"],
-                     "gen_turns": s_gen["n"], **{k: s_gen.get("text", {}).get(k) for k in
-                                                 ("bleu1", "bleu2", "rougeL", "distinct1", "distinct2", "mean_len")}})
+        rows.append(
+            {
+                "model": name,
+                "Q": s_lik["Q"],
+                "W": s_lik["W"],
+                "B": s_lik["B"],
+                "acc": s_lik["accuracy"],
+                "gen_Q": s_gen["Q"],
+                "gen_B": s_gen["B"],
+                "gen_unknown": s_gen["unknown"],
+                "gen_turns": s_gen["n"],
+                **{
+                    k: s_gen.get("text", {}).get(k)
+                    for k in ("bleu1", "bleu2", "rougeL", "distinct1", "distinct2", "mean_len")
+                },
+            }
+        )
     report = run_report([work / n for n in runs], work / "report", sset)
-    head = ["model", "Q", "W", "B", "acc", "gen_Q", "gen_B", "gen_unknown", "bleu1", "bleu2", "rougeL", "distinct1",
-            "distinct2", "mean_len"]
+    head = [
+        "model",
+        "Q",
+        "W",
+        "B",
+        "acc",
+        "gen_Q",
+        "gen_B",
+        "gen_unknown",
+        "bleu1",
+        "bleu2",
+        "rougeL",
+        "distinct1",
+        "distinct2",
+        "mean_len",
+    ]
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
     lines += [f"| {' | '.join(fmt(r.get(k)) for k in head)} |" for r in rows]
     test_turns = rows[0] and score_file(work / "sft" / "eval" / "pred-test-likelihood.jsonl", sset)["n"]
-    note = (f"ESConv test: {test_turns} supporter turns (likelihood: Q, W, B, acc); generation on the first "
-            f"{args.gen_dialogues} test dialogues ({rows[0]['gen_turns']} turns). Tiny Qwen2 (hidden "
-            f"{args.hidden_size}, {args.layers} layers, ESConv BPE), SFT {args.sft_epochs} epochs on "
-            f"{args.train_dialogues} train dialogues, then each loss 1 epoch from the SFT checkpoint "
-            f"(lr {args.cso_lr}). Wall time {time.time() - t_all:.0f} s on {platform.processor() or 'cpu'} "
-            f"({torch.get_num_threads()} threads).")
-    (work / "study.md").write_text("\n".join(lines) + "\n\n" + note + "\n\nseconds: " + json.dumps(
-        {k: round(v) for k, v in timing.items()}) + f"\n\nreport: {report}\n")
+    note = (
+        f"ESConv test: {test_turns} supporter turns (likelihood: Q, W, B, acc); generation on the first "
+        f"{args.gen_dialogues} test dialogues ({rows[0]['gen_turns']} turns). Tiny Qwen2 (hidden "
+        f"{args.hidden_size}, {args.layers} layers, ESConv BPE), SFT {args.sft_epochs} epochs on "
+        f"{args.train_dialogues} train dialogues, then each loss 1 epoch from the SFT checkpoint "
+        f"(lr {args.cso_lr}). Wall time {time.time() - t_all:.0f} s on {platform.processor() or 'cpu'} "
+        f"({torch.get_num_threads()} threads)."
+    )
+    (work / "study.md").write_text(
+        "\n".join(lines)
+        + "\n\n"
+        + note
+        + "\n\nseconds: "
+        + json.dumps({k: round(v) for k, v in timing.items()})
+        + f"\n\nreport: {report}\n"
+    )
     print("\n".join(lines) + "\n\n" + note)
     return rows
 

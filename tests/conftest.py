@@ -26,8 +26,13 @@ def pytest_collection_modifyitems(config, items):
 
 def run_cli(*args, env=None, check=False, cwd=None):
     """Run the real `cso-dist` entry point in a subprocess."""
-    proc = subprocess.run([sys.executable, "-m", "cso_dist.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd or REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cso_dist.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd or REPO,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"cso-dist {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -66,17 +71,26 @@ def tiny_run_data(root, esconv_dir, n_train: int = 6, n_valid: int = 2, hidden_s
     write_dialogues(Path(root) / "train.jsonl", train[:n_train])
     write_dialogues(Path(root) / "valid.jsonl", valid[:n_valid])
     texts = [m.text for d in train[:200] for m in d.messages]
-    return build_tiny_model("qwen2", Path(root) / "model", tokenizer="bpe", bpe_texts=texts,
-                            hidden_size=hidden_size, seed=0)
+    return build_tiny_model(
+        "qwen2", Path(root) / "model", tokenizer="bpe", bpe_texts=texts, hidden_size=hidden_size, seed=0
+    )
 
 
 def run_overrides(root, name: str, **over) -> dict:
     """Dotted overrides (strings) of a short DPO run on tiny_run_data(root): 4 steps of 3 micro-batches."""
     root = Path(root)
-    base = {"model.path": root / "model", "train.train_file": root / "train.jsonl",
-            "train.ref_cache": root / "refcache", "run.out_dir": root / name, "data.max_length": 512,
-            "pack.max_tokens": 1024, "train.lr": 3e-3, "train.warmup_ratio": 0.0, "train.max_steps": 4,
-            "train.grad_accum": 3}
+    base = {
+        "model.path": root / "model",
+        "train.train_file": root / "train.jsonl",
+        "train.ref_cache": root / "refcache",
+        "run.out_dir": root / name,
+        "data.max_length": 512,
+        "pack.max_tokens": 1024,
+        "train.lr": 3e-3,
+        "train.warmup_ratio": 0.0,
+        "train.max_steps": 4,
+        "train.grad_accum": 3,
+    }
     return {k: str(v) for k, v in {**base, **over}.items()}
 
 
@@ -91,7 +105,27 @@ def cfg_of(over: dict):
 
 
 # a very small ESC-Pro search (tests): a few iterations, short answers, deterministic, checkpoint every iteration
-MCTS_SMALL = ["--mcts.min_iterations", "2", "--mcts.max_iterations", "3", "--mcts.rollout_turns", "2",
-              "--mcts.max_new_tokens", "12", "--mcts.scorer_max_tokens", "12", "--mcts.judge_max_tokens", "8",
-              "--mcts.parse_retries", "1", "--mcts.temperature", "0", "--mcts.workers", "1", "--mcts.batch_size", "1",
-              "--mcts.checkpoint_every", "1"]
+MCTS_SMALL = [
+    "--mcts.min_iterations",
+    "2",
+    "--mcts.max_iterations",
+    "3",
+    "--mcts.rollout_turns",
+    "2",
+    "--mcts.max_new_tokens",
+    "12",
+    "--mcts.scorer_max_tokens",
+    "12",
+    "--mcts.judge_max_tokens",
+    "8",
+    "--mcts.parse_retries",
+    "1",
+    "--mcts.temperature",
+    "0",
+    "--mcts.workers",
+    "1",
+    "--mcts.batch_size",
+    "1",
+    "--mcts.checkpoint_every",
+    "1",
+]

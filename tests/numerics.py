@@ -5,11 +5,12 @@ u = 2^-24 is fp32's unit roundoff. A sum of n terms of one sign, each carrying a
 most u, is off by at most gamma_2n * |S| ~= 2n * u * |S| (the standard recursive-summation bound, with
 the per-term error of the token log-prob itself folded in); a mean of n fp32 values by n * u * |mean|.
 """
+
 from __future__ import annotations
 
 import math
 
-U32 = 2.0 ** -24
+U32 = 2.0**-24
 
 
 def summed_logp_tol(logp: float, n_tokens: int) -> float:
@@ -25,8 +26,9 @@ def dpo_step0_bound(beta: float, pairs: list[tuple[float, int, float, int]], ter
     and only the policy side can differ."""
     if not pairs:
         return 0.0
-    per_pair = [beta / 2 * (terms / 2) * (summed_logp_tol(rc, nc) + summed_logp_tol(rr, nr))
-                for rc, nc, rr, nr in pairs]
+    per_pair = [
+        beta / 2 * (terms / 2) * (summed_logp_tol(rc, nc) + summed_logp_tol(rr, nr)) for rc, nc, rr, nr in pairs
+    ]
     return sum(per_pair) / len(pairs) + len(pairs) * U32 * math.log(2)
 
 
@@ -37,7 +39,7 @@ def dpo_step0_bound(beta: float, pairs: list[tuple[float, int, float, int]], ter
 # optimiser state moves the loss by percents).
 # Below magnitude 1 the bound is absolute: metrics near 0 (rewards at step 1) are differences of larger
 # terms and keep only their absolute precision.
-CURVE_RTOL = U32 ** 0.5
+CURVE_RTOL = U32**0.5
 
 
 def curve_tol(value: float) -> float:

@@ -1,4 +1,5 @@
 """The `cso-dist` commands end to end, as a user runs them (real ESConv, real tokenizers)."""
+
 import json
 import subprocess
 from pathlib import Path
@@ -10,8 +11,23 @@ from conftest import REPO, run_cli
 
 def test_build_stats_pairs_roundtrip(tmp_path, esconv_dir):
     out = tmp_path / "test.jsonl"
-    run_cli("data", "build", "--from", "esconv", "--input", esconv_dir, "--split", "test", "--negatives", "2",
-            "--seed", "3", "--out", out, check=True)
+    run_cli(
+        "data",
+        "build",
+        "--from",
+        "esconv",
+        "--input",
+        esconv_dir,
+        "--split",
+        "test",
+        "--negatives",
+        "2",
+        "--seed",
+        "3",
+        "--out",
+        out,
+        check=True,
+    )
     stats = json.loads(run_cli("data", "stats", out, "--json", check=True).stdout)
     assert {"dialogues", "turns", "pairs", "strategies"} <= stats.keys()
     assert stats["dialogues"] == 195 and stats["pairs"] == 2 * stats["turns"]
@@ -21,8 +37,17 @@ def test_build_stats_pairs_roundtrip(tmp_path, esconv_dir):
     rows = [json.loads(line) for line in open(tmp_path / "kto.jsonl")]
     assert f"wrote {len(rows)} KTO rows" in proc.stdout
     assert rows[0]["messages"][0]["role"] == "system" and rows[0]["messages"][-1]["role"] == "assistant"
-    run_cli("data", "build", "--from", "kto-rows", "--input", tmp_path / "kto.jsonl", "--out", tmp_path / "back.jsonl",
-            check=True)
+    run_cli(
+        "data",
+        "build",
+        "--from",
+        "kto-rows",
+        "--input",
+        tmp_path / "kto.jsonl",
+        "--out",
+        tmp_path / "back.jsonl",
+        check=True,
+    )
     back = json.loads(run_cli("data", "stats", tmp_path / "back.jsonl", "--json", check=True).stdout)
     # identical openings of different dialogues merge into one shared turn: never more turns or pairs
     assert back["turns"] + back["context_only_turns"] == stats["turns"]
@@ -46,8 +71,9 @@ def test_tiny_model_command_and_token_stats(tmp_path, esconv_dir):
     assert again.returncode != 0 and "Traceback" not in again.stderr  # refuses to overwrite
     out = tmp_path / "valid.jsonl"
     run_cli("data", "build", "--from", "esconv", "--split", "valid", "--out", out, check=True)
-    stats = json.loads(run_cli("data", "stats", out, "--json", "--tokenizer", model, "--max-length", "1024",
-                               check=True).stdout)
+    stats = json.loads(
+        run_cli("data", "stats", out, "--json", "--tokenizer", model, "--max-length", "1024", check=True).stdout
+    )
     tok = stats["tokens"]
     assert tok["max_length"] == 1024 and tok["truncated_turns"] > 0
     assert tok["max_history_tokens"] + tok["mean_chosen_tokens"] <= 1024 + 400
@@ -57,9 +83,24 @@ def test_tiny_model_command_and_token_stats(tmp_path, esconv_dir):
 @pytest.mark.slow
 def test_demo_main_job(tmp_path, esconv_dir):
     """The README's main command end to end, on a few dialogues: data -> tiny model -> SFT -> precompute -> DPO."""
-    proc = run_cli("demo", "--config", REPO / "configs" / "demo.yaml", "--run.out_dir", tmp_path / "demo",
-                   "--data.negatives", "1", "--demo.train_dialogues", "6", "--demo.eval_dialogues", "2",
-                   "--train.epochs", "1", "--train.eval_every", "0", check=True)
+    proc = run_cli(
+        "demo",
+        "--config",
+        REPO / "configs" / "demo.yaml",
+        "--run.out_dir",
+        tmp_path / "demo",
+        "--data.negatives",
+        "1",
+        "--demo.train_dialogues",
+        "6",
+        "--demo.eval_dialogues",
+        "2",
+        "--train.epochs",
+        "1",
+        "--train.eval_every",
+        "0",
+        check=True,
+    )
     stats = json.loads((tmp_path / "demo" / "data" / "stats.json").read_text())
     assert [stats[s]["dialogues"] for s in ("train", "valid", "test")] == [910, 195, 195]
     assert stats["train"]["pairs"] == stats["train"]["turns"] == 10679
@@ -81,17 +122,25 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
     assert cmds == ["make demo", "make test"]
     assert "make test" in (REPO / ".ci" / "run").read_text()
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
-    assert not [f for f in tracked if Path(f).name in ("train.jsonl", "valid.jsonl", "test.jsonl")], \
+    assert not [f for f in tracked if Path(f).name in ("train.jsonl", "valid.jsonl", "test.jsonl")], (
         "no dataset text is committed"
+    )
 
 
 def test_user_facing_text_points_only_inside_the_repository():
     """A user's clone has no ../shared: the README, docs, configs, templates and scripts never send them there."""
-    tracked = subprocess.run(["git", "ls-files", "README.md", "docs", "configs", "slurm", "scripts", "ds_configs",
-                              "Makefile"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "README.md", "docs", "configs", "slurm", "scripts", "ds_configs", "Makefile"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     untracked_docs = [str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")]
-    offenders = [f for f in set(tracked + untracked_docs)
-                 if (REPO / f).is_file()
-                 and ("../shared" in (REPO / f).read_text() or "shared/recipes" in (REPO / f).read_text())]
+    offenders = [
+        f
+        for f in set(tracked + untracked_docs)
+        if (REPO / f).is_file()
+        and ("../shared" in (REPO / f).read_text() or "shared/recipes" in (REPO / f).read_text())
+    ]
     assert not offenders, offenders
     assert (REPO / "docs" / "method.md").is_file()

@@ -13,20 +13,25 @@ def test_yaml_and_dotted_overrides(tmp_path):
     assert cfg.model.lora_target_modules == ["q_proj"]
     assert load_config(None, parse_overrides(["--train.lr", "1e-6"])).train.lr == 1e-6  # YAML 1.1 reads a string
     assert load_config(None, {"model.lora_target_modules": "q_proj,v_proj"}).model.lora_target_modules == [
-        "q_proj", "v_proj"]
+        "q_proj",
+        "v_proj",
+    ]
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    ({"data.negativs": 3}, "unknown key 'data.negativs' (did you mean 'data.negatives'?)"),
-    ({"dta.seed": 3}, "unknown key 'dta'"),
-    ({"data.negatives": "abc"}, "data.negatives: expected an integer"),
-    ({"data.negatives": True}, "data.negatives: expected an integer"),
-    ({"data.negatives": -1}, "data.negatives: must be >= 0"),
-    ({"data.source": "esc"}, "data.source: 'esc' is not one of"),
-    ({"data.aliases": "yes please"}, "data.aliases: expected true/false"),
-    ({"model.precision": "fp8"}, "model.precision"),
-    ({"data": 3}, "data: expected a section"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        ({"data.negativs": 3}, "unknown key 'data.negativs' (did you mean 'data.negatives'?)"),
+        ({"dta.seed": 3}, "unknown key 'dta'"),
+        ({"data.negatives": "abc"}, "data.negatives: expected an integer"),
+        ({"data.negatives": True}, "data.negatives: expected an integer"),
+        ({"data.negatives": -1}, "data.negatives: must be >= 0"),
+        ({"data.source": "esc"}, "data.source: 'esc' is not one of"),
+        ({"data.aliases": "yes please"}, "data.aliases: expected true/false"),
+        ({"model.precision": "fp8"}, "model.precision"),
+        ({"data": 3}, "data: expected a section"),
+    ],
+)
 def test_invalid_values_name_the_key(overrides, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)

@@ -2,6 +2,7 @@
 single-process run, ZeRO-3 kill-and-resume, resume on another world size, export, sharded precompute.
 
 Every run here is a real `cso-dist` process tree started by torchrun or the deepspeed launcher."""
+
 import json
 import math
 import os
@@ -38,14 +39,29 @@ def free_port() -> int:
 
 def launch(args: list, nproc: int = 2, launcher: str = "torchrun", wait: bool = True):
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "-m", "cso_dist.cli", *map(str, args)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            "-m",
+            "cso_dist.cli",
+            *map(str, args),
+        ]
     else:  # the deepspeed launcher (appends --local_rank=N to our arguments)
-        cmd = [str(BIN / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={free_port()}", "--module",
-               "cso_dist.cli", *map(str, args)]
+        cmd = [
+            str(BIN / "deepspeed"),
+            f"--num_gpus={nproc}",
+            f"--master_port={free_port()}",
+            "--module",
+            "cso_dist.cli",
+            *map(str, args),
+        ]
     if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
@@ -61,8 +77,17 @@ def setup(tmp_path_factory, esconv_dir):
 
 
 def overrides(root: Path, name: str, **over) -> dict:
-    return run_overrides(root, name, **{"train.eval_file": root / "valid.jsonl", "train.eval_every": 2,
-                                        "train.save_every": 2, "train.keep_last": 3, **over})
+    return run_overrides(
+        root,
+        name,
+        **{
+            "train.eval_file": root / "valid.jsonl",
+            "train.eval_every": 2,
+            "train.save_every": 2,
+            "train.keep_last": 3,
+            **over,
+        },
+    )
 
 
 def curve(run_dir) -> list[dict]:
@@ -157,16 +182,27 @@ def test_resume_on_one_process_via_universal_checkpoint(setup, zero3):
 def test_resume_refuses_another_zero_stage(setup, zero3):
     run = setup / "zero3-as-2"
     shutil.copytree(setup / "zero3" / "checkpoints" / "step-0000002", run / "checkpoints" / "step-0000002")
-    proc = run_cli("train", *argv(overrides(setup, "zero3-as-2", **{"dist.engine": "deepspeed",
-                                                                     "dist.zero_stage": 2})), "--resume")
+    proc = run_cli(
+        "train", *argv(overrides(setup, "zero3-as-2", **{"dist.engine": "deepspeed", "dist.zero_stage": 2})), "--resume"
+    )
     assert proc.returncode == 2 and "ZeRO stage 3" in proc.stderr, proc.stderr[-2000:]
 
 
 def _eval_with(model_dir: str, setup, name: str, **extra) -> dict:
     """Evaluate a saved model in this process with the torch engine (one step at lr 1e-12, then eval)."""
-    over = overrides(setup, name, **{"model.path": model_dir, "train.max_steps": 1, "train.lr": 1e-12,
-                                     "train.save_every": 0, "train.eval_every": 1,
-                                     "train.ref_cache": setup / f"{name}-refcache", **extra})
+    over = overrides(
+        setup,
+        name,
+        **{
+            "model.path": model_dir,
+            "train.max_steps": 1,
+            "train.lr": 1e-12,
+            "train.save_every": 0,
+            "train.eval_every": 1,
+            "train.ref_cache": setup / f"{name}-refcache",
+            **extra,
+        },
+    )
     run_train(cfg_of(over), progress=False)
     return [m for m in curve(setup / name) if "eval/loss" in m][0]
 
@@ -194,9 +230,15 @@ def test_zero3_lora_gradient_checkpointing_and_adapter_export(setup):
     """The ZeRO-3 + LoRA + gradient checkpointing trap: matches the single-process LoRA curve; the
     adapter exports alone and merged."""
     # lora_dropout 0: dropout masks come from each rank's RNG, so curves on 1 and 2 ranks could not agree
-    lora = {"model.method": "lora", "model.lora_r": "4", "model.lora_dropout": "0",
-            "train.gradient_checkpointing": "true", "train.reference": "adapter", "train.save_every": "2",
-            "train.eval_every": "0"}
+    lora = {
+        "model.method": "lora",
+        "model.lora_r": "4",
+        "model.lora_dropout": "0",
+        "train.gradient_checkpointing": "true",
+        "train.reference": "adapter",
+        "train.save_every": "2",
+        "train.eval_every": "0",
+    }
     one = overrides(setup, "lora-1", **lora)
     run_train(cfg_of(one), progress=False)
     launch(["train", *argv(overrides(setup, "lora-z3", **lora, **{"dist.engine": "deepspeed"}))])
@@ -230,19 +272,37 @@ def test_two_process_precompute_equals_one_process(setup):
 def test_qlora_trains_with_paged_optimizer_and_its_adapter_reloads(setup):
     from cso_dist.models import load_tokenizer
 
-    wide = build_tiny_model("qwen2", setup / "h64", tokenizer=load_tokenizer(setup / "model"), hidden_size=64,
-                            overwrite=True)  # 4-bit blocks of 64 need rows of >= 64 values
-    over = overrides(setup, "qlora", **{"model.path": wide, "model.method": "qlora", "model.lora_r": 4,
-                                        "model.lora_dropout": 0,  # compared with DDP below: no per-rank masks
-                                        "train.reference": "adapter",
-                                        "train.optimizer": "paged_adamw8bit", "train.final": "adapter",
-                                        "train.save_every": 0, "train.eval_every": 0})
+    wide = build_tiny_model(
+        "qwen2", setup / "h64", tokenizer=load_tokenizer(setup / "model"), hidden_size=64, overwrite=True
+    )  # 4-bit blocks of 64 need rows of >= 64 values
+    over = overrides(
+        setup,
+        "qlora",
+        **{
+            "model.path": wide,
+            "model.method": "qlora",
+            "model.lora_r": 4,
+            "model.lora_dropout": 0,  # compared with DDP below: no per-rank masks
+            "train.reference": "adapter",
+            "train.optimizer": "paged_adamw8bit",
+            "train.final": "adapter",
+            "train.save_every": 0,
+            "train.eval_every": 0,
+        },
+    )
     summary = run_train(cfg_of(over), progress=False)
     m = [x for x in curve(setup / "qlora") if "loss" in x]
     assert len(m) == 4 and abs(m[0]["loss"] - math.log(2)) < 1e-5 and all(math.isfinite(x["loss"]) for x in m)
     assert m[-1]["loss"] != m[0]["loss"]
-    reloaded = _eval_with(summary["final"], setup, "qlora-reload", **{  # adapter dir -> 4-bit base + adapter
-        "model.method": "qlora", "train.reference": "adapter"})
+    reloaded = _eval_with(
+        summary["final"],
+        setup,
+        "qlora-reload",
+        **{  # adapter dir -> 4-bit base + adapter
+            "model.method": "qlora",
+            "train.reference": "adapter",
+        },
+    )
     assert reloaded["eval/logps/chosen"] == pytest.approx(summary["eval/logps/chosen"], abs=1e-3)
     # the same QLoRA run data-parallel on 2 processes (DDP)
     launch(["train", *argv({**over, "run.out_dir": setup / "qlora-ddp"})])
@@ -253,9 +313,20 @@ def test_qlora_trains_with_paged_optimizer_and_its_adapter_reloads(setup):
 def test_zero3_bf16_lora_casts_adapters_and_trains(setup):
     """fp32 adapters on a bf16 base under DeepSpeed bf16: the module runs in bf16, DeepSpeed keeps fp32
     masters; the run trains and its adapter loads."""
-    over = overrides(setup, "lora-bf16", **{"model.method": "lora", "model.lora_r": 4, "model.precision": "bf16",
-                                            "train.reference": "adapter", "dist.engine": "deepspeed",
-                                            "train.final": "adapter", "train.max_steps": 2, "train.save_every": 0})
+    over = overrides(
+        setup,
+        "lora-bf16",
+        **{
+            "model.method": "lora",
+            "model.lora_r": 4,
+            "model.precision": "bf16",
+            "train.reference": "adapter",
+            "dist.engine": "deepspeed",
+            "train.final": "adapter",
+            "train.max_steps": 2,
+            "train.save_every": 0,
+        },
+    )
     launch(["train", *argv(over)])
     m = [x for x in curve(setup / "lora-bf16") if "loss" in x]
     assert abs(m[0]["loss"] - math.log(2)) < 1e-6 and math.isfinite(m[1]["loss"]) and m[1]["grad_norm"] > 0
@@ -273,8 +344,13 @@ def test_world_from_env_reads_torchrun_and_slurm():
     assert world_from_env({}) == World()
     w = world_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
     assert (w.rank, w.world_size, w.local_rank, w.main) == (3, 4, 1, False)
-    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "1234",
-           "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    env = {
+        "SLURM_PROCID": "1",
+        "SLURM_NTASKS": "2",
+        "SLURM_LOCALID": "0",
+        "SLURM_JOB_ID": "1234",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+    }
     w = world_from_env(env)
     assert (w.rank, w.world_size) == (1, 2)
     assert env["MASTER_PORT"] == str(20000 + 1234) and env["MASTER_ADDR"] == "gpu07"

@@ -1,4 +1,5 @@
 """ESConv -> chain-of-strategy preference dialogues, on the real ESConv files."""
+
 import json
 
 import pytest
@@ -22,10 +23,12 @@ def test_train_build_counts_and_merges(train, esconv_dir):
     dialogues, report = train
     raw = _raw(esconv_dir, "train")
     assert len(dialogues) == len(raw) == 910
-    sys_runs = sum(1 for r in raw for a, b in zip(r["dialog"], r["dialog"][1:])
-                   if a["speaker"] == b["speaker"] == "sys")
-    usr_runs = sum(1 for r in raw for a, b in zip(r["dialog"], r["dialog"][1:])
-                   if a["speaker"] == b["speaker"] == "usr")
+    sys_runs = sum(
+        1 for r in raw for a, b in zip(r["dialog"], r["dialog"][1:]) if a["speaker"] == b["speaker"] == "sys"
+    )
+    usr_runs = sum(
+        1 for r in raw for a, b in zip(r["dialog"], r["dialog"][1:]) if a["speaker"] == b["speaker"] == "usr"
+    )
     assert report.notes["merged_supporter_utterances"] == sys_runs
     assert report.notes["merged_seeker_utterances"] == usr_runs
     for d, r in zip(dialogues, raw):
@@ -33,8 +36,11 @@ def test_train_build_counts_and_merges(train, esconv_dir):
         assert all(a != b for a, b in zip(roles, roles[1:]))  # alternating
         # nothing lost: merged texts are the utterances joined with a space, first strategy of a run kept
         assert " ".join(m.text for m in d.messages) == " ".join(u["text"].strip() for u in r["dialog"])
-        firsts = [u["strategy"] for k, u in enumerate(r["dialog"])
-                  if u["speaker"] == "sys" and (k == 0 or r["dialog"][k - 1]["speaker"] != "sys")]
+        firsts = [
+            u["strategy"]
+            for k, u in enumerate(r["dialog"])
+            if u["speaker"] == "sys" and (k == 0 or r["dialog"][k - 1]["speaker"] != "sys")
+        ]
         assert [m.strategy for m in d.messages if m.role == "supporter"] == firsts
     s = dialogue_stats(dialogues)
     assert s["turns"] == sum(len(d.turn_indices()) for d in dialogues) == 10679
@@ -82,8 +88,15 @@ def test_original_esconv_json_schema_with_aliases(esconv_dir):
     dialogues, _ = build_dialogues(DataConfig(source="esconv", input=path, aliases=True))
     assert len(dialogues) == 196
     assert dialogue_stats(dialogues)["strategies"].keys() <= {
-        "Question", "Restatement or Paraphrasing", "Reflection of feelings", "Self-disclosure",
-        "Affirmation and Reassurance", "Providing Suggestions", "Information", "Others"}
+        "Question",
+        "Restatement or Paraphrasing",
+        "Reflection of feelings",
+        "Self-disclosure",
+        "Affirmation and Reassurance",
+        "Providing Suggestions",
+        "Information",
+        "Others",
+    }
 
 
 def test_valid_and_test_splits(esconv_dir):

@@ -1,5 +1,6 @@
 """Evaluation: Q/W/B on hand-computed cases and invariances, text metrics, PRED scoring CLI, generation and
 likelihood prediction on tiny models with real ESConv test dialogues (resumable), and the report."""
+
 import json
 import math
 import random
@@ -106,8 +107,9 @@ def test_bias_follows_the_published_update_on_a_realistic_case():
     p = np.ones(8)
     for _ in range(20):
         for i in range(8):
-            p[i] = sum(w[i, j] * p[j] / (p[i] + p[j]) for j in range(8) if j != i) / \
-                sum(w[j, i] / (p[i] + p[j]) for j in range(8) if j != i)
+            p[i] = sum(w[i, j] * p[j] / (p[i] + p[j]) for j in range(8) if j != i) / sum(
+                w[j, i] / (p[i] + p[j]) for j in range(8) if j != i
+            )
         p = p / np.prod(p) ** (1 / 8)
     p = p * 8 / p.sum()
     m = strategy_metrics(gold, pred, ESCONV)
@@ -126,9 +128,15 @@ def test_text_metrics():
 
 @pytest.mark.slow
 def test_cli_score_json_and_bad_rows(tmp_path):
-    rows = [{"gold_strategy": "Question", "pred_strategy": "Question", "gold_response": "how are you?",
-             "pred_response": "how are you?"},
-            {"gold_strategy": "Others", "pred_strategy": "nonsense", "gold_response": "hi", "pred_response": "hello"}]
+    rows = [
+        {
+            "gold_strategy": "Question",
+            "pred_strategy": "Question",
+            "gold_response": "how are you?",
+            "pred_response": "how are you?",
+        },
+        {"gold_strategy": "Others", "pred_strategy": "nonsense", "gold_response": "hi", "pred_response": "hello"},
+    ]
     f = write_jsonl(tmp_path / "pred.jsonl", rows)
     out = run_cli("eval", "score", f, "--strategies", "esconv", "--json", check=True)
     s = json.loads(out.stdout)
@@ -152,9 +160,24 @@ def setup(tmp_path_factory, esconv_dir):
 
 
 def _gen(setup, name, *extra):
-    proc = run_cli("eval", "generate", "--split", "test", "--model.path", setup / "model", "--run.out_dir",
-                   setup / name, "--eval.max_dialogues", 2, "--eval.max_new_tokens", 6, "--data.max_length", 512,
-                   *extra, env={"OMP_NUM_THREADS": "1"})
+    proc = run_cli(
+        "eval",
+        "generate",
+        "--split",
+        "test",
+        "--model.path",
+        setup / "model",
+        "--run.out_dir",
+        setup / name,
+        "--eval.max_dialogues",
+        2,
+        "--eval.max_new_tokens",
+        6,
+        "--data.max_length",
+        512,
+        *extra,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
 
@@ -191,8 +214,9 @@ def test_likelihood_mode_scores_every_strategy_exactly(setup):
     _gen(setup, "lik", "--mode", "likelihood")
     _gen(setup, "lik-small", "--mode", "likelihood", "--pack.max_tokens", 520)  # forces one unit per turn
     a = {json.loads(x)["id"]: json.loads(x) for x in (setup / "lik" / "eval" / "pred-test-likelihood.jsonl").open()}
-    b = {json.loads(x)["id"]: json.loads(x)
-         for x in (setup / "lik-small" / "eval" / "pred-test-likelihood.jsonl").open()}
+    b = {
+        json.loads(x)["id"]: json.loads(x) for x in (setup / "lik-small" / "eval" / "pred-test-likelihood.jsonl").open()
+    }
     assert a.keys() == b.keys()
     cfg = cfg_of({"model.path": setup / "model", "data.max_length": 512, "eval.max_dialogues": 2})
     model, tok = load_model(setup / "model"), load_tokenizer(setup / "model")
@@ -200,7 +224,7 @@ def test_likelihood_mode_scores_every_strategy_exactly(setup):
     prefixes = {}
     for s in ESCONV.names:
         full = tok.encode(format_reply(s, "x"), add_special_tokens=False)
-        prefixes[s] = full[:len(tok.encode(f"({s})", add_special_tokens=False))]
+        prefixes[s] = full[: len(tok.encode(f"({s})", add_special_tokens=False))]
     room = max(len(p) for p in prefixes.values())  # histories are cut to leave room for the longest prefix
     turns = {t.id: t for t in eval_turns(eval_dialogues(cfg, "test"), renderer, ESCONV, 512, room)}
     assert any(len(t.prompt) + room > 400 for t in turns.values())  # some histories were cut
@@ -222,16 +246,33 @@ def test_generate_with_lora_and_qlora_adapters(setup):
 
     from cso_dist.models import build_tiny_model
 
-    wide = build_tiny_model("qwen2", setup / "h64", tokenizer=load_tokenizer(setup / "model"), hidden_size=64,
-                            overwrite=True)
+    wide = build_tiny_model(
+        "qwen2", setup / "h64", tokenizer=load_tokenizer(setup / "model"), hidden_size=64, overwrite=True
+    )
     adapter = setup / "adapter"
     peft = get_peft_model(load_model(wide), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     peft.save_pretrained(adapter)
     load_tokenizer(wide).save_pretrained(adapter)
     for method in ("lora", "qlora"):
-        proc = run_cli("eval", "generate", "--split", "test", "--model.path", adapter, "--model.method", method,
-                       "--run.out_dir", setup / f"gen-{method}", "--eval.max_dialogues", 1, "--eval.max_new_tokens", 4,
-                       "--data.max_length", 512, env={"OMP_NUM_THREADS": "1"})
+        proc = run_cli(
+            "eval",
+            "generate",
+            "--split",
+            "test",
+            "--model.path",
+            adapter,
+            "--model.method",
+            method,
+            "--run.out_dir",
+            setup / f"gen-{method}",
+            "--eval.max_dialogues",
+            1,
+            "--eval.max_new_tokens",
+            4,
+            "--data.max_length",
+            512,
+            env={"OMP_NUM_THREADS": "1"},
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert len((setup / f"gen-{method}" / "eval" / "pred-test-generate.jsonl").read_text().splitlines()) > 3
 

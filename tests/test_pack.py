@@ -1,4 +1,5 @@
 """Prefix-trie packing is exact: every reply's log-prob and the DPO gradients equal the per-pair layout."""
+
 import json
 
 import pytest
@@ -12,8 +13,16 @@ from cso_dist.data.render import make_renderer, tokenize_dialogue, turn_examples
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.losses import dpo
 from cso_dist.models import build_tiny_model, load_tokenizer
-from cso_dist.pack import (collate_pairs, collate_trie, dialogue_pair_rows, dialogue_units, lay_out, pack_units,
-                           pair_logps, trie_logps)
+from cso_dist.pack import (
+    collate_pairs,
+    collate_trie,
+    dialogue_pair_rows,
+    dialogue_units,
+    lay_out,
+    pack_units,
+    pair_logps,
+    trie_logps,
+)
 
 SSET = load_strategy_set("esconv")
 
@@ -27,8 +36,15 @@ def dialogues(esconv_dir):
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
 def tiny(request, tmp_path_factory, esconv_dir):
     texts = [u["text"] for line in open(esconv_dir / "valid.jsonl") for u in json.loads(line)["dialog"]]
-    out = build_tiny_model(request.param, tmp_path_factory.mktemp(request.param) / "m", tokenizer="bpe",
-                           bpe_texts=texts, hidden_size=32, num_layers=2, seed=1)
+    out = build_tiny_model(
+        request.param,
+        tmp_path_factory.mktemp(request.param) / "m",
+        tokenizer="bpe",
+        bpe_texts=texts,
+        hidden_size=32,
+        num_layers=2,
+        seed=1,
+    )
     return request.param, out, load_tokenizer(out)
 
 
@@ -52,7 +68,7 @@ def _both(model, tok, dialogues, max_length=768, budget=1200):
     rows = [row for d in dialogues for turn in dialogue_pair_rows(d, r, SSET, max_length) for row in turn]
     pair = {}
     for i in range(0, len(rows), 6):
-        pb = collate_pairs(rows[i:i + 6], tok.pad_token_id)
+        pb = collate_pairs(rows[i : i + 6], tok.pad_token_id)
         pair.update(zip(pb.reply_ids, pair_logps(model, pb)))
     return tri, pair, units
 
@@ -111,8 +127,15 @@ def test_fast_mask_equals_the_interval_definition_on_esconv_batches(esconv_dir, 
     from cso_dist.pack import lay_out, pack_units
 
     dialogues, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="valid"))
-    laid = lay_out(dialogues[:6], make_renderer(qwen_tok, "chatml"), load_strategy_set("esconv"), 1500, 700,
-                   kl=True, progress=False)
+    laid = lay_out(
+        dialogues[:6],
+        make_renderer(qwen_tok, "chatml"),
+        load_strategy_set("esconv"),
+        1500,
+        700,
+        kl=True,
+        progress=False,
+    )
     batches = pack_units(laid.all_units(), 1500)
     assert len(batches) >= 3
     for units in batches:
@@ -126,14 +149,14 @@ def test_fast_mask_equals_the_interval_definition_on_esconv_batches(esconv_dir, 
 def test_mask_and_positions_of_a_branch():
     tok = [11, 12, 13, 14, 15]  # prefix 11 12 | chosen 13 14 15 ; branch 21 22 after the 2-token history
     from cso_dist.pack.trie import Span, Unit
-    u = Unit("d", tok + [21, 22], [0, 1, 2, 3, 4, 2, 3], 5,
-             [Span("d:1:c", 2, 3, 2), Span("d:1:r0", 5, 2, 2)])
+
+    u = Unit("d", tok + [21, 22], [0, 1, 2, 3, 4, 2, 3], 5, [Span("d:1:c", 2, 3, 2), Span("d:1:r0", 5, 2, 2)])
     other = Unit("e", [31, 32], [0, 1], 2, [Span("e:1:c", 1, 1, 1)])
     b = collate_trie([u, other])
     allowed = b.attention_mask()[0, 0] == 0
     expect = torch.zeros(9, 9, dtype=torch.bool)
     for q in range(5):
-        expect[q, :q + 1] = True  # causal trunk
+        expect[q, : q + 1] = True  # causal trunk
     expect[5, [0, 1, 5]] = True  # branch: history + itself
     expect[6, [0, 1, 5, 6]] = True
     expect[7, 7] = expect[8, 7] = expect[8, 8] = True  # second dialogue: its own block only
@@ -164,9 +187,11 @@ def test_split_keeps_every_reply_once(tiny, dialogues):
 
 
 def test_kl_branches_and_single_turn():
-    d = PrefDialogue("x", [Message("seeker", "hi"), Message("supporter", "hello", "Others",
-                                                             [Option("Question", "why?")])], "esconv")
+    d = PrefDialogue(
+        "x", [Message("seeker", "hi"), Message("supporter", "hello", "Others", [Option("Question", "why?")])], "esconv"
+    )
     from cso_dist.models import bpe_tokenizer
+
     tok = bpe_tokenizer(["hi hello why"] * 20, vocab_size=300)
     laid = lay_out([d, PrefDialogue("y", d.messages, "esconv")], make_renderer(tok, "auto"), SSET, 2048, 1024)
     ids = [s.reply_id for u in laid.all_units() for s in u.spans]
@@ -183,11 +208,16 @@ def test_tokens_per_pair_on_esconv_train(qwen_tok, esconv_dir, capsys):
     laid = lay_out(ds, r, SSET, 4096, 2048, kl=False, progress=False)
     trie_tokens = sum(len(u) for u in laid.all_units())
     pairs = sum(len(d.messages[i].rejected) for d in ds for i in d.turn_indices())
-    pair_tokens = sum(2 * len(ex.history) + len(ex.chosen) + len(rej)
-                      for d in ds for ex in turn_examples(d, r, SSET, 2048, tokenize_dialogue(d, r, SSET))
-                      for rej in ex.rejected)
+    pair_tokens = sum(
+        2 * len(ex.history) + len(ex.chosen) + len(rej)
+        for d in ds
+        for ex in turn_examples(d, r, SSET, 2048, tokenize_dialogue(d, r, SSET))
+        for rej in ex.rejected
+    )
     per_pair, trie = pair_tokens / pairs, trie_tokens / pairs
     with capsys.disabled():
-        print(f"\nESConv train, K=3: {pairs} pairs; tokens per pair: per-pair layout {per_pair:.1f}, "
-              f"trie layout {trie:.1f} ({per_pair / trie:.1f}x fewer)")
+        print(
+            f"\nESConv train, K=3: {pairs} pairs; tokens per pair: per-pair layout {per_pair:.1f}, "
+            f"trie layout {trie:.1f} ({per_pair / trie:.1f}x fewer)"
+        )
     assert per_pair / trie > 10

@@ -1,4 +1,5 @@
 """The memory planner: parameter counts, DeepSpeed's model-state estimators, measured activations, recipes."""
+
 import json
 import os
 import re
@@ -12,15 +13,21 @@ from cso_dist.config import load_config
 from cso_dist.plan import PRESETS, Setup, model_states, plan, resolve_shape, setup_from_config
 from conftest import REPO, run_cli, tiny_run_data
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def _hf_config(shape):
     from transformers import Gemma2Config, LlamaConfig, Qwen2Config
 
-    common = dict(hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                  num_key_value_heads=shape.kv_heads, intermediate_size=shape.intermediate,
-                  vocab_size=shape.vocab, tie_word_embeddings=shape.tied)
+    common = dict(
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        intermediate_size=shape.intermediate,
+        vocab_size=shape.vocab,
+        tie_word_embeddings=shape.tied,
+    )
     if shape.name.startswith("Qwen"):
         return Qwen2Config(**common)
     if shape.name.startswith("Gemma"):
@@ -59,14 +66,28 @@ def test_model_states_agree_with_deepspeed_estimators(name, nodes, gpus, capsys)
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
 
     shape = PRESETS[name]
-    z3 = _deepspeed_table(estimate_zero3_model_states_mem_needs_all_cold, capsys, total_params=shape.params(),
-                          largest_layer_params=shape.largest_layer(), num_gpus_per_node=gpus, num_nodes=nodes)
-    z2 = _deepspeed_table(estimate_zero2_model_states_mem_needs_all_cold, capsys, total_params=shape.params(),
-                          num_gpus_per_node=gpus, num_nodes=nodes)
-    cases = [(3, "none", z3["offload_param=none,offload_optimizer=none,zero_init=1"]),
-             (3, "optimizer", z3["offload_param=none,offload_optimizer=cpu,zero_init=1"]),
-             (3, "params", z3["offload_param=cpu,offload_optimizer=cpu,zero_init=1"]),
-             (2, "none", z2["offload_optimizer=none"]), (2, "optimizer", z2["offload_optimizer=cpu"])]
+    z3 = _deepspeed_table(
+        estimate_zero3_model_states_mem_needs_all_cold,
+        capsys,
+        total_params=shape.params(),
+        largest_layer_params=shape.largest_layer(),
+        num_gpus_per_node=gpus,
+        num_nodes=nodes,
+    )
+    z2 = _deepspeed_table(
+        estimate_zero2_model_states_mem_needs_all_cold,
+        capsys,
+        total_params=shape.params(),
+        num_gpus_per_node=gpus,
+        num_nodes=nodes,
+    )
+    cases = [
+        (3, "none", z3["offload_param=none,offload_optimizer=none,zero_init=1"]),
+        (3, "optimizer", z3["offload_param=none,offload_optimizer=cpu,zero_init=1"]),
+        (3, "params", z3["offload_param=cpu,offload_optimizer=cpu,zero_init=1"]),
+        (2, "none", z2["offload_optimizer=none"]),
+        (2, "optimizer", z2["offload_optimizer=cpu"]),
+    ]
     for zero, offload, ds_gib in cases:
         ours = sum(model_states(shape, Setup(zero=zero, offload=offload, nodes=nodes, gpus_per_node=gpus)).values())
         assert ours / GIB == pytest.approx(ds_gib, rel=0.10, abs=0.01), (zero, offload)
@@ -78,10 +99,30 @@ def test_activation_estimate_matches_measured_peak_on_cpu(tmp_path, esconv_dir):
     forward + backward over a real trie row of ESConv dialogues, with and without checkpointing."""
     model = tiny_run_data(tmp_path, esconv_dir, n_train=16)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "measure_memory.py"), "--data", str(tmp_path / "train.jsonl"),
-         "--tokenizer", str(model), "--hidden", "256", "--layers", "4", "--intermediate", "1024",
-         "--seq-len", "2048", "--logit-chunk", "256", "--work", str(tmp_path / "measure")],
-        capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+        [
+            sys.executable,
+            str(REPO / "scripts" / "measure_memory.py"),
+            "--data",
+            str(tmp_path / "train.jsonl"),
+            "--tokenizer",
+            str(model),
+            "--hidden",
+            "256",
+            "--layers",
+            "4",
+            "--intermediate",
+            "1024",
+            "--seq-len",
+            "2048",
+            "--logit-chunk",
+            "256",
+            "--work",
+            str(tmp_path / "measure"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["n_tokens"] > 1500
@@ -100,18 +141,81 @@ def test_hf_config_path_gives_the_model_param_count(tmp_path, esconv_dir):
 
 
 def test_plan_cli_text_json_and_errors(tmp_path):
-    proc = run_cli("plan", "--model", "8b", "--gpus-per-node", "8", "--nodes", "1", "--gpu-mem", "80",
-                   "--method", "full", "--zero", "3", "--seq-len", "4096", "--micro-batch", "1", check=True)
-    for words in ("params", "gradients", "optimizer", "activation peak", "trie-layout overhead", "fits in",
-                  "cheapest setup that fits", "fastest setup on these GPUs"):
+    proc = run_cli(
+        "plan",
+        "--model",
+        "8b",
+        "--gpus-per-node",
+        "8",
+        "--nodes",
+        "1",
+        "--gpu-mem",
+        "80",
+        "--method",
+        "full",
+        "--zero",
+        "3",
+        "--seq-len",
+        "4096",
+        "--micro-batch",
+        "1",
+        check=True,
+    )
+    for words in (
+        "params",
+        "gradients",
+        "optimizer",
+        "activation peak",
+        "trie-layout overhead",
+        "fits in",
+        "cheapest setup that fits",
+        "fastest setup on these GPUs",
+    ):
         assert words in proc.stdout
-    p = json.loads(run_cli("plan", "--model", "70b", "--gpus-per-node", "8", "--nodes", "1", "--gpu-mem", "80",
-                           "--method", "full", "--seq-len", "4096", "--micro-batch", "1", "--json", check=True).stdout)
+    p = json.loads(
+        run_cli(
+            "plan",
+            "--model",
+            "70b",
+            "--gpus-per-node",
+            "8",
+            "--nodes",
+            "1",
+            "--gpu-mem",
+            "80",
+            "--method",
+            "full",
+            "--seq-len",
+            "4096",
+            "--micro-batch",
+            "1",
+            "--json",
+            check=True,
+        ).stdout
+    )
     assert p["fits"] is False  # 70B full fine-tuning does not fit one node of 80 GB cards
     assert p["cheapest"]["nodes"] * p["cheapest"]["gpus_per_node"] >= 8
-    q = json.loads(run_cli("plan", "--model", "8b", "--gpus-per-node", "1", "--nodes", "1", "--gpu-mem", "24",
-                           "--method", "qlora", "--seq-len", "2048", "--micro-batch", "1", "--json",
-                           check=True).stdout)
+    q = json.loads(
+        run_cli(
+            "plan",
+            "--model",
+            "8b",
+            "--gpus-per-node",
+            "1",
+            "--nodes",
+            "1",
+            "--gpu-mem",
+            "24",
+            "--method",
+            "qlora",
+            "--seq-len",
+            "2048",
+            "--micro-batch",
+            "1",
+            "--json",
+            check=True,
+        ).stdout
+    )
     assert q["checkpointing"]["fits"] and not q["no_checkpointing"]["fits"]
     assert q["checkpointing"]["total_gib"] < p["checkpointing"]["total_gib"]
     bad = run_cli("plan", "--model", str(tmp_path / "nope"), "--method", "full")
@@ -127,8 +231,9 @@ def test_more_gpus_and_checkpointing_lower_memory():
     assert four["per_gpu_gib"]["optimizer"] == pytest.approx(one["per_gpu_gib"]["optimizer"] / 4)
     assert one["checkpointing"]["total_gib"] < one["no_checkpointing"]["total_gib"]
     longer = plan(shape, Setup(nodes=4, gpus_per_node=8, seq_len=8192))
-    assert (longer["checkpointing"]["activations_gib"]["trie_mask"]
-            > four["checkpointing"]["activations_gib"]["trie_mask"])
+    assert (
+        longer["checkpointing"]["activations_gib"]["trie_mask"] > four["checkpointing"]["activations_gib"]["trie_mask"]
+    )
 
 
 RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if "plan:" in p.read_text())

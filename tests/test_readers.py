@@ -1,4 +1,5 @@
 """ESC-Pro tree JSON, CSO DPO/KTO rows and TRL rows all normalise into preference dialogues."""
+
 import json
 
 import pytest
@@ -24,27 +25,49 @@ def A(t, s, neg=()):
 
 # Two preferred paths of one MCTS tree share their first two turns.
 ESCPRO = [
-    {"description": "lost my job", "scene": "anxiety", "iter": 120, "messages": [
-        U("I lost my job today."),
-        A("That sounds really painful.", "Emotional Validation",
-          [("Share Information", "Many people lose jobs."), ("Share Information", "Many people lose jobs."),
-           ("Affirmation", "You are strong.")]),
-        U("I don't know what to do."),
-        A("Let's think about next steps together.", "Collaborative Planning", [("Affirmation", "You'll be fine.")]),
-        U("Okay, where do I start?"),
-        A("Maybe update your resume first?", "Collaborative Planning", []),
-        U("Thanks, that helps."),
-    ]},
-    {"description": "lost my job", "scene": "anxiety", "iter": 120, "messages": [
-        U("I lost my job today."),
-        A("That sounds really painful.", "Emotional Validation",
-          [("Share Information", "Many people lose jobs."), ("Affirmation", "You are strong.")]),
-        U("I don't know what to do."),
-        A("Let's think about next steps together.", "Collaborative Planning", [("Affirmation", "You'll be fine.")]),
-        U("I feel like a failure."),
-        A("Losing a job does not make you a failure.", "Reframe Negative Thoughts",
-          [("Share Information", "Unemployment is at 4%.")]),
-    ]},
+    {
+        "description": "lost my job",
+        "scene": "anxiety",
+        "iter": 120,
+        "messages": [
+            U("I lost my job today."),
+            A(
+                "That sounds really painful.",
+                "Emotional Validation",
+                [
+                    ("Share Information", "Many people lose jobs."),
+                    ("Share Information", "Many people lose jobs."),
+                    ("Affirmation", "You are strong."),
+                ],
+            ),
+            U("I don't know what to do."),
+            A("Let's think about next steps together.", "Collaborative Planning", [("Affirmation", "You'll be fine.")]),
+            U("Okay, where do I start?"),
+            A("Maybe update your resume first?", "Collaborative Planning", []),
+            U("Thanks, that helps."),
+        ],
+    },
+    {
+        "description": "lost my job",
+        "scene": "anxiety",
+        "iter": 120,
+        "messages": [
+            U("I lost my job today."),
+            A(
+                "That sounds really painful.",
+                "Emotional Validation",
+                [("Share Information", "Many people lose jobs."), ("Affirmation", "You are strong.")],
+            ),
+            U("I don't know what to do."),
+            A("Let's think about next steps together.", "Collaborative Planning", [("Affirmation", "You'll be fine.")]),
+            U("I feel like a failure."),
+            A(
+                "Losing a job does not make you a failure.",
+                "Reframe Negative Thoughts",
+                [("Share Information", "Unemployment is at 4%.")],
+            ),
+        ],
+    },
 ]
 
 
@@ -62,8 +85,10 @@ def test_escpro_tree_json(tmp_path):
     assert [m.role for m in d1.messages] == ["seeker", "supporter"] * 3 + ["seeker"]  # trailing seeker kept
     t1 = d1.messages[1]
     # exact duplicate negatives count once
-    assert [(o.strategy, o.text) for o in t1.rejected] == [("Share Information", "Many people lose jobs."),
-                                                           ("Affirmation", "You are strong.")]
+    assert [(o.strategy, o.text) for o in t1.rejected] == [
+        ("Share Information", "Many people lose jobs."),
+        ("Affirmation", "You are strong."),
+    ]
     assert d1.messages[5].rejected == [] and d1.messages[5].target  # a turn may have no negatives
     # the shared prefix is a target once; in the second path it is context only
     assert [m.target for m in d2.messages if m.role == "supporter"] == [False, False, True]
@@ -88,7 +113,7 @@ def test_dpo_and_kto_rows_regroup_into_the_same_dialogues(tmp_path):
     assert report.strategy_set == "escpro" and back[0].strategy_set == "escpro"
     assert dialogue_stats(back) == dialogue_stats(dialogues) | {"messages": 12}
     for a, b in zip(back, dialogues):
-        assert _msgs(a) == _msgs(b)[:len(a.messages)]
+        assert _msgs(a) == _msgs(b)[: len(a.messages)]
     # DPO rows exist only for turns with negatives: without the first path's last turn, that path is a
     # prefix of the second one and both fold into one dialogue
     back, _ = _build("cso-rows", write_jsonl(tmp_path / "dpo.jsonl", dpo), strategies="escpro")
@@ -106,12 +131,25 @@ def _msgs(d):
 def test_trl_rows_strings_lists_and_implicit_prompt(tmp_path):
     rows = [
         {"prompt": "I feel alone.", "chosen": "(Question) What happened?", "rejected": "(Others) Okay."},
-        {"prompt": [U("I feel alone.")], "chosen": [{"role": "assistant", "content": "(Question) What happened?"}],
-         "rejected": [{"role": "assistant", "content": "(Information) Loneliness is common."}]},
-        {"chosen": [U("I feel alone."), {"role": "assistant", "content": "(Question) What happened?"},
-                    U("My friend moved."), {"role": "assistant", "content": "(Reflection of feelings) You miss her."}],
-         "rejected": [U("I feel alone."), {"role": "assistant", "content": "(Question) What happened?"},
-                      U("My friend moved."), {"role": "assistant", "content": "(Others) Hmm."}]},
+        {
+            "prompt": [U("I feel alone.")],
+            "chosen": [{"role": "assistant", "content": "(Question) What happened?"}],
+            "rejected": [{"role": "assistant", "content": "(Information) Loneliness is common."}],
+        },
+        {
+            "chosen": [
+                U("I feel alone."),
+                {"role": "assistant", "content": "(Question) What happened?"},
+                U("My friend moved."),
+                {"role": "assistant", "content": "(Reflection of feelings) You miss her."},
+            ],
+            "rejected": [
+                U("I feel alone."),
+                {"role": "assistant", "content": "(Question) What happened?"},
+                U("My friend moved."),
+                {"role": "assistant", "content": "(Others) Hmm."},
+            ],
+        },
     ]
     dialogues, _ = _build("trl", write_jsonl(tmp_path / "trl.jsonl", rows))
     assert len(dialogues) == 1

@@ -2,6 +2,7 @@
 from the CLI: `data build` for real (on a small ESConv subset), `plan` as is, and the commands that
 need a GPU or a cluster with --dry-run (the model path swapped for a local tiny model, outputs under
 a temporary folder)."""
+
 import re
 import shlex
 from pathlib import Path
@@ -60,8 +61,9 @@ def test_recipe_header_commands_run(recipe, small, tmp_path, monkeypatch, capsys
     monkeypatch.chdir(REPO)
     out_dir = tmp_path / "runs" / recipe.stem
     for cmd in header_commands(recipe):
-        argv = [a.replace("runs/", f"{tmp_path}/runs/", 1) if a.startswith("runs/") else a
-                for a in shlex.split(cmd)[1:]]
+        argv = [
+            a.replace("runs/", f"{tmp_path}/runs/", 1) if a.startswith("runs/") else a for a in shlex.split(cmd)[1:]
+        ]
         if argv[0] == "data":  # the data family reads only the data section (a --run.* override is refused)
             argv += ["--data.input", str(data)]
         else:

@@ -1,4 +1,5 @@
 """Reference log-prob cache: exact values, resume, content-addressed key, export, ranks, LoRA (real components)."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,19 @@ from cso_dist.data.strategies import load_strategy_set
 from cso_dist.errors import CsoError
 from cso_dist.models import build_tiny_model, load_model, load_tokenizer
 from cso_dist.pack import collate_pairs, dialogue_pair_rows, lay_out, pair_logps, score_units
-from cso_dist.refcache import (KEY_COMPONENTS, cache_key, cache_root, cache_status, export_cache, load_reference,
-                               method_reference, precompute, read_manifest, run_precompute, split_dir)
+from cso_dist.refcache import (
+    KEY_COMPONENTS,
+    cache_key,
+    cache_root,
+    cache_status,
+    export_cache,
+    load_reference,
+    method_reference,
+    precompute,
+    read_manifest,
+    run_precompute,
+    split_dir,
+)
 from cso_dist.refcache.cache import shard_file, sidecar_file
 
 SSET = load_strategy_set("esconv")
@@ -46,9 +58,14 @@ def setup(esconv_dir, tmp_path_factory):
 
 
 def make_cfg(setup, out_dir, **over):
-    values = {"model.path": str(setup["model"]), "train.train_file": str(setup["base"] / "train.jsonl"),
-              "run.out_dir": str(out_dir), "refcache.dialogues_per_shard": 5, "data.max_length": MAX_LENGTH,
-              "pack.max_tokens": 1024}
+    values = {
+        "model.path": str(setup["model"]),
+        "train.train_file": str(setup["base"] / "train.jsonl"),
+        "run.out_dir": str(out_dir),
+        "refcache.dialogues_per_shard": 5,
+        "data.max_length": MAX_LENGTH,
+        "pack.max_tokens": 1024,
+    }
     return load_config(None, {**values, **over})
 
 
@@ -132,11 +149,16 @@ def test_key_names_what_changed(setup, built, tmp_path):
     other_data = tmp_path / "train.jsonl"
     write_dialogues(other_data, setup["dialogues"][:11])
     other_model = shutil.copytree(setup["model"], tmp_path / "model-seed1")  # same tokenizer files, new weights
-    seed1 = build_tiny_model("qwen2", tmp_path / "seed1", tokenizer=load_tokenizer(setup["model"]), hidden_size=32,
-                             seed=1)
+    seed1 = build_tiny_model(
+        "qwen2", tmp_path / "seed1", tokenizer=load_tokenizer(setup["model"]), hidden_size=32, seed=1
+    )
     shutil.copy(seed1 / "model.safetensors", other_model / "model.safetensors")
-    changes = {"data": {"train.train_file": str(other_data)}, "truncation": {"data.max_length": 768},
-               "model": {"model.path": str(other_model)}, "dtype": {"model.precision": "bf16"}}
+    changes = {
+        "data": {"train.train_file": str(other_data)},
+        "truncation": {"data.max_length": 768},
+        "model": {"model.path": str(other_model)},
+        "dtype": {"model.precision": "bf16"},
+    }
     for name, over in changes.items():
         new = cache_key(make_cfg(setup, cfg.run.out_dir, **over))
         assert [c for c in KEY_COMPONENTS if new[c] != key[c]] == [name]
@@ -210,8 +232,9 @@ def test_lora_reference_is_the_base(setup, built, tmp_path):
     assert len(ids) > 50 and _worst(got, values, ids) < 1e-5
 
     base = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32)
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                           target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in peft.named_parameters():
@@ -257,11 +280,19 @@ def test_a_tight_budget_splits_turns_and_the_cache_still_holds_every_reply(setup
 
     cfg_roomy, _, want = built
     tight = make_cfg(setup, tmp_path / "tight", **{"pack.max_tokens": 600})
-    laid = lay_out(load_split(tight, "train").dialogues, make_cfg_renderer(tight), resolve_sset(tight), 600,
-                   MAX_LENGTH, kl=False, progress=False)
+    laid = lay_out(
+        load_split(tight, "train").dialogues,
+        make_cfg_renderer(tight),
+        resolve_sset(tight),
+        600,
+        MAX_LENGTH,
+        kl=False,
+        progress=False,
+    )
     assert any(s.reply_id.copy for u in laid.all_units() for s in u.spans)  # the case under test occurs
     run_precompute(tight, progress=False)
     got = load_reference(tight, cache_key(tight))
     assert got.keys() == want.keys()
-    assert all(abs(got[k][0] - want[k][0]) <= summed_logp_tol(want[k][0], want[k][1]) and got[k][1] == want[k][1]
-               for k in want)
+    assert all(
+        abs(got[k][0] - want[k][0]) <= summed_logp_tol(want[k][0], want[k][1]) and got[k][1] == want[k][1] for k in want
+    )

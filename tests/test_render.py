@@ -1,26 +1,38 @@
 """Rendering `(<strategy>) text`, chat templates, per-segment tokenisation and truncation."""
+
 import pytest
 
 from cso_dist.config import DataConfig
 from cso_dist.data.build import build_dialogues
 from cso_dist.data.dialogue import Message, Option, PrefDialogue
-from cso_dist.data.render import (make_renderer, parse_reply, system_prompt, to_chat, tokenize_dialogue,
-                                  turn_examples)
+from cso_dist.data.render import make_renderer, parse_reply, system_prompt, to_chat, tokenize_dialogue, turn_examples
 from cso_dist.data.stats import token_stats
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.errors import ConfigError, CsoError
 
 ESCONV = load_strategy_set("esconv")
-D = PrefDialogue("d0", [
-    Message("seeker", "Hi, I have been feeling low."),
-    Message("supporter", "What has been going on?", "Question",
-            [Option("Information", "Many people feel low in winter."), Option("Others", "Hello!")]),
-    Message("seeker", "I lost my job last week."),
-    Message("supporter", "That must be really hard for you.", "Reflection of feelings",
-            [Option("Self-disclosure", "I lost mine too.")]),
-    Message("seeker", "It is."),
-    Message("supporter", "Maybe try talking to a friend?", "Providing Suggestions", []),
-], "esconv")
+D = PrefDialogue(
+    "d0",
+    [
+        Message("seeker", "Hi, I have been feeling low."),
+        Message(
+            "supporter",
+            "What has been going on?",
+            "Question",
+            [Option("Information", "Many people feel low in winter."), Option("Others", "Hello!")],
+        ),
+        Message("seeker", "I lost my job last week."),
+        Message(
+            "supporter",
+            "That must be really hard for you.",
+            "Reflection of feelings",
+            [Option("Self-disclosure", "I lost mine too.")],
+        ),
+        Message("seeker", "It is."),
+        Message("supporter", "Maybe try talking to a friend?", "Providing Suggestions", []),
+    ],
+    "esconv",
+)
 
 
 def test_system_prompt_and_reply_format():
@@ -43,11 +55,13 @@ def test_segments_reproduce_the_template_and_share_prefixes(qwen_tok, template):
     exs = turn_examples(D, r, ESCONV)
     assert [e.turn for e in exs] == [1, 3, 5]
     for a, b in zip(exs, exs[1:]):
-        assert b.history[:len(a.history) + len(a.chosen)] == a.history + a.chosen
+        assert b.history[: len(a.history) + len(a.chosen)] == a.history + a.chosen
     eot = {"auto": "<|im_end|>", "chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma2": "<end_of_turn>"}[template]
     assert qwen_tok.decode(exs[0].chosen).startswith("(Question) What has been going on?" + eot)
     assert [qwen_tok.decode(x).split(eot)[0] for x in exs[0].rejected] == [
-        "(Information) Many people feel low in winter.", "(Others) Hello!"]
+        "(Information) Many people feel low in winter.",
+        "(Others) Hello!",
+    ]
     assert exs[2].rejected == []
     assert r.system_role == (template != "gemma2")
 
@@ -59,8 +73,9 @@ def test_gemma2_folds_the_system_prompt(qwen_tok):
     # a dialogue that opens with the supporter still renders: the system prompt gets a user turn of its own
     d = PrefDialogue("d1", D.messages[1:], "esconv")
     text = qwen_tok.decode(tokenize_dialogue(d, r, ESCONV).full())
-    assert text.startswith("<bos><start_of_turn>user\n" + system_prompt(ESCONV)
-                           + "<end_of_turn>\n<start_of_turn>model\n(Question)")
+    assert text.startswith(
+        "<bos><start_of_turn>user\n" + system_prompt(ESCONV) + "<end_of_turn>\n<start_of_turn>model\n(Question)"
+    )
 
 
 def test_template_choice(qwen_tok):
@@ -114,13 +129,14 @@ def test_history_prefix_property_on_all_of_esconv_train(qwen_tok, esconv_dir):
         for i in d.turn_indices():
             h = toks.history(i)
             if prev is not None:
-                assert h[:len(prev)] == prev, d.id
+                assert h[: len(prev)] == prev, d.id
             prev = h + toks.body[i]
             turns += 1
             assert len(toks.rejected[i]) == 1
-        assert prev == toks.full()[:len(prev)]
+        assert prev == toks.full()[: len(prev)]
     assert turns == 10679
     # and the segments reproduce the template text exactly (checked on a sample: decoding is slow)
     for d in dialogues[::50]:
-        assert (qwen_tok.decode(tokenize_dialogue(d, r, ESCONV).full())
-                == r.render(to_chat(d.messages, system_prompt(ESCONV))))
+        assert qwen_tok.decode(tokenize_dialogue(d, r, ESCONV).full()) == r.render(
+            to_chat(d.messages, system_prompt(ESCONV))
+        )

@@ -2,6 +2,7 @@
 on this machine by scripts/slurm-up.sh: a 2-node sbatch job with the DeepSpeed engine, a submitit
 sweep as a job array, preemption + requeue + resume with the same loss curve (submitit and sbatch),
 and a failing job's error with its log path."""
+
 import json
 import os
 import re
@@ -60,13 +61,15 @@ def data(tmp_path_factory, esconv_dir):
 
 
 def overrides(root: Path, name: str, **over) -> dict:
-    return run_overrides(root, name, **{"slurm.gpus_per_node": 0, "slurm.cpus_per_task": 1, "slurm.time_min": 10,
-                                        **over})
+    return run_overrides(
+        root, name, **{"slurm.gpus_per_node": 0, "slurm.cpus_per_task": 1, "slurm.time_min": 10, **over}
+    )
 
 
 def sacct_state(job: str) -> str:
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "--format=State"], capture_output=True,
-                         text=True).stdout.split()
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", job, "--format=State"], capture_output=True, text=True
+    ).stdout.split()
     return out[0] if out else ""
 
 
@@ -87,10 +90,26 @@ def losses(run_dir) -> list[tuple]:
 def test_sbatch_dry_run_renders_every_template_without_secrets(data, tmp_path):
     for template in ("train", "qlora", "precompute", "sweep"):
         extra = ["--sweep", "train.beta=0.1,0.2"] if template == "sweep" else []
-        proc = run_cli("launch", "sbatch", "--template", template, "--nodes", 2, "--gpus-per-node", 8,
-                       "--partition", "gpu", "--account", "lab", "--time", 90, "--dry-run", *extra,
-                       *argv(overrides(data, f"dry-{template}", **{"track.wandb": "true"})),
-                       env={"WANDB_API_KEY": SECRET})
+        proc = run_cli(
+            "launch",
+            "sbatch",
+            "--template",
+            template,
+            "--nodes",
+            2,
+            "--gpus-per-node",
+            8,
+            "--partition",
+            "gpu",
+            "--account",
+            "lab",
+            "--time",
+            90,
+            "--dry-run",
+            *extra,
+            *argv(overrides(data, f"dry-{template}", **{"track.wandb": "true"})),
+            env={"WANDB_API_KEY": SECRET},
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         script = Path(re.search(r"# written to (\S+)", proc.stdout).group(1))
         text = script.read_text()
@@ -115,8 +134,9 @@ def test_sbatch_two_node_deepspeed_job_completes(slurm, data):
     assert len(losses(run)) == 4 and (run / "final" / "config.json").is_file()
     log = next((run / "slurm").glob("*.out")).read_text()
     assert "deepspeed engine on 2 ranks" in log and "node[1-2]" in log
-    nodes = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "--format=NNodes"], capture_output=True,
-                           text=True).stdout.split()
+    nodes = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", job, "--format=NNodes"], capture_output=True, text=True
+    ).stdout.split()
     assert nodes == ["2"]
 
 
@@ -131,11 +151,19 @@ def test_submitit_sweep_runs_as_one_job_array(slurm, data):
     print(text)
     assert [r["state"] for r in rows] == ["COMPLETED"] * 4, rows
     assert len(text.splitlines()) == 2 + 4 and all(isinstance(r["loss"], float) for r in rows)
-    assert {r.name for r in runs} == {"method=dpo_seed=0", "method=dpo_seed=1", "method=ipo_seed=0",
-                                      "method=ipo_seed=1"}
+    assert {r.name for r in runs} == {
+        "method=dpo_seed=0",
+        "method=dpo_seed=1",
+        "method=ipo_seed=0",
+        "method=ipo_seed=1",
+    }
     saved = load_config(data / "sweep" / "method=ipo_seed=1" / "config.yaml", {})
-    assert (saved.train.method, saved.run.seed, saved.track.group, saved.track.name) == \
-        ("ipo", 1, "sweep", "method=ipo_seed=1")
+    assert (saved.train.method, saved.run.seed, saved.track.group, saved.track.name) == (
+        "ipo",
+        1,
+        "sweep",
+        "method=ipo_seed=1",
+    )
 
 
 def _preempt_and_finish(run_dir: Path, signal_job) -> dict:
@@ -171,8 +199,9 @@ def _uninterrupted(over: dict, name: str, data: Path) -> list[tuple]:
 def test_submitit_preempted_run_requeues_and_resumes_the_same_curve(slurm, data):
     over = overrides(data, "preempt-submitit", **{"train.max_steps": 40, "train.grad_accum": 1})
     run = submit_run(cfg_of(over))
-    times = _preempt_and_finish(data / "preempt-submitit",
-                                lambda: subprocess.run(["scancel", "--signal=USR2", run.job.job_id], check=True))
+    times = _preempt_and_finish(
+        data / "preempt-submitit", lambda: subprocess.run(["scancel", "--signal=USR2", run.job.job_id], check=True)
+    )
     rows = collect([run])
     assert rows[0]["state"] == "COMPLETED", rows
     print(f"submitit preemption: {times}")
@@ -188,8 +217,9 @@ def test_sbatch_time_limit_signal_checkpoints_requeues_and_resumes(slurm, data):
     assert proc.returncode == 0, proc.stderr[-2000:]
     job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
     # what Slurm does at time limit - signal_delay_s (--signal=B:USR1@N): USR1 to the batch shell
-    times = _preempt_and_finish(data / "preempt-sbatch",
-                                lambda: subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True))
+    times = _preempt_and_finish(
+        data / "preempt-sbatch", lambda: subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    )
     assert wait_job(job) == "COMPLETED"
     print(f"sbatch preemption: {times}")
     log = next((data / "preempt-sbatch" / "slurm").glob("*.out")).read_text()
@@ -202,8 +232,9 @@ def test_failing_job_reports_its_error_and_log(slurm, data):
     (row,) = collect([run])
     assert row["state"] == "FAILED" and "no-such-model" in row["error"], row
     assert Path(row["log"]).is_file() and "no-such-model" in Path(row["log"]).read_text()
-    proc = run_cli("launch", "submitit", *argv(overrides(data, "failing-cli",
-                                                         **{"model.path": data / "no-such-model"})))
+    proc = run_cli(
+        "launch", "submitit", *argv(overrides(data, "failing-cli", **{"model.path": data / "no-such-model"}))
+    )
     assert proc.returncode == 1 and "FAILED" in proc.stdout and "no-such-model" in proc.stdout
 
 
@@ -242,8 +273,9 @@ def test_submitit_two_node_deepspeed_run(slurm, data):
     ref = _uninterrupted({**over, "dist.engine": "torch"}, "submitit-2n-ref", data)
     got = losses(data / "submitit-2n")
     # 2 ranks against 1 process: another reduction order, so within fp32's curve tolerance
-    assert [s for s, _ in got] == [s for s, _ in ref] and all(abs(a - b) <= curve_tol(b)
-                                                              for (_, a), (_, b) in zip(got, ref))
+    assert [s for s, _ in got] == [s for s, _ in ref] and all(
+        abs(a - b) <= curve_tol(b) for (_, a), (_, b) in zip(got, ref)
+    )
 
 
 def test_sbatch_precompute_on_two_nodes_equals_one_process(slurm, data):
@@ -271,8 +303,9 @@ def test_sbatch_sweep_array_runs_every_grid_point(slurm, data):
     job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
     deadline = time.time() + 600
     while time.time() < deadline:
-        states = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "--format=JobID,State"], capture_output=True,
-                                text=True).stdout.split()
+        states = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job, "--format=JobID,State"], capture_output=True, text=True
+        ).stdout.split()
         if len(states) == 2 and all(s.endswith("|COMPLETED") or s.endswith("|FAILED") for s in states):
             break
         time.sleep(1)
@@ -287,9 +320,28 @@ def test_mcts_build_split_across_a_job_array_then_merged(slurm, data, tmp_path, 
     seeds.write_text("".join((esconv_dir / "test.jsonl").read_text().splitlines(keepends=True)[:2]))
     out = tmp_path / "ESC-Pro.json"
     t0 = time.time()
-    proc = run_cli("mcts", "submit", "--seeds", seeds, "--out", out, "--tasks", 2, "--backend", "hf",
-                   "--model", data / "model", *MCTS_SMALL, "--slurm.gpus_per_node", 0, "--slurm.cpus_per_task", 1,
-                   "--slurm.time_min", 10, check=True)
+    proc = run_cli(
+        "mcts",
+        "submit",
+        "--seeds",
+        seeds,
+        "--out",
+        out,
+        "--tasks",
+        2,
+        "--backend",
+        "hf",
+        "--model",
+        data / "model",
+        *MCTS_SMALL,
+        "--slurm.gpus_per_node",
+        0,
+        "--slurm.cpus_per_task",
+        1,
+        "--slurm.time_min",
+        10,
+        check=True,
+    )
     print(f"mcts array build: {time.time() - t0:.1f} s")
     jobs = re.search(r"submitted 2 array tasks: (\S+) (\S+)", proc.stdout)
     assert jobs, proc.stdout

@@ -1,4 +1,5 @@
 """Single-process CSO training: step-0 loss, learning, methods, resume, non-finite loss, outputs, W&B."""
+
 import json
 import math
 import os
@@ -36,9 +37,17 @@ def setup(tmp_path_factory, esconv_dir):
 
 def over_for(setup, name, **over) -> dict:
     root, model = setup
-    base = {"model.path": str(model), "train.train_file": str(root / "train.jsonl"), "run.out_dir": str(root / name),
-            "train.ref_cache": str(root / "refcache"), "data.max_length": 1024, "pack.max_tokens": 2048,
-            "train.lr": 3e-3, "train.warmup_ratio": 0.0, "train.schedule": "constant"}
+    base = {
+        "model.path": str(model),
+        "train.train_file": str(root / "train.jsonl"),
+        "run.out_dir": str(root / name),
+        "train.ref_cache": str(root / "refcache"),
+        "data.max_length": 1024,
+        "pack.max_tokens": 2048,
+        "train.lr": 3e-3,
+        "train.warmup_ratio": 0.0,
+        "train.schedule": "constant",
+    }
     return {**base, **over}
 
 
@@ -97,13 +106,26 @@ def test_short_dpo_run_learns_the_training_pairs(setup):
     ref = load_reference(cfg, cache_key(cfg, "train", renderer, sset))
     train = load_split(cfg, "train")
     step1 = plan_steps(make_layout(cfg, train.dialogues, renderer, sset, False), len(train.dialogues), cfg)[0]
-    assert abs(metrics[0]["loss"] - math.log(2)) <= dpo_step0_bound(resolved_beta("dpo", cfg.train.beta),
-                                                                     [p for b in step1 for p in _ref_pairs(b, ref)])
+    assert abs(metrics[0]["loss"] - math.log(2)) <= dpo_step0_bound(
+        resolved_beta("dpo", cfg.train.beta), [p for b in step1 for p in _ref_pairs(b, ref)]
+    )
     assert summary["eval/rewards/accuracies"] > 0.9, summary  # scored on the training pairs after training
-    for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-              "logps/rejected", "tokens_per_s", "pairs_per_s", "lr", "grad_norm"):
+    for k in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "tokens_per_s",
+        "pairs_per_s",
+        "lr",
+        "grad_norm",
+    ):
         assert k in metrics[-2], k
     from transformers import AutoModelForCausalLM
+
     AutoModelForCausalLM.from_pretrained(summary["final"])  # an HF save_pretrained folder
 
 
@@ -122,9 +144,18 @@ def test_per_pair_layout_gives_the_same_first_step(setup):
     out = {}
     for layout in ("trie", "pair"):
         # one optimizer step over the same pairs (grad_accum covers every micro-batch of either layout)
-        cfg = cfg_for(setup, f"layout-{layout}", **{"pack.layout": layout, "train.max_steps": 1, "train.grad_accum": 64,
-                                                    "train.max_dialogues": 2, "pack.max_tokens": 100000,
-                                                    "train.ref_cache": str(setup[0] / "refcache-2")})
+        cfg = cfg_for(
+            setup,
+            f"layout-{layout}",
+            **{
+                "pack.layout": layout,
+                "train.max_steps": 1,
+                "train.grad_accum": 64,
+                "train.max_dialogues": 2,
+                "pack.max_tokens": 100000,
+                "train.ref_cache": str(setup[0] / "refcache-2"),
+            },
+        )
         run_train(cfg, progress=False)
         out[layout] = read_metrics(cfg.run.out_dir)[0]
     for k in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
@@ -148,14 +179,19 @@ def killed(setup, tmp_path_factory):
     full = over_for(setup, "uninterrupted", **RESUME_RUN)
     run_cli("train", *[f"--{k}={v}" for k, v in full.items()], env=ONE_THREAD, check=True)
     over = over_for(setup, "interrupted", **RESUME_RUN)
-    proc = subprocess.Popen([sys.executable, "-m", "cso_dist.cli", "train", *[f"--{k}={v}" for k, v in over.items()]],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, **ONE_THREAD})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cso_dist.cli", "train", *[f"--{k}={v}" for k, v in over.items()]],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **ONE_THREAD},
+    )
     ckpts = os.path.join(over["run.out_dir"], "checkpoints")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(ckpts) and any(os.path.isfile(os.path.join(ckpts, d, "state.json"))
-                                        for d in os.listdir(ckpts)):
+        if os.path.isdir(ckpts) and any(
+            os.path.isfile(os.path.join(ckpts, d, "state.json")) for d in os.listdir(ckpts)
+        ):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -164,14 +200,18 @@ def killed(setup, tmp_path_factory):
     assert not os.path.isdir(os.path.join(over["run.out_dir"], "final"))
     copy = str(tmp_path_factory.mktemp("resume") / "interrupted-copy")
     shutil.copytree(over["run.out_dir"], copy)
-    at = max(json.loads(open(os.path.join(ckpts, d, "state.json")).read())["step"] for d in os.listdir(ckpts)
-             if os.path.isfile(os.path.join(ckpts, d, "state.json")))
+    at = max(
+        json.loads(open(os.path.join(ckpts, d, "state.json")).read())["step"]
+        for d in os.listdir(ckpts)
+        if os.path.isfile(os.path.join(ckpts, d, "state.json"))
+    )
     return _curve(full["run.out_dir"]), over, {**over, "run.out_dir": copy}, at
 
 
 def _resume(over: dict, threads: int) -> tuple[list[tuple], str]:
-    proc = run_cli("train", *[f"--{k}={v}" for k, v in over.items()], "--resume",
-                   env={"OMP_NUM_THREADS": str(threads)}, check=True)
+    proc = run_cli(
+        "train", *[f"--{k}={v}" for k, v in over.items()], "--resume", env={"OMP_NUM_THREADS": str(threads)}, check=True
+    )
     return _curve(over["run.out_dir"]), proc.stdout
 
 
@@ -211,12 +251,24 @@ def test_nonfinite_loss_stops_and_saves_the_batch(setup, tmp_path):
         model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     model.save_pretrained(tmp_path / "nan-model")
     import shutil
+
     for f in model_dir.iterdir():
         if "token" in f.name or f.name.endswith(".jinja"):
             shutil.copy(f, tmp_path / "nan-model" / f.name)
-    proc = run_cli("train", "--model.path", tmp_path / "nan-model", "--train.method=sft", "--train.train_file",
-                   root / "train.jsonl", "--run.out_dir", tmp_path / "run", "--data.max_length", "1024",
-                   "--pack.max_tokens", "2048")
+    proc = run_cli(
+        "train",
+        "--model.path",
+        tmp_path / "nan-model",
+        "--train.method=sft",
+        "--train.train_file",
+        root / "train.jsonl",
+        "--run.out_dir",
+        tmp_path / "run",
+        "--data.max_length",
+        "1024",
+        "--pack.max_tokens",
+        "2048",
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert "loss is nan at step 1" in line and "nonfinite-step1-micro0.pt" in line
@@ -229,8 +281,17 @@ def test_lora_final_outputs_and_wandb_offline(setup, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     for final in ("adapter", "merged"):
-        cfg = cfg_for(setup, f"lora-{final}", **{"model.method": "lora", "model.lora_r": 4, "train.max_steps": 2,
-                                                 "train.final": final, "track.wandb": final == "adapter"})
+        cfg = cfg_for(
+            setup,
+            f"lora-{final}",
+            **{
+                "model.method": "lora",
+                "model.lora_r": 4,
+                "train.max_steps": 2,
+                "train.final": final,
+                "track.wandb": final == "adapter",
+            },
+        )
         summary = run_train(cfg, progress=False)
         files = os.listdir(summary["final"])
         assert ("adapter_config.json" in files) == (final == "adapter")
@@ -245,10 +306,20 @@ def test_lora_dropout_reaches_training_and_is_off_at_eval(setup):
     changes the curve once the adapters are non-zero, and evaluation runs without it."""
     curves = {}
     for p in (0.0, 0.5):
-        cfg = cfg_for(setup, f"lora-dropout-{p}", **{
-            "model.method": "lora", "model.lora_r": 4, "model.lora_dropout": p, "train.final": "adapter",
-            "train.max_steps": 3, "train.eval_file": str(setup[0] / "valid.jsonl"), "train.eval_every": 1,
-            "train.ref_cache": str(setup[0] / "refcache-valid-eval")})  # its eval file differs from the others
+        cfg = cfg_for(
+            setup,
+            f"lora-dropout-{p}",
+            **{
+                "model.method": "lora",
+                "model.lora_r": 4,
+                "model.lora_dropout": p,
+                "train.final": "adapter",
+                "train.max_steps": 3,
+                "train.eval_file": str(setup[0] / "valid.jsonl"),
+                "train.eval_every": 1,
+                "train.ref_cache": str(setup[0] / "refcache-valid-eval"),
+            },
+        )  # its eval file differs from the others
         summary = run_train(cfg, progress=False)
         curves[p] = read_metrics(cfg.run.out_dir)
         saved = json.loads(open(os.path.join(summary["final"], "adapter_config.json")).read())
@@ -271,9 +342,16 @@ def test_training_refuses_a_stale_cache(setup):
 
 @pytest.mark.slow
 def test_bf16_gradient_checkpointing_and_wandb_failure(setup, monkeypatch, capfd):
-    cfg = cfg_for(setup, "bf16", **{"model.precision": "bf16", "train.gradient_checkpointing": True,
-                                    "train.max_steps": 2,
-                                    "train.ref_cache": str(setup[0] / "refcache-bf16")})  # dtype is in the key
+    cfg = cfg_for(
+        setup,
+        "bf16",
+        **{
+            "model.precision": "bf16",
+            "train.gradient_checkpointing": True,
+            "train.max_steps": 2,
+            "train.ref_cache": str(setup[0] / "refcache-bf16"),
+        },
+    )  # dtype is in the key
     run_train(cfg, progress=False)
     m = read_metrics(cfg.run.out_dir)
     assert len(m) == 2 and all(math.isfinite(x["loss"]) for x in m)
@@ -284,8 +362,10 @@ def test_bf16_gradient_checkpointing_and_wandb_failure(setup, monkeypatch, capfd
 def test_cli_precompute_and_cache_export(setup, tmp_path):
     root, model = setup
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"model: {{path: {model}}}\ntrain: {{train_file: {root / 'train.jsonl'}, max_dialogues: 3}}\n"
-                   f"data: {{max_length: 1024}}\npack: {{max_tokens: 2048}}\nrun: {{out_dir: {tmp_path / 'run'}}}\n")
+    cfg.write_text(
+        f"model: {{path: {model}}}\ntrain: {{train_file: {root / 'train.jsonl'}, max_dialogues: 3}}\n"
+        f"data: {{max_length: 1024}}\npack: {{max_tokens: 2048}}\nrun: {{out_dir: {tmp_path / 'run'}}}\n"
+    )
     proc = run_cli("precompute", cfg, check=True)
     assert "reference cache ready" in proc.stdout
     run_cli("data", "pairs", root / "train.jsonl", "--format", "dpo", "--out", tmp_path / "pairs.jsonl", check=True)

@@ -1,4 +1,5 @@
 """`data build`: any source -> preference dialogues, with a report of what was merged or skipped."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,8 +36,7 @@ def detect_strategy_set(path: str) -> str:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return "esconv"  # the reader reports the missing file
-    hits = {name: sum(text.count(f"({s})") + text.count(f'"{s}"') for s in desc)
-            for name, (desc, _) in NAMED.items()}
+    hits = {name: sum(text.count(f"({s})") + text.count(f'"{s}"') for s in desc) for name, (desc, _) in NAMED.items()}
     return max(hits, key=lambda k: (hits[k], k == "esconv"))
 
 

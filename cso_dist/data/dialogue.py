@@ -14,6 +14,7 @@ On disk: JSON Lines, one dialogue per line:
                   {"role": "supporter", "text": "...", "strategy": "Question", "target": true,
                    "rejected": [{"strategy": "Information", "text": "..."}]}, ...]}
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,15 @@ class PrefDialogue:
             if m.role == SEEKER:
                 msgs.append({"role": SEEKER, "text": m.text})
             else:
-                msgs.append({"role": SUPPORTER, "text": m.text, "strategy": m.strategy, "target": m.target,
-                             "rejected": [{"strategy": o.strategy, "text": o.text} for o in m.rejected]})
+                msgs.append(
+                    {
+                        "role": SUPPORTER,
+                        "text": m.text,
+                        "strategy": m.strategy,
+                        "target": m.target,
+                        "rejected": [{"strategy": o.strategy, "text": o.text} for o in m.rejected],
+                    }
+                )
         return {"id": self.id, "strategy_set": self.strategy_set, "meta": self.meta, "messages": msgs}
 
 
@@ -85,8 +93,9 @@ def dedup_options(options: Iterable[Option], exclude: Option | None = None) -> l
 def req(obj: dict, key: str, typ: type | tuple, path: str, record: str, fld: str):
     """Return obj[key], checking presence and type; errors name file, record and field."""
     if not isinstance(obj, dict):
-        raise DataError(path, record, fld.rsplit(".", 1)[0] or None, f"expected an object, got {type(obj).__name__}",
-                        "wrong-type")
+        raise DataError(
+            path, record, fld.rsplit(".", 1)[0] or None, f"expected an object, got {type(obj).__name__}", "wrong-type"
+        )
     if key not in obj:
         raise DataError(path, record, fld, "missing field", "missing-field")
     val = obj[key]
@@ -109,17 +118,26 @@ def canonical_strategy(label, sset: StrategySet, use_aliases: bool, path: str, r
     name = sset.canonical(label.strip(), use_aliases)
     if name is None:
         hint = "" if use_aliases else "; --aliases maps known variants"
-        raise DataError(path, record, fld,
-                        f"unknown strategy '{label}' (set '{sset.name}': {', '.join(sset.names)}{hint})",
-                        "unknown-strategy")
+        raise DataError(
+            path,
+            record,
+            fld,
+            f"unknown strategy '{label}' (set '{sset.name}': {', '.join(sset.names)}{hint})",
+            "unknown-strategy",
+        )
     return name
 
 
 def check_alternation(roles: list[str], path: str, record: str, fld: str = "messages") -> None:
     for i in range(1, len(roles)):
         if roles[i] == roles[i - 1]:
-            raise DataError(path, record, f"{fld}[{i}].role",
-                            f"dialogue not alternating: two {roles[i]} messages in a row", "not-alternating")
+            raise DataError(
+                path,
+                record,
+                f"{fld}[{i}].role",
+                f"dialogue not alternating: two {roles[i]} messages in a row",
+                "not-alternating",
+            )
 
 
 # ---------------------------------------------------------------- JSON Lines I/O
@@ -145,8 +163,9 @@ def load_json_records(path: str | Path) -> Iterator[tuple[str, object]]:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise DataError(path, None, None, f"bad JSON: {e.msg} (line {e.lineno}, column {e.colno})",
-                            "bad-json") from None
+            raise DataError(
+                path, None, None, f"bad JSON: {e.msg} (line {e.lineno}, column {e.colno})", "bad-json"
+            ) from None
         for i, rec in enumerate(data):
             yield f"record {i}", rec
     else:

@@ -17,6 +17,7 @@ same split, retrieved by TF-IDF cosine similarity between the seeker context bef
 none). From the `pool` most similar eligible candidates, options are picked in a seeded random
 order, distinct strategies first, then distinct texts -- deterministic for a seed.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,9 +50,14 @@ def esconv_file(path: str, split: str) -> str:
         for cand in (p / f"{split}.jsonl", p / "esconv" / f"{split}.jsonl", p / f"{split}.json"):
             if cand.is_file():
                 return str(cand)
-        raise DataError(str(p), None, None, f"no {split}.jsonl here (expected the ESConv HF split files "
-                        "train.jsonl, valid.jsonl, test.jsonl; `cso-dist data fetch esconv` downloads them)",
-                        "missing-file")
+        raise DataError(
+            str(p),
+            None,
+            None,
+            f"no {split}.jsonl here (expected the ESConv HF split files "
+            "train.jsonl, valid.jsonl, test.jsonl; `cso-dist data fetch esconv` downloads them)",
+            "missing-file",
+        )
     if not p.is_file():
         raise DataError(str(p), None, None, "no such file or folder", "missing-file")
     return str(p)
@@ -139,7 +145,7 @@ def _add_negatives(dialogues: list[PrefDialogue], opts: EsconvOptions, counts: C
     top = min(n, max(200, opts.pool * 10))
     with tqdm(total=n, desc="negatives", unit="turn", disable=None) as bar:
         for lo in range(0, n, chunk):
-            sims = (X[lo:lo + chunk] @ X.T).toarray()
+            sims = (X[lo : lo + chunk] @ X.T).toarray()
             for r, q in enumerate(range(lo, min(lo + chunk, n))):
                 di, i = turns[q]
                 gold = cand_opt[q]

@@ -5,6 +5,7 @@ DPO rows: {"messages": [system, ...history], "chosen": {"role": "assistant", "co
 KTO rows: {"messages": [system, ...history, assistant reply], "label": true|false}: the
 preferred reply labelled true and each non-preferred one false, with the same history.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,13 +30,24 @@ def iter_pairs(dialogues: list[PrefDialogue], sset: StrategySet, fmt: str) -> It
             m = d.messages[i]
             history = to_chat(d.messages[:i], dialogue_system_prompt(d, sset))
             if fmt == "dpo":
-                rows = [(f"{d.id}:{i}:r{k}", dict(extra, messages=history, chosen=_reply(m.strategy, m.text),
-                                                  reject=_reply(o.strategy, o.text)))
-                        for k, o in enumerate(m.rejected)]
+                rows = [
+                    (
+                        f"{d.id}:{i}:r{k}",
+                        dict(
+                            extra,
+                            messages=history,
+                            chosen=_reply(m.strategy, m.text),
+                            reject=_reply(o.strategy, o.text),
+                        ),
+                    )
+                    for k, o in enumerate(m.rejected)
+                ]
             else:
                 rows = [(f"{d.id}:{i}:c", dict(extra, messages=history + [_reply(m.strategy, m.text)], label=True))]
-                rows += [(f"{d.id}:{i}:r{k}", dict(extra, messages=history + [_reply(o.strategy, o.text)], label=False))
-                         for k, o in enumerate(m.rejected)]
+                rows += [
+                    (f"{d.id}:{i}:r{k}", dict(extra, messages=history + [_reply(o.strategy, o.text)], label=False))
+                    for k, o in enumerate(m.rejected)
+                ]
             for pid, row in rows:
                 key = json.dumps(row, sort_keys=True, ensure_ascii=False)
                 if key not in seen:

@@ -1,4 +1,5 @@
 """`data fetch esconv`: download ESConv's HF split from the Hugging Face Hub (needs network)."""
+
 from __future__ import annotations
 
 import logging
@@ -23,15 +24,16 @@ def fetch_esconv(dest: Path, timeout: float = 20.0) -> list[Path]:
     except ImportError as e:  # pragma: no cover - huggingface_hub ships with transformers
         raise CsoError(f"data fetch: huggingface_hub is not installed ({e})") from None
     out_dir = dest / "esconv"
-    hint = (f"Offline? Copy train.jsonl, valid.jsonl and test.jsonl of ESConv's HF split into {out_dir} by hand")
+    hint = f"Offline? Copy train.jsonl, valid.jsonl and test.jsonl of ESConv's HF split into {out_dir} by hand"
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     try:  # one quick probe instead of the hub client's minute of retries
         urllib.request.urlopen(endpoint, timeout=timeout).close()
     except urllib.error.HTTPError:
         pass  # the server answered: reachable
     except (OSError, ValueError) as e:
-        raise CsoError(f"data fetch esconv: cannot reach the Hugging Face Hub at {endpoint} "
-                       f"({getattr(e, 'reason', e)}). {hint}") from None
+        raise CsoError(
+            f"data fetch esconv: cannot reach the Hugging Face Hub at {endpoint} ({getattr(e, 'reason', e)}). {hint}"
+        ) from None
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -40,8 +42,10 @@ def fetch_esconv(dest: Path, timeout: float = 20.0) -> list[Path]:
             cached = hf_hub_download(ESCONV_REPO, remote, repo_type="dataset")
         except Exception as e:  # any network / hub failure ends in one clear line
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise CsoError(f"data fetch esconv: could not download {ESCONV_REPO}/{remote} from the Hugging Face "
-                           f"Hub ({type(e).__name__}: {reason}). {hint}") from None
+            raise CsoError(
+                f"data fetch esconv: could not download {ESCONV_REPO}/{remote} from the Hugging Face "
+                f"Hub ({type(e).__name__}: {reason}). {hint}"
+            ) from None
         tmp = out_dir / f".{local}.tmp"
         shutil.copyfile(cached, tmp)
         os.replace(tmp, out_dir / local)

@@ -3,6 +3,7 @@
 All normalise into preference dialogues (cso_dist.data.dialogue) through turn rows and the
 prefix-tree regrouping in cso_dist.data.regroup. ESConv has its own builder (esconv.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -10,15 +11,30 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from cso_dist.data.dialogue import (SEEKER, SUPPORTER, Option, PrefDialogue, canonical_strategy, check_alternation,
-                                    load_json_records, req, req_text)
+from cso_dist.data.dialogue import (
+    SEEKER,
+    SUPPORTER,
+    Option,
+    PrefDialogue,
+    canonical_strategy,
+    check_alternation,
+    load_json_records,
+    req,
+    req_text,
+)
 from cso_dist.data.regroup import TurnRow, regroup
 from cso_dist.data.render import parse_reply
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import DataError
 
-ROLES = {"user": SEEKER, "seeker": SEEKER, "usr": SEEKER, "assistant": SUPPORTER, "supporter": SUPPORTER,
-         "sys": SUPPORTER}
+ROLES = {
+    "user": SEEKER,
+    "seeker": SEEKER,
+    "usr": SEEKER,
+    "assistant": SUPPORTER,
+    "supporter": SUPPORTER,
+    "sys": SUPPORTER,
+}
 
 
 @dataclass
@@ -98,8 +114,13 @@ def _history_ok(ctx: ReadContext, hist: tuple, record: str, fld: str, offset: in
     roles = [h[0] for h in hist]
     check_alternation(roles, ctx.path, record, fld)
     if roles and roles[-1] != SEEKER:
-        raise DataError(ctx.path, record, f"{fld}[{len(roles) - 1 + offset}].role",
-                        "history must end with a user (seeker) message", "not-alternating")
+        raise DataError(
+            ctx.path,
+            record,
+            f"{fld}[{len(roles) - 1 + offset}].role",
+            "history must end with a user (seeker) message",
+            "not-alternating",
+        )
 
 
 def _meta(obj: dict, keys=("scene", "description", "situation", "emotion_type", "problem_type", "iter")) -> dict:
@@ -136,8 +157,13 @@ def read_escpro(ctx: ReadContext) -> list[PrefDialogue]:
             if role is None:
                 raise DataError(ctx.path, record, f"{f}.role", f"unexpected role '{m['role']}'", "bad-role")
             if hist and hist[-1][0] == role:
-                raise DataError(ctx.path, record, f"{f}.role",
-                                f"dialogue not alternating: two {role} messages in a row", "not-alternating")
+                raise DataError(
+                    ctx.path,
+                    record,
+                    f"{f}.role",
+                    f"dialogue not alternating: two {role} messages in a row",
+                    "not-alternating",
+                )
             if role == SEEKER:
                 hist.append((SEEKER, text, None))
                 continue
@@ -145,15 +171,22 @@ def read_escpro(ctx: ReadContext) -> list[PrefDialogue]:
             neg = m.get("negative") or []
             if not isinstance(neg, list):
                 raise DataError(ctx.path, record, f"{f}.negative", "expected list", "wrong-type")
-            rej = tuple(Option(ctx.strategy(req(o, "strategy", str, ctx.path, record, f"{f}.negative[{j}].strategy"),
-                                            record, f"{f}.negative[{j}].strategy"),
-                               req_text(o, "content", ctx.path, record, f"{f}.negative[{j}].content"))
-                        for j, o in enumerate(neg))
+            rej = tuple(
+                Option(
+                    ctx.strategy(
+                        req(o, "strategy", str, ctx.path, record, f"{f}.negative[{j}].strategy"),
+                        record,
+                        f"{f}.negative[{j}].strategy",
+                    ),
+                    req_text(o, "content", ctx.path, record, f"{f}.negative[{j}].content"),
+                )
+                for j, o in enumerate(neg)
+            )
             rows.append(TurnRow(tuple(hist), Option(strat, text), rej, record, meta))
             hist.append((SUPPORTER, text, strat))
         if not rows:
             raise DataError(ctx.path, record, "messages", "no assistant (supporter) turn", "no-turn")
-        trailing = hist[len(rows[-1].history) + 1:]
+        trailing = hist[len(rows[-1].history) + 1 :]
         rows[-1].tail = tuple(trailing)
         return rows
 
@@ -198,8 +231,13 @@ def read_kto_rows(ctx: ReadContext) -> list[PrefDialogue]:
         label = req(obj, "label", bool, ctx.path, record, "label")
         system, hist = _chat(ctx, msgs, record, "messages")
         if not hist or hist[-1][0] != SUPPORTER:
-            raise DataError(ctx.path, record, f"messages[{len(msgs) - 1}].role",
-                            "a KTO row must end with the assistant reply", "no-turn")
+            raise DataError(
+                ctx.path,
+                record,
+                f"messages[{len(msgs) - 1}].role",
+                "a KTO row must end with the assistant reply",
+                "no-turn",
+            )
         reply = Option(hist[-1][2], hist[-1][1])
         hist = hist[:-1]
         _history_ok(ctx, hist, record, "messages", int(system is not None))
@@ -238,8 +276,13 @@ def _implicit_prompt(ctx: ReadContext, obj: dict, record: str) -> TurnRow:
     sys_c, chosen = _chat(ctx, obj["chosen"], record, "chosen")
     sys_r, rejected = _chat(ctx, obj["rejected"], record, "rejected")
     if len(chosen) < 1 or chosen[:-1] != rejected[:-1] or chosen[-1][0] != SUPPORTER or rejected[-1][0] != SUPPORTER:
-        raise DataError(ctx.path, record, "rejected",
-                        "chosen and rejected must share all messages but a final assistant reply", "bad-pair")
+        raise DataError(
+            ctx.path,
+            record,
+            "rejected",
+            "chosen and rejected must share all messages but a final assistant reply",
+            "bad-pair",
+        )
     hist = chosen[:-1]
     _history_ok(ctx, hist, record, "chosen", int(sys_c is not None))
     c, r = Option(chosen[-1][2], chosen[-1][1]), Option(rejected[-1][2], rejected[-1][1])

@@ -11,6 +11,7 @@ in blocks: the true row, then its false rows), else the first one seen after it.
 several paths is a training target in the first path only and context (target=False) in the
 others, so no pair is counted twice.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -43,8 +44,7 @@ class _Node:
     parent: "_Node | None" = None
 
 
-def regroup(rows: list[TurnRow], path: str, source: str, strategy_set: str,
-            skip=None) -> list[PrefDialogue]:
+def regroup(rows: list[TurnRow], path: str, source: str, strategy_set: str, skip=None) -> list[PrefDialogue]:
     """`skip(DataError)` is called for rows that cannot be placed (no preferred reply); without it they raise."""
     nodes: dict[tuple, _Node] = {}
     by_history: dict[tuple, list[_Node]] = {}
@@ -69,8 +69,9 @@ def regroup(rows: list[TurnRow], path: str, source: str, strategy_set: str,
     for r in orphans:  # non-preferred rows before any preferred one join the first turn with their history
         owners = by_history.get(r.history)
         if not owners:
-            err = DataError(path, r.record, "label", "no preferred reply (label true) shares this row's history",
-                            "no-preferred")
+            err = DataError(
+                path, r.record, "label", "no preferred reply (label true) shares this row's history", "no-preferred"
+            )
             if skip is None:
                 raise err
             skip(err)
@@ -95,13 +96,16 @@ def regroup(rows: list[TurnRow], path: str, source: str, strategy_set: str,
                 walk(path_nodes + [c])
             return
         root = path_nodes[0]
-        msgs = [Message(role, text, strat, [], False) if role == SUPPORTER else Message(SEEKER, text)
-                for role, text, strat in root.history]
+        msgs = [
+            Message(role, text, strat, [], False) if role == SUPPORTER else Message(SEEKER, text)
+            for role, text, strat in root.history
+        ]
         for k, n in enumerate(path_nodes):
             first = id(n) not in emitted
             emitted.add(id(n))
-            msgs.append(Message(SUPPORTER, n.preferred.text, n.preferred.strategy,
-                                list(n.rejected) if first else [], first))
+            msgs.append(
+                Message(SUPPORTER, n.preferred.text, n.preferred.strategy, list(n.rejected) if first else [], first)
+            )
             if k + 1 < len(path_nodes):
                 role, text, _ = path_nodes[k + 1].history[-1]
                 msgs.append(Message(SEEKER, text))

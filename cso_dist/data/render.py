@@ -16,6 +16,7 @@ messages are dropped first (whole messages, so the kept history starts with a se
 and the shortened conversation is rendered again. A turn whose target alone does not fit is an
 error (never cut a target).
 """
+
 from __future__ import annotations
 
 import re
@@ -37,8 +38,10 @@ def system_prompt(sset: StrategySet) -> str:
     ]
     for name, desc in sset.descriptions.items():
         lines.append(f"- {name}: {desc}" if desc else f"- {name}")
-    lines.append("Begin each reply with the chosen strategy in parentheses, then the reply itself, "
-                 "for example: (" + sset.names[0] + ") ...")
+    lines.append(
+        "Begin each reply with the chosen strategy in parentheses, then the reply itself, "
+        "for example: (" + sset.names[0] + ") ..."
+    )
     return "\n".join(lines)
 
 
@@ -81,8 +84,9 @@ class Renderer:
     def render(self, chat: list[dict], add_generation_prompt: bool = False) -> str:
         if not self.system_role and chat and chat[0]["role"] == "system":
             chat = fold_system(chat)
-        return self.tokenizer.apply_chat_template(chat, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            chat, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
 
 def fold_system(chat: list[dict]) -> list[dict]:
@@ -97,8 +101,10 @@ def make_renderer(tokenizer, chat_template: str = "auto") -> Renderer:
     if chat_template == "auto":
         template = getattr(tokenizer, "chat_template", None)
         if not template:
-            raise ConfigError("data.chat_template: the tokenizer has no chat_template of its own; "
-                              "set data.chat_template to chatml, llama3, gemma2 or a Jinja file")
+            raise ConfigError(
+                "data.chat_template: the tokenizer has no chat_template of its own; "
+                "set data.chat_template to chatml, llama3, gemma2 or a Jinja file"
+            )
         if isinstance(template, dict):
             template = template.get("default") or next(iter(template.values()))
     else:
@@ -140,9 +146,11 @@ class DialogueTokens:
 
 def _cut(longer: str, shorter: str, what: str) -> str:
     if not longer.startswith(shorter):
-        raise CsoError(f"chat template is not prefix-stable ({what}): rendering more messages changed "
-                       "earlier text, so per-segment tokenisation is impossible with this template")
-    return longer[len(shorter):]
+        raise CsoError(
+            f"chat template is not prefix-stable ({what}): rendering more messages changed "
+            "earlier text, so per-segment tokenisation is impossible with this template"
+        )
+    return longer[len(shorter) :]
 
 
 def segment_strings(renderer: Renderer, chat: list[dict], options: dict[int, list[str]] | None = None):
@@ -174,10 +182,15 @@ def segment_strings(renderer: Renderer, chat: list[dict], options: dict[int, lis
                 alts = []
                 for content in options[i]:
                     if k >= 0:
-                        alts.append(body[:k] + content + body[k + len(m["content"]):])
+                        alts.append(body[:k] + content + body[k + len(m["content"]) :])
                     else:  # template transforms content: render each option for real
-                        alts.append(_cut(renderer.render(base + msgs[:i] + [{"role": "assistant", "content": content}]),
-                                         gen, f"message {i} option"))
+                        alts.append(
+                            _cut(
+                                renderer.render(base + msgs[:i] + [{"role": "assistant", "content": content}]),
+                                gen,
+                                f"message {i} option",
+                            )
+                        )
                 rejected[i] = alts
         else:
             heads.append(_cut(full, prev, f"message {i}"))
@@ -195,21 +208,25 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(next(it)) if t else [] for t in texts]
 
 
-def tokenize_dialogue(d: PrefDialogue, renderer: Renderer, sset: StrategySet,
-                      messages: list[Message] | None = None) -> DialogueTokens:
+def tokenize_dialogue(
+    d: PrefDialogue, renderer: Renderer, sset: StrategySet, messages: list[Message] | None = None
+) -> DialogueTokens:
     msgs = d.messages if messages is None else messages
     chat = to_chat(msgs, dialogue_system_prompt(d, sset))
-    options = {i: [format_reply(o.strategy, o.text) for o in m.rejected]
-               for i, m in enumerate(msgs) if m.role == SUPPORTER and m.target and m.rejected}
+    options = {
+        i: [format_reply(o.strategy, o.text) for o in m.rejected]
+        for i, m in enumerate(msgs)
+        if m.role == SUPPORTER and m.target and m.rejected
+    }
     prefix, heads, bodies, rej = segment_strings(renderer, chat, options)
     keys = sorted(rej)
     flat = [prefix] + heads + bodies + [s for k in keys for s in rej[k]]
     ids = _encode(renderer.tokenizer, flat)
     n = len(heads)
-    out = DialogueTokens(d.id, ids[0], ids[1:1 + n], ids[1 + n:1 + 2 * n])
+    out = DialogueTokens(d.id, ids[0], ids[1 : 1 + n], ids[1 + n : 1 + 2 * n])
     pos = 1 + 2 * n
     for k in keys:
-        out.rejected[k] = ids[pos:pos + len(rej[k])]
+        out.rejected[k] = ids[pos : pos + len(rej[k])]
         pos += len(rej[k])
     return out
 
@@ -225,8 +242,13 @@ class TurnExample:
     dropped_messages: int = 0  # history messages removed by truncation
 
 
-def turn_examples(d: PrefDialogue, renderer: Renderer, sset: StrategySet, max_length: int | None = None,
-                  tokens: DialogueTokens | None = None) -> list[TurnExample]:
+def turn_examples(
+    d: PrefDialogue,
+    renderer: Renderer,
+    sset: StrategySet,
+    max_length: int | None = None,
+    tokens: DialogueTokens | None = None,
+) -> list[TurnExample]:
     """One example per target supporter turn, truncated to max_length (oldest history first)."""
     toks = tokens or tokenize_dialogue(d, renderer, sset)
     out = []
@@ -245,12 +267,16 @@ def truncate_turn(d: PrefDialogue, renderer: Renderer, sset: StrategySet, i: int
     # candidate start indices: seeker messages after 0 (kept history must open with the seeker), then i itself
     starts = [k for k in range(1, i) if msgs[k].role == SEEKER] + [i]
     for k in starts:
-        sub = [Message(m.role, m.text, m.strategy, m.rejected if j == i - k else [], j == i - k)
-               for j, m in enumerate(msgs[k:i + 1])]
+        sub = [
+            Message(m.role, m.text, m.strategy, m.rejected if j == i - k else [], j == i - k)
+            for j, m in enumerate(msgs[k : i + 1])
+        ]
         toks = tokenize_dialogue(d, renderer, sset, sub)
         j = len(sub) - 1
         hist = toks.history(j)
         if len(hist) + longest <= max_length:
             return hist, toks.body[j], toks.rejected.get(j, []), k
-    raise CsoError(f"dialogue {d.id}: messages[{i}]: the reply does not fit max_length={max_length} even without "
-                   f"history ({len(hist)} prompt + {longest} reply tokens); raise data.max_length")
+    raise CsoError(
+        f"dialogue {d.id}: messages[{i}]: the reply does not fit max_length={max_length} even without "
+        f"history ({len(hist)} prompt + {longest} reply tokens); raise data.max_length"
+    )

@@ -1,4 +1,5 @@
 """Statistics of preference dialogues: counts, strategies and (with a tokenizer) token lengths."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -40,8 +41,9 @@ def dialogue_stats(dialogues: list[PrefDialogue]) -> dict:
     }
 
 
-def token_stats(dialogues: list[PrefDialogue], renderer: Renderer, sset: StrategySet,
-                max_length: int | None = None) -> dict:
+def token_stats(
+    dialogues: list[PrefDialogue], renderer: Renderer, sset: StrategySet, max_length: int | None = None
+) -> dict:
     """Mean history / reply lengths in tokens per turn, and what truncation did at max_length."""
     hist = chosen = rej = n_rej = truncated = dropped = 0
     turns = longest_history = 0

@@ -1,4 +1,5 @@
 """Strategy sets are data: two named sets ship, a custom one can be loaded from a file."""
+
 from __future__ import annotations
 
 import json

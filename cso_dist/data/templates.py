@@ -8,6 +8,7 @@ published formats of each family:
   has no system role and requires user/model alternation starting with the user. The renderer
   folds the system prompt into the first user turn for such templates.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

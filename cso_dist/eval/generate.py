@@ -9,6 +9,7 @@ pred_strategy, pred_raw, pred_response | scores, mode}:
   path is the trunk, each turn's strategy prefixes hang off it as branches.
 The file is appended to batch by batch; a rerun skips the turns already in it.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,11 +45,12 @@ class Turn:
 def eval_dialogues(cfg: TrainingConfig, split: str, data_file: str = "") -> list[PrefDialogue]:
     """Preference dialogues of a data file, or of an ESConv split built with the config's data settings."""
     dialogues = read_dialogues(Path(data_file)) if data_file else build_dialogues(replace(cfg.data, split=split))[0]
-    return dialogues[:cfg.eval.max_dialogues] if cfg.eval.max_dialogues else dialogues
+    return dialogues[: cfg.eval.max_dialogues] if cfg.eval.max_dialogues else dialogues
 
 
-def eval_turns(dialogues: list[PrefDialogue], renderer, sset: StrategySet, max_length: int,
-               max_new_tokens: int) -> list[Turn]:
+def eval_turns(
+    dialogues: list[PrefDialogue], renderer, sset: StrategySet, max_length: int, max_new_tokens: int
+) -> list[Turn]:
     """Every target supporter turn with its prompt, history cut oldest-first (whole messages) to leave room
     for `max_new_tokens` reply tokens."""
     out = []
@@ -109,10 +111,16 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for k, x in enumerate(prompts):
-        ids[k, width - len(x):] = torch.tensor(x)
-        mask[k, width - len(x):] = 1
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                         pad_token_id=pad, eos_token_id=_stop_ids(tokenizer), **sampling)
+        ids[k, width - len(x) :] = torch.tensor(x)
+        mask[k, width - len(x) :] = 1
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=_stop_ids(tokenizer),
+        **sampling,
+    )
     return [tokenizer.decode(out[k, width:], skip_special_tokens=True).strip() for k in range(len(prompts))]
 
 
@@ -123,14 +131,25 @@ def generate_batch(model, tokenizer, turns: list[Turn], cfg: TrainingConfig, sse
     rows = []
     for t, text in zip(turns, texts):
         label, reply = parse_reply(text)
-        rows.append({"id": t.id, "dialogue_id": t.dialogue_id, "turn": t.turn, "gold_strategy": t.gold_strategy,
-                     "gold_response": t.gold_response, "pred_strategy": canonical_or_none(label, sset) or label,
-                     "pred_raw": text, "pred_response": reply, "mode": "generate"})
+        rows.append(
+            {
+                "id": t.id,
+                "dialogue_id": t.dialogue_id,
+                "turn": t.turn,
+                "gold_strategy": t.gold_strategy,
+                "gold_response": t.gold_response,
+                "pred_strategy": canonical_or_none(label, sset) or label,
+                "pred_raw": text,
+                "pred_response": reply,
+                "mode": "generate",
+            }
+        )
     return rows
 
 
-def likelihood_units(d: PrefDialogue, renderer, sset: StrategySet, prefixes: dict[str, list[int]],
-                     max_length: int, max_tokens: int) -> list[Unit]:
+def likelihood_units(
+    d: PrefDialogue, renderer, sset: StrategySet, prefixes: dict[str, list[int]], max_length: int, max_tokens: int
+) -> list[Unit]:
     """The dialogue as one unit (trunk = gold path up to its last target turn, strategy prefixes as branches
     at every turn), or one unit per turn when a history had to be truncated (as for generation: oldest
     messages first, room left for the longest prefix) or the whole does not fit max_tokens."""
@@ -138,7 +157,7 @@ def likelihood_units(d: PrefDialogue, renderer, sset: StrategySet, prefixes: dic
     turns = eval_turns([d], renderer, sset, max_length, longest)
     full = tokenize_dialogue(d, renderer, sset).full()
     trunk_len = max((len(t.prompt) for t in turns), default=0)
-    whole = all(t.prompt == full[:len(t.prompt)] for t in turns)
+    whole = all(t.prompt == full[: len(t.prompt)] for t in turns)
     if whole and trunk_len + sum(len(p) for p in prefixes.values()) * len(turns) <= max_tokens:
         groups = [(full[:trunk_len], turns)]
     else:
@@ -157,16 +176,20 @@ def likelihood_units(d: PrefDialogue, renderer, sset: StrategySet, prefixes: dic
 
 
 @torch.no_grad()
-def likelihood_rows(model, renderer, sset: StrategySet, dialogues: list[PrefDialogue], cfg: TrainingConfig,
-                    chunk: int) -> list[dict]:
+def likelihood_rows(
+    model, renderer, sset: StrategySet, dialogues: list[PrefDialogue], cfg: TrainingConfig, chunk: int
+) -> list[dict]:
     tok = renderer.tokenizer
     # the prefix exactly as a gold reply starts: tokens of "(S) x" minus those of the text after it
     prefixes = {}
     for s in sset.names:
         full = tok.encode(format_reply(s, "x"), add_special_tokens=False)
-        prefixes[s] = full[:len(tok.encode(f"({s})", add_special_tokens=False))]
-    units = [u for d in dialogues for u in likelihood_units(d, renderer, sset, prefixes, cfg.data.max_length,
-                                                             cfg.pack.max_tokens)]
+        prefixes[s] = full[: len(tok.encode(f"({s})", add_special_tokens=False))]
+    units = [
+        u
+        for d in dialogues
+        for u in likelihood_units(d, renderer, sset, prefixes, cfg.data.max_length, cfg.pack.max_tokens)
+    ]
     budget = max([cfg.pack.max_tokens] + [len(u) for u in units])
     scores: dict[str, float] = {}
     for group in pack_units(units, budget):
@@ -179,12 +202,24 @@ def likelihood_rows(model, renderer, sset: StrategySet, dialogues: list[PrefDial
             sc = {s: scores[f"{d.id}:{i}:{s}"] for s in sset.names}
             best = max(sc, key=sc.get)
             m = d.messages[i]
-            rows.append({"id": f"{d.id}:{i}", "dialogue_id": d.id, "turn": i, "gold_strategy": m.strategy,
-                         "gold_response": m.text, "pred_strategy": best, "scores": sc, "mode": "likelihood"})
+            rows.append(
+                {
+                    "id": f"{d.id}:{i}",
+                    "dialogue_id": d.id,
+                    "turn": i,
+                    "gold_strategy": m.strategy,
+                    "gold_response": m.text,
+                    "pred_strategy": best,
+                    "scores": sc,
+                    "mode": "likelihood",
+                }
+            )
     return rows
 
 
-def run_generate(cfg: TrainingConfig, split: str, out: Path, mode: str, data_file: str = "", progress: bool = True) -> Path:
+def run_generate(
+    cfg: TrainingConfig, split: str, out: Path, mode: str, data_file: str = "", progress: bool = True
+) -> Path:
     """Write (or complete) the PRED file of `split` with the model at model.path."""
     from cso_dist.models import load_model, lora_settings
     from cso_dist.inputs import default_device, make_cfg_renderer, resolve_sset
@@ -201,23 +236,33 @@ def run_generate(cfg: TrainingConfig, split: str, out: Path, mode: str, data_fil
     t0 = time.time()
     if mode == "likelihood":
         todo = [d for d in dialogues if any(f"{d.id}:{i}" not in done for i in d.turn_indices())]
-        bar = tqdm(total=sum(len(d.turn_indices()) for d in todo), desc="scoring strategies", unit="turn",
-                   disable=None if progress else True)
+        bar = tqdm(
+            total=sum(len(d.turn_indices()) for d in todo),
+            desc="scoring strategies",
+            unit="turn",
+            disable=None if progress else True,
+        )
         step, n = 16, 0  # dialogues per write
         for k in range(0, len(todo), step):
-            rows = [r for r in likelihood_rows(model, renderer, sset, todo[k:k + step], cfg, cfg.pack.logit_chunk)
-                    if r["id"] not in done]
+            rows = [
+                r
+                for r in likelihood_rows(model, renderer, sset, todo[k : k + step], cfg, cfg.pack.logit_chunk)
+                if r["id"] not in done
+            ]
             _append(out, rows)
             bar.update(len(rows))
             n += len(rows)
         bar.close()
     else:
-        turns = [t for t in eval_turns(dialogues, renderer, sset, cfg.data.max_length, cfg.eval.max_new_tokens)
-                 if t.id not in done]
+        turns = [
+            t
+            for t in eval_turns(dialogues, renderer, sset, cfg.data.max_length, cfg.eval.max_new_tokens)
+            if t.id not in done
+        ]
         turns.sort(key=lambda t: len(t.prompt))  # similar lengths per batch: little padding
         bar = tqdm(total=len(turns), desc="generating", unit="turn", disable=None if progress else True)
         for k in range(0, len(turns), cfg.eval.batch_size):
-            rows = generate_batch(model, renderer.tokenizer, turns[k:k + cfg.eval.batch_size], cfg, sset)
+            rows = generate_batch(model, renderer.tokenizer, turns[k : k + cfg.eval.batch_size], cfg, sset)
             _append(out, rows)
             bar.update(len(rows))
         bar.close()

@@ -16,6 +16,7 @@ Predictions that name no strategy of the set count as "Others" when the set has 
 ESConv); otherwise they are wrong for their gold class, add no class to Q/W and stay out of B.
 Their number is reported as `unknown` either way.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,12 +91,21 @@ def strategy_metrics(gold: list[str], pred: list[str | None], sset: StrategySet)
     strengths, stuck = bt_strengths(conf)
     gold_counts, pred_counts = Counter(y_true), Counter(y_pred)
     return {
-        "Q": q, "W": w_f1, "B": float(np.std(strengths)),
+        "Q": q,
+        "W": w_f1,
+        "B": float(np.std(strengths)),
         "accuracy": float(np.mean([t == p for t, p in zip(y_true, y_pred)])) if y_true else 0.0,
-        "n": len(y_true), "unknown": unknown,
-        "per_strategy": {s: {"f1": float(per_f1[k]), "preference": float(strengths[k]),
-                             "gold": gold_counts.get(k, 0), "predicted": pred_counts.get(k, 0)}
-                         for k, s in enumerate(names)},
+        "n": len(y_true),
+        "unknown": unknown,
+        "per_strategy": {
+            s: {
+                "f1": float(per_f1[k]),
+                "preference": float(strengths[k]),
+                "gold": gold_counts.get(k, 0),
+                "predicted": pred_counts.get(k, 0),
+            }
+            for k, s in enumerate(names)
+        },
         "bt_undetermined": [names[k] for k in stuck],
         "confusion": conf.tolist(),  # rows predicted, columns gold, in the set's order
         "strategies": names,
@@ -107,7 +117,7 @@ def _words(text: str) -> list[str]:
 
 
 def distinct(texts: list[str], n: int) -> float:
-    grams = [tuple(ws[i:i + n]) for t in texts for ws in [_words(t)] for i in range(len(ws) - n + 1)]
+    grams = [tuple(ws[i : i + n]) for t in texts for ws in [_words(t)] for i in range(len(ws) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -134,8 +144,11 @@ def score_rows(rows: list[dict], sset: StrategySet) -> dict:
     """Strategy metrics of PRED rows (gold_strategy, pred_strategy) plus text metrics where both responses
     are present."""
     out = strategy_metrics([r["gold_strategy"] for r in rows], [r.get("pred_strategy") for r in rows], sset)
-    pairs = [(r["gold_response"], r["pred_response"]) for r in rows
-             if isinstance(r.get("gold_response"), str) and isinstance(r.get("pred_response"), str)]
+    pairs = [
+        (r["gold_response"], r["pred_response"])
+        for r in rows
+        if isinstance(r.get("gold_response"), str) and isinstance(r.get("pred_response"), str)
+    ]
     if pairs:
         out["text"] = text_metrics([g for g, _ in pairs], [p for _, p in pairs])
     return out

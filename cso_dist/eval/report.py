@@ -1,6 +1,7 @@
 """`cso-dist eval score` and `cso-dist eval report`: metrics of PRED files, and a Markdown report with
 plots (confusion matrix, preference strengths, gold vs predicted strategy distribution, training
 curves) for one or several runs side by side."""
+
 from __future__ import annotations
 
 import json
@@ -50,14 +51,17 @@ def score_file(path: Path, sset: StrategySet) -> dict:
 
 
 def format_scores(s: dict) -> str:
-    lines = [f"Q (macro-F1) {s['Q']:.4f}   W (weighted-F1) {s['W']:.4f}   B (preference bias) {s['B']:.4f}   "
-             f"accuracy {s['accuracy']:.4f}   turns {s['n']}   unknown predictions {s['unknown']}",
-             f"{'strategy':<32}{'F1':>8}{'strength':>10}{'gold':>7}{'pred':>7}"]
+    lines = [
+        f"Q (macro-F1) {s['Q']:.4f}   W (weighted-F1) {s['W']:.4f}   B (preference bias) {s['B']:.4f}   "
+        f"accuracy {s['accuracy']:.4f}   turns {s['n']}   unknown predictions {s['unknown']}",
+        f"{'strategy':<32}{'F1':>8}{'strength':>10}{'gold':>7}{'pred':>7}",
+    ]
     for name, v in s["per_strategy"].items():
         lines.append(f"{name:<32}{v['f1']:>8.4f}{v['preference']:>10.4f}{v['gold']:>7}{v['predicted']:>7}")
     if s.get("bt_undetermined"):
-        lines.append("strengths left at their last value (no mispredicted gold turn): "
-                     f"{', '.join(s['bt_undetermined'])}")
+        lines.append(
+            f"strengths left at their last value (no mispredicted gold turn): {', '.join(s['bt_undetermined'])}"
+        )
     if s.get("text"):
         lines.append("text: " + "  ".join(f"{k} {s['text'][k]:.3f}" for k in TEXT_KEYS if k in s["text"]))
     return "\n".join(lines)
@@ -85,8 +89,15 @@ def plot_confusion(s: dict, path: Path, title: str) -> None:
     ax.set_ylabel("gold")
     for i in range(len(names)):
         for j in range(len(names)):
-            ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if conf[i, j] > conf.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                int(conf[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if conf[i, j] > conf.max() / 2 else "black",
+            )
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -168,21 +179,48 @@ def run_report(run_dirs: list[Path], out: Path, sset: StrategySet) -> Path:
             atomic_write_text(out / f"{name}.json", json.dumps(s, indent=2))
             mode = read_pred(p)[0].get("mode", "")
             text = s.get("text", {})
-            table.append([tag, p.name, mode, s["n"], s["Q"], s["W"], s["B"], s["accuracy"], s["unknown"],
-                          *[text.get(k) for k in TEXT_KEYS]])
-            sec += [f"### {p.name}", "", "```", format_scores(s), "```", "",
-                    f"![confusion]({name}-confusion.png)", "", f"![strategies]({name}-strategies.png)", ""]
+            table.append(
+                [
+                    tag,
+                    p.name,
+                    mode,
+                    s["n"],
+                    s["Q"],
+                    s["W"],
+                    s["B"],
+                    s["accuracy"],
+                    s["unknown"],
+                    *[text.get(k) for k in TEXT_KEYS],
+                ]
+            )
+            sec += [
+                f"### {p.name}",
+                "",
+                "```",
+                format_scores(s),
+                "```",
+                "",
+                f"![confusion]({name}-confusion.png)",
+                "",
+                f"![strategies]({name}-strategies.png)",
+                "",
+            ]
         sections.append("\n".join(sec))
     head = ["run", "predictions", "mode", "turns", "Q", "W", "B", "acc", "unknown", *TEXT_KEYS]
 
     def cell(v) -> str:
         return f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
 
-    lines = ["# cso_dist evaluation report", "",
-             "Q = macro-F1, W = weighted-F1 of the predicted strategy; B = preference bias (std of the "
-             "Bradley-Terry strengths, lower is better); text metrics on generated replies (BLEU 0-100, "
-             "ROUGE-L F 0-100, Distinct-n, mean length in words).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        "# cso_dist evaluation report",
+        "",
+        "Q = macro-F1, W = weighted-F1 of the predicted strategy; B = preference bias (std of the "
+        "Bradley-Terry strengths, lower is better); text metrics on generated replies (BLEU 0-100, "
+        "ROUGE-L F 0-100, Distinct-n, mean length in words).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table]
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n\n" + "\n\n".join(sections) + "\n")

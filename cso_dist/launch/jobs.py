@@ -12,6 +12,7 @@ trainer saves a checkpoint at the next step boundary, then hands over to submiti
 which requeues the job (`TrainJob` is Checkpointable) at most slurm.max_num_timeout times after
 time-outs; the requeued job resumes from that checkpoint.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -72,8 +73,7 @@ def sweep_runs(cfg: Config, grid: dict[str, list]) -> list[tuple[str, dict[str, 
     for values in itertools.product(*(grid[k] for k in keys)):
         name = "_".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, values))
         over = {k: str(v) for k, v in zip(keys, values)}
-        over.update({"run.out_dir": str(base / name), "track.group": cfg.track.group or base.name,
-                     "track.name": name})
+        over.update({"run.out_dir": str(base / name), "track.group": cfg.track.group or base.name, "track.name": name})
         runs.append((name, over))
     return runs
 
@@ -105,11 +105,21 @@ def executor(cfg: Config, cluster: str = "slurm", folder: Path | None = None, na
     folder = folder or Path(cfg.run.out_dir) / "submitit"
     ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster, slurm_max_num_timeout=s.max_num_timeout)
     workers = max(s.gpus_per_node, 1)
-    params: dict = {"name": name or f"cso-{Path(cfg.run.out_dir).name}", "timeout_min": s.time_min,
-                    "nodes": s.nodes, "tasks_per_node": workers, "cpus_per_task": s.cpus_per_task}
+    params: dict = {
+        "name": name or f"cso-{Path(cfg.run.out_dir).name}",
+        "timeout_min": s.time_min,
+        "nodes": s.nodes,
+        "tasks_per_node": workers,
+        "cpus_per_task": s.cpus_per_task,
+    }
     if cluster == "slurm":
-        params.update({"slurm_signal_delay_s": s.signal_delay_s, "slurm_array_parallelism": s.array_parallelism,
-                       "slurm_setup": list(s.setup) + [f"export OMP_NUM_THREADS={max(s.cpus_per_task, 1)}"]})
+        params.update(
+            {
+                "slurm_signal_delay_s": s.signal_delay_s,
+                "slurm_array_parallelism": s.array_parallelism,
+                "slurm_setup": list(s.setup) + [f"export OMP_NUM_THREADS={max(s.cpus_per_task, 1)}"],
+            }
+        )
         if s.gpus_per_node:
             params["gpus_per_node"] = s.gpus_per_node
         if s.mem_gb:
@@ -149,8 +159,7 @@ def submit_run(cfg: Config, cluster: str = "slurm") -> Run:
 def submit_sweep(cfg: Config, grid: dict[str, list], cluster: str = "slurm") -> list[Run]:
     """One run per grid point, submitted together as one job array (Slurm)."""
     runs = [(name, _run_config(cfg, over)) for name, over in sweep_runs(cfg, grid)]
-    ex = executor(cfg, cluster, folder=Path(cfg.run.out_dir) / "submitit",
-                  name=f"cso-{Path(cfg.run.out_dir).name}")
+    ex = executor(cfg, cluster, folder=Path(cfg.run.out_dir) / "submitit", name=f"cso-{Path(cfg.run.out_dir).name}")
     paths = [_config_file(c) for _, c in runs]
     jobs = []
     with ex.batch():
@@ -159,8 +168,14 @@ def submit_sweep(cfg: Config, grid: dict[str, list], cluster: str = "slurm") -> 
     return [Run(name, c, j) for (name, c), j in zip(runs, jobs)]
 
 
-TABLE_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies",
-              "eval/rewards/margins")
+TABLE_KEYS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "eval/loss",
+    "eval/rewards/accuracies",
+    "eval/rewards/margins",
+)
 
 
 def collect(runs: list[Run]) -> list[dict]:
@@ -201,5 +216,14 @@ def write_results(runs_dir: Path, rows: list[dict]) -> Path:
     return path
 
 
-__all__ = ["TrainJob", "submit_run", "submit_sweep", "collect", "table", "sweep_runs", "parse_grid", "executor",
-           "write_results"]
+__all__ = [
+    "TrainJob",
+    "submit_run",
+    "submit_sweep",
+    "collect",
+    "table",
+    "sweep_runs",
+    "parse_grid",
+    "executor",
+    "write_results",
+]

@@ -5,6 +5,7 @@ config's `slurm` section (and the command's flags); the run's config is saved be
 and passed by path. Secrets never enter the script: W&B and other credentials travel in the
 job's environment (sbatch exports the submitting shell's environment by default).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,15 @@ def _header(cfg: Config, name: str, log: Path, template: str) -> list[str]:
     nodes = 1 if template in ("qlora", "sweep") else s.nodes
     gpus = 1 if template == "qlora" else s.gpus_per_node
     tasks = max(gpus, 1) if template == "precompute" else 1
-    lines = [f"--job-name={name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks}",
-             f"--cpus-per-task={s.cpus_per_task}", f"--time={s.time_min}", f"--output={log}", "--open-mode=append"]
+    lines = [
+        f"--job-name={name}",
+        f"--nodes={nodes}",
+        f"--ntasks-per-node={tasks}",
+        f"--cpus-per-task={s.cpus_per_task}",
+        f"--time={s.time_min}",
+        f"--output={log}",
+        "--open-mode=append",
+    ]
     if gpus:
         lines.append(f"--gpus-per-node={gpus}")
     if s.mem_gb:
@@ -50,12 +58,20 @@ def _check_no_secrets(text: str, where: Path) -> None:
     for var in SECRET_VARS:
         value = os.environ.get(var, "")
         if len(value) >= 8 and value in text:
-            raise CsoError(f"{where}: refusing to write the value of ${var} into a job script; "
-                           "pass secrets through the environment")
+            raise CsoError(
+                f"{where}: refusing to write the value of ${var} into a job script; "
+                "pass secrets through the environment"
+            )
 
 
-def render(cfg: Config, template: str, config_path: Path, overrides: list[str], sweep_file: Path | None = None,
-           n_tasks: int = 0) -> str:
+def render(
+    cfg: Config,
+    template: str,
+    config_path: Path,
+    overrides: list[str],
+    sweep_file: Path | None = None,
+    n_tasks: int = 0,
+) -> str:
     """The text of a job script from slurm/<template>.sbatch."""
     if template not in TEMPLATES:
         raise CsoError(f"launch: unknown template '{template}' (one of {', '.join(TEMPLATES)})")
@@ -82,8 +98,9 @@ def render(cfg: Config, template: str, config_path: Path, overrides: list[str], 
     return text
 
 
-def write_job(cfg: Config, template: str, overrides: list[str] | None = None,
-              sweep: list[list[str]] | None = None) -> Path:
+def write_job(
+    cfg: Config, template: str, overrides: list[str] | None = None, sweep: list[list[str]] | None = None
+) -> Path:
     """Write the run's config and the rendered script under <run>/slurm/; returns the script path."""
     run_dir = Path(cfg.run.out_dir).resolve()
     d = run_dir / "slurm"
@@ -112,8 +129,9 @@ def submit(script: Path) -> str:
     try:
         out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
-        raise CsoError("launch: sbatch not found "
-                       "(is Slurm installed here? use --dry-run to only write the script)") from None
+        raise CsoError(
+            "launch: sbatch not found (is Slurm installed here? use --dry-run to only write the script)"
+        ) from None
     if out.returncode != 0:
         raise CsoError(f"launch: sbatch {script} failed: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
     return out.stdout.strip().split(";")[0]

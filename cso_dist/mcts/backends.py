@@ -6,6 +6,7 @@ many trees in threads. The HF backend gathers concurrent calls into one left-pad
 (batching across trees); the HTTP backend simply runs calls in parallel, with the client's
 retries and timeout.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -100,23 +101,26 @@ class HFBackend:
 class OpenAIBackend:
     """Any OpenAI-compatible chat-completions endpoint; the key comes from the environment only."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 120.0,
-                 retries: int = 3):
+    def __init__(
+        self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 120.0, retries: int = 3
+    ):
         from openai import OpenAI
 
         if not model:
             raise ConfigError("mcts.model: the served model's name is needed with mcts.backend=openai")
         self.name = f"openai:{base_url}:{model}"
         self.model = model
-        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY", timeout=timeout_s,
-                             max_retries=retries)
+        self.client = OpenAI(
+            base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY", timeout=timeout_s, max_retries=retries
+        )
 
     def chat(self, messages: list[dict], max_tokens: int, temperature: float) -> str:
         import openai
 
         try:
-            r = self.client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens,
-                                                    temperature=temperature)
+            r = self.client.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature
+            )
         except openai.APIError as e:  # after the client's own retries (connection, timeout, 429, 5xx)
             raise CsoError(f"mcts: {self.name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         return (r.choices[0].message.content or "").strip() if r.choices else ""
@@ -156,8 +160,16 @@ class CachedBackend:
         return text
 
 
-def make_backend(kind: str, model: str, base_url: str = "", api_key_env: str = "OPENAI_API_KEY",
-                 timeout_s: float = 120.0, retries: int = 3, batch_size: int = 16, seed: int = 0) -> Backend:
+def make_backend(
+    kind: str,
+    model: str,
+    base_url: str = "",
+    api_key_env: str = "OPENAI_API_KEY",
+    timeout_s: float = 120.0,
+    retries: int = 3,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> Backend:
     if kind == "hf":
         return HFBackend(model, batch_size=batch_size, seed=seed)
     if kind == "openai":

@@ -6,6 +6,7 @@ checkpointed (`<out>.work/trees/<seed>.json`, atomically) every `mcts.checkpoint
 iterations, so an interrupted build resumes where it stopped and a rerun costs no LLM call.
 `--shard I/N` builds every N-th seed (a Slurm array task); `merge` joins the parts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,10 +34,12 @@ def search_config(cfg: Config) -> SearchConfig:
 
 def format_report(r: dict) -> str:
     """The lines `cso-dist mcts build` / `submit` print for one build report."""
-    lines = [f"wrote {r['records']} ESC-Pro records from {r['seeds']} seed dialogues to {r['out']} "
-             f"({r['wall_s']:.1f} s; strategy set {r['strategy_set']})",
-             f"  LLM calls: {r['llm_calls_made']} made, {r['llm_calls_cached']} from the cache; "
-             f"{r['llm_calls_per_tree']:.0f} per seed dialogue, {r['wall_s_per_tree']:.1f} s per tree"]
+    lines = [
+        f"wrote {r['records']} ESC-Pro records from {r['seeds']} seed dialogues to {r['out']} "
+        f"({r['wall_s']:.1f} s; strategy set {r['strategy_set']})",
+        f"  LLM calls: {r['llm_calls_made']} made, {r['llm_calls_cached']} from the cache; "
+        f"{r['llm_calls_per_tree']:.0f} per seed dialogue, {r['wall_s_per_tree']:.1f} s per tree",
+    ]
     issues = {k: v for k, v in r["role_stats"].items() if not k.startswith("calls_") and v}
     if issues or r["dropped"]:
         lines.append(f"  malformed/missing answers: {issues or 'none'}; dropped: {r['dropped'] or 'none'}")
@@ -93,8 +96,10 @@ class _Checkpoints:
             return None
         state = json.loads(p.read_text(encoding="utf-8"))
         if state.get("search") != self.scfg:
-            raise CsoError(f"mcts build: {p} was searched with other mcts settings ({state.get('search')}); "
-                           f"remove {self.folder} to start over, or use the same settings")
+            raise CsoError(
+                f"mcts build: {p} was searched with other mcts settings ({state.get('search')}); "
+                f"remove {self.folder} to start over, or use the same settings"
+            )
         return state
 
     def save(self, seed: Seed, tree, done: bool, wall_s: float, stats: Counter) -> dict:
@@ -103,20 +108,28 @@ class _Checkpoints:
         return state
 
 
-def build(cfg: Config, seeds_file: str, out: str | Path, shard: tuple[int, int] = (0, 1),
-          progress: bool = True) -> dict:
+def build(
+    cfg: Config, seeds_file: str, out: str | Path, shard: tuple[int, int] = (0, 1), progress: bool = True
+) -> dict:
     m = cfg.mcts
     out = Path(out)
     seeds, sset = read_seeds(seeds_file, m.strategies, limit=m.max_seeds)
-    seeds = seeds[shard[0]::shard[1]]
+    seeds = seeds[shard[0] :: shard[1]]
     work = work_dir(out)
     scfg = search_config(cfg)
     ckpts = _Checkpoints(work / "trees", scfg)
     prompts = load_prompts(m.prompts)
-    backend = CachedBackend(make_backend(m.backend, m.model, m.base_url, m.api_key_env, m.timeout_s, m.retries,
-                                         m.batch_size, m.seed), m.cache_dir or work / "cache")
-    settings = RoleSettings(max_new_tokens=m.max_new_tokens, temperature=m.temperature, retries=m.parse_retries,
-                            scorer_max_tokens=m.scorer_max_tokens, judge_max_tokens=m.judge_max_tokens)
+    backend = CachedBackend(
+        make_backend(m.backend, m.model, m.base_url, m.api_key_env, m.timeout_s, m.retries, m.batch_size, m.seed),
+        m.cache_dir or work / "cache",
+    )
+    settings = RoleSettings(
+        max_new_tokens=m.max_new_tokens,
+        temperature=m.temperature,
+        retries=m.parse_retries,
+        scorer_max_tokens=m.scorer_max_tokens,
+        judge_max_tokens=m.judge_max_tokens,
+    )
     t_start = time.monotonic()
 
     def one(seed: Seed) -> dict:
@@ -136,8 +149,10 @@ def build(cfg: Config, seeds_file: str, out: str | Path, shard: tuple[int, int] 
         return ckpts.save(seed, tree, True, wall0 + time.monotonic() - t0, stats)
 
     states: dict[str, dict] = {}
-    with tqdm(total=len(seeds), desc="mcts trees", unit="tree", disable=None if progress else True) as bar, \
-            ThreadPoolExecutor(max_workers=m.workers) as pool:
+    with (
+        tqdm(total=len(seeds), desc="mcts trees", unit="tree", disable=None if progress else True) as bar,
+        ThreadPoolExecutor(max_workers=m.workers) as pool,
+    ):
         futures = {pool.submit(one, s): s for s in seeds}
         pending = set(futures)
         while pending:  # refresh the LLM call rate every few seconds, not only when a tree ends
@@ -153,18 +168,33 @@ def build(cfg: Config, seeds_file: str, out: str | Path, shard: tuple[int, int] 
     for s in seeds:
         records += clean_records(extract(Tree.from_dict(states[s.id]["tree"]), scfg), dropped)
     atomic_write_text(out, json.dumps(records, ensure_ascii=False, indent=1))
-    per_tree = [{"seed": s.id, "iterations": states[s.id]["tree"]["iterations"],
-                 "llm_calls": sum(v for k, v in states[s.id]["llm_stats"].items() if k.startswith("calls_")),
-                 "wall_s": states[s.id]["wall_s"]} for s in seeds]
+    per_tree = [
+        {
+            "seed": s.id,
+            "iterations": states[s.id]["tree"]["iterations"],
+            "llm_calls": sum(v for k, v in states[s.id]["llm_stats"].items() if k.startswith("calls_")),
+            "wall_s": states[s.id]["wall_s"],
+        }
+        for s in seeds
+    ]
     totals: Counter = Counter()
     for s in seeds:
         totals.update(states[s.id]["llm_stats"])
-    report = {"out": str(out), "seeds": len(seeds), "records": len(records), "strategy_set": sset.name,
-              "backend": backend.name, "llm_calls_made": backend.calls, "llm_calls_cached": backend.hits,
-              "llm_calls_per_tree": (sum(t["llm_calls"] for t in per_tree) / len(per_tree)) if per_tree else 0.0,
-              "wall_s_per_tree": (sum(t["wall_s"] for t in per_tree) / len(per_tree)) if per_tree else 0.0,
-              "role_stats": dict(sorted(totals.items())), "dropped": dict(dropped), "trees": per_tree,
-              "wall_s": time.monotonic() - t_start}
+    report = {
+        "out": str(out),
+        "seeds": len(seeds),
+        "records": len(records),
+        "strategy_set": sset.name,
+        "backend": backend.name,
+        "llm_calls_made": backend.calls,
+        "llm_calls_cached": backend.hits,
+        "llm_calls_per_tree": (sum(t["llm_calls"] for t in per_tree) / len(per_tree)) if per_tree else 0.0,
+        "wall_s_per_tree": (sum(t["wall_s"] for t in per_tree) / len(per_tree)) if per_tree else 0.0,
+        "role_stats": dict(sorted(totals.items())),
+        "dropped": dict(dropped),
+        "trees": per_tree,
+        "wall_s": time.monotonic() - t_start,
+    }
     atomic_write_text(out.with_name(out.name + ".report.json"), json.dumps(report, indent=1))
     return report
 

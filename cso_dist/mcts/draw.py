@@ -4,6 +4,7 @@ Generated nodes only (unvisited children are left out), laid out by leaf order, 
 the gold path is drawn in gold, finished nodes are squares, labels give the strategy's
 initials with Q and N.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,11 +61,26 @@ def draw_tree(checkpoint: str | Path, out: str | Path, max_depth: int = 0) -> Pa
     for nid, n in nodes.items():
         x, y = pos[nid]
         q = max(-1.0, min(1.0, float(getattr(n, "q", 0.0))))
-        ax.scatter([x], [-y], s=260, c=[cmap((q + 1) / 2)], marker="s" if getattr(n, "finished", False) else "o",
-                   edgecolors="goldenrod" if getattr(n, "gold", False) else "k", linewidths=1.2, zorder=2)
+        ax.scatter(
+            [x],
+            [-y],
+            s=260,
+            c=[cmap((q + 1) / 2)],
+            marker="s" if getattr(n, "finished", False) else "o",
+            edgecolors="goldenrod" if getattr(n, "gold", False) else "k",
+            linewidths=1.2,
+            zorder=2,
+        )
         label = _initials(getattr(n, "strategy", None)) if n is not tree.root else "root"
-        ax.annotate(f"{label}\nQ {q:.2f} N {int(getattr(n, 'n', 0))}", (x, -y), xytext=(0, -17),
-                    textcoords="offset points", ha="center", va="top", fontsize=6)
+        ax.annotate(
+            f"{label}\nQ {q:.2f} N {int(getattr(n, 'n', 0))}",
+            (x, -y),
+            xytext=(0, -17),
+            textcoords="offset points",
+            ha="center",
+            va="top",
+            fontsize=6,
+        )
     ax.set_title(f"{tree.seed_id}: {tree.iterations} iterations (gold path in gold; squares: finished)")
     ax.axis("off")
     out = Path(out)

@@ -4,6 +4,7 @@ Each task runs `build(..., shard=(i, n))` on every n-th seed into `<out>.part-i-
 the answer cache shared by all tasks (`<out>.work/cache`); when all are done the parts are merged
 into `<out>`. A task that fails or is requeued resumes from its tree checkpoints.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,8 +42,10 @@ def submit_build(cfg: Config, seeds: str, out: str | Path, tasks: int, cluster: 
     ex.update_parameters(tasks_per_node=1, nodes=1)
     parts = [part_path(out, i, tasks) for i in range(tasks)]
     with ex.batch():
-        jobs = [ex.submit(_build_shard, str(cfg_path), str(Path(seeds).resolve()), str(p), i, tasks)
-                for i, p in enumerate(parts)]
+        jobs = [
+            ex.submit(_build_shard, str(cfg_path), str(Path(seeds).resolve()), str(p), i, tasks)
+            for i, p in enumerate(parts)
+        ]
     return jobs, parts
 
 
@@ -53,6 +56,7 @@ def collect_build(jobs, parts: list[Path], out: str | Path) -> tuple[list[dict],
         try:
             reports.append(j.result())
         except Exception as e:  # submitit's FailedJobError: first line + the log to read
-            raise CsoError(f"mcts: array task {j.job_id} failed: {str(e).strip().splitlines()[-1][:300]} "
-                           f"(log: {j.paths.stderr})") from None
+            raise CsoError(
+                f"mcts: array task {j.job_id} failed: {str(e).strip().splitlines()[-1][:300]} (log: {j.paths.stderr})"
+            ) from None
     return reports, merge(parts, out)

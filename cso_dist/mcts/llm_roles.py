@@ -5,6 +5,7 @@ times with a fresh sample; after that it counts as missing (stats) and the searc
 a missing strategy score is 0, a missing rating leaves the aspect out, an empty reply stays
 empty and is filtered (and counted) when records are written.
 """
+
 from __future__ import annotations
 
 import re
@@ -51,7 +52,7 @@ def parse_scores(text: str, names: list[str], lo: float = 0.0, hi: float = 10.0)
         m = re.search(r"(?<![a-z0-9])" + words + r"(?![a-z0-9])[^0-9a-z\n]{0,12}" + NUMBER, text, re.I)
         out[name] = None if m is None else min(hi, max(lo, float(m.group(1))))
         if m is not None:  # blank the match: a shorter name must not match inside it again
-            text = text[:m.start()] + " " * (m.end() - m.start()) + text[m.end():]
+            text = text[: m.start()] + " " * (m.end() - m.start()) + text[m.end() :]
     return {n: out[n] for n in names}
 
 
@@ -61,7 +62,7 @@ def clean_reply(text: str, strategy_names: list[str]) -> str:
     t = re.sub(r"^(supporter|assistant|seeker|user)\s*:\s*", "", t, flags=re.I)
     m = re.match(r"^\(\s*([^()]{1,60})\s*\)\s*", t)
     if m and _norm(m.group(1)) in {_norm(n) for n in strategy_names}:
-        t = t[m.end():]
+        t = t[m.end() :]
     if len(t) >= 2 and t[0] == t[-1] and t[0] in "\"'":
         t = t[1:-1]
     return t.strip()
@@ -93,8 +94,12 @@ class LLMRoles:
         return list(self.sset.names)
 
     def _ask(self, role: str, attempt: int, max_tokens: int, temperature: float, **fields) -> str:
-        prompt = self.prompts[role].format(description=self.description or "(not given)",
-                                           scene=self.scene or "(not given)", end_marker=END_MARKER, **fields)
+        prompt = self.prompts[role].format(
+            description=self.description or "(not given)",
+            scene=self.scene or "(not given)",
+            end_marker=END_MARKER,
+            **fields,
+        )
         self.stats[f"calls_{role}"] += 1
         if attempt:
             self.stats[f"retries_{role}"] += 1
@@ -105,8 +110,14 @@ class LLMRoles:
         lines = "\n".join(f"- {n}: {d}" if d else f"- {n}" for n, d in self.sset.descriptions.items())
         scores: dict[str, float | None] = {n: None for n in self.strategies}
         for attempt in range(self.settings.retries + 1):
-            text = self._ask("scorer", attempt, self.settings.scorer_max_tokens, 0.0,
-                             history=render_history(history), strategies=lines)
+            text = self._ask(
+                "scorer",
+                attempt,
+                self.settings.scorer_max_tokens,
+                0.0,
+                history=render_history(history),
+                strategies=lines,
+            )
             got = parse_scores(text, self.strategies)
             scores = {n: got[n] if got[n] is not None else scores[n] for n in self.strategies}
             if all(v is not None for v in scores.values()):
@@ -117,10 +128,18 @@ class LLMRoles:
     def supporter(self, history: list[Turn], strategy: str) -> str:
         s = self.settings
         for attempt in range(s.retries + 1):
-            text = clean_reply(self._ask("supporter", attempt, s.max_new_tokens, s.temperature,
-                                         history=render_history(history), strategy=strategy,
-                                         strategy_description=self.sset.descriptions.get(strategy, "")),
-                               self.strategies)
+            text = clean_reply(
+                self._ask(
+                    "supporter",
+                    attempt,
+                    s.max_new_tokens,
+                    s.temperature,
+                    history=render_history(history),
+                    strategy=strategy,
+                    strategy_description=self.sset.descriptions.get(strategy, ""),
+                ),
+                self.strategies,
+            )
             if text:
                 return text
         self.stats["empty_supporter"] += 1
@@ -140,8 +159,15 @@ class LLMRoles:
     def judge(self, history: list[Turn], reply: Turn) -> dict[str, float | None]:
         ratings: dict[str, float | None] = {a: None for a in JUDGE_ASPECTS}
         for attempt in range(self.settings.retries + 1):
-            text = self._ask("judge", attempt, self.settings.judge_max_tokens, 0.0, history=render_history(history),
-                             strategy=reply.strategy or "", reply=reply.text)
+            text = self._ask(
+                "judge",
+                attempt,
+                self.settings.judge_max_tokens,
+                0.0,
+                history=render_history(history),
+                strategy=reply.strategy or "",
+                reply=reply.text,
+            )
             got = parse_scores(text, list(JUDGE_ASPECTS), 0.0, 4.0)
             ratings = {a: got[a] if got[a] is not None else ratings[a] for a in JUDGE_ASPECTS}
             if all(v is not None for v in ratings.values()):

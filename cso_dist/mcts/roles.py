@@ -4,6 +4,7 @@ A dialogue history is a list of `Turn(role, text, strategy)` with role "seeker" 
 "supporter" (strategy only on supporter turns). The search (cso_dist.mcts.search) only calls
 a `Roles` object, so tests drive it with a scripted table and builds with `LLMRoles`.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Protocol

@@ -43,6 +43,7 @@ Rules (the recipe leaves these open; see docs/method.md, "ESC-Pro by Monte Carlo
   preferred path. Records follow the ESC-Pro record schema in docs/method.md; a path's last
   seeker_next is added as a final user message only if non-empty.
 """
+
 from __future__ import annotations
 
 import json
@@ -98,8 +99,21 @@ class Node:
     expanded: bool = False  # children for all strategies exist (a gold node may hold only its gold child)
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("strategy", "reply", "seeker_next", "finished", "prior", "q", "n",
-                                           "generated", "gold", "expanded")}
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "strategy",
+                "reply",
+                "seeker_next",
+                "finished",
+                "prior",
+                "q",
+                "n",
+                "generated",
+                "gold",
+                "expanded",
+            )
+        }
         d["children"] = [c.to_dict() for c in self.children]
         return d
 
@@ -109,8 +123,13 @@ class Node:
 
 
 def new_stats() -> dict:
-    return {"llm_calls": {"score_strategies": 0, "supporter": 0, "seeker": 0, "judge": 0},
-            "missing_scores": 0, "missing_judge_aspects": 0, "unjudged_turns": 0, "finished_found": 0}
+    return {
+        "llm_calls": {"score_strategies": 0, "supporter": 0, "seeker": 0, "judge": 0},
+        "missing_scores": 0,
+        "missing_judge_aspects": 0,
+        "unjudged_turns": 0,
+        "finished_found": 0,
+    }
 
 
 @dataclass
@@ -124,14 +143,27 @@ class Tree:
     stats: dict = field(default_factory=new_stats)
 
     def to_dict(self) -> dict:
-        return {"seed_id": self.seed_id, "description": self.description, "scene": self.scene,
-                "history": [t._asdict() for t in self.history], "root": self.root.to_dict(),
-                "iterations": self.iterations, "stats": self.stats}
+        return {
+            "seed_id": self.seed_id,
+            "description": self.description,
+            "scene": self.scene,
+            "history": [t._asdict() for t in self.history],
+            "root": self.root.to_dict(),
+            "iterations": self.iterations,
+            "stats": self.stats,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Tree:
-        return cls(d["seed_id"], d["description"], d["scene"], [Turn(**t) for t in d["history"]],
-                   Node.from_dict(d["root"]), d["iterations"], {**new_stats(), **d["stats"]})
+        return cls(
+            d["seed_id"],
+            d["description"],
+            d["scene"],
+            [Turn(**t) for t in d["history"]],
+            Node.from_dict(d["root"]),
+            d["iterations"],
+            {**new_stats(), **d["stats"]},
+        )
 
 
 def tree_to_json(tree: Tree) -> str:
@@ -315,12 +347,10 @@ def iterate(tree: Tree, roles: Roles, cfg: SearchConfig) -> float:
 
 def should_stop(tree: Tree, cfg: SearchConfig) -> bool:
     it, fin = tree.iterations, tree.stats["finished_found"]
-    return (it >= cfg.min_iterations and fin >= cfg.min_finished) or it >= cfg.max_iterations \
-        or fin >= cfg.max_finished
+    return (it >= cfg.min_iterations and fin >= cfg.min_finished) or it >= cfg.max_iterations or fin >= cfg.max_finished
 
 
-def run(tree: Tree, roles: Roles, cfg: SearchConfig,
-        on_iteration: Callable[[Tree], None] | None = None) -> Tree:
+def run(tree: Tree, roles: Roles, cfg: SearchConfig, on_iteration: Callable[[Tree], None] | None = None) -> Tree:
     """Iterate until the stop rule holds (checked first, so a finished checkpoint does nothing)."""
     while not should_stop(tree, cfg):
         iterate(tree, roles, cfg)
@@ -336,8 +366,13 @@ def preferred_paths(tree: Tree, cfg: SearchConfig) -> list[list[Node]]:
 
     def walk(path: list[Node]) -> None:
         node = path[-1]
-        if len(path) > 1 and node.finished and node.generated and node.q >= cfg.preferred_q \
-                and node.n >= cfg.preferred_n:
+        if (
+            len(path) > 1
+            and node.finished
+            and node.generated
+            and node.q >= cfg.preferred_q
+            and node.n >= cfg.preferred_n
+        ):
             out.append(path)
         for c in node.children:
             walk(path + [c])
@@ -350,19 +385,31 @@ def extract(tree: Tree, cfg: SearchConfig) -> list[dict]:
     """One ESC-Pro record per preferred path, with the non-preferred siblings at each supporter turn."""
     paths = preferred_paths(tree, cfg)
     on_path = {id(n) for p in paths for n in p}
-    opening = [{"role": "user", "content": t.text} if t.role == SEEKER else
-               {"role": "assistant", "content": t.text, "strategy": t.strategy or "", "negative": []}
-               for t in tree.history]
+    opening = [
+        {"role": "user", "content": t.text}
+        if t.role == SEEKER
+        else {"role": "assistant", "content": t.text, "strategy": t.strategy or "", "negative": []}
+        for t in tree.history
+    ]
     records = []
     for path in paths:
         msgs = list(opening)
         for parent, node in zip(path, path[1:]):
-            neg = [{"content": s.reply, "strategy": s.strategy} for s in parent.children
-                   if s is not node and s.generated and s.reply.strip() and s.q <= cfg.negative_q
-                   and id(s) not in on_path]
+            neg = [
+                {"content": s.reply, "strategy": s.strategy}
+                for s in parent.children
+                if s is not node and s.generated and s.reply.strip() and s.q <= cfg.negative_q and id(s) not in on_path
+            ]
             msgs.append({"role": "assistant", "content": node.reply, "strategy": node.strategy, "negative": neg})
             if node.seeker_next:
                 msgs.append({"role": "user", "content": node.seeker_next})
-        records.append({"seed": tree.seed_id, "description": tree.description, "scene": tree.scene,
-                        "iter": tree.iterations, "messages": msgs})
+        records.append(
+            {
+                "seed": tree.seed_id,
+                "description": tree.description,
+                "scene": tree.scene,
+                "iter": tree.iterations,
+                "messages": msgs,
+            }
+        )
     return records

@@ -3,6 +3,7 @@
 Each becomes a `Seed`: an id, the seeker's situation (description) and scene, and the gold
 turns (consecutive messages of one speaker merged with a space, as our ESConv builder does).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,16 +38,28 @@ def _parse(path: str, record: str, obj, sset: StrategySet, aliases: bool) -> tup
     if isinstance(obj.get("dialog"), list):  # ESConv (HF split)
         for i, u in enumerate(obj["dialog"]):
             sys_turn = u.get("speaker") == "sys"
-            turns.append(Turn(SUPPORTER if sys_turn else SEEKER,
-                              _text(path, record, f"dialog[{i}].text", u.get("text")),
-                              strat(u.get("strategy"), f"dialog[{i}].strategy") if sys_turn else None))
-        return (obj.get("situation", ""),
-                ", ".join(x for x in (obj.get("emotion_type"), obj.get("problem_type")) if x), turns)
+            turns.append(
+                Turn(
+                    SUPPORTER if sys_turn else SEEKER,
+                    _text(path, record, f"dialog[{i}].text", u.get("text")),
+                    strat(u.get("strategy"), f"dialog[{i}].strategy") if sys_turn else None,
+                )
+            )
+        return (
+            obj.get("situation", ""),
+            ", ".join(x for x in (obj.get("emotion_type"), obj.get("problem_type")) if x),
+            turns,
+        )
     if isinstance(obj.get("content"), list):  # ExTES: {"User": ...} / {"AI": ..., "AI Strategy": ...}
         for i, u in enumerate(obj["content"]):
             if "AI" in u:
-                turns.append(Turn(SUPPORTER, _text(path, record, f"content[{i}].AI", u["AI"]),
-                                  strat(u.get("AI Strategy"), f"content[{i}].AI Strategy")))
+                turns.append(
+                    Turn(
+                        SUPPORTER,
+                        _text(path, record, f"content[{i}].AI", u["AI"]),
+                        strat(u.get("AI Strategy"), f"content[{i}].AI Strategy"),
+                    )
+                )
             elif "User" in u:
                 turns.append(Turn(SEEKER, _text(path, record, f"content[{i}].User", u["User"])))
             else:
@@ -60,11 +73,19 @@ def _parse(path: str, record: str, obj, sset: StrategySet, aliases: bool) -> tup
             if role not in ("user", "assistant"):
                 raise DataError(path, record, f"messages[{i}].role", f"unexpected role {role!r}", "bad-role")
             text = _text(path, record, f"messages[{i}].content", m.get("content"))
-            turns.append(Turn(SUPPORTER, text, strat(m.get("strategy"), f"messages[{i}].strategy"))
-                         if role == "assistant" else Turn(SEEKER, text))
+            turns.append(
+                Turn(SUPPORTER, text, strat(m.get("strategy"), f"messages[{i}].strategy"))
+                if role == "assistant"
+                else Turn(SEEKER, text)
+            )
         return obj.get("description", ""), obj.get("scene", ""), turns
-    raise DataError(path, record, None, "not an ESConv ('dialog'), ExTES ('content') or ESC-Pro ('messages') record",
-                    "unknown-format")
+    raise DataError(
+        path,
+        record,
+        None,
+        "not an ESConv ('dialog'), ExTES ('content') or ESC-Pro ('messages') record",
+        "unknown-format",
+    )
 
 
 def detect_strategies(path: str | Path) -> str:
@@ -73,8 +94,9 @@ def detect_strategies(path: str | Path) -> str:
     return "esconv" if isinstance(first, dict) and "dialog" in first else "escpro"
 
 
-def read_seeds(path: str | Path, strategies: str = "auto", aliases: bool = True,
-               limit: int = 0) -> tuple[list[Seed], StrategySet]:
+def read_seeds(
+    path: str | Path, strategies: str = "auto", aliases: bool = True, limit: int = 0
+) -> tuple[list[Seed], StrategySet]:
     p = Path(path)
     if not p.is_file():
         raise DataError(str(p), None, None, "no such seed file", "missing-file")

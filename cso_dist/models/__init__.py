@@ -1,4 +1,5 @@
 """Models and tokenizers: tiny offline models, the real Qwen2.5 vocabulary, LoRA/QLoRA loading."""
+
 from cso_dist.models.load import LoraSettings, count_parameters, is_adapter_dir, load_model, lora_settings
 from cso_dist.models.tiny import build_tiny_model, init_model, make_tokenizer, tiny_config
 from cso_dist.models.tokenizer import QWEN_SPECIAL_IDS, bpe_tokenizer, load_tokenizer, qwen_tokenizer

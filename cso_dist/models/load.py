@@ -3,6 +3,7 @@
 Only local directories are loaded (never the Hub). A LoRA adapter directory (one holding
 adapter_config.json) loads its base model plus the adapter, trainable.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 def lora_settings(model_cfg) -> LoraSettings:
     """The LoRA settings of a config's model section (model.lora_r, _alpha, _dropout, _target_modules):
     the one place they are read, for training, reference scoring, export and evaluation alike."""
-    return LoraSettings(model_cfg.lora_r, model_cfg.lora_alpha, model_cfg.lora_dropout,
-                        list(model_cfg.lora_target_modules))
+    return LoraSettings(
+        model_cfg.lora_r, model_cfg.lora_alpha, model_cfg.lora_dropout, list(model_cfg.lora_target_modules)
+    )
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -141,8 +143,10 @@ def load_model(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
         if gradient_checkpointing:
             model.config.use_cache = False
     elif gradient_checkpointing:

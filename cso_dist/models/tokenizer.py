@@ -7,6 +7,7 @@
   qwen2 model directory builds a `Qwen2Tokenizer` from vocab/merges with its own settings and
   encodes differently, so directories written here are reloaded with `PreTrainedTokenizerFast`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -46,8 +47,9 @@ def _special_tokens(template: str) -> list[str]:
 
 def _byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable unicode characters (byte-level BPE)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     mapping = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -130,10 +132,12 @@ def qwen_tokenizer(template: str = "chatml") -> PreTrainedTokenizerFast:
     vocab, merges = _ranks_to_bpe(ranks)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=True))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     specials = list(QWEN_SPECIAL_IDS) + [t for t in _special_tokens(template) if t not in QWEN_SPECIAL_IDS]

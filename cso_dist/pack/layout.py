@@ -1,5 +1,6 @@
 """Dialogues laid out for the model (LaidOut, lay_out) and scored unit by unit (score_units): shared by precompute,
 training and eval."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,20 +26,31 @@ class LaidOut:
         return [u for i in idx for u in self.units[i]]
 
 
-def lay_out(dialogues: list[PrefDialogue], renderer: Renderer, sset: StrategySet, max_tokens: int,
-            max_length: int | None, kl: bool = True, progress: bool = True) -> LaidOut:
+def lay_out(
+    dialogues: list[PrefDialogue],
+    renderer: Renderer,
+    sset: StrategySet,
+    max_tokens: int,
+    max_length: int | None,
+    kl: bool = True,
+    progress: bool = True,
+) -> LaidOut:
     """Tokenise every dialogue and lay it out as trie units (with KTO mismatched branches when `kl`)."""
-    toks = [tokenize_dialogue(d, renderer, sset)
-            for d in tqdm(dialogues, desc="tokenising", unit="dlg", disable=None if progress else True)]
+    toks = [
+        tokenize_dialogue(d, renderer, sset)
+        for d in tqdm(dialogues, desc="tokenising", unit="dlg", disable=None if progress else True)
+    ]
     kls = kl_completions(list(zip(dialogues, toks))) if kl else {}
-    units = [dialogue_units(d, renderer, sset, max_tokens, max_length, kls.get(d.id), t)
-             for d, t in zip(dialogues, toks)]
+    units = [
+        dialogue_units(d, renderer, sset, max_tokens, max_length, kls.get(d.id), t) for d, t in zip(dialogues, toks)
+    ]
     return LaidOut(dialogues, units)
 
 
 @torch.no_grad()
-def score_units(model, units: list[Unit], max_tokens: int, chunk: int = 2048,
-                progress: bool = True, desc: str = "scoring") -> dict[str, tuple[float, int]]:
+def score_units(
+    model, units: list[Unit], max_tokens: int, chunk: int = 2048, progress: bool = True, desc: str = "scoring"
+) -> dict[str, tuple[float, int]]:
     """reply id -> (summed log-prob, token count) for every reply of `units`, batched by token budget."""
     out: dict[str, tuple[float, int]] = {}
     batches = pack_units(units, max_tokens)
@@ -60,11 +72,20 @@ class TrieLayout:
 
     kind = "trie"
 
-    def __init__(self, dialogues: list[PrefDialogue], renderer: Renderer, sset: StrategySet, max_tokens: int,
-                 max_length: int | None, kl: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        dialogues: list[PrefDialogue],
+        renderer: Renderer,
+        sset: StrategySet,
+        max_tokens: int,
+        max_length: int | None,
+        kl: bool = False,
+        progress: bool = True,
+    ):
         self.max_tokens = max_tokens
-        self.items: list[list[Unit]] = lay_out(dialogues, renderer, sset, max_tokens, max_length, kl=kl,
-                                               progress=progress).units
+        self.items: list[list[Unit]] = lay_out(
+            dialogues, renderer, sset, max_tokens, max_length, kl=kl, progress=progress
+        ).units
 
     def batches(self, order: list[int]) -> list[TrieBatch]:
         units = [u for i in order for u in self.items[i]]
@@ -77,8 +98,14 @@ class PairLayout:
 
     kind = "pair"
 
-    def __init__(self, dialogues: list[PrefDialogue], renderer: Renderer, sset: StrategySet, max_tokens: int,
-                 max_length: int | None):
+    def __init__(
+        self,
+        dialogues: list[PrefDialogue],
+        renderer: Renderer,
+        sset: StrategySet,
+        max_tokens: int,
+        max_length: int | None,
+    ):
         self.max_tokens = max_tokens
         self.pad = renderer.tokenizer.pad_token_id or 0
         self.items: list[list[list[PairRow]]] = [dialogue_pair_rows(d, renderer, sset, max_length) for d in dialogues]

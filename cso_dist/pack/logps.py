@@ -1,4 +1,5 @@
 """Per-reply summed log-probs from a packed trie batch, with logits only where replies are predicted."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -22,8 +23,12 @@ def _decoder_and_head(model):
     """The transformer body and the LM head of an HF causal LM (PEFT- and DeepSpeed-wrapped too)."""
     inner = getattr(model, "module", model)  # DeepSpeed engine / DDP
     cfg = inner.config
-    return (inner.get_decoder(), inner.get_output_embeddings(), getattr(cfg, "final_logit_softcapping", None),
-            getattr(cfg, "_attn_implementation", None) or "sdpa")
+    return (
+        inner.get_decoder(),
+        inner.get_output_embeddings(),
+        getattr(cfg, "final_logit_softcapping", None),
+        getattr(cfg, "_attn_implementation", None) or "sdpa",
+    )
 
 
 def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -42,13 +47,17 @@ def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dty
         dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else torch.float32
     else:  # sdpa / flash / flex take a boolean mask (True = attend), as transformers builds them
         dtype = torch.bool
-    hidden = decoder(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                     attention_mask=batch.attention_mask(dtype).to(device), use_cache=False).last_hidden_state[0]
+    hidden = decoder(
+        input_ids=batch.input_ids.to(device),
+        position_ids=batch.position_ids.to(device),
+        attention_mask=batch.attention_mask(dtype).to(device),
+        use_cache=False,
+    ).last_hidden_state[0]
     h = hidden.index_select(0, batch.pred_idx.to(device))
     targets = batch.target_ids.to(device)
     parts = []
     for lo in range(0, h.shape[0], chunk):
-        hs, ts = h[lo:lo + chunk], targets[lo:lo + chunk]
+        hs, ts = h[lo : lo + chunk], targets[lo : lo + chunk]
         if torch.is_grad_enabled() and hs.requires_grad:
             parts.append(checkpoint(_chunk_logps, hs, ts, head, softcap, use_reentrant=False))
         else:

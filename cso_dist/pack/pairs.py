@@ -5,6 +5,7 @@ model's ordinary forward with a 2-D padding mask and full logits -- exactly what
 trainers do. Histories are truncated by the same policy as the trie layout
 (cso_dist.data.render.turn_examples), so both layouts score identical token sequences.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ class PairRow:
         return len(self.history) + len(self.reply)
 
 
-def dialogue_pair_rows(d: PrefDialogue, renderer: Renderer, sset: StrategySet,
-                       max_length: int | None = None) -> list[list[PairRow]]:
+def dialogue_pair_rows(
+    d: PrefDialogue, renderer: Renderer, sset: StrategySet, max_length: int | None = None
+) -> list[list[PairRow]]:
     """Per target turn with negatives, its rows: chosen first, then each rejected reply."""
     out = []
     for ex in turn_examples(d, renderer, sset, max_length):
@@ -61,9 +63,9 @@ def collate_pairs(rows: list[PairRow], pad_id: int) -> PairBatch:
     rep = torch.zeros((len(rows), width), dtype=torch.long)
     for b, r in enumerate(rows):
         seq = r.history + r.reply
-        ids[b, :len(seq)] = torch.tensor(seq)
-        att[b, :len(seq)] = 1
-        rep[b, len(r.history):len(seq)] = 1
+        ids[b, : len(seq)] = torch.tensor(seq)
+        att[b, : len(seq)] = 1
+        rep[b, len(r.history) : len(seq)] = 1
     return PairBatch(ids, att, rep, [r.reply_id for r in rows], rep.sum(1), len(rows) * width)
 
 

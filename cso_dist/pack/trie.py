@@ -20,6 +20,7 @@ per-pair layout does.
 Reply ids (ReplyId): "<dialogue>:<turn>:c" (chosen), ":r<k>" (k-th non-preferred), ":kl" (KTO
 mismatched); "<id>#k" marks a re-emitted copy of a chosen reply (its `key` drops the marker).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -101,8 +102,15 @@ class ReplyId(str):
     def order(self) -> tuple:
         """Canonical order inside a dialogue: by turn, then c, r0, r1, ..., kl."""
         k = self.kind
-        rank = (0, 0) if k == "c" else (1, int(k[1:])) if k[:1] == "r" and k[1:].isdigit() \
-            else (2, 0) if k == "kl" else (3, k)
+        rank = (
+            (0, 0)
+            if k == "c"
+            else (1, int(k[1:]))
+            if k[:1] == "r" and k[1:].isdigit()
+            else (2, 0)
+            if k == "kl"
+            else (3, k)
+        )
         return self.turn, rank
 
 
@@ -115,8 +123,14 @@ class _Turn:
     branches: list[tuple[ReplyId, list[int]]]  # (reply id, tokens)
 
 
-def _turns(d: PrefDialogue, toks: DialogueTokens, renderer: Renderer, sset: StrategySet, max_length: int | None,
-           kl: dict[int, list[int]]) -> list[_Turn]:
+def _turns(
+    d: PrefDialogue,
+    toks: DialogueTokens,
+    renderer: Renderer,
+    sset: StrategySet,
+    max_length: int | None,
+    kl: dict[int, list[int]],
+) -> list[_Turn]:
     full = toks.full()
     out, hist = [], len(toks.prefix)
     ends = {}
@@ -130,7 +144,7 @@ def _turns(d: PrefDialogue, toks: DialogueTokens, renderer: Renderer, sset: Stra
             hist_ids, body, rej, _ = truncate_turn(d, renderer, sset, i, longest, max_length)
             trunk, h = hist_ids + body, len(hist_ids)
         else:
-            trunk = full[:h + len(body)]
+            trunk = full[: h + len(body)]
         branches = [(ReplyId(d.id, i, f"r{k}"), r) for k, r in enumerate(rej)]
         if i in kl:
             room = (max_length - h) if max_length else len(kl[i])
@@ -150,9 +164,15 @@ def _add_branch(u: Unit, rid: ReplyId, toks: list[int], ctx: int) -> None:
     u.positions.extend(range(ctx, ctx + len(toks)))
 
 
-def dialogue_units(d: PrefDialogue, renderer: Renderer, sset: StrategySet, max_tokens: int,
-                   max_length: int | None = None, kl: dict[int, list[int]] | None = None,
-                   toks: DialogueTokens | None = None) -> list[Unit]:
+def dialogue_units(
+    d: PrefDialogue,
+    renderer: Renderer,
+    sset: StrategySet,
+    max_tokens: int,
+    max_length: int | None = None,
+    kl: dict[int, list[int]] | None = None,
+    toks: DialogueTokens | None = None,
+) -> list[Unit]:
     """Lay out one dialogue as units of at most `max_tokens` tokens each."""
     toks = toks or tokenize_dialogue(d, renderer, sset)
     units: list[Unit] = []
@@ -169,8 +189,11 @@ def dialogue_units(d: PrefDialogue, renderer: Renderer, sset: StrategySet, max_t
 
     for t in _turns(d, toks, renderer, sset, max_length, kl or {}):
         chosen = Span(t.chosen_id, t.hist, len(t.trunk) - t.hist, t.hist)
-        extends = cur is not None and t.trunk[:cur.trunk_len] == cur.tokens[:cur.trunk_len] \
+        extends = (
+            cur is not None
+            and t.trunk[: cur.trunk_len] == cur.tokens[: cur.trunk_len]
             and len(t.trunk) >= cur.trunk_len
+        )
         need = len(t.trunk) + sum(len(b) for _, b in t.branches)
         if extends and need + sum(len(b) for _, b, _ in pending) <= max_tokens:
             cur.tokens = list(t.trunk)
@@ -192,8 +215,10 @@ def dialogue_units(d: PrefDialogue, renderer: Renderer, sset: StrategySet, max_t
                 cur = _new_unit(d.id, t.trunk)
                 cur.spans.append(Span(t.chosen_id.with_copy(copies), chosen.start, chosen.length, chosen.ctx))
             if len(cur) + len(b) > max_tokens:
-                raise CsoError(f"{d.id}: turn {t.turn}: history + chosen ({len(t.trunk)} tokens) + a reply of "
-                               f"{len(b)} tokens exceed pack.max_tokens={max_tokens}; raise pack.max_tokens")
+                raise CsoError(
+                    f"{d.id}: turn {t.turn}: history + chosen ({len(t.trunk)} tokens) + a reply of "
+                    f"{len(b)} tokens exceed pack.max_tokens={max_tokens}; raise pack.max_tokens"
+                )
             pending.append((rid, b, t.hist))
         if len(t.trunk) > max_tokens:
             raise CsoError(f"{d.id}: turn {t.turn}: {len(t.trunk)} tokens exceed pack.max_tokens={max_tokens}")
@@ -266,7 +291,7 @@ class TrieBatch:
         for i in range(1, len(rows) + 1):
             r0 = rows[start]
             if i == len(rows) or rows[i] != rows[i - 1] + 1 or (hi[rows[i]], own[rows[i]]) != (hi[r0], own[r0]):
-                view[r0:rows[i - 1] + 1, hi[r0]:own[r0]] = False
+                view[r0 : rows[i - 1] + 1, hi[r0] : own[r0]] = False
                 start = i
         return allowed
 

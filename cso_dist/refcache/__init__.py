@@ -1,9 +1,39 @@
 """Reference log-prob cache: a stage of its own (`cso-dist precompute`), content-addressed and resumable."""
-from cso_dist.refcache.cache import (PrecomputeReport, cache_status, export_cache, load_reference, precompute,
-                                     read_manifest, run_precompute)
-from cso_dist.refcache.key import (FORMAT_VERSION, KEY_COMPONENTS, LAYOUT_VERSION, cache_key, cache_root,
-                                   load_reference_model, method_reference, split_dir)
 
-__all__ = ["FORMAT_VERSION", "KEY_COMPONENTS", "LAYOUT_VERSION", "PrecomputeReport", "cache_key", "cache_root",
-           "cache_status", "export_cache", "load_reference", "load_reference_model", "method_reference", "precompute",
-           "read_manifest", "run_precompute", "split_dir"]
+from cso_dist.refcache.cache import (
+    PrecomputeReport,
+    cache_status,
+    export_cache,
+    load_reference,
+    precompute,
+    read_manifest,
+    run_precompute,
+)
+from cso_dist.refcache.key import (
+    FORMAT_VERSION,
+    KEY_COMPONENTS,
+    LAYOUT_VERSION,
+    cache_key,
+    cache_root,
+    load_reference_model,
+    method_reference,
+    split_dir,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "KEY_COMPONENTS",
+    "LAYOUT_VERSION",
+    "PrecomputeReport",
+    "cache_key",
+    "cache_root",
+    "cache_status",
+    "export_cache",
+    "load_reference",
+    "load_reference_model",
+    "method_reference",
+    "precompute",
+    "read_manifest",
+    "run_precompute",
+    "split_dir",
+]

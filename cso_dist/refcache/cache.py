@@ -14,6 +14,7 @@ A shard counts as done only when its sidecar exists, names this key, and the fil
 reply count match it (and the manifest entry, where there is one). Every file is written
 atomically. The manifest's per-shard entries are filled in once every shard verifies.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,19 @@ from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.pack import LaidOut, ReplyId, lay_out, score_units
 from cso_dist.inputs import SPLITS, SplitInputs, default_device, load_split, make_cfg_renderer, resolve_sset
-from cso_dist.refcache.key import (FORMAT_VERSION, RefModel, cache_key, cache_root, canonical_reply_order, differing,
-                                   key_digest, key_info, load_reference_model, memo_path, split_dir)
+from cso_dist.refcache.key import (
+    FORMAT_VERSION,
+    RefModel,
+    cache_key,
+    cache_root,
+    canonical_reply_order,
+    differing,
+    key_digest,
+    key_info,
+    load_reference_model,
+    memo_path,
+    split_dir,
+)
 
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
@@ -135,37 +147,77 @@ def _open_cache(d: Path, key: dict[str, str], split: str) -> dict | None:
     if man is not None:
         diff = differing(man, key)
         if diff:
-            raise CsoError(f"reference cache {d} was built for a different {', '.join(diff)}: delete {d} "
-                           f"or point train.ref_cache elsewhere, then rerun cso-dist precompute")
+            raise CsoError(
+                f"reference cache {d} was built for a different {', '.join(diff)}: delete {d} "
+                f"or point train.ref_cache elsewhere, then rerun cso-dist precompute"
+            )
         return man
-    other = [p.name for p in d.iterdir() if not (split == "train" and p.name == "eval")
-             and not (p.name.startswith(".") and p.name.endswith(".tmp"))] if d.is_dir() else []
+    other = (
+        [
+            p.name
+            for p in d.iterdir()
+            if not (split == "train" and p.name == "eval") and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+        ]
+        if d.is_dir()
+        else []
+    )
     if other:
-        raise CsoError(f"reference cache {d}: the folder exists, is not empty ({', '.join(sorted(other)[:3])}) and "
-                       f"has no manifest.json; delete it or point train.ref_cache elsewhere")
+        raise CsoError(
+            f"reference cache {d}: the folder exists, is not empty ({', '.join(sorted(other)[:3])}) and "
+            f"has no manifest.json; delete it or point train.ref_cache elsewhere"
+        )
     return None
 
 
-def _compute_shard(d: Path, i: int, lo: int, hi: int, laid: LaidOut, ref: RefModel, cfg: TrainingConfig, kd: str,
-                   split: str, n_shards: int, progress: bool) -> tuple[int, float]:
+def _compute_shard(
+    d: Path,
+    i: int,
+    lo: int,
+    hi: int,
+    laid: LaidOut,
+    ref: RefModel,
+    cfg: TrainingConfig,
+    kd: str,
+    split: str,
+    n_shards: int,
+    progress: bool,
+) -> tuple[int, float]:
     model, ctx = ref
     units = laid.all_units(list(range(lo, hi)))
     ntok = sum(len(u) for u in units)
     t0 = time.perf_counter()
     with ctx():
-        scores = score_units(model, units, cfg.pack.max_tokens, cfg.pack.logit_chunk, progress,
-                             desc=f"{split} shard {i + 1}/{n_shards}")
+        scores = score_units(
+            model, units, cfg.pack.max_tokens, cfg.pack.logit_chunk, progress, desc=f"{split} shard {i + 1}/{n_shards}"
+        )
     secs = time.perf_counter() - t0
     ids = canonical_reply_order(units)
     if set(ids) != set(scores):
         raise CsoError(f"reference cache: shard {i}: scored replies do not match the layout (internal error)")
-    obj = {"format": FORMAT_VERSION, "shard": i, "lo": lo, "hi": hi,
-           "dialogue_ids": [dl.id for dl in laid.dialogues[lo:hi]], "reply_ids": ids,
-           "logps": [float(scores[r][0]) for r in ids], "tokens": [int(scores[r][1]) for r in ids]}
+    obj = {
+        "format": FORMAT_VERSION,
+        "shard": i,
+        "lo": lo,
+        "hi": hi,
+        "dialogue_ids": [dl.id for dl in laid.dialogues[lo:hi]],
+        "reply_ids": ids,
+        "logps": [float(scores[r][0]) for r in ids],
+        "tokens": [int(scores[r][1]) for r in ids],
+    }
     text = json.dumps(obj, separators=(",", ":"))  # ASCII (ensure_ascii), floats via repr: exact round trip
     atomic_write_text(shard_file(d, i), text)
-    _write_json(sidecar_file(d, i), {"shard": i, "key": kd, "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                                     "replies": len(ids), "dialogues": hi - lo, "tokens": ntok, "seconds": secs})
+    _write_json(
+        sidecar_file(d, i),
+        {
+            "shard": i,
+            "key": kd,
+            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "replies": len(ids),
+            "dialogues": hi - lo,
+            "tokens": ntok,
+            "seconds": secs,
+        },
+    )
     return ntok, secs
 
 
@@ -184,21 +236,40 @@ def _finalize(d: Path, man: dict, kd: str) -> bool:
     return True
 
 
-def _precompute_split(cfg: TrainingConfig, inputs: SplitInputs, key: dict[str, str], renderer: Renderer,
-                      sset: StrategySet, rank: int, world_size: int, progress: bool,
-                      get_model: Callable[[], RefModel]) -> PrecomputeReport:
+def _precompute_split(
+    cfg: TrainingConfig,
+    inputs: SplitInputs,
+    key: dict[str, str],
+    renderer: Renderer,
+    sset: StrategySet,
+    rank: int,
+    world_size: int,
+    progress: bool,
+    get_model: Callable[[], RefModel],
+) -> PrecomputeReport:
     d = split_dir(cache_root(cfg), inputs.split)
     man = _open_cache(d, key, inputs.split)
     if man is None:
         per = cfg.refcache.dialogues_per_shard
         plan = _plan(len(inputs.dialogues), per)
-        man = {"format": FORMAT_VERSION, "key": key, "info": key_info(cfg, inputs, sset),
-               "n_dialogues": len(inputs.dialogues), "dialogues_per_shard": per, "n_shards": len(plan),
-               "plan": plan, "shards": {}, "complete": False}
+        man = {
+            "format": FORMAT_VERSION,
+            "key": key,
+            "info": key_info(cfg, inputs, sset),
+            "n_dialogues": len(inputs.dialogues),
+            "dialogues_per_shard": per,
+            "n_shards": len(plan),
+            "plan": plan,
+            "shards": {},
+            "complete": False,
+        }
         _write_json(d / MANIFEST, man)
     elif man["dialogues_per_shard"] != cfg.refcache.dialogues_per_shard:
-        print(f"note: {d} uses {man['dialogues_per_shard']} dialogues per shard; keeping its plan "
-              f"(refcache.dialogues_per_shard={cfg.refcache.dialogues_per_shard} ignored)", flush=True)
+        print(
+            f"note: {d} uses {man['dialogues_per_shard']} dialogues per shard; keeping its plan "
+            f"(refcache.dialogues_per_shard={cfg.refcache.dialogues_per_shard} ignored)",
+            flush=True,
+        )
     kd, plan = key_digest(key), man["plan"]
     rep = PrecomputeReport(inputs.split, d, len(plan), [i for i in range(len(plan)) if i % world_size == rank])
     todo = []
@@ -214,8 +285,9 @@ def _precompute_split(cfg: TrainingConfig, inputs: SplitInputs, key: dict[str, s
     if todo:
         ref = get_model()
         try:
-            laid = lay_out(inputs.dialogues, renderer, sset, cfg.pack.max_tokens, cfg.data.max_length, kl=True,
-                           progress=progress)
+            laid = lay_out(
+                inputs.dialogues, renderer, sset, cfg.pack.max_tokens, cfg.data.max_length, kl=True, progress=progress
+            )
         except ValueError as e:
             raise CsoError(str(e)) from None
         for i in todo:
@@ -225,15 +297,19 @@ def _precompute_split(cfg: TrainingConfig, inputs: SplitInputs, key: dict[str, s
             rep.seconds += secs
     rep.complete = _finalize(d, man, kd)
     missing = len(rep.computed) - len(rep.invalid)
-    print(f"precompute [{inputs.split}] rank {rank}/{world_size}: {len(rep.mine)} of {len(plan)} shards: "
-          f"{len(rep.computed)} computed ({missing} missing, {len(rep.invalid)} failed verification), "
-          f"{len(rep.skipped)} verified and kept; {rep.tokens:,} tokens in {rep.seconds:.1f}s "
-          f"({rep.tokens_per_s:,.0f} tok/s); cache {'complete' if rep.complete else 'partial'}: {d}", flush=True)
+    print(
+        f"precompute [{inputs.split}] rank {rank}/{world_size}: {len(rep.mine)} of {len(plan)} shards: "
+        f"{len(rep.computed)} computed ({missing} missing, {len(rep.invalid)} failed verification), "
+        f"{len(rep.skipped)} verified and kept; {rep.tokens:,} tokens in {rep.seconds:.1f}s "
+        f"({rep.tokens_per_s:,.0f} tok/s); cache {'complete' if rep.complete else 'partial'}: {d}",
+        flush=True,
+    )
     return rep
 
 
-def precompute(cfg: TrainingConfig, rank: int = 0, world_size: int = 1, progress: bool = True,
-               device: str | None = None) -> list[PrecomputeReport]:
+def precompute(
+    cfg: TrainingConfig, rank: int = 0, world_size: int = 1, progress: bool = True, device: str | None = None
+) -> list[PrecomputeReport]:
     """Compute this rank's shards of the train cache (and of the eval cache when train.eval_file is set)."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"precompute: rank {rank} is not in [0, world_size={world_size})")
@@ -253,8 +329,10 @@ def precompute(cfg: TrainingConfig, rank: int = 0, world_size: int = 1, progress
             held.append(load_reference_model(cfg, device or default_device(rank)))
         return held[0]
 
-    return [_precompute_split(cfg, inputs, key, renderer, sset, rank, world_size, progress, get_model)
-            for inputs, key in jobs]
+    return [
+        _precompute_split(cfg, inputs, key, renderer, sset, rank, world_size, progress, get_model)
+        for inputs, key in jobs
+    ]
 
 
 def run_precompute(cfg: TrainingConfig, rank: int = 0, world_size: int = 1, progress: bool = True) -> Path:
@@ -269,8 +347,9 @@ def _cache_dir_of(cfg_or_cache_dir: TrainingConfig | str | Path, split: str) -> 
     return Path(cfg_or_cache_dir)
 
 
-def load_reference(cfg_or_cache_dir: TrainingConfig | str | Path, expected_key: dict[str, str],
-                   split: str = "train") -> dict[str, tuple[float, int]]:
+def load_reference(
+    cfg_or_cache_dir: TrainingConfig | str | Path, expected_key: dict[str, str], split: str = "train"
+) -> dict[str, tuple[float, int]]:
     """reply id -> (reference summed log-prob, token count), after checking the key and every shard.
 
     A config selects the cache of `split` (train: the cache root, eval: <root>/eval); a path
@@ -282,8 +361,10 @@ def load_reference(cfg_or_cache_dir: TrainingConfig | str | Path, expected_key: 
         raise CsoError(f"no reference cache at {d} (run cso-dist precompute)")
     diff = differing(man, expected_key)
     if diff:
-        raise CsoError(f"reference cache {d} was built for a different {', '.join(diff)} (delete it and rerun "
-                       f"cso-dist precompute, or point train.ref_cache elsewhere)")
+        raise CsoError(
+            f"reference cache {d} was built for a different {', '.join(diff)} (delete it and rerun "
+            f"cso-dist precompute, or point train.ref_cache elsewhere)"
+        )
     kd, out, bad = key_digest(expected_key), {}, []
     for i in range(man["n_shards"]):
         try:
@@ -294,13 +375,15 @@ def load_reference(cfg_or_cache_dir: TrainingConfig | str | Path, expected_key: 
         out.update(zip(obj["reply_ids"], zip(obj["logps"], obj["tokens"])))
     if bad:
         more = f"; and {len(bad) - 4} more" if len(bad) > 4 else ""
-        raise CsoError(f"reference cache {d}: {len(bad)} of {man['n_shards']} shards missing or corrupt "
-                       f"({'; '.join(bad[:4])}{more}); rerun cso-dist precompute to recompute them")
+        raise CsoError(
+            f"reference cache {d}: {len(bad)} of {man['n_shards']} shards missing or corrupt "
+            f"({'; '.join(bad[:4])}{more}); rerun cso-dist precompute to recompute them"
+        )
     return out
 
 
 def cache_status(cache_dir: str | Path, key: dict[str, str]) -> str:
-    """"missing" (no manifest), "stale" (another key), "complete" (every shard verifies) or "partial"."""
+    """ "missing" (no manifest), "stale" (another key), "complete" (every shard verifies) or "partial"."""
     d = Path(cache_dir)
     try:
         man = read_manifest(d)
@@ -330,11 +413,13 @@ def export_cache(cache_dir: str | Path, out: str | Path) -> int:
     if not path.is_file():
         raise CsoError(f"reference cache {d}: its dialogue file {path} no longer exists")
     if sha256_file(path) != info.get("data_sha256"):
-        raise CsoError(f"reference cache {d}: dialogue file {path} changed since the cache was built; "
-                       f"rerun cso-dist precompute on it before exporting")
+        raise CsoError(
+            f"reference cache {d}: dialogue file {path} changed since the cache was built; "
+            f"rerun cso-dist precompute on it before exporting"
+        )
     values = load_reference(d, man["key"])
     dialogues = read_dialogues(path)
-    dialogues = dialogues[:info["max_dialogues"]] if info.get("max_dialogues") else dialogues
+    dialogues = dialogues[: info["max_dialogues"]] if info.get("max_dialogues") else dialogues
     ss = info["strategy_set"]
     sset = StrategySet(ss["name"], dict(ss["descriptions"]), dict(ss.get("aliases") or {}))
     rows = []
@@ -343,6 +428,7 @@ def export_cache(cache_dir: str | Path, out: str | Path) -> int:
         if cid not in values or pid not in values:
             raise CsoError(f"reference cache {d}: no value for pair {pid} (cache and dialogue file disagree)")
         (c_lp, c_n), (r_lp, r_n) = values[cid], values[pid]
-        rows.append({"pair_id": pid, "chosen_logp": c_lp, "rejected_logp": r_lp,
-                     "chosen_tokens": c_n, "rejected_tokens": r_n})
+        rows.append(
+            {"pair_id": pid, "chosen_logp": c_lp, "rejected_logp": r_lp, "chosen_tokens": c_n, "rejected_tokens": r_n}
+        )
     return write_jsonl(out, rows)

@@ -16,6 +16,7 @@ The key is a dict of named components, each the first 16 hex digits of a sha256:
 pack.max_tokens is not part of it: results do not depend on the micro-batch layout.
 Weight-file hashes are memoised by (path, size, mtime_ns) in a JSON file beside the cache.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,16 +32,36 @@ from cso_dist.io import atomic_write_text, sha256_file
 from cso_dist.data.render import Renderer, system_prompt
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import CsoError
-from cso_dist.inputs import (SPLITS, TOKENIZER_FILES, SplitInputs, data_file, make_cfg_renderer, model_dir,
-                             resolve_sset, split_max_dialogues, tokenizer_dir, weights_dir)
+from cso_dist.inputs import (
+    SPLITS,
+    TOKENIZER_FILES,
+    SplitInputs,
+    data_file,
+    make_cfg_renderer,
+    model_dir,
+    resolve_sset,
+    split_max_dialogues,
+    tokenizer_dir,
+    weights_dir,
+)
 from cso_dist.models import is_adapter_dir, load_model, lora_settings
 from cso_dist.pack import ReplyId, Unit
 
 RefModel = tuple[torch.nn.Module, Callable[[], ContextManager]]  # the model and the context to score under
 LAYOUT_VERSION = 1  # trie layout incl. KTO ":kl" branches, truncation of cso_dist.data.render
 FORMAT_VERSION = 1  # on-disk format of manifest + shards
-KEY_COMPONENTS = ("model", "tokenizer", "chat_template", "data", "strategies", "system_prompt", "truncation",
-                  "dtype", "method_reference", "layout_version")
+KEY_COMPONENTS = (
+    "model",
+    "tokenizer",
+    "chat_template",
+    "data",
+    "strategies",
+    "system_prompt",
+    "truncation",
+    "dtype",
+    "method_reference",
+    "layout_version",
+)
 
 
 def short(text: str | bytes) -> str:
@@ -113,8 +134,13 @@ def model_files(folder: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------- the key
-def cache_key(cfg: TrainingConfig, split: str = "train", renderer: Renderer | None = None,
-              sset: StrategySet | None = None, memo: Path | None = None) -> dict[str, str]:
+def cache_key(
+    cfg: TrainingConfig,
+    split: str = "train",
+    renderer: Renderer | None = None,
+    sset: StrategySet | None = None,
+    memo: Path | None = None,
+) -> dict[str, str]:
     """The key of the reference cache of `split` for `cfg` (component name -> short sha256 hex)."""
     path = data_file(cfg, split)
     if path is None or not path.is_file():
@@ -146,12 +172,19 @@ def cache_key(cfg: TrainingConfig, split: str = "train", renderer: Renderer | No
 def key_info(cfg: TrainingConfig, inputs: SplitInputs, sset: StrategySet) -> dict:
     """Human-readable record of what the key was computed from (manifest "info"; export uses it)."""
     mdir = model_dir(cfg)
-    return {"model_path": str(mdir.resolve()), "weights_path": str(weights_dir(mdir).resolve()),
-            "method_reference": method_reference(cfg), "precision": cfg.model.precision,
-            "chat_template": cfg.data.chat_template, "max_length": cfg.data.max_length,
-            "data_file": str(inputs.data_file.resolve()), "data_sha256": inputs.data_sha256,
-            "max_dialogues": inputs.max_dialogues, "layout_version": LAYOUT_VERSION,
-            "strategy_set": {"name": sset.name, "descriptions": sset.descriptions, "aliases": sset.aliases}}
+    return {
+        "model_path": str(mdir.resolve()),
+        "weights_path": str(weights_dir(mdir).resolve()),
+        "method_reference": method_reference(cfg),
+        "precision": cfg.model.precision,
+        "chat_template": cfg.data.chat_template,
+        "max_length": cfg.data.max_length,
+        "data_file": str(inputs.data_file.resolve()),
+        "data_sha256": inputs.data_sha256,
+        "max_dialogues": inputs.max_dialogues,
+        "layout_version": LAYOUT_VERSION,
+        "strategy_set": {"name": sset.name, "descriptions": sset.descriptions, "aliases": sset.aliases},
+    }
 
 
 def key_digest(key: dict[str, str]) -> str:
@@ -163,8 +196,9 @@ def differing(man: dict, key: dict[str, str]) -> list[str]:
     order = {c: n for n, c in enumerate(KEY_COMPONENTS)}
     have = man.get("key") or {}
     diff = ["format"] if man.get("format") != FORMAT_VERSION else []
-    return diff + sorted((c for c in set(have) | set(key) if have.get(c) != key.get(c)),
-                         key=lambda c: (order.get(c, len(order)), c))
+    return diff + sorted(
+        (c for c in set(have) | set(key) if have.get(c) != key.get(c)), key=lambda c: (order.get(c, len(order)), c)
+    )
 
 
 def canonical_reply_order(units: list[Unit]) -> list[str]:
@@ -188,8 +222,9 @@ def load_reference_model(cfg: TrainingConfig, device: str) -> RefModel:
     if ref == "full":
         model, ctx = load_model(path, "full", cfg.model.precision, device=device), contextlib.nullcontext
     else:
-        model = load_model(path, "qlora" if ref == "qlora-base" else "lora", cfg.model.precision, lora=lora,
-                           device=device)
+        model = load_model(
+            path, "qlora" if ref == "qlora-base" else "lora", cfg.model.precision, lora=lora, device=device
+        )
         ctx = model.disable_adapter
     model.eval()
     model.requires_grad_(False)

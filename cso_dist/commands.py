@@ -1,0 +1,356 @@
+"""What each `cso-dist` command does (cso_dist.cli parses the command line and calls these).
+
+Imports of the pipeline stay inside the commands: `cso-dist data build` must not pay for torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from cso_dist.config import Config, flag_overrides, load_config, parse_overrides
+from cso_dist.errors import CsoError
+
+
+def config_path(args: argparse.Namespace) -> str | None:
+    pos, flag = getattr(args, "config", None), getattr(args, "config_flag", None)
+    if pos and flag and Path(pos) != Path(flag):
+        raise CsoError(f"two configs given: {pos} (positional) and --config {flag}; give one")
+    return pos or flag
+
+
+def _config(args: argparse.Namespace, extra: list[str], family: str) -> Config:
+    """Config file + dotted overrides + the command's generated flags (config.add_flags; flags win), for the
+    sections of the command's family (config.FAMILIES)."""
+    return load_config(config_path(args), {**parse_overrides(extra), **flag_overrides(args)}, family)
+
+
+def _print_kv(title: str, d: dict, indent: str = "  ") -> None:
+    print(title)
+    for k, v in d.items():
+        if isinstance(v, dict):
+            print(f"{indent}{k}:")
+            for k2, v2 in v.items():
+                print(f"{indent}  {k2}: {v2}")
+        else:
+            print(f"{indent}{k}: {v}")
+
+
+# ---------------------------------------------------------------- data
+
+
+def cmd_data_build(args, extra) -> int:
+    from cso_dist.data.build import build_dialogues
+    from cso_dist.data.dialogue import write_dialogues
+    from cso_dist.data.stats import dialogue_stats
+
+    cfg = _config(args, extra, "data")
+    t0 = time.time()
+    dialogues, report = build_dialogues(cfg.data)
+    n = write_dialogues(args.out, dialogues)
+    stats = dialogue_stats(dialogues)
+    print(
+        f"wrote {n} preference dialogues to {args.out} ({time.time() - t0:.1f} s) from {report.input} "
+        f"(strategy set: {report.strategy_set})"
+    )
+    print(
+        f"  turns: {stats['turns']}  pairs: {stats['pairs']}  turns without negatives: "
+        f"{stats['turns_without_negatives']}  context-only turns: {stats['context_only_turns']}"
+    )
+    for k, v in report.notes.items():
+        if k != "input":
+            print(f"  {k}: {v}")
+    if report.skipped:
+        print(f"skipped {sum(report.skipped.values())} invalid records (--skip-invalid):")
+        for reason, count in report.skipped.items():
+            print(f"  {reason}: {count}  e.g. {report.skipped_examples[reason]}")
+    return 0
+
+
+def cmd_data_stats(args, extra) -> int:
+    from cso_dist.data.dialogue import read_dialogues
+    from cso_dist.data.stats import dialogue_stats
+
+    cfg = _config(args, extra, "data")
+    dialogues = read_dialogues(args.file)
+    stats = dialogue_stats(dialogues)
+    if args.tokenizer:
+        from cso_dist.data.stats import token_stats_for
+
+        stats["tokens"] = token_stats_for(dialogues, args.tokenizer, cfg.data)
+    if args.json:
+        print(json.dumps(stats, ensure_ascii=False))
+    else:
+        _print_kv(f"{args.file}", stats)
+    return 0
+
+
+def cmd_data_pairs(args, extra) -> int:
+    from cso_dist.data.dialogue import read_dialogues
+    from cso_dist.io import write_jsonl
+    from cso_dist.data.export import pair_rows
+    from cso_dist.data.strategies import resolve_strategy_set
+
+    dialogues = read_dialogues(args.file)
+    sset = resolve_strategy_set(args.strategies or "auto", dialogues[0].strategy_set if dialogues else None)
+    n = write_jsonl(args.out, pair_rows(dialogues, sset, args.format))
+    print(f"wrote {n} {args.format.upper()} rows to {args.out}")
+    return 0
+
+
+def cmd_data_fetch(args, extra) -> int:
+    from cso_dist.data.fetch import fetch_esconv
+    from cso_dist.paths import user_data_dir
+
+    dest = Path(args.dest) if args.dest else user_data_dir()
+    for p in fetch_esconv(dest):
+        print(f"wrote {p}")
+    return 0
+
+
+# ---------------------------------------------------------------- models
+def cmd_tiny_model(args, extra) -> int:
+    from cso_dist.models import build_tiny_model
+
+    texts = None
+    if args.tokenizer == "bpe":
+        from cso_dist.data.esconv import esconv_texts
+
+        texts = esconv_texts(args.bpe_data)
+    out = build_tiny_model(
+        args.arch,
+        args.out,
+        tokenizer=args.tokenizer,
+        template=args.template,
+        bpe_texts=texts,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote tiny {args.arch} model ({args.tokenizer} tokenizer) to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------- precompute / train
+def cmd_precompute(args, extra) -> int:
+    from cso_dist.dist import world_from_env
+    from cso_dist.refcache import run_precompute
+
+    cfg = _config(args, extra, "training")
+    if args.dry_run:
+        from cso_dist.preflight import print_dry_run
+
+        return print_dry_run(cfg, "precompute")
+    world = world_from_env()  # under torchrun / srun: this rank computes its own shards
+    root = run_precompute(cfg, world.rank, world.world_size, progress=world.main)
+    print(f"reference cache {'ready' if world.world_size == 1 else f'shards of rank {world.rank} ready'}: {root}")
+    return 0
+
+
+def cmd_cache_export(args, extra) -> int:
+    from cso_dist.refcache import export_cache
+
+    n = export_cache(args.cache, args.out)
+    print(f"wrote {n} pair rows to {args.out}")
+    return 0
+
+
+def cmd_train(args, extra) -> int:
+    from cso_dist.train import run_train
+
+    cfg = _config(args, extra, "training")
+    if args.dry_run:
+        from cso_dist.preflight import print_dry_run
+
+        return print_dry_run(cfg, "train")
+    summary = run_train(cfg, resume="auto" if args.auto_resume else args.resume)
+    if summary.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies", "pairs_per_s")
+    print("final: " + "  ".join(f"{k}={summary[k]:.4g}" for k in keys if k in summary))
+    print(f"model written to {summary['final']}")
+    return 0
+
+
+def cmd_export(args, extra) -> int:
+    from cso_dist.export import export
+
+    export(Path(args.checkpoint), Path(args.out), args.final)
+    return 0
+
+
+# ---------------------------------------------------------------- launch (Slurm / submitit)
+
+
+def cmd_launch_sbatch(args, extra) -> int:
+    from cso_dist.launch import parse_grid, sweep_runs
+    from cso_dist.launch.sbatch import submit, write_job
+
+    cfg = _config(args, extra, "launch")
+    template = args.template or ("sweep" if args.sweep else "train")
+    sweep = None
+    if template == "sweep":
+        runs = sweep_runs(cfg, parse_grid(args.sweep or []))
+        sweep = [[f"--{k}={v}" for k, v in over.items()] for _, over in runs]
+    elif args.sweep:
+        raise CsoError("launch sbatch: --sweep goes with --template sweep")
+    script = write_job(cfg, template, sweep=sweep)
+    if args.dry_run:
+        print(script.read_text())
+        print(f"# written to {script} (not submitted: --dry-run)")
+        return 0
+    job = submit(script)
+    print(f"submitted job {job}: {script}")
+    print(f"logs: {Path(cfg.run.out_dir).resolve() / 'slurm'}")
+    return 0
+
+
+def cmd_launch_submitit(args, extra) -> int:
+    from cso_dist.launch import collect, parse_grid, submit_run, submit_sweep, table
+    from cso_dist.launch.jobs import write_results
+
+    cfg = _config(args, extra, "launch")
+    runs = submit_sweep(cfg, parse_grid(args.sweep), args.cluster) if args.sweep else [submit_run(cfg, args.cluster)]
+    for r in runs:
+        print(f"submitted {r.name}: job {r.job.job_id} -> {r.cfg.run.out_dir}")
+    if args.no_wait:
+        return 0
+    rows = collect(runs)
+    print(table(rows))
+    if args.sweep:
+        print(f"results: {write_results(Path(cfg.run.out_dir), rows)}")
+    return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
+
+
+# ---------------------------------------------------------------- mcts (ESC-Pro builder)
+
+
+def cmd_mcts_build(args, extra) -> int:
+    from cso_dist.mcts.build import build, format_report, parse_shard
+
+    cfg = _config(args, extra, "mcts")
+    r = build(cfg, args.seeds, args.out, parse_shard(args.shard))
+    print(format_report(r))
+    return 0
+
+
+def cmd_mcts_merge(args, extra) -> int:
+    from cso_dist.mcts.build import merge
+
+    print(f"wrote {merge(args.parts, args.out)} ESC-Pro records to {args.out}")
+    return 0
+
+
+def cmd_mcts_draw(args, extra) -> int:
+    from cso_dist.mcts.draw import draw_tree
+
+    print(f"wrote {draw_tree(args.tree, args.out, args.max_depth)}")
+    return 0
+
+
+def cmd_mcts_submit(args, extra) -> int:
+    from cso_dist.mcts.build import format_report
+    from cso_dist.mcts.launch import collect_build, submit_build
+
+    cfg = _config(args, extra, "mcts")
+    jobs, parts = submit_build(cfg, args.seeds, args.out, args.tasks, args.cluster)
+    print(f"submitted {len(jobs)} array tasks: " + " ".join(str(j.job_id) for j in jobs))
+    if args.no_wait:
+        print(f"merge when done: cso-dist mcts merge --out {args.out} " + " ".join(map(str, parts)))
+        return 0
+    reports, n = collect_build(jobs, parts, args.out)
+    for r in reports:
+        print(format_report(r))
+    print(f"merged {n} ESC-Pro records into {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+def cmd_eval_score(args, extra) -> int:
+    from cso_dist.data.strategies import load_strategy_set
+    from cso_dist.eval.report import format_scores, score_file
+
+    scores = score_file(Path(args.pred), load_strategy_set(args.strategies))
+    if args.json:
+        keys = ("Q", "W", "B", "accuracy", "per_strategy", "unknown", "n", "bt_undetermined", "text")
+        print(json.dumps({k: scores[k] for k in keys if k in scores}, indent=2))
+    else:
+        print(format_scores(scores))
+    return 0
+
+
+def cmd_eval_generate(args, extra) -> int:
+    from cso_dist.eval.generate import run_generate
+
+    cfg = _config(args, extra, "training")
+    out = Path(args.out) if args.out else Path(cfg.run.out_dir) / "eval" / f"pred-{args.split}-{cfg.eval.mode}.jsonl"
+    run_generate(cfg, args.split, out, cfg.eval.mode, args.data or "")
+    return 0
+
+
+def cmd_eval_report(args, extra) -> int:
+    from cso_dist.data.strategies import load_strategy_set
+    from cso_dist.eval.report import run_report
+
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "report"
+    print(f"report: {run_report([Path(r) for r in args.runs], out, load_strategy_set(args.strategies))}")
+    return 0
+
+
+# ---------------------------------------------------------------- demo (the main job)
+def cmd_demo(args, extra) -> int:
+    from cso_dist.demo import run_demo
+
+    run_demo(_config(args, extra, "all"))
+    return 0
+
+
+def cmd_plan(args, extra) -> int:
+    import dataclasses
+
+    from cso_dist.plan import Setup, cheapest, format_plan, plan, resolve_shape, setup_from_config
+
+    if config_path(args) or extra:
+        shape, setup = setup_from_config(_config(args, extra, "plan"))
+    elif args.model:
+        shape, setup = resolve_shape(args.model), Setup()
+        if args.method in ("lora", "qlora") and args.zero is None:
+            setup.zero = 0 if args.method == "qlora" else 3
+    else:
+        raise CsoError("plan: give --model (7b, 8b, 9b, 13b, 34b, 70b or an HF config.json) or --config RECIPE.yaml")
+    if args.model and (config_path(args) or extra):
+        shape = resolve_shape(args.model)
+    flags = {
+        "method": args.method,
+        "zero": args.zero,
+        "offload": args.offload,
+        "gpus_per_node": args.gpus_per_node,
+        "nodes": args.nodes,
+        "gpu_mem_gb": args.gpu_mem,
+        "cpu_mem_gb": args.cpu_mem,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "checkpointing": args.checkpointing,
+        "lora_r": args.lora_r,
+    }
+    setup = dataclasses.replace(setup, **{k: v for k, v in flags.items() if v is not None})
+    if setup.method == "qlora" and args.zero is None:
+        setup.zero = 0
+    p = plan(shape, setup)
+    best, here = cheapest(shape, setup), cheapest(shape, setup, same_gpus=True)
+    if args.json:
+        print(json.dumps({**p, "cheapest": best, "fastest_on_these_gpus": here}))
+    else:
+        print(format_plan(p, best, here))
+    return 0
+
+
+def cmd_config_show(args, extra) -> int:
+    import yaml
+
+    print(yaml.safe_dump(_config(args, extra, "all").to_dict(), sort_keys=False), end="")
+    return 0
