@@ -63,7 +63,8 @@ def esconv_file(path: str, split: str) -> str:
     return str(p)
 
 
-def _utterances(ctx: ReadContext, record: str, obj) -> list[tuple[str, str, str | None]]:
+def esconv_utterances(ctx: ReadContext, record: str, obj) -> list[tuple[str, str, str | None]]:
+    """One ESConv record (HF split or the original JSON) -> its utterances (role, text, strategy)."""
     dialog = req(obj, "dialog", list, ctx.path, record, "dialog")
     if not dialog:
         raise DataError(ctx.path, record, "dialog", "empty dialogue", "empty-dialogue")
@@ -110,7 +111,7 @@ def build_esconv(ctx: ReadContext, split: str, opts: EsconvOptions) -> tuple[lis
     dialogues: list[PrefDialogue] = []
     for record, obj in ctx.skips.records(load_json_records(ctx.path)):
         try:
-            utts = _utterances(ctx, record, obj)
+            utts = esconv_utterances(ctx, record, obj)
         except DataError as e:
             ctx.skips(e)
             continue

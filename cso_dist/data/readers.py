@@ -140,54 +140,63 @@ def _collect(ctx: ReadContext, parse: Callable[[str, object], list[TurnRow]]) ->
 
 
 # ---------------------------------------------------------------- ESC-Pro tree JSON
+def escpro_messages(ctx: ReadContext, record: str, obj) -> tuple[dict, list[tuple[str, str, str | None, tuple]]]:
+    """One ESC-Pro record -> (meta, its path as (role, text, strategy, negatives)); the MCTS seeds read it too."""
+    msgs = req(obj, "messages", list, ctx.path, record, "messages")
+    meta = _meta(obj)
+    out: list[tuple[str, str, str | None, tuple]] = []
+    start = 0
+    if msgs and isinstance(msgs[0], dict) and msgs[0].get("role") == "system":
+        meta["system"] = req_text(msgs[0], "content", ctx.path, record, "messages[0].content")
+        start = 1
+    for i in range(start, len(msgs)):
+        m, f = msgs[i], f"messages[{i}]"
+        role = ROLES.get(req(m, "role", str, ctx.path, record, f"{f}.role"))
+        text = req_text(m, "content", ctx.path, record, f"{f}.content")
+        if role is None:
+            raise DataError(ctx.path, record, f"{f}.role", f"unexpected role '{m['role']}'", "bad-role")
+        if out and out[-1][0] == role:
+            raise DataError(
+                ctx.path,
+                record,
+                f"{f}.role",
+                f"dialogue not alternating: two {role} messages in a row",
+                "not-alternating",
+            )
+        if role == SEEKER:
+            out.append((SEEKER, text, None, ()))
+            continue
+        strat = ctx.strategy(req(m, "strategy", str, ctx.path, record, f"{f}.strategy"), record, f"{f}.strategy")
+        neg = m.get("negative") or []
+        if not isinstance(neg, list):
+            raise DataError(ctx.path, record, f"{f}.negative", "expected list", "wrong-type")
+        rej = tuple(
+            Option(
+                ctx.strategy(
+                    req(o, "strategy", str, ctx.path, record, f"{f}.negative[{j}].strategy"),
+                    record,
+                    f"{f}.negative[{j}].strategy",
+                ),
+                req_text(o, "content", ctx.path, record, f"{f}.negative[{j}].content"),
+            )
+            for j, o in enumerate(neg)
+        )
+        out.append((SUPPORTER, text, strat, rej))
+    return meta, out
+
+
 def read_escpro(ctx: ReadContext) -> list[PrefDialogue]:
     def parse(record: str, obj) -> list[TurnRow]:
-        msgs = req(obj, "messages", list, ctx.path, record, "messages")
-        meta = _meta(obj)
+        meta, path = escpro_messages(ctx, record, obj)
         hist: list = []
         rows: list[TurnRow] = []
-        start = 0
-        if msgs and isinstance(msgs[0], dict) and msgs[0].get("role") == "system":
-            meta["system"] = req_text(msgs[0], "content", ctx.path, record, "messages[0].content")
-            start = 1
-        for i in range(start, len(msgs)):
-            m, f = msgs[i], f"messages[{i}]"
-            role = ROLES.get(req(m, "role", str, ctx.path, record, f"{f}.role"))
-            text = req_text(m, "content", ctx.path, record, f"{f}.content")
-            if role is None:
-                raise DataError(ctx.path, record, f"{f}.role", f"unexpected role '{m['role']}'", "bad-role")
-            if hist and hist[-1][0] == role:
-                raise DataError(
-                    ctx.path,
-                    record,
-                    f"{f}.role",
-                    f"dialogue not alternating: two {role} messages in a row",
-                    "not-alternating",
-                )
-            if role == SEEKER:
-                hist.append((SEEKER, text, None))
-                continue
-            strat = ctx.strategy(req(m, "strategy", str, ctx.path, record, f"{f}.strategy"), record, f"{f}.strategy")
-            neg = m.get("negative") or []
-            if not isinstance(neg, list):
-                raise DataError(ctx.path, record, f"{f}.negative", "expected list", "wrong-type")
-            rej = tuple(
-                Option(
-                    ctx.strategy(
-                        req(o, "strategy", str, ctx.path, record, f"{f}.negative[{j}].strategy"),
-                        record,
-                        f"{f}.negative[{j}].strategy",
-                    ),
-                    req_text(o, "content", ctx.path, record, f"{f}.negative[{j}].content"),
-                )
-                for j, o in enumerate(neg)
-            )
-            rows.append(TurnRow(tuple(hist), Option(strat, text), rej, record, meta))
-            hist.append((SUPPORTER, text, strat))
+        for role, text, strat, rej in path:
+            if role == SUPPORTER:
+                rows.append(TurnRow(tuple(hist), Option(strat, text), rej, record, meta))
+            hist.append((role, text, strat))
         if not rows:
             raise DataError(ctx.path, record, "messages", "no assistant (supporter) turn", "no-turn")
-        trailing = hist[len(rows[-1].history) + 1 :]
-        rows[-1].tail = tuple(trailing)
+        rows[-1].tail = tuple(hist[len(rows[-1].history) + 1 :])
         return rows
 
     return regroup(_collect(ctx, parse), ctx.path, "escpro", ctx.sset.name, ctx.skips)

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cso_dist.data.dialogue import canonical_strategy, load_json_records
+from cso_dist.data.dialogue import load_json_records
+from cso_dist.data.esconv import esconv_utterances
+from cso_dist.data.readers import ReadContext, escpro_messages
 from cso_dist.data.strategies import StrategySet, load_strategy_set
 from cso_dist.errors import DataError
 from cso_dist.mcts.roles import SEEKER, SUPPORTER, Turn
@@ -30,57 +32,36 @@ def _text(path: str, record: str, fld: str, value) -> str:
     return value.strip()
 
 
-def _parse(path: str, record: str, obj, sset: StrategySet, aliases: bool) -> tuple[str, str, list[Turn]]:
-    if not isinstance(obj, dict):
-        raise DataError(path, record, None, "expected a JSON object", "wrong-type")
-    strat = lambda label, fld: canonical_strategy(label, sset, aliases, path, record, fld)  # noqa: E731
+def _extes(ctx: ReadContext, record: str, obj: dict) -> list[Turn]:
+    """ExTES: {"content": [{"User": ...} | {"AI": ..., "AI Strategy": ...}]} (read only here)."""
     turns: list[Turn] = []
-    if isinstance(obj.get("dialog"), list):  # ESConv (HF split)
-        for i, u in enumerate(obj["dialog"]):
-            sys_turn = u.get("speaker") == "sys"
-            turns.append(
-                Turn(
-                    SUPPORTER if sys_turn else SEEKER,
-                    _text(path, record, f"dialog[{i}].text", u.get("text")),
-                    strat(u.get("strategy"), f"dialog[{i}].strategy") if sys_turn else None,
-                )
-            )
-        return (
-            obj.get("situation", ""),
-            ", ".join(x for x in (obj.get("emotion_type"), obj.get("problem_type")) if x),
-            turns,
-        )
-    if isinstance(obj.get("content"), list):  # ExTES: {"User": ...} / {"AI": ..., "AI Strategy": ...}
-        for i, u in enumerate(obj["content"]):
-            if "AI" in u:
-                turns.append(
-                    Turn(
-                        SUPPORTER,
-                        _text(path, record, f"content[{i}].AI", u["AI"]),
-                        strat(u.get("AI Strategy"), f"content[{i}].AI Strategy"),
-                    )
-                )
-            elif "User" in u:
-                turns.append(Turn(SEEKER, _text(path, record, f"content[{i}].User", u["User"])))
-            else:
-                raise DataError(path, record, f"content[{i}]", "neither 'User' nor 'AI'", "bad-role")
-        return obj.get("description", ""), obj.get("scene", ""), turns
+    for i, u in enumerate(obj["content"]):
+        if "AI" in u:
+            text = _text(ctx.path, record, f"content[{i}].AI", u["AI"])
+            turns.append(Turn(SUPPORTER, text, ctx.strategy(u.get("AI Strategy"), record, f"content[{i}].AI Strategy")))
+        elif "User" in u:
+            turns.append(Turn(SEEKER, _text(ctx.path, record, f"content[{i}].User", u["User"])))
+        else:
+            raise DataError(ctx.path, record, f"content[{i}]", "neither 'User' nor 'AI'", "bad-role")
+    return turns
+
+
+def _parse(ctx: ReadContext, record: str, obj) -> tuple[str, str, list[Turn]]:
+    """(description, scene, gold turns) of one seed record; ESConv and ESC-Pro through the data readers."""
+    if not isinstance(obj, dict):
+        raise DataError(ctx.path, record, None, "expected a JSON object", "wrong-type")
+    if isinstance(obj.get("dialog"), list):  # ESConv (HF split or the original JSON)
+        turns = [Turn(role, text, strat) for role, text, strat in esconv_utterances(ctx, record, obj)]
+        scene = ", ".join(x for x in (obj.get("emotion_type"), obj.get("problem_type")) if x)
+        return obj.get("situation", ""), scene, turns
+    if isinstance(obj.get("content"), list):
+        return obj.get("description", ""), obj.get("scene", ""), _extes(ctx, record, obj)
     if isinstance(obj.get("messages"), list):  # ESC-Pro-style records (their gold/preferred path)
-        for i, m in enumerate(obj["messages"]):
-            role = m.get("role")
-            if role == "system":
-                continue
-            if role not in ("user", "assistant"):
-                raise DataError(path, record, f"messages[{i}].role", f"unexpected role {role!r}", "bad-role")
-            text = _text(path, record, f"messages[{i}].content", m.get("content"))
-            turns.append(
-                Turn(SUPPORTER, text, strat(m.get("strategy"), f"messages[{i}].strategy"))
-                if role == "assistant"
-                else Turn(SEEKER, text)
-            )
-        return obj.get("description", ""), obj.get("scene", ""), turns
+        meta, path = escpro_messages(ctx, record, obj)
+        turns = [Turn(role, text, strat) for role, text, strat, _ in path]
+        return meta.get("description", ""), meta.get("scene", ""), turns
     raise DataError(
-        path,
+        ctx.path,
         record,
         None,
         "not an ESConv ('dialog'), ExTES ('content') or ESC-Pro ('messages') record",
@@ -101,9 +82,9 @@ def read_seeds(
     if not p.is_file():
         raise DataError(str(p), None, None, "no such seed file", "missing-file")
     sset = load_strategy_set(detect_strategies(p) if strategies == "auto" else strategies)
-    seeds = []
+    ctx, seeds = ReadContext(str(p), sset, aliases), []
     for record, obj in load_json_records(p):
-        description, scene, turns = _parse(str(p), record, obj, sset, aliases)
+        description, scene, turns = _parse(ctx, record, obj)
         turns = merge_turns(turns)
         if not any(t.role == SUPPORTER for t in turns):
             raise DataError(str(p), record, None, "no supporter turn", "no-turn")
