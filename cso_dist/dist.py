@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -106,8 +107,6 @@ def init_single() -> None:
     """A one-rank group (DeepSpeed needs one even for a single process)."""
     if td.is_initialized():
         return
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

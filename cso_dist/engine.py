@@ -13,11 +13,14 @@ single-process gradient of the same global batch.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +32,7 @@ from cso_dist.dist import World
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.export import model_from_state_dict, save_final
 from cso_dist.models import count_parameters, load_model, lora_settings
+from cso_dist.models.load import adapter_base_path, is_adapter_dir
 from cso_dist.paths import ds_config_path
 
 
@@ -225,9 +229,6 @@ class DeepSpeedEngine:
     kind = "deepspeed"
 
     def __init__(self, cfg: TrainingConfig, world: World, total_steps: int, resume_from: Path | None = None):
-        import logging
-        import warnings
-
         import deepspeed
 
         # DeepSpeed logs every config key at INFO, and torch warns on each legacy collective it calls
@@ -244,8 +245,6 @@ class DeepSpeedEngine:
             from transformers import AutoConfig
             from transformers.integrations import HfDeepSpeedConfig
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-            from cso_dist.models.load import adapter_base_path, is_adapter_dir
 
             base = adapter_base_path(cfg.model.path) if is_adapter_dir(cfg.model.path) else cfg.model.path
             MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(base))]  # import outside zero.Init
@@ -394,8 +393,6 @@ def _unset_hf_ds() -> None:
 
 def to_universal(path: Path, out: Path) -> None:
     """ds_to_universal on one checkpoint tag (DeepSpeed's own converter)."""
-    import argparse
-
     from deepspeed.checkpoint.ds_to_universal import main as convert
 
     shutil.rmtree(out, ignore_errors=True)

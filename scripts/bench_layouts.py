@@ -14,23 +14,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchlib import machine, same_pairs_overrides, tiny_model  # noqa: E402
 
 from cso_dist.config import DataConfig, load_config  # noqa: E402
 from cso_dist.data.build import build_dialogues  # noqa: E402
 from cso_dist.data.dialogue import write_dialogues  # noqa: E402
-from cso_dist.data.esconv import esconv_texts  # noqa: E402
-from cso_dist.models import build_tiny_model  # noqa: E402
 from cso_dist.refcache import run_precompute  # noqa: E402
 from cso_dist.tracking import read_metrics  # noqa: E402
 from cso_dist.train import run_train  # noqa: E402
@@ -56,30 +53,11 @@ def bench() -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-layouts-"))
     dialogues, _ = build_dialogues(DataConfig(source="esconv", split="train"))
     write_dialogues(work / "train.jsonl", dialogues[: args.dialogues])
-    model = work / f"tiny-{args.tokenizer}"
-    if not (model / "config.json").is_file():
-        build_tiny_model(
-            "qwen2",
-            model,
-            tokenizer=args.tokenizer,
-            hidden_size=args.hidden_size,
-            bpe_texts=esconv_texts() if args.tokenizer == "bpe" else None,
-        )
+    model = tiny_model(work, args.tokenizer, hidden_size=args.hidden_size)
     base = {
         "model.path": str(model),
         "train.train_file": str(work / "train.jsonl"),
-        "train.method": "dpo",
-        "train.ref_cache": str(work / "refcache"),
-        "data.max_length": args.max_length,
-        "pack.max_tokens": args.max_tokens,
-        "train.epochs": args.epochs,
-        "train.lr": 1e-3,
-        "train.log_every": 1,
-        "train.warmup_ratio": 0.0,
-        "train.schedule": "constant",
-        # one optimizer step per epoch over all pairs: both layouts update on exactly the same pairs,
-        # so their losses must agree at every step (the first is ln 2 for both)
-        "train.grad_accum": 100000,
+        **same_pairs_overrides(args.max_length, args.max_tokens, args.epochs),
     }
     run_precompute(load_config(None, {**base, "run.out_dir": str(work / "pre")}), progress=False)
     results = {}
@@ -110,12 +88,7 @@ def bench() -> dict:
         "token_ratio": results["pair"]["tokens_per_pair"] / results["trie"]["tokens_per_pair"],
         "loss_abs_diff": abs(results["trie"]["loss"] - results["pair"]["loss"]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine(),
     }
     return out
 

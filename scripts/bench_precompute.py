@@ -31,8 +31,6 @@ import argparse
 import contextlib
 import functools
 import json
-import os
-import platform
 import resource
 import shutil
 import statistics
@@ -45,14 +43,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import machine, tiny_model  # noqa: E402
+
 import cso_dist.pack.layout as pack_layout  # noqa: E402
 import cso_dist.pack.logps as pack_logps  # noqa: E402
 import cso_dist.refcache.cache as rc  # noqa: E402
 from cso_dist.config import DataConfig, load_config  # noqa: E402
 from cso_dist.data.build import build_dialogues  # noqa: E402
 from cso_dist.data.dialogue import write_dialogues  # noqa: E402
-from cso_dist.data.esconv import esconv_texts  # noqa: E402
-from cso_dist.models import build_tiny_model  # noqa: E402
 from cso_dist.pack import collate_trie, lay_out, pack_units  # noqa: E402
 from cso_dist.pack.trie import TrieBatch  # noqa: E402
 from cso_dist.refcache import load_reference, load_reference_model, run_precompute  # noqa: E402
@@ -263,20 +261,9 @@ def bench() -> dict:
     dialogues, _ = build_dialogues(DataConfig(source="esconv", split="train", negatives=args.negatives))
     data = work / f"train-n{args.dialogues}-k{args.negatives}.jsonl"
     write_dialogues(data, dialogues[: args.dialogues])
-    model = work / f"tiny-{args.tokenizer}-h{args.hidden_size}-l{args.layers}-i{inter}-a{args.heads}-kv{args.kv_heads}"
-    if not (model / "config.json").is_file():
-        log(f"building {model.name}")
-        build_tiny_model(
-            "qwen2",
-            model,
-            tokenizer=args.tokenizer,
-            hidden_size=args.hidden_size,
-            num_layers=args.layers,
-            num_heads=args.heads,
-            num_kv_heads=args.kv_heads,
-            intermediate_size=inter,
-            bpe_texts=esconv_texts() if args.tokenizer == "bpe" else None,
-        )
+    shape = dict(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads)
+    shape.update(num_kv_heads=args.kv_heads, intermediate_size=inter)
+    model = tiny_model(work, args.tokenizer, log, **shape)
     base = {
         "model.path": str(model),
         "model.precision": args.precision,
@@ -418,13 +405,7 @@ def bench() -> dict:
         "target_met": pre / a - 1 <= 0.05,
         "breakdown": breakdown,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "loadavg_1m": os.getloadavg()[0],
-        },
+        "machine": machine(),
     }
     log(
         f"precompute {n_tok / pre:,.0f} tok/s vs bare (a) {n_tok / a:,.0f} tok/s: overhead {100 * (pre / a - 1):+.1f}% "

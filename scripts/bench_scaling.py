@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -37,6 +35,8 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchlib import machine, same_pairs_overrides, tiny_model  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -109,8 +109,6 @@ def bench(args) -> dict:
     from cso_dist.config import DataConfig, load_config
     from cso_dist.data.build import build_dialogues
     from cso_dist.data.dialogue import write_dialogues
-    from cso_dist.data.esconv import esconv_texts
-    from cso_dist.models import build_tiny_model
     from cso_dist.refcache import run_precompute
 
     negs = [int(x) for x in args.negatives.split(",")]
@@ -119,17 +117,7 @@ def bench(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-scaling-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     log(f"work folder {work}")
-    model = work / f"tiny-{args.tokenizer}-h{args.hidden_size}-l{args.layers}"
-    if not (model / "config.json").is_file():
-        log(f"building {model.name}")
-        build_tiny_model(
-            "qwen2",
-            model,
-            tokenizer=args.tokenizer,
-            hidden_size=args.hidden_size,
-            num_layers=args.layers,
-            bpe_texts=esconv_texts() if args.tokenizer == "bpe" else None,
-        )
+    model = tiny_model(work, args.tokenizer, log, hidden_size=args.hidden_size, num_layers=args.layers)
     need = max([t for t in turns if t != "all"], default=1)
     ids = None
     rows, t_all = [], time.perf_counter()
@@ -149,18 +137,8 @@ def bench(args) -> dict:
             base = {
                 "model.path": str(model),
                 "train.train_file": str(data),
-                "train.method": "dpo",
                 "train.ref_cache": str(work / "cache" / f"k{k}-t{t}"),
-                "data.max_length": args.max_length,
-                "pack.max_tokens": args.max_tokens,
-                "train.epochs": args.epochs,
-                "train.lr": 1e-3,
-                "train.log_every": 1,
-                "train.warmup_ratio": 0.0,
-                "train.schedule": "constant",
-                # one optimizer step per epoch over all pairs: both layouts update on the same pairs,
-                # so their losses must agree at every step
-                "train.grad_accum": 100000,
+                **same_pairs_overrides(args.max_length, args.max_tokens, args.epochs),
             }
             with contextlib.redirect_stdout(sys.stderr):
                 run_precompute(load_config(None, {**base, "run.out_dir": str(work / "pre")}), progress=False)
@@ -244,13 +222,7 @@ def bench(args) -> dict:
         "compare": compare,
         "max_loss_abs_diff": max((c["loss_abs_diff"] for c in compare), default=None),
         "total_seconds": time.perf_counter() - t_all,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "point_threads": args.threads or torch.get_num_threads(),
-            "loadavg_1m": os.getloadavg()[0],
-        },
+        "machine": machine(point_threads=args.threads or torch.get_num_threads()),
     }
 
 

@@ -71,7 +71,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -81,6 +80,8 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchlib import machine  # noqa: E402
 
 TRL_VARIANTS = ("trl_ref", "trl_precompute")
 CSO_VARIANTS = ("cso_trie", "cso_pair")
@@ -652,24 +653,13 @@ def bench(args) -> dict:
     except ImportError:
         trl_version = None
     out["machine"] = {
-        "cpu": _cpu_name(),
-        "cores": os.cpu_count(),
-        "threads": threads,
-        "python": platform.python_version(),
+        **machine(threads=threads),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "trl": trl_version,
     }
     out["command"] = " ".join([Path(sys.executable).name, "scripts/bench_vs_trl.py", *sys.argv[1:]])
     return out
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ order, distinct strategies first, then distinct texts -- deterministic for a see
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import numpy as np
 from cso_dist.data.dialogue import SEEKER, SUPPORTER, Message, Option, PrefDialogue, load_json_records, req, req_text
 from cso_dist.data.readers import ReadContext
 from cso_dist.errors import DataError
+from cso_dist.paths import esconv_dir
 
 HF_ROLES = {"usr": SEEKER, "sys": SUPPORTER}
 RAW_ROLES = {"seeker": SEEKER, "supporter": SUPPORTER, "speaker": SEEKER, "listener": SUPPORTER}
@@ -196,10 +198,6 @@ def _pick(pool: list[int], cand_opt, k: int, rng: np.random.Generator) -> list[i
 
 def esconv_texts(path: str | None = None) -> list[str]:
     """Every utterance of an ESConv-style JSONL file (default: ESConv train), e.g. to train a BPE on."""
-    import json
-
-    from cso_dist.paths import esconv_dir
-
     p = Path(path) if path else esconv_dir() / "train.jsonl"
     texts = []
     with open(p, encoding="utf-8") as f:

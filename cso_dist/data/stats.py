@@ -7,8 +7,8 @@ from collections import Counter
 from tqdm import tqdm
 
 from cso_dist.data.dialogue import SUPPORTER, PrefDialogue
-from cso_dist.data.render import Renderer, tokenize_dialogue, turn_examples
-from cso_dist.data.strategies import StrategySet
+from cso_dist.data.render import Renderer, make_renderer, tokenize_dialogue, turn_examples
+from cso_dist.data.strategies import StrategySet, resolve_strategy_set
 
 
 def dialogue_stats(dialogues: list[PrefDialogue]) -> dict:
@@ -77,9 +77,7 @@ def token_stats(
 
 def token_stats_for(dialogues: list[PrefDialogue], tokenizer_dir: str, data_cfg) -> dict:
     """token_stats with the tokenizer of a model folder and the data config's template and strategies."""
-    from cso_dist.data.render import make_renderer
-    from cso_dist.data.strategies import resolve_strategy_set
-    from cso_dist.models import load_tokenizer
+    from cso_dist.models import load_tokenizer  # torch and transformers: only with --tokenizer
 
     sset = resolve_strategy_set(data_cfg.strategies, dialogues[0].strategy_set if dialogues else None)
     renderer = make_renderer(load_tokenizer(tokenizer_dir), data_cfg.chat_template)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cso_dist.errors import ConfigError
+
 CHATML = (
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
@@ -62,6 +64,4 @@ def resolve_template(spec: str) -> str:
     path = Path(spec)
     if path.is_file():
         return path.read_text()
-    from cso_dist.errors import ConfigError
-
     raise ConfigError(f"data.chat_template: '{spec}' is not auto, {', '.join(CHAT_TEMPLATES)} or a Jinja file")

@@ -28,6 +28,8 @@ from cso_dist.data.render import format_reply, parse_reply, tokenize_dialogue, t
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import CsoError
 from cso_dist.eval.metrics import canonical_or_none
+from cso_dist.inputs import default_device, make_cfg_renderer, resolve_sset
+from cso_dist.models import load_model, lora_settings
 from cso_dist.pack.logps import trie_logps
 from cso_dist.pack.trie import ReplyId, Span, Unit, collate_trie, pack_units
 
@@ -221,9 +223,6 @@ def run_generate(
     cfg: TrainingConfig, split: str, out: Path, mode: str, data_file: str = "", progress: bool = True
 ) -> Path:
     """Write (or complete) the PRED file of `split` with the model at model.path."""
-    from cso_dist.models import load_model, lora_settings
-    from cso_dist.inputs import default_device, make_cfg_renderer, resolve_sset
-
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
     dialogues = eval_dialogues(cfg, split, data_file)
     out.parent.mkdir(parents=True, exist_ok=True)

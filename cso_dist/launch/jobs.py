@@ -25,6 +25,7 @@ import yaml
 from cso_dist.config import Config, load_config, parse_overrides
 from cso_dist.io import atomic_write_text
 from cso_dist.errors import CsoError
+from cso_dist.preempt import Preempted
 
 CLUSTERS = ("slurm", "local", "debug")
 
@@ -33,8 +34,7 @@ def _train(config_path: str) -> dict:
     """The body of one job (every task): the distributed environment from Slurm, then train."""
     import submitit
 
-    from cso_dist.preempt import Preempted
-    from cso_dist.train import run_train
+    from cso_dist.train import run_train  # torch: in the job, not in the launching process
 
     env = submitit.JobEnvironment()
     if env.num_tasks > 1:

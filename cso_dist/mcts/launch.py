@@ -15,6 +15,7 @@ import yaml
 from cso_dist.config import Config, load_config
 from cso_dist.io import atomic_write_text
 from cso_dist.errors import CsoError
+from cso_dist.launch.jobs import executor
 from cso_dist.mcts.build import build, merge, work_dir
 
 
@@ -28,8 +29,6 @@ def _build_shard(config_path: str, seeds: str, out_part: str, i: int, n: int) ->
 
 def submit_build(cfg: Config, seeds: str, out: str | Path, tasks: int, cluster: str = "slurm"):
     """Submit `tasks` array tasks; returns (jobs, part paths)."""
-    from cso_dist.launch.jobs import executor
-
     if tasks < 1:
         raise CsoError("mcts submit: --tasks must be >= 1")
     out = Path(out).resolve()

@@ -1,0 +1,65 @@
+"""What the benchmark scripts share: the machine a figure came from, cached tiny models, the
+same-pairs training overrides. Scripts import it as `benchlib` (they run from scripts/)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cso_dist.checkpoint import numeric_conditions  # noqa: E402
+from cso_dist.data.esconv import esconv_texts  # noqa: E402
+from cso_dist.models import build_tiny_model  # noqa: E402
+
+
+def cpu_name() -> str:
+    """The CPU model as lscpu names it (e.g. 'Intel(R) Xeon(R) Processor', 'AMD EPYC 7B13')."""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine(**extra) -> dict:
+    """Where a figure came from: CPU, cores, threads, kernel family and library versions, load."""
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg_1m": os.getloadavg()[0],
+        **{k: v for k, v in numeric_conditions(1, "torch").items() if k not in ("engine", "world_size")},
+        **extra,
+    }
+
+
+def tiny_model(work: Path, tokenizer: str = "qwen", log=print, **shape) -> Path:
+    """A tiny random Qwen2 under `work`, built once per shape (hidden_size, num_layers, ...)."""
+    name = "-".join([f"tiny-{tokenizer}", *(f"{k}{v}" for k, v in sorted(shape.items()))])
+    model = work / name
+    if not (model / "config.json").is_file():
+        log(f"building {model.name}")
+        texts = esconv_texts() if tokenizer == "bpe" else None
+        build_tiny_model("qwen2", model, tokenizer=tokenizer, bpe_texts=texts, **shape)
+    return model
+
+
+def same_pairs_overrides(max_length: int, max_tokens: int, epochs: int) -> dict:
+    """DPO with one optimizer step per epoch over all pairs: two layouts update on exactly the same
+    pairs, so their losses must agree at every step (the first is ln 2 for both)."""
+    return {
+        "train.method": "dpo",
+        "data.max_length": max_length,
+        "pack.max_tokens": max_tokens,
+        "train.epochs": epochs,
+        "train.lr": 1e-3,
+        "train.log_every": 1,
+        "train.warmup_ratio": 0.0,
+        "train.schedule": "constant",
+        "train.grad_accum": 100000,
+    }
