@@ -47,3 +47,60 @@ def test_bad_yaml_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="unexpected argument"):
         parse_overrides(["--negatives", "3"])
+
+
+def test_every_key_has_help_and_the_sections_form_families():
+    import dataclasses
+
+    from cso_dist.config import FAMILIES, TRAINING_SECTIONS, Config, TrainingConfig
+
+    cfg = Config()
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            assert f.metadata.get("help"), f"{section.name}.{f.name} has no help text"
+    assert TRAINING_SECTIONS == tuple(f.name for f in dataclasses.fields(TrainingConfig))
+    assert set(FAMILIES["all"]) == {f.name for f in dataclasses.fields(Config)}
+    for family, sections in FAMILIES.items():
+        assert set(sections) <= set(FAMILIES["all"]), family
+    # the search settings have one home: MctsConfig inherits them
+    from cso_dist.mcts.search import SearchConfig, SearchSettings
+
+    names = {f.name for f in dataclasses.fields(SearchSettings)}
+    assert names <= {f.name for f in dataclasses.fields(cfg.mcts)}
+    assert all(getattr(cfg.mcts, n) == getattr(SearchConfig(), n) for n in names)
+
+
+def test_generated_flags_are_dotted_overrides_with_help_and_validation(capsys):
+    from cso_dist.cli import build_parser, main
+    from cso_dist.commands import _config
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(
+        ["data", "build", "--from", "trl", "--negatives", "5", "--aliases", "--out", "x"]
+    )
+    cfg = _config(args, extra, "data")
+    assert (cfg.data.source, cfg.data.negatives, cfg.data.aliases) == ("trl", 5, True)
+    args, extra = parser.parse_known_args(["data", "build", "--out", "x"])
+    assert _config(args, extra, "data").data.negatives == 3  # an absent flag leaves the default
+    args, extra = parser.parse_known_args(["launch", "sbatch", "--time", "30", "--gpus-per-node", "0"])
+    cfg = _config(args, extra, "launch")
+    assert (cfg.slurm.time_min, cfg.slurm.gpus_per_node) == (30, 0)
+
+    with pytest.raises(SystemExit):
+        main(["data", "build", "--help"])
+    out = capsys.readouterr().out
+    assert "data.negatives; default 3" in out and "non-preferred options per supporter turn" in out
+    assert main(["data", "build", "--negatives", "x", "--out", "x"]) == 2
+    assert capsys.readouterr().err.strip() == "cso-dist: error: config: data.negatives: expected an integer, got 'x'"
+    assert main(["data", "build", "--negatives", "-1", "--out", "x"]) == 2
+    assert "data.negatives: must be >= 0" in capsys.readouterr().err
+
+
+def test_an_override_of_a_section_the_command_does_not_read_is_refused(capsys):
+    from cso_dist.cli import main
+
+    assert main(["train", "--slurm.nodes", "2", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--slurm.nodes: this command does not read the slurm section" in err
+    assert main(["data", "build", "--train.lr", "1e-3", "--out", "x"]) == 2
+    assert "does not read the train section" in capsys.readouterr().err
