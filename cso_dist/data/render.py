@@ -34,7 +34,7 @@ def system_prompt(sset: StrategySet) -> str:
     lines = [
         "You are a warm, attentive emotional-support companion talking with someone who is going "
         "through a hard time. Before every reply, choose the single most helpful support strategy "
-        "from this list:",
+        "from this list:"
     ]
     for name, desc in sset.descriptions.items():
         lines.append(f"- {name}: {desc}" if desc else f"- {name}")

@@ -70,10 +70,7 @@ def _load_base(path: Path, method: str, dtype: torch.dtype, device: str) -> PreT
     kwargs: dict = {"dtype": dtype, "local_files_only": True}
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )
         kwargs["device_map"] = {"": device}
     try:
