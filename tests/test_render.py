@@ -140,3 +140,47 @@ def test_history_prefix_property_on_all_of_esconv_train(qwen_tok, esconv_dir):
         assert qwen_tok.decode(tokenize_dialogue(d, r, ESCONV).full()) == r.render(
             to_chat(d.messages, system_prompt(ESCONV))
         )
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "gemma2", "auto"])
+def test_the_compiled_template_renders_what_apply_chat_template_renders(template, esconv_dir, qwen_tok):
+    """make_renderer's fast path (the compiled template, called directly) is used only if it matches
+    apply_chat_template on probes; on real dialogues, truncated ones included, every id must match too."""
+    import dataclasses
+
+    r = make_renderer(qwen_tok, template)
+    assert r.fast is not None
+    slow = dataclasses.replace(r, fast=None)
+    sset = load_strategy_set("esconv")
+    dialogues, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="valid"))
+    for d in dialogues[:12]:
+        for a, b in zip(turn_examples(d, r, sset, 512), turn_examples(d, slow, sset, 512), strict=True):
+            assert (a.history, a.chosen, a.rejected, a.dropped_messages) == (
+                b.history,
+                b.chosen,
+                b.rejected,
+                b.dropped_messages,
+            )
+
+
+def test_truncation_finds_the_first_start_that_fits(esconv_dir, qwen_tok):
+    """The estimate-and-confirm search returns what trying every start in order returns."""
+    from cso_dist.data.render import truncate_turn
+
+    r, sset = make_renderer(qwen_tok, "chatml"), load_strategy_set("esconv")
+    dialogues, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="valid"))
+    checked = 0
+    for d in dialogues[:15]:
+        toks = tokenize_dialogue(d, r, sset)
+        for i in d.turn_indices():
+            longest = max([len(toks.body[i])] + [len(x) for x in toks.rejected.get(i, [])])
+            for max_length in (256, 384):
+                if len(toks.history(i)) + longest <= max_length:
+                    continue
+                try:
+                    want = truncate_turn(d, r, sset, i, longest, max_length, None)  # every start in turn
+                except CsoError:
+                    continue
+                assert truncate_turn(d, r, sset, i, longest, max_length, toks) == want
+                checked += 1
+    assert checked > 50

@@ -75,18 +75,62 @@ def to_chat(messages: list[Message], system: str | None) -> list[dict]:
 # ---------------------------------------------------------------- template handling
 @dataclass
 class Renderer:
-    """Renders chats with one tokenizer + template; knows whether the template has a system role."""
+    """Renders chats with one tokenizer + template; knows whether the template has a system role.
+
+    `tokenizer.apply_chat_template` re-normalises the messages on every call, which is most of the cost of
+    per-segment tokenisation (a dialogue renders every prefix of itself). make_renderer therefore also
+    compiles the template once, as transformers does, and uses the compiled one directly (`fast`) only
+    after checking that it gives apply_chat_template's exact text on probe chats; otherwise, or if the
+    transformers internals it uses are absent, every render goes through apply_chat_template."""
 
     tokenizer: object
     template: str
     system_role: bool = True
+    fast: object = field(default=None, repr=False, compare=False)  # a compiled jinja template, or None
 
     def render(self, chat: list[dict], add_generation_prompt: bool = False) -> str:
         if not self.system_role and chat and chat[0]["role"] == "system":
             chat = fold_system(chat)
+        if self.fast is not None:
+            return self.fast(chat, add_generation_prompt)
         return self.tokenizer.apply_chat_template(
             chat, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
+
+
+PROBES = [
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"}, {"role": "assistant", "content": "(A) a"}],
+    [{"role": "user", "content": "U1"}, {"role": "assistant", "content": "(A) a"}, {"role": "user", "content": "U2"}],
+    [{"role": "user", "content": " x\n"}],
+]
+
+
+def _compiled(r: Renderer):
+    """A render function that calls the compiled template the way apply_chat_template does, if it agrees
+    with apply_chat_template on PROBES (with and without the generation prompt); else None."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        template = _compile_jinja_template(r.template)
+        extra = dict(r.tokenizer.special_tokens_map)
+
+        def fast(chat: list[dict], add_generation_prompt: bool) -> str:
+            return template.render(
+                messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **extra
+            )
+
+        for probe in PROBES:
+            chat = probe if r.system_role else fold_system(probe) if probe[0]["role"] == "system" else probe
+            for gen in (False, True):
+                slow = r.tokenizer.apply_chat_template(
+                    chat, chat_template=r.template, tokenize=False, add_generation_prompt=gen
+                )
+                if fast(chat, gen) != slow:
+                    return None
+        return fast
+    except Exception:  # a template that raises on a probe, or other transformers internals: the plain path
+        return None
 
 
 def fold_system(chat: list[dict]) -> list[dict]:
@@ -116,6 +160,7 @@ def make_renderer(tokenizer, chat_template: str = "auto") -> Renderer:
     except Exception:  # jinja TemplateError from raise_exception: no system role
         r.system_role = False
         r.render(probe)
+    r.fast = _compiled(r)
     return r
 
 
@@ -257,25 +302,55 @@ def turn_examples(
         longest = max([len(chosen)] + [len(r) for r in rej])
         dropped = 0
         if max_length and len(hist) + longest > max_length:
-            hist, chosen, rej, dropped = truncate_turn(d, renderer, sset, i, longest, max_length)
+            hist, chosen, rej, dropped = truncate_turn(d, renderer, sset, i, longest, max_length, toks)
         out.append(TurnExample(d.id, i, hist, chosen, rej, dropped))
     return out
 
 
-def truncate_turn(d: PrefDialogue, renderer: Renderer, sset: StrategySet, i: int, longest: int, max_length: int):
+def truncate_turn(
+    d: PrefDialogue,
+    renderer: Renderer,
+    sset: StrategySet,
+    i: int,
+    longest: int,
+    max_length: int,
+    toks: DialogueTokens | None = None,
+):
+    """The turn rendered from the first start k (a seeker message after 0, else i itself) whose history fits
+    max_length - longest. Starting later only drops messages, so the rendered length does not grow with k:
+    the first fitting start is found from an estimate (the full rendering's segment lengths of messages k..i)
+    and confirmed by rendering it and the start before it, instead of rendering every start in turn."""
     msgs = d.messages
-    # candidate start indices: seeker messages after 0 (kept history must open with the seeker), then i itself
     starts = [k for k in range(1, i) if msgs[k].role == SEEKER] + [i]
-    for k in starts:
-        sub = [
-            Message(m.role, m.text, m.strategy, m.rejected if j == i - k else [], j == i - k)
-            for j, m in enumerate(msgs[k : i + 1])
-        ]
-        toks = tokenize_dialogue(d, renderer, sset, sub)
-        j = len(sub) - 1
-        hist = toks.history(j)
-        if len(hist) + longest <= max_length:
-            return hist, toks.body[j], toks.rejected.get(j, []), k
+    cache: dict[int, tuple] = {}
+
+    def exact(k: int) -> tuple:
+        if k not in cache:
+            sub = [
+                Message(m.role, m.text, m.strategy, m.rejected if j == i - k else [], j == i - k)
+                for j, m in enumerate(msgs[k : i + 1])
+            ]
+            t = tokenize_dialogue(d, renderer, sset, sub)
+            j = len(sub) - 1
+            cache[k] = (t.history(j), t.body[j], t.rejected.get(j, []), k)
+        return cache[k]
+
+    def fits(k: int) -> bool:
+        return len(exact(k)[0]) + longest <= max_length
+
+    at = 0
+    if toks is not None:  # estimate: the first start whose segments (in the full rendering) fit
+        seg = [len(h) + len(b) for h, b in zip(toks.head, toks.body)]
+        base = len(toks.prefix) + len(toks.head[i])
+        at = next((n for n, k in enumerate(starts) if base + sum(seg[k:i]) + longest <= max_length), len(starts) - 1)
+    if fits(starts[at]):
+        while at > 0 and fits(starts[at - 1]):
+            at -= 1
+        return exact(starts[at])
+    for k in starts[at + 1 :]:
+        if fits(k):
+            return exact(k)
+    hist = exact(starts[-1])[0]
     raise CsoError(
         f"dialogue {d.id}: messages[{i}]: the reply does not fit max_length={max_length} even without "
         f"history ({len(hist)} prompt + {longest} reply tokens); raise data.max_length"
