@@ -174,8 +174,9 @@ def test_kto_false_without_true_is_an_error_or_skipped(tmp_path):
     p = write_jsonl(tmp_path / "kto.jsonl", rows)
     with pytest.raises(DataError, match="line 1: label: no preferred reply"):
         _build("kto-rows", p, strategies="escpro")
-    dialogues, report = _build("kto-rows", p, strategies="escpro", skip_invalid=True)
-    assert dialogues == [] and report.skipped == {"no-preferred": 1}
+    # skipped, nothing is left: an empty output is an error too, saying what was skipped
+    with pytest.raises(DataError, match=r"no preference dialogues in this input \(1 invalid records skipped\)"):
+        _build("kto-rows", p, strategies="escpro", skip_invalid=True)
 
 
 def test_custom_strategy_set_file(tmp_path):
@@ -185,3 +186,110 @@ def test_custom_strategy_set_file(tmp_path):
     dialogues, _ = _build("trl", write_jsonl(tmp_path / "t.jsonl", rows), strategies=str(sfile))
     assert dialogues[0].messages[1].strategy == "Ask"
     assert load_strategy_set(str(sfile)).names == ["Ask", "Comfort"]
+
+
+# ---------------------------------------------------------------- diverging preferred paths
+def _random_tree_records(rng, tree: int) -> tuple[list[dict], set]:
+    """ESC-Pro records of one random MCTS-like tree, one per preferred path, and its (history, chosen,
+    rejected) pair set. At a branch point two preferred replies share the history and the negatives."""
+    names = load_strategy_set("escpro").names
+    records, pairs = [], set()
+
+    def grow(msgs: list[dict], hist: tuple, depth: int, tag: str) -> None:
+        n_pref = 2 if depth < 3 and rng.random() < 0.5 else 1
+        negs = [(names[rng.randrange(8)], f"neg {tag}.{k}") for k in range(rng.randrange(0, 4))]
+        for p in range(n_pref):
+            strat, text = names[rng.randrange(8)], f"reply {tag}.{p}"
+            for ns, nt in negs:
+                pairs.add((hist, (strat, text), (ns, nt)))
+            here = msgs + [A(text, strat, negs)]
+            seeker = f"seeker {tag}.{p}"
+            if depth >= 4 or rng.random() < 0.25:
+                records.append({"description": f"tree {tree}", "messages": here + [U(seeker)]})
+                continue
+            grow(
+                here + [U(seeker)],
+                hist + (("supporter", text, strat), ("seeker", seeker, None)),
+                depth + 1,
+                f"{tag}.{p}",
+            )
+
+    opening = f"opening {tree}"
+    grow([U(opening)], (("seeker", opening, None),), 0, str(tree))
+    return records, pairs
+
+
+def _pair_set(dialogues) -> set:
+    out = set()
+    for d in dialogues:
+        for i in d.turn_indices():
+            hist = tuple((m.role, m.text, m.strategy) for m in d.messages[:i])
+            m = d.messages[i]
+            out |= {(hist, (m.strategy, m.text), (o.strategy, o.text)) for o in m.rejected}
+    return out
+
+
+def test_every_reader_keeps_every_pair_of_diverging_preferred_paths(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    records, expected = [], set()
+    for t in range(60):
+        recs, pairs = _random_tree_records(rng, t)
+        records += recs
+        expected |= pairs
+    branch_points = {p[0] for p in expected}
+    assert len(records) > 120 and len(expected) > 600
+    # many histories have two preferred replies
+    shared = {h for h in branch_points if len({c for hh, c, _ in expected if hh == h}) > 1}
+    assert len(shared) > 40
+    src = tmp_path / "escpro.json"
+    src.write_text(json.dumps(records))
+    sset = load_strategy_set("escpro")
+    dialogues, _ = build_dialogues(DataConfig(source="escpro", input=str(src)))
+    assert _pair_set(dialogues) == expected
+    for fmt, source in (("dpo", "cso-rows"), ("kto", "kto-rows"), ("dpo", "trl")):
+        rows = list(pair_rows(dialogues, sset, fmt))
+        if source == "trl":
+            rows = [{"prompt": r["messages"], "chosen": [r["chosen"]], "rejected": [r["reject"]]} for r in rows]
+        f = tmp_path / f"{fmt}-{source}.jsonl"
+        write_jsonl(f, rows)
+        back, _ = build_dialogues(DataConfig(source=source, input=str(f)))
+        assert _pair_set(back) == expected, (fmt, source)
+
+
+def test_a_kto_reply_labelled_true_and_false_for_one_history_is_an_error(tmp_path):
+    hist = [{"role": "user", "content": "hi"}]
+    rows = [
+        {"messages": hist + [{"role": "assistant", "content": "(Affirmation) a"}], "label": True},
+        {"messages": hist + [{"role": "assistant", "content": "(Affirmation) a"}], "label": False},
+    ]
+    f = tmp_path / "kto.jsonl"
+    write_jsonl(f, rows)
+    with pytest.raises(DataError, match="line 2.*labelled both true and false"):
+        build_dialogues(DataConfig(source="kto-rows", input=str(f)))
+
+
+def test_kto_blocks_pair_each_preferred_reply_with_the_false_rows_after_it(tmp_path):
+    """The authors' layout at a branch point (two true rows, then the false ones) and two dialogues that
+    open with the same history (each its own block) keep exactly their pairs."""
+
+    def row(reply, label, opening="hi"):
+        return {
+            "messages": [{"role": "user", "content": opening}, {"role": "assistant", "content": reply}],
+            "label": label,
+        }
+
+    rows = [
+        row("(Affirmation) c1", True),
+        row("(Affirmation) c2", True),
+        row("(Share Information) n1", False),
+        row("(Share Information) n2", False),
+        row("(Reframe Negative Thoughts) d", True),
+        row("(Affirmation) c1", False),
+    ]
+    f = tmp_path / "kto.jsonl"
+    write_jsonl(f, rows)
+    dialogues, _ = build_dialogues(DataConfig(source="kto-rows", input=str(f), strategies="escpro"))
+    got = {(c[1], r[1]) for _, c, r in _pair_set(dialogues)}
+    assert got == {("c1", "n1"), ("c1", "n2"), ("c2", "n1"), ("c2", "n2"), ("d", "c1")}

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cso_dist.config import DataConfig
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.esconv import EsconvOptions, build_esconv
+from cso_dist.data.hf import hf_records, is_hf_input
 from cso_dist.data.readers import READERS, ReadContext, Skips
 from cso_dist.data.strategies import NAMED, StrategySet, load_strategy_set
-from cso_dist.errors import ConfigError
+from cso_dist.errors import ConfigError, DataError
 from cso_dist.paths import esconv_dir
 
 
@@ -27,15 +30,18 @@ def strategy_set_for(cfg: DataConfig, path: str) -> StrategySet:
     """`auto`: ESConv's set for ESConv; otherwise the named set whose labels the file uses most."""
     spec = cfg.strategies
     if spec == "auto":
-        spec = "esconv" if cfg.source == "esconv" else detect_strategy_set(path)
+        spec = "esconv" if cfg.source == "esconv" else detect_strategy_set(path, cfg.split)
     return load_strategy_set(spec)
 
 
-def detect_strategy_set(path: str) -> str:
+def detect_strategy_set(path: str, split: str = "train") -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "esconv"  # the reader reports the missing file
+        if is_hf_input(path):
+            text = json.dumps([row for _, row in itertools.islice(hf_records(path, split), 2000)], ensure_ascii=False)
+        else:
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except (OSError, DataError):
+        return "esconv"  # the reader reports the missing or unreadable input
     hits = {name: sum(text.count(f"({s})") + text.count(f'"{s}"') for s in desc) for name, (desc, _) in NAMED.items()}
     return max(hits, key=lambda k: (hits[k], k == "esconv"))
 
@@ -45,11 +51,15 @@ def build_dialogues(cfg: DataConfig) -> tuple[list[PrefDialogue], BuildReport]:
     if not path:
         raise ConfigError(f"data.input: required for --from {cfg.source}")
     sset = strategy_set_for(cfg, path)
-    ctx = ReadContext(path, sset, cfg.aliases, Skips(cfg.skip_invalid))
+    ctx = ReadContext(path, sset, cfg.aliases, Skips(cfg.skip_invalid), split=cfg.split)
     notes: dict = {}
     if cfg.source == "esconv":
         opts = EsconvOptions(cfg.negatives, cfg.seed, cfg.context_seeker_messages, cfg.pool)
         dialogues, notes = build_esconv(ctx, cfg.split, opts)
     else:
         dialogues = READERS[cfg.source](ctx)
+        notes = {k: v for k, v in sorted(ctx.counts.items()) if v}
+    if not dialogues:
+        skipped = f" ({ctx.skips.total} invalid records skipped)" if ctx.skips.total else ""
+        raise DataError(ctx.path, None, None, f"no preference dialogues in this input{skipped}", "empty-file")
     return dialogues, BuildReport(ctx.path, sset.name, dict(ctx.skips.counts), dict(ctx.skips.examples), notes)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from cso_dist.data.strategies import StrategySet
+from cso_dist.data.strategies import NAMED, StrategySet, load_strategy_set
 from cso_dist.errors import DataError
 from cso_dist.io import write_jsonl
 
@@ -89,6 +90,22 @@ def dedup_options(options: Iterable[Option], exclude: Option | None = None) -> l
     return out
 
 
+def check_options(
+    chosen: Option, rejected: list[Option], path: str, record: str, fld: str, counts: Counter | None = None
+) -> list[Option]:
+    """The one policy for a turn's non-preferred replies, in every reader and for stored files:
+    a reply identical to the preferred one (strategy and text) is an error; exact duplicates count once
+    (counted as duplicate_negatives); one with the preferred reply's strategy but other text is a real
+    pair and is kept (counted as negatives_with_chosen_strategy)."""
+    if chosen in rejected:
+        raise DataError(path, record, fld, "a non-preferred reply is identical to the preferred one", "same-reply")
+    out = dedup_options(rejected)
+    if counts is not None:
+        counts["duplicate_negatives"] += len(rejected) - len(out)
+        counts["negatives_with_chosen_strategy"] += sum(o.strategy == chosen.strategy for o in out)
+    return out
+
+
 # ---------------------------------------------------------------- field checks shared by readers
 def req(obj: dict, key: str, typ: type | tuple, path: str, record: str, fld: str):
     """Return obj[key], checking presence and type; errors name file, record and field."""
@@ -141,27 +158,40 @@ def check_alternation(roles: list[str], path: str, record: str, fld: str = "mess
 
 
 # ---------------------------------------------------------------- JSON Lines I/O
-def iter_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
-    """Yield ("line N", parsed JSON) for every non-blank line; bad JSON is a DataError."""
+def iter_jsonl(path: str | Path, keep_errors: bool = False) -> Iterator[tuple[str, object]]:
+    """Yield ("line N", parsed JSON) for every non-blank line. A line that is not UTF-8 or not JSON is a
+    DataError naming it: raised, or with `keep_errors` yielded in place of the record (so a reader that
+    skips invalid records goes on with the next line)."""
     path = str(path)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
             try:
-                yield f"line {n}", json.loads(line)
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+            except UnicodeDecodeError as e:
+                err = DataError(path, f"line {n}", None, f"not UTF-8 text (byte {e.start} of the line)", "bad-encoding")
             except json.JSONDecodeError as e:
-                raise DataError(path, f"line {n}", None, f"bad JSON: {e.msg} (column {e.colno})", "bad-json") from None
+                err = DataError(path, f"line {n}", None, f"bad JSON: {e.msg} (column {e.colno})", "bad-json")
+            else:
+                yield f"line {n}", obj
+                continue
+            if not keep_errors:
+                raise err
+            yield f"line {n}", err
 
 
-def load_json_records(path: str | Path) -> Iterator[tuple[str, object]]:
-    """Records of a JSON array file ("record i") or a JSON Lines file ("line n")."""
+def load_json_records(path: str | Path, keep_errors: bool = False) -> Iterator[tuple[str, object]]:
+    """Records of a JSON array file ("record i") or a JSON Lines file ("line n"); see iter_jsonl."""
     path = str(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         head = f.read(4096).lstrip()
-    if head.startswith("["):
+    if head.startswith(b"["):
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            data = json.loads(Path(path).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(path, None, None, f"not UTF-8 text (byte {e.start})", "bad-encoding") from None
         except json.JSONDecodeError as e:
             raise DataError(
                 path, None, None, f"bad JSON: {e.msg} (line {e.lineno}, column {e.colno})", "bad-json"
@@ -169,7 +199,7 @@ def load_json_records(path: str | Path) -> Iterator[tuple[str, object]]:
         for i, rec in enumerate(data):
             yield f"record {i}", rec
     else:
-        yield from iter_jsonl(path)
+        yield from iter_jsonl(path, keep_errors)
 
 
 def write_dialogues(path: str | Path, dialogues: Iterable[PrefDialogue]) -> int:
@@ -177,9 +207,13 @@ def write_dialogues(path: str | Path, dialogues: Iterable[PrefDialogue]) -> int:
 
 
 def dialogue_from_json(obj, path: str, record: str, sset: StrategySet | None = None) -> PrefDialogue:
-    """Parse and validate one stored preference dialogue."""
-    did = req(obj, "id", str, path, record, "id")
+    """Parse and validate one stored preference dialogue with the builders' rules: strategies of the set
+    (`sset`, else the named set the dialogue names; a custom set unknown here is not checked), alternating
+    roles, at least one supporter turn, non-preferred replies by check_options (duplicates are errors)."""
+    did = req_text(obj, "id", path, record, "id")
     set_name = req(obj, "strategy_set", str, path, record, "strategy_set")
+    if sset is None and set_name in NAMED:
+        sset = load_strategy_set(set_name)
     meta = obj.get("meta") or {}
     if not isinstance(meta, dict):
         raise DataError(path, record, "meta", "expected object", "wrong-type")
@@ -197,13 +231,18 @@ def dialogue_from_json(obj, path: str, record: str, sset: StrategySet | None = N
             strat = req(m, "strategy", str, path, record, f"{fld}.strategy")
             if sset is not None:
                 strat = canonical_strategy(strat, sset, False, path, record, f"{fld}.strategy")
+            raw_rej = m.get("rejected") or []
+            if not isinstance(raw_rej, list):
+                raise DataError(path, record, f"{fld}.rejected", "expected list", "wrong-type")
             rej = []
-            for j, o in enumerate(m.get("rejected") or []):
+            for j, o in enumerate(raw_rej):
                 ofld = f"{fld}.rejected[{j}]"
                 s = req(o, "strategy", str, path, record, f"{ofld}.strategy")
                 if sset is not None:
                     s = canonical_strategy(s, sset, False, path, record, f"{ofld}.strategy")
                 rej.append(Option(s, req_text(o, "text", path, record, f"{ofld}.text")))
+            if check_options(Option(strat, text), rej, path, record, f"{fld}.rejected") != rej:
+                raise DataError(path, record, f"{fld}.rejected", "duplicate non-preferred replies", "duplicate")
             target = m.get("target", True)
             if not isinstance(target, bool):
                 raise DataError(path, record, f"{fld}.target", "expected bool", "wrong-type")
@@ -211,11 +250,23 @@ def dialogue_from_json(obj, path: str, record: str, sset: StrategySet | None = N
         else:
             raise DataError(path, record, f"{fld}.role", f"unknown role '{role}' (seeker or supporter)", "bad-role")
     check_alternation([m.role for m in msgs], path, record)
+    if not any(m.role == SUPPORTER for m in msgs):
+        raise DataError(path, record, "messages", "no supporter turn", "no-turn")
     return PrefDialogue(did, msgs, set_name, meta)
 
 
 def read_dialogues(path: str | Path, sset: StrategySet | None = None) -> list[PrefDialogue]:
+    """A preference-dialogue file (data build's output), every record validated (dialogue_from_json)."""
     path = str(path)
     if not os.path.isfile(path):
         raise DataError(path, None, None, "no such file", "missing-file")
-    return [dialogue_from_json(obj, path, rec, sset) for rec, obj in iter_jsonl(path)]
+    out, ids = [], {}
+    for rec, obj in iter_jsonl(path):
+        d = dialogue_from_json(obj, path, rec, sset)
+        if d.id in ids:
+            raise DataError(path, rec, "id", f"dialogue id '{d.id}' also at {ids[d.id]}", "duplicate")
+        ids[d.id] = rec
+        out.append(d)
+    if not out:
+        raise DataError(path, None, None, "no dialogues (empty file)", "empty-file")
+    return out

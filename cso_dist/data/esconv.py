@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cso_dist.data.dialogue import SEEKER, SUPPORTER, Message, Option, PrefDialogue, load_json_records, req, req_text
+from cso_dist.data.dialogue import SEEKER, SUPPORTER, Message, Option, PrefDialogue, req, req_text
 from cso_dist.data.readers import ReadContext
 from cso_dist.errors import DataError
 from cso_dist.paths import esconv_dir
@@ -61,7 +61,14 @@ def esconv_file(path: str, split: str) -> str:
             "missing-file",
         )
     if not p.is_file():
-        raise DataError(str(p), None, None, "no such file or folder", "missing-file")
+        raise DataError(
+            str(p),
+            None,
+            None,
+            "no such file or folder (ESConv: `cso-dist data fetch esconv` downloads it into the data folder, "
+            "$CSO_DATA_DIR or ~/.cache/cso_dist/data; or point data.input at your copy)",
+            "missing-file",
+        )
     return str(p)
 
 
@@ -111,9 +118,16 @@ def build_esconv(ctx: ReadContext, split: str, opts: EsconvOptions) -> tuple[lis
     ctx.path = esconv_file(ctx.path, split)
     counts: Counter = Counter()
     dialogues: list[PrefDialogue] = []
-    for record, obj in ctx.skips.records(load_json_records(ctx.path)):
+    seen: dict[tuple, str] = {}  # utterances -> the record that had them first
+    for record, obj in ctx.skips.records(ctx.path):
         try:
             utts = esconv_utterances(ctx, record, obj)
+            if not any(role == SUPPORTER for role, _, _ in utts):
+                raise DataError(ctx.path, record, "dialog", "no supporter (sys) message", "no-turn")
+            key = tuple(utts)
+            if key in seen:  # a copy would also serve as its own retrieval negatives
+                raise DataError(ctx.path, record, "dialog", f"the same dialogue as {seen[key]}", "duplicate")
+            seen[key] = record
         except DataError as e:
             ctx.skips(e)
             continue

@@ -2,8 +2,9 @@
 
 DPO rows: {"messages": [system, ...history], "chosen": {"role": "assistant", "content": "(<s>) text"},
 "reject": {...}}, one per (turn, non-preferred option), exact duplicates removed.
-KTO rows: {"messages": [system, ...history, assistant reply], "label": true|false}: the
-preferred reply labelled true and each non-preferred one false, with the same history.
+KTO rows: {"messages": [system, ...history, assistant reply], "label": true|false}: per turn a
+block, the preferred reply labelled true and then each non-preferred one false, with the same
+history (the blocks are what data.regroup pairs KTO rows by).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def _reply(strategy: str, text: str) -> dict:
 
 def iter_pairs(dialogues: list[PrefDialogue], sset: StrategySet, fmt: str) -> Iterator[tuple[str, dict]]:
     """(id, row) in export order; ids are reply ids: "<dialogue>:<turn>:r<k>" for a DPO pair,
-    ":c" / ":r<k>" for a KTO row. Exact duplicate rows are yielded once (first occurrence)."""
+    ":c" / ":r<k>" for a KTO row. Exact duplicate DPO rows and KTO true rows are yielded once (first
+    occurrence); a KTO false row is repeated in every block it belongs to (its pairing is its block)."""
     seen: set[str] = set()
     for d in dialogues:
         extra = {k: d.meta[k] for k in ("scene", "description") if k in d.meta}
@@ -48,9 +50,14 @@ def iter_pairs(dialogues: list[PrefDialogue], sset: StrategySet, fmt: str) -> It
                     (f"{d.id}:{i}:r{k}", dict(extra, messages=history + [_reply(o.strategy, o.text)], label=False))
                     for k, o in enumerate(m.rejected)
                 ]
+            block: set[str] = set()
             for pid, row in rows:
                 key = json.dumps(row, sort_keys=True, ensure_ascii=False)
-                if key not in seen:
+                if row.get("label") is False:
+                    if key not in block:
+                        block.add(key)
+                        yield pid, row
+                elif key not in seen:
                     seen.add(key)
                     yield pid, row
 

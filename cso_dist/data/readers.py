@@ -22,6 +22,7 @@ from cso_dist.data.dialogue import (
     req,
     req_text,
 )
+from cso_dist.data.hf import hf_records, is_hf_input
 from cso_dist.data.regroup import TurnRow, regroup
 from cso_dist.data.render import parse_reply
 from cso_dist.data.strategies import StrategySet
@@ -55,18 +56,15 @@ class Skips:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def records(self, records: Iterator[tuple[str, object]]) -> Iterator[tuple[str, object]]:
-        """Iterate records; a file-level error (bad JSON on a line) is skipped per line when enabled."""
-        it = iter(records)
-        while True:
-            try:
-                yield next(it)
-            except StopIteration:
-                return
-            except DataError as e:
-                if e.reason != "bad-json" or not self.enabled or e.record is None:
-                    raise
-                self(e)
+    def records(self, path: str, split: str = "train") -> Iterator[tuple[str, object]]:
+        """The records of a JSON / JSON Lines file or an HF dataset (data.hf); a line that does not parse is
+        skipped (when enabled) and reading goes on with the next one."""
+        rows = hf_records(path, split) if is_hf_input(path) else load_json_records(path, keep_errors=self.enabled)
+        for record, obj in rows:
+            if isinstance(obj, DataError):
+                self(obj)
+                continue
+            yield record, obj
 
 
 @dataclass
@@ -75,6 +73,8 @@ class ReadContext:
     sset: StrategySet
     aliases: bool = False
     skips: Skips = field(default_factory=Skips)
+    counts: Counter = field(default_factory=Counter)  # what the policy merged or kept (the build report's notes)
+    split: str = "train"  # the split of an HF DatasetDict folder
 
     def strategy(self, label, record: str, fld: str) -> str:
         return canonical_strategy(label, self.sset, self.aliases, self.path, record, fld)
@@ -93,6 +93,8 @@ def _chat(ctx: ReadContext, msgs, record: str, fld: str, allow_system: bool = Tr
     """Parse an OpenAI-style message list into (system text, history of (role, text, strategy))."""
     if not isinstance(msgs, list):
         raise DataError(ctx.path, record, fld, f"expected list, got {type(msgs).__name__}", "wrong-type")
+    if not msgs:
+        raise DataError(ctx.path, record, fld, "empty message list", "empty-text")
     system, hist = None, []
     for i, m in enumerate(msgs):
         f = f"{fld}[{i}]"
@@ -128,10 +130,11 @@ def _meta(obj: dict, keys=("scene", "description", "situation", "emotion_type", 
 
 
 def _collect(ctx: ReadContext, parse: Callable[[str, object], list[TurnRow]]) -> list[TurnRow]:
-    if not os.path.isfile(ctx.path):
-        raise DataError(ctx.path, None, None, "no such file", "missing-file")
+    if not os.path.isfile(ctx.path) and not is_hf_input(ctx.path):
+        what = "a folder, not a file or a datasets.save_to_disk folder" if os.path.isdir(ctx.path) else "no such file"
+        raise DataError(ctx.path, None, None, what, "missing-file")
     rows: list[TurnRow] = []
-    for record, obj in ctx.skips.records(load_json_records(ctx.path)):
+    for record, obj in ctx.skips.records(ctx.path, ctx.split):
         try:
             rows.extend(parse(record, obj))
         except DataError as e:
@@ -199,7 +202,7 @@ def read_escpro(ctx: ReadContext) -> list[PrefDialogue]:
         rows[-1].tail = tuple(hist[len(rows[-1].history) + 1 :])
         return rows
 
-    return regroup(_collect(ctx, parse), ctx.path, "escpro", ctx.sset.name, ctx.skips)
+    return regroup(_collect(ctx, parse), ctx.path, "escpro", ctx.sset.name, ctx.skips, ctx.counts)
 
 
 # ---------------------------------------------------------------- CSO flat rows (DPO and KTO)
@@ -231,7 +234,7 @@ def read_cso_rows(ctx: ReadContext) -> list[PrefDialogue]:
         meta = _meta(obj) | ({"system": system} if system else {})
         return [TurnRow(hist, chosen, (rejected,), record, meta)]
 
-    return regroup(_collect(ctx, parse), ctx.path, "cso", ctx.sset.name, ctx.skips)
+    return regroup(_collect(ctx, parse), ctx.path, "cso", ctx.sset.name, ctx.skips, ctx.counts)
 
 
 def read_kto_rows(ctx: ReadContext) -> list[PrefDialogue]:
@@ -253,7 +256,7 @@ def read_kto_rows(ctx: ReadContext) -> list[PrefDialogue]:
         meta = _meta(obj) | ({"system": system} if system else {})
         return [TurnRow(hist, reply, (), record, meta) if label else TurnRow(hist, None, (reply,), record, meta)]
 
-    return regroup(_collect(ctx, parse), ctx.path, "kto", ctx.sset.name, ctx.skips)
+    return regroup(_collect(ctx, parse), ctx.path, "kto", ctx.sset.name, ctx.skips, ctx.counts)
 
 
 # ---------------------------------------------------------------- TRL-style prompt/chosen/rejected
@@ -277,7 +280,7 @@ def read_trl(ctx: ReadContext) -> list[PrefDialogue]:
             raise DataError(ctx.path, record, "rejected", "rejected reply is identical to the chosen one", "same-reply")
         return [TurnRow(hist, chosen, (rejected,), record, {"system": system} if system else {})]
 
-    return regroup(_collect(ctx, parse), ctx.path, "trl", ctx.sset.name, ctx.skips)
+    return regroup(_collect(ctx, parse), ctx.path, "trl", ctx.sset.name, ctx.skips, ctx.counts)
 
 
 def _implicit_prompt(ctx: ReadContext, obj: dict, record: str) -> TurnRow:

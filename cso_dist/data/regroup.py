@@ -5,18 +5,28 @@ preferred reply for it (or None for a row that only brings non-preferred replies
 row labelled false) and non-preferred replies. Rows with the same history and preferred reply
 merge into one turn (exact duplicate options count once). A turn whose history is another
 turn's history + that turn's preferred reply + one seeker message continues it, so the turns
-form a prefix tree; each root-to-leaf path becomes one preference dialogue. A row with only
-non-preferred replies joins the preferred reply last seen for the same history (KTO rows come
-in blocks: the true row, then its false rows), else the first one seen after it. A turn shared by
-several paths is a training target in the first path only and context (target=False) in the
-others, so no pair is counted twice.
+form a prefix tree; each root-to-leaf path becomes one preference dialogue. Two preferred
+replies of one history (two preferred paths of an MCTS tree that diverge there) are two turns,
+each kept with its own non-preferred replies.
+
+KTO rows (label false: only a non-preferred reply) pair by blocks: per history, a run of
+consecutive preferred rows and the false rows after it, up to the next preferred row of that
+history. Every false row is rejected against every preferred reply of its block: "true c1, true
+c2, false n1, false n2" gives c1 and c2 each n1 and n2 (the authors' layout at a branch point),
+"true c1, false n, true c2, false n" the same pairs (our `data pairs --format kto` layout), and
+two dialogues that open with the same history keep their own pairs. False rows before any
+preferred row of their history join its first block. A reply labelled both true and false in
+one block is an error. A turn shared by several paths is a training target in the first path
+only and context (target=False) in the others, so no pair is counted twice.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cso_dist.data.dialogue import SEEKER, SUPPORTER, Message, Option, PrefDialogue, dedup_options
+from collections import Counter
+
+from cso_dist.data.dialogue import SEEKER, SUPPORTER, Message, Option, PrefDialogue, check_options
 from cso_dist.errors import DataError
 
 Msg = tuple  # (role, text, strategy or None)
@@ -44,41 +54,74 @@ class _Node:
     parent: "_Node | None" = None
 
 
-def regroup(rows: list[TurnRow], path: str, source: str, strategy_set: str, skip=None) -> list[PrefDialogue]:
-    """`skip(DataError)` is called for rows that cannot be placed (no preferred reply); without it they raise."""
+def regroup(
+    rows: list[TurnRow], path: str, source: str, strategy_set: str, skip=None, counts: Counter | None = None
+) -> list[PrefDialogue]:
+    """`skip(DataError)` is called for rows that cannot be placed (no preferred reply); without it they raise.
+    Non-preferred replies follow dialogue.check_options (counted in `counts`)."""
     nodes: dict[tuple, _Node] = {}
     by_history: dict[tuple, list[_Node]] = {}
-    latest: dict[tuple, _Node] = {}
+    blocks: dict[tuple, list[list[_Node]]] = {}  # per history: runs of preferred rows, each with its false rows
+    last_false: dict[tuple, bool] = {}
     orphans: list[TurnRow] = []
+
+    def refuse(err: DataError) -> None:
+        if skip is None:
+            raise err
+        skip(err)
+
     for r in rows:
-        if r.preferred is None:  # joins the latest preferred reply seen for its history (KTO blocks)
-            if r.history in latest:
-                latest[r.history].rejected.extend(r.rejected)
-            else:
+        h = r.history
+        if r.preferred is None:  # KTO label false: rejected against the preferred rows of its block
+            if h not in blocks:
                 orphans.append(r)
+                continue
+            block = blocks[h][-1]
+            if any(o == n.preferred for o in r.rejected for n in block):
+                refuse(
+                    DataError(
+                        path,
+                        r.record,
+                        "label",
+                        "this reply is labelled both true and false for one history",
+                        "conflict",
+                    )
+                )
+                continue
+            for n in block:
+                n.rejected.extend(r.rejected)
+            last_false[h] = True
             continue
-        key = (r.history, r.preferred)
+        if r.preferred in r.rejected:
+            refuse(
+                DataError(path, r.record, None, "a non-preferred reply is identical to the preferred one", "same-reply")
+            )
+            continue
+        key = (h, r.preferred)
         n = nodes.get(key)
         if n is None:
-            n = nodes[key] = _Node(r.history, r.preferred, r.record, r.meta)
-            by_history.setdefault(r.history, []).append(n)
-        latest[r.history] = n
+            n = nodes[key] = _Node(h, r.preferred, r.record, r.meta)
+            by_history.setdefault(h, []).append(n)
+        if h not in blocks or last_false.get(h):
+            blocks.setdefault(h, []).append([n])  # a preferred row after false rows opens a new block
+        elif n not in blocks[h][-1]:
+            blocks[h][-1].append(n)  # consecutive preferred rows of one history share the false rows after them
+        last_false[h] = False
         n.rejected.extend(r.rejected)
         if r.tail and not n.tail:
             n.tail = r.tail
-    for r in orphans:  # non-preferred rows before any preferred one join the first turn with their history
-        owners = by_history.get(r.history)
-        if not owners:
-            err = DataError(
-                path, r.record, "label", "no preferred reply (label true) shares this row's history", "no-preferred"
+    for r in orphans:  # false rows before any preferred row of their history join its first block
+        if r.history not in blocks:
+            refuse(
+                DataError(
+                    path, r.record, "label", "no preferred reply (label true) shares this row's history", "no-preferred"
+                )
             )
-            if skip is None:
-                raise err
-            skip(err)
             continue
-        owners[0].rejected.extend(r.rejected)
+        for n in blocks[r.history][0]:
+            n.rejected.extend(r.rejected)
     for n in nodes.values():
-        n.rejected = dedup_options(n.rejected, exclude=n.preferred)
+        n.rejected = check_options(n.preferred, n.rejected, path, n.record, None, counts)
         h = n.history
         if len(h) >= 2 and h[-2][0] == SUPPORTER:
             parent = nodes.get((h[:-2], Option(h[-2][2], h[-2][1])))

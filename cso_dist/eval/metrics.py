@@ -149,6 +149,6 @@ def score_rows(rows: list[dict], sset: StrategySet) -> dict:
         for r in rows
         if isinstance(r.get("gold_response"), str) and isinstance(r.get("pred_response"), str)
     ]
-    if pairs:
-        out["text"] = text_metrics([g for g, _ in pairs], [p for _, p in pairs])
+    if pairs:  # the rows with both responses; how many is reported (text["rows"])
+        out["text"] = {**text_metrics([g for g, _ in pairs], [p for _, p in pairs]), "rows": len(pairs)}
     return out

@@ -12,42 +12,65 @@ import numpy as np
 from cso_dist.io import atomic_write_text
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import DataError
-from cso_dist.eval.metrics import score_rows
+from cso_dist.data.dialogue import load_json_records
+from cso_dist.eval.metrics import canonical_or_none, score_rows
 from cso_dist.tracking import read_metrics
 
 TEXT_KEYS = ("bleu1", "bleu2", "bleu4", "rougeL", "distinct1", "distinct2", "mean_len")
 
 
-def read_pred(path: Path) -> list[dict]:
-    """PRED rows; each needs gold_strategy and pred_strategy (null allowed for the prediction)."""
+# Kang et al.'s published prediction files (a JSON array): their keys -> ours
+KANG_KEYS = {
+    "strg_gold": "gold_strategy",
+    "strg_pred": "pred_strategy",
+    "res_gold": "gold_response",
+    "res_pred": "pred_response",
+}
+
+
+def read_pred(path: Path, sset: StrategySet) -> list[dict]:
+    """PRED rows, JSON Lines or a JSON array, in our layout (gold_strategy, pred_strategy, gold_response,
+    pred_response) or Kang et al.'s (strg_gold, strg_pred, res_gold, res_pred). Gold labels fold like
+    predictions (case, brackets, spacing, known aliases); an unknown gold label is an error naming it. A
+    prediction may be null or any text (unknown ones are counted); responses are text or null."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), None, None, "no such file", "missing-file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, f"line {n}", None, f"not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(path, f"line {n}", None, "expected a JSON object")
-            for key in ("gold_strategy", "pred_strategy"):
-                if key not in row:
-                    raise DataError(path, f"line {n}", key, "missing")
-            if not isinstance(row["gold_strategy"], str):
-                raise DataError(path, f"line {n}", "gold_strategy", "must be a string")
-            rows.append(row)
+    for record, raw in load_json_records(path):
+        if not isinstance(raw, dict):
+            raise DataError(str(path), record, None, f"expected a JSON object, got {type(raw).__name__}", "wrong-type")
+        row = {KANG_KEYS.get(k, k): v for k, v in raw.items() if not (k in KANG_KEYS and KANG_KEYS[k] in raw)}
+        for key in ("gold_strategy", "pred_strategy"):
+            if key not in row:
+                raise DataError(str(path), record, key, "missing field (or its Kang et al. name)", "missing-field")
+        gold = row["gold_strategy"]
+        if not isinstance(gold, str):
+            raise DataError(
+                str(path), record, "gold_strategy", f"expected text, got {type(gold).__name__}", "wrong-type"
+            )
+        canon = canonical_or_none(gold, sset)
+        if canon is None:
+            raise DataError(
+                str(path),
+                record,
+                "gold_strategy",
+                f"unknown strategy '{gold}' (set '{sset.name}': {', '.join(sset.names)})",
+                "unknown-strategy",
+            )
+        row["gold_strategy"] = canon
+        for key in ("pred_strategy", "gold_response", "pred_response"):
+            v = row.get(key)
+            if v is not None and not isinstance(v, str):
+                raise DataError(str(path), record, key, f"expected text or null, got {type(v).__name__}", "wrong-type")
+        rows.append(row)
     if not rows:
-        raise DataError(path, None, None, "no prediction rows")
+        raise DataError(str(path), None, None, "no prediction rows", "empty-file")
     return rows
 
 
 def score_file(path: Path, sset: StrategySet) -> dict:
-    rows = read_pred(path)
-    try:
-        return score_rows(rows, sset)
-    except ValueError as e:
-        raise DataError(path, None, "gold_strategy", str(e)) from None
+    return score_rows(read_pred(path, sset), sset)
 
 
 def format_scores(s: dict) -> str:
@@ -63,7 +86,13 @@ def format_scores(s: dict) -> str:
             f"strengths left at their last value (no mispredicted gold turn): {', '.join(s['bt_undetermined'])}"
         )
     if s.get("text"):
-        lines.append("text: " + "  ".join(f"{k} {s['text'][k]:.3f}" for k in TEXT_KEYS if k in s["text"]))
+        t = s["text"]
+        lines.append(
+            f"text ({t['rows']} of {s['n']} rows have both responses): "
+            + "  ".join(f"{k} {t[k]:.3f}" for k in TEXT_KEYS if k in t)
+        )
+    else:
+        lines.append(f"text: no metrics (0 of {s['n']} rows have both gold_response and pred_response)")
     return "\n".join(lines)
 
 
@@ -177,7 +206,7 @@ def run_report(run_dirs: list[Path], out: Path, sset: StrategySet) -> Path:
             plot_confusion(s, out / f"{name}-confusion.png", f"{tag} / {p.name}")
             plot_bars(s, out / f"{name}-strategies.png", f"{tag} / {p.name}")
             atomic_write_text(out / f"{name}.json", json.dumps(s, indent=2))
-            mode = read_pred(p)[0].get("mode", "")
+            mode = read_pred(p, sset)[0].get("mode", "")
             text = s.get("text", {})
             table.append(
                 [
