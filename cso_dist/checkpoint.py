@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from cso_dist.errors import CsoError
+from cso_dist.io import sha256_file
 
 PREFIX = "step-"
 
@@ -63,18 +65,82 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+HASH_LIMIT = 256 << 20  # files up to this size get a sha256 in state.json; every file gets its size
+
+
+def seal(folder: Path, state: dict) -> None:
+    """Write state.json last, with the size (and for files up to HASH_LIMIT the sha256) of every file
+    in the folder, so a truncated or damaged checkpoint is recognised on load (verify)."""
+    files = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "state.json"):
+        size = f.stat().st_size
+        files[str(f.relative_to(folder))] = [size, sha256_file(f) if size <= HASH_LIMIT else None]
+    (folder / "state.json").write_text(json.dumps({**state, "files": files}, indent=2))
+
+
+def verify(path: Path) -> str:
+    """'' when the checkpoint is whole, else what is wrong with it."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"state.json unreadable ({type(e).__name__})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return "state.json has no step"
+    for name, (size, digest) in (state.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+        if digest is not None and sha256_file(f) != digest:
+            return f"{name} does not match its sha256"
+    return ""
+
+
+def latest_good(ckpt_dir: Path, say=print) -> Path | None:
+    """The newest checkpoint that verifies; damaged newer ones are named (and skipped)."""
+    for p in reversed(list_checkpoints(ckpt_dir)):
+        problem = verify(p)
+        if not problem:
+            return p
+        say(f"note: checkpoint {p} is damaged ({problem}); trying the one before it")
+    return None
+
+
+def clean_partial(ckpt_dir: Path) -> None:
+    """Remove temporary folders that an interrupted or failed checkpoint write left behind."""
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.glob(f".{PREFIX}*.tmp*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def write_failed(ckpt_dir: Path, step: int, e: BaseException) -> CsoError:
+    last = list_checkpoints(ckpt_dir)
+    where = f"resume continues from {last[-1].name}" if last else "no earlier checkpoint: a rerun starts over"
+    what = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(ckpt_dir).free < 16 << 20:  # torch.save says "unexpected pos ..." on a full disk
+            what = "No space left on device"
+    return CsoError(f"checkpoint step {step} not written ({what}) in {ckpt_dir}; the partial write is removed, {where}")
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, extra: dict, keep_last: int) -> Path:
-    """Write checkpoints/step-NNNNNNN atomically (temp folder + rename), then prune to keep_last."""
+    """Write checkpoints/step-NNNNNNN atomically (temp folder + rename), then prune to keep_last. A write
+    that fails (full disk) removes its temporary folder and raises a one-line CsoError."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{PREFIX}{step:07d}"
     tmp = ckpt_dir / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(trainable_state(model), tmp / "trainable.pt")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+    try:
+        tmp.mkdir()
+        torch.save(trainable_state(model), tmp / "trainable.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        seal(tmp, {"step": step, **extra})
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(ckpt_dir, step, e) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -88,7 +154,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
     done = [p for p in ckpt_dir.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :].split("-")[0]))
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:

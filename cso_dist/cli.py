@@ -15,6 +15,13 @@ from cso_dist.errors import CsoError
 from cso_dist.preempt import Preempted
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (like every other cso-dist error), pointing at --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def add_config_arg(parser: argparse.ArgumentParser, help: str = "YAML config") -> None:
     """Every command that reads a config takes it both ways: `cmd CONFIG` and `cmd --config CONFIG`."""
     parser.add_argument("config", nargs="?", help=f"{help} (or --config FILE)")
@@ -23,7 +30,7 @@ def add_config_arg(parser: argparse.ArgumentParser, help: str = "YAML config") -
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="cso-dist",
         description="Chain-of-Strategy Optimization (CSO) toolkit. "
         "Every command that reads a config takes it as CONFIG or --config CONFIG, plus dotted "
@@ -102,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="check the config and its inputs and print what would run; load no model"
     )
     tr.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    tr.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run folder that holds a run (its checkpoints, "
+        "metrics and final model are removed; data and reference caches stay)",
+    )
     tr.add_argument(
         "--auto-resume",
         action="store_true",

@@ -28,6 +28,13 @@ def _config(args: argparse.Namespace, extra: list[str], family: str) -> Config:
     return load_config(config_path(args), {**parse_overrides(extra), **flag_overrides(args)}, family)
 
 
+def not_an_input(out: str, *inputs: str) -> None:
+    """--out must not replace an input of the same command."""
+    for i in inputs:
+        if i and Path(i).exists() and Path(out).exists() and Path(out).resolve() == Path(i).resolve():
+            raise CsoError(f"--out {out} is this command's input; write to another file")
+
+
 def _print_kv(title: str, d: dict, indent: str = "  ") -> None:
     print(title)
     for k, v in d.items():
@@ -50,6 +57,7 @@ def cmd_data_build(args, extra) -> int:
     cfg = _config(args, extra, "data")
     t0 = time.time()
     dialogues, report = build_dialogues(cfg.data)
+    not_an_input(args.out, report.input)
     n = write_dialogues(args.out, dialogues)
     stats = dialogue_stats(dialogues)
     print(
@@ -73,9 +81,11 @@ def cmd_data_build(args, extra) -> int:
 def cmd_data_stats(args, extra) -> int:
     from cso_dist.data.dialogue import read_dialogues
     from cso_dist.data.stats import dialogue_stats
+    from cso_dist.data.strategies import resolve_strategy_set
 
     cfg = _config(args, extra, "data")
-    dialogues = read_dialogues(args.file)
+    spec = cfg.data.strategies
+    dialogues = read_dialogues(args.file, None if spec == "auto" else resolve_strategy_set(spec, None))
     stats = dialogue_stats(dialogues)
     if args.tokenizer:
         from cso_dist.data.stats import token_stats_for
@@ -94,8 +104,11 @@ def cmd_data_pairs(args, extra) -> int:
     from cso_dist.data.export import pair_rows
     from cso_dist.data.strategies import resolve_strategy_set
 
-    dialogues = read_dialogues(args.file)
-    sset = resolve_strategy_set(args.strategies or "auto", dialogues[0].strategy_set if dialogues else None)
+    not_an_input(args.out, args.file)
+    sset = resolve_strategy_set(args.strategies or "auto", None)
+    dialogues = read_dialogues(args.file, None if args.strategies in (None, "auto") else sset)
+    if args.strategies in (None, "auto"):
+        sset = resolve_strategy_set("auto", dialogues[0].strategy_set)
     n = write_jsonl(args.out, pair_rows(dialogues, sset, args.format))
     print(f"wrote {n} {args.format.upper()} rows to {args.out}")
     return 0
@@ -167,7 +180,7 @@ def cmd_train(args, extra) -> int:
         from cso_dist.preflight import print_dry_run
 
         return print_dry_run(cfg, "train")
-    summary = run_train(cfg, resume="auto" if args.auto_resume else args.resume)
+    summary = run_train(cfg, resume="auto" if args.auto_resume else args.resume, overwrite=args.overwrite)
     if summary.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0
     keys = ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies", "pairs_per_s")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,6 +170,12 @@ class TrainConfig:
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        _check(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = only at the end)")
+        _check(self.save_every >= 0, "train.save_every", "must be >= 0 (0 = only the final output)")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.gamma_beta_ratio >= 0, "train.gamma_beta_ratio", "must be >= 0")
+        _check(self.desirable_weight > 0, "train.desirable_weight", "must be > 0")
+        _check(self.undesirable_weight > 0, "train.undesirable_weight", "must be > 0")
         _check(self.max_dialogues >= 0, "train.max_dialogues", "must be >= 0")
         _check(self.eval_max_dialogues >= 0, "train.eval_max_dialogues", "must be >= 0")
 
@@ -423,14 +430,19 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return value
         raise ConfigError(f"config: {key}: expected an integer, got {value!r}")
     if typ is float:
+        out = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            out = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
             try:
-                return float(value)
+                out = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config: {key}: expected a number, got {value!r}")
+        if out is None:
+            raise ConfigError(f"config: {key}: expected a number, got {value!r}")
+        if not math.isfinite(out):
+            raise ConfigError(f"config: {key}: expected a finite number, got {value!r}")
+        return out
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -533,6 +545,21 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k[len(_FLAG) :]: v for k, v in vars(args).items() if k.startswith(_FLAG)}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice in one section", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, family: str = "all") -> Config:
     """The config file + dotted overrides, validated. `family` names the sections the command reads
     (FAMILIES); an override of another section is refused. A file may hold every section (a recipe
@@ -550,9 +577,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not p.is_file():
             raise ConfigError(f"config: {p}: no such file")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config: {p}: bad YAML: {str(e).splitlines()[0]}") from None
+            mark = getattr(e, "problem_mark", None)
+            what = f"{e.problem} (line {mark.line + 1})" if getattr(e, "problem", None) and mark else str(e)
+            raise ConfigError(f"config: {p}: bad YAML: {' '.join(what.split())}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config: {p}: not UTF-8 text (byte {e.start})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config: {p}: expected a mapping of sections")
         _apply(cfg, raw, "")

@@ -100,7 +100,7 @@ def run_demo(cfg: Config) -> dict:
         )
         sft.model.path = str(model_dir)
         t0 = time.time()
-        summary = run_train(sft)
+        summary = run_train(sft, overwrite=True)
         rows.append(("sft", summary, time.time() - t0))
         policy = Path(summary["final"])
         print(
@@ -119,7 +119,7 @@ def run_demo(cfg: Config) -> dict:
 
     # 5. CSO preference training
     t0 = time.time()
-    summary = run_train(cso)
+    summary = run_train(cso, overwrite=True)
     rows.append((cfg.train.method, summary, time.time() - t0))
     print(f"[5/5] {cfg.train.method.upper()}: {summary['steps']} steps -> {summary['final']}")
 

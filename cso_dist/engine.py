@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from cso_dist import dist
-from cso_dist.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from cso_dist.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, seal, write_failed
 from cso_dist.config import TrainingConfig
 from cso_dist.dist import World
 from cso_dist.errors import ConfigError, CsoError
@@ -154,17 +154,22 @@ class TorchEngine:
         self.module.train(on)
 
     def save(self, ckpt_dir: Path, step: int, extra: dict, keep_last: int) -> None:
+        err = None
         if self.world.main:  # every rank holds the same weights and optimizer state
-            save_checkpoint(
-                ckpt_dir,
-                step,
-                self.module,
-                self.optimizer,
-                self.scheduler,
-                {**extra, "engine": self.kind, "world_size": self.world.world_size},
-                keep_last,
-            )
-        dist.barrier()
+            try:
+                save_checkpoint(
+                    ckpt_dir,
+                    step,
+                    self.module,
+                    self.optimizer,
+                    self.scheduler,
+                    {**extra, "engine": self.kind, "world_size": self.world.world_size},
+                    keep_last,
+                )
+            except CsoError as e:
+                err = e
+        if dist.any_true(err is not None):  # every rank stops, none waits at a barrier for rank 0
+            raise err or CsoError(f"checkpoint step {step} not written on rank 0 (see its error)")
 
     def load(self, path: Path) -> dict:
         state = json.loads((path / "state.json").read_text())
@@ -330,30 +335,29 @@ class DeepSpeedEngine:
         if self.world.main:
             shutil.rmtree(ckpt_dir / tmp, ignore_errors=True)
         dist.barrier()
-        self.net.save_checkpoint(str(ckpt_dir), tag=tmp, client_state={"step": step}, save_latest=False)
-        dist.barrier()
-        if self.world.main:
-            (ckpt_dir / tmp / "state.json").write_text(
-                json.dumps(
-                    {
-                        "step": step,
-                        **extra,
-                        "engine": self.kind,
-                        "world_size": self.world.world_size,
-                        "zero_stage": self.stage,
-                        "model_path": self.cfg.model.path,
-                        "method": self.cfg.model.method,
-                    },
-                    indent=2,
-                )
-            )
-            if (ckpt_dir / name).exists():
-                shutil.rmtree(ckpt_dir / name)
-            os.replace(ckpt_dir / tmp, ckpt_dir / name)
-            for old in list_checkpoints(ckpt_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-                shutil.rmtree(old.parent / f"{old.name}-universal", ignore_errors=True)
-        dist.barrier()
+        err = None
+        try:
+            self.net.save_checkpoint(str(ckpt_dir), tag=tmp, client_state={"step": step}, save_latest=False)
+        except (OSError, RuntimeError) as e:
+            err = write_failed(ckpt_dir, step, e)
+        failed = dist.any_true(err is not None)  # every rank calls each any_true: none waits alone
+        if self.world.main and not failed:
+            state = {"step": step, **extra, "engine": self.kind, "world_size": self.world.world_size}
+            state.update(zero_stage=self.stage, model_path=self.cfg.model.path, method=self.cfg.model.method)
+            try:
+                seal(ckpt_dir / tmp, state)
+                if (ckpt_dir / name).exists():
+                    shutil.rmtree(ckpt_dir / name)
+                os.replace(ckpt_dir / tmp, ckpt_dir / name)
+                for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+                    shutil.rmtree(old.parent / f"{old.name}-universal", ignore_errors=True)
+            except OSError as e:
+                err = write_failed(ckpt_dir, step, e)
+        if dist.any_true(err is not None):
+            if self.world.main:
+                shutil.rmtree(ckpt_dir / tmp, ignore_errors=True)
+            raise err or CsoError(f"checkpoint step {step} not written on another rank (see its error)")
 
     def load(self, path: Path) -> dict:
         universal = getattr(self, "_universal", None)

@@ -99,13 +99,8 @@ def load_split(cfg: TrainingConfig, split: str) -> SplitInputs | None:
         where = "train.train_file" if split == "train" else "train.eval_file"
         raise CsoError(f"{where}: '{path}' does not exist (build it with cso-dist data build)")
     n = split_max_dialogues(cfg, split)
-    dialogues = read_dialogues(path)
+    dialogues = read_dialogues(path, resolve_sset(cfg))  # validated like a build's output (unique ids too)
     dialogues = dialogues[:n] if n else dialogues
-    seen: set[str] = set()
-    for d in dialogues:
-        if d.id in seen:
-            raise CsoError(f"{path}: dialogue id '{d.id}' occurs twice; reply ids would collide")
-        seen.add(d.id)
     return SplitInputs(split, path, sha256_file(path), n, dialogues)
 
 

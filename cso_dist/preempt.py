@@ -1,11 +1,13 @@
 """Stop requests for preemption and time limits.
 
-A run is asked to stop by a signal (Slurm's `--signal=USR1@90`, submitit's USR2, `scancel
---signal=...`) or by a file `<run>/PREEMPT` (what the sbatch templates' batch shell writes when
-it gets the signal, so no launcher in between — torchrun, the deepspeed launcher — has to pass
-signals on). The loop looks at the request at each optimizer-step boundary, all ranks agree,
-the run saves a checkpoint, writes `<run>/PREEMPTED` and raises `Preempted`; the caller requeues
-(the batch script with `scontrol requeue`, submitit through its own handler).
+A run is asked to stop by a signal -- Slurm's `--signal=USR1@90`, submitit's USR2, `scancel
+--signal=...`, SIGTERM (what Slurm sends at the time limit or preemption, and torchrun forwards),
+SIGINT (Ctrl-C; a second one aborts at once) -- or by a file `<run>/PREEMPT` (what the sbatch
+templates' batch shell writes when it gets the signal, so no launcher in between -- torchrun, the
+deepspeed launcher -- has to pass signals on). The loop looks at the request at each
+optimizer-step boundary, all ranks agree, the run saves a checkpoint, writes `<run>/PREEMPTED`
+and raises `Preempted`; the caller requeues (the batch script with `scontrol requeue`, submitit
+through its own handler).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from cso_dist.errors import CsoError
 
 STOP_FILE = "PREEMPT"
 STOPPED_FILE = "PREEMPTED"
-SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # whose previous handler (submitit's) requeues the job
 
 
 class Preempted(CsoError):
@@ -34,7 +37,8 @@ class Preempted(CsoError):
 
 
 class StopRequest:
-    """Catches USR1/USR2 (remembering whoever handled them before, e.g. submitit) and watches the stop file."""
+    """Catches USR1/USR2/TERM/INT (remembering whoever handled them before, e.g. submitit) and watches the stop
+    file."""
 
     def __init__(self, run_dir: Path):
         self.file = Path(run_dir) / STOP_FILE
@@ -46,6 +50,9 @@ class StopRequest:
 
     def _on_signal(self, signum, frame) -> None:
         self.signum = signum
+        if signum == signal.SIGINT:  # the next Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, self.previous.get(signal.SIGINT, signal.default_int_handler))
+            print("cso-dist: stopping at the next step boundary with a checkpoint (Ctrl-C again to abort)", flush=True)
 
     def requested(self) -> bool:
         return self.signum is not None or self.file.exists()
@@ -62,6 +69,6 @@ class StopRequest:
             (self.file.parent / STOPPED_FILE).write_text(
                 json.dumps({"step": step, "checkpoint": str(checkpoint), "signal": self.signum})
             )
-        previous = self.previous.get(self.signum) if self.signum else None
+        previous = self.previous.get(self.signum) if self.signum in REQUEUE_SIGNALS else None
         self.restore()
         return Preempted(step, checkpoint, self.signum, previous)

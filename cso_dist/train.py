@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 from cso_dist import dist
-from cso_dist.checkpoint import condition_changes, list_checkpoints, numeric_conditions
+from cso_dist.checkpoint import condition_changes, numeric_conditions
+from cso_dist.rundir import open_run
 from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.io import atomic_write_text
@@ -174,9 +174,10 @@ def evaluate(engine, batches: list[Batch], cfg: TrainingConfig, refs, world: Wor
 
 
 # ---------------------------------------------------------------- the run
-def run_train(cfg: TrainingConfig, resume: bool | str = False, progress: bool = True) -> dict:
-    """Train; `resume`: True = from the latest checkpoint (which must exist), "auto" = from it when there
-    is one. Raises cso_dist.preempt.Preempted after checkpointing when asked to stop (signal or file)."""
+def run_train(cfg: TrainingConfig, resume: bool | str = False, progress: bool = True, overwrite: bool = False) -> dict:
+    """Train; `resume`: True = from the latest good checkpoint (which must exist), "auto" = from it when there
+    is one; `overwrite`: start over in a folder that holds a run (cso_dist.rundir). Raises
+    cso_dist.preempt.Preempted after checkpointing when asked to stop (signal or file)."""
     t = cfg.train
     world = world_from_env()
     progress = progress and world.main
@@ -184,9 +185,7 @@ def run_train(cfg: TrainingConfig, resume: bool | str = False, progress: bool = 
         serves = ", ".join(m.name for m in REGISTRY.values() if m.pair_layout)
         raise ConfigError(f"pack.layout: the per-pair layout serves {serves}; use trie for {t.method}")
     run_dir = Path(cfg.run.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if world.main:
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    resume_from = open_run(cfg, resume, overwrite, world.main)
     seed_everything(cfg.run.seed)
 
     # data: every rank lays out the same plan on its own, before joining the process group
@@ -209,12 +208,6 @@ def run_train(cfg: TrainingConfig, resume: bool | str = False, progress: bool = 
         eval_ref = _cached_reference(cfg, "eval", renderer, sset, world, progress) if eval_in else None
 
     ckpt_dir = run_dir / "checkpoints"
-    resume_from = None
-    if resume:
-        done = list_checkpoints(ckpt_dir)
-        if not done and resume != "auto":
-            raise CsoError(f"--resume: no checkpoint in {ckpt_dir}")
-        resume_from = done[-1] if done else None
 
     # process group, model, optimizer
     dist.init(world, cfg.dist.timeout_minutes)

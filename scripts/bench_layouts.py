@@ -64,7 +64,7 @@ def bench() -> dict:
     for layout in ("trie", "pair"):
         cfg = load_config(None, {**base, "pack.layout": layout, "run.out_dir": str(work / layout)})
         t0 = time.perf_counter()
-        summary = run_train(cfg, progress=False)
+        summary = run_train(cfg, progress=False, overwrite=True)
         wall = time.perf_counter() - t0
         m = read_metrics(work / layout)[-1]
         results[layout] = {

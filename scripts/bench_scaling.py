@@ -65,7 +65,7 @@ def run_point(spec: dict) -> dict:
     rss_start = proc_mb("VmRSS")
     cfg = load_config(None, spec["overrides"])
     t0 = time.perf_counter()
-    summary = run_train(cfg, progress=False)
+    summary = run_train(cfg, progress=False, overwrite=True)
     wall = time.perf_counter() - t0
     m = read_metrics(Path(spec["overrides"]["run.out_dir"]))[-1]
     return {

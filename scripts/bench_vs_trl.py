@@ -255,7 +255,7 @@ def run_cso(args, work: Path, layout: str, base: dict) -> dict:
 
     cfg = cso_config(args, work, layout, f"cso-{layout}")
     t0 = time.perf_counter()
-    summary = run_train(cfg, progress=False)
+    summary = run_train(cfg, progress=False, overwrite=True)
     wall = time.perf_counter() - t0
     peak = mem_status()["hwm_mb"]
     ms = [m for m in read_metrics(Path(cfg.run.out_dir)) if "loss" in m]

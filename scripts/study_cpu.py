@@ -111,7 +111,7 @@ def study(args) -> list[dict]:
         **common,
         **{"model.path": model, "train.method": "sft", "train.lr": args.sft_lr, "train.epochs": args.sft_epochs},
     )
-    sft_final = Path(run_train(sft, progress=False)["final"])
+    sft_final = Path(run_train(sft, progress=False, overwrite=True)["final"])
     timing["sft"] = time.time() - t0
     runs = {"sft": (sft, sft_final)}
     for method in args.methods.split(","):
@@ -130,7 +130,7 @@ def study(args) -> list[dict]:
         )
         if method in ("dpo", "ipo", "kto"):
             run_precompute(cfg, progress=False)
-        runs[method] = (cfg, Path(run_train(cfg, progress=False)["final"]))
+        runs[method] = (cfg, Path(run_train(cfg, progress=False, overwrite=True)["final"]))
         timing[method] = time.time() - t0
 
     sset = load_strategy_set("esconv")

@@ -188,11 +188,18 @@ def _preempt_and_finish(run_dir: Path, signal_job) -> dict:
     return {"stopped_at": step, "signal_to_checkpoint_s": t_ckpt - t_sig, "requeue_to_resume_s": time.time() - t_ckpt}
 
 
+def local_only(over: dict) -> dict:
+    """The overrides a local `train`/`precompute` takes: without the slurm section (it refuses overrides of
+    sections it does not read)."""
+    return {k: v for k, v in over.items() if not k.startswith("slurm.")}
+
+
 def _uninterrupted(over: dict, name: str, data: Path) -> list[tuple]:
     """The same run straight through under the job's numeric conditions (one process, the torch engine,
     OMP_NUM_THREADS = slurm.cpus_per_task as the job sets it), so the curves must agree bit for bit."""
     threads = str(cfg_of(over).slurm.cpus_per_task)
-    run_cli("train", *argv({**over, "run.out_dir": str(data / name)}), env={"OMP_NUM_THREADS": threads}, check=True)
+    local = {**local_only(over), "run.out_dir": str(data / name)}
+    run_cli("train", *argv(local), env={"OMP_NUM_THREADS": threads}, check=True)
     return losses(data / name)
 
 
@@ -284,7 +291,7 @@ def test_sbatch_precompute_on_two_nodes_equals_one_process(slurm, data):
 
     one = overrides(data, "pc-1", **{"train.ref_cache": data / "pc-1-cache", "refcache.dialogues_per_shard": 1})
     two = {**one, "train.ref_cache": str(data / "pc-2-cache"), "run.out_dir": str(data / "pc-2")}
-    assert run_cli("precompute", *argv(one), env={"OMP_NUM_THREADS": "1"}).returncode == 0  # as each task runs
+    assert run_cli("precompute", *argv(local_only(one)), env={"OMP_NUM_THREADS": "1"}).returncode == 0  # as a task
     proc = run_cli("launch", "sbatch", "--template", "precompute", "--nodes", 2, *argv(two))
     assert proc.returncode == 0, proc.stderr[-2000:]
     job = re.search(r"submitted job (\d+)", proc.stdout).group(1)

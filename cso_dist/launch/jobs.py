@@ -24,6 +24,7 @@ import yaml
 
 from cso_dist.config import Config, load_config, parse_overrides
 from cso_dist.io import atomic_write_text
+from cso_dist.launch.sbatch import check_no_secrets
 from cso_dist.errors import CsoError
 from cso_dist.preempt import Preempted
 
@@ -138,7 +139,9 @@ def _config_file(cfg: Config) -> str:
     d = Path(cfg.run.out_dir).resolve()
     d.mkdir(parents=True, exist_ok=True)
     path = d / "launch-config.yaml"
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    check_no_secrets(text, path)
+    atomic_write_text(path, text, mode=0o600)  # may hold values of the environment (slurm.setup)
     return str(path)
 
 

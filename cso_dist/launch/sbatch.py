@@ -54,13 +54,13 @@ def _header(cfg: Config, name: str, log: Path, template: str) -> list[str]:
     return [f"#SBATCH {x}" for x in lines]
 
 
-def _check_no_secrets(text: str, where: Path) -> None:
+def check_no_secrets(text: str, where: Path) -> None:
+    """Refuse to write the value of a credential variable of this environment into a generated file."""
     for var in SECRET_VARS:
         value = os.environ.get(var, "")
         if len(value) >= 8 and value in text:
             raise CsoError(
-                f"{where}: refusing to write the value of ${var} into a job script; "
-                "pass secrets through the environment"
+                f"{where}: refusing to write the value of ${var} into a job file; pass secrets through the environment"
             )
 
 
@@ -98,29 +98,44 @@ def render(
     return text
 
 
+def _unique_stamp(d: Path, template: str) -> str:
+    """Second-resolution time, made unique in the folder (two launches in one second get two names)."""
+    base = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(1000):
+        stamp = base if k == 0 else f"{base}-{k}"
+        if not any(
+            (d / f"{stem}-{stamp}{ext}").exists()
+            for stem, ext in ((template, ".sbatch"), ("config", ".yaml"), ("sweep", ".txt"))
+        ):
+            return stamp
+    raise CsoError(f"launch: {d}: more than 1000 scripts written in one second")
+
+
 def write_job(
     cfg: Config, template: str, overrides: list[str] | None = None, sweep: list[list[str]] | None = None
 ) -> Path:
-    """Write the run's config and the rendered script under <run>/slurm/; returns the script path."""
+    """Write the run's config and the rendered script under <run>/slurm/; returns the script path. Everything
+    is rendered and checked first: a refused script writes nothing. The files are readable by their owner
+    only (they may hold values of the environment, e.g. in slurm.setup)."""
     run_dir = Path(cfg.run.out_dir).resolve()
     d = run_dir / "slurm"
-    d.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    config_path = d / f"config-{stamp}.yaml"
-    atomic_write_text(config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    sweep_file = None
     if sweep is not None:
         for row in sweep:
             bad = [a for a in row if any(c.isspace() for c in a)]
             if bad:
                 raise CsoError(f"launch: sweep values cannot contain spaces ({bad[0]!r})")
-        sweep_file = d / f"sweep-{stamp}.txt"
-        atomic_write_text(sweep_file, "".join(" ".join(row) + "\n" for row in sweep))
+    d.mkdir(parents=True, exist_ok=True)
+    stamp = _unique_stamp(d, template)
+    config_path, script = d / f"config-{stamp}.yaml", d / f"{template}-{stamp}.sbatch"
+    sweep_file = d / f"sweep-{stamp}.txt" if sweep is not None else None
+    config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    sweep_text = "".join(" ".join(row) + "\n" for row in sweep or [])
     text = render(cfg, template, config_path, list(overrides or []), sweep_file, len(sweep or []))
-    script = d / f"{template}-{stamp}.sbatch"
-    _check_no_secrets(text + config_path.read_text(), script)
-    atomic_write_text(script, text)
-    script.chmod(0o755)
+    check_no_secrets(text + config_text + sweep_text, script)
+    atomic_write_text(config_path, config_text, mode=0o600)
+    if sweep_file is not None:
+        atomic_write_text(sweep_file, sweep_text, mode=0o600)
+    atomic_write_text(script, text, mode=0o700)
     return script
 
 

@@ -1,0 +1,113 @@
+"""The run folder of `cso-dist train`: what a start, a resume and an overwrite may find there.
+
+- A start into a folder that already holds a run (checkpoints, metrics.jsonl or a final model) is
+  refused: `--resume` continues it, `--overwrite` starts over (its checkpoints, metrics and final
+  model are removed; data and reference caches stay).
+- A resume compares the config with the run's `config.yaml`. Keys that change what the run means
+  (model, data, method and loss, layout, reference, optimizer and schedule, seed) must be equal;
+  the others (RESUMABLE: step limits, logging, evaluation, checkpointing, engine and tracking) may
+  change, and the run says which did.
+- The checkpoint resumed from is the newest one that verifies (checkpoint.verify); damaged newer
+  ones are named and skipped. Temporary folders of failed or interrupted writes are removed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from cso_dist.checkpoint import clean_partial, latest_good, list_checkpoints
+from cso_dist.config import TrainingConfig
+from cso_dist.errors import CsoError
+from cso_dist.io import atomic_write_text
+from cso_dist.preempt import STOPPED_FILE
+
+# dotted keys (or whole sections, "dist.") that may differ between a run and its resume
+RESUMABLE = (
+    "train.max_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.eval_file",
+    "train.eval_max_dialogues",
+    "train.final",
+    "train.gradient_checkpointing",
+    "dist.",
+    "refcache.",
+    "eval.",
+    "track.",
+)
+RUN_FILES = ("metrics.jsonl", "final", STOPPED_FILE)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(keys that may not change but did, keys that may change and did), over the training sections."""
+    a, b = _flat(old), _flat(new)
+    sections = {f.split(".")[0] for f in b}
+    keys = sorted(k for k in set(a) | set(b) if k.split(".")[0] in sections and a.get(k) != b.get(k))
+    allowed = [k for k in keys if any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)]
+    return [k for k in keys if k not in allowed], allowed
+
+
+def holds_run(run_dir: Path) -> str:
+    """What in run_dir shows a training run ('' if nothing)."""
+    done = list_checkpoints(run_dir / "checkpoints")
+    if done:
+        return f"checkpoint {done[-1].name}"
+    return next((name for name in RUN_FILES if (run_dir / name).exists()), "")
+
+
+def open_run(cfg: TrainingConfig, resume: bool | str, overwrite: bool, main: bool) -> Path | None:
+    """Check the run folder against the request, write config.yaml (rank 0); the checkpoint to resume from."""
+    run_dir = Path(cfg.run.out_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if resume and overwrite:
+        raise CsoError("--resume and --overwrite: give one")
+    found = holds_run(run_dir)
+    resume_from = None
+    if resume and found:
+        old_file = run_dir / "config.yaml"
+        if old_file.is_file():
+            fixed, changed = config_changes(yaml.safe_load(old_file.read_text()) or {}, cfg.to_dict())
+            if fixed:
+                raise CsoError(
+                    f"--resume: {', '.join(fixed[:6])} differ from the run's {old_file}: they change what the run "
+                    "means; resume with the run's values, or start a new run (another run.out_dir, or --overwrite)"
+                )
+            if changed and main:
+                print(f"note: resuming with changed {', '.join(changed)} (these may change on resume)")
+        if main:
+            clean_partial(ckpt_dir)
+        resume_from = latest_good(ckpt_dir, print if main else (lambda *_: None))
+        if resume_from is None and list_checkpoints(ckpt_dir):
+            raise CsoError(f"--resume: no checkpoint in {ckpt_dir} verifies (all are damaged)")
+    if resume is True and resume_from is None:
+        raise CsoError(f"--resume: no checkpoint in {ckpt_dir}")
+    if not resume and found:
+        if not overwrite:
+            raise CsoError(
+                f"{run_dir} already holds a run ({found}): --resume continues it, --overwrite starts it over"
+            )
+        if main:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            for name in RUN_FILES:
+                p = run_dir / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_partial(ckpt_dir)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return resume_from
