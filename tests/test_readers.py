@@ -293,3 +293,36 @@ def test_kto_blocks_pair_each_preferred_reply_with_the_false_rows_after_it(tmp_p
     dialogues, _ = build_dialogues(DataConfig(source="kto-rows", input=str(f), strategies="escpro"))
     got = {(c[1], r[1]) for _, c, r in _pair_set(dialogues)}
     assert got == {("c1", "n1"), ("c1", "n2"), ("c2", "n1"), ("c2", "n2"), ("d", "c1")}
+
+
+@pytest.mark.parametrize("form", ["save_to_disk", "DatasetDict", "parquet", "arrow"])
+def test_row_readers_take_hf_datasets(tmp_path, form):
+    """What TRL users have: a datasets folder or a parquet / arrow file gives the dialogues its JSONL gives."""
+    import datasets
+
+    rows = [
+        {
+            "prompt": [U("I feel alone.")],
+            "chosen": [{"role": "assistant", "content": f"(Question) Why {i}?"}],
+            "rejected": [{"role": "assistant", "content": "(Others) Okay."}],
+        }
+        for i in range(4)
+    ]
+    jsonl = write_jsonl(tmp_path / "rows.jsonl", rows)
+    want, _ = build_dialogues(DataConfig(source="trl", input=str(jsonl)))
+    ds = datasets.Dataset.from_list(rows)
+    if form == "save_to_disk":
+        ds.save_to_disk(str(tmp_path / "ds"))
+        path = tmp_path / "ds"
+    elif form == "DatasetDict":
+        datasets.DatasetDict({"train": ds.select([0]), "test": ds}).save_to_disk(str(tmp_path / "dd"))
+        path = tmp_path / "dd"
+    elif form == "parquet":
+        ds.to_parquet(str(tmp_path / "rows.parquet"))
+        path = tmp_path / "rows.parquet"
+    else:
+        ds.save_to_disk(str(tmp_path / "ds"))
+        path = next((tmp_path / "ds").glob("*.arrow"))
+    got, report = build_dialogues(DataConfig(source="trl", input=str(path), split="test"))
+    assert [d.messages for d in got] == [d.messages for d in want]
+    assert report.strategy_set == "esconv"
