@@ -8,8 +8,9 @@ from pathlib import Path
 from cso_dist.config import TrainingConfig
 from cso_dist.errors import CsoError
 from cso_dist.losses import needs_reference
-from cso_dist.inputs import data_file, model_dir
+from cso_dist.inputs import data_file, load_split, model_dir
 from cso_dist.refcache.key import cache_root, split_dir
+from cso_dist.rundir import holds_run
 
 
 def _model_problem(cfg: TrainingConfig) -> str:
@@ -47,10 +48,13 @@ def dry_run(cfg: TrainingConfig, command: str) -> list[str]:
     t = cfg.train
     root = cache_root(cfg)
     cached = needs_reference(t.method) and t.reference == "cache"
+    train_in, eval_in = load_split(cfg, "train"), load_split(cfg, "eval")  # every record validated
     lines = [
         f"model: {model_dir(cfg)} ({cfg.model.method}, {cfg.model.precision})",
-        f"train data: {data_file(cfg, 'train')}" + (f" (first {t.max_dialogues} dialogues)" if t.max_dialogues else ""),
-        f"eval data: {data_file(cfg, 'eval') or 'none (train.eval_file not set)'}",
+        f"train data: {train_in.data_file} ({len(train_in.dialogues)} dialogues"
+        + (f", the first {t.max_dialogues}" if t.max_dialogues else "")
+        + ", every record valid)",
+        f"eval data: {f'{eval_in.data_file} ({len(eval_in.dialogues)} dialogues)' if eval_in else 'none'}",
     ]
     if command == "precompute":
         if not cached:
@@ -73,6 +77,9 @@ def dry_run(cfg: TrainingConfig, command: str) -> list[str]:
             f"train: {t.method}, {ref}; {cfg.pack.layout} layout, {cfg.pack.max_tokens} tokens per "
             f"micro-batch; {cfg.dist.engine} engine; writes {Path(cfg.run.out_dir)}"
         )
+        found = holds_run(Path(cfg.run.out_dir))
+        if found:
+            lines.append(f"run folder holds a run ({found}): train needs --resume or --overwrite")
     return lines
 
 

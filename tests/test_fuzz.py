@@ -143,6 +143,14 @@ def _policy_cases() -> list[tuple[str, str, dict]]:
         ("esconv", "unknown speaker", _set(ESCONV, ("dialog", 0, "speaker"), "bot")),
         ("esconv", "unknown strategy", _set(ESCONV, ("dialog", 1, "strategy"), "Hug")),
     ]
+    # a label variant without --aliases is refused by every reader alike
+    cases += [
+        ("trl", "label variant", {**TRL, "chosen": "(question) What happened?"}),
+        ("cso-rows", "label variant", _set(CSO, ("chosen", "content"), "(question) x")),
+        ("kto-rows", "label variant", _set(KTO, ("messages", 1, "content"), "(question) Why?")),
+        ("escpro", "label variant", _set(ESCPRO, ("messages", 1, "strategy"), "emotional validation")),
+        ("esconv", "label variant", _set(ESCONV, ("dialog", 1, "strategy"), "question")),
+    ]
     return cases
 
 
@@ -196,10 +204,10 @@ def test_fuzz_bad_inputs(tmp_path, capsys, monkeypatch):
             f.write_bytes(data)
             src = ["--from", source, "--input", str(f)] + (["--negatives", "0"] if source == "esconv" else [])
             attempt(f"reader {source}", case, ["data", "build", *src, "--out", str(outs / "o.jsonl")])
-    for source, case, rec in _policy_cases():
+    for source, case, rec in _policy_cases() + [("esconv", "the same dialogue twice", [ESCONV, ESCONV])]:
         f = inputs / f"{n}.jsonl"
         n += 1
-        f.write_text(json.dumps(rec) + "\n")
+        f.write_text("".join(json.dumps(r) + "\n" for r in (rec if isinstance(rec, list) else [rec])))
         src = ["--from", source, "--input", str(f)] + (["--negatives", "0"] if source == "esconv" else [])
         attempt(f"reader {source}", case, ["data", "build", *src, "--out", str(outs / "o.jsonl")])
 
@@ -239,11 +247,27 @@ def test_fuzz_bad_inputs(tmp_path, capsys, monkeypatch):
         n += 1
         f.write_text(json.dumps(good_dialogue) + "\n" + json.dumps(rec) + "\n")
         attempt("stored dialogues (data stats)", case, ["data", "stats", str(f)])
+        dry = ["train", "--dry-run", "--train.train_file", str(f), "--run.out_dir", str(outs / "run")]
+        attempt("stored dialogues (train --dry-run)", case, dry)
         attempt(
             "stored dialogues (data pairs)",
             case,
             ["data", "pairs", str(f), "--format", "dpo", "--out", str(outs / "p.jsonl")],
         )
+    # the unmutated inputs pass: each refusal above is the mutation's
+    f = inputs / "good-dialogue.jsonl"
+    f.write_text(json.dumps(good_dialogue) + "\n")
+    for argv in (
+        ["data", "stats", str(f)],
+        ["train", "--dry-run", "--train.train_file", str(f), "--run.out_dir", str(outs / "run")],
+        ["data", "pairs", str(f), "--format", "kto", "--out", str(tmp_path / "ok.jsonl")],
+    ):
+        assert _run(argv, capsys)[0] == 0, argv
+    for source, good in GOOD.items():
+        f = inputs / f"good-{source}.jsonl"
+        f.write_text(json.dumps(good) + "\n")
+        src = ["--from", source, "--input", str(f)] + (["--negatives", "0"] if source == "esconv" else [])
+        assert _run(["data", "build", *src, "--out", str(tmp_path / "ok.jsonl")], capsys)[0] == 0, source
     dup = inputs / "dup-ids.jsonl"
     dup.write_text((json.dumps(good_dialogue) + "\n") * 2)
     attempt("stored dialogues (data stats)", "duplicate ids", ["data", "stats", str(dup)])
@@ -341,6 +365,9 @@ def test_fuzz_bad_inputs(tmp_path, capsys, monkeypatch):
         f.write_bytes(data)
         attempt("eval score", case, ["eval", "score", str(f)])
     attempt("eval score", "missing file", ["eval", "score", str(inputs / "none.jsonl")])
+    f = inputs / "good-pred.jsonl"
+    f.write_text(json.dumps(ok) + "\n")
+    assert _run(["eval", "score", str(f)], capsys)[0] == 0
 
     # 5. launch: refused scripts write nothing
     monkeypatch.setenv("WANDB_API_KEY", "secret-value-123456")
@@ -394,7 +421,7 @@ def test_skip_invalid_keeps_every_good_record_and_counts_exactly(tmp_path, capsy
         + "\n".join(lines[7:]).encode()
         + b"\n"
     )
-    out = tmp_path / "o.jsonl"
+    out = tmp_path / "new" / "folder" / "o.jsonl"  # a missing folder of --out is made
     assert main(["data", "build", "--from", "trl", "--input", str(f), "--out", str(out), "--skip-invalid"]) == 0
     printed = capsys.readouterr().out
     assert "wrote 6 preference dialogues" in printed, printed
