@@ -5,8 +5,8 @@
   model are removed; data and reference caches stay).
 - A resume compares the config with the run's `config.yaml`. Keys that change what the run means
   (model, data, method and loss, layout, reference, optimizer and schedule, seed) must be equal;
-  the others (RESUMABLE: step limits, logging, evaluation, checkpointing, engine and tracking) may
-  change, and the run says which did.
+  the others (RESUMABLE: step limits, logging, evaluation, checkpointing, engine, tracking, and the
+  run folder's own path: a moved or copied run) may change, and the run says which did.
 - The checkpoint resumed from is the newest one that verifies (checkpoint.verify); damaged newer
   ones are named and skipped. Temporary folders of failed or interrupted writes are removed.
 """
@@ -35,6 +35,7 @@ RESUMABLE = (
     "train.eval_max_dialogues",
     "train.final",
     "train.gradient_checkpointing",
+    "run.out_dir",  # a run folder moved or copied is the same run
     "dist.",
     "refcache.",
     "eval.",
