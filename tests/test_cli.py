@@ -82,7 +82,8 @@ def test_tiny_model_command_and_token_stats(tmp_path, esconv_dir):
 
 @pytest.mark.slow
 def test_demo_main_job(tmp_path, esconv_dir):
-    """The README's main command end to end, on a few dialogues: data -> tiny model -> SFT -> precompute -> DPO."""
+    """The README's main command end to end on the real model, smaller: data -> SmolLM2-135M-Instruct -> SFT
+    (LoRA) -> precompute -> DPO -> base, SFT and DPO evaluated side by side -> report."""
     proc = run_cli(
         "demo",
         "--config",
@@ -91,27 +92,33 @@ def test_demo_main_job(tmp_path, esconv_dir):
         tmp_path / "demo",
         "--data.negatives",
         "1",
+        "--data.max_length",
+        "256",
         "--demo.train_dialogues",
-        "6",
+        "4",
         "--demo.eval_dialogues",
-        "2",
-        "--train.epochs",
         "1",
-        "--train.eval_every",
-        "0",
+        "--demo.test_dialogues",
+        "2",
+        "--demo.generate_dialogues",
+        "1",
+        "--eval.max_new_tokens",
+        "12",
         check=True,
     )
     stats = json.loads((tmp_path / "demo" / "data" / "stats.json").read_text())
     assert [stats[s]["dialogues"] for s in ("train", "valid", "test")] == [910, 195, 195]
     assert stats["train"]["pairs"] == stats["train"]["turns"] == 10679
-    assert stats["train"]["tokens"]["mean_history_tokens"] > 100
+    assert stats["train"]["tokens"]["dialogues"] == 4 and stats["train"]["tokens"]["mean_history_tokens"] > 100
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert set(summary["stages"]) == {"sft", "dpo"}
-    dpo = summary["stages"]["dpo"]
-    assert 0 <= dpo["eval/rewards/accuracies"] <= 1 and dpo["steps"] > 0
+    assert set(summary["stages"]) == {"sft", "dpo"} and summary["stages"]["dpo"]["steps"] > 0
+    assert set(summary["scores"]) == {"base", "sft", "dpo"}
+    for scores in summary["scores"].values():
+        assert scores["likelihood"]["n"] > 10 and scores["generate"]["n"] > 3
     assert (tmp_path / "demo" / "dpo" / "final" / "config.json").is_file()
-    assert (tmp_path / "demo" / "dpo" / "refcache" / "manifest.json").is_file()
-    assert "| dpo |" in proc.stdout and "demo finished" in proc.stdout
+    assert (tmp_path / "demo" / "report" / "report.md").is_file()
+    assert "| base |" in proc.stdout and "| dpo |" in proc.stdout and "demo finished" in proc.stdout
+    assert "beat SFT on both Q" in proc.stdout  # the verdict, whichever way it goes
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():

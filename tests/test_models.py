@@ -207,6 +207,28 @@ def test_load_full(qwen_dir, precision, dtype):
     assert model.get_input_embeddings().weight.grad is not None
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_bf16_mixed_keeps_fp32_weights_and_computes_under_autocast(qwen_dir, method):
+    """model.precision bf16-mixed: fp32 weights (and adapters); the forward and the decoder the trie scorer
+    calls run under bf16 autocast, so their activations are bf16 and the loss is close to fp32's."""
+    tok = load_tokenizer(qwen_dir)
+    batch = _batch(tok)
+    mixed = load_model(qwen_dir, method=method, precision="bf16-mixed")
+    assert {p.dtype for p in mixed.parameters()} == {torch.float32}
+    base = mixed.get_base_model() if hasattr(mixed, "get_base_model") else mixed
+    seen = []
+    proj = base.get_decoder().layers[0].mlp.down_proj
+    handle = proj.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    base.get_decoder()(input_ids=batch["input_ids"])  # what the trie scorer calls
+    handle.remove()
+    assert seen == [torch.bfloat16]  # a matmul ran in bf16
+    loss = mixed(**batch).loss
+    loss.backward()
+    ref = load_model(qwen_dir, method=method, precision="fp32")(**batch).loss
+    assert abs(float(loss) - float(ref)) < 0.02 * abs(float(ref))  # bf16's ~3 significant digits
+    assert abs(float(loss) - float(ref)) > 0  # and not fp32 itself
+
+
 def _lora_names(model) -> tuple[set[str], set[str]]:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}

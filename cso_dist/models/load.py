@@ -16,7 +16,8 @@ from cso_dist.config import LoraSettings
 from cso_dist.errors import ConfigError
 
 METHODS = ("full", "lora", "qlora")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32}  # -> weight dtype
+AUTOCAST = {"bf16-mixed": torch.bfloat16}  # compute dtype under torch.autocast (fp32 weights and adapters)
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -66,11 +67,11 @@ def adapter_base_path(adapter_dir: str | Path) -> Path:
     return base_path
 
 
-def _load_base(path: Path, method: str, dtype: torch.dtype, device: str) -> PreTrainedModel:
+def _load_base(path: Path, method: str, dtype: torch.dtype, device: str, compute: torch.dtype) -> PreTrainedModel:
     kwargs: dict = {"dtype": dtype, "local_files_only": True}
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
         )
         kwargs["device_map"] = {"": device}
     try:
@@ -113,6 +114,8 @@ def load_model(
 ) -> torch.nn.Module:
     """Load a local model directory for training.
 
+    precision: fp32; bf16 (weights in bf16); bf16-mixed (fp32 weights, every forward under bf16 autocast:
+    about twice as fast as fp32 on CPUs with AMX, and what GPUs run as "bf16 mixed precision").
     - full: every parameter trainable, weights in `precision`.
     - lora: base in `precision`, frozen; LoRA adapters (PEFT, fp32 weights) trainable.
     - qlora: base quantised to 4-bit NF4 (double quant, compute dtype = `precision`) on
@@ -131,10 +134,29 @@ def load_model(
     _check_choice("precision", precision, PRECISIONS)
     p = Path(path)
     _check_dir(p)
+    model = _load(p, method, precision, lora, device, gradient_checkpointing, reentrant_checkpointing)
+    if precision in AUTOCAST:  # one place for every user: training, precompute, eval and generate()
+        _autocast(model, AUTOCAST[precision], "cuda" if str(device).startswith("cuda") else "cpu")
+    return model
+
+
+def _autocast(model: torch.nn.Module, dtype: torch.dtype, kind: str) -> None:
+    """Run the model's forward, and its decoder's (the trie scorer calls the decoder and applies the LM head
+    itself, in fp32), under torch.autocast."""
+    model.forward = torch.autocast(kind, dtype=dtype)(model.forward)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is not None and decoder is not base:
+        decoder.forward = torch.autocast(kind, dtype=dtype)(decoder.forward)
+
+
+def _load(
+    p: Path, method: str, precision: str, lora, device: str, gradient_checkpointing: bool, reentrant_checkpointing: bool
+) -> torch.nn.Module:
     dtype = PRECISIONS[precision]
     adapter = is_adapter_dir(p)
     base_path = adapter_base_path(p) if adapter else p
-    model = _load_base(base_path, method, dtype, device)
+    model = _load_base(base_path, method, dtype, device, AUTOCAST.get(precision, dtype))
 
     if method == "qlora":
         from peft import prepare_model_for_kbit_training
