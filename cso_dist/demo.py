@@ -116,13 +116,17 @@ def run_demo(cfg: Config) -> dict:
         cfg.model.precision = "bf16-mixed"
     times["model"] = time.time() - t0
     print(f"[2/6] model: {base} ({cfg.model.method}, {cfg.model.precision})")
+    stats = {
+        split: dialogue_stats(x[0]) | {"build_notes": {k: v for k, v in x[1].notes.items() if k != "input"}}
+        for split, x in built.items()
+    }
     used = built["train"][0][: d.train_dialogues or None]
-    stats = dialogue_stats(used) | {"tokens": token_stats_for(used, str(base), cfg.data)}
+    stats["train"]["tokens"] = tk = token_stats_for(used, str(base), cfg.data) | {"dialogues": len(used)}
     atomic_write_text(out / "data" / "stats.json", json.dumps(stats, indent=2))
-    tk = stats["tokens"]
     print(
-        f"      train subset: {stats['dialogues']} dialogues, {stats['turns']} turns, {stats['pairs']} pairs; "
-        f"trie {tk['dialogue_tokens_with_branches']:,} vs per-pair {tk['per_pair_tokens']:,} tokens"
+        f"      train subset: {len(used)} dialogues; mean history {tk['mean_history_tokens']} tokens, chosen "
+        f"{tk['mean_chosen_tokens']}; trie {tk['dialogue_tokens_with_branches']:,} vs per-pair "
+        f"{tk['per_pair_tokens']:,} tokens"
     )
 
     # 3. SFT on the gold replies

@@ -82,20 +82,25 @@ def test_tiny_model_command_and_token_stats(tmp_path, esconv_dir):
 
 @pytest.mark.slow
 def test_demo_main_job(tmp_path, esconv_dir):
-    """The README's main command end to end on the real model, smaller: data -> SmolLM2-135M-Instruct -> SFT
-    (LoRA) -> precompute -> DPO -> base, SFT and DPO evaluated side by side -> report."""
+    """The README's main command end to end, the same path on a tiny random model (the real model's runs are
+    tests/test_real_model.py; the full demo takes ~16 min): data -> model -> SFT (LoRA) -> precompute -> DPO
+    -> base, SFT and DPO evaluated side by side -> report."""
     proc = run_cli(
         "demo",
         "--config",
         REPO / "configs" / "demo.yaml",
+        "--demo.model",
+        "tiny",
+        "--tiny_model.tokenizer",
+        "bpe",
         "--run.out_dir",
         tmp_path / "demo",
         "--data.negatives",
         "1",
         "--data.max_length",
-        "256",
+        "512",
         "--demo.train_dialogues",
-        "4",
+        "6",
         "--demo.eval_dialogues",
         "1",
         "--demo.test_dialogues",
@@ -109,7 +114,7 @@ def test_demo_main_job(tmp_path, esconv_dir):
     stats = json.loads((tmp_path / "demo" / "data" / "stats.json").read_text())
     assert [stats[s]["dialogues"] for s in ("train", "valid", "test")] == [910, 195, 195]
     assert stats["train"]["pairs"] == stats["train"]["turns"] == 10679
-    assert stats["train"]["tokens"]["dialogues"] == 4 and stats["train"]["tokens"]["mean_history_tokens"] > 100
+    assert stats["train"]["tokens"]["dialogues"] == 6 and stats["train"]["tokens"]["mean_history_tokens"] > 100
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["stages"]) == {"sft", "dpo"} and summary["stages"]["dpo"]["steps"] > 0
     assert set(summary["scores"]) == {"base", "sft", "dpo"}
