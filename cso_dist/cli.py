@@ -10,7 +10,7 @@ import os
 import sys
 
 from cso_dist import commands as cmd
-from cso_dist.config import add_flags
+from cso_dist.flags import add_flags
 from cso_dist.errors import CsoError
 from cso_dist.preempt import Preempted
 

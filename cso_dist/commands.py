@@ -11,7 +11,8 @@ import os
 import time
 from pathlib import Path
 
-from cso_dist.config import Config, flag_overrides, load_config, parse_overrides
+from cso_dist.config import Config, load_config, parse_overrides
+from cso_dist.flags import flag_overrides
 from cso_dist.errors import CsoError
 
 
