@@ -24,7 +24,7 @@ def config_path(args: argparse.Namespace) -> str | None:
 
 
 def _config(args: argparse.Namespace, extra: list[str], family: str) -> Config:
-    """Config file + dotted overrides + the command's generated flags (config.add_flags; flags win), for the
+    """Config file + dotted overrides + the command's generated flags (flags.add_flags; flags win), for the
     sections of the command's family (config.FAMILIES)."""
     return load_config(config_path(args), {**parse_overrides(extra), **flag_overrides(args)}, family)
 
