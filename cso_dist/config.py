@@ -273,6 +273,12 @@ class MctsConfig(SearchSettings):
     max_new_tokens: int = setting(96, "supporter and seeker messages")
     scorer_max_tokens: int = setting(128, 'the strategy scorer\'s answer (8 lines "<strategy>: <0-10>")')
     judge_max_tokens: int = setting(48, 'the judge\'s answer (4 lines "<aspect>: <0-4>")')
+    choice: Literal["logprobs", "text"] = setting(
+        "logprobs",
+        "strategy scores and judge ratings: logprobs = the expected answer under the model's next-token "
+        "probabilities (hf; openai servers returning logprobs, e.g. vLLM; text where a server has none); "
+        "text = generated and parsed",
+    )
     temperature: float = setting(0.7, "supporter and seeker; the scorer and the judge are greedy")
     prompts: str = setting("", "folder with scorer/supporter/seeker/judge .txt overriding our defaults")
     cache_dir: str = setting("", 'per-call answer cache; "" = <out>.work/cache')

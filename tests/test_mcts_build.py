@@ -3,6 +3,7 @@ HF model on ESConv seeds (read back by `data build --from escpro`), kill + resum
 OpenAI-compatible backend against a real HTTP server on loopback."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.mcts.backends import CachedBackend, HFBackend
-from cso_dist.mcts.llm_roles import LLMRoles, clean_reply, load_prompts, parse_scores
+from cso_dist.mcts.llm_roles import LLMRoles, choice_probs, clean_reply, expected, load_prompts, parse_scores
 from cso_dist.mcts.roles import JUDGE_ASPECTS, SEEKER, SUPPORTER, Turn
 from conftest import MCTS_SMALL as SMALL
 from conftest import REPO, run_cli, tiny_run_data
@@ -88,6 +89,7 @@ def test_llm_roles_retry_malformed_answers_then_count_them_missing(tmp_path):
     scores = roles.score_strategies(hist)
     assert scores == {n: float(i) for i, n in enumerate(sset.names)}
     assert roles.stats["retries_scorer"] == 1 and roles.stats["missing_scores"] == 0
+    assert roles.stats["text_fallback_scorer"] == 1  # this backend gives no log-probs: text is parsed
     assert [t for r, t in backend.seen if r == "scorer"] == [0.0, 0.7]  # a greedy retry would repeat itself
     assert roles.supporter(hist, "Question") == "How long has this been going on?"
     assert roles.seeker(hist + [Turn(SUPPORTER, "x", "Question")]) == ("Thanks, that helps a lot.", True)
@@ -99,6 +101,70 @@ def test_llm_roles_retry_malformed_answers_then_count_them_missing(tmp_path):
     again = LLMRoles(cached, sset, load_prompts(), "sad about work", "job crisis")
     assert again.score_strategies(hist) == scores and len(backend.seen) == n_calls
     assert cached.hits >= 2
+
+
+class NextTokens:
+    """A backend answering next-token probabilities from a table keyed by the assistant prefix."""
+
+    def __init__(self, table):
+        self.table, self.asked = table, []
+
+    def next_token_probs(self, probes, top_k=20):
+        self.asked += [prefix for _, prefix in probes]
+        return [self.table.get(prefix, {}) for _, prefix in probes]
+
+
+def test_choice_probs_follow_answers_over_several_tokens():
+    """ " " then "7", "1" then "0" (= 10) or a line end (= 1); "15", "x" and "1." are no allowed answer."""
+    opts = [str(i) for i in range(11)]
+    table = {
+        "Q:": {" ": 0.5, " 1": 0.3, "7": 0.1, "x": 0.1},
+        "Q: ": {"7": 0.6, "10": 0.4},
+        "Q: 1": {"0": 0.5, "\n": 0.2, "5": 0.25, ".": 0.05},
+        "E:": {" 3": 0.9, " 4": 0.1},
+    }
+    b = NextTokens(table)
+    q, e = choice_probs(b, [], ["Q:", "E:"], opts)
+    assert b.asked == ["Q:", "E:", "Q: ", "Q: 1"]  # one round per depth, only where an answer may go on
+    raw = {"7": 0.5 * 0.6 + 0.1, "10": 0.5 * 0.4 + 0.3 * 0.5, "1": 0.3 * 0.2}
+    mass = sum(raw.values())
+    assert q["mass"] == pytest.approx(mass)
+    assert {o: q[o] for o in raw} == pytest.approx({o: v / mass for o, v in raw.items()})
+    assert expected(q, opts) == pytest.approx(sum(int(o) * v for o, v in raw.items()) / mass)
+    assert expected(e, opts) == pytest.approx(3.1) and e["mass"] == pytest.approx(1.0)
+    assert expected(choice_probs(NextTokens({}), [], ["Q:"], opts)[0], opts) is None  # no mass: missing
+
+
+def test_hf_backend_next_token_probs_are_exact_and_batched(world, tmp_path):
+    """Probes of different lengths in one left-padded forward equal each alone and the model's own softmax;
+    scores read from them are cached like chat answers."""
+    import torch
+
+    backend = HFBackend(str(world[1]), batch_size=8, wait_s=0.5)
+    msgs = [{"role": "user", "content": "Rate it."}]
+    probes = [(msgs, "Empathy:"), (msgs, "Restatement or Paraphrasing: 1")]
+    together = backend.next_token_probs(probes, 50)
+    assert backend.batches == 1
+    alone = [backend.next_token_probs([p], 50)[0] for p in probes]
+    tok, model = backend.tokenizer, backend.model
+    ids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + "Empathy:")["input_ids"]
+    with torch.no_grad():
+        ref = torch.softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+    top = ref.topk(50)
+    want = {}
+    for v, i in zip(top.values.tolist(), top.indices.tolist()):
+        want[tok.decode([i])] = want.get(tok.decode([i]), 0.0) + v
+    for a, b in zip(together, alone):
+        assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-5 for t in a)
+    assert alone[0].keys() == want.keys() and all(abs(alone[0][t] - want[t]) < 1e-5 for t in want)
+    # the whole vocabulary as top-k: a random model's digits are found, and the option's share is exact
+    vocab = len(tok)
+    cached = CachedBackend(backend, tmp_path / "cache")
+    opts = [str(i) for i in range(5)]
+    dist = choice_probs(cached, msgs, ["Empathy:"], opts, top_k=vocab)[0]
+    assert 0 < dist["mass"] < 1 and sum(dist[o] for o in opts) == pytest.approx(1.0)
+    calls = cached.calls
+    assert choice_probs(cached, msgs, ["Empathy:"], opts, top_k=vocab)[0] == dist and cached.calls == calls
 
 
 def _build(world, out: Path, *extra, **popen):
@@ -193,6 +259,7 @@ class ChatServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), ChatHandler)
         self.backend = HFBackend(str(model_dir), batch_size=4)
         self.requests, self.auth, self.lock = 0, set(), threading.Lock()
+        self.logprobs, self.probes = True, 0  # like vLLM: a prefilled assistant turn is continued
 
 
 class ChatHandler(BaseHTTPRequestHandler):
@@ -212,6 +279,10 @@ class ChatHandler(BaseHTTPRequestHandler):
             return self._send(500, {"error": {"message": "injected failure"}})
         if k == 2:
             time.sleep(2.5)
+        if body.get("logprobs"):
+            if not (srv.logprobs and body.get("continue_final_message")):
+                return self._send(400, {"error": {"message": "continue_final_message is not supported"}})
+            return self._probe(body, k)
         text = srv.backend.chat(body["messages"], int(body.get("max_tokens") or 16), float(body.get("temperature", 0)))
         self._send(
             200,
@@ -222,6 +293,32 @@ class ChatHandler(BaseHTTPRequestHandler):
                 "model": body["model"],
                 "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
                 "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            },
+        )
+
+    def _probe(self, body, k):
+        *messages, prefix = body["messages"]
+        probs = self.server.backend.next_token_probs([(messages, prefix["content"])], int(body["top_logprobs"]))[0]
+        with self.server.lock:
+            self.server.probes += 1
+        top = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in probs.items()]
+        best = max(top, key=lambda t: t["logprob"])
+        self._send(
+            200,
+            {
+                "id": f"c{k}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "length",
+                        "message": {"role": "assistant", "content": best["token"]},
+                        "logprobs": {"content": [{**best, "top_logprobs": top}]},
+                    }
+                ],
+                "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 0},
             },
         )
 
@@ -270,6 +367,8 @@ def test_openai_backend_against_a_loopback_server_retries_caches_and_keeps_the_k
         served = server.requests
         report = json.loads(out.with_name(out.name + ".report.json").read_text())
         assert report["llm_calls_made"] == served - 2  # the failed and the timed-out request were retried
+        assert server.probes > 0 and report["parse"]["scorer"]["from_logprobs"] == 1.0
+        assert report["parse"]["judge"]["from_logprobs"] == 1.0
         assert server.auth == {f"Bearer {secret}"}
         records = json.loads(out.read_text())
         assert len(records) >= 1 and records[0]["seed"] == "seeds-0"
@@ -280,6 +379,13 @@ def test_openai_backend_against_a_loopback_server_retries_caches_and_keeps_the_k
             if p.is_file():
                 assert secret not in p.read_text(errors="replace"), f"{p} holds the API key"
         assert secret not in proc.stdout + proc.stderr
+        # a server that refuses a prefilled assistant turn: no log-probs, the roles parse text
+        from cso_dist.mcts.backends import OpenAIBackend
+
+        server.logprobs = False
+        plain = OpenAIBackend(f"http://127.0.0.1:{server.server_port}/v1", "tiny")
+        assert plain.next_token_probs([([{"role": "user", "content": "Rate it."}], "Empathy:")]) is None
+        assert plain.logprobs is False and plain.next_token_probs([([], "x")]) is None  # not asked again
     finally:
         server.shutdown()
 

@@ -169,3 +169,37 @@ def test_model_commands(smol, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot read it as a GGUF model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
+
+
+def test_the_search_roles_read_every_score_and_rating_from_its_logprobs(smol, esconv_dir, tmp_path, capsys):
+    """ESC-Pro search roles on the real model: strategy scores and judge ratings come from its next-token
+    probabilities over the allowed answers, none missing, most of its mass on them; the figures are printed."""
+    from cso_dist.mcts.backends import CachedBackend, HFBackend
+    from cso_dist.mcts.llm_roles import LLMRoles, load_prompts
+    from cso_dist.mcts.roles import JUDGE_ASPECTS
+    from cso_dist.mcts.seeds import read_seeds
+
+    seeds, sset = read_seeds(esconv_dir / "test.jsonl", limit=2)
+    backend = CachedBackend(HFBackend(str(smol), batch_size=16), tmp_path / "cache")
+    masses = {}
+    for seed in seeds:
+        roles = LLMRoles(backend, sset, load_prompts(), seed.description, seed.scene)
+        k = next(i for i, t in enumerate(seed.turns) if t.strategy and i >= 2)  # a supporter turn with history
+        scores = roles.score_strategies(seed.turns[:k])
+        ratings = roles.judge(seed.turns[:k], seed.turns[k])
+        assert set(scores) == set(sset.names) and all(v is not None and 0 <= v <= 10 for v in scores.values())
+        assert set(ratings) == set(JUDGE_ASPECTS) and all(v is not None and 0 <= v <= 4 for v in ratings.values())
+        assert roles.stats["missing_scores"] == roles.stats["missing_ratings"] == 0
+        assert roles.stats["text_fallback_scorer"] == roles.stats["text_fallback_judge"] == 0
+        for role in ("scorer", "judge"):
+            masses.setdefault(role, []).append(
+                roles.stats[f"logprob_mass_{role}"] / roles.stats[f"logprob_answers_{role}"]
+            )
+        with capsys.disabled():
+            print(f"\n{seed.id}: scores { ({n: round(v, 2) for n, v in scores.items()}) }")
+            print(f"{seed.id}: ratings { ({a: round(v, 2) for a, v in ratings.items()}) }")
+    with capsys.disabled():
+        print(
+            f"mean probability on the allowed answers: { ({r: [round(m, 3) for m in v] for r, v in masses.items()}) }"
+        )
+    assert min(min(v) for v in masses.values()) > 0.3  # with "<name>: " begun, it mostly answers a number

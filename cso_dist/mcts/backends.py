@@ -5,11 +5,19 @@ endpoint (a vLLM server on the cluster), both behind a per-call cache on disk.
 many trees in threads. The HF backend gathers concurrent calls into one left-padded `generate`
 (batching across trees); the HTTP backend simply runs calls in parallel, with the client's
 retries and timeout.
+
+`next_token_probs(probes, top_k) -> list[dict[str, float]] | None` reads, for each probe
+(messages, prefix), the model's distribution of the next token after the assistant's answer has
+begun with `prefix`: {decoded token text: probability} for the `top_k` most likely tokens. The
+roles read choice answers (scores, ratings) from it. None: this backend cannot (a server that
+returns no log-probs, or refuses a prefilled assistant turn); the roles then parse text.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
 import json
 import os
 import queue
@@ -23,16 +31,30 @@ from cso_dist.io import atomic_write_text
 from cso_dist.errors import ConfigError, CsoError
 
 
+Probe = tuple[list[dict], str]  # (chat messages, the beginning of the assistant's answer)
+TOP_K = 20  # the most an OpenAI-compatible server returns (top_logprobs)
+
+
 class Backend(Protocol):
     name: str  # identifies the model in cache keys
 
     def chat(self, messages: list[dict], max_tokens: int, temperature: float) -> str: ...
 
+    def next_token_probs(self, probes: list[Probe], top_k: int = TOP_K) -> list[dict[str, float]] | None: ...
+
 
 class HFBackend:
     """A local causal LM. Calls from many threads are batched (up to `batch_size`) into one generate()."""
 
-    def __init__(self, path: str, device: str = "", batch_size: int = 16, wait_s: float = 0.02, seed: int = 0):
+    def __init__(
+        self,
+        path: str,
+        device: str = "",
+        batch_size: int = 16,
+        wait_s: float = 0.02,
+        seed: int = 0,
+        cache_prompts: int = 8,
+    ):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -50,6 +72,10 @@ class HFBackend:
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True).to(self.device).eval()
         self.batch_size, self.wait_s, self.seed = batch_size, wait_s, seed
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+        self._caches: dict[tuple, object] = {}  # prompt token ids -> key/value cache (worker thread only)
+        self.cache_prompts = cache_prompts
         self._q: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._loop, daemon=True, name="hf-backend")
         self._worker.start()
@@ -58,6 +84,11 @@ class HFBackend:
     def chat(self, messages: list[dict], max_tokens: int, temperature: float) -> str:
         fut: Future = Future()
         self._q.put((messages, max_tokens, temperature, fut))
+        return fut.result()
+
+    def next_token_probs(self, probes: list[Probe], top_k: int = TOP_K) -> list[dict[str, float]]:
+        fut: Future = Future()  # one queue item: a role's probes share their prompt (one batch on its cache)
+        self._q.put((probes, -1, float(top_k), fut))
         return fut.result()
 
     def _loop(self) -> None:
@@ -69,12 +100,19 @@ class HFBackend:
                     items.append(self._q.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            groups: dict[tuple, list] = {}  # one generate() per (max_tokens, temperature)
+            groups: dict[tuple, list] = {}  # one generate() per (max_tokens, temperature); max_tokens -1: probes
             for it in items:
                 groups.setdefault((it[1], it[2]), []).append(it)
             for (max_tokens, temperature), group in groups.items():
                 try:
-                    texts = self._generate([g[0] for g in group], max_tokens, temperature)
+                    if max_tokens < 0:
+                        got = self._probe([p for g in group for p in g[0]], int(temperature))
+                        texts, k = [], 0
+                        for g in group:
+                            texts.append(got[k : k + len(g[0])])
+                            k += len(g[0])
+                    else:
+                        texts = self._generate([g[0] for g in group], max_tokens, temperature)
                 except Exception as e:  # noqa: BLE001 - every waiting caller gets the error
                     for g in group:
                         g[3].set_exception(e)
@@ -97,6 +135,72 @@ class HFBackend:
         self.batches += 1
         return generate_texts(self.model, tok, ids, max_tokens, **kw)
 
+    def _prompt_cache(self, ids: list[int]):
+        """The key/value cache of a prompt; the last `cache_prompts` are kept (a scorer asks 2-3 rounds)."""
+        import torch
+
+        key = tuple(ids)
+        if key in self._caches:
+            self._caches[key] = self._caches.pop(key)  # most recently used last
+            return self._caches[key]
+        with torch.no_grad():
+            first = self.model(torch.tensor([ids], device=self.device), use_cache=True)
+        self._caches[key] = getattr(first, "cache", None) or first.past_key_values  # renamed in transformers 5.2x
+        while len(self._caches) > self.cache_prompts:
+            self._caches.pop(next(iter(self._caches)))
+        return self._caches[key]
+
+    def _probe(self, probes: list[Probe], top_k: int) -> list[dict[str, float]]:
+        """Top-k next-token probabilities after each prompt + prefix. Probes of one chat share its prompt:
+        the tokens all of them start with run once, and the short rest of each runs as one batch on a copy
+        of that key/value cache (right-padded: a row's last real token sees nothing after it)."""
+        import torch
+
+        tok = self.tokenizer
+        groups: dict[str, list[int]] = {}
+        for k, (m, _) in enumerate(probes):
+            groups.setdefault(json.dumps(m, sort_keys=True), []).append(k)
+        out: list[dict[str, float]] = [{} for _ in probes]
+        for rows in groups.values():
+            text = tok.apply_chat_template(probes[rows[0]][0], tokenize=False, add_generation_prompt=True)
+            ids = [tok(text + probes[k][1], add_special_tokens=False)["input_ids"] for k in rows]
+            head = tok(text, add_special_tokens=False)["input_ids"]
+            if all(len(x) > len(head) and x[: len(head)] == head for x in ids):
+                n = len(head)  # the prompt itself: its cache serves this role's next rounds too
+            else:  # a token merged across the prompt's end: the longest common start
+                n, limit = 0, min(len(x) for x in ids) - 1  # every row keeps >= 1 token of its own
+                while n < limit and all(x[n] == ids[0][n] for x in ids):
+                    n += 1
+            rest = [x[n:] for x in ids]
+            width = max(map(len, rest))
+            x = torch.zeros((len(rest), width), dtype=torch.long)
+            mask = torch.zeros((len(rest), n + width), dtype=torch.long)
+            for r, row in enumerate(rest):
+                x[r, : len(row)] = torch.tensor(row)
+                mask[r, : n + len(row)] = 1
+            pos = torch.arange(n, n + width).expand(len(rest), -1)
+            self.batches += 1
+            with torch.no_grad():
+                kv = {}
+                if n:
+                    cache = copy.deepcopy(self._prompt_cache(ids[0][:n]))
+                    cache.batch_repeat_interleave(len(rest))
+                    kv = {self._cache_kw: cache, "use_cache": True}
+                logits = self.model(
+                    input_ids=x.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=pos.to(self.device),
+                    **kv,
+                ).logits
+            last = logits[torch.arange(len(rest)), torch.tensor([len(r) - 1 for r in rest])]
+            top = torch.softmax(last.float(), -1).topk(top_k)
+            for k, probs, idx in zip(rows, top.values.tolist(), top.indices.tolist()):
+                d = out[k]
+                for p, i in zip(probs, idx):  # two ids may decode alike
+                    t = tok.decode([i])
+                    d[t] = d.get(t, 0.0) + p
+        return out
+
 
 class OpenAIBackend:
     """Any OpenAI-compatible chat-completions endpoint; the key comes from the environment only."""
@@ -110,6 +214,7 @@ class OpenAIBackend:
             raise ConfigError("mcts.model: the served model's name is needed with mcts.backend=openai")
         self.name = f"openai:{base_url}:{model}"
         self.model = model
+        self.logprobs: bool | None = None  # does the server give next-token log-probs? (None: not asked yet)
         self.client = OpenAI(
             base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY", timeout=timeout_s, max_retries=retries
         )
@@ -124,6 +229,49 @@ class OpenAIBackend:
         except openai.APIError as e:  # after the client's own retries (connection, timeout, 429, 5xx)
             raise CsoError(f"mcts: {self.name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         return (r.choices[0].message.content or "").strip() if r.choices else ""
+
+    def next_token_probs(self, probes: list[Probe], top_k: int = TOP_K) -> list[dict[str, float]] | None:
+        """The prefilled assistant turn is continued (vLLM's `continue_final_message`); None when the server
+        refuses that or returns no log-probs (the roles then parse text). Probes run in parallel."""
+        if self.logprobs is False:
+            return None
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(len(probes), 16)) as pool:
+            out = list(pool.map(lambda p: self._probe(p, top_k), probes))
+        if any(d is None for d in out):
+            self.logprobs = False
+            return None
+        self.logprobs = True
+        return out
+
+    def _probe(self, probe: Probe, top_k: int) -> dict[str, float] | None:
+        import math
+
+        import openai
+
+        messages, prefix = probe
+        try:
+            r = self.client.chat.completions.create(
+                model=self.model,
+                messages=[*messages, {"role": "assistant", "content": prefix}],
+                max_tokens=1,
+                temperature=0.0,
+                logprobs=True,
+                top_logprobs=min(top_k, TOP_K),
+                extra_body={"continue_final_message": True, "add_generation_prompt": False},
+            )
+        except openai.BadRequestError:
+            return None  # e.g. no prefilled assistant turns here: text answers only
+        except openai.APIError as e:
+            raise CsoError(f"mcts: {self.name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        lp = r.choices[0].logprobs if r.choices else None
+        if lp is None or not lp.content or not lp.content[0].top_logprobs:
+            return None
+        d: dict[str, float] = {}
+        for t in lp.content[0].top_logprobs:
+            d[t.token] = d.get(t.token, 0.0) + math.exp(t.logprob)
+        return d
 
 
 class CachedBackend:
@@ -158,6 +306,33 @@ class CachedBackend:
         with self._lock:
             self.calls += 1
         return text
+
+    def next_token_probs(self, probes: list[Probe], top_k: int = TOP_K) -> list[dict[str, float]] | None:
+        """Cached per probe like chat(); None (never cached) when the inner backend gives no log-probs."""
+        ask = getattr(self.inner, "next_token_probs", None)
+        if ask is None:
+            return None
+        paths = [self._path([*m, {"role": "assistant", "content": p}], -1, float(top_k), 0) for m, p in probes]
+        out: list[dict[str, float] | None] = [None] * len(probes)
+        for k, path in enumerate(paths):
+            try:
+                out[k] = json.loads(path.read_text(encoding="utf-8"))["probs"] if path.is_file() else None
+            except (json.JSONDecodeError, KeyError):
+                pass  # a torn entry: ask again
+        todo = [k for k, d in enumerate(out) if d is None]
+        with self._lock:
+            self.hits += len(probes) - len(todo)
+        if todo:
+            got = ask([probes[k] for k in todo], top_k)
+            if got is None:
+                return None
+            for k, d in zip(todo, got):
+                paths[k].parent.mkdir(exist_ok=True)
+                atomic_write_text(paths[k], json.dumps({"probs": d, "probe": probes[k]}, ensure_ascii=False))
+                out[k] = d
+            with self._lock:
+                self.calls += len(todo)
+        return out
 
 
 def make_backend(

@@ -129,6 +129,7 @@ def build(
         retries=m.parse_retries,
         scorer_max_tokens=m.scorer_max_tokens,
         judge_max_tokens=m.judge_max_tokens,
+        choice=m.choice,
     )
     t_start = time.monotonic()
 
@@ -191,12 +192,41 @@ def build(
         "llm_calls_per_tree": (sum(t["llm_calls"] for t in per_tree) / len(per_tree)) if per_tree else 0.0,
         "wall_s_per_tree": (sum(t["wall_s"] for t in per_tree) / len(per_tree)) if per_tree else 0.0,
         "role_stats": dict(sorted(totals.items())),
+        "parse": parse_rates(totals),
         "dropped": dict(dropped),
         "trees": per_tree,
         "wall_s": time.monotonic() - t_start,
     }
     atomic_write_text(out.with_name(out.name + ".report.json"), json.dumps(report, indent=1))
     return report
+
+
+def parse_rates(stats: Counter) -> dict:
+    """Per role: how its answers were had. Scorer and judge: the share of the values asked for that came
+    from log-probs, from parsed text, or not at all (missing), and the mean probability the model put on
+    the allowed answers; supporter and seeker: the share of calls answered on the first try, and of
+    empty answers after the retries."""
+    out = {}
+    for role, unit in (("scorer", "scores"), ("judge", "ratings")):
+        asked = stats[f"asked_{unit}"]
+        lp = stats[f"logprob_answers_{role}"]
+        missing = stats[f"missing_{unit}"]
+        out[role] = {
+            "asked": asked,
+            "from_logprobs": lp / asked if asked else None,
+            "parsed_text": (asked - lp - missing) / asked if asked else None,
+            "missing": missing / asked if asked else None,
+            "mean_mass_on_answers": stats[f"logprob_mass_{role}"] / lp if lp else None,
+            "text_retries": stats[f"retries_{role}"],
+        }
+    for role in ("supporter", "seeker"):
+        asks = stats[f"calls_{role}"] - stats[f"retries_{role}"]  # the calls count every retry
+        out[role] = {
+            "asks": asks,
+            "first_try": 1 - stats[f"reasked_{role}"] / asks if asks else None,
+            "empty": stats[f"empty_{role}"] / asks if asks else None,
+        }
+    return out
 
 
 def merge(parts: list[str | Path], out: str | Path) -> int:

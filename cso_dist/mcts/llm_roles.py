@@ -1,6 +1,13 @@
 """The four search roles played by one chat LLM: prompts from files, tolerant parsing, retries.
 
-A malformed answer (no score found, no rating, an empty reply) is asked again up to `retries`
+Choice answers (a strategy's 0-10 score, a 0-4 rating per judge aspect) are read, where the
+backend can, from the model's next-token probabilities: the answer is begun for it ("Question:")
+and the value is the expected one under the probabilities of the allowed answers ("0".."10"),
+renormalised over them (`choice_probs`). A small model then never leaves a score missing, and a
+score carries the model's uncertainty rather than its first sampled digit. Elsewhere, and when a
+backend gives no log-probs (a server without them), the answer is generated and parsed as text.
+
+A malformed text answer (no score found, no rating, an empty reply) is asked again up to `retries`
 times with a fresh sample; after that it counts as missing (stats) and the search goes on:
 a missing strategy score is 0, a missing rating leaves the aspect out, an empty reply stays
 empty and is filtered (and counted) when records are written.
@@ -15,9 +22,11 @@ from pathlib import Path
 
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import ConfigError
+from cso_dist.mcts.backends import TOP_K
 from cso_dist.mcts.roles import JUDGE_ASPECTS, SEEKER, Turn
 
 PROMPTS = ("scorer", "supporter", "seeker", "judge")
+CHOICES = ("logprobs", "text")
 DEFAULT_PROMPTS = Path(__file__).parent / "prompts"
 END_MARKER = "[END]"
 NUMBER = r"(-?\d+(?:\.\d+)?)"
@@ -68,6 +77,62 @@ def clean_reply(text: str, strategy_names: list[str]) -> str:
     return t.strip()
 
 
+def choice_probs(
+    backend, messages: list[dict], prefixes: list[str], options: list[str], top_k: int = TOP_K
+) -> list[dict] | None:
+    """For each prefix, the probability of each allowed answer in `options` as the text that follows it
+    (whitespace before it ignored), renormalised over the options; with "mass", the share of the
+    next-token probability that went to an allowed answer. None if the backend gives no log-probs.
+
+    Answers spanning several tokens ("10" as "1" + "0", " " + "7") are followed token by token: a
+    token that ends where a longer answer could go on (a "1" that may become "10") is asked again
+    with it appended; there, a token starting with anything but a digit, letter or "." ends the
+    answer. Branches below 1e-4 of the mass, or deeper than 3 tokens, are not followed."""
+    opts = set(options)
+
+    def classify(s: str) -> tuple[str | None, bool]:
+        """(the longest answer `s` holds whole, i.e. followed by nothing or a separator; whether `s` could
+        still grow into a longer answer)"""
+        done = None
+        for o in opts:
+            if not s.startswith(o) or (len(s) > len(o) and (s[len(o)].isalnum() or s[len(o)] == ".")):
+                continue
+            if done is None or len(o) > len(done):
+                done = o
+        return done, any(o.startswith(s) and o != s for o in opts)
+
+    out = [{o: 0.0 for o in options} for _ in prefixes]
+    frontier = [(k, prefixes[k], "", 1.0) for k in range(len(prefixes))]  # (row, text asked, answer so far, p)
+    for depth in range(3):
+        if not frontier:
+            break
+        got = backend.next_token_probs([(messages, text) for _, text, _, _ in frontier], top_k)
+        if got is None:
+            return None
+        nxt = []
+        for (k, text, sofar, p), dist in zip(frontier, got):
+            for token, q in dist.items():
+                s = (sofar + token).lstrip()
+                done, more = classify(s)
+                follow = depth < 2 and p * q >= 1e-4
+                blank = s == "" and "\n" not in token  # an answer on a later line is not `<name>: <answer>`
+                if (blank or (more and (done is None or s == done))) and follow:
+                    nxt.append((k, text + token, s, p * q))  # " " may become " 7"; "1" may become "10"
+                elif done is not None:
+                    out[k][done] += p * q
+        frontier = nxt
+    res = []
+    for d in out:
+        mass = sum(d.values())
+        res.append({**({o: v / mass for o, v in d.items()} if mass > 0 else d), "mass": mass})
+    return res
+
+
+def expected(dist: dict, options: list[str]) -> float | None:
+    """The mean answer under a `choice_probs` distribution (None if no mass went to any option)."""
+    return sum(float(o) * dist[o] for o in options) if dist["mass"] > 0 else None
+
+
 @dataclass
 class RoleSettings:
     max_new_tokens: int = 128  # supporter and seeker replies
@@ -75,6 +140,7 @@ class RoleSettings:
     retries: int = 2  # malformed answers asked again (fresh sample)
     scorer_max_tokens: int = 128
     judge_max_tokens: int = 48
+    choice: str = "logprobs"  # scores and ratings: logprobs (text where the backend has none) | text
 
 
 @dataclass
@@ -103,11 +169,40 @@ class LLMRoles:
         self.stats[f"calls_{role}"] += 1
         if attempt:
             self.stats[f"retries_{role}"] += 1
+            self.stats[f"reasked_{role}"] += attempt == 1  # asks whose first answer was malformed
             temperature = max(temperature, 0.7)  # a greedy retry would repeat itself
         return self.backend.chat([{"role": "user", "content": prompt}], max_tokens, temperature, sample=attempt)
 
+    def _choices(self, role: str, names: list[str], options: list[str], **fields) -> dict[str, float | None] | None:
+        """`<name>: <option>` read from log-probs for every name (None: the backend has none)."""
+        if self.settings.choice != "logprobs":
+            return None
+        prompt = self.prompts[role].format(
+            description=self.description or "(not given)",
+            scene=self.scene or "(not given)",
+            end_marker=END_MARKER,
+            **fields,
+        )
+        # "<name>: " with its space: tokenizers that split digits from the space before them (Llama 3, Qwen,
+        # SmolLM) put most of the next token's mass on the digits there, not on prose
+        dists = choice_probs(self.backend, [{"role": "user", "content": prompt}], [f"{n}: " for n in names], options)
+        if dists is None:
+            self.stats[f"text_fallback_{role}"] += 1
+            return None
+        self.stats[f"calls_{role}"] += 1
+        self.stats[f"logprob_answers_{role}"] += len(names)
+        self.stats[f"logprob_mass_{role}"] += sum(d["mass"] for d in dists)  # / answers: mean mass on options
+        return {n: expected(d, options) for n, d in zip(names, dists)}
+
     def score_strategies(self, history: list[Turn]) -> dict[str, float | None]:
         lines = "\n".join(f"- {n}: {d}" if d else f"- {n}" for n, d in self.sset.descriptions.items())
+        self.stats["asked_scores"] += len(self.strategies)
+        got = self._choices(
+            "scorer", self.strategies, [str(i) for i in range(11)], history=render_history(history), strategies=lines
+        )
+        if got is not None:
+            self.stats["missing_scores"] += sum(v is None for v in got.values())
+            return got
         scores: dict[str, float | None] = {n: None for n in self.strategies}
         for attempt in range(self.settings.retries + 1):
             text = self._ask(
@@ -157,17 +252,15 @@ class LLMRoles:
         return "", True  # a seeker with nothing left to say ends the conversation
 
     def judge(self, history: list[Turn], reply: Turn) -> dict[str, float | None]:
+        fields = {"history": render_history(history), "strategy": reply.strategy or "", "reply": reply.text}
+        self.stats["asked_ratings"] += len(JUDGE_ASPECTS)
+        got = self._choices("judge", list(JUDGE_ASPECTS), [str(i) for i in range(5)], **fields)
+        if got is not None:
+            self.stats["missing_ratings"] += sum(v is None for v in got.values())
+            return got
         ratings: dict[str, float | None] = {a: None for a in JUDGE_ASPECTS}
         for attempt in range(self.settings.retries + 1):
-            text = self._ask(
-                "judge",
-                attempt,
-                self.settings.judge_max_tokens,
-                0.0,
-                history=render_history(history),
-                strategy=reply.strategy or "",
-                reply=reply.text,
-            )
+            text = self._ask("judge", attempt, self.settings.judge_max_tokens, 0.0, **fields)
             got = parse_scores(text, list(JUDGE_ASPECTS), 0.0, 4.0)
             ratings = {a: got[a] if got[a] is not None else ratings[a] for a in JUDGE_ASPECTS}
             if all(v is not None for v in ratings.values()):
