@@ -282,7 +282,7 @@ class CachedBackend:
         self.inner, self.name = inner, inner.name
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.calls = self.hits = 0
+        self.calls = self.hits = self.probes = 0  # probes: the next-token calls among the calls
         self._lock = threading.Lock()
 
     def _path(self, messages: list[dict], max_tokens: int, temperature: float, sample: int) -> Path:
@@ -332,6 +332,7 @@ class CachedBackend:
                 out[k] = d
             with self._lock:
                 self.calls += len(todo)
+                self.probes += len(todo)
         return out
 
 

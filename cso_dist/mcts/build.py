@@ -37,12 +37,25 @@ def format_report(r: dict) -> str:
     lines = [
         f"wrote {r['records']} ESC-Pro records from {r['seeds']} seed dialogues to {r['out']} "
         f"({r['wall_s']:.1f} s; strategy set {r['strategy_set']})",
-        f"  LLM calls: {r['llm_calls_made']} made, {r['llm_calls_cached']} from the cache; "
+        f"  LLM calls: {r['llm_calls_made']} made ({r.get('llm_probes_made', 0)} of them next-token probes), "
+        f"{r['llm_calls_cached']} from the cache; "
         f"{r['llm_calls_per_tree']:.0f} per seed dialogue, {r['wall_s_per_tree']:.1f} s per tree",
     ]
-    issues = {k: v for k, v in r["role_stats"].items() if not k.startswith("calls_") and v}
-    if issues or r["dropped"]:
-        lines.append(f"  malformed/missing answers: {issues or 'none'}; dropped: {r['dropped'] or 'none'}")
+    for role, x in r.get("parse", {}).items():
+        if "asked" in x and x["asked"]:
+            mass = x["mean_mass_on_answers"]
+            lines.append(
+                f"  {role}: {x['asked']} answers, {x['from_logprobs']:.0%} from log-probs"
+                + (f" (mean probability on the allowed answers {mass:.2f})" if mass is not None else "")
+                + f", {x['parsed_text']:.0%} parsed from text, {x['missing']:.0%} missing"
+            )
+        elif x.get("asks"):
+            lines.append(f"  {role}: {x['asks']} replies, {x['first_try']:.0%} on the first try, {x['empty']:.0%} empty")
+    failures = ("missing_", "empty_", "retries_", "text_fallback_")
+    issues = {k: v for k, v in r["role_stats"].items() if k.startswith(failures) and v}
+    dropped = {k: v for k, v in r["dropped"].items() if v}
+    if issues or dropped:
+        lines.append(f"  malformed/missing answers: {issues or 'none'}; dropped: {dropped or 'none'}")
     return "\n".join(lines)
 
 
@@ -189,6 +202,7 @@ def build(
         "backend": backend.name,
         "llm_calls_made": backend.calls,
         "llm_calls_cached": backend.hits,
+        "llm_probes_made": backend.probes,
         "llm_calls_per_tree": (sum(t["llm_calls"] for t in per_tree) / len(per_tree)) if per_tree else 0.0,
         "wall_s_per_tree": (sum(t["wall_s"] for t in per_tree) / len(per_tree)) if per_tree else 0.0,
         "role_stats": dict(sorted(totals.items())),
