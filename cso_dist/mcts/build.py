@@ -50,7 +50,8 @@ def format_report(r: dict) -> str:
                 + f", {x['parsed_text']:.0%} parsed from text, {x['missing']:.0%} missing"
             )
         elif x.get("asks"):
-            lines.append(f"  {role}: {x['asks']} replies, {x['first_try']:.0%} on the first try, {x['empty']:.0%} empty")
+            first, empty = x["first_try"], x["empty"]
+            lines.append(f"  {role}: {x['asks']} replies, {first:.0%} on the first try, {empty:.0%} empty")
     failures = ("missing_", "empty_", "retries_", "text_fallback_")
     issues = {k: v for k, v in r["role_stats"].items() if k.startswith(failures) and v}
     dropped = {k: v for k, v in r["dropped"].items() if v}
