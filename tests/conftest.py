@@ -8,13 +8,24 @@ import pytest
 
 from cso_dist.paths import data_dir
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers on a 2-core machine: one thread each (torch reads this at import,
+    # and every process a test starts inherits it), so the workers never oversubscribe the cores
+    os.environ["OMP_NUM_THREADS"] = os.environ.get("CSO_TEST_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 TIERS = ("slow", "distributed", "slurm")  # everything else is `unit`: the edit loop's fast tier
+
+
+# the longest files first, so that under `make test`'s two workers none of them starts last
+LONGEST_FIRST = ("test_distributed.py", "test_slurm.py", "test_real_model.py", "test_train.py", "test_eval.py")
 
 
 def pytest_collection_modifyitems(config, items):
     """Tiers: test_distributed.py is `distributed` (several processes), a test that needs the `slurm`
     fixture is `slurm`, `slow` is marked by hand (over ~5 s on 2 cores), the rest is `unit`."""
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # stable: the order within a file is kept
     for item in items:
         if item.path.name == "test_distributed.py":
             item.add_marker(pytest.mark.distributed)
