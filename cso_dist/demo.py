@@ -23,7 +23,8 @@ from cso_dist.data.esconv import esconv_texts
 from cso_dist.data.stats import dialogue_stats, token_stats_for
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.eval.generate import run_generate
-from cso_dist.eval.report import run_report, score_file
+from cso_dist.eval.metrics import paired_bootstrap
+from cso_dist.eval.report import read_pred, run_report, score_file
 from cso_dist.io import atomic_write_text
 from cso_dist.models import build_tiny_model
 from cso_dist.models.gguf import fetch_model
@@ -80,6 +81,22 @@ def _evaluate(cfg: Config, model: Path, run: Path, files: dict[str, Path]) -> di
         run_generate(ev, "test", pred, mode, str(files[name]), progress=False)
         out[mode] = score_file(pred, load_strategy_set("esconv"))
     return out
+
+
+def _noise(method: str, boot: dict) -> str:
+    """The verdict against the test subset's own noise (paired bootstrap over its dialogues)."""
+    parts = []
+    for key, better in (("Q", "higher"), ("B", "lower")):
+        x = boot[key]
+        lo, hi = x["ci95"]
+        clear = lo > 0 if better == "higher" else hi < 0
+        parts.append(
+            f"{key} {x['diff']:+.3f} (95% interval {lo:+.3f} to {hi:+.3f}: {'beyond' if clear else 'within'} the noise)"
+        )
+    return (
+        f"{method.upper()} - SFT over {boot['resamples']} resamples of the {boot['dialogues']} test dialogues: "
+        + ", ".join(parts)
+    )
 
 
 def run_demo(cfg: Config) -> dict:
@@ -206,15 +223,18 @@ def run_demo(cfg: Config) -> dict:
             f"{gen['B']:.3f} | {1 - gen['unknown'] / max(gen['n'], 1):.2f} | {text.get('bleu2', 0):.1f} | "
             f"{text.get('rougeL', 0):.1f} |"
         )
-    verdict = ""
+    verdict, boot = "", None
     if "sft" in scores:
         a, b = scores[method]["likelihood"], scores["sft"]["likelihood"]
+        sset = load_strategy_set("esconv")
+        rows = {m: read_pred(out / m / "eval" / "pred-test-likelihood.jsonl", sset) for m in ("sft", method)}
+        boot = paired_bootstrap(rows["sft"], rows[method], sset, n=200, seed=cfg.run.seed)
         beats = a["Q"] > b["Q"] and a["B"] < b["B"]
         verdict = (
             f"{method.upper()} {'beats' if beats else 'does not beat'} SFT on both Q "
             f"({a['Q']:.3f} vs {b['Q']:.3f}) and B ({a['B']:.3f} vs {b['B']:.3f}) on this run"
         )
-        table += ["", verdict]
+        table += ["", verdict, _noise(method, boot)]
     print("\n".join(table))
     result = {
         "stages": stages,
@@ -222,6 +242,7 @@ def run_demo(cfg: Config) -> dict:
         "data": stats,
         "seconds": times,
         "verdict": verdict,
+        "bootstrap": boot,
         "total_seconds": time.time() - t_start,
         "precision": cfg.model.precision,
     }

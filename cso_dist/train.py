@@ -39,7 +39,7 @@ from cso_dist.pack import PairLayout, ReplyId, TrieLayout
 from cso_dist.refcache import cache_key, cache_status, load_reference
 from cso_dist.refcache.cache import precompute
 from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
-from cso_dist.refcache.key import cache_root, split_dir
+from cso_dist.refcache.key import cache_root, reply_kinds, split_dir
 from cso_dist.tracking import Tracker
 
 
@@ -75,7 +75,7 @@ def make_layout(
             sset,
             cfg.pack.max_tokens,
             cfg.data.max_length,
-            kl=cfg.train.method == "kto",
+            kl="kl" in reply_kinds(cfg),
             progress=progress,
         )
     return PairLayout(dialogues, renderer, sset, cfg.pack.max_tokens, cfg.data.max_length)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cso_dist.data.strategies import load_strategy_set
-from cso_dist.eval.metrics import distinct, strategy_metrics, text_metrics
+from cso_dist.eval.metrics import distinct, paired_bootstrap, strategy_metrics, text_metrics
 from cso_dist.models import load_model, load_tokenizer
 from cso_dist.train import run_train
 from conftest import cfg_of, run_cli, run_overrides, tiny_run_data, write_jsonl
@@ -94,6 +94,27 @@ def test_relabelling_strategies_permutes_the_strengths():
         assert r["per_strategy"][perm[s]]["f1"] == pytest.approx(m["per_strategy"][s]["f1"])
     for k in ("Q", "W", "B", "accuracy"):
         assert r[k] == pytest.approx(m[k], rel=1e-9)
+
+
+def test_paired_bootstrap_tells_a_real_difference_from_noise():
+    """Same predictions: a zero difference with a zero interval. A model right on every turn of a 40-dialogue
+    set against one at 45%: Q higher and B lower beyond the noise in every resample. Two models that differ
+    on 1 turn in 400: an interval around 0."""
+    gold, pred = _random_case()
+    rows = lambda p: [  # noqa: E731 - ten turns per dialogue
+        {"id": f"d{k // 10}:{k}", "dialogue_id": f"d{k // 10}", "gold_strategy": g, "pred_strategy": x}
+        for k, (g, x) in enumerate(zip(gold, p))
+    ]
+    same = paired_bootstrap(rows(pred), rows(pred), ESCONV, n=50)
+    assert same["dialogues"] == 40 and same["turns"] == 400
+    assert all(same[k]["diff"] == 0 and same[k]["ci95"] == [0.0, 0.0] and same[k]["p_better"] == 0 for k in "QB")
+    best = paired_bootstrap(rows(pred), rows(list(gold)), ESCONV, n=50)
+    assert best["Q"]["ci95"][0] > 0 and best["B"]["ci95"][1] < 0 and best["Q"]["p_better"] == 1.0
+    one = list(pred)
+    k = next(k for k in range(len(gold)) if pred[k] != gold[k])
+    one[k] = gold[k]  # one more turn right
+    near = paired_bootstrap(rows(pred), rows(one), ESCONV, n=50)
+    assert near["Q"]["ci95"][0] <= 0 <= near["Q"]["ci95"][1] and 0 < near["Q"]["diff"] < 0.01
 
 
 def test_bias_follows_the_published_update_on_a_realistic_case():

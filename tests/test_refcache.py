@@ -108,14 +108,14 @@ def test_precompute_values_equal_per_pair(setup, built):
     assert reports[0].tokens > 10_000 and reports[0].tokens_per_s > 0
 
     ref = _per_pair(setup["model"], setup["dialogues"][:12])
-    assert len(ref) > 400 and set(ref) < set(values)
-    assert {k for k in values if k.endswith(":kl")}  # KTO mismatched completions are cached too
+    assert len(ref) > 400 and set(ref) <= set(values)
+    assert not {k for k in values if k.endswith(":kl")}  # a DPO cache: KTO's KL branches are not scored
     assert _worst(values, ref, ref) < 1e-5
     assert all(values[k][1] == ref[k][1] for k in ref)
 
     ev = load_reference(cfg, cache_key(cfg, "eval"), split="eval")
     ref_ev = _per_pair(setup["model"], setup["dialogues"][12:15])
-    assert set(ref_ev) < set(ev) and not set(ev) & set(values)
+    assert set(ref_ev) <= set(ev) and not set(ev) & set(values)
     assert _worst(ev, ref_ev, ref_ev) < 1e-5
 
 
@@ -158,6 +158,7 @@ def test_key_names_what_changed(setup, built, tmp_path):
         "truncation": {"data.max_length": 768},
         "model": {"model.path": str(other_model)},
         "dtype": {"model.precision": "bf16"},
+        "reply_kinds": {"train.method": "kto"},
     }
     for name, over in changes.items():
         new = cache_key(make_cfg(setup, cfg.run.out_dir, **over))
@@ -167,6 +168,11 @@ def test_key_names_what_changed(setup, built, tmp_path):
         assert cache_status(cache_root(cfg), new) == "stale"
         with pytest.raises(CsoError, match=f"built for a different {name}: delete .* train.ref_cache"):
             run_precompute(make_cfg(setup, cfg.run.out_dir, **over), progress=False)
+    kto = make_cfg(setup, tmp_path / "kto", **{"train.method": "kto"})
+    run_precompute(kto, progress=False)
+    kto_values = load_reference(kto, cache_key(kto))
+    dpo_values = load_reference(cfg, key)
+    assert {k for k in kto_values if k.endswith(":kl")} and set(dpo_values) < set(kto_values)  # + the KL branches
     assert cache_key(make_cfg(setup, cfg.run.out_dir, **{"train.max_dialogues": 5}))["data"] != key["data"]
     junk = tmp_path / "junk"
     (junk / "refcache").mkdir(parents=True)

@@ -152,3 +152,46 @@ def score_rows(rows: list[dict], sset: StrategySet) -> dict:
     if pairs:  # the rows with both responses; how many is reported (text["rows"])
         out["text"] = {**text_metrics([g for g, _ in pairs], [p for _, p in pairs]), "rows": len(pairs)}
     return out
+
+
+def paired_bootstrap(
+    rows_a: list[dict], rows_b: list[dict], sset: StrategySet, keys=("Q", "B"), n: int = 300, seed: int = 0
+) -> dict:
+    """How far apart two models' scores on the same PRED turns are beyond the test set's own noise: the
+    dialogues are resampled with replacement (a dialogue's turns are not independent) and both models
+    scored on each resample. Per key: b - a on all rows, the 2.5/97.5 percentiles of the resampled
+    differences, and the share of resamples in which b is better (higher Q/W/accuracy, lower B)."""
+    by_id = {r["id"]: r for r in rows_b}
+    common = [r for r in rows_a if r["id"] in by_id]
+    if not common:
+        raise ValueError("paired bootstrap: the two PRED files share no turn ids")
+    groups: dict[str, list[int]] = {}
+    for k, r in enumerate(common):
+        groups.setdefault(r["dialogue_id"], []).append(k)
+    names = list(groups)
+    gold = [r["gold_strategy"] for r in common]
+    pa = [r.get("pred_strategy") for r in common]
+    pb = [by_id[r["id"]].get("pred_strategy") for r in common]
+
+    def scores(idx):
+        a = strategy_metrics([gold[i] for i in idx], [pa[i] for i in idx], sset)
+        b = strategy_metrics([gold[i] for i in idx], [pb[i] for i in idx], sset)
+        return {key: b[key] - a[key] for key in keys}
+
+    rng = np.random.default_rng(seed)
+    diffs = {key: [] for key in keys}
+    for _ in range(n):
+        idx = [i for g in rng.choice(len(names), len(names)) for i in groups[names[g]]]
+        for key, v in scores(idx).items():
+            diffs[key].append(v)
+    whole = scores(list(range(len(common))))
+    out = {"dialogues": len(names), "turns": len(common), "resamples": n}
+    for key in keys:
+        d = np.array(diffs[key])
+        better = d < 0 if key == "B" else d > 0
+        out[key] = {
+            "diff": whole[key],
+            "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))],
+            "p_better": float(better.mean()),
+        }
+    return out

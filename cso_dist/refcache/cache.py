@@ -44,6 +44,7 @@ from cso_dist.refcache.key import (
     key_info,
     load_reference_model,
     memo_path,
+    reply_kinds,
     split_dir,
 )
 
@@ -285,8 +286,9 @@ def _precompute_split(
     if todo:
         ref = get_model()
         try:
+            kl = "kl" in reply_kinds(cfg)  # KTO's KL branches only in a KTO cache
             laid = lay_out(
-                inputs.dialogues, renderer, sset, cfg.pack.max_tokens, cfg.data.max_length, kl=True, progress=progress
+                inputs.dialogues, renderer, sset, cfg.pack.max_tokens, cfg.data.max_length, kl=kl, progress=progress
             )
         except ValueError as e:
             raise CsoError(str(e)) from None

@@ -12,6 +12,8 @@ The key is a dict of named components, each the first 16 hex digits of a sha256:
   truncation       data.max_length
   dtype            model.precision
   method_reference full | adapter-disabled | qlora-base
+  reply_kinds      "c,r" (chosen and rejected), or "c,r,kl" for KTO: its KL-estimate branches are scored
+                   only for a KTO cache (~15% of the precompute tokens on ESConv)
   layout_version   LAYOUT_VERSION (bump when the packing / reply-id semantics change)
 pack.max_tokens is not part of it: results do not depend on the micro-batch layout.
 Weight-file hashes are memoised by (path, size, mtime_ns) in a JSON file beside the cache.
@@ -48,7 +50,7 @@ from cso_dist.models import is_adapter_dir, load_model, lora_settings
 from cso_dist.pack import ReplyId, Unit
 
 RefModel = tuple[torch.nn.Module, Callable[[], ContextManager]]  # the model and the context to score under
-LAYOUT_VERSION = 1  # trie layout incl. KTO ":kl" branches, truncation of cso_dist.data.render
+LAYOUT_VERSION = 1  # trie layout (KTO ":kl" branches only in KTO caches: reply_kinds), truncation of data.render
 FORMAT_VERSION = 1  # on-disk format of manifest + shards
 KEY_COMPONENTS = (
     "model",
@@ -60,6 +62,7 @@ KEY_COMPONENTS = (
     "truncation",
     "dtype",
     "method_reference",
+    "reply_kinds",
     "layout_version",
 )
 
@@ -163,10 +166,16 @@ def cache_key(
         "truncation": short(str(cfg.data.max_length)),
         "dtype": short(cfg.model.precision),
         "method_reference": short(method_reference(cfg)),
+        "reply_kinds": short(",".join(reply_kinds(cfg))),
         "layout_version": short(str(LAYOUT_VERSION)),
     }
     hashes.save()
     return key
+
+
+def reply_kinds(cfg: TrainingConfig) -> tuple[str, ...]:
+    """The kinds of reply a cache for cfg's method holds: chosen, rejected, and KTO's KL branches."""
+    return ("c", "r", "kl") if cfg.train.method == "kto" else ("c", "r")
 
 
 def key_info(cfg: TrainingConfig, inputs: SplitInputs, sset: StrategySet) -> dict:
@@ -176,6 +185,7 @@ def key_info(cfg: TrainingConfig, inputs: SplitInputs, sset: StrategySet) -> dic
         "model_path": str(mdir.resolve()),
         "weights_path": str(weights_dir(mdir).resolve()),
         "method_reference": method_reference(cfg),
+        "reply_kinds": list(reply_kinds(cfg)),
         "precision": cfg.model.precision,
         "chat_template": cfg.data.chat_template,
         "max_length": cfg.data.max_length,
