@@ -284,6 +284,9 @@ class ChatHandler(BaseHTTPRequestHandler):
                 return self._send(400, {"error": {"message": "continue_final_message is not supported"}})
             return self._probe(body, k)
         text = srv.backend.chat(body["messages"], int(body.get("max_tokens") or 16), float(body.get("temperature", 0)))
+        self._completion(body, k, {"finish_reason": "stop", "message": {"role": "assistant", "content": text}})
+
+    def _completion(self, body, k, choice):
         self._send(
             200,
             {
@@ -291,7 +294,7 @@ class ChatHandler(BaseHTTPRequestHandler):
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+                "choices": [{"index": 0, **choice}],
                 "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
             },
         )
@@ -303,24 +306,9 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.server.probes += 1
         top = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in probs.items()]
         best = max(top, key=lambda t: t["logprob"])
-        self._send(
-            200,
-            {
-                "id": f"c{k}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": "length",
-                        "message": {"role": "assistant", "content": best["token"]},
-                        "logprobs": {"content": [{**best, "top_logprobs": top}]},
-                    }
-                ],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 0},
-            },
-        )
+        message = {"role": "assistant", "content": best["token"]}
+        logprobs = {"content": [{**best, "top_logprobs": top}]}
+        self._completion(body, k, {"finish_reason": "length", "message": message, "logprobs": logprobs})
 
     def _send(self, code, obj):
         data = json.dumps(obj).encode()

@@ -152,16 +152,22 @@ def generate_batch(model, tokenizer, turns: list[Turn], cfg: TrainingConfig, sse
 def likelihood_units(
     d: PrefDialogue, renderer, sset: StrategySet, prefixes: dict[str, list[int]], max_length: int, max_tokens: int
 ) -> list[Unit]:
-    """The dialogue as one unit (trunk = gold path up to its last target turn, strategy prefixes as branches
-    at every turn), or one unit per turn when a history had to be truncated (as for generation: oldest
-    messages first, room left for the longest prefix) or the whole does not fit max_tokens."""
+    """The dialogue as few units as fit max_tokens: runs of consecutive turns share a trunk (the gold path up
+    to the run's last turn) with every turn's strategy prefixes as branches; one unit per turn when a
+    history had to be truncated (as for generation: oldest messages first, room left for the longest
+    prefix)."""
     longest = max(len(p) for p in prefixes.values())
     turns = eval_turns([d], renderer, sset, max_length, longest)
     full = tokenize_dialogue(d, renderer, sset).full()
-    trunk_len = max((len(t.prompt) for t in turns), default=0)
-    whole = all(t.prompt == full[: len(t.prompt)] for t in turns)
-    if whole and trunk_len + sum(len(p) for p in prefixes.values()) * len(turns) <= max_tokens:
-        groups = [(full[:trunk_len], turns)]
+    per_turn = sum(len(p) for p in prefixes.values())
+    if all(t.prompt == full[: len(t.prompt)] for t in turns):
+        runs: list[list[Turn]] = []
+        for t in turns:  # prompts grow with the turn: a run's trunk ends at its last turn's prompt
+            if runs and len(t.prompt) + per_turn * (len(runs[-1]) + 1) <= max_tokens:
+                runs[-1].append(t)
+            else:
+                runs.append([t])
+        groups = [(full[: len(run[-1].prompt)], run) for run in runs]
     else:
         groups = [(t.prompt, [t]) for t in turns]
     units = []

@@ -1,7 +1,7 @@
 """The four search roles played by one chat LLM: prompts from files, tolerant parsing, retries.
 
 Choice answers (a strategy's 0-10 score, a 0-4 rating per judge aspect) are read, where the
-backend can, from the model's next-token probabilities: the answer is begun for it ("Question:")
+backend can, from the model's next-token probabilities: the answer is begun for it ("Question: ")
 and the value is the expected one under the probabilities of the allowed answers ("0".."10"),
 renormalised over them (`choice_probs`). A small model then never leaves a score missing, and a
 score carries the model's uncertainty rather than its first sampled digit. Elsewhere, and when a
@@ -26,7 +26,6 @@ from cso_dist.mcts.backends import TOP_K
 from cso_dist.mcts.roles import JUDGE_ASPECTS, SEEKER, Turn
 
 PROMPTS = ("scorer", "supporter", "seeker", "judge")
-CHOICES = ("logprobs", "text")
 DEFAULT_PROMPTS = Path(__file__).parent / "prompts"
 END_MARKER = "[END]"
 NUMBER = r"(-?\d+(?:\.\d+)?)"
@@ -159,33 +158,30 @@ class LLMRoles:
     def strategies(self) -> list[str]:
         return list(self.sset.names)
 
-    def _ask(self, role: str, attempt: int, max_tokens: int, temperature: float, **fields) -> str:
-        prompt = self.prompts[role].format(
+    def _prompt(self, role: str, **fields) -> list[dict]:
+        text = self.prompts[role].format(
             description=self.description or "(not given)",
             scene=self.scene or "(not given)",
             end_marker=END_MARKER,
             **fields,
         )
+        return [{"role": "user", "content": text}]
+
+    def _ask(self, role: str, attempt: int, max_tokens: int, temperature: float, **fields) -> str:
         self.stats[f"calls_{role}"] += 1
         if attempt:
             self.stats[f"retries_{role}"] += 1
             self.stats[f"reasked_{role}"] += attempt == 1  # asks whose first answer was malformed
             temperature = max(temperature, 0.7)  # a greedy retry would repeat itself
-        return self.backend.chat([{"role": "user", "content": prompt}], max_tokens, temperature, sample=attempt)
+        return self.backend.chat(self._prompt(role, **fields), max_tokens, temperature, sample=attempt)
 
     def _choices(self, role: str, names: list[str], options: list[str], **fields) -> dict[str, float | None] | None:
         """`<name>: <option>` read from log-probs for every name (None: the backend has none)."""
         if self.settings.choice != "logprobs":
             return None
-        prompt = self.prompts[role].format(
-            description=self.description or "(not given)",
-            scene=self.scene or "(not given)",
-            end_marker=END_MARKER,
-            **fields,
-        )
         # "<name>: " with its space: tokenizers that split digits from the space before them (Llama 3, Qwen,
         # SmolLM) put most of the next token's mass on the digits there, not on prose
-        dists = choice_probs(self.backend, [{"role": "user", "content": prompt}], [f"{n}: " for n in names], options)
+        dists = choice_probs(self.backend, self._prompt(role, **fields), [f"{n}: " for n in names], options)
         if dists is None:
             self.stats[f"text_fallback_{role}"] += 1
             return None
