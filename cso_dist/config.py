@@ -113,6 +113,12 @@ class PackConfig:
     layout: Literal["trie", "pair"] = setting("trie", "trie: one sequence per dialogue + branches; pair: per-pair rows")
     max_tokens: int = setting(4096, "token budget of one micro-batch (one packed row; per-pair: all rows)")
     logit_chunk: int = setting(2048, "reply tokens per log-softmax chunk (bounds [tokens x vocab] memory)")
+    attention: Literal["auto", "tree", "flex", "dense"] = setting(
+        "auto",
+        "attention over trie rows (cso_dist.pack.attention): tree = SDPA per trunk / per turn's branches, work "
+        "proportional to what the tree attends; flex = FlexAttention BlockMask (compiled on CUDA); dense = one "
+        "[T x T] mask; auto = tree, dense for models that soft-cap attention logits",
+    )
 
     def validate(self) -> None:
         _check(self.max_tokens >= 32, "pack.max_tokens", "must be >= 32")

@@ -109,6 +109,7 @@ class TorchEngine:
             lora=lora_settings(cfg.model),
             device=device,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
+            attention=cfg.pack.attention,
         )
         no_dropout(self.module)
         self.module.train()
@@ -263,6 +264,7 @@ class DeepSpeedEngine:
             device="",
             gradient_checkpointing=cfg.train.gradient_checkpointing,
             reentrant_checkpointing=self.stage == 3,
+            attention=cfg.pack.attention,
         )
         no_dropout(self.module)
         self.module.train()

@@ -6,10 +6,14 @@ Activations follow what autograd saves in an HF decoder layer, measured with sav
 hooks on this project's models (tests/test_plan.py checks the estimate against the measured
 peak memory of tiny models): per token and layer two RMSNorms (12·h bytes each), q, the
 repeated k and v, and the attention output (4·heads·head_dim·b), the log-sum-exp, and the
-gated MLP (4·intermediate·b). The trie layout adds its tree mask: a boolean [L x L] input
-that SDPA turns into an additive mask in the compute dtype, saved once per layer for
-backward. With gradient checkpointing only each layer's input stays, plus one layer
-recomputed in backward. The LM head runs on reply tokens only, `logit_chunk` at a time.
+gated MLP (4·intermediate·b). The trie layout's overhead depends on pack.attention: dense
+keeps a boolean [L x L] mask that SDPA turns into an additive mask in the compute dtype,
+saved once per layer for backward; tree (the default) keeps no [L x L] tensor -- each
+turn's branches attend a gathered copy of their history's keys and values (`tree_keys`
+key rows per row token, instead of the repeated k and v) under a small mask
+(`tree_mask` elements per row token, additive per layer). With gradient checkpointing only
+each layer's input stays, plus one layer recomputed in backward. The LM head runs on reply
+tokens only, `logit_chunk` at a time.
 
 Byte counts use b = 2 (bf16 compute). Card and host sizes are read as GiB (an "80 GB" card
 has 80 GiB); "fits" keeps 10% of them for the CUDA context, NCCL buffers and fragmentation.
@@ -145,6 +149,12 @@ class Setup:
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit | paged_adamw (torch engine)
     logit_chunk: int = 2048
     bytes_per_el: int = 2  # bf16 compute; 4 = fp32
+    attention: str = "tree"  # pack.attention over trie rows: tree | dense (flex: as tree, without the masks)
+    # key rows and branch-mask elements per row token under tree attention: measured on 150 ESConv train
+    # dialogues (K = 3) at 4,096-8,192-token rows and data.max_length 2,048, at most 6.4 and 590 (median
+    # 4.5 and 400); at max_length 1,024, at most 4.9 and 490. Set them from your data for a tighter plan.
+    tree_keys: float = 6.5
+    tree_mask: float = 600.0
 
     @property
     def gpus(self) -> int:
@@ -168,6 +178,8 @@ class Setup:
                 raise ConfigError(f"plan: --{k.replace('_', '-')} must be >= 1")
         if self.gpu_mem_gb <= 0:
             raise ConfigError("plan: --gpu-mem must be > 0")
+        if self.attention not in ("tree", "flex", "dense"):
+            raise ConfigError(f"plan: attention {self.attention}: must be tree, flex or dense")
 
 
 def _opt_bytes(optimizer: str) -> int:
@@ -210,7 +222,10 @@ def layer_bytes_per_token(shape: Shape, s: Setup) -> float:
     """What autograd keeps per token for one decoder layer (see the module docstring)."""
     b, h, qd = s.bytes_per_el, shape.hidden, shape.heads * shape.head_dim
     norms = shape.norms_per_layer * (12 * h + 4)
-    attn = 4 * qd * b + 4 * shape.heads
+    if _tree(shape, s):  # q and the output, plus the gathered (not repeated) keys and values
+        attn = 2 * qd * b + 2 * s.tree_keys * shape.kv_heads * shape.head_dim * b + 4 * shape.heads
+    else:  # q, the repeated k and v, the output
+        attn = 4 * qd * b + 4 * shape.heads
     mlp = 4 * shape.intermediate * b
     extra = 0.0
     if s.method in ("lora", "qlora"):
@@ -222,6 +237,11 @@ def layer_bytes_per_token(shape: Shape, s: Setup) -> float:
     return norms + attn + mlp + extra
 
 
+def _tree(shape: Shape, s: Setup) -> bool:
+    """Whether trie rows run tree (or flex) attention: pack.attention auto picks dense for eager models."""
+    return s.attention != "dense" and not shape.eager
+
+
 def activations(shape: Shape, s: Setup, checkpointing: bool) -> dict[str, float]:
     """Per-GPU activation bytes of one micro-batch. The parts, and `peak`: what is held
     throughout backward (`saved`, the kept tree masks) plus the larger of the two phases that
@@ -230,16 +250,22 @@ def activations(shape: Shape, s: Setup, checkpointing: bool) -> dict[str, float]
     b, h, L, B = s.bytes_per_el, shape.hidden, s.seq_len, s.micro_batch
     T = B * L
     per_layer = T * layer_bytes_per_token(shape, s)
-    mask_layer = B * L * L * b  # the additive tree mask SDPA saves with each layer
+    if _tree(shape, s):  # the branch masks (bool), and their additive form that SDPA saves with each layer
+        bool_mask = T * s.tree_mask if s.attention == "tree" else 0.0
+        mask_layer = bool_mask * b
+    else:  # one boolean [L x L] mask, and the additive [L x L] mask SDPA saves with each layer
+        bool_mask, mask_layer = B * L * L, B * L * L * b
     per_layer += 3 * B * shape.heads * L * L * b if shape.eager else 0  # scores, soft-capped, probs
+    # tree: the history key/value rows a layer gathers beyond one per token (part of per_layer already)
+    extra_keys = T * 2 * max(s.tree_keys - 1, 0) * shape.kv_heads * shape.head_dim * b if _tree(shape, s) else 0.0
     if checkpointing:
         saved = shape.layers * T * h * b  # each layer's input
         recompute = per_layer + mask_layer
-        kept_masks = B * L * L  # the boolean input
+        kept_masks = bool_mask
     else:
         saved = shape.layers * per_layer
         recompute = 0.0
-        kept_masks = B * L * L + shape.layers * mask_layer
+        kept_masks = bool_mask + shape.layers * mask_layer
     saved += T * (12 * h + 2 * shape.head_dim * b)  # final norm, rotary tables
     working = T * 2 * (h + shape.intermediate) * b  # gradients flowing through one layer in backward
     if s.method == "qlora":
@@ -252,7 +278,9 @@ def activations(shape: Shape, s: Setup, checkpointing: bool) -> dict[str, float]
         "recompute": recompute,
         "working": working,
         "lm_head": head,
-        "trie_mask": kept_masks + (mask_layer if checkpointing else 0),
+        "trie_mask": kept_masks
+        + (mask_layer if checkpointing else 0)
+        + extra_keys * (1 if checkpointing else shape.layers),
         "peak": peak,
     }
 
@@ -364,7 +392,7 @@ def format_plan(p: dict, best: dict | None, here: dict | None = None) -> str:
         "recompute": "one layer recomputed (ckpt)",
         "working": "backward working set",
         "lm_head": "LM head (reply tokens, chunked)",
-        "trie_mask": "trie-layout overhead (masks)",
+        "trie_mask": "trie-layout overhead",  # dense: the [L x L] masks; tree: branch masks + history keys
         "peak": "activation peak",
     }
     for k, label in names.items():
@@ -420,5 +448,6 @@ def setup_from_config(cfg) -> tuple[Shape, Setup]:
         optimizer=t.optimizer,
         logit_chunk=cfg.pack.logit_chunk,
         bytes_per_el=2 if m.precision == "bf16" else 4,
+        attention="dense" if cfg.pack.attention == "dense" else "flex" if cfg.pack.attention == "flex" else "tree",
     )
     return resolve_shape(cfg.plan.model), s

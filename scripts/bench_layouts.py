@@ -44,8 +44,11 @@ def bench() -> dict:
     ap.add_argument("--dialogues", type=int, default=24, help="ESConv train dialogues (K=3 negatives per turn)")
     ap.add_argument("--tokenizer", default="qwen", choices=("qwen", "bpe"))
     ap.add_argument("--hidden-size", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=4096, help="tokens per micro-batch, both layouts")
     ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--attention", default="auto", help="pack.attention of the trie runs (auto, tree, flex, dense)")
+    ap.add_argument("--layouts", default="trie,pair", help="comma-separated: trie, pair")
     ap.add_argument("--epochs", type=int, default=2, help="optimizer steps (one per epoch over all pairs)")
     ap.add_argument("--work", default="", help="working folder (default: a temporary one)")
     args = ap.parse_args()
@@ -53,7 +56,7 @@ def bench() -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-layouts-"))
     dialogues, _ = build_dialogues(DataConfig(source="esconv", split="train"))
     write_dialogues(work / "train.jsonl", dialogues[: args.dialogues])
-    model = tiny_model(work, args.tokenizer, hidden_size=args.hidden_size)
+    model = tiny_model(work, args.tokenizer, hidden_size=args.hidden_size, num_layers=args.layers)
     base = {
         "model.path": str(model),
         "train.train_file": str(work / "train.jsonl"),
@@ -61,8 +64,9 @@ def bench() -> dict:
     }
     run_precompute(load_config(None, {**base, "run.out_dir": str(work / "pre")}), progress=False)
     results = {}
-    for layout in ("trie", "pair"):
-        cfg = load_config(None, {**base, "pack.layout": layout, "run.out_dir": str(work / layout)})
+    for layout in args.layouts.split(","):
+        over = {**base, "pack.layout": layout, "pack.attention": args.attention, "run.out_dir": str(work / layout)}
+        cfg = load_config(None, over)
         t0 = time.perf_counter()
         summary = run_train(cfg, progress=False, overwrite=True)
         wall = time.perf_counter() - t0
@@ -81,15 +85,20 @@ def bench() -> dict:
         "dialogues": args.dialogues,
         "tokenizer": args.tokenizer,
         "hidden_size": args.hidden_size,
+        "layers": args.layers,
         "max_tokens": args.max_tokens,
         "max_length": args.max_length,
+        "attention": args.attention,
         **results,
-        "speedup_pairs_per_s": results["trie"]["pairs_per_s"] / results["pair"]["pairs_per_s"],
-        "token_ratio": results["pair"]["tokens_per_pair"] / results["trie"]["tokens_per_pair"],
-        "loss_abs_diff": abs(results["trie"]["loss"] - results["pair"]["loss"]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "machine": machine(),
     }
+    if {"trie", "pair"} <= results.keys():
+        tri, pair = results["trie"], results["pair"]
+        out["speedup_pairs_per_s"] = tri["pairs_per_s"] / pair["pairs_per_s"]
+        out["tokens_per_s_ratio"] = tri["tokens_per_s"] / pair["tokens_per_s"]
+        out["token_ratio"] = pair["tokens_per_pair"] / tri["tokens_per_pair"]
+        out["loss_abs_diff"] = abs(tri["loss"] - pair["loss"])
     return out
 
 

@@ -5,7 +5,9 @@ rows of about --seq-len tokens, runs one warm-up step (so gradients exist), then
 process's peak resident memory (VmHWM, reset through /proc/self/clear_refs) during one more
 forward + backward of the longest row, without and then with gradient checkpointing. Prints one
 JSON object with the measured bytes and the planner's activation estimate for the same shape
-and row length.
+and row length, under --attention (tree or dense). `overhead`: the measured peak minus that of the
+same tokens as one plain causal row (what the trie's shape costs), against the planner's
+"trie-layout overhead" line, whose tree figures are set from this row (keys and mask elements per token).
 
 Run it with MALLOC_MMAP_THRESHOLD_=65536 so freed tensors go back to the OS and the peak
 counts live tensors only (tests/test_plan.py does):
@@ -19,6 +21,7 @@ import argparse
 import contextlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,6 +38,7 @@ from cso_dist.models.load import _enable_checkpointing  # noqa: E402
 from cso_dist.models.tiny import init_model, tiny_config  # noqa: E402
 from cso_dist.models.tokenizer import bpe_tokenizer, load_tokenizer  # noqa: E402
 from cso_dist.pack import trie_logps  # noqa: E402
+from cso_dist.pack.attention import tree_plan, use_attention  # noqa: E402
 from cso_dist.pack.layout import lay_out  # noqa: E402
 from cso_dist.pack.trie import collate_trie, pack_units  # noqa: E402
 from cso_dist.plan import Setup, activations, shape_from_hf_config  # noqa: E402
@@ -76,19 +80,30 @@ def measure(args) -> dict:
         max_position_embeddings=max(4096, args.seq_len),
     )
     model = init_model(config).train()
+    use_attention(model, args.attention)
+    T = batch.n_tokens
+    causal = replace(  # the same tokens and replies as one plain causal row (one unit, no branches)
+        batch, ctx_lo=torch.zeros(T, dtype=torch.long), ctx_hi=torch.arange(1, T + 1), own_lo=torch.full((T,), T)
+    )
 
-    def step() -> None:
-        trie_logps(model, batch, args.logit_chunk).sum().backward()
+    def step(b) -> None:
+        if b is causal:  # plain causal attention: one SDPA over the row, no mask, one key row per token
+            use_attention(model, "tree")
+        trie_logps(model, b, args.logit_chunk).sum().backward()
+        use_attention(model, args.attention)
 
-    step()  # gradients now exist: a measured step adds only activations and transients
-    peaks = {}
+    step(batch)  # gradients now exist: a measured step adds only activations and transients
+    peaks, plain = {}, {}
     for ck in (False, True):
         if ck:
             _enable_checkpointing(model, reentrant=False)
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        before = _status("VmRSS")
-        step()
-        peaks[ck] = _status("VmHWM") - before
+        for b, into in ((batch, peaks), (causal, plain)):
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            before = _status("VmRSS")
+            step(b)
+            into[ck] = _status("VmHWM") - before
+    tp = tree_plan(batch)
+    keys, mask = sum(tp.k_sizes) / T, sum(0 if s.mask is None else s.mask.numel() for s in tp.segments) / T
 
     cfg_file = Path(args.work) / "config.json"
     cfg_file.parent.mkdir(parents=True, exist_ok=True)
@@ -102,8 +117,14 @@ def measure(args) -> dict:
         micro_batch=1,
         logit_chunk=args.logit_chunk,
         bytes_per_el=4,
+        attention=args.attention,
+        tree_keys=keys,
+        tree_mask=mask,
     )
     out = {
+        "attention": args.attention,
+        "tree_keys_per_token": keys,
+        "tree_mask_per_token": mask,
         "hidden": args.hidden,
         "layers": args.layers,
         "intermediate": args.intermediate,
@@ -111,13 +132,22 @@ def measure(args) -> dict:
         "reply_tokens": int(len(batch.pred_idx)),
         "logit_chunk": args.logit_chunk,
     }
+    plain_setup = replace(setup, attention="tree", tree_keys=1.0, tree_mask=0.0)  # what `causal` runs
     for ck, peak in peaks.items():
         est = activations(shape, setup, ck)
+        overhead = peak - plain[ck]
+        planned = est["peak"] - activations(shape, plain_setup, ck)["peak"]
         out["checkpointing" if ck else "no_checkpointing"] = {
             "measured_peak_mb": peak / 2**20,
             "estimated_mb": est["peak"] / 2**20,
             "estimate_parts_mb": {k: v / 2**20 for k, v in est.items()},
             "ratio": est["peak"] / peak,
+            "overhead": {
+                "measured_mb": overhead / 2**20,
+                "planned_peak_difference_mb": planned / 2**20,
+                "trie_overhead_line_mb": est["trie_mask"] / 2**20,
+                "ratio": planned / overhead if overhead > 0 else float("nan"),
+            },
         }
     return out
 
@@ -135,6 +165,7 @@ def main() -> None:
     ap.add_argument("--dialogues", type=int, default=16)
     ap.add_argument("--data", default="", help="preference dialogues JSONL (default: build ESConv train)")
     ap.add_argument("--tokenizer", default="", help="with --data: a model folder whose tokenizer to use")
+    ap.add_argument("--attention", default="tree", choices=("tree", "dense"), help="pack.attention of the row")
     ap.add_argument("--work", default="/tmp/cso-measure-memory")
     args = ap.parse_args()
     with contextlib.redirect_stdout(sys.stderr):

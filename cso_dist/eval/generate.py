@@ -236,7 +236,9 @@ def run_generate(
     torch.manual_seed(cfg.run.seed)
     device = default_device()
     lora = lora_settings(cfg.model)
-    model = load_model(cfg.model.path, cfg.model.method, cfg.model.precision, lora=lora, device=device)
+    model = load_model(
+        cfg.model.path, cfg.model.method, cfg.model.precision, lora=lora, device=device, attention=cfg.pack.attention
+    )
     model.eval()
     t0 = time.time()
     if mode == "likelihood":

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 from cso_dist.config import LoraSettings
 from cso_dist.errors import ConfigError
+from cso_dist.pack.attention import use_attention
 
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32}  # -> weight dtype
@@ -111,6 +112,7 @@ def load_model(
     device: str = "cpu",
     gradient_checkpointing: bool = False,
     reentrant_checkpointing: bool = False,
+    attention: str = "dense",
 ) -> torch.nn.Module:
     """Load a local model directory for training.
 
@@ -125,6 +127,7 @@ def load_model(
     DeepSpeed/torch pairs reject in the non-reentrant checkpoint's saved-tensor metadata check;
     the DeepSpeed engine asks for reentrant checkpointing under ZeRO-3 (both pass with DeepSpeed
     0.19 on CPU here).
+    attention: how trie rows attend (pack.attention: auto, tree, flex, dense; cso_dist.pack.attention).
     If `path` is a LoRA adapter dir, its base is loaded the same way and the adapter attached
     trainable (its own adapter_config wins over `lora`); with method "full" the adapter is
     merged into the base weights.
@@ -137,6 +140,7 @@ def load_model(
     model = _load(p, method, precision, lora, device, gradient_checkpointing, reentrant_checkpointing)
     if precision in AUTOCAST:  # one place for every user: training, precompute, eval and generate()
         _autocast(model, AUTOCAST[precision], "cuda" if str(device).startswith("cuda") else "cpu")
+    use_attention(model, attention)
     return model
 
 

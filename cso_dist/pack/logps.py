@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from cso_dist.pack.attention import decoder_mask_kwargs
+
 if TYPE_CHECKING:  # a type only: trie.py imports this module for TrieBatch.logps
     from cso_dist.pack.trie import TrieBatch
 
@@ -34,7 +36,8 @@ def _decoder_and_head(model):
 def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Summed log-prob of every reply in the batch, in `batch.reply_ids` order.
 
-    The body runs once over the packed row with the tree-shaped 4-D mask; the LM head and the
+    The body runs once over the packed row, its attention shaped by the tree (the model's pack.attention
+    method: cso_dist.pack.attention); the LM head and the
     log-softmax run only on the hidden states that predict reply tokens, `chunk` tokens at a
     time (recomputed in backward), so no [tokens x vocab] tensor over the history exists.
     """
@@ -50,8 +53,8 @@ def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dty
     hidden = decoder(
         input_ids=batch.input_ids.to(device),
         position_ids=batch.position_ids.to(device),
-        attention_mask=batch.attention_mask(dtype).to(device),
         use_cache=False,
+        **decoder_mask_kwargs(model, batch, device, dtype),
     ).last_hidden_state[0]
     h = hidden.index_select(0, batch.pred_idx.to(device))
     targets = batch.target_ids.to(device)

@@ -228,12 +228,17 @@ def load_reference_model(cfg: TrainingConfig, device: str) -> RefModel:
     qlora-base: the 4-bit base the QLoRA policy trains on (load_model(method="qlora")), adapter disabled.
     """
     path, ref = model_dir(cfg), method_reference(cfg)
-    lora = lora_settings(cfg.model)
+    lora, att = lora_settings(cfg.model), cfg.pack.attention
     if ref == "full":
-        model, ctx = load_model(path, "full", cfg.model.precision, device=device), contextlib.nullcontext
+        model, ctx = load_model(path, "full", cfg.model.precision, device=device, attention=att), contextlib.nullcontext
     else:
         model = load_model(
-            path, "qlora" if ref == "qlora-base" else "lora", cfg.model.precision, lora=lora, device=device
+            path,
+            "qlora" if ref == "qlora-base" else "lora",
+            cfg.model.precision,
+            lora=lora,
+            device=device,
+            attention=att,
         )
         ctx = model.disable_adapter
     model.eval()

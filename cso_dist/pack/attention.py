@@ -1,0 +1,262 @@
+"""Tree attention: attention that costs what the prefix trie attends (pack.attention).
+
+A packed trie row (cso_dist.pack.trie) attends in a fixed shape: no query sees another unit, a trunk
+token sees its unit's trunk up to itself, and a branch token sees its history (a prefix of the trunk)
+plus its own branch so far. The methods:
+
+  dense  one [T, T] boolean mask over the row, run by the model's own attention (sdpa / eager):
+         the reference; its work is T^2 whatever the tree attends.
+  tree   SDPA per segment of the row: each unit's trunk as plain causal attention (is_causal, no mask),
+         and each turn's branches as one call against [history ; branches] with a small
+         [branches x (history + branches)] mask. Nothing across units or above the diagonal is computed
+         and no [T, T] tensor exists. Runs on CPU and GPU (any SDPA kernel).
+  flex   FlexAttention with a BlockMask built from the same intervals: 128 x 128 blocks that are fully
+         masked are skipped. Compiled on CUDA; elsewhere it runs FlexAttention's unfused reference
+         (exact, dense work, forward only: for exactness tests, not for speed or training).
+  auto   tree, unless the model soft-caps attention logits (gemma2), which SDPA cannot: dense then.
+
+`use_attention(model, method)` sets a loaded model's attention implementation; `trie_logps` reads it back
+(`method_of`) and passes the tree plan or the BlockMask. The registered implementations run plain SDPA for
+every other call (generation, per-pair rows), so a model set to tree attention works everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cso_dist.errors import ConfigError, CsoError
+
+if TYPE_CHECKING:
+    from cso_dist.pack.trie import TrieBatch
+
+METHODS = ("auto", "dense", "tree", "flex")
+_NAMES = {"tree": "cso_tree", "flex": "cso_flex"}  # registered attention implementation per method
+# The 4-D "mask" a tree call passes to the decoder: transformers returns a 4-D mask as it is, so no
+# [T, T] mask is built for the row; the attention function reads the plan instead.
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [q0, q1) attend keys [k0, k1) (their history, all visible) followed by keys [q0, q1) under
+    `mask` ([q1 - q0, (k1 - k0) + (q1 - q0)] bool); mask None = plain causal over [q0, q1) (a trunk)."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    mask: torch.Tensor | None
+
+
+@dataclass
+class TreePlan:
+    segments: list[Segment]
+    longest: int  # the most keys any query sees (for sliding-window models)
+    key_index: torch.Tensor  # every segment's keys, history then own rows, in segment order
+    q_sizes: list[int]
+    k_sizes: list[int]
+
+    @classmethod
+    def of(cls, segments: list[Segment], longest: int) -> "TreePlan":
+        idx = [torch.arange(a, b) for s in segments for a, b in ((s.k0, s.k1), (s.q0, s.q1))]
+        key_index = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+        return cls(
+            segments, longest, key_index, [s.q1 - s.q0 for s in segments], [s.k1 - s.k0 + s.q1 - s.q0 for s in segments]
+        )
+
+    def to(self, device) -> "TreePlan":
+        segs = [Segment(s.q0, s.q1, s.k0, s.k1, None if s.mask is None else s.mask.to(device)) for s in self.segments]
+        return TreePlan(segs, self.longest, self.key_index.to(device), self.q_sizes, self.k_sizes)
+
+
+def tree_plan(batch: TrieBatch) -> TreePlan:
+    """The row's segments, read from the batch's per-token intervals: a token sees [ctx_lo, ctx_hi) and
+    [own_lo, itself]; a trunk token has ctx_hi = itself + 1. A run of trunk tokens of one unit is one causal
+    segment; a run of branch tokens sharing (ctx_lo, ctx_hi) -- one turn's replies -- is one masked segment."""
+    lo, hi, own = (np.asarray(t.numpy(), dtype=np.int64) for t in (batch.ctx_lo, batch.ctx_hi, batch.own_lo))
+    T = len(lo)
+    q = np.arange(T)
+    trunk = hi == q + 1
+    if T == 0:
+        return TreePlan.of([], 0)
+    new = np.ones(T, dtype=bool)
+    new[1:] = (trunk[1:] != trunk[:-1]) | (lo[1:] != lo[:-1]) | (~trunk[1:] & (hi[1:] != hi[:-1]))
+    starts = np.flatnonzero(new).tolist() + [T]
+    segs, longest = [], 0
+    for a, b in zip(starts[:-1], starts[1:]):
+        if trunk[a]:
+            if lo[a] != a:
+                raise CsoError(f"tree attention: trunk rows {a}..{b} do not start their unit ({lo[a]})")
+            segs.append(Segment(a, b, a, a, None))
+            longest = max(longest, b - a)
+            continue
+        k0, k1 = int(lo[a]), int(hi[a])
+        n = b - a
+        i = torch.arange(n)
+        rel = torch.from_numpy(own[a:b] - a)
+        branch = (i[None, :] >= rel[:, None]) & (i[None, :] <= i[:, None])  # own branch, causal
+        mask = torch.cat([torch.ones(n, k1 - k0, dtype=torch.bool), branch], dim=1)
+        segs.append(Segment(a, b, k0, k1, mask))
+        longest = max(longest, (k1 - k0) + int((i - rel).max()) + 1)
+    return TreePlan.of(segs, longest)
+
+
+def tree_block_mask(batch: TrieBatch, device, block_size: int = 128):
+    """FlexAttention BlockMask of the row: the same rule as TrieBatch.allowed, as a mask_mod."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lo, hi, own = (t.to(device) for t in (batch.ctx_lo, batch.ctx_hi, batch.own_lo))
+
+    def mask_mod(b, h, q, k):
+        return (k >= lo[q]) & ((k < hi[q]) | ((k >= own[q]) & (k <= q)))
+
+    T = batch.n_tokens
+    return create_block_mask(mask_mod, None, None, T, T, device=device, BLOCK_SIZE=block_size)
+
+
+# ---------------------------------------------------------------- the registered attention functions
+def _sdpa(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _tree_sdpa(query, key, value, plan: TreePlan, scaling, dropout: float) -> torch.Tensor:
+    """[1, H, T, D] query, [1, Hkv, T, D] key/value -> [1, T, H, D], segment by segment. The queries split
+    into the segments (they tile the row); every segment's keys -- its history, then its own rows -- come
+    from one index_select, so backward is one split and one index_add, not a [T]-sized gradient per slice."""
+    gqa = query.shape[1] != key.shape[1]
+    qs = query.split(plan.q_sizes, dim=2)
+    ks = key.index_select(2, plan.key_index).split(plan.k_sizes, dim=2)
+    vs = value.index_select(2, plan.key_index).split(plan.k_sizes, dim=2)
+    outs = []
+    for s, q, k, v in zip(plan.segments, qs, ks, vs):
+        causal = s.mask is None
+        outs.append(
+            F.scaled_dot_product_attention(
+                q, k, v, attn_mask=s.mask, dropout_p=dropout, is_causal=causal, scale=scaling, enable_gqa=gqa
+            )
+        )
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+_compiled_flex = None
+
+
+def _flex(query, key, value, block_mask, scaling, softcap) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _compiled_flex
+    fn = flex_attention
+    if query.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        fn = _compiled_flex
+    score_mod = None
+    if softcap:
+
+        def score_mod(score, b, h, q, k):
+            return torch.tanh(score / softcap) * softcap
+
+    out = fn(
+        query,
+        key,
+        value,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous()
+
+
+def _check_tree(plan: TreePlan, kwargs: dict) -> None:
+    if kwargs.get("softcap"):
+        raise CsoError("pack.attention tree: this model soft-caps attention logits, which SDPA cannot; use auto")
+    window = kwargs.get("sliding_window")
+    if window and plan.longest > window:
+        raise CsoError(
+            f"pack.attention tree: a query sees {plan.longest} keys, more than the model's sliding window "
+            f"({window}); use pack.attention dense"
+        )
+
+
+def tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention function registered as cso_tree and cso_flex: a tree plan (kwarg cso_tree) runs per
+    segment, a BlockMask runs FlexAttention, anything else is plain SDPA."""
+    plan = kwargs.pop("cso_tree", None)
+    if plan is not None:
+        _check_tree(plan, kwargs)
+        return _tree_sdpa(query, key, value, plan, scaling, dropout), None
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if isinstance(attention_mask, BlockMask):
+        if dropout:
+            raise CsoError("pack.attention flex: attention dropout is not supported; set it to 0")
+        if not query.is_cuda and torch.is_grad_enabled() and query.requires_grad:
+            raise CsoError("pack.attention flex: FlexAttention has no backward on CPU; use pack.attention tree")
+        return _flex(query, key, value, attention_mask, scaling, kwargs.get("softcap")), None
+    return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    for name in _NAMES.values():
+        AttentionInterface.register(name, tree_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+
+
+_register()
+
+
+# ---------------------------------------------------------------- choosing a model's method
+def _hf_model(model):
+    inner = getattr(model, "module", model)  # DeepSpeed engine / DDP
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def resolve(method: str, model) -> str:
+    """`method` for this model: auto -> tree, or dense where the model soft-caps attention logits."""
+    if method not in METHODS:
+        raise ConfigError(f"pack.attention: '{method}' is not one of {', '.join(METHODS)}")
+    cfg = _hf_model(model).config
+    softcap = getattr(cfg, "attn_logit_softcapping", None)
+    if method == "auto":
+        return "dense" if softcap else "tree"
+    if method == "tree" and softcap:
+        raise ConfigError(
+            f"pack.attention: tree cannot soft-cap attention logits ({cfg.model_type}); use auto, dense or flex"
+        )
+    return method
+
+
+def use_attention(model, method: str) -> str:
+    """Set a loaded model's attention for trie rows to `method` (resolved); returns the method used. dense
+    leaves the model's own implementation."""
+    method = resolve(method, model)
+    if method in _NAMES:
+        _hf_model(model).set_attn_implementation(_NAMES[method])
+    return method
+
+
+def method_of(model) -> str:
+    """tree, flex or dense: what trie_logps runs for this model."""
+    impl = getattr(_hf_model(model).config, "_attn_implementation", None)
+    return next((m for m, n in _NAMES.items() if n == impl), "dense")
+
+
+def decoder_mask_kwargs(model, batch: TrieBatch, device, dense_dtype: torch.dtype) -> dict:
+    """The attention arguments a decoder call over `batch` gets under the model's method."""
+    method = method_of(model)
+    if method == "tree":
+        return {"attention_mask": _NO_MASK.to(device), "cso_tree": tree_plan(batch).to(device)}
+    if method == "flex":
+        return {"attention_mask": tree_block_mask(batch, device)}
+    return {"attention_mask": batch.attention_mask(dense_dtype).to(device)}

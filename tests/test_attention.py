@@ -1,0 +1,155 @@
+"""Tree attention (pack.attention tree / flex) is exact: the same log-probs and gradients as the dense mask and
+the per-pair layout, on real ESConv dialogues; its plan covers exactly what the dense mask allows."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cso_dist.config import DataConfig
+from cso_dist.data.build import build_dialogues
+from cso_dist.data.render import make_renderer, tokenize_dialogue
+from cso_dist.data.strategies import load_strategy_set
+from cso_dist.errors import ConfigError, CsoError
+from cso_dist.models import build_tiny_model, load_tokenizer
+from cso_dist.pack import (
+    collate_pairs,
+    collate_trie,
+    dialogue_pair_rows,
+    dialogue_units,
+    kl_completions,
+    pack_units,
+    pair_logps,
+    trie_logps,
+)
+from cso_dist.pack.attention import method_of, resolve, tree_plan, use_attention
+
+SSET = load_strategy_set("esconv")
+
+
+@pytest.fixture(scope="module")
+def dialogues(esconv_dir):
+    ds, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="valid"))
+    return ds[:4]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, esconv_dir):
+    """A tiny Qwen2 with grouped-query attention (4 heads, 2 key/value heads)."""
+    texts = [u["text"] for line in open(esconv_dir / "valid.jsonl") for u in json.loads(line)["dialog"]]
+    out = build_tiny_model(
+        "qwen2", tmp_path_factory.mktemp("att") / "m", tokenizer="bpe", bpe_texts=texts, hidden_size=32, seed=3
+    )
+    return out, load_tokenizer(out)
+
+
+def _model(path, method, dtype=torch.float32):
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
+    assert use_attention(m, method) == method and method_of(m) == method
+    return m
+
+
+def _batches(tok, dialogues, budget=1200, max_length=768, kl=False):
+    r = make_renderer(tok, "auto")
+    kls = kl_completions([(d, tokenize_dialogue(d, r, SSET)) for d in dialogues]) if kl else {}
+    units = [u for d in dialogues for u in dialogue_units(d, r, SSET, budget, max_length, kls.get(d.id))]
+    return [collate_trie(b) for b in pack_units(units, budget)]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("budget,max_length", [(800, 512), (1200, 768), (4096, 768)])
+def test_plan_covers_exactly_the_dense_mask(tiny, dialogues, budget, max_length):
+    _, tok = tiny
+    batches = _batches(tok, dialogues, budget, max_length, kl=True)  # with KTO branches and split turns (copies)
+    assert sum(s.mask is not None for b in batches for s in tree_plan(b).segments) > len(batches)  # several turns
+    for b in batches:
+        plan, T = tree_plan(b), b.n_tokens
+        dense = torch.zeros(T, T, dtype=torch.bool)
+        rows = 0
+        for s in plan.segments:
+            assert s.q0 == rows  # segments tile the row in order
+            rows = s.q1
+            n = s.q1 - s.q0
+            if s.mask is None:
+                dense[s.q0 : s.q1, s.q0 : s.q1] = torch.ones(n, n, dtype=torch.bool).tril()
+            else:
+                dense[s.q0 : s.q1, s.k0 : s.k1] = s.mask[:, : s.k1 - s.k0]
+                dense[s.q0 : s.q1, s.q0 : s.q1] = s.mask[:, s.k1 - s.k0 :]
+        assert rows == T
+        assert torch.equal(dense, b.allowed())
+        # the work: attended pairs only, far below T^2 once several units share a row
+        work = sum((s.q1 - s.q0) * ((s.k1 - s.k0) + (s.q1 - s.q0)) for s in plan.segments)
+        assert work <= T * T
+
+
+def _logps(model, batches):
+    out = {}
+    for b in batches:
+        out.update(zip(b.reply_ids, trie_logps(model, b, chunk=64)))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [pytest.param("tree", marks=pytest.mark.numerics), "flex"])
+def test_logps_equal_dense_and_per_pair(tiny, dialogues, method):
+    path, tok = tiny
+    batches = _batches(tok, dialogues)
+    with torch.no_grad():
+        got = _logps(_model(path, method), batches)
+        dense = _logps(_model(path, "dense"), batches)
+        pm = _model(path, method)  # a tree-attention model still runs plain rows (pair layout, generation)
+        r = make_renderer(tok, "auto")
+        rows = [row for d in dialogues[:2] for turn in dialogue_pair_rows(d, r, SSET, 768) for row in turn]
+        pair = {}
+        for i in range(0, len(rows), 6):
+            pb = collate_pairs(rows[i : i + 6], tok.pad_token_id)
+            pair.update(zip(pb.reply_ids, pair_logps(pm, pb)))
+    assert set(got) == set(dense) and len(got) > 50
+    rel = max(abs(got[k] - dense[k]) / abs(dense[k]) for k in dense)
+    assert rel < 1e-5, rel
+    keys = [k for k in pair if k in got]
+    assert len(keys) > 20
+    assert max(abs(got[k] - pair[k]) / abs(pair[k]) for k in keys) < 1e-5
+
+
+@pytest.mark.numerics
+@pytest.mark.slow
+def test_gradients_equal_dense(tiny, dialogues):
+    path, tok = tiny
+    batches = _batches(tok, dialogues[:2])
+    grads = []
+    for m in ("dense", "tree"):
+        model = _model(path, m)
+        w = torch.Generator().manual_seed(0)
+        for b in batches:  # a loss that weighs every reply differently
+            lp = trie_logps(model, b, chunk=64)
+            (lp * torch.randn(len(lp), generator=w)).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    dense, got = grads
+    assert dense.keys() == got.keys() and len(dense) > 10
+    for n in dense:
+        scale = dense[n].abs().max().item()
+        assert (got[n] - dense[n]).abs().max().item() <= 1e-5 * scale + 1e-9, n
+
+
+@pytest.mark.unit
+def test_methods_resolve_per_model(tiny):
+    path, _ = tiny
+    m = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    assert resolve("auto", m) == "tree"
+    m.config.attn_logit_softcapping = 50.0  # gemma2 soft-caps attention logits: SDPA cannot
+    assert resolve("auto", m) == "dense"
+    with pytest.raises(ConfigError, match="pack.attention: tree cannot soft-cap"):
+        resolve("tree", m)
+    with pytest.raises(ConfigError, match="pack.attention: 'sparse' is not one of"):
+        resolve("sparse", m)
+    assert method_of(m) == "dense"
+
+
+@pytest.mark.unit
+def test_flex_training_on_cpu_is_refused(tiny, dialogues):
+    path, tok = tiny
+    model = _model(path, "flex")
+    with pytest.raises(CsoError, match="FlexAttention has no backward on CPU; use pack.attention tree"):
+        trie_logps(model, _batches(tok, dialogues[:1])[0], chunk=64)
