@@ -1,6 +1,6 @@
 """cso-dist train vs TRL's DPOTrainer: DPO throughput, memory and loss on the same model, data and steps.
 
-Same tiny Qwen2 model (real Qwen2.5 tokenizer, fp32, no dropout), the same ESConv pairs (first
+Same tiny Qwen2 model (fp32, no dropout), the same ESConv pairs (first
 --dialogues train dialogues, K=3 negatives per turn), the same effective batch (one optimizer step
 per epoch over ALL pairs), the same number of optimizer steps, AdamW (betas 0.9/0.999, eps 1e-8,
 no weight decay), constant lr, no warmup, gradient clipping at 1.0, beta 0.1, sigmoid DPO loss:
@@ -14,14 +14,27 @@ no weight decay), constant lr, no warmup, gradient clipping at 1.0, beta 0.1, si
 Each variant runs in its own process (this script re-invoked with --variant), so memory is per variant.
 Prints one JSON object on stdout (logs go to stderr):
 
-    python scripts/bench_vs_trl.py                # 1 dialogue cut after its 6th turn: 18 pairs, 2 steps
-    python scripts/bench_vs_trl.py --turns 0      # the whole first dialogue: 30 pairs (~2x longer)
-    python scripts/bench_vs_trl.py --turns 2 --variants cso_trie,trl_precompute   # a quick check
+    python scripts/bench_vs_trl.py                    # the headline: --shape fair, 3 repeats
+    python scripts/bench_vs_trl.py --shape tiny-qwen --repeats 1   # the first table's shape (151k vocab, hidden 64)
+    python scripts/bench_vs_trl.py --turns 2 --repeats 1 --variants cso_trie,trl_precompute   # a quick check
+
+Shapes (--shape; --hidden-size, --layers, ... override a field):
+    fair       hidden 512, 8 layers, 8 heads / 2 KV heads, intermediate 1408, the 4k ESConv BPE vocabulary:
+               the LM head is 8% of the parameters, as in a 7B model (Qwen2.5-7B 7.2%, Llama-3-8B 6.5%), so
+               completion-only logits save what they would save there
+    tiny-qwen  hidden 64, 2 layers, the real 151k Qwen2.5 vocabulary: the LM head is ~99% of the model, which
+               inflates what completion-only logits save (the first table in benchmarks/results.md)
+Every variant runs --repeats times, each run in its own process, the variants interleaved (a, b, c, a, b,
+c, ...); the JSON gives per variant the median of each figure and, for the rates, every run's value and the
+spread (max - min) / median. Run it on an idle machine.
+
+TRL runs with its best CPU options in 1.16: precompute_ref_log_probs (trl_precompute: no reference forward in
+the steps), no gradient checkpointing, a micro-batch filled to our token budget. padding_free is unavailable
+since its DPO refactor (it warns and pads) and needs FlashAttention; Liger / `use_kernels` need Triton (GPU).
 
 TRL dominates the run time: on CPU (no Triton) its fused LM head projects EVERY position (prompt and
-padding too) onto the 151k vocabulary and folds each [4096 x 32768] tile with several elementwise passes
-(log-probs plus the entropy / mean-logit / top-1 metrics it logs): ~0.1-0.2 pairs/s on 2 cores. The
-default takes ~10 min on 2 cores, almost all of it TRL; --turns 0 ~20 min, more when the cores are shared.
+padding too) onto the vocabulary and folds each tile with several elementwise passes (log-probs plus the
+entropy / mean-logit / top-1 metrics it logs); with the 151k vocabulary that is most of its step.
 
 TRL is fed the conversational rows a TRL user would write (system prompt + history messages, then
 the chosen / rejected assistant message) and tokenises them itself; before training the script checks
@@ -44,6 +57,7 @@ Reported per variant (definitions):
   pairs_per_s_with_precompute  pairs * steps / (sum of step times + reference precompute time)
                                (cso: run_precompute wall; trl_precompute: TRL's precompute pass;
                                trl_ref: no precompute, its reference cost is inside every step)
+  tokens_per_s                 tokens the trained model processes / wall time of the last step
   tokens_per_pair              tokens the trained model processes per pair and step, padding included
                                (TRL: input_ids.numel() of every policy forward; ours: the packed tokens)
   lm_head_positions_per_pair   positions per pair and step that go through the vocabulary projection
@@ -72,16 +86,26 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchlib import machine  # noqa: E402
+from vs_trl_variants import (  # noqa: E402
+    cso_config,
+    mem_status,
+    model_facts,
+    pair_table,
+    prepare,
+    run_cso,
+    run_cso_precompute,
+    run_trl,
+)
 
 TRL_VARIANTS = ("trl_ref", "trl_precompute")
 CSO_VARIANTS = ("cso_trie", "cso_pair")
@@ -92,19 +116,13 @@ def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def mem_status() -> dict:
-    """VmRSS and VmHWM (peak RSS) of this process, in MB. VmHWM belongs to this process image
-    (unlike ru_maxrss, which can carry the forking parent's peak across exec)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                k, v = line.split(":", 1)
-                out[k] = int(v.split()[0]) / 1024
-    return {"rss_mb": out.get("VmRSS", 0.0), "hwm_mb": out.get("VmHWM", 0.0)}
+SHAPES = {
+    "fair": dict(tokenizer="bpe", hidden_size=512, layers=8, heads=8, kv_heads=2, intermediate=1408),
+    "tiny-qwen": dict(tokenizer="qwen", hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate=128),
+}
 
 
-# ---------------------------------------------------------------- shared set-up
+# ---------------------------------------------------------------- arguments
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dialogues", type=int, default=1, help="first N ESConv train dialogues (K=3 negatives per turn)")
@@ -116,7 +134,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "shorter histories favour the per-pair layouts (TRL), so the cut is conservative",
     )
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps, one per epoch over all pairs")
-    ap.add_argument("--hidden-size", type=int, default=64)
+    ap.add_argument("--shape", default="fair", choices=tuple(SHAPES), help="the tiny model's shape (see above)")
+    for flag in ("hidden-size", "layers", "heads", "kv-heads", "intermediate"):
+        ap.add_argument(f"--{flag}", type=int, default=0, help="override the shape's value")
+    ap.add_argument("--tokenizer", default="", choices=("", "qwen", "bpe"), help="override the shape's tokenizer")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of every variant, each in its own process")
+    ap.add_argument("--attention", default="auto", help="pack.attention of the cso variants")
     ap.add_argument("--max-length", type=int, default=1024, help="tokens per turn example (our truncation)")
     ap.add_argument("--max-tokens", type=int, default=4096, help="cso: tokens per micro-batch (trie layout)")
     ap.add_argument(
@@ -139,347 +162,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--work", default="", help="working folder (default: a temporary one)")
     ap.add_argument("--variant", default="", choices=("",) + ALL_VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--trl-batch-used", type=int, default=0, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
-
-
-def model_dir(work: Path, hidden: int) -> Path:
-    return work / f"tiny-qwen-h{hidden}"
-
-
-def cso_config(args, work: Path, layout: str = "trie", out: str = "pre"):
-    from cso_dist.config import load_config
-
-    max_tokens = (args.pair_max_tokens or args.max_tokens) if layout == "pair" else args.max_tokens
-    return load_config(
-        None,
-        {
-            "model.path": str(model_dir(work, args.hidden_size)),
-            "model.precision": "fp32",
-            "train.train_file": str(work / "train.jsonl"),
-            "train.method": "dpo",
-            "train.beta": args.beta,
-            "train.ref_cache": str(work / "refcache"),
-            "data.max_length": args.max_length,
-            "pack.max_tokens": max_tokens,
-            "pack.layout": layout,
-            "train.epochs": args.steps,
-            "train.lr": args.lr,
-            "train.log_every": 1,
-            "train.warmup_ratio": 0.0,
-            "train.schedule": "constant",
-            "train.weight_decay": 0.0,
-            "train.max_grad_norm": 1.0,
-            "train.gradient_checkpointing": False,
-            # one optimizer step per epoch over all pairs, as TRL below: the same pairs in every update
-            "train.grad_accum": 10**6,
-            "run.out_dir": str(work / out),
-        },
-    )
-
-
-def pair_table(cfg) -> list[dict]:
-    """Every (turn, rejected reply) pair of the train file, in data order: our token ids (exactly what
-    both cso layouts score) and the conversational TRL row with the same (truncated) history."""
-    from cso_dist.data.render import dialogue_system_prompt, format_reply, to_chat, turn_examples
-    from cso_dist.pack.trie import ReplyId
-    from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
-
-    renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
-    rows = []
-    for d in load_split(cfg, "train").dialogues:
-        for ex in turn_examples(d, renderer, sset, cfg.data.max_length):
-            m = d.messages[ex.turn]
-            # truncation keeps messages[dropped_messages:turn] after the system prompt
-            prompt = to_chat(d.messages[ex.dropped_messages : ex.turn], dialogue_system_prompt(d, sset))
-            chosen = [{"role": "assistant", "content": format_reply(m.strategy, m.text)}]
-            for k, (o, ids) in enumerate(zip(m.rejected, ex.rejected)):
-                rows.append(
-                    {
-                        "id": ReplyId(d.id, ex.turn, f"r{k}"),
-                        "chosen_id": ReplyId(d.id, ex.turn, "c"),
-                        "prompt": prompt,
-                        "chosen": chosen,
-                        "rejected": [{"role": "assistant", "content": format_reply(o.strategy, o.text)}],
-                        "ids": (ex.history, ex.chosen, ids),
-                    }
-                )
-    return rows
-
-
-def prepare(args, work: Path) -> None:
-    from cso_dist.config import DataConfig
-    from cso_dist.data.build import build_dialogues
-    from cso_dist.data.dialogue import write_dialogues
-    from cso_dist.models import build_tiny_model
-
-    dialogues, _ = build_dialogues(DataConfig(source="esconv", split="train"))
-    dialogues = dialogues[: args.dialogues]
-    if args.turns:  # a shorter dialogue: it ends with its N-th target turn
-        dialogues = [
-            replace(d, messages=d.messages[: d.turn_indices()[: args.turns][-1] + 1])
-            for d in dialogues
-            if d.turn_indices()
-        ]
-    write_dialogues(work / "train.jsonl", dialogues)  # same content -> same reference cache key
-    if not (model_dir(work, args.hidden_size) / "config.json").is_file():
-        build_tiny_model("qwen2", model_dir(work, args.hidden_size), tokenizer="qwen", hidden_size=args.hidden_size)
-
-
-# ---------------------------------------------------------------- variants (each in its own process)
-def run_cso_precompute(args, work: Path, base: dict) -> dict:
-    from cso_dist.refcache.cache import precompute
-
-    cfg = cso_config(args, work)
-    t0 = time.perf_counter()
-    reports = precompute(cfg, progress=False)  # the body of run_precompute, which returns only the path
-    wall = time.perf_counter() - t0
-    rep = reports[0]
-    if rep.skipped or not rep.complete:
-        raise SystemExit(f"bench_vs_trl: the reference cache {rep.cache_dir} was not computed afresh")
-    # the tokens it scored (every reply once, trie layout; it also scores KTO's mismatched completions)
-    return {
-        "precompute_s": wall,
-        "precompute_scoring_s": rep.seconds,
-        "ref_tokens": rep.tokens,
-        "peak_rss_mb": mem_status()["hwm_mb"],
-        "base_rss_mb": base["rss_mb"],
-    }
-
-
-def run_cso(args, work: Path, layout: str, base: dict) -> dict:
-    import torch
-
-    from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
-    from cso_dist.tracking import read_metrics
-    from cso_dist.train import make_layout, plan_steps, run_train
-
-    cfg = cso_config(args, work, layout, f"cso-{layout}")
-    t0 = time.perf_counter()
-    summary = run_train(cfg, progress=False, overwrite=True)
-    wall = time.perf_counter() - t0
-    peak = mem_status()["hwm_mb"]
-    ms = [m for m in read_metrics(Path(cfg.run.out_dir)) if "loss" in m]
-    # the plan run_train followed (deterministic): micro-batches per step -> pairs per forward
-    lay = make_layout(cfg, load_split(cfg, "train").dialogues, make_cfg_renderer(cfg), resolve_sset(cfg), False)
-    plan = plan_steps(lay, len(lay.items), cfg)
-    micro = [len(s) for s in plan]
-    pairs = sum(b.counts["pairs"] for b in plan[-1])
-    # positions the LM head (vocab projection + log-softmax) runs on: the trie only those predicting reply
-    # tokens; the per-pair layout takes the model's full logits, every position of every padded row
-    head = sum(int(b.data.reply_tokens.sum()) if layout == "trie" else b.n_tokens for b in plan[-1])
-    step_s = [pairs / m["pairs_per_s"] for m in ms]  # the logged rate is pairs / step wall time
-    last = ms[-1]
-    return {
-        "layout": layout,
-        "steps": summary["steps"],
-        "pairs_per_step": pairs,
-        "micro_batches_per_step": micro[-1],
-        "pairs_per_forward": pairs / micro[-1],
-        "pairs_per_s": last["pairs_per_s"],
-        "pairs_per_s_train": pairs * len(ms) / sum(step_s),
-        "tokens_per_pair": last["tokens_per_s"] / last["pairs_per_s"],
-        "lm_head_positions_per_pair": head / pairs,
-        "step_s": step_s,
-        "train_s": wall,
-        "loss_first": ms[0]["loss"],
-        "loss": last["loss"],
-        "losses": [m["loss"] for m in ms],
-        "grad_norm": last["grad_norm"],
-        "peak_rss_mb": peak,
-        "base_rss_mb": base["rss_mb"],
-        "threads": torch.get_num_threads(),
-    }
-
-
-def run_trl(args, work: Path, precompute: bool, base: dict) -> dict:
-    import torch
-    import trl
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    from cso_dist.models import load_tokenizer
-
-    cfg = cso_config(args, work)
-    table = pair_table(cfg)
-    n_pairs, b = len(table), args.trl_batch_used
-    assert b >= 1 and n_pairs % b == 0, (n_pairs, b)
-    mdir = model_dir(work, args.hidden_size)
-    tok = load_tokenizer(mdir)  # AutoTokenizer would re-read the folder with another pre-tokenizer
-    t_load = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
-    load_s = time.perf_counter() - t_load
-    ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in table])
-    acct = {
-        "policy_tokens": 0,
-        "policy_real_tokens": 0,
-        "policy_forwards": 0,
-        "ref_tokens": 0,
-        "precompute_tokens": 0,
-        "precompute_s": 0.0,
-        "tokenise_s": 0.0,
-        "step_s": [],
-        "head_positions": 0,
-    }
-    try:  # TRL's fused LM head scores only completion positions where Triton runs (CUDA/XPU), else all
-        from trl.kernels.chunked_logprob import _use_triton
-    except ImportError:
-        _use_triton = None
-
-    class Trainer(DPOTrainer):
-        """DPOTrainer, instrumented only: counts tokens and times its stages."""
-
-        def _prepare_dataset(self, *a, **k):
-            t0 = time.perf_counter()
-            try:
-                return super()._prepare_dataset(*a, **k)
-            finally:
-                acct["tokenise_s"] += time.perf_counter() - t0
-
-        def _precompute_ref_logps(self, *a, **k):
-            t0 = time.perf_counter()
-            try:
-                return super()._precompute_ref_logps(*a, **k)
-            finally:
-                acct["precompute_s"] += time.perf_counter() - t0
-
-        def compute_ref_log_probs(self, model, inputs):
-            acct["precompute_tokens"] += inputs["input_ids"].numel()
-            return super().compute_ref_log_probs(model, inputs)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            acct["policy_tokens"] += inputs["input_ids"].numel()
-            acct["policy_real_tokens"] += int(inputs["attention_mask"].sum())
-            acct["policy_forwards"] += 1
-            ids, cm = inputs["input_ids"], inputs["completion_mask"]
-            compact = _use_triton(ids.device) if _use_triton else False
-            acct["head_positions"] += int(cm[:, 1:].sum()) if compact else ids.shape[0] * (ids.shape[1] - 1)
-            if not self.precompute_ref_logps:
-                acct["ref_tokens"] += inputs["input_ids"].numel()  # the reference scores the same padded batch
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    class StepTimer(TrainerCallback):
-        def on_epoch_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            acct["step_s"].append(time.perf_counter() - self.t0)
-            self.t0 = time.perf_counter()
-
-    targs = DPOConfig(
-        output_dir=str(work / f"trl-{'pre' if precompute else 'ref'}"),
-        per_device_train_batch_size=b,
-        gradient_accumulation_steps=n_pairs // b,
-        num_train_epochs=args.steps,
-        max_steps=-1,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        optim="adamw_torch",
-        max_grad_norm=1.0,
-        beta=args.beta,
-        loss_type=["sigmoid"],
-        max_length=args.max_length,
-        truncation_mode="keep_start",
-        precompute_ref_log_probs=precompute,
-        precompute_ref_batch_size=b,
-        gradient_checkpointing=False,
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        disable_dropout=True,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataloader_drop_last=False,
-        seed=0,
-    )
-    t0 = time.perf_counter()
-    trainer = Trainer(
-        model=model, ref_model=None, args=targs, train_dataset=ds, processing_class=tok, callbacks=[StepTimer()]
-    )
-    init_s = time.perf_counter() - t0
-    pre_train = mem_status()
-
-    # TRL's own tokenisation must give exactly our ids, pair by pair (its dataset keeps the row order)
-    got = trainer.train_dataset
-    bad = []
-    for i, r in enumerate(table):
-        g = got[i]
-        ours = r["ids"]
-        if (g["prompt_ids"], g["chosen_ids"], g["rejected_ids"]) != (list(ours[0]), list(ours[1]), list(ours[2])):
-            bad.append(r["id"])
-        elif len(ours[0]) + max(len(ours[1]), len(ours[2])) > args.max_length:
-            bad.append(r["id"] + " (longer than max_length: TRL would truncate it)")
-    if len(got) != n_pairs or bad:
-        raise SystemExit(
-            f"bench_vs_trl: TRL's tokenisation differs from ours on {len(bad)} of {n_pairs} pairs "
-            f"(TRL kept {len(got)}), first: {bad[:3]}"
-        )
-    ref_check = None
-    if precompute:  # TRL's precomputed reference log-probs against our cache (same reference, other layout)
-        from cso_dist.refcache import load_reference
-        from cso_dist.refcache.key import cache_key
-
-        try:
-            ours = load_reference(cfg, cache_key(cfg, "train"), "train")
-            diffs = []
-            for i, r in enumerate(table):
-                for col, rid in (("ref_chosen_logps", r["chosen_id"]), ("ref_rejected_logps", r["id"])):
-                    x, y = float(got[i][col]), ours[rid][0]
-                    diffs.append(abs(x - y) / max(abs(y), 1.0))
-            ref_check = {"replies": len(diffs), "max_rel_diff": max(diffs)}
-        except Exception as e:  # noqa: BLE001 -- the check is extra; report why it could not run
-            ref_check = {"error": f"{type(e).__name__}: {e}"}
-
-    t0 = time.perf_counter()
-    trainer.train()
-    train_s = time.perf_counter() - t0
-    peak = mem_status()["hwm_mb"]
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    steps = len(acct["step_s"])
-    assert steps == args.steps == len(losses), (steps, args.steps, losses)
-    step_s = acct["step_s"]
-    return {
-        "trl": trl.__version__,
-        "steps": steps,
-        "pairs_per_step": n_pairs,
-        "batch_pairs": b,
-        "grad_accum": n_pairs // b,
-        "pairs_per_forward": b,
-        "rows_per_forward": 2 * b,
-        "pairs_per_s": n_pairs / step_s[-1],
-        "pairs_per_s_train": n_pairs * steps / sum(step_s),
-        "pairs_per_s_with_precompute": n_pairs * steps / (sum(step_s) + acct["precompute_s"]),
-        "tokens_per_pair": acct["policy_tokens"] / (n_pairs * steps),
-        "real_tokens_per_pair": acct["policy_real_tokens"] / (n_pairs * steps),
-        "lm_head_positions_per_pair": acct["head_positions"] / (n_pairs * steps),
-        "ref_tokens_per_pair": (acct["precompute_tokens"] if precompute else acct["ref_tokens"] / steps) / n_pairs,
-        "ref_tokens_when": "once, before training" if precompute else "every step",
-        "step_s": step_s,
-        "train_s": train_s,
-        "init_s": init_s,
-        "model_load_s": load_s,
-        "tokenise_s": acct["tokenise_s"],
-        "precompute_s": acct["precompute_s"],
-        "init_other_s": init_s - acct["tokenise_s"] - acct["precompute_s"],
-        "loss_first": losses[0],
-        "loss": losses[-1],
-        "losses": losses,
-        "grad_norm": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h][-1],
-        "ids_identical_pairs": n_pairs,
-        "ref_logps_vs_cso_cache": ref_check,
-        "peak_rss_mb": peak,
-        "base_rss_mb": base["rss_mb"],
-        "pre_train_rss_mb": pre_train["rss_mb"],
-        "threads": torch.get_num_threads(),
-    }
+    args = ap.parse_args(argv)
+    for k, v in SHAPES[args.shape].items():  # the shape's values where no flag overrides them
+        if not getattr(args, k):
+            setattr(args, k, v)
+    return args
 
 
 def child(args) -> None:
@@ -520,8 +207,22 @@ def run_child(args, variant: str, work: Path, extra: list[str]) -> dict:
         str(args.turns),
         "--steps",
         str(args.steps),
+        "--shape",
+        args.shape,
+        "--tokenizer",
+        args.tokenizer,
         "--hidden-size",
         str(args.hidden_size),
+        "--layers",
+        str(args.layers),
+        "--heads",
+        str(args.heads),
+        "--kv-heads",
+        str(args.kv_heads),
+        "--intermediate",
+        str(args.intermediate),
+        "--attention",
+        args.attention,
         "--max-length",
         str(args.max_length),
         "--max-tokens",
@@ -561,6 +262,43 @@ def largest_divisor(n: int, cap: int) -> int:
     return max(d for d in range(1, max(min(cap, n), 1) + 1) if n % d == 0)
 
 
+def derive(res: dict) -> None:
+    """Figures of one repeat that combine variants: the cso variants' precompute, memory per pair."""
+    pre = res.get("cso_precompute")
+    for v in CSO_VARIANTS:
+        if v in res:
+            r = res[v]
+            r["precompute_s"] = pre["precompute_s"]
+            r["pairs_per_s_with_precompute"] = (
+                r["pairs_per_step"] * r["steps"] / (sum(r["step_s"]) + pre["precompute_s"])
+            )
+            r["ref_tokens_per_pair"] = pre["ref_tokens"] / r["pairs_per_step"]
+            r["ref_tokens_when"] = "once, before training (cso_precompute)"
+    for r in res.values():
+        if "pairs_per_forward" in r:
+            r["peak_mem_per_pair_mb"] = (r["peak_rss_mb"] - r["base_rss_mb"]) / r["pairs_per_forward"]
+            r["peak_rss_per_pair_mb"] = r["peak_rss_mb"] / r["pairs_per_forward"]
+
+
+RATES = ("pairs_per_s", "pairs_per_s_train", "pairs_per_s_with_precompute", "tokens_per_s", "precompute_s")
+
+
+def summarise(rs: list[dict]) -> dict:
+    """One variant over its repeats: the median of every number, the last run's other fields, and for the
+    rates every run's value and the spread (max - min) / median."""
+    out = dict(rs[-1])
+    for k, v in rs[-1].items():
+        vals = [r[k] for r in rs if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+        if len(vals) == len(rs) and isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = statistics.median(vals)
+    out["repeats"] = len(rs)
+    out["runs"] = {k: [r[k] for r in rs] for k in RATES if k in rs[-1]}
+    out["spread"] = {
+        k: (max(x) - min(x)) / statistics.median(x) for k, x in out["runs"].items() if statistics.median(x)
+    }
+    return out
+
+
 def bench(args) -> dict:
     import torch
     import transformers
@@ -584,26 +322,19 @@ def bench(args) -> dict:
         f"({'asked' if args.trl_batch else 'token budget'} {want}; a divisor of {n_pairs}), "
         f"gradient_accumulation_steps {n_pairs // max(b, 1)}"
     )
-    res: dict = {}
-    if any(v in CSO_VARIANTS for v in variants):
-        res["cso_precompute"] = run_child(args, "cso_precompute", work, [])
-    for v in variants:
-        res[v] = run_child(args, v, work, ["--trl-batch-used", str(b)] if v in TRL_VARIANTS else [])
-
-    pre = res.get("cso_precompute")
-    for v in CSO_VARIANTS:
-        if v in res:
-            r = res[v]
-            r["precompute_s"] = pre["precompute_s"]
-            r["pairs_per_s_with_precompute"] = (
-                r["pairs_per_step"] * r["steps"] / (sum(r["step_s"]) + pre["precompute_s"])
-            )
-            r["ref_tokens_per_pair"] = pre["ref_tokens"] / r["pairs_per_step"]
-            r["ref_tokens_when"] = "once, before training (cso_precompute)"
-    for r in res.values():
-        if "pairs_per_forward" in r:
-            r["peak_mem_per_pair_mb"] = (r["peak_rss_mb"] - r["base_rss_mb"]) / r["pairs_per_forward"]
-            r["peak_rss_per_pair_mb"] = r["peak_rss_mb"] / r["pairs_per_forward"]
+    runs: dict[str, list[dict]] = {}
+    for rep in range(args.repeats):  # variants interleaved, every run in its own process
+        log(f"=== repeat {rep + 1} of {args.repeats}")
+        got: dict = {}
+        if any(v in CSO_VARIANTS for v in variants):
+            shutil.rmtree(work / "refcache", ignore_errors=True)  # computed afresh every repeat
+            got["cso_precompute"] = run_child(args, "cso_precompute", work, [])
+        for v in variants:
+            got[v] = run_child(args, v, work, ["--trl-batch-used", str(b)] if v in TRL_VARIANTS else [])
+        derive(got)
+        for v, r in got.items():
+            runs.setdefault(v, []).append(r)
+    res = {v: summarise(rs) for v, rs in runs.items()}
 
     out: dict = {
         "bench": "vs_trl",
@@ -612,7 +343,10 @@ def bench(args) -> dict:
         "pairs": n_pairs,
         "steps": args.steps,
         "negatives_per_turn": 3,
-        "hidden_size": args.hidden_size,
+        "shape": args.shape,
+        "model": model_facts(work, args),
+        "repeats": args.repeats,
+        "attention": args.attention,
         "max_length": args.max_length,
         "max_tokens": args.max_tokens,
         "pair_max_tokens": args.pair_max_tokens or args.max_tokens,

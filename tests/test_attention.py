@@ -145,6 +145,10 @@ def test_methods_resolve_per_model(tiny):
     with pytest.raises(ConfigError, match="pack.attention: 'sparse' is not one of"):
         resolve("sparse", m)
     assert method_of(m) == "dense"
+    m.config.attn_logit_softcapping = None
+    for method in ("tree", "flex", "dense"):  # a model switches back and forth
+        assert use_attention(m, method) == method and method_of(m) == method
+    assert m.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.unit

@@ -239,10 +239,12 @@ def resolve(method: str, model) -> str:
 
 def use_attention(model, method: str) -> str:
     """Set a loaded model's attention for trie rows to `method` (resolved); returns the method used. dense
-    leaves the model's own implementation."""
-    method = resolve(method, model)
+    keeps the model's own implementation (sdpa where tree or flex was set before)."""
+    method, hf = resolve(method, model), _hf_model(model)
     if method in _NAMES:
-        _hf_model(model).set_attn_implementation(_NAMES[method])
+        hf.set_attn_implementation(_NAMES[method])
+    elif hf.config._attn_implementation in _NAMES.values():
+        hf.set_attn_implementation("sdpa")
     return method
 
 
