@@ -256,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seq-len", type=int, help="tokens of one packed row (pack.max_tokens; default 4096)")
     pl.add_argument("--micro-batch", type=int, help="packed rows per forward (default 1)")
     pl.add_argument("--lora-r", type=int)
+    pl.add_argument(
+        "--attention", choices=["tree", "flex", "dense"], help="pack.attention of the trie rows (default tree)"
+    )
+    pl.add_argument("--tree-keys", type=float, help="tree: key rows per row token (default 6.5, ESConv's most)")
+    pl.add_argument("--tree-mask", type=float, help="tree: branch-mask elements per row token (default 600)")
     ck = pl.add_mutually_exclusive_group()
     ck.add_argument("--checkpointing", dest="checkpointing", action="store_true", default=None)
     ck.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")

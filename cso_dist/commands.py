@@ -364,6 +364,9 @@ def cmd_plan(args, extra) -> int:
         "micro_batch": args.micro_batch,
         "checkpointing": args.checkpointing,
         "lora_r": args.lora_r,
+        "attention": args.attention,
+        "tree_keys": args.tree_keys,
+        "tree_mask": args.tree_mask,
     }
     setup = dataclasses.replace(setup, **{k: v for k, v in flags.items() if v is not None})
     if setup.method == "qlora" and args.zero is None:

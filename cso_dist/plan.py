@@ -149,7 +149,7 @@ class Setup:
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit | paged_adamw (torch engine)
     logit_chunk: int = 2048
     bytes_per_el: int = 2  # bf16 compute; 4 = fp32
-    attention: str = "tree"  # pack.attention over trie rows: tree | dense (flex: as tree, without the masks)
+    attention: str = "tree"  # pack.attention over trie rows: tree | flex (no masks, no gathered keys) | dense
     # key rows and branch-mask elements per row token under tree attention: measured on 150 ESConv train
     # dialogues (K = 3) at 4,096-8,192-token rows and data.max_length 2,048, at most 6.4 and 590 (median
     # 4.5 and 400); at max_length 1,024, at most 4.9 and 490. Set them from your data for a tighter plan.
@@ -179,7 +179,9 @@ class Setup:
         if self.gpu_mem_gb <= 0:
             raise ConfigError("plan: --gpu-mem must be > 0")
         if self.attention not in ("tree", "flex", "dense"):
-            raise ConfigError(f"plan: attention {self.attention}: must be tree, flex or dense")
+            raise ConfigError(f"plan: --attention {self.attention}: must be tree, flex or dense")
+        if not (self.tree_keys >= 1 and self.tree_mask >= 0):
+            raise ConfigError("plan: --tree-keys must be >= 1 and --tree-mask >= 0")
 
 
 def _opt_bytes(optimizer: str) -> int:
@@ -222,8 +224,8 @@ def layer_bytes_per_token(shape: Shape, s: Setup) -> float:
     """What autograd keeps per token for one decoder layer (see the module docstring)."""
     b, h, qd = s.bytes_per_el, shape.hidden, shape.heads * shape.head_dim
     norms = shape.norms_per_layer * (12 * h + 4)
-    if _tree(shape, s):  # q and the output, plus the gathered (not repeated) keys and values
-        attn = 2 * qd * b + 2 * s.tree_keys * shape.kv_heads * shape.head_dim * b + 4 * shape.heads
+    if _tree(shape, s):  # q and the output, plus the gathered (tree) or plain (flex) keys and values, not repeated
+        attn = 2 * qd * b + 2 * _key_rows(s) * shape.kv_heads * shape.head_dim * b + 4 * shape.heads
     else:  # q, the repeated k and v, the output
         attn = 4 * qd * b + 4 * shape.heads
     mlp = 4 * shape.intermediate * b
@@ -242,6 +244,11 @@ def _tree(shape: Shape, s: Setup) -> bool:
     return s.attention != "dense" and not shape.eager
 
 
+def _key_rows(s: Setup) -> float:
+    """Key/value rows a layer keeps per row token: tree gathers each turn's history again; flex reads k, v."""
+    return max(s.tree_keys, 1.0) if s.attention == "tree" else 1.0
+
+
 def activations(shape: Shape, s: Setup, checkpointing: bool) -> dict[str, float]:
     """Per-GPU activation bytes of one micro-batch. The parts, and `peak`: what is held
     throughout backward (`saved`, the kept tree masks) plus the larger of the two phases that
@@ -257,7 +264,7 @@ def activations(shape: Shape, s: Setup, checkpointing: bool) -> dict[str, float]
         bool_mask, mask_layer = B * L * L, B * L * L * b
     per_layer += 3 * B * shape.heads * L * L * b if shape.eager else 0  # scores, soft-capped, probs
     # tree: the history key/value rows a layer gathers beyond one per token (part of per_layer already)
-    extra_keys = T * 2 * max(s.tree_keys - 1, 0) * shape.kv_heads * shape.head_dim * b if _tree(shape, s) else 0.0
+    extra_keys = T * 2 * (_key_rows(s) - 1) * shape.kv_heads * shape.head_dim * b if _tree(shape, s) else 0.0
     if checkpointing:
         saved = shape.layers * T * h * b  # each layer's input
         recompute = per_layer + mask_layer

@@ -4,6 +4,9 @@ peak memory against `cso-dist plan`. One prepared run (<= 8 min on one H100 / H2
     python scripts/gpu_check.py --out gpu_check.json     # on a GPU machine
     python scripts/gpu_check.py --smoke --out x.json     # CPU, tiny shapes, about a minute (the test suite)
 
+It needs the package installed in a CUDA torch environment (`pip install -e '.[bench]'`; trl only for the TRL
+row, which is skipped without it) and ESConv in the data folder (CSO_DATA_DIR, or `cso-dist data fetch esconv`).
+
 Sections of the JSON:
   exactness   per attention method (tree, flex, dense): every reply's summed log-prob of the trie layout
               against the per-pair layout (max and median relative difference), and the gradient of a

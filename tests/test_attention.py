@@ -34,12 +34,12 @@ def dialogues(esconv_dir):
     return ds[:4]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, esconv_dir):
-    """A tiny Qwen2 with grouped-query attention (4 heads, 2 key/value heads)."""
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def tiny(request, tmp_path_factory, esconv_dir):
+    """Tiny Qwen2 / Llama models with grouped-query attention (4 heads, 2 key/value heads)."""
     texts = [u["text"] for line in open(esconv_dir / "valid.jsonl") for u in json.loads(line)["dialog"]]
     out = build_tiny_model(
-        "qwen2", tmp_path_factory.mktemp("att") / "m", tokenizer="bpe", bpe_texts=texts, hidden_size=32, seed=3
+        request.param, tmp_path_factory.mktemp("att") / "m", tokenizer="bpe", bpe_texts=texts, hidden_size=32, seed=3
     )
     return out, load_tokenizer(out)
 

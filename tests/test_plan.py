@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cso_dist.config import load_config
-from cso_dist.plan import PRESETS, Setup, model_states, plan, resolve_shape, setup_from_config
+from cso_dist.plan import PRESETS, Setup, activations, model_states, plan, resolve_shape, setup_from_config
 from conftest import REPO, run_cli, tiny_run_data
 
 GIB = 2**30
@@ -261,3 +261,23 @@ def test_recipe_fits_the_hardware_it_states(recipe):
     hw = re.search(r"^# Hardware: (\d+) node\(s\) x (\d+) GPU\(s\) of (\d+) GB", text, re.M)
     assert hw, f"{recipe.name}: '# Hardware: N node(s) x G GPU(s) of M GB ...' line"
     assert (setup.nodes, setup.gpus_per_node, setup.gpu_mem_gb) == (int(hw[1]), int(hw[2]), float(hw[3]))
+
+
+def test_trie_overhead_follows_the_attention_method(tmp_path):
+    """dense: the [L x L] bool mask plus an additive copy per layer; tree: the branch masks and the gathered
+    history keys, linear in L; flex: neither. `cso-dist plan --attention` and pack.attention choose it."""
+    shape = PRESETS["8b"]
+    L, b = 8192, 2
+    over = {}
+    for attention in ("dense", "tree", "flex"):
+        s = Setup(zero=3, seq_len=L, attention=attention, checkpointing=False)
+        over[attention] = activations(shape, s, False)["trie_mask"]
+    assert over["dense"] == L * L + shape.layers * L * L * b
+    kv = shape.kv_heads * shape.head_dim
+    assert over["tree"] == pytest.approx(L * 600 * (1 + shape.layers * b) + shape.layers * L * 2 * 5.5 * kv * b)
+    assert over["flex"] == 0
+    p = json.loads(run_cli("plan", "--model", "8b", "--seq-len", "8192", "--attention", "dense", "--json").stdout)
+    q = json.loads(run_cli("plan", "--model", "8b", "--seq-len", "8192", "--tree-keys", "2", "--json").stdout)
+    assert p["checkpointing"]["activations_gib"]["trie_mask"] > q["checkpointing"]["activations_gib"]["trie_mask"]
+    bad = run_cli("plan", "--model", "8b", "--tree-keys", "0.5")
+    assert bad.returncode != 0 and "--tree-keys must be >= 1" in bad.stderr

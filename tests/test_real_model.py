@@ -15,6 +15,7 @@ from cso_dist.data.render import dialogue_system_prompt, make_renderer, segment_
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.models import load_model, load_tokenizer
 from cso_dist.models.gguf import IMPORT_FILE, fetch_model, packaged_gguf
+from cso_dist.pack.attention import method_of
 
 pytestmark = pytest.mark.slow
 SSET = load_strategy_set("esconv")
@@ -77,9 +78,11 @@ def _scores(model, layout_kind: str, dialogues, renderer, dtype=torch.float32):
 
 
 def test_trie_logprobs_on_real_weights_equal_per_pair_scoring(smol, esconv_valid, capsys):
-    """fp32 within 1e-5 relative; the bf16 (autocast) gap between the layouts is printed for the record."""
+    """fp32 within 1e-5 relative, under the default pack.attention (tree on this model); the bf16 (autocast)
+    gap between the layouts is printed for the record."""
     renderer = make_renderer(load_tokenizer(smol), "auto")
-    model = load_model(smol).eval()
+    model = load_model(smol, attention="auto").eval()
+    assert method_of(model) == "tree"
     # one short dialogue with 6+ supporter turns (> 20 replies): per-pair scoring re-reads every history
     dialogues = [min((d for d in esconv_valid[:40] if len(d.turn_indices()) >= 6), key=lambda d: len(d.messages))]
     trie, pair = _scores(model, "trie", dialogues, renderer), _scores(model, "pair", dialogues, renderer)
