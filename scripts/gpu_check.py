@@ -330,12 +330,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, fp32: the code path in seconds")
-    ap.add_argument("--dialogues", type=int, default=0, help="ESConv train dialogues (default 16; --smoke 2)")
+    ap.add_argument("--dialogues", type=int, default=0, help="ESConv train dialogues (default 16; --smoke 1)")
     ap.add_argument("--steps", type=int, default=0, help="timed steps per variant (default 3; --smoke 1)")
     args = ap.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device here (use --smoke for the CPU code path)")
-    n_dlg, steps = args.dialogues or (2 if args.smoke else 16), args.steps or (1 if args.smoke else 3)
+    n_dlg, steps = args.dialogues or (1 if args.smoke else 16), args.steps or (1 if args.smoke else 3)
     t_all = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         work = Path(tempfile.mkdtemp(prefix="gpu-check-"))

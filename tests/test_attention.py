@@ -39,7 +39,12 @@ def tiny(request, tmp_path_factory, esconv_dir):
     """Tiny Qwen2 / Llama models with grouped-query attention (4 heads, 2 key/value heads)."""
     texts = [u["text"] for line in open(esconv_dir / "valid.jsonl") for u in json.loads(line)["dialog"]]
     out = build_tiny_model(
-        request.param, tmp_path_factory.mktemp("att") / "m", tokenizer="bpe", bpe_texts=texts, hidden_size=32, seed=3
+        request.param,
+        tmp_path_factory.mktemp(f"att-{request.param}") / "m",
+        tokenizer="bpe",
+        bpe_texts=texts,
+        hidden_size=32,
+        seed=3,
     )
     return out, load_tokenizer(out)
 
@@ -94,6 +99,8 @@ def _logps(model, batches):
 @pytest.mark.parametrize("method", [pytest.param("tree", marks=pytest.mark.numerics), "flex"])
 def test_logps_equal_dense_and_per_pair(tiny, dialogues, method):
     path, tok = tiny
+    if method == "flex" and "llama" in path.parent.name:
+        pytest.skip("flex's CPU reference is slow; one architecture covers its mask (gpu_check runs it on GPU)")
     batches = _batches(tok, dialogues)
     with torch.no_grad():
         got = _logps(_model(path, method), batches)
