@@ -1,18 +1,14 @@
 """Tree attention (pack.attention tree / flex) is exact: the same log-probs and gradients as the dense mask and
 the per-pair layout, on real ESConv dialogues; its plan covers exactly what the dense mask allows."""
 
-import json
-
 import pytest
+import test_pack
 import torch
 from transformers import AutoModelForCausalLM
 
-from cso_dist.config import DataConfig
-from cso_dist.data.build import build_dialogues
 from cso_dist.data.render import make_renderer, tokenize_dialogue
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.errors import ConfigError, CsoError
-from cso_dist.models import build_tiny_model, load_tokenizer
 from cso_dist.pack import (
     collate_pairs,
     collate_trie,
@@ -28,25 +24,9 @@ from cso_dist.pack.attention import method_of, resolve, tree_plan, use_attention
 SSET = load_strategy_set("esconv")
 
 
-@pytest.fixture(scope="module")
-def dialogues(esconv_dir):
-    ds, _ = build_dialogues(DataConfig(source="esconv", input=str(esconv_dir), split="valid"))
-    return ds[:4]
-
-
-@pytest.fixture(scope="module", params=["qwen2", "llama"])
-def tiny(request, tmp_path_factory, esconv_dir):
-    """Tiny Qwen2 / Llama models with grouped-query attention (4 heads, 2 key/value heads)."""
-    texts = [u["text"] for line in open(esconv_dir / "valid.jsonl") for u in json.loads(line)["dialog"]]
-    out = build_tiny_model(
-        request.param,
-        tmp_path_factory.mktemp(f"att-{request.param}") / "m",
-        tokenizer="bpe",
-        bpe_texts=texts,
-        hidden_size=32,
-        seed=3,
-    )
-    return out, load_tokenizer(out)
+# the fixtures of test_pack: 4 ESConv valid dialogues; tiny Qwen2 / Llama models (GQA: 4 heads, 2 key/value
+# heads) and their tokenizer, as (arch, path, tokenizer)
+dialogues, tiny = test_pack.dialogues, test_pack.tiny
 
 
 def _model(path, method, dtype=torch.float32):
@@ -65,7 +45,7 @@ def _batches(tok, dialogues, budget=1200, max_length=768, kl=False):
 @pytest.mark.unit
 @pytest.mark.parametrize("budget,max_length", [(800, 512), (1200, 768), (4096, 768)])
 def test_plan_covers_exactly_the_dense_mask(tiny, dialogues, budget, max_length):
-    _, tok = tiny
+    _, _, tok = tiny
     batches = _batches(tok, dialogues, budget, max_length, kl=True)  # with KTO branches and split turns (copies)
     assert sum(s.mask is not None for b in batches for s in tree_plan(b).segments) > len(batches)  # several turns
     for b in batches:
@@ -98,8 +78,8 @@ def _logps(model, batches):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [pytest.param("tree", marks=pytest.mark.numerics), "flex"])
 def test_logps_equal_dense_and_per_pair(tiny, dialogues, method):
-    path, tok = tiny
-    if method == "flex" and "llama" in path.parent.name:
+    arch, path, tok = tiny
+    if method == "flex" and arch == "llama":
         pytest.skip("flex's CPU reference is slow; one architecture covers its mask (gpu_check runs it on GPU)")
     batches = _batches(tok, dialogues)
     with torch.no_grad():
@@ -123,7 +103,7 @@ def test_logps_equal_dense_and_per_pair(tiny, dialogues, method):
 @pytest.mark.numerics
 @pytest.mark.slow
 def test_gradients_equal_dense(tiny, dialogues):
-    path, tok = tiny
+    _, path, tok = tiny
     batches = _batches(tok, dialogues[:2])
     grads = []
     for m in ("dense", "tree"):
@@ -142,7 +122,7 @@ def test_gradients_equal_dense(tiny, dialogues):
 
 @pytest.mark.unit
 def test_methods_resolve_per_model(tiny):
-    path, _ = tiny
+    _, path, _ = tiny
     m = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
     assert resolve("auto", m) == "tree"
     m.config.attn_logit_softcapping = 50.0  # gemma2 soft-caps attention logits: SDPA cannot
@@ -160,7 +140,7 @@ def test_methods_resolve_per_model(tiny):
 
 @pytest.mark.unit
 def test_flex_training_on_cpu_is_refused(tiny, dialogues):
-    path, tok = tiny
+    _, path, tok = tiny
     model = _model(path, "flex")
     with pytest.raises(CsoError, match="FlexAttention has no backward on CPU; use pack.attention tree"):
         trie_logps(model, _batches(tok, dialogues[:1])[0], chunk=64)
