@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import peak_bf16  # noqa: E402
+
 from cso_dist import dist  # noqa: E402
 from cso_dist.config import DataConfig, load_config, parse_overrides  # noqa: E402
 from cso_dist.data.build import build_dialogues  # noqa: E402
@@ -48,20 +50,12 @@ SHAPES = {  # Llama-3 shapes (hidden, layers, heads, kv heads, MLP)
         hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336
     ),
 }
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "GH200": 989e12}
 
 
 def main() -> None:
     with contextlib.redirect_stdout(sys.stderr):
         out = bench()
     print(json.dumps(out, indent=2))
-
-
-def _peak(name: str) -> float | None:
-    for k in sorted(PEAK_BF16, key=len, reverse=True):
-        if k in name:
-            return PEAK_BF16[k]
-    return None
 
 
 def bench() -> dict:
@@ -151,7 +145,7 @@ def bench() -> dict:
     tok_s = sum(tokens) / sum(times)
     flops_per_token = (4 if args.mode == "qlora" else 6) * n_params
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = _peak(name) if cuda else None
+    peak = peak_bf16(name) if cuda else None
     return {
         "device": name,
         "shape": args.shape,

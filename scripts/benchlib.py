@@ -38,6 +38,15 @@ def machine(**extra) -> dict:
     }
 
 
+# dense bf16 peak FLOP/s of the cards MFU is reported against (the longest matching name wins: GH200 over H200)
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_bf16(device_name: str) -> float | None:
+    """The card's dense bf16 peak from its CUDA device name, or None for a card not in PEAK_BF16."""
+    return next((PEAK_BF16[k] for k in sorted(PEAK_BF16, key=len, reverse=True) if k in device_name), None)
+
+
 def tiny_model(work: Path, tokenizer: str = "qwen", log=print, **shape) -> Path:
     """A tiny random Qwen2 under `work`, built once per shape (hidden_size, num_layers, ...)."""
     name = "-".join([f"tiny-{tokenizer}", *(f"{k}{v}" for k, v in sorted(shape.items()))])

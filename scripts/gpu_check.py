@@ -37,6 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import peak_bf16  # noqa: E402
+
 from cso_dist.config import DataConfig, load_config, parse_overrides  # noqa: E402
 from cso_dist.data.build import build_dialogues  # noqa: E402
 from cso_dist.data.dialogue import write_dialogues  # noqa: E402
@@ -63,7 +65,6 @@ SHAPES = {  # Qwen2.5 shapes (tied embeddings, GQA), built from config with rand
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
     ),
 }
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
 METHODS = ("tree", "flex", "dense")
 
 
@@ -266,7 +267,7 @@ def throughput(work: Path, shape: str, dialogues, smoke: bool, steps: int) -> di
     out["trl_dpo"] = trl_rate(run_config(work, model_path, smoke), dialogues, steps, model_path, smoke)
     unique = out["trie_tree"]["tokens_per_step"]
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    peak = next((v for k, v in sorted(PEAK_BF16.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+    peak = peak_bf16(name)
     for r in out.values():
         if isinstance(r, dict) and "step_s" in r:
             r["unique_tokens_per_s"] = unique * r["pairs_per_s"] / out["trie_tree"]["pairs_per_step"]
@@ -296,7 +297,7 @@ def memory(work: Path, dialogues, smoke: bool) -> dict:
             engine.step()
         measured = torch.cuda.max_memory_allocated() if cuda else None
         del engine
-        tp = tree_plan(b.data)
+        keys, mask = tree_plan(b.data).per_token()
         setup = Setup(
             method=method,
             zero=0,
@@ -307,8 +308,8 @@ def memory(work: Path, dialogues, smoke: bool) -> dict:
             logit_chunk=cfg.pack.logit_chunk,
             bytes_per_el=2,
             attention="tree",
-            tree_keys=sum(tp.k_sizes) / b.n_tokens,
-            tree_mask=sum(0 if s.mask is None else s.mask.numel() for s in tp.segments) / b.n_tokens,
+            tree_keys=keys,
+            tree_mask=mask,
         )
         p = plan(shape_from_hf_config(model_path), setup)
         out[method] = {

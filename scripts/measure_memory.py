@@ -102,8 +102,7 @@ def measure(args) -> dict:
             before = _status("VmRSS")
             step(b)
             into[ck] = _status("VmHWM") - before
-    tp = tree_plan(batch)
-    keys, mask = sum(tp.k_sizes) / T, sum(0 if s.mask is None else s.mask.numel() for s in tp.segments) / T
+    keys, mask = tree_plan(batch).per_token()
 
     cfg_file = Path(args.work) / "config.json"
     cfg_file.parent.mkdir(parents=True, exist_ok=True)

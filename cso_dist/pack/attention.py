@@ -69,6 +69,12 @@ class TreePlan:
             segments, longest, key_index, [s.q1 - s.q0 for s in segments], [s.k1 - s.k0 + s.q1 - s.q0 for s in segments]
         )
 
+    def per_token(self) -> tuple[float, float]:
+        """(key rows, branch-mask elements) per row token: what `cso-dist plan` calls tree_keys and tree_mask."""
+        T = sum(self.q_sizes)
+        masks = sum(0 if s.mask is None else s.mask.numel() for s in self.segments)
+        return (sum(self.k_sizes) / T, masks / T) if T else (1.0, 0.0)
+
     def to(self, device) -> "TreePlan":
         segs = [Segment(s.q0, s.q1, s.k0, s.k1, None if s.mask is None else s.mask.to(device)) for s in self.segments]
         return TreePlan(segs, self.longest, self.key_index.to(device), self.q_sizes, self.k_sizes)
