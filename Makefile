@@ -1,6 +1,8 @@
 # Two entry points, both create/reuse the virtual environment in $(VENV):
 #   make demo   - the main job: ESConv -> SFT -> CSO (DPO) on SmolLM2-135M-Instruct -> base/SFT/CSO evaluated
 #   make test   - the whole test suite (CI's command), then its numerics tests again on the AVX2 kernels
+#   make study  - SFT vs DPO/IPO/SimPO/KTO/ORPO on SmolLM2-135M-Instruct, tuned per loss, 3 seeds (~3 h on 2 cores;
+#                 resumable: run it again to go on where it stopped)
 # and for the edit loop:
 #   make test-fast      - the `unit` tier (no training runs, no extra processes, no Slurm; < 2 min)
 #   make test-numerics  - the `numerics` tier under both CPU kernel families
@@ -21,7 +23,7 @@ AVX2_KERNELS := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX
 # threads. `make WORKERS= test` runs them in one process.
 WORKERS ?= -n 2 --dist loadfile
 
-.PHONY: demo test test-fast test-numerics lint install clean
+.PHONY: demo study test test-fast test-numerics lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +37,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/cso-dist demo --config configs/demo.yaml
+
+study: $(STAMP)
+	$(VENV)/bin/cso-dist study --config configs/study.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(WORKERS) tests

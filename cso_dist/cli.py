@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("runs", nargs="+", help="run folders (their eval/pred-*.jsonl and metrics.jsonl)")
     er.add_argument("--out", help="output folder (default <first run>/report)")
     er.add_argument("--strategies", default="esconv")
+    er.add_argument(
+        "--group",
+        action="append",
+        metavar="NAME=RUN1,RUN2",
+        help="runs of one method (e.g. its seeds): plotted side by side with mean ± std (repeat per group)",
+    )
     er.set_defaults(func=cmd.cmd_eval_report)
 
     ex = sub.add_parser(
@@ -209,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: ESConv -> preference data -> statistics (CPU)")
     add_config_arg(d)
     d.set_defaults(func=cmd.cmd_demo)
+
+    st = sub.add_parser(
+        "study", help="SFT vs CSO with each loss, tuned per loss on valid, over seeds (job arrays; a rerun resumes)"
+    )
+    add_config_arg(st, "YAML config (configs/study.yaml)")
+    add_flags(st, "study", ["cluster"])
+    st.add_argument(
+        "--until",
+        default="report",
+        choices=["data", "sft", "sweep", "valid", "select", "seeds", "test", "report"],
+        help="stop after this phase (rerun to go on: finished runs are skipped)",
+    )
+    st.set_defaults(func=cmd.cmd_study)
 
     mc = sub.add_parser(
         "mcts", help="build ESC-Pro-format preference data by MCTS over strategies (CSO stage 1)"

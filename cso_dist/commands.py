@@ -325,7 +325,22 @@ def cmd_eval_report(args, extra) -> int:
     from cso_dist.eval.report import run_report
 
     out = Path(args.out) if args.out else Path(args.runs[0]) / "report"
-    print(f"report: {run_report([Path(r) for r in args.runs], out, load_strategy_set(args.strategies))}")
+    groups = {}
+    for g in args.group or []:
+        name, sep, runs = g.partition("=")
+        if not sep or not name or not runs:
+            raise CsoError(f"--group {g!r}: expected NAME=RUN1,RUN2")
+        groups[name] = [Path(r) for r in runs.split(",") if r]
+    report = run_report([Path(r) for r in args.runs], out, load_strategy_set(args.strategies), groups or None)
+    print(f"report: {report}")
+    return 0
+
+
+# ---------------------------------------------------------------- study (SFT vs every loss, over seeds)
+def cmd_study(args, extra) -> int:
+    from cso_dist.study import run_study
+
+    run_study(_config(args, extra, "study"), until=args.until)
     return 0
 
 

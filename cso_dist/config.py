@@ -7,16 +7,12 @@ load with the key named. Later stages (precompute, train, eval, launch) add sect
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from cso_dist.configfile import _apply, _nest, _parse_value, parse_overrides, read_yaml  # noqa: F401 - parse_overrides: public here
 from cso_dist.errors import ConfigError
 from cso_dist.mcts.search import SearchSettings
 
@@ -369,6 +365,84 @@ class DemoConfig:
         _check(self.sft_lr > 0, "demo.sft_lr", "must be > 0")
 
 
+STUDY_OWNED = ("train.method", "run.seed", "run.out_dir", "model.path", "train.train_file", "train.eval_file")
+
+
+@dataclass
+class StudyConfig:
+    """`cso-dist study`: SFT vs CSO with each loss on a real model, every loss tuned on ESConv valid Q (seed 0),
+    then several seeds of each selected config and of SFT scored on ESConv test (cso_dist.study)."""
+
+    model: Literal["smollm2-135m-instruct", "tiny"] = setting(
+        "smollm2-135m-instruct", "the model when model.path is empty: the packaged real model, or a tiny random one"
+    )
+    train_dialogues: int = setting(16, "first N ESConv train dialogues: SFT on their gold replies, CSO on their pairs")
+    valid_dialogues: int = setting(16, "first N ESConv valid dialogues: the selection set (likelihood-mode Q)")
+    test_turns: int = setting(1000, "the first ESConv test dialogues holding at least this many supporter turns")
+    generate_dialogues: int = setting(2, "the last N ESConv test dialogues (apart from the above): greedy generation")
+    seeds: list[int] = setting(
+        help="seeds of SFT and of each selected config (the first one runs the sweep)", factory=lambda: [0, 1, 2]
+    )
+    losses: list[str] = setting(
+        help="CSO losses compared with SFT", factory=lambda: ["dpo", "ipo", "simpo", "kto", "orpo"]
+    )
+    sweep: list[str] = setting(
+        help='per loss, its grid on the first seed: "<loss> KEY=V1,V2 [KEY=V1,V2 ...]" (a loss without one runs '
+        "the config's values)",
+        factory=list,
+    )
+    sft_lr: float = setting(5e-4, "SFT learning rate")
+    sft_epochs: int = setting(1, "SFT epochs")
+    cluster: Literal["local", "slurm", "debug"] = setting(
+        "local", "where the runs go: local processes (slurm.array_parallelism at a time), a Slurm cluster, or debug"
+    )
+    bf16_on_amx: bool = setting(True, "train and evaluate in bf16-mixed where the CPU has AMX (about 2x faster)")
+
+    def grids(self) -> dict[str, dict[str, list[str]]]:
+        """{loss: {dotted key: values}} from `sweep` (validated at load)."""
+        out: dict[str, dict[str, list[str]]] = {}
+        for i, entry in enumerate(self.sweep):
+            key = f"study.sweep[{i}]"
+            loss, *axes = entry.split()
+            _check(loss in self.losses, key, f"'{loss}' is not one of study.losses ({', '.join(self.losses)})")
+            _check(loss not in out, key, f"a second grid for {loss}")
+            _check(bool(axes), key, 'expected "<loss> KEY=V1,V2 [KEY=V1,V2 ...]"')
+            grid: dict[str, list[str]] = {}
+            for ax in axes:
+                k, _, v = ax.partition("=")
+                values = [x for x in v.split(",") if x]
+                _check(bool(k) and bool(values), key, f"'{ax}': expected KEY=V1,V2")
+                _check(k.split(".")[0] in TRAINING_SECTIONS, key, f"'{k}' is not a key of a training section")
+                _check(k not in STUDY_OWNED, key, f"'{k}' is set by the study itself")
+                for x in values:
+                    probe = TrainingConfig()
+                    try:
+                        _apply(probe, _nest({k: _parse_value(x)}), "")
+                    except ConfigError as e:
+                        raise ConfigError(f"config: {key}: {str(e).removeprefix('config: ')}") from None
+                grid[k] = values
+            out[loss] = grid
+        return out
+
+    def validate(self) -> None:
+        methods = typing.get_args(typing.get_type_hints(TrainConfig)["method"])
+        _check(self.train_dialogues >= 1, "study.train_dialogues", "must be >= 1")
+        _check(self.valid_dialogues >= 1, "study.valid_dialogues", "must be >= 1")
+        _check(self.test_turns >= 1, "study.test_turns", "must be >= 1")
+        _check(self.generate_dialogues >= 0, "study.generate_dialogues", "must be >= 0 (0: no generation)")
+        _check(
+            len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "study.seeds", "must be distinct, >= 1"
+        )
+        bad = [x for x in self.losses if x not in methods or x == "sft"]
+        _check(
+            not bad and bool(self.losses), "study.losses", f"unknown or not a CSO loss: {', '.join(bad) or '(none)'}"
+        )
+        _check(len(set(self.losses)) == len(self.losses), "study.losses", "a loss given twice")
+        _check(self.sft_lr > 0, "study.sft_lr", "must be > 0")
+        _check(self.sft_epochs >= 1, "study.sft_epochs", "must be >= 1")
+        self.grids()
+
+
 @dataclass
 class RunConfig:
     out_dir: str = setting("runs/demo", "the run folder: data, reference cache, checkpoints, metrics, eval")
@@ -406,6 +480,7 @@ class Config(TrainingConfig):
     plan: PlanConfig = field(default_factory=PlanConfig)
     mcts: MctsConfig = field(default_factory=MctsConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 TRAINING_SECTIONS = tuple(f.name for f in dataclasses.fields(TrainingConfig))
@@ -416,6 +491,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "launch": TRAINING_SECTIONS + ("slurm",),
     "plan": TRAINING_SECTIONS + ("slurm", "plan"),
     "mcts": ("mcts", "slurm", "run"),
+    "study": TRAINING_SECTIONS + ("slurm", "study"),
     "all": tuple(f.name for f in dataclasses.fields(Config)),
 }
 
@@ -423,127 +499,6 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"config: {key}: {msg}")
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    origin = typing.get_origin(typ)
-    if origin is Literal:
-        if value not in typing.get_args(typ):
-            raise ConfigError(f"config: {key}: {value!r} is not one of {', '.join(map(str, typing.get_args(typ)))}")
-        return value
-    if origin in (list, tuple):
-        (inner,) = typing.get_args(typ)[:1]
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"config: {key}: expected a list, got {type(value).__name__}")
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config: {key}: expected true/false, got {value!r}")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"config: {key}: expected an integer, got {value!r}")
-    if typ is float:
-        out = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
-            try:
-                out = float(value)
-            except ValueError:
-                pass
-        if out is None:
-            raise ConfigError(f"config: {key}: expected a number, got {value!r}")
-        if not math.isfinite(out):
-            raise ConfigError(f"config: {key}: expected a finite number, got {value!r}")
-        return out
-    if typ is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"config: {key}: expected a string, got {value!r}")
-    raise ConfigError(f"config: {key}: unsupported type {typ}")
-
-
-def _apply(obj: Any, values: dict, prefix: str) -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for k, v in values.items():
-        key = f"{prefix}{k}"
-        if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
-            raise ConfigError(f"config: unknown key '{key}'{hint}")
-        sub = getattr(obj, k)
-        if dataclasses.is_dataclass(sub):
-            if not isinstance(v, dict):
-                raise ConfigError(f"config: {key}: expected a section (mapping), got {v!r}")
-            _apply(sub, v, f"{key}.")
-        else:
-            setattr(obj, k, _coerce(v, hints[k], key))
-
-
-def _nest(dotted: dict[str, Any]) -> dict:
-    out: dict = {}
-    for key, val in dotted.items():
-        parts = key.split(".")
-        cur = out
-        for p in parts[:-1]:
-            nxt = cur.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"config: {key}: '{p}' is not a section")
-            cur = nxt
-        cur[parts[-1]] = val
-    return out
-
-
-def _parse_value(raw: str) -> Any:
-    """A command-line value read as YAML (`5` -> 5, `true` -> True, `a,b` stays a string); typed at load."""
-    try:
-        return yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        return raw
-
-
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """`["--data.negatives", "5", "--run.out_dir=x"]` -> {"data.negatives": 5, "run.out_dir": "x"}."""
-    out, i = {}, 0
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--") or "." not in a.split("=")[0]:
-            raise ConfigError(f"config: unexpected argument '{a}' (overrides look like --section.key VALUE)")
-        if "=" in a:
-            key, raw = a[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"config: {a[2:]}: missing value")
-            key, raw = a[2:], args[i + 1]
-            i += 2
-        out[key] = _parse_value(raw)
-    return out
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (YAML would silently keep the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' given twice in one section", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, family: str = "all") -> Config:
@@ -559,20 +514,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 f"(it reads {', '.join(FAMILIES[family])})"
             )
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config: {p}: no such file")
-        try:
-            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            what = f"{e.problem} (line {mark.line + 1})" if getattr(e, "problem", None) and mark else str(e)
-            raise ConfigError(f"config: {p}: bad YAML: {' '.join(what.split())}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"config: {p}: not UTF-8 text (byte {e.start})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config: {p}: expected a mapping of sections")
-        _apply(cfg, raw, "")
+        _apply(cfg, read_yaml(Path(path)), "")
     if overrides:
         _apply(cfg, _nest(overrides), "")
     for f in dataclasses.fields(cfg):

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -112,3 +113,19 @@ def open_run(cfg: TrainingConfig, resume: bool | str, overwrite: bool, main: boo
         clean_partial(ckpt_dir)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return resume_from
+
+
+def finished_run(cfg: TrainingConfig) -> dict | None:
+    """The summary of the finished run in run.out_dir when it is this config's run (its final output and
+    summary.json are there, and its config.yaml differs only in keys that may change: RESUMABLE); else None."""
+    run_dir = Path(cfg.run.out_dir)
+    summary, old = run_dir / "summary.json", run_dir / "config.yaml"
+    if not ((run_dir / "final").exists() and summary.is_file() and old.is_file()):
+        return None
+    fixed, _ = config_changes(yaml.safe_load(old.read_text()) or {}, cfg.to_dict())
+    if fixed:
+        return None
+    try:
+        return json.loads(summary.read_text())
+    except ValueError:
+        return None

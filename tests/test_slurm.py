@@ -164,6 +164,11 @@ def test_submitit_sweep_runs_as_one_job_array(slurm, data):
         "sweep",
         "method=ipo_seed=1",
     )
+    # a rerun of the sweep submits nothing: every point is finished with this config, read from its folder
+    again = submit_sweep(cfg, {"train.method": ["dpo", "ipo"], "run.seed": [0, 1]})
+    assert all(r.job is None for r in again)
+    rows2 = collect(again)
+    assert [(r["state"], r["job"], r["loss"]) for r in rows2] == [("COMPLETED", "earlier", r["loss"]) for r in rows]
 
 
 def _preempt_and_finish(run_dir: Path, signal_job) -> dict:
@@ -252,6 +257,15 @@ def test_submitit_local_and_debug_run_the_same_code_path(data, cluster):
     (row,) = collect([submit_run(cfg, cluster)])
     assert row["state"] == "COMPLETED" and isinstance(row["loss"], float), row
     assert len(losses(data / f"on-{cluster}")) == 2
+
+
+def test_local_sweep_runs_array_parallelism_jobs_at_a_time(data):
+    cfg = cfg_of(overrides(data, "waves", **{"train.max_steps": 1, "slurm.array_parallelism": 1}))
+    runs = submit_sweep(cfg, {"run.seed": [0, 1]}, "local")
+    assert [r["state"] for r in collect(runs)] == ["COMPLETED"] * 2
+    first, second = (data / "waves" / f"seed={s}" for s in (0, 1))
+    # the second job started (wrote its config.yaml) only after the first had finished (its summary.json)
+    assert (first / "summary.json").stat().st_mtime <= (second / "config.yaml").stat().st_mtime
 
 
 def test_submitit_gives_up_after_max_num_timeout(slurm, data):

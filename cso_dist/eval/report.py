@@ -96,6 +96,50 @@ def format_scores(s: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- evaluation tasks (cso_dist.launch.EvalJob)
+SUMMARY_KEYS = ("n", "Q", "W", "B", "accuracy", "unknown")
+
+
+def _task_files(cfg, name: str, mode: str) -> tuple[Path, Path]:
+    d = Path(cfg.run.out_dir) / "eval"
+    return d / f"pred-{name}-{mode}.jsonl", d / f"scores-{name}-{mode}.json"
+
+
+def _flat_scores(name: str, s: dict) -> dict:
+    out = {f"{name}/{k}": s[k] for k in SUMMARY_KEYS}
+    out[f"{name}/parse_rate"] = 1.0 - s["unknown"] / max(s["n"], 1)
+    out.update({f"{name}/{k}": v for k, v in s.get("text", {}).items() if k in TEXT_KEYS})
+    return out
+
+
+def finished_tasks(cfg, tasks: list) -> dict | None:
+    """The flat scores of tasks [(name, data file, mode)] when every one is scored already (else None)."""
+    out: dict = {}
+    for name, _, mode in tasks:
+        scores = _task_files(cfg, name, mode)[1]
+        if not scores.is_file():
+            return None
+        out.update(_flat_scores(name, json.loads(scores.read_text())))
+    return out
+
+
+def evaluate_tasks(cfg, tasks: list, progress: bool = True) -> dict:
+    """Predict and score model.path on each task (name, data file, mode: likelihood or generate):
+    <run.out_dir>/eval/pred-<name>-<mode>.jsonl (a partial file is completed) and scores-<name>-<mode>.json.
+    Returns {"<name>/Q": ..., "<name>/B": ..., ...} over every task."""
+    from cso_dist.eval.generate import run_generate
+    from cso_dist.inputs import resolve_sset
+
+    sset, out = resolve_sset(cfg), {}
+    for name, data_file, mode in tasks:
+        pred, scores = _task_files(cfg, name, mode)
+        if not scores.is_file():
+            run_generate(cfg, "test", pred, mode, str(data_file), progress=progress)
+            atomic_write_text(scores, json.dumps(score_file(pred, sset), indent=2))
+        out.update(_flat_scores(name, json.loads(scores.read_text())))
+    return out
+
+
 # ---------------------------------------------------------------- plots
 def _plt():
     import matplotlib
@@ -169,9 +213,10 @@ def plot_curves(metrics: list[dict], path: Path, title: str) -> bool:
             ax.plot(*zip(*pts), label="train", lw=1)
         if ev:
             ax.plot(*zip(*ev), "o-", label="eval", ms=3)
-        ax.set_title(k, fontsize=9)
+        ax.set_title(k if pts or ev else f"{k}: not logged", fontsize=9)
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        if pts or ev:
+            ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -179,14 +224,96 @@ def plot_curves(metrics: list[dict], path: Path, title: str) -> bool:
     return True
 
 
+def spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def plot_groups(groups: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Q and B per group (method): mean ± std over its runs (seeds), every run as a dot."""
+    plt = _plt()
+    names = list(groups)
+    fig, axes = plt.subplots(1, 2, figsize=(max(7, 1.3 * len(names) + 3), 4))
+    for ax, key, label in zip(axes, ("Q", "B"), ("Q (macro-F1, higher is better)", "B (bias, lower is better)")):
+        for i, n in enumerate(names):
+            vals = [s[key] for s in groups[n]]
+            m, sd = spread(vals)
+            ax.bar(i, m, yerr=sd, capsize=4, color="tab:blue" if n not in ("base", "sft") else "tab:gray", alpha=0.7)
+            ax.plot([i] * len(vals), vals, "k.", ms=5)
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_group_strengths(groups: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Per-strategy preference strengths per group: mean ± std over its runs (the bias picture)."""
+    plt = _plt()
+    names = next(iter(groups.values()))[0]["strategies"]
+    x, w = np.arange(len(names)), 0.8 / len(groups)
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    for j, (g, runs) in enumerate(groups.items()):
+        stats = [spread([s["per_strategy"][n]["preference"] for s in runs]) for n in names]
+        ax.bar(
+            x + (j - (len(groups) - 1) / 2) * w,
+            [m for m, _ in stats],
+            w,
+            yerr=[sd for _, sd in stats],
+            label=g,
+            capsize=2,
+        )
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("preference strength")
+    ax.legend(fontsize=8, ncol=len(groups))
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def group_section(groups: dict[str, list[Path]], out: Path, sset: StrategySet) -> list[str]:
+    """For each prediction file every run of a group has: Q/B per group with error bars, the groups'
+    preference strengths, and each group's confusion matrix summed over its runs; the lines of report.md."""
+    stems = sorted(set.intersection(*({p.name for p in pred_files(Path(r))} for rs in groups.values() for r in rs)))
+    lines = ["## groups (mean ± std over each group's runs)", ""]
+    lines += [f"- {g}: " + ", ".join(f"`{r}`" for r in rs) for g, rs in groups.items()] + [""]
+    for stem in stems:
+        scores = {g: [score_file(Path(r) / "eval" / stem, sset) for r in rs] for g, rs in groups.items()}
+        tag = Path(stem).stem
+        plot_groups(scores, out / f"groups-{tag}.png", f"{stem}: per group, mean ± std (dots: runs)")
+        plot_group_strengths(scores, out / f"groups-{tag}-strengths.png", f"{stem}: preference strengths")
+        lines += [f"### {stem}", "", "| group | runs | Q | W | B | acc |", "|---|---|---|---|---|---|"]
+        for g, ss in scores.items():
+            cells = [
+                f"{m:.4f} ± {sd:.4f}" for m, sd in (spread([s[k] for s in ss]) for k in ("Q", "W", "B", "accuracy"))
+            ]
+            lines.append(f"| {g} | {len(ss)} | " + " | ".join(cells) + " |")
+        lines += ["", f"![Q and B]({'groups-' + tag}.png)", "", f"![strengths]({'groups-' + tag}-strengths.png)", ""]
+        for g, ss in scores.items():
+            summed = {
+                "confusion": np.sum([s["confusion"] for s in ss], axis=0).tolist(),
+                "strategies": ss[0]["strategies"],
+            }
+            png = f"groups-{tag}-{g.replace('/', '_')}-confusion.png"
+            plot_confusion(summed, out / png, f"{g} / {stem}: confusion summed over {len(ss)} runs")
+            lines += [f"![{g} confusion]({png})", ""]
+    return lines
+
+
 # ---------------------------------------------------------------- report
 def pred_files(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "eval").glob("pred-*.jsonl")) if (run_dir / "eval").is_dir() else []
 
 
-def run_report(run_dirs: list[Path], out: Path, sset: StrategySet) -> Path:
-    """report.md + PNGs in `out` for every run's eval/pred-*.jsonl and metrics.jsonl."""
+def run_report(run_dirs: list[Path], out: Path, sset: StrategySet, groups: dict[str, list[Path]] | None = None) -> Path:
+    """report.md + PNGs in `out` for every run's eval/pred-*.jsonl and metrics.jsonl; with `groups`
+    (name -> runs, e.g. a method's seeds) also the groups side by side (group_section)."""
     out.mkdir(parents=True, exist_ok=True)
+    run_dirs = list(run_dirs) + [r for rs in (groups or {}).values() for r in rs if r not in run_dirs]
     table, sections = [], []
     for run in run_dirs:
         run = Path(run)
@@ -251,6 +378,8 @@ def run_report(run_dirs: list[Path], out: Path, sset: StrategySet) -> Path:
         "|" + "---|" * len(head),
     ]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table]
+    if groups:
+        lines += [""] + group_section(groups, out, sset)
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n\n" + "\n\n".join(sections) + "\n")
     return report

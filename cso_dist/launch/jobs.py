@@ -7,6 +7,10 @@ execution on a laptop with the same code path.
     jobs = submit_sweep(cfg, {"train.method": ["dpo", "ipo"], "train.beta": [0.1, 0.5]})
     print(table(collect(jobs)))
 
+A run whose folder already holds its finished result (the same config: cso_dist.rundir.finished_run)
+is not submitted again: a rerun of a sweep submits only what is missing, and collect() reads the
+rest from disk. Off the cluster (local), a sweep runs slurm.array_parallelism jobs at a time.
+
 Preemption and time limits: submitit sends USR2 before the limit (slurm.signal_delay_s); the
 trainer saves a checkpoint at the next step boundary, then hands over to submitit's handler,
 which requeues the job (`TrainJob` is Checkpointable) at most slurm.max_num_timeout times after
@@ -61,6 +65,33 @@ class TrainJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(TrainJob(), config_path)
+
+    @staticmethod
+    def finished(cfg: Config) -> dict | None:
+        from cso_dist.rundir import finished_run  # torch (checkpoint): not in the launcher unless asked
+
+        return finished_run(cfg)
+
+
+class EvalJob:
+    """Evaluates model.path on tasks [(name, data file, mode)] into <run.out_dir>/eval/ (cso_dist.eval.report.
+    evaluate_tasks); a requeued or rerun job completes partial prediction files."""
+
+    def __call__(self, config_path: str, tasks: list) -> dict:
+        from cso_dist.eval.report import evaluate_tasks  # torch: in the job
+
+        return evaluate_tasks(load_config(config_path, {}), tasks, progress=False)
+
+    def checkpoint(self, config_path: str, tasks: list):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(EvalJob(), config_path, tasks)
+
+    @staticmethod
+    def finished(cfg: Config, tasks: list) -> dict | None:
+        from cso_dist.eval.report import finished_tasks
+
+        return finished_tasks(cfg, tasks)
 
 
 def sweep_runs(cfg: Config, grid: dict[str, list]) -> list[tuple[str, dict[str, str]]]:
@@ -135,10 +166,10 @@ def executor(cfg: Config, cluster: str = "slurm", folder: Path | None = None, na
     return ex
 
 
-def _config_file(cfg: Config) -> str:
+def _config_file(cfg: Config, name: str = "launch-config.yaml") -> str:
     d = Path(cfg.run.out_dir).resolve()
     d.mkdir(parents=True, exist_ok=True)
-    path = d / "launch-config.yaml"
+    path = d / name
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     check_no_secrets(text, path)
     atomic_write_text(path, text, mode=0o600)  # may hold values of the environment (slurm.setup)
@@ -149,7 +180,8 @@ def _config_file(cfg: Config) -> str:
 class Run:
     name: str
     cfg: Config
-    job: object  # submitit.Job
+    job: object  # submitit.Job; None when the run had finished before (its result is `done`)
+    done: dict | None = None
 
 
 def submit_run(cfg: Config, cluster: str = "slurm") -> Run:
@@ -159,16 +191,48 @@ def submit_run(cfg: Config, cluster: str = "slurm") -> Run:
     return Run(Path(cfg.run.out_dir).name, cfg, job)
 
 
-def submit_sweep(cfg: Config, grid: dict[str, list], cluster: str = "slurm") -> list[Run]:
-    """One run per grid point, submitted together as one job array (Slurm)."""
-    runs = [(name, _run_config(cfg, over)) for name, over in sweep_runs(cfg, grid)]
-    ex = executor(cfg, cluster, folder=Path(cfg.run.out_dir) / "submitit", name=f"cso-{Path(cfg.run.out_dir).name}")
-    paths = [_config_file(c) for _, c in runs]
-    jobs = []
-    with ex.batch():
-        for p in paths:
-            jobs.append(ex.submit(TrainJob(), p))
-    return [Run(name, c, j) for (name, c), j in zip(runs, jobs)]
+def submit_jobs(
+    cfg: Config,
+    items: list[tuple[str, Config, tuple]],
+    job=None,
+    cluster: str = "slurm",
+    folder: Path | None = None,
+    rerun: bool = False,
+) -> list[Run]:
+    """One job per item (name, run config, extra arguments): job(<run config file>, *extra), submitted
+    together as one job array on Slurm; locally in waves of slurm.array_parallelism jobs, each wave
+    waited for. An item whose result is already there (job.finished) is not submitted unless `rerun`."""
+    job = job or TrainJob()
+    runs, todo = [], []
+    for name, c, extra in items:
+        done = None if rerun else job.finished(c, *extra)
+        runs.append(Run(name, c, None, done))
+        if done is None:
+            todo.append((len(runs) - 1, c, extra))
+    if not todo:
+        return runs
+    kind = "eval" if isinstance(job, EvalJob) else "train"
+    ex = executor(
+        cfg, cluster, folder=folder or Path(cfg.run.out_dir) / "submitit", name=f"cso-{Path(cfg.run.out_dir).name}"
+    )
+    files = [_config_file(c, f"{kind}-config.yaml" if kind != "train" else "launch-config.yaml") for _, c, _ in todo]
+    wave = len(todo) if cluster == "slurm" else cfg.slurm.array_parallelism
+    for start in range(0, len(todo), wave):
+        part = list(zip(todo[start : start + wave], files[start : start + wave]))
+        with ex.batch():
+            submitted = [ex.submit(job, path, *extra) for (_, _, extra), path in part]
+        for ((i, _, _), _), j in zip(part, submitted):
+            runs[i].job = j
+        if cluster == "local" and start + wave < len(todo):
+            for j in submitted:
+                j.wait()
+    return runs
+
+
+def submit_sweep(cfg: Config, grid: dict[str, list], cluster: str = "slurm", rerun: bool = False) -> list[Run]:
+    """One run per grid point, submitted together as one job array (Slurm); finished points are skipped."""
+    items = [(name, _run_config(cfg, over), ()) for name, over in sweep_runs(cfg, grid)]
+    return submit_jobs(cfg, items, TrainJob(), cluster, rerun=rerun)
 
 
 TABLE_KEYS = (
@@ -181,15 +245,19 @@ TABLE_KEYS = (
 )
 
 
-def collect(runs: list[Run]) -> list[dict]:
-    """Wait for every run; one row per run: its name, job id, state and final metrics, or its error
-    (first line) and the path of the job's log."""
+def collect(runs: list[Run], keys: tuple[str, ...] = TABLE_KEYS) -> list[dict]:
+    """Wait for every run; one row per run: its name, job id, state and final metrics (`keys`), or its error
+    (first line) and the path of the job's log. A run finished before reads as job "earlier"."""
     rows = []
     for r in runs:
+        if r.job is None:
+            rows.append({"run": r.name, "job": "earlier", "state": "COMPLETED", **_pick(r.done or {}, keys)})
+            continue
         row = {"run": r.name, "job": r.job.job_id}
         try:
             summary = r.job.results()[0]  # task 0 (rank 0) of a multi-task job
-            row.update({"state": "COMPLETED", **{k: summary.get(k) for k in TABLE_KEYS if k in summary}})
+            r.done = summary
+            row.update({"state": "COMPLETED", **_pick(summary, keys)})
         except Exception as e:  # noqa: BLE001 - submitit raises FailedJobError / UncompletedJobError
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             cause = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
@@ -198,9 +266,13 @@ def collect(runs: list[Run]) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def _pick(summary: dict, keys: tuple[str, ...]) -> dict:
+    return {k: summary.get(k) for k in keys if k in summary}
+
+
+def table(rows: list[dict], keys: tuple[str, ...] = TABLE_KEYS) -> str:
     """A plain-text table of collect() rows (metrics to 4 significant digits)."""
-    cols = ["run", "job", "state", *[k for k in TABLE_KEYS if any(k in r for r in rows)]]
+    cols = ["run", "job", "state", *[k for k in keys if any(k in r for r in rows)]]
     if any("error" in r for r in rows):
         cols += ["error", "log"]
 
@@ -221,6 +293,9 @@ def write_results(runs_dir: Path, rows: list[dict]) -> Path:
 
 __all__ = [
     "TrainJob",
+    "EvalJob",
+    "Run",
+    "submit_jobs",
     "submit_run",
     "submit_sweep",
     "collect",

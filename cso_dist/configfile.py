@@ -1,0 +1,154 @@
+"""Reading a config: YAML files (a key given twice is refused) and dotted command-line overrides, typed
+against the dataclass sections of cso_dist.config (every key named in its error)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cso_dist.errors import ConfigError
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        if value not in typing.get_args(typ):
+            raise ConfigError(f"config: {key}: {value!r} is not one of {', '.join(map(str, typing.get_args(typ)))}")
+        return value
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(typ)[:1]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {key}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config: {key}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config: {key}: expected an integer, got {value!r}")
+    if typ is float:
+        out = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                out = float(value)
+            except ValueError:
+                pass
+        if out is None:
+            raise ConfigError(f"config: {key}: expected a number, got {value!r}")
+        if not math.isfinite(out):
+            raise ConfigError(f"config: {key}: expected a finite number, got {value!r}")
+        return out
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config: {key}: expected a string, got {value!r}")
+    raise ConfigError(f"config: {key}: unsupported type {typ}")
+
+
+def _apply(obj: Any, values: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"config: unknown key '{key}'{hint}")
+        sub = getattr(obj, k)
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config: {key}: expected a section (mapping), got {v!r}")
+            _apply(sub, v, f"{key}.")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def _nest(dotted: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, val in dotted.items():
+        parts = key.split(".")
+        cur = out
+        for p in parts[:-1]:
+            nxt = cur.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"config: {key}: '{p}' is not a section")
+            cur = nxt
+        cur[parts[-1]] = val
+    return out
+
+
+def _parse_value(raw: str) -> Any:
+    """A command-line value read as YAML (`5` -> 5, `true` -> True, `a,b` stays a string); typed at load."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`["--data.negatives", "5", "--run.out_dir=x"]` -> {"data.negatives": 5, "run.out_dir": "x"}."""
+    out, i = {}, 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or "." not in a.split("=")[0]:
+            raise ConfigError(f"config: unexpected argument '{a}' (overrides look like --section.key VALUE)")
+        if "=" in a:
+            key, raw = a[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"config: {a[2:]}: missing value")
+            key, raw = a[2:], args[i + 1]
+            i += 2
+        out[key] = _parse_value(raw)
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice in one section", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(p: Path) -> dict:
+    """A config file as a mapping of sections; one-line errors naming the file (and the line)."""
+    if not p.is_file():
+        raise ConfigError(f"config: {p}: no such file")
+    try:
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        what = f"{e.problem} (line {mark.line + 1})" if getattr(e, "problem", None) and mark else str(e)
+        raise ConfigError(f"config: {p}: bad YAML: {' '.join(what.split())}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config: {p}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {p}: expected a mapping of sections")
+    return raw

@@ -1,0 +1,145 @@
+"""`cso-dist study` end to end on a tiny model (debug cluster: the launcher's code path in one process), its
+resume (a rerun submits nothing and gives the same table), its selection on valid, and the seed statistics."""
+
+import json
+import math
+
+import pytest
+
+from cso_dist.config import load_config
+from cso_dist.errors import ConfigError
+from cso_dist.study import run_study
+from cso_dist.study_report import paired
+from conftest import run_cli
+
+TINY = {
+    "study.model": "tiny",
+    "study.cluster": "debug",
+    "study.train_dialogues": 2,
+    "study.valid_dialogues": 2,
+    "study.test_turns": 12,
+    "study.generate_dialogues": 1,
+    "study.seeds": [0, 1],
+    "study.losses": ["dpo", "simpo"],
+    "study.sweep": ["dpo train.lr=1e-3,3e-2"],
+    "study.bf16_on_amx": False,
+    "eval.max_new_tokens": 6,
+    "tiny_model.hidden_size": 32,
+    "tiny_model.tokenizer": "bpe",  # an ESConv BPE: a small LM head (the Qwen vocabulary's would be most of the time)
+}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, esconv_dir):
+    out = tmp_path_factory.mktemp("study")
+    cfg = load_config("configs/study.yaml", {**TINY, "run.out_dir": str(out), "data.input": str(esconv_dir)})
+    return cfg, out, run_study(cfg)
+
+
+@pytest.mark.slow
+def test_study_runs_every_phase_and_reports_seeds(study):
+    cfg, out, result = study
+    summary, selection = result["summary"], result["selection"]
+    assert list(summary) == ["base", "sft", "dpo", "simpo"]
+    assert [summary[m]["seeds"] for m in summary] == [1, 2, 2, 2]
+    # the test subset: whole dialogues up to >= study.test_turns turns; the generation subset is apart from it
+    test_ids = {json.loads(x)["id"] for x in (out / "data" / "test.jsonl").read_text().splitlines()}
+    gen_ids = {json.loads(x)["id"] for x in (out / "data" / "generate.jsonl").read_text().splitlines()}
+    assert not test_ids & gen_ids and len(gen_ids) == 1
+    assert result["subsets"]["test"] >= 12 and summary["sft"]["test_turns"] == result["subsets"]["test"]
+    # selection: the highest valid Q of the grid (ties: lower B), never a test score
+    pts = selection["dpo"]["points"]
+    assert [p["point"] for p in pts] == ["lr=1e-3", "lr=3e-2"]
+    best = max(pts, key=lambda p: (p["Q"], -p["B"]))
+    assert selection["dpo"]["chosen"] == best["point"] and selection["dpo"]["overrides"] == {
+        "train.lr": best["point"].split("=")[1]
+    }
+    seed1 = load_config(out / "seeds" / "dpo" / "seed=1" / "config.yaml", {})
+    assert seed1.train.lr == float(best["point"].split("=")[1]) and seed1.run.seed == 1
+    assert seed1.model.path == str(out / "sft" / "seed=1" / "final")  # each seed from its own SFT
+    # every run in its own folder, with its scores; the mean and std are those of the seeds' files
+    q = [
+        json.loads((out / d / "eval" / "scores-test-likelihood.json").read_text())["Q"]
+        for d in ("sft/seed=0", "sft/seed=1")
+    ]
+    assert summary["sft"]["test"]["Q"]["values"] == q
+    assert math.isclose(summary["sft"]["test"]["Q"]["mean"], sum(q) / 2)
+    assert summary["dpo"]["vs_sft"]["Q"]["seeds"] == 2
+    # the report: the groups' plots and table, and the study's table
+    report = (out / "report" / "report.md").read_text()
+    assert "## groups" in report and "| dpo | 2 |" in report
+    for png in ("groups-pred-test-likelihood.png", "groups-pred-test-likelihood-strengths.png"):
+        assert (out / "report" / png).stat().st_size > 1000
+    assert (out / "report" / "groups-pred-test-likelihood-dpo-confusion.png").is_file()
+    md = (out / "study.md").read_text()
+    assert "| simpo | 2 |" in md and "Selection on the valid subset" in md
+    assert {t["phase"] for t in map(json.loads, (out / "timing.jsonl").read_text().splitlines())} >= {"sft", "seeds"}
+
+
+@pytest.mark.slow
+def test_study_rerun_submits_nothing_and_gives_the_same_table(study, capsys):
+    cfg, out, first = study
+    capsys.readouterr()
+    again = run_study(cfg)
+    printed = capsys.readouterr().out
+    assert printed.count("0 submitted") == 5 and "submitted" not in printed.replace("0 submitted", "")
+    assert again["summary"] == first["summary"] and again["selection"] == first["selection"]
+
+
+@pytest.mark.slow
+def test_eval_report_groups_from_the_command_line(study, tmp_path):
+    _, out, _ = study
+    runs = [out / "sft" / "seed=0", out / "sft" / "seed=1"]
+    proc = run_cli("eval", "report", *runs, "--group", f"sft={runs[0]},{runs[1]}", "--out", tmp_path, check=True)
+    assert "report:" in proc.stdout and "| sft | 2 |" in (tmp_path / "report.md").read_text()
+    bad = run_cli("eval", "report", runs[0], "--group", "nothing")
+    assert bad.returncode != 0 and "expected NAME=RUN1,RUN2" in bad.stderr
+
+
+def test_paired_seed_differences():
+    up = paired([0.30, 0.33, 0.31], [0.20, 0.21, 0.20], higher_is_better=True)
+    assert up["verdict"] == "better" and up["better_seeds"] == 3 and up["ci95"][0] > 0
+    assert math.isclose(up["mean"], (0.10 + 0.12 + 0.11) / 3)
+    mixed = paired([0.30, 0.18, 0.25], [0.20, 0.21, 0.20], higher_is_better=True)
+    assert mixed["verdict"] == "within the seed spread" and mixed["better_seeds"] == 2
+    b = paired([1.0, 1.1, 1.05], [1.3, 1.35, 1.32], higher_is_better=False)  # B: lower is better
+    assert b["verdict"] == "better" and b["ci95"][1] < 0
+    assert paired([1.5, 1.6, 1.55], [1.3, 1.35, 1.32], higher_is_better=False)["verdict"] == "worse"
+    assert paired([0.3], [0.2], True)["verdict"] == "within the seed spread"  # one seed: no spread to beat
+
+
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        (["xpo train.lr=1e-4"], "'xpo' is not one of study.losses"),
+        (["dpo train.lr=fast"], "study.sweep[0]: train.lr: expected a number"),
+        (["dpo run.seed=1,2"], "'run.seed' is set by the study itself"),
+        (["dpo train.lr"], "expected KEY=V1,V2"),
+        (["dpo slurm.nodes=2"], "not a key of a training section"),
+        (["dpo train.lr=1e-4", "dpo train.lr=1e-3"], "a second grid for dpo"),
+    ],
+)
+def test_study_sweep_entries_are_checked_at_load(sweep, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config("configs/study.yaml", {"study.sweep": sweep})
+
+
+def test_study_config_is_the_recipe_the_readme_measures():
+    cfg = load_config("configs/study.yaml")
+    grids = cfg.study.grids()
+    assert set(grids) == set(cfg.study.losses) == {"dpo", "ipo", "simpo", "kto", "orpo"}
+    assert len(cfg.study.seeds) >= 3 and cfg.study.test_turns >= 1000
+    assert all(len(g["train.lr"]) >= 3 for g in grids.values())
+    assert cfg.slurm.array_parallelism == 1 and cfg.slurm.gpus_per_node == 0
+
+
+@pytest.mark.slow
+def test_a_finished_run_counts_only_for_its_own_config(study):
+    from cso_dist.rundir import finished_run
+
+    _, out, _ = study
+    run = out / "sft" / "seed=1"
+    cfg = load_config(run / "config.yaml", {})
+    assert finished_run(cfg)["method"] == "sft"
+    assert finished_run(load_config(run / "config.yaml", {"train.log_every": 7})) is not None  # may change
+    assert finished_run(load_config(run / "config.yaml", {"train.lr": 0.123})) is None  # another run
