@@ -242,9 +242,14 @@ def cmd_launch_submitit(args, extra) -> int:
     from cso_dist.launch.jobs import write_results
 
     cfg = _config(args, extra, "launch")
-    runs = submit_sweep(cfg, parse_grid(args.sweep), args.cluster) if args.sweep else [submit_run(cfg, args.cluster)]
-    for r in runs:
-        print(f"submitted {r.name}: job {r.job.job_id} -> {r.cfg.run.out_dir}")
+    if args.sweep:
+        runs = submit_sweep(cfg, parse_grid(args.sweep), args.cluster, verbose=True)
+        done = [r.name for r in runs if r.job is None]
+        if done:
+            print(f"finished before (not submitted): {', '.join(done)}")
+    else:
+        runs = [submit_run(cfg, args.cluster)]
+        print(f"submitted {runs[0].name}: job {runs[0].job.job_id} -> {runs[0].cfg.run.out_dir}")
     if args.no_wait:
         return 0
     rows = collect(runs)

@@ -29,11 +29,11 @@ from pathlib import Path
 from cso_dist.config import Config
 from cso_dist.errors import CsoError
 from cso_dist.io import atomic_write_text
-from cso_dist.launch.jobs import EvalJob, TrainJob, _run_config, sweep_runs
+from cso_dist.launch.jobs import EvalJob, TrainJob, run_config, sweep_runs
+from cso_dist.study_report import TRAIN, write_study_report
 
 PHASES = ("data", "sft", "sweep", "valid", "select", "seeds", "test", "report")
 KEYS = ("Q", "W", "B", "accuracy")
-TRAIN_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "tokens_per_s")
 LIST_KEYS = (
     "loss",
     "rewards/accuracies",
@@ -101,13 +101,13 @@ def _write_subsets(cfg: Config, out: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------- configs of the runs
 def _with(cfg: Config, **over) -> Config:
     """cfg with overrides (model__path=... for model.path), validated like any config."""
-    return _run_config(cfg, {k.replace("__", "."): str(v) for k, v in over.items()})
+    return run_config(cfg, {k.replace("__", "."): str(v) for k, v in over.items()})
 
 
 def _phase_runs(cfg: Config, out_dir: Path, grid: dict, prefix: str) -> list[tuple[str, Config, tuple]]:
     """The grid's runs (cso_dist.launch.sweep_runs) under out_dir: (name, config, no extra arguments)."""
     phase = _with(cfg, run__out_dir=out_dir)
-    return [(f"{prefix}/{name}", _run_config(phase, over), ()) for name, over in sweep_runs(phase, grid)]
+    return [(f"{prefix}/{name}", run_config(phase, over), ()) for name, over in sweep_runs(phase, grid)]
 
 
 def _eval_item(cfg: Config, name: str, run_dir: Path, model: Path, tasks: list) -> tuple[str, Config, tuple]:
@@ -164,9 +164,10 @@ def _run_phase(cfg: Config, title: str, items: list, job, folder: Path, may_fail
     if not items:
         return []
     t0 = time.time()
-    runs = submit_jobs(cfg, items, job, cfg.study.cluster, folder=folder)
+    print(f"== {title}: {len(items)} runs", flush=True)
+    runs = submit_jobs(cfg, items, job, cfg.study.cluster, folder=folder, verbose=True)
     new = sum(r.job is not None for r in runs)
-    print(f"== {title}: {len(runs)} runs, {len(runs) - new} finished before, {new} submitted", flush=True)
+    print(f"   {len(runs) - new} finished before, {new} submitted", flush=True)
     rows = collect(runs, LIST_KEYS)
     print(table(rows, LIST_KEYS), flush=True)
     failed = [r for r in rows if r["state"] != "COMPLETED"]
@@ -259,11 +260,11 @@ def run_study(cfg: Config, until: str = "report") -> dict:
             base_cfg, model__path=sft_final[s0], train__method=loss, run__seed=s0, run__out_dir=out / "sweep" / loss
         )
         for name, over in sweep_runs(phase, grid):
-            sweep_items.append((f"sweep/{loss}/{name}", _run_config(phase, over), ()))
+            sweep_items.append((f"sweep/{loss}/{name}", run_config(phase, over), ()))
             meta.append({"loss_name": loss, "point": name, "overrides": {k: over[k] for k in grid if k != "run.seed"}})
     sweep_rows = _run_phase(base_cfg, "sweep (seed %d)" % s0, sweep_items, TrainJob(), sub / "sweep", may_fail=True)
     for m, r in zip(meta, sweep_rows):
-        m["train"] = {k: r["result"][k] for k in TRAIN_KEYS if k in r["result"]}
+        m["train"] = {k: r["result"][k] for k in TRAIN if k in r["result"]}
         if r["state"] != "COMPLETED":
             m["error"] = r.get("error", "failed")
     done = [r for r in sweep_rows if r["state"] == "COMPLETED"]
@@ -325,8 +326,6 @@ def run_study(cfg: Config, until: str = "report") -> dict:
         return {"selection": selection}
 
     # 8. the table and the report
-    from cso_dist.study_report import write_study_report
-
     return write_study_report(cfg, out, runs, selection, sft_valid, counts, time.time() - t_start)
 
 

@@ -121,7 +121,7 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def _run_config(cfg: Config, over: dict[str, str]) -> Config:
+def run_config(cfg: Config, over: dict[str, str]) -> Config:
     """cfg with dotted overrides applied (validated like any config)."""
     base = {f"{sec}.{k}": v for sec, d in cfg.to_dict().items() for k, v in d.items()}
     base.update(parse_overrides([f"--{k}={v}" for k, v in over.items()]))
@@ -198,10 +198,12 @@ def submit_jobs(
     cluster: str = "slurm",
     folder: Path | None = None,
     rerun: bool = False,
+    verbose: bool = False,
 ) -> list[Run]:
     """One job per item (name, run config, extra arguments): job(<run config file>, *extra), submitted
     together as one job array on Slurm; locally in waves of slurm.array_parallelism jobs, each wave
-    waited for. An item whose result is already there (job.finished) is not submitted unless `rerun`."""
+    waited for. An item whose result is already there (job.finished) is not submitted unless `rerun`.
+    verbose: print each submission as it happens (a wave's comes when the one before has finished)."""
     job = job or TrainJob()
     runs, todo = [], []
     for name, c, extra in items:
@@ -223,16 +225,20 @@ def submit_jobs(
             submitted = [ex.submit(job, path, *extra) for (_, _, extra), path in part]
         for ((i, _, _), _), j in zip(part, submitted):
             runs[i].job = j
+            if verbose:
+                print(f"submitted {runs[i].name}: job {j.job_id} -> {runs[i].cfg.run.out_dir}", flush=True)
         if cluster == "local" and start + wave < len(todo):
             for j in submitted:
                 j.wait()
     return runs
 
 
-def submit_sweep(cfg: Config, grid: dict[str, list], cluster: str = "slurm", rerun: bool = False) -> list[Run]:
+def submit_sweep(
+    cfg: Config, grid: dict[str, list], cluster: str = "slurm", rerun: bool = False, verbose: bool = False
+) -> list[Run]:
     """One run per grid point, submitted together as one job array (Slurm); finished points are skipped."""
-    items = [(name, _run_config(cfg, over), ()) for name, over in sweep_runs(cfg, grid)]
-    return submit_jobs(cfg, items, TrainJob(), cluster, rerun=rerun)
+    items = [(name, run_config(cfg, over), ()) for name, over in sweep_runs(cfg, grid)]
+    return submit_jobs(cfg, items, TrainJob(), cluster, rerun=rerun, verbose=verbose)
 
 
 TABLE_KEYS = (
