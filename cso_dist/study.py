@@ -49,10 +49,30 @@ LIST_KEYS = (
 
 # ---------------------------------------------------------------- 1. data
 def _write_subsets(cfg: Config, out: Path) -> dict[str, Path]:
+    """The four subsets' files; made once, then fixed (a rerun reads them; other settings are refused)."""
     from cso_dist.data.build import build_dialogues
     from cso_dist.data.dialogue import write_dialogues
 
     st, data = cfg.study, out / "data"
+    files = {name: data / f"{name}.jsonl" for name in ("train", "valid", "test", "generate")}
+    spec = {
+        **{
+            f"study.{k}": getattr(st, k)
+            for k in ("train_dialogues", "valid_dialogues", "test_turns", "generate_dialogues")
+        },
+        **{f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items() if k != "split"},
+    }
+    marker = data / "subsets.json"
+    if marker.is_file():  # the runs of this folder were trained and scored on these subsets: keep them fixed
+        old = json.loads(marker.read_text())
+        changed = [k for k in spec if old.get(k) != spec[k]]
+        if changed:
+            raise CsoError(
+                f"{marker}: this study's subsets were made with other settings ({', '.join(changed)}: "
+                f"{old.get(changed[0])!r} then, {spec[changed[0]]!r} now); use another run.out_dir"
+            )
+        if all(f.is_file() for f in files.values()):
+            return files
     splits = {}
     for split in ("train", "valid", "test"):
         c = copy.deepcopy(cfg.data)
@@ -75,23 +95,6 @@ def _write_subsets(cfg: Config, out: Path) -> dict[str, Path]:
         "test": test[:n],
         "generate": test[len(test) - st.generate_dialogues :] if st.generate_dialogues else [],
     }
-    files = {name: data / f"{name}.jsonl" for name in subsets}
-    spec = {
-        **{
-            f"study.{k}": getattr(st, k)
-            for k in ("train_dialogues", "valid_dialogues", "test_turns", "generate_dialogues")
-        },
-        **{f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items() if k != "split"},
-    }
-    marker = data / "subsets.json"
-    if marker.is_file():  # the runs of this folder were trained and scored on these subsets: keep them fixed
-        old = json.loads(marker.read_text())
-        changed = [k for k in spec if old.get(k) != spec[k]]
-        if changed:
-            raise CsoError(
-                f"{marker}: this study's subsets were made with other settings ({', '.join(changed)}: "
-                f"{old.get(changed[0])!r} then, {spec[changed[0]]!r} now); use another run.out_dir"
-            )
     for name, dialogues in subsets.items():
         write_dialogues(files[name], dialogues)
     atomic_write_text(marker, json.dumps(spec, indent=2))
@@ -113,6 +116,12 @@ def _phase_runs(cfg: Config, out_dir: Path, grid: dict, prefix: str) -> list[tup
 def _eval_item(cfg: Config, name: str, run_dir: Path, model: Path, tasks: list) -> tuple[str, Config, tuple]:
     """An evaluation of `model` into run_dir/eval (cso_dist.launch.EvalJob)."""
     return (name, _with(cfg, model__path=model, model__method="full", run__out_dir=run_dir), (tasks,))
+
+
+def _ref_cache(out: Path, seed: int, loss: str) -> Path:
+    """One reference cache per SFT model (seed) and reply kinds (KTO adds its KL branches): DPO and IPO runs of a
+    seed share theirs."""
+    return out / "refcache" / f"sft-seed={seed}{'-kl' if loss == 'kto' else ''}"
 
 
 def _base(cfg: Config, out: Path, files: dict[str, Path]) -> tuple[Config, Path]:
@@ -147,7 +156,6 @@ def _base(cfg: Config, out: Path, files: dict[str, Path]) -> tuple[Config, Path]
         "train__train_file": files["train"],
         "train__max_dialogues": 0,
         "train__eval_file": "",
-        "train__ref_cache": out / "refcache",
         "train__final": "adapter" if cfg.model.method in ("lora", "qlora") else cfg.train.final,
     }
     if st.bf16_on_amx and has_amx() and cfg.model.precision == "fp32":
@@ -244,6 +252,7 @@ def run_study(cfg: Config, until: str = "report") -> dict:
         train__epochs=st.sft_epochs,
         train__nll_weight=0.0,
         train__ref_cache="",
+        train__final="merged",  # CSO starts from the SFT model with a fresh adapter; the SFT model is its reference
     )
     sft_rows = _run_phase(
         base_cfg, "sft", _phase_runs(sft_cfg, out / "sft", {"run.seed": st.seeds}, "sft"), TrainJob(), sub / "sft"
@@ -257,7 +266,12 @@ def run_study(cfg: Config, until: str = "report") -> dict:
     for loss in st.losses:
         grid = grids.get(loss) or {"run.seed": [s0]}
         phase = _with(
-            base_cfg, model__path=sft_final[s0], train__method=loss, run__seed=s0, run__out_dir=out / "sweep" / loss
+            base_cfg,
+            model__path=sft_final[s0],
+            train__method=loss,
+            train__ref_cache=_ref_cache(out, s0, loss),
+            run__seed=s0,
+            run__out_dir=out / "sweep" / loss,
         )
         for name, over in sweep_runs(phase, grid):
             sweep_items.append((f"sweep/{loss}/{name}", run_config(phase, over), ()))
@@ -303,6 +317,7 @@ def run_study(cfg: Config, until: str = "report") -> dict:
                 base_cfg,
                 model__path=sft_final[s],
                 train__method=loss,
+                train__ref_cache=_ref_cache(out, s, loss),
                 **{k.replace(".", "__"): v for k, v in sel["overrides"].items()},
             )
             seed_items += _phase_runs(c, out / "seeds" / loss, {"run.seed": [s]}, f"seeds/{loss}")

@@ -3,11 +3,12 @@ resume (a rerun submits nothing and gives the same table), its selection on vali
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from cso_dist.config import load_config
-from cso_dist.errors import ConfigError
+from cso_dist.errors import ConfigError, CsoError
 from cso_dist.study import run_study
 from cso_dist.study_report import paired
 from conftest import run_cli
@@ -20,7 +21,7 @@ TINY = {
     "study.test_turns": 12,
     "study.generate_dialogues": 1,
     "study.seeds": [0, 1],
-    "study.losses": ["dpo", "simpo"],
+    "study.losses": ["dpo", "simpo", "kto"],
     "study.sweep": ["dpo train.lr=1e-3,3e-2"],
     "study.bf16_on_amx": False,
     "eval.max_new_tokens": 6,
@@ -40,8 +41,21 @@ def study(tmp_path_factory, esconv_dir):
 def test_study_runs_every_phase_and_reports_seeds(study):
     cfg, out, result = study
     summary, selection = result["summary"], result["selection"]
-    assert list(summary) == ["base", "sft", "dpo", "simpo"]
-    assert [summary[m]["seeds"] for m in summary] == [1, 2, 2, 2]
+    assert list(summary) == ["base", "sft", "dpo", "simpo", "kto"]
+    assert [summary[m]["seeds"] for m in summary] == [1, 2, 2, 2, 2]
+    # CSO starts from its seed's merged SFT model, which is also its reference (one cache per seed and reply kinds)
+    for run, seed, kinds in (
+        ("sweep/dpo/lr=1e-3", 0, ["c", "r"]),
+        ("seeds/dpo/seed=1", 1, ["c", "r"]),
+        ("seeds/kto/seed=1", 1, ["c", "r", "kl"]),
+    ):
+        c = load_config(out / run / "config.yaml", {})
+        info = json.loads((Path(c.train.ref_cache) / "manifest.json").read_text())["info"]
+        assert (
+            c.model.path == str(out / "sft" / f"seed={seed}" / "final")
+            and (Path(c.model.path) / "model.safetensors").is_file()
+        )
+        assert (info["model_path"], info["method_reference"], info["reply_kinds"]) == (c.model.path, "full", kinds)
     # the test subset: whole dialogues up to >= study.test_turns turns; the generation subset is apart from it
     test_ids = {json.loads(x)["id"] for x in (out / "data" / "test.jsonl").read_text().splitlines()}
     gen_ids = {json.loads(x)["id"] for x in (out / "data" / "generate.jsonl").read_text().splitlines()}
@@ -84,6 +98,13 @@ def test_study_rerun_submits_nothing_and_gives_the_same_table(study, capsys):
     printed = capsys.readouterr().out
     assert printed.count("0 submitted") == 5 and "submitted" not in printed.replace("0 submitted", "")
     assert again["summary"] == first["summary"] and again["selection"] == first["selection"]
+    # the subsets are fixed once made: a study folder refuses other subset settings
+    other = load_config(
+        "configs/study.yaml",
+        {**TINY, "run.out_dir": str(out), "data.input": cfg.data.input, "study.train_dialogues": 3},
+    )
+    with pytest.raises(CsoError, match=r"subsets.json: .*study.train_dialogues: 2 then, 3 now"):
+        run_study(other)
 
 
 @pytest.mark.slow

@@ -58,6 +58,8 @@ class TrainJob:
     """Picklable, Checkpointable callable: requeues itself with the same arguments (training resumes
     from its latest checkpoint, as every start uses resume="auto")."""
 
+    config_name = "launch-config.yaml"  # the run config it reads, written into run.out_dir
+
     def __call__(self, config_path: str) -> dict:
         return _train(config_path)
 
@@ -76,6 +78,8 @@ class TrainJob:
 class EvalJob:
     """Evaluates model.path on tasks [(name, data file, mode)] into <run.out_dir>/eval/ (cso_dist.eval.report.
     evaluate_tasks); a requeued or rerun job completes partial prediction files."""
+
+    config_name = "eval-config.yaml"
 
     def __call__(self, config_path: str, tasks: list) -> dict:
         from cso_dist.eval.report import evaluate_tasks  # torch: in the job
@@ -213,11 +217,10 @@ def submit_jobs(
             todo.append((len(runs) - 1, c, extra))
     if not todo:
         return runs
-    kind = "eval" if isinstance(job, EvalJob) else "train"
     ex = executor(
         cfg, cluster, folder=folder or Path(cfg.run.out_dir) / "submitit", name=f"cso-{Path(cfg.run.out_dir).name}"
     )
-    files = [_config_file(c, f"{kind}-config.yaml" if kind != "train" else "launch-config.yaml") for _, c, _ in todo]
+    files = [_config_file(c, job.config_name) for _, c, _ in todo]
     wave = len(todo) if cluster == "slurm" else cfg.slurm.array_parallelism
     for start in range(0, len(todo), wave):
         part = list(zip(todo[start : start + wave], files[start : start + wave]))
