@@ -48,10 +48,12 @@ def has_amx() -> bool:
         return False
 
 
-def _model(cfg: Config, out: Path) -> Path:
+def base_model(cfg: Config, out: Path, name: str) -> Path:
+    """model.path, else `name`: the packaged real model (imported once), or "tiny" (a random model built once
+    into <out>/tiny-model from the tiny_model section). The demo's and the study's base."""
     if cfg.model.path:
         return Path(cfg.model.path)
-    if cfg.demo.model == "tiny":
+    if name == "tiny":
         model_dir = out / "tiny-model"
         if not (model_dir / "config.json").is_file():
             t = cfg.tiny_model
@@ -66,7 +68,7 @@ def _model(cfg: Config, out: Path) -> Path:
                 seed=cfg.run.seed,
             )
         return model_dir
-    return fetch_model(cfg.demo.model)
+    return fetch_model(name)
 
 
 def _evaluate(cfg: Config, model: Path, run: Path, files: dict[str, Path]) -> dict:
@@ -127,7 +129,7 @@ def run_demo(cfg: Config) -> dict:
 
     # 2. the model
     t0 = time.time()
-    base = _model(cfg, out)
+    base = base_model(cfg, out, cfg.demo.model)
     if d.bf16_on_amx and has_amx() and cfg.model.precision == "fp32":
         cfg = copy.deepcopy(cfg)
         cfg.model.precision = "bf16-mixed"

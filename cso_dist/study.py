@@ -126,32 +126,10 @@ def _ref_cache(out: Path, seed: int, loss: str) -> Path:
 
 def _base(cfg: Config, out: Path, files: dict[str, Path]) -> tuple[Config, Path]:
     """The config every run starts from, and the base model."""
-    from cso_dist.demo import has_amx
-    from cso_dist.models import build_tiny_model
-    from cso_dist.models.gguf import fetch_model
+    from cso_dist.demo import base_model, has_amx
 
     st = cfg.study
-    if cfg.model.path:
-        model = Path(cfg.model.path)
-    elif st.model == "tiny":
-        from cso_dist.data.esconv import esconv_texts
-
-        model = out / "tiny-model"
-        if not (model / "config.json").is_file():
-            t = cfg.tiny_model
-            build_tiny_model(
-                t.arch,
-                model,
-                tokenizer=t.tokenizer,
-                bpe_texts=esconv_texts(str(Path(cfg.data.input) / "train.jsonl") if cfg.data.input else None)
-                if t.tokenizer == "bpe"
-                else None,
-                hidden_size=t.hidden_size,
-                num_layers=t.num_layers,
-                seed=0,
-            )
-    else:
-        model = fetch_model(st.model)
+    model = base_model(cfg, out, st.model)
     over = {
         "train__train_file": files["train"],
         "train__max_dialogues": 0,
