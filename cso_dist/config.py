@@ -196,7 +196,7 @@ class DistConfig:
     """Engine and process group. World size and ranks come from the launcher (torchrun, deepspeed, srun)."""
 
     engine: Literal["torch", "deepspeed"] = setting("torch", "torch: one process or DDP; deepspeed: ZeRO-2/3")
-    deepspeed_config: str = setting("zero3", "zero2 | zero3 | zero3_offload (ds_configs/) or a JSON path")
+    deepspeed_config: str = setting("zero3", "zero2 | zero3 | zero3_offload (cso_dist/ds_configs/) or a JSON path")
     zero_stage: int = setting(0, "0 = as in the JSON; 2 or 3 overrides it")
     timeout_minutes: int = setting(60, "collective timeout of the process group")
 

@@ -83,12 +83,6 @@ def world_from_env(env: dict | None = None) -> World:
     return w
 
 
-def device_for(world: World) -> str:
-    if torch.cuda.is_available():
-        return f"cuda:{world.local_rank % torch.cuda.device_count()}"
-    return "cpu"
-
-
 def init(world: World, timeout_minutes: int) -> None:
     """Join the process group (NCCL on GPUs, gloo on CPU); a no-op for one process."""
     if not world.distributed or td.is_initialized():

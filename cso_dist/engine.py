@@ -2,7 +2,7 @@
 
 TorchEngine      one process, or data-parallel (DDP) under torchrun / srun; full, LoRA and QLoRA.
 DeepSpeedEngine  ZeRO stage 2 or 3 (+ optimizer/parameter CPU offload), bf16 or fp32, from a JSON
-                 file in ds_configs/; ZeRO-3 partitions the model while it loads (HfDeepSpeedConfig).
+                 file in cso_dist/ds_configs/; ZeRO-3 partitions the model while it loads (HfDeepSpeedConfig).
 
 Both run an optimizer step over a *variable* number of micro-batches (the trie packs dialogues
 under a token budget) and both leave gradient averaging over ranks to the framework, so the loop
@@ -28,6 +28,7 @@ import torch
 from cso_dist import dist
 from cso_dist.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, seal, write_failed
 from cso_dist.config import TrainingConfig
+from cso_dist.device import default_device
 from cso_dist.dist import World
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.export import model_from_state_dict, save_final
@@ -99,9 +100,9 @@ class TorchEngine:
 
     kind = "torch"
 
-    def __init__(self, cfg: TrainingConfig, world: World, total_steps: int):
+    def __init__(self, cfg: TrainingConfig, world: World, total_steps: int, device: str | None = None):
         self.cfg, self.world = cfg, world
-        device = dist.device_for(world)
+        device = device or default_device(world.local_rank)
         self.module = load_model(
             cfg.model.path,
             cfg.model.method,
@@ -423,7 +424,12 @@ def to_universal(path: Path, out: Path) -> None:
     (out / "done").write_text("1")
 
 
-def build_engine(cfg: TrainingConfig, world: World, total_steps: int, resume_from: Path | None = None):
+def build_engine(
+    cfg: TrainingConfig, world: World, total_steps: int, resume_from: Path | None = None, device: str | None = None
+):
+    """The engine of dist.engine. `device` (torch engine only; default: the local rank's GPU, else the CPU)."""
     if cfg.dist.engine == "deepspeed":
+        if device is not None:
+            raise ConfigError("dist.engine deepspeed places the model itself: no device can be named")
         return DeepSpeedEngine(cfg, world, total_steps, resume_from)
-    return TorchEngine(cfg, world, total_steps)
+    return TorchEngine(cfg, world, total_steps, device)

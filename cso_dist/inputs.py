@@ -1,15 +1,13 @@
 """What a run reads, resolved from its config: the model folder (and the tokenizer's and weights' folders of an
-adapter), the data files of each split and their dialogues, the strategy set, the renderer, the device.
+adapter), the data files of each split and their dialogues, the strategy set, the renderer.
 Used by training, precompute, evaluation, export and the reference cache's key."""
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import PrefDialogue, read_dialogues
@@ -106,9 +104,3 @@ def load_split(cfg: TrainingConfig, split: str) -> SplitInputs | None:
 
 def make_cfg_renderer(cfg: TrainingConfig) -> Renderer:
     return make_renderer(load_tokenizer(tokenizer_dir(model_dir(cfg))), cfg.data.chat_template)
-
-
-def default_device(rank: int = 0) -> str:
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-    return "cpu"

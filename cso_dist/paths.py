@@ -11,7 +11,7 @@ from cso_dist.errors import ConfigError, CsoError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ESCONV_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")
-SHIPPED_DS = ("zero2", "zero3", "zero3_offload")  # ds_configs/<name>.json
+SHIPPED_DS = ("zero2", "zero3", "zero3_offload")  # cso_dist/ds_configs/<name>.json (package data)
 
 
 def user_cache_dir(kind: str, env_var: str) -> Path:
@@ -56,7 +56,7 @@ def esconv_dir() -> Path:
 
 def ds_config_path(name: str) -> Path:
     if name in SHIPPED_DS:
-        return REPO_ROOT / "ds_configs" / f"{name}.json"
+        return Path(__file__).resolve().parent / "ds_configs" / f"{name}.json"
     p = Path(name)
     if not p.is_file():
         raise ConfigError(f"dist.deepspeed_config: '{name}' is neither a file nor one of {', '.join(SHIPPED_DS)}")

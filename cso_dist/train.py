@@ -174,9 +174,16 @@ def evaluate(engine, batches: list[Batch], cfg: TrainingConfig, refs, world: Wor
 
 
 # ---------------------------------------------------------------- the run
-def run_train(cfg: TrainingConfig, resume: bool | str = False, progress: bool = True, overwrite: bool = False) -> dict:
+def run_train(
+    cfg: TrainingConfig,
+    resume: bool | str = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    device: str | None = None,
+) -> dict:
     """Train; `resume`: True = from the latest good checkpoint (which must exist), "auto" = from it when there
-    is one; `overwrite`: start over in a folder that holds a run (cso_dist.rundir). Raises
+    is one; `overwrite`: start over in a folder that holds a run (cso_dist.rundir); `device`: the torch engine's
+    (default: the local rank's GPU, else the CPU). Raises
     cso_dist.preempt.Preempted after checkpointing when asked to stop (signal or file)."""
     t = cfg.train
     world = world_from_env()
@@ -213,7 +220,7 @@ def run_train(cfg: TrainingConfig, resume: bool | str = False, progress: bool = 
     dist.init(world, cfg.dist.timeout_minutes)
     if cfg.dist.engine == "deepspeed" and not world.distributed:
         dist.init_single()
-    engine = build_engine(cfg, world, len(steps), resume_from)
+    engine = build_engine(cfg, world, len(steps), resume_from, device)
     n_train, n_total = engine.counts()
     start = 0
     conditions = numeric_conditions(world.world_size, engine.kind)

@@ -80,7 +80,7 @@ def _logps(model, batches):
 def test_logps_equal_dense_and_per_pair(tiny, dialogues, method):
     arch, path, tok = tiny
     if method == "flex" and arch == "llama":
-        pytest.skip("flex's CPU reference is slow; one architecture covers its mask (gpu_check runs it on GPU)")
+        pytest.skip("flex's CPU reference is slow; one architecture covers its mask (the GPU kit runs it on GPU)")
     batches = _batches(tok, dialogues)
     with torch.no_grad():
         got = _logps(_model(path, method), batches)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from cso_dist.device import feed
 from cso_dist.errors import ConfigError
 from cso_dist.models import (
     LoraSettings,
@@ -209,8 +210,9 @@ def test_load_full(qwen_dir, precision, dtype):
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_bf16_mixed_keeps_fp32_weights_and_computes_under_autocast(qwen_dir, method):
-    """model.precision bf16-mixed: fp32 weights (and adapters); the forward and the decoder the trie scorer
-    calls run under bf16 autocast, so their activations are bf16 and the loss is close to fp32's."""
+    """model.precision bf16-mixed: fp32 weights (and adapters); every forward entered through
+    cso_dist.device.feed (the model, and the decoder the trie scorer calls) runs under bf16 autocast, so its
+    activations are bf16 and the loss is close to fp32's; a plain call of the model is left as it is."""
     tok = load_tokenizer(qwen_dir)
     batch = _batch(tok)
     mixed = load_model(qwen_dir, method=method, precision="bf16-mixed")
@@ -219,10 +221,11 @@ def test_bf16_mixed_keeps_fp32_weights_and_computes_under_autocast(qwen_dir, met
     seen = []
     proj = base.get_decoder().layers[0].mlp.down_proj
     handle = proj.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
-    base.get_decoder()(input_ids=batch["input_ids"])  # what the trie scorer calls
+    feed(mixed, base.get_decoder(), input_ids=batch["input_ids"])  # what the trie scorer calls
+    base.get_decoder()(input_ids=batch["input_ids"])  # no monkey-patched forward: fp32
     handle.remove()
-    assert seen == [torch.bfloat16]  # a matmul ran in bf16
-    loss = mixed(**batch).loss
+    assert seen == [torch.bfloat16, torch.float32]
+    loss = feed(mixed, mixed, **batch).loss
     loss.backward()
     ref = load_model(qwen_dir, method=method, precision="fp32")(**batch).loss
     assert abs(float(loss) - float(ref)) < 0.02 * abs(float(ref))  # bf16's ~3 significant digits

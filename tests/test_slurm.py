@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cso_dist.checkpoint import list_checkpoints
 from cso_dist.config import load_config
 from cso_dist.launch import collect, submit_run, submit_sweep, table
 from cso_dist.tracking import read_metrics
@@ -183,8 +184,8 @@ def _preempt_and_finish(run_dir: Path, signal_job) -> dict:
     ckpt = None
     while ckpt is None:
         assert time.time() < deadline, "no checkpoint after the signal"
-        done = sorted((run_dir / "checkpoints").glob("step-*/state.json")) if (run_dir / "checkpoints").is_dir() else []
-        ckpt = done[-1] if done else None
+        done = list_checkpoints(run_dir / "checkpoints")  # complete ones only, oldest first
+        ckpt = done[-1] / "state.json" if done else None
         time.sleep(0.05)
     t_ckpt, step = time.time(), json.loads(ckpt.read_text())["step"]
     while not any(m.get("step", 0) > step for m in read_metrics(run_dir) if "loss" in m):
@@ -280,7 +281,7 @@ def test_submitit_gives_up_after_max_num_timeout(slurm, data):
     subprocess.run(["scancel", "--signal=USR2", run.job.job_id], check=True)
     (row,) = collect([run])
     assert row["state"] == "FAILED" and "timed-out too many times" in row["error"], row
-    assert list((data / "timeouts" / "checkpoints").glob("step-*/state.json"))  # resumable by hand
+    assert list_checkpoints(data / "timeouts" / "checkpoints")  # resumable by hand
 
 
 def test_submitit_two_node_deepspeed_run(slurm, data):

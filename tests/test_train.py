@@ -8,10 +8,12 @@ import subprocess
 import sys
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from cso_dist.checkpoint import list_checkpoints
 from cso_dist.config import load_config
 from cso_dist.data.dialogue import read_dialogues
 from cso_dist.data.export import iter_pairs
@@ -189,12 +191,10 @@ def killed(setup, tmp_path_factory):
         stderr=subprocess.DEVNULL,
         env={**os.environ, **ONE_THREAD},
     )
-    ckpts = os.path.join(over["run.out_dir"], "checkpoints")
+    ckpts = Path(over["run.out_dir"]) / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(ckpts) and any(
-            os.path.isfile(os.path.join(ckpts, d, "state.json")) for d in os.listdir(ckpts)
-        ):
+        if list_checkpoints(ckpts):  # complete ones only: never a checkpoint's temporary folder mid-write
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -203,11 +203,7 @@ def killed(setup, tmp_path_factory):
     assert not os.path.isdir(os.path.join(over["run.out_dir"], "final"))
     copy = str(tmp_path_factory.mktemp("resume") / "interrupted-copy")
     shutil.copytree(over["run.out_dir"], copy)
-    at = max(
-        json.loads(open(os.path.join(ckpts, d, "state.json")).read())["step"]
-        for d in os.listdir(ckpts)
-        if os.path.isfile(os.path.join(ckpts, d, "state.json"))
-    )
+    at = max(json.loads((c / "state.json").read_text())["step"] for c in list_checkpoints(ckpts))
     return _curve(full["run.out_dir"]), over, {**over, "run.out_dir": copy}, at
 
 

@@ -28,7 +28,8 @@ from cso_dist.data.render import format_reply, parse_reply, tokenize_dialogue, t
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import CsoError
 from cso_dist.eval.metrics import canonical_or_none
-from cso_dist.inputs import default_device, make_cfg_renderer, resolve_sset
+from cso_dist.device import default_device, feed
+from cso_dist.inputs import make_cfg_renderer, resolve_sset
 from cso_dist.models import load_model, lora_settings
 from cso_dist.pack.logps import trie_logps
 from cso_dist.pack.trie import ReplyId, Span, Unit, collate_trie, pack_units
@@ -107,7 +108,6 @@ def _stop_ids(tokenizer) -> list[int]:
 def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, **sampling) -> list[str]:
     """Continue every token prompt in one left-padded generate() (each prompt ends where generation
     starts); the decoded new text of each, special tokens dropped. `sampling`: generate() options."""
-    device = next(p for p in model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(x) for x in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -115,9 +115,11 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     for k, x in enumerate(prompts):
         ids[k, width - len(x) :] = torch.tensor(x)
         mask[k, width - len(x) :] = 1
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
+    out = feed(
+        model,
+        model.generate,
+        input_ids=ids,
+        attention_mask=mask,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad,
         eos_token_id=_stop_ids(tokenizer),
@@ -226,15 +228,22 @@ def likelihood_rows(
 
 
 def run_generate(
-    cfg: TrainingConfig, split: str, out: Path, mode: str, data_file: str = "", progress: bool = True
+    cfg: TrainingConfig,
+    split: str,
+    out: Path,
+    mode: str,
+    data_file: str = "",
+    progress: bool = True,
+    device: str | None = None,
 ) -> Path:
-    """Write (or complete) the PRED file of `split` with the model at model.path."""
+    """Write (or complete) the PRED file of `split` with the model at model.path (on `device`, default: this
+    process's GPU, else the CPU)."""
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
     dialogues = eval_dialogues(cfg, split, data_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = _done_ids(out)
     torch.manual_seed(cfg.run.seed)
-    device = default_device()
+    device = device or default_device()
     lora = lora_settings(cfg.model)
     model = load_model(
         cfg.model.path, cfg.model.method, cfg.model.precision, lora=lora, device=device, attention=cfg.pack.attention

@@ -58,7 +58,7 @@ class HFBackend:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from cso_dist.inputs import default_device  # torch and transformers only for this backend
+        from cso_dist.device import default_device  # torch and transformers only for this backend
         from cso_dist.models.tokenizer import load_tokenizer
 
         p = Path(path)
@@ -143,8 +143,10 @@ class HFBackend:
         if key in self._caches:
             self._caches[key] = self._caches.pop(key)  # most recently used last
             return self._caches[key]
+        from cso_dist.device import feed
+
         with torch.no_grad():
-            first = self.model(torch.tensor([ids], device=self.device), use_cache=True)
+            first = feed(self.model, self.model, input_ids=torch.tensor([ids]), use_cache=True)
         self._caches[key] = getattr(first, "cache", None) or first.past_key_values  # renamed in transformers 5.2x
         while len(self._caches) > self.cache_prompts:
             self._caches.pop(next(iter(self._caches)))
@@ -155,6 +157,8 @@ class HFBackend:
         the tokens all of them start with run once, and the short rest of each runs as one batch on a copy
         of that key/value cache (right-padded: a row's last real token sees nothing after it)."""
         import torch
+
+        from cso_dist.device import feed, to_model
 
         tok = self.tokenizer
         groups: dict[str, list[int]] = {}
@@ -186,13 +190,9 @@ class HFBackend:
                     cache = copy.deepcopy(self._prompt_cache(ids[0][:n]))
                     cache.batch_repeat_interleave(len(rest))
                     kv = {self._cache_kw: cache, "use_cache": True}
-                logits = self.model(
-                    input_ids=x.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    position_ids=pos.to(self.device),
-                    **kv,
-                ).logits
-            last = logits[torch.arange(len(rest)), torch.tensor([len(r) - 1 for r in rest])]
+                logits = feed(self.model, self.model, input_ids=x, attention_mask=mask, position_ids=pos, **kv).logits
+            rows, ends = to_model(self.model, torch.arange(len(rest)), torch.tensor([len(r) - 1 for r in rest]))
+            last = logits[rows, ends]  # each row's last real token
             top = torch.softmax(last.float(), -1).topk(top_k)
             for k, probs, idx in zip(rows, top.values.tolist(), top.indices.tolist()):
                 d = out[k]

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from cso_dist.config import LoraSettings
+from cso_dist.device import set_autocast
 from cso_dist.errors import ConfigError
 from cso_dist.pack.attention import use_attention
 
@@ -138,20 +139,11 @@ def load_model(
     p = Path(path)
     _check_dir(p)
     model = _load(p, method, precision, lora, device, gradient_checkpointing, reentrant_checkpointing)
-    if precision in AUTOCAST:  # one place for every user: training, precompute, eval and generate()
-        _autocast(model, AUTOCAST[precision], "cuda" if str(device).startswith("cuda") else "cpu")
+    # every forward of every user (training, precompute, eval, generate()) enters through cso_dist.device.feed,
+    # which runs it under this autocast (the trie scorer's LM head stays outside it, in fp32)
+    set_autocast(model, AUTOCAST.get(precision))
     use_attention(model, attention)
     return model
-
-
-def _autocast(model: torch.nn.Module, dtype: torch.dtype, kind: str) -> None:
-    """Run the model's forward, and its decoder's (the trie scorer calls the decoder and applies the LM head
-    itself, in fp32), under torch.autocast."""
-    model.forward = torch.autocast(kind, dtype=dtype)(model.forward)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    if decoder is not None and decoder is not base:
-        decoder.forward = torch.autocast(kind, dtype=dtype)(decoder.forward)
 
 
 def _load(

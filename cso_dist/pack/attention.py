@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cso_dist.device import unwrap
 from cso_dist.errors import ConfigError, CsoError
 
 if TYPE_CHECKING:
@@ -223,16 +224,11 @@ _register()
 
 
 # ---------------------------------------------------------------- choosing a model's method
-def _hf_model(model):
-    inner = getattr(model, "module", model)  # DeepSpeed engine / DDP
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-
-
 def resolve(method: str, model) -> str:
     """`method` for this model: auto -> tree, or dense where the model soft-caps attention logits."""
     if method not in METHODS:
         raise ConfigError(f"pack.attention: '{method}' is not one of {', '.join(METHODS)}")
-    cfg = _hf_model(model).config
+    cfg = unwrap(model).config
     softcap = getattr(cfg, "attn_logit_softcapping", None)
     if method == "auto":
         return "dense" if softcap else "tree"
@@ -246,7 +242,7 @@ def resolve(method: str, model) -> str:
 def use_attention(model, method: str) -> str:
     """Set a loaded model's attention for trie rows to `method` (resolved); returns the method used. dense
     keeps the model's own implementation (sdpa where tree or flex was set before)."""
-    method, hf = resolve(method, model), _hf_model(model)
+    method, hf = resolve(method, model), unwrap(model)
     if method in _NAMES:
         hf.set_attn_implementation(_NAMES[method])
     elif hf.config._attn_implementation in _NAMES.values():
@@ -256,15 +252,17 @@ def use_attention(model, method: str) -> str:
 
 def method_of(model) -> str:
     """tree, flex or dense: what trie_logps runs for this model."""
-    impl = getattr(_hf_model(model).config, "_attn_implementation", None)
+    impl = getattr(unwrap(model).config, "_attn_implementation", None)
     return next((m for m, n in _NAMES.items() if n == impl), "dense")
 
 
 def decoder_mask_kwargs(model, batch: TrieBatch, device, dense_dtype: torch.dtype) -> dict:
-    """The attention arguments a decoder call over `batch` gets under the model's method."""
+    """The attention arguments a decoder call over `batch` gets under the model's method. Tensors stay on the CPU
+    (cso_dist.device.feed moves them with the other inputs); the tree plan and the BlockMask, which the attention
+    function reads itself, are built for `device`."""
     method = method_of(model)
     if method == "tree":
-        return {"attention_mask": _NO_MASK.to(device), "cso_tree": tree_plan(batch).to(device)}
+        return {"attention_mask": _NO_MASK, "cso_tree": tree_plan(batch).to(device)}
     if method == "flex":
         return {"attention_mask": tree_block_mask(batch, device)}
-    return {"attention_mask": batch.attention_mask(dense_dtype).to(device)}
+    return {"attention_mask": batch.attention_mask(dense_dtype)}

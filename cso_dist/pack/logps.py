@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from cso_dist.device import feed, model_device, to_model
 from cso_dist.pack.attention import decoder_mask_kwargs
 
 if TYPE_CHECKING:  # a type only: trie.py imports this module for TrieBatch.logps
@@ -42,7 +43,7 @@ def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dty
     time (recomputed in backward), so no [tokens x vocab] tensor over the history exists.
     """
     decoder, head, softcap, attn = _decoder_and_head(model)
-    device = head.weight.device
+    device = model_device(model)
     if mask_dtype is not None:
         dtype = mask_dtype
     elif attn == "eager":  # eager adds the mask to the scores: additive, in the compute dtype
@@ -50,14 +51,10 @@ def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dty
         dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else torch.float32
     else:  # sdpa / flash / flex take a boolean mask (True = attend), as transformers builds them
         dtype = torch.bool
-    hidden = decoder(
-        input_ids=batch.input_ids.to(device),
-        position_ids=batch.position_ids.to(device),
-        use_cache=False,
-        **decoder_mask_kwargs(model, batch, device, dtype),
-    ).last_hidden_state[0]
-    h = hidden.index_select(0, batch.pred_idx.to(device))
-    targets = batch.target_ids.to(device)
+    mask = decoder_mask_kwargs(model, batch, device, dtype)  # read on the CPU, built for the model's device
+    out = feed(model, decoder, input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **mask)
+    pred_idx, targets, token_reply = to_model(model, batch.pred_idx, batch.target_ids, batch.token_reply)
+    h = out.last_hidden_state[0].index_select(0, pred_idx)
     parts = []
     for lo in range(0, h.shape[0], chunk):
         hs, ts = h[lo : lo + chunk], targets[lo : lo + chunk]
@@ -66,5 +63,5 @@ def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dty
         else:
             parts.append(_chunk_logps(hs, ts, head, softcap))
     tok = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
-    out = torch.zeros(len(batch.reply_ids), dtype=tok.dtype, device=device)
-    return out.index_add(0, batch.token_reply.to(device), tok)
+    sums = torch.zeros(len(batch.reply_ids), dtype=tok.dtype, device=device)
+    return sums.index_add(0, token_reply, tok)

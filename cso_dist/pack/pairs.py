@@ -15,6 +15,7 @@ import torch
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.render import Renderer, turn_examples
 from cso_dist.data.strategies import StrategySet
+from cso_dist.device import feed, to_model
 from cso_dist.pack.trie import ReplyId
 
 
@@ -71,8 +72,9 @@ def collate_pairs(rows: list[PairRow], pad_id: int) -> PairBatch:
 
 def pair_logps(model, batch: PairBatch) -> torch.Tensor:
     """Summed log-prob of each row's reply, from full logits (the classic computation)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logits = feed(model, model, input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     logits = logits[:, :-1]
     logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    tok = torch.gather(logps, 2, batch.input_ids[:, 1:, None]).squeeze(2)
-    return (tok * batch.reply_mask[:, 1:]).sum(1)
+    ids, reply_mask = to_model(model, batch.input_ids, batch.reply_mask)
+    tok = torch.gather(logps, 2, ids[:, 1:, None]).squeeze(2)
+    return (tok * reply_mask[:, 1:]).sum(1)

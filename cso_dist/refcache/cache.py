@@ -32,7 +32,8 @@ from cso_dist.data.render import Renderer
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.pack import LaidOut, ReplyId, lay_out, score_units
-from cso_dist.inputs import SPLITS, SplitInputs, default_device, load_split, make_cfg_renderer, resolve_sset
+from cso_dist.device import default_device
+from cso_dist.inputs import SPLITS, SplitInputs, load_split, make_cfg_renderer, resolve_sset
 from cso_dist.refcache.key import (
     FORMAT_VERSION,
     RefModel,

@@ -1,0 +1,72 @@
+"""Where models run: the device a process computes on, the device a loaded model sits on, and the one call that
+moves a model's inputs there and runs it under the model's autocast.
+
+Every path that runs a model -- trie and per-pair scoring (training, the live reference, precompute, likelihood
+eval), generation, the MCTS backend, the GPU kit -- calls `feed` (or `to_model` for tensors it indexes the
+model's outputs with). Data is built on the CPU; nothing else in the package moves it. tests/test_device.py runs
+each of those paths with the model on another device than its data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+_AUTOCAST = "_cso_autocast"  # attribute of the HF model: the compute dtype of precision bf16-mixed
+
+
+def default_device(local_rank: int | None = None) -> str:
+    """This process's device: the GPU of its local rank (LOCAL_RANK when not given), else the CPU."""
+    if torch.cuda.is_available():
+        rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+        return f"cuda:{rank % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def unwrap(model) -> torch.nn.Module:
+    """The Hugging Face model inside a DeepSpeed engine / DDP wrapper and a PEFT model."""
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def model_device(model) -> torch.device:
+    """Where `model` computes: its weights' device; for ZeRO-3 partitioned weights (whose storage may sit on the
+    CPU) the rank's accelerator."""
+    p = next(unwrap(model).parameters())
+    if hasattr(p, "ds_id"):
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
+    return p.device
+
+
+def set_autocast(model, dtype: torch.dtype | None) -> None:
+    """Make every `feed` of `model` run under autocast to `dtype` (precision bf16-mixed; None: off)."""
+    setattr(unwrap(model), _AUTOCAST, dtype)
+
+
+def autocast(model):
+    """The context `model` computes under: torch.autocast to its bf16-mixed dtype, else nothing."""
+    dtype = getattr(unwrap(model), _AUTOCAST, None)
+    kind = model_device(model).type
+    if dtype is None or kind not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(kind, dtype=dtype)
+
+
+def to_model(model, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """`tensors` on the model's device (the one place inputs move)."""
+    device = model_device(model)
+    return [t.to(device, non_blocking=True) for t in tensors]
+
+
+def feed(model, fn, /, **inputs):
+    """fn(**inputs) -- the model, its decoder or its generate() -- with every tensor among `inputs` moved to the
+    model's device and under the model's autocast. Other values (caches, a tree plan built for the device) pass
+    as they are."""
+    device = model_device(model)
+    moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with autocast(model):
+        return fn(**moved)

@@ -1,0 +1,209 @@
+"""What the GPU kit's sections share (scripts/device/sections.py): the result file written after every part,
+the model shapes built from config, the run configs, the planner's figure for a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # benchlib, vs_trl_variants
+
+SHAPES = {  # Qwen2.5 shapes (tied embeddings, GQA), built from config with random weights
+    "qwen2.5-0.5b": dict(
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864
+    ),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960
+    ),
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
+    ),
+}
+
+
+def log(*a) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
+
+
+class Result:
+    """The section's JSON, rewritten (atomically) after every part."""
+
+    def __init__(self, path: Path, name: str, smoke: bool, select: tuple[str, ...] = ()):
+        self.path, self.t0, self.select = path, time.perf_counter(), select
+        self.data: dict = {"section": name, "smoke": smoke, "parts_done": [], "parts_failed": []}
+        if select:
+            self.data["selected"] = list(select)
+
+    def write(self) -> None:
+        self.data["seconds"] = round(time.perf_counter() - self.t0, 2)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        os.replace(tmp, self.path)
+
+    def part(self, key: str, fn, *args, **kwargs):
+        """data[key] = fn(...), or the exception and the tail of its traceback; the JSON is rewritten. With a
+        selection (--parts), a part none of whose words is in its key is skipped (models are always built)."""
+        if self.select and not key.endswith("model") and not any(w in key for w in self.select):
+            self.data[key] = {"skipped": "not selected (--parts)"}
+            return self.data[key]
+        log(f"{self.data['section']}: {key}")
+        t0 = time.perf_counter()
+        try:
+            value = fn(*args, **kwargs)
+            self.data["parts_done"].append(key)
+        except Exception as e:  # noqa: BLE001 - recorded, and the next part runs
+            value = {"error": f"{type(e).__name__}: {str(e)[:2000]}", "traceback": traceback.format_exc()[-4000:]}
+            self.data["parts_failed"].append(key)
+            log(f"{self.data['section']}: {key} FAILED: {value['error'][:300]}")
+        if isinstance(value, dict):
+            value.setdefault("seconds", round(time.perf_counter() - t0, 2))
+        self.data[key] = value
+        self.write()
+        free_memory()
+        return value
+
+
+def free_memory() -> None:
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- shared helpers
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def dialogues(n: int):
+    from cso_dist.config import DataConfig
+    from cso_dist.data.build import build_dialogues
+
+    return build_dialogues(DataConfig(source="esconv", split="train"))[0][:n]
+
+
+def build_model(work: Path, shape: str) -> tuple[Path, int]:
+    """The shape with the real Qwen2.5 vocabulary (tiny: a 4k ESConv BPE one), random weights (built on the GPU
+    where there is one), saved once under `work`."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from cso_dist.data.esconv import esconv_texts
+    from cso_dist.models import qwen_tokenizer
+    from cso_dist.models.tokenizer import bpe_tokenizer
+
+    out = work / shape
+    if (out / "config.json").is_file():
+        return out, json.loads((out / "params.json").read_text())["params"]
+    tok = bpe_tokenizer(esconv_texts(), vocab_size=4096, template="chatml") if shape == "tiny" else qwen_tokenizer()
+    cfg = Qwen2Config(
+        **SHAPES[shape],
+        vocab_size=len(tok),
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32 if shape == "tiny" else torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "params.json").write_text(json.dumps({"params": n}))
+    del model
+    return out, n
+
+
+def run_config(work: Path, model: Path, smoke: bool, **over):
+    from cso_dist.config import load_config, parse_overrides
+
+    base = {
+        "model.path": model,
+        "model.method": "full",
+        "model.precision": "fp32" if smoke else "bf16",
+        "train.train_file": work / "train.jsonl",
+        "run.out_dir": work / "run",
+        "pack.max_tokens": 2048 if smoke else 8192,
+        "data.max_length": 1024 if smoke else 2048,
+        "train.lr": 1e-6,
+        "train.warmup_ratio": 0,
+        "train.gradient_checkpointing": "false" if smoke else "true",
+    }
+    base.update(over)
+    return load_config(None, parse_overrides([f"--{k}={v}" for k, v in base.items()]))
+
+
+def layout_batches(cfg, dlg):
+    from cso_dist.inputs import make_cfg_renderer, resolve_sset
+    from cso_dist.train import make_layout, micro_batches
+
+    renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
+    return micro_batches(make_layout(cfg, dlg, renderer, sset, False), list(range(len(dlg))))
+
+
+def counts_of(micro) -> dict:
+    return {k: sum(b.counts[k] for b in micro) for k in ("chosen", "pairs", "kto")}
+
+
+def planned(model_path: Path, cfg, micro, method: str, zero: int, optimizer: str = "adamw") -> dict:
+    """`cso-dist plan` for this run: the largest micro-batch's row, its measured tree-attention shape."""
+    from cso_dist.pack.attention import tree_plan
+    from cso_dist.plan import Setup, plan, shape_from_hf_config
+
+    big = max(micro, key=lambda b: b.n_tokens)
+    keys, mask = tree_plan(big.data).per_token() if hasattr(big.data, "ctx_lo") else (6.5, 600.0)
+    setup = Setup(
+        method=method,
+        zero=zero,
+        gpus_per_node=1,
+        gpu_mem_gb=139.0,
+        seq_len=big.n_tokens,
+        micro_batch=1,
+        checkpointing=cfg.train.gradient_checkpointing,
+        logit_chunk=cfg.pack.logit_chunk,
+        optimizer=optimizer,
+        bytes_per_el=2,
+        attention="tree" if cfg.pack.attention in ("auto", "tree") else cfg.pack.attention,
+        tree_keys=keys,
+        tree_mask=mask,
+    )
+    p = plan(shape_from_hf_config(model_path), setup)
+    return {"row_tokens": big.n_tokens, "planned_gib": p["total_gib"], "tree_keys": keys, "tree_mask": mask}
