@@ -1,7 +1,7 @@
 """The GPU kit's check: its sections in priority order, each in its own process under its own time box, inside a
 total budget. run.sh calls it after the install step; it needs no GPU itself (the sections do).
 
-    python scripts/device/check.py --out DIR [--budget-s 540] [--sections env,exactness] [--parts flex,trl] [--smoke]
+    python scripts/device/check.py --out DIR [--budget-s 550] [--sections env,exactness] [--parts flex,trl] [--smoke]
 
 Each section writes DIR/<section>.json the moment it finishes (and after every part, so a section stopped by its
 box keeps what it did); a section whose box would not fit the budget left is skipped, with a JSON that says so;
@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # (section, time box on an H200 in seconds, time box in --smoke on a 2-core CPU): the boxes and how they were
 # sized are in scripts/device/README.md
-SECTIONS = (("env", 45, 120), ("exactness", 160, 300), ("throughput", 210, 420), ("engines", 120, 300))
+SECTIONS = (("env", 40, 120), ("exactness", 130, 300), ("throughput", 280, 420), ("engines", 100, 300))
 
 
 def _read(path: Path) -> dict:
@@ -93,7 +93,7 @@ def status_of(d: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output folder (the device tool's $OUT)")
-    ap.add_argument("--budget-s", type=float, default=540, help="total seconds for all sections")
+    ap.add_argument("--budget-s", type=float, default=550, help="total seconds for all sections")
     ap.add_argument("--sections", default=",".join(s for s, _, _ in SECTIONS), help="comma list, in this order")
     ap.add_argument("--parts", default="", help="comma list: only the parts whose key holds one of these words")
     ap.add_argument("--box-s", type=float, default=0, help="every section's time box (default: its own)")

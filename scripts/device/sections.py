@@ -522,7 +522,7 @@ def throughput(r: Result, smoke: bool, work: Path) -> None:
     peak = peak_bf16(device_name())
     r.data["dialogues"], r.data["steps"], r.data["peak_bf16_tflops"] = len(dlg), steps, peak / 1e12 if peak else None
     shapes = ["tiny"] if smoke else ["qwen2.5-0.5b", "qwen2.5-1.5b"]
-    # priority: trie vs per-pair (and LoRA) on every shape, a profile, flex (its warm-up step compiles), TRL
+    # priority: trie vs per-pair (and LoRA) on every shape, flex, a profile of tree attention, TRL
     for shape, (name, over) in [(shape, v) for shape in shapes for v in variants[:3]]:
         key = f"{shape}/{name}"
         if f"{shape}/model" not in r.data:
@@ -533,19 +533,20 @@ def throughput(r: Result, smoke: bool, work: Path) -> None:
             continue
         row = r.part(key, _step_rate, work, Path(built["path"]), built["params"], dlg, steps, smoke, **over)
         _unique_rate(r, shape, row, peak)
-    shape = shapes[0]
-    if "path" in r.data.get(f"{shape}/model", {}):  # where a trie step's time goes, before flex's compiles
-        tree = variants[0][1]
-        r.part(f"{shape}/profile_trie_tree", _profile, work, Path(r.data[f"{shape}/model"]["path"]), dlg, smoke, **tree)
-    runs = [(shape, variants[3]) for shape in shapes]
-    for shape, (name, over) in runs:
-        key = f"{shape}/{name}"
+    for shape in shapes:  # flex: its warm-up step compiles (once per row length)
+        key = f"{shape}/{variants[3][0]}"
         if not cuda():
             r.data[key] = {"skipped": "FlexAttention has no CPU backward"}
         elif "path" in r.data.get(f"{shape}/model", {}):
             built = r.data[f"{shape}/model"]
-            row = r.part(key, _step_rate, work, Path(built["path"]), built["params"], dlg, steps, smoke, **over)
+            row = r.part(
+                key, _step_rate, work, Path(built["path"]), built["params"], dlg, steps, smoke, **variants[3][1]
+            )
             _unique_rate(r, shape, row, peak)
+    shape = shapes[0]
+    if "path" in r.data.get(f"{shape}/model", {}):  # where a tree-attention step's time goes
+        tree = variants[0][1]
+        r.part(f"{shape}/profile_trie_tree", _profile, work, Path(r.data[f"{shape}/model"]["path"]), dlg, smoke, **tree)
     if smoke:  # TRL's trainer takes a minute on 2 CPU cores; its code runs as it does on the GPU
         r.data["tiny/trl_dpo"] = {"skipped": "--smoke: TRL's run is left to the GPU"}
     elif "path" in r.data.get("qwen2.5-0.5b/model", {}):
