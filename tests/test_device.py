@@ -193,5 +193,6 @@ def test_mcts_hf_backend_runs_on_the_models_device(root):
             assert on_other(next(backend.model.parameters())) == (where == DEV)
             got[where] = (backend._generate([chat, chat[:1]], 6, 0.0), backend._probe(probes, 5))
     assert got["cpu"][0] == got[DEV][0]
+    assert len(got[DEV][1]) == len(probes) and all(got[DEV][1]), got[DEV][1]  # every probe has its answer
     for a, b in zip(got["cpu"][1], got[DEV][1]):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)

@@ -191,8 +191,8 @@ class HFBackend:
                     cache.batch_repeat_interleave(len(rest))
                     kv = {self._cache_kw: cache, "use_cache": True}
                 logits = feed(self.model, self.model, input_ids=x, attention_mask=mask, position_ids=pos, **kv).logits
-            rows, ends = to_model(self.model, torch.arange(len(rest)), torch.tensor([len(r) - 1 for r in rest]))
-            last = logits[rows, ends]  # each row's last real token
+            batch, ends = to_model(self.model, torch.arange(len(rest)), torch.tensor([len(r) - 1 for r in rest]))
+            last = logits[batch, ends]  # each row's last real token
             top = torch.softmax(last.float(), -1).topk(top_k)
             for k, probs, idx in zip(rows, top.values.tolist(), top.indices.tolist()):
                 d = out[k]
