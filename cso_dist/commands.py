@@ -110,7 +110,11 @@ def cmd_data_pairs(args, extra) -> int:
     dialogues = read_dialogues(args.file, None if args.strategies in (None, "auto") else sset)
     if args.strategies in (None, "auto"):
         sset = resolve_strategy_set("auto", dialogues[0].strategy_set)
-    n = write_jsonl(args.out, pair_rows(dialogues, sset, args.format))
+    rows = list(pair_rows(dialogues, sset, args.format))
+    if not rows:
+        kind = "a non-preferred reply" if args.format == "dpo" else "a supporter turn"
+        raise CsoError(f"data pairs: {args.file}: no turn has {kind}: no {args.format.upper()} row to write")
+    n = write_jsonl(args.out, rows)
     print(f"wrote {n} {args.format.upper()} rows to {args.out}")
     return 0
 
@@ -152,7 +156,7 @@ def cmd_tiny_model(args, extra) -> int:
 def cmd_model_import(args, extra) -> int:
     from cso_dist.models.gguf import import_gguf
 
-    print(f"model folder: {import_gguf(args.gguf, args.out)}")
+    print(f"model folder: {import_gguf(args.gguf, args.out, overwrite=args.overwrite)}")
     return 0
 
 
@@ -320,7 +324,8 @@ def cmd_eval_generate(args, extra) -> int:
     from cso_dist.eval.generate import run_generate
 
     cfg = _config(args, extra, "training")
-    out = Path(args.out) if args.out else Path(cfg.run.out_dir) / "eval" / f"pred-{args.split}-{cfg.eval.mode}.jsonl"
+    name = Path(args.data).stem if args.data else args.split  # a data file's rows are named after the file
+    out = Path(args.out) if args.out else Path(cfg.run.out_dir) / "eval" / f"pred-{name}-{cfg.eval.mode}.jsonl"
     run_generate(cfg, args.split, out, cfg.eval.mode, args.data or "")
     return 0
 

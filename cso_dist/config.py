@@ -253,6 +253,12 @@ class SlurmConfig:
         _check(self.signal_delay_s >= 0, "slurm.signal_delay_s", "must be >= 0")
         _check(self.max_num_timeout >= 0, "slurm.max_num_timeout", "must be >= 0")
         _check(self.array_parallelism >= 1, "slurm.array_parallelism", "must be >= 1")
+        for key in ("partition", "account", "qos"):  # rendered into #SBATCH lines and submitit's script
+            _check_token(getattr(self, key), f"slurm.{key}")
+        for i, x in enumerate(self.extra):
+            _check_token(x, f"slurm.extra[{i}]")
+        for i, line in enumerate(self.setup):  # one shell line each
+            _check(not _control(line), f"slurm.setup[{i}]", f"{line!r} holds a control character (one line each)")
 
 
 @dataclass
@@ -450,6 +456,7 @@ class RunConfig:
 
     def validate(self) -> None:
         _check(bool(self.out_dir.strip()), "run.out_dir", "must not be empty")
+        _check(not _control(self.out_dir), "run.out_dir", f"{self.out_dir!r} holds a control character")
 
 
 @dataclass
@@ -499,6 +506,17 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"config: {key}: {msg}")
+
+
+def _control(text: str) -> bool:
+    """Whether `text` holds a control character (newline, carriage return, NUL, escape, ...)."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def _check_token(value: str, key: str) -> None:
+    """A value Slurm reads as one token (#SBATCH lines): no whitespace, no control characters."""
+    _check(not _control(value), key, f"{value!r} holds a control character")
+    _check(not any(c.isspace() for c in value), key, f"{value!r} holds whitespace (Slurm reads one token here)")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, family: str = "all") -> Config:

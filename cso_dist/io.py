@@ -1,12 +1,18 @@
 """File I/O helpers: writes that a crash cannot leave half-done (a temporary file in the same folder, then a
-rename), and a file's sha256."""
+rename), one writer per output (a lock the OS drops with its process), and a file's sha256."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -60,3 +66,36 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def one_writer(lock: Path, what: str):
+    """Hold the lock file `lock` for the block (`what` writes there): a second writer is refused with one line
+    naming the holder. The lock is the kernel's (flock), so a holder that died -- killed, node lost -- holds
+    nothing and a rerun or --resume goes on. Where the file system has no locks (some NFS mounts), a note says
+    that nothing guards the folder."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            try:
+                h = json.loads(holder)
+                who = f"{h['what']} (pid {h['pid']} on {h['host']}, since {h['since']})"
+            except (ValueError, KeyError, TypeError):
+                who = "another process"
+            raise CsoError(f"{lock.parent} is in use by {who}: one writer at a time; wait for it, or stop it") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            print(f"note: {lock.parent}: this file system takes no locks; a second writer would not be refused")
+        else:
+            info = {"what": what, "pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%F %T")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({**info, "argv": sys.argv[:3]}).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # drops the lock

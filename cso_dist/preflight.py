@@ -8,9 +8,15 @@ from pathlib import Path
 from cso_dist.config import TrainingConfig
 from cso_dist.errors import CsoError
 from cso_dist.losses import needs_reference
-from cso_dist.inputs import data_file, load_split, model_dir
+from cso_dist.inputs import data_file, load_split, model_dir, tokenizer_dir, weights_dir
+from cso_dist.models import is_adapter_dir
+from cso_dist.models.identity import model_files
+from cso_dist.models.load import adapter_base_path
 from cso_dist.refcache.key import cache_root, split_dir
 from cso_dist.rundir import holds_run
+
+# a tokenizer's vocabulary comes from one of these (tokenizer_config.json alone loads an empty tokenizer)
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "qwen.tiktoken")
 
 
 def _model_problem(cfg: TrainingConfig) -> str:
@@ -25,6 +31,23 @@ def _model_problem(cfg: TrainingConfig) -> str:
         )
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         return f"model.path: '{path}' has no config.json (not a Hugging Face model folder)"
+    if is_adapter_dir(path):
+        if not any(path.glob("adapter_model*.safetensors")) and not any(path.glob("adapter_model*.bin")):
+            return f"model.path: adapter '{path}' has no adapter_model.safetensors / .bin"
+        try:
+            base = adapter_base_path(path)
+        except CsoError as e:
+            return f"model.path: {e}"
+        if not (base / "config.json").is_file():
+            return f"model.path: the base model '{base}' of adapter '{path}' has no config.json"
+    weights = weights_dir(path)
+    try:
+        model_files(weights)
+    except CsoError:
+        return f"model.path: '{weights}' has no weights (*.safetensors or *.bin)"
+    tok = tokenizer_dir(path)
+    if not any((tok / n).is_file() for n in TOKENIZER_VOCAB_FILES):
+        return f"model.path: '{tok}' has no tokenizer files ({', '.join(TOKENIZER_VOCAB_FILES)})"
     return ""
 
 

@@ -7,6 +7,7 @@
   (model, data, method and loss, layout, reference, optimizer and schedule, seed) must be equal;
   the others (RESUMABLE: step limits, logging, evaluation, checkpointing, engine, tracking, and the
   run folder's own path: a moved or copied run) may change, and the run says which did.
+- One writer at a time: `train` holds RUN_LOCK (a kernel lock, dropped when its process dies) for the run.
 - The checkpoint resumed from is the newest one that verifies (checkpoint.verify); damaged newer
   ones are named and skipped. Temporary folders of failed or interrupted writes are removed.
 """
@@ -43,6 +44,7 @@ RESUMABLE = (
     "track.",
 )
 RUN_FILES = ("metrics.jsonl", "final", STOPPED_FILE)
+RUN_LOCK = ".cso-lock"  # held by the run's writer for its life (cso_dist.io.one_writer)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -72,14 +74,14 @@ def holds_run(run_dir: Path) -> str:
     return next((name for name in RUN_FILES if (run_dir / name).exists()), "")
 
 
-def open_run(cfg: TrainingConfig, resume: bool | str, overwrite: bool, main: bool) -> Path | None:
-    """Check the run folder against the request, write config.yaml (rank 0); the checkpoint to resume from."""
+def check_request(cfg: TrainingConfig, resume: bool | str, overwrite: bool, main: bool) -> str | None:
+    """Read-only: refuse a request the run folder cannot serve (both flags; a resume whose config changes the
+    run's meaning; a new run into a folder that holds one, without --overwrite). What the folder holds (holds_run).
+    Runs before the data is read, so the folder's answer comes first; open_run asks again under the lock."""
     run_dir = Path(cfg.run.out_dir)
-    ckpt_dir = run_dir / "checkpoints"
     if resume and overwrite:
         raise CsoError("--resume and --overwrite: give one")
     found = holds_run(run_dir)
-    resume_from = None
     if resume and found:
         old_file = run_dir / "config.yaml"
         if old_file.is_file():
@@ -91,6 +93,19 @@ def open_run(cfg: TrainingConfig, resume: bool | str, overwrite: bool, main: boo
                 )
             if changed and main:
                 print(f"note: resuming with changed {', '.join(changed)} (these may change on resume)")
+    if not resume and found and not overwrite:
+        raise CsoError(f"{run_dir} already holds a run ({found}): --resume continues it, --overwrite starts it over")
+    return found
+
+
+def open_run(cfg: TrainingConfig, resume: bool | str, overwrite: bool, main: bool) -> Path | None:
+    """Check the run folder against the request (check_request), write config.yaml (rank 0); the checkpoint to
+    resume from."""
+    run_dir = Path(cfg.run.out_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    found = check_request(cfg, resume, overwrite, main=False)
+    resume_from = None
+    if resume and found:
         if main:
             clean_partial(ckpt_dir)
         resume_from = latest_good(ckpt_dir, print if main else (lambda *_: None))
@@ -98,16 +113,11 @@ def open_run(cfg: TrainingConfig, resume: bool | str, overwrite: bool, main: boo
             raise CsoError(f"--resume: no checkpoint in {ckpt_dir} verifies (all are damaged)")
     if resume is True and resume_from is None:
         raise CsoError(f"--resume: no checkpoint in {ckpt_dir}")
-    if not resume and found:
-        if not overwrite:
-            raise CsoError(
-                f"{run_dir} already holds a run ({found}): --resume continues it, --overwrite starts it over"
-            )
-        if main:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            for name in RUN_FILES:
-                p = run_dir / name
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if not resume and found and main:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        for name in RUN_FILES:
+            p = run_dir / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         clean_partial(ckpt_dir)

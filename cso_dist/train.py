@@ -13,6 +13,7 @@ scaled by the world size, so the averaged gradient equals the single-process one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -25,10 +26,10 @@ from tqdm import tqdm
 
 from cso_dist import dist
 from cso_dist.checkpoint import condition_changes, numeric_conditions
-from cso_dist.rundir import open_run
+from cso_dist.rundir import RUN_LOCK, check_request, open_run
 from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import PrefDialogue
-from cso_dist.io import atomic_write_text
+from cso_dist.io import atomic_write_text, one_writer
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.losses import REGISTRY, needs_reference
 from cso_dist.dist import World, my_share, world_from_env
@@ -184,29 +185,45 @@ def run_train(
     """Train; `resume`: True = from the latest good checkpoint (which must exist), "auto" = from it when there
     is one; `overwrite`: start over in a folder that holds a run (cso_dist.rundir); `device`: the torch engine's
     (default: the local rank's GPU, else the CPU). Raises
-    cso_dist.preempt.Preempted after checkpointing when asked to stop (signal or file)."""
-    t = cfg.train
+    cso_dist.preempt.Preempted after checkpointing when asked to stop (signal or file). One writer per run
+    folder: a second `train` into it is refused while this one runs (cso_dist.io.one_writer)."""
     world = world_from_env()
+    t = cfg.train
     progress = progress and world.main
     if cfg.pack.layout == "pair" and not REGISTRY[t.method].pair_layout:
         serves = ", ".join(m.name for m in REGISTRY.values() if m.pair_layout)
         raise ConfigError(f"pack.layout: the per-pair layout serves {serves}; use trie for {t.method}")
-    run_dir = Path(cfg.run.out_dir)
-    resume_from = open_run(cfg, resume, overwrite, world.main)
+    check_request(cfg, resume, overwrite, world.main)
     seed_everything(cfg.run.seed)
 
-    # data: every rank lays out the same plan on its own, before joining the process group
+    # data: every rank lays out the same plan on its own, before anything is written
     train_in, eval_in = load_split(cfg, "train"), load_split(cfg, "eval")
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
     layout = make_layout(cfg, train_in.dialogues, renderer, sset, progress)
     steps = plan_steps(layout, len(train_in.dialogues), cfg)
     if not steps:
         raise CsoError(f"{train_in.data_file}: nothing to train on (no supporter turns with the needed replies)")
+    if t.method != "sft" and not any(m.rejected for d in train_in.dialogues for m in d.messages):
+        raise CsoError(
+            f"{train_in.data_file}: no supporter turn has a non-preferred reply, so {t.method} has no pair to learn "
+            "from; use train.method sft, or data with negatives (data build --negatives K)"
+        )
     eval_batches = (
         micro_batches(make_layout(cfg, eval_in.dialogues, renderer, sset, False), list(range(len(eval_in.dialogues))))
         if eval_in
         else []
     )
+    with one_writer(Path(cfg.run.out_dir) / RUN_LOCK, "cso-dist train") if world.main else contextlib.nullcontext():
+        resume_from = open_run(cfg, resume, overwrite, world.main)
+        data = (train_in, eval_in, renderer, sset, steps, eval_batches)
+        return _run_train(cfg, world, resume_from, data, progress, device)
+
+
+def _run_train(cfg: TrainingConfig, world: World, resume_from, data: tuple, progress: bool, device) -> dict:
+    """The run proper, its folder opened and held (run_train)."""
+    t = cfg.train
+    train_in, eval_in, renderer, sset, steps, eval_batches = data
+    run_dir = Path(cfg.run.out_dir)
 
     # reference log-probs: from the cache (no reference model while training), or the adapter-disabled policy
     ref = eval_ref = None

@@ -8,6 +8,18 @@ import pytest
 
 from conftest import REPO, run_cli
 
+from cso_dist.data.dialogue import read_dialogues
+
+
+def _pairs(dialogues) -> set:
+    """(history texts, preferred text, non-preferred text) of every training pair."""
+    return {
+        (tuple(m.text for m in d.messages[:i]), d.messages[i].text, o.text)
+        for d in dialogues
+        for i in d.turn_indices()
+        for o in d.messages[i].rejected
+    }
+
 
 def test_build_stats_pairs_roundtrip(tmp_path, esconv_dir):
     out = tmp_path / "test.jsonl"
@@ -49,11 +61,16 @@ def test_build_stats_pairs_roundtrip(tmp_path, esconv_dir):
         check=True,
     )
     back = json.loads(run_cli("data", "stats", tmp_path / "back.jsonl", "--json", check=True).stdout)
-    # identical openings of different dialogues merge into one shared turn: never more turns or pairs
+    # identical openings of different dialogues merge into one shared turn; KTO rows pair by history, so every
+    # pair comes back, and at a history several dialogues share (80 open with the supporter: the system prompt
+    # alone) each preferred reply meets every negative of that history -- but never itself
     assert back["turns"] + back["context_only_turns"] == stats["turns"]
-    assert back["turns"] >= stats["turns"] - 20 and back["turns_without_negatives"] <= 5
+    assert back["turns"] >= stats["turns"] - 20 and back["turns_without_negatives"] == 0
     assert sum(r["label"] for r in rows) == back["turns"]  # one true row per distinct (history, reply)
-    assert stats["pairs"] - 50 <= back["pairs"] <= stats["pairs"]
+    assert len({json.dumps(r, sort_keys=True) for r in rows}) == len(rows)  # each distinct row once
+    want, got = _pairs(read_dialogues(out)), _pairs(read_dialogues(tmp_path / "back.jsonl"))
+    preferred = {(h, c) for h, c, _ in want}
+    assert {x for x in want if (x[0], x[2]) not in preferred} <= got and all(c != r for _, c, r in got)
 
     run_cli("data", "pairs", out, "--format", "dpo", "--out", tmp_path / "dpo.jsonl", check=True)
     dpo = [json.loads(line) for line in open(tmp_path / "dpo.jsonl")]

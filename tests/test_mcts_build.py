@@ -167,8 +167,9 @@ def test_hf_backend_next_token_probs_are_exact_and_batched(world, tmp_path):
     assert choice_probs(cached, msgs, ["Empathy:"], opts, top_k=vocab)[0] == dist and cached.calls == calls
 
 
-def _build(world, out: Path, *extra, **popen):
-    root, model, seeds = world
+def _build(world, out: Path, *extra, model=None, seeds=None, check=True, **popen):
+    root, model0, seeds0 = world
+    model, seeds = model or model0, seeds or seeds0
     args = [
         sys.executable,
         "-m",
@@ -189,7 +190,7 @@ def _build(world, out: Path, *extra, **popen):
     if popen:
         return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0 or not check, proc.stderr[-3000:]
     return proc
 
 
@@ -215,6 +216,22 @@ def test_hf_build_on_esconv_seeds_reads_back_reruns_free_and_resumes_after_kill(
 
     again = _build(world, out)  # a rerun: every tree is done, nothing is asked
     assert "0 made" in again.stdout and out.read_text() == json.dumps(records, ensure_ascii=False, indent=1)
+    # the same --out with another model, or a seeds file of the same name holding other dialogues: refused
+    import shutil
+
+    other_model = tmp_path / "other-model"
+    shutil.copytree(world[1], other_model)
+    other = _build(world, out, model=other_model, check=False)
+    assert other.returncode != 0 and "was built by" in other.stderr and str(other_model) in other.stderr, other.stderr
+    elsewhere = tmp_path / "elsewhere" / world[2].name
+    elsewhere.parent.mkdir()
+    esconv_test = (world[2].parent / "seeds.jsonl").read_text().splitlines(keepends=True)
+    elsewhere.write_text("".join(reversed(esconv_test)))  # the same name, the dialogues swapped
+    swapped = _build(world, out, seeds=elsewhere, check=False)
+    assert swapped.returncode != 0 and "another seed dialogue" in swapped.stderr, swapped.stderr
+    for proc in (other, swapped):  # one line (after the model's loading bars)
+        assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("cso-dist: error:")
+    assert out.read_text() == json.dumps(records, ensure_ascii=False, indent=1)
 
     killed = tmp_path / "killed" / "ESC-Pro.json"
     proc = _build(world, killed, popen=True)

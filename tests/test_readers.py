@@ -258,21 +258,26 @@ def test_every_reader_keeps_every_pair_of_diverging_preferred_paths(tmp_path):
         assert _pair_set(back) == expected, (fmt, source)
 
 
-def test_a_kto_reply_labelled_true_and_false_for_one_history_is_an_error(tmp_path):
+def test_a_kto_reply_labelled_true_and_false_for_one_history_is_never_its_own_negative(tmp_path):
+    """Two dialogues that open alike: one's preferred reply is the other's negative. It pairs with the other
+    preferred reply of that history, never with itself, and the build report counts it."""
     hist = [{"role": "user", "content": "hi"}]
     rows = [
         {"messages": hist + [{"role": "assistant", "content": "(Affirmation) a"}], "label": True},
+        {"messages": hist + [{"role": "assistant", "content": "(Emotional Validation) b"}], "label": True},
         {"messages": hist + [{"role": "assistant", "content": "(Affirmation) a"}], "label": False},
     ]
     f = tmp_path / "kto.jsonl"
     write_jsonl(f, rows)
-    with pytest.raises(DataError, match="line 2.*labelled both true and false"):
-        build_dialogues(DataConfig(source="kto-rows", input=str(f)))
+    dialogues, report = build_dialogues(DataConfig(source="kto-rows", input=str(f), strategies="escpro"))
+    assert {(c[1], r[1]) for _, c, r in _pair_set(dialogues)} == {("b", "a")}
+    assert report.notes["kto_replies_true_and_false"] == 1
 
 
-def test_kto_blocks_pair_each_preferred_reply_with_the_false_rows_after_it(tmp_path):
-    """The authors' layout at a branch point (two true rows, then the false ones) and two dialogues that
-    open with the same history (each its own block) keep exactly their pairs."""
+def test_kto_false_rows_pair_with_every_preferred_reply_of_their_history_wherever_they_stand(tmp_path):
+    """Two true rows then the false ones (the authors' layout at a branch point), a true row far below the false
+    rows of its history (what their dedup leaves), false rows before any true row: every preferred reply of a
+    history is paired with every false row of that history; a false row with no preferred reply is an error."""
 
     def row(reply, label, opening="hi"):
         return {
@@ -281,18 +286,22 @@ def test_kto_blocks_pair_each_preferred_reply_with_the_false_rows_after_it(tmp_p
         }
 
     rows = [
+        row("(Share Information) m1", False, "bye"),
         row("(Affirmation) c1", True),
         row("(Affirmation) c2", True),
         row("(Share Information) n1", False),
         row("(Share Information) n2", False),
-        row("(Reframe Negative Thoughts) d", True),
-        row("(Affirmation) c1", False),
+        row("(Reframe Negative Thoughts) d", True, "bye"),
+        row("(Affirmation) c3", True),
     ]
     f = tmp_path / "kto.jsonl"
     write_jsonl(f, rows)
     dialogues, _ = build_dialogues(DataConfig(source="kto-rows", input=str(f), strategies="escpro"))
     got = {(c[1], r[1]) for _, c, r in _pair_set(dialogues)}
-    assert got == {("c1", "n1"), ("c1", "n2"), ("c2", "n1"), ("c2", "n2"), ("d", "c1")}
+    assert got == {(c, n) for c in ("c1", "c2", "c3") for n in ("n1", "n2")} | {("d", "m1")}
+    write_jsonl(f, [row("(Share Information) n1", False, "nobody said this")] + rows)
+    with pytest.raises(DataError, match="line 1.*no preferred reply"):
+        build_dialogues(DataConfig(source="kto-rows", input=str(f), strategies="escpro"))
 
 
 @pytest.mark.parametrize("form", ["save_to_disk", "DatasetDict", "parquet", "arrow"])

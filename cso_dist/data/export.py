@@ -2,9 +2,9 @@
 
 DPO rows: {"messages": [system, ...history], "chosen": {"role": "assistant", "content": "(<s>) text"},
 "reject": {...}}, one per (turn, non-preferred option), exact duplicates removed.
-KTO rows: {"messages": [system, ...history, assistant reply], "label": true|false}: per turn a
-block, the preferred reply labelled true and then each non-preferred one false, with the same
-history (the blocks are what data.regroup pairs KTO rows by).
+KTO rows: {"messages": [system, ...history, assistant reply], "label": true|false}: per turn the
+preferred reply labelled true, then each non-preferred one false, with the same history; each distinct
+row once, as the CSO authors' converter writes them (data.regroup pairs false rows by history).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ def _reply(strategy: str, text: str) -> dict:
 
 def iter_pairs(dialogues: list[PrefDialogue], sset: StrategySet, fmt: str) -> Iterator[tuple[str, dict]]:
     """(id, row) in export order; ids are reply ids: "<dialogue>:<turn>:r<k>" for a DPO pair,
-    ":c" / ":r<k>" for a KTO row. Exact duplicate DPO rows and KTO true rows are yielded once (first
-    occurrence); a KTO false row is repeated in every block it belongs to (its pairing is its block)."""
+    ":c" / ":r<k>" for a KTO row. Exact duplicate rows are yielded once (first occurrence)."""
     seen: set[str] = set()
     for d in dialogues:
         extra = {k: d.meta[k] for k in ("scene", "description") if k in d.meta}
@@ -50,14 +49,9 @@ def iter_pairs(dialogues: list[PrefDialogue], sset: StrategySet, fmt: str) -> It
                     (f"{d.id}:{i}:r{k}", dict(extra, messages=history + [_reply(o.strategy, o.text)], label=False))
                     for k, o in enumerate(m.rejected)
                 ]
-            block: set[str] = set()
             for pid, row in rows:
                 key = json.dumps(row, sort_keys=True, ensure_ascii=False)
-                if row.get("label") is False:
-                    if key not in block:
-                        block.add(key)
-                        yield pid, row
-                elif key not in seen:
+                if key not in seen:
                     seen.add(key)
                     yield pid, row
 

@@ -9,15 +9,16 @@ form a prefix tree; each root-to-leaf path becomes one preference dialogue. Two 
 replies of one history (two preferred paths of an MCTS tree that diverge there) are two turns,
 each kept with its own non-preferred replies.
 
-KTO rows (label false: only a non-preferred reply) pair by blocks: per history, a run of
-consecutive preferred rows and the false rows after it, up to the next preferred row of that
-history. Every false row is rejected against every preferred reply of its block: "true c1, true
-c2, false n1, false n2" gives c1 and c2 each n1 and n2 (the authors' layout at a branch point),
-"true c1, false n, true c2, false n" the same pairs (our `data pairs --format kto` layout), and
-two dialogues that open with the same history keep their own pairs. False rows before any
-preferred row of their history join its first block. A reply labelled both true and false in
-one block is an error. A turn shared by several paths is a training target in the first path
-only and context (target=False) in the others, so no pair is counted twice.
+KTO rows (label false: only a non-preferred reply) pair by history: every false row is rejected against
+every preferred reply of its history, wherever the rows stand in the file. The CSO authors' converter
+(`change_data_kto.py`) writes per record and turn a true row and its false rows, then drops duplicate rows
+across the file: where two preferred paths of a tree share a history, the second path's false rows are
+dropped as duplicates of the first's, and its true row stands far below them; pairing by history gives
+both preferred replies their negatives. A reply labelled true and false for one history (two dialogues that
+open alike, one's preferred reply retrieved as the other's negative) is never paired against itself, only
+with the history's other preferred replies (counted: kto_replies_true_and_false). A false row whose history
+has no preferred row is an error. A turn shared by several paths is a training target in the first path only
+and context (target=False) in the others, so no pair is counted twice.
 """
 
 from __future__ import annotations
@@ -61,9 +62,7 @@ def regroup(
     Non-preferred replies follow dialogue.check_options (counted in `counts`)."""
     nodes: dict[tuple, _Node] = {}
     by_history: dict[tuple, list[_Node]] = {}
-    blocks: dict[tuple, list[list[_Node]]] = {}  # per history: runs of preferred rows, each with its false rows
-    last_false: dict[tuple, bool] = {}
-    orphans: list[TurnRow] = []
+    false_rows: list[TurnRow] = []  # KTO label false: paired by history once every preferred row is read
 
     def refuse(err: DataError) -> None:
         if skip is None:
@@ -72,25 +71,8 @@ def regroup(
 
     for r in rows:
         h = r.history
-        if r.preferred is None:  # KTO label false: rejected against the preferred rows of its block
-            if h not in blocks:
-                orphans.append(r)
-                continue
-            block = blocks[h][-1]
-            if any(o == n.preferred for o in r.rejected for n in block):
-                refuse(
-                    DataError(
-                        path,
-                        r.record,
-                        "label",
-                        "this reply is labelled both true and false for one history",
-                        "conflict",
-                    )
-                )
-                continue
-            for n in block:
-                n.rejected.extend(r.rejected)
-            last_false[h] = True
+        if r.preferred is None:
+            false_rows.append(r)
             continue
         if r.preferred in r.rejected:
             refuse(
@@ -102,24 +84,23 @@ def regroup(
         if n is None:
             n = nodes[key] = _Node(h, r.preferred, r.record, r.meta)
             by_history.setdefault(h, []).append(n)
-        if h not in blocks or last_false.get(h):
-            blocks.setdefault(h, []).append([n])  # a preferred row after false rows opens a new block
-        elif n not in blocks[h][-1]:
-            blocks[h][-1].append(n)  # consecutive preferred rows of one history share the false rows after them
-        last_false[h] = False
         n.rejected.extend(r.rejected)
         if r.tail and not n.tail:
             n.tail = r.tail
-    for r in orphans:  # false rows before any preferred row of their history join its first block
-        if r.history not in blocks:
+    for r in false_rows:  # every preferred reply of the history, wherever its rows stand
+        prefs = by_history.get(r.history)
+        if not prefs:
             refuse(
                 DataError(
                     path, r.record, "label", "no preferred reply (label true) shares this row's history", "no-preferred"
                 )
             )
             continue
-        for n in blocks[r.history][0]:
-            n.rejected.extend(r.rejected)
+        for n in prefs:  # never a reply against itself: one labelled true and false for a history (two dialogues
+            own = [o for o in r.rejected if o != n.preferred]  # that open alike) pairs with the other preferred ones
+            if counts is not None:
+                counts["kto_replies_true_and_false"] += len(r.rejected) - len(own)
+            n.rejected.extend(own)
     for n in nodes.values():
         n.rejected = check_options(n.preferred, n.rejected, path, n.record, None, counts)
         h = n.history

@@ -7,7 +7,10 @@ pred_strategy, pred_raw, pred_response | scores, mode}:
 - likelihood: score every strategy's `(<strategy>)` prefix after the history and pick the most
   likely (summed log-prob). One forward per dialogue with the prefix trie: the dialogue's gold
   path is the trunk, each turn's strategy prefixes hang off it as branches.
-The file is appended to batch by batch; a rerun skips the turns already in it.
+The file is appended to batch by batch; a rerun skips the turns already in it. What made the rows -- the
+model (its folder and content key), the data (file and sha256), the mode and the settings that change an
+answer -- is recorded beside it (`<PRED>.origin.json`), and a rerun that would mix two origins in one file is
+refused, naming both. One writer per PRED file.
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import CsoError
 from cso_dist.eval.metrics import canonical_or_none
 from cso_dist.device import default_device, feed
-from cso_dist.inputs import make_cfg_renderer, resolve_sset
+from cso_dist.inputs import make_cfg_renderer, model_dir, resolve_sset
+from cso_dist.io import atomic_write_text, one_writer, sha256_file
 from cso_dist.models import load_model, lora_settings
+from cso_dist.models.identity import model_key
+from cso_dist.paths import esconv_dir
 from cso_dist.pack.logps import trie_logps
 from cso_dist.pack.trie import ReplyId, Span, Unit, collate_trie, pack_units
 
@@ -227,6 +233,52 @@ def likelihood_rows(
     return rows
 
 
+def pred_origin(cfg: TrainingConfig, split: str, mode: str, data_file: str, memo: Path) -> dict:
+    """What the rows of a PRED file come from: model, data, mode and the settings that change an answer."""
+    mdir = model_dir(cfg)
+    data = Path(data_file) if data_file else esconv_dir() / f"{split}.jsonl"
+    origin = {
+        "model": str(mdir.resolve()),
+        "model_key": model_key(mdir, memo),
+        "precision": cfg.model.precision,
+        "data": str(data.resolve()) if data_file else f"esconv {split} ({data.resolve()}, data.* as configured)",
+        "data_sha256": sha256_file(data),
+        "mode": mode,
+        "max_dialogues": cfg.eval.max_dialogues,
+        "max_length": cfg.data.max_length,
+    }
+    if not data_file:  # the split is built by the config's data settings
+        origin["data_settings"] = {k: v for k, v in cfg.to_dict()["data"].items() if k not in ("input", "split")}
+    if mode == "generate":
+        e = cfg.eval
+        origin["generation"] = {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample, "seed": cfg.run.seed}
+        if e.do_sample:
+            origin["generation"].update(temperature=e.temperature, top_p=e.top_p)
+    return origin
+
+
+def _check_origin(out: Path, n_rows: int, origin: dict) -> None:
+    """Refuse to add rows of another origin to a PRED file that holds rows; record the origin otherwise."""
+    side = out.with_name(out.name + ".origin.json")
+    if n_rows:
+        try:
+            old = json.loads(side.read_text())
+        except (OSError, ValueError):
+            raise CsoError(
+                f"{out}: its {n_rows} rows have no record of the model and data they came from ({side}); "
+                "remove the file to start over, or give another --out"
+            ) from None
+        diff = [k for k in sorted(set(old) | set(origin)) if old.get(k) != origin.get(k)]
+        if diff:
+            k = diff[0]
+            raise CsoError(
+                f"{out}: its {n_rows} rows came from {k} {old.get(k)!r}, this run has {origin.get(k)!r}"
+                f"{f' (and {len(diff) - 1} more differences)' if len(diff) > 1 else ''}: give another --out, "
+                "or remove the file to start over"
+            )
+    atomic_write_text(side, json.dumps(origin, indent=1))
+
+
 def run_generate(
     cfg: TrainingConfig,
     split: str,
@@ -240,8 +292,15 @@ def run_generate(
     process's GPU, else the CPU)."""
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
     dialogues = eval_dialogues(cfg, split, data_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_ids(out)
+    origin = pred_origin(cfg, split, mode, data_file, out.parent / ".filehashes.json")
+    with one_writer(out.parent / f".{out.name}.lock", "cso-dist eval generate"):
+        done = _done_ids(out)
+        _check_origin(out, len(done), origin)
+        _generate_into(cfg, out, mode, dialogues, renderer, sset, done, progress, device)
+    return out
+
+
+def _generate_into(cfg, out: Path, mode: str, dialogues, renderer, sset, done: set, progress: bool, device) -> None:
     torch.manual_seed(cfg.run.seed)
     device = device or default_device()
     lora = lora_settings(cfg.model)
@@ -285,4 +344,3 @@ def run_generate(
         n = len(turns)
     secs = time.time() - t0
     print(f"{mode}: {n} turns in {secs:.1f}s ({n / max(secs, 1e-9):.1f} turns/s), {len(done)} already done -> {out}")
-    return out

@@ -19,8 +19,10 @@ time-outs; the requeued job resumes from that checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,13 +107,26 @@ def sweep_runs(cfg: Config, grid: dict[str, list]) -> list[tuple[str, dict[str, 
         raise CsoError("sweep: the grid is empty (give KEY=V1,V2 pairs)")
     base = Path(cfg.run.out_dir)
     keys = list(grid)
-    runs = []
+    runs, seen = [], {}
     for values in itertools.product(*(grid[k] for k in keys)):
-        name = "_".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, values))
+        # one folder name under the sweep folder, whatever the values hold (a path, "..", spaces)
+        name = "_".join(f"{k.split('.')[-1]}={_name_part(str(v))}" for k, v in zip(keys, values))
         over = {k: str(v) for k, v in zip(keys, values)}
+        if name in seen:
+            raise CsoError(f"sweep: points {seen[name]} and {over} would share the run folder {base / name}")
+        seen[name] = over
         over.update({"run.out_dir": str(base / name), "track.group": cfg.track.group or base.name, "track.name": name})
         runs.append((name, over))
     return runs
+
+
+def _name_part(value: str) -> str:
+    """A sweep value as part of a folder name: letters, digits and . _ + - = kept, the rest "_", no "..";
+    a long value keeps its end and a hash of the whole."""
+    part = re.sub(r"[^A-Za-z0-9._+=-]", "_", value).replace("..", "_")
+    if len(part) > 60:
+        part = f"{part[-40:]}-{hashlib.sha256(value.encode()).hexdigest()[:8]}"
+    return part
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:

@@ -38,7 +38,7 @@ def _header(cfg: Config, name: str, log: Path, template: str) -> list[str]:
         f"--ntasks-per-node={tasks}",
         f"--cpus-per-task={s.cpus_per_task}",
         f"--time={s.time_min}",
-        f"--output={log}",
+        f"--output={_sbatch_path(log)}",
         "--open-mode=append",
     ]
     if gpus:
@@ -52,6 +52,14 @@ def _header(cfg: Config, name: str, log: Path, template: str) -> list[str]:
         lines += [f"--signal=B:USR1@{s.signal_delay_s}", "--requeue"]
     lines += [x if x.startswith("--") else f"--{x}" for x in s.extra]
     return [f"#SBATCH {x}" for x in lines]
+
+
+def _sbatch_path(path: Path) -> str:
+    """A path as one #SBATCH value: double-quoted when it holds whitespace (sbatch reads quotes there)."""
+    text = str(path)
+    if '"' in text or "\\" in text:
+        raise CsoError(f"launch: run.out_dir: {text!r} holds a quote or backslash, which an #SBATCH line cannot carry")
+    return f'"{text}"' if any(c.isspace() for c in text) else text
 
 
 def check_no_secrets(text: str, where: Path) -> None:
@@ -76,7 +84,7 @@ def render(
     if template not in TEMPLATES:
         raise CsoError(f"launch: unknown template '{template}' (one of {', '.join(TEMPLATES)})")
     run_dir = Path(cfg.run.out_dir).resolve()
-    name = f"cso-{run_dir.name}"
+    name = "cso-" + re.sub(r"[^A-Za-z0-9._=+-]", "_", run_dir.name)  # one token, whatever the folder is called
     log = run_dir / "slurm" / ("%x-%A_%a.out" if template == "sweep" else "%x-%j.out")
     body = (TEMPLATE_DIR / f"{template}.sbatch").read_text()
     tail = (TEMPLATE_DIR / "_requeue.sh").read_text()
@@ -119,11 +127,11 @@ def write_job(
     only (they may hold values of the environment, e.g. in slurm.setup)."""
     run_dir = Path(cfg.run.out_dir).resolve()
     d = run_dir / "slurm"
-    if sweep is not None:
+    if sweep is not None:  # a line of the sweep file is one task's overrides, read as words
         for row in sweep:
-            bad = [a for a in row if any(c.isspace() for c in a)]
+            bad = [a for a in row if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in a)]
             if bad:
-                raise CsoError(f"launch: sweep values cannot contain spaces ({bad[0]!r})")
+                raise CsoError(f"launch: sweep values cannot contain whitespace or control characters ({bad[0]!r})")
     d.mkdir(parents=True, exist_ok=True)
     stamp = _unique_stamp(d, template)
     config_path, script = d / f"config-{stamp}.yaml", d / f"{template}-{stamp}.sbatch"

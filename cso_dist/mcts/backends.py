@@ -228,7 +228,15 @@ class OpenAIBackend:
             )
         except openai.APIError as e:  # after the client's own retries (connection, timeout, 429, 5xx)
             raise CsoError(f"mcts: {self.name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        except ValueError as e:  # a 200 whose body is not JSON (json.JSONDecodeError): not such an endpoint
+            raise self._not_json(e) from None
         return (r.choices[0].message.content or "").strip() if r.choices else ""
+
+    def _not_json(self, e: ValueError) -> CsoError:
+        return CsoError(
+            f"mcts: {self.name}: the server answered with a body that is not JSON ({str(e).splitlines()[0][:120]}); "
+            "is mcts.base_url an OpenAI-compatible endpoint (e.g. http://host:8000/v1)?"
+        )
 
     def next_token_probs(self, probes: list[Probe], top_k: int = TOP_K) -> list[dict[str, float]] | None:
         """The prefilled assistant turn is continued (vLLM's `continue_final_message`); None when the server
@@ -265,6 +273,8 @@ class OpenAIBackend:
             return None  # e.g. no prefilled assistant turns here: text answers only
         except openai.APIError as e:
             raise CsoError(f"mcts: {self.name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        except ValueError as e:
+            raise self._not_json(e) from None
         lp = r.choices[0].logprobs if r.choices else None
         if lp is None or not lp.content or not lp.content[0].top_logprobs:
             return None

@@ -10,6 +10,7 @@ iterations, so an interrupted build resumes where it stopped and a rerun costs n
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from collections import Counter
@@ -19,12 +20,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cso_dist.config import Config
-from cso_dist.io import atomic_write_text
+from cso_dist.io import atomic_write_text, one_writer
 from cso_dist.errors import CsoError
 from cso_dist.mcts.backends import CachedBackend, make_backend
 from cso_dist.mcts.llm_roles import LLMRoles, RoleSettings, load_prompts
 from cso_dist.mcts.search import SearchConfig, SearchSettings, Tree, extract, new_tree, run
 from cso_dist.mcts.seeds import Seed, read_seeds
+from cso_dist.models.identity import model_key
 
 
 def search_config(cfg: Config) -> SearchConfig:
@@ -96,9 +98,18 @@ def clean_records(records: list[dict], dropped: Counter) -> list[dict]:
     return out
 
 
+def seed_digest(seed: Seed) -> str:
+    """sha256 of a seed dialogue's content (what a tree is searched on)."""
+    content = [seed.description, seed.scene, [list(t) for t in seed.turns]]  # Turn: a NamedTuple
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
 class _Checkpoints:
-    def __init__(self, folder: Path, scfg: SearchConfig):
-        self.folder, self.scfg = folder, json.loads(json.dumps(dataclasses.asdict(scfg)))
+    """Tree checkpoints: each records the search settings, what searched it (backend, model and the model's
+    content key) and its seed dialogue's digest; a checkpoint made otherwise is refused, never reused."""
+
+    def __init__(self, folder: Path, scfg: SearchConfig, origin: dict):
+        self.folder, self.scfg, self.origin = folder, json.loads(json.dumps(dataclasses.asdict(scfg))), origin
         folder.mkdir(parents=True, exist_ok=True)
 
     def path(self, seed: Seed) -> Path:
@@ -109,15 +120,31 @@ class _Checkpoints:
         if not p.is_file():
             return None
         state = json.loads(p.read_text(encoding="utf-8"))
+        redo = f"remove {self.folder} to start over, or give another --out"
         if state.get("search") != self.scfg:
             raise CsoError(
                 f"mcts build: {p} was searched with other mcts settings ({state.get('search')}); "
                 f"remove {self.folder} to start over, or use the same settings"
             )
+        if state.get("origin") != self.origin:
+            raise CsoError(f"mcts build: {p} was built by {state.get('origin')}, this build uses {self.origin}: {redo}")
+        if state.get("seed_sha256") != seed_digest(seed):
+            raise CsoError(
+                f"mcts build: {p} was searched on another seed dialogue {seed.id} (an edited seeds file, or another "
+                f"file of the same name): {redo}"
+            )
         return state
 
     def save(self, seed: Seed, tree, done: bool, wall_s: float, stats: Counter) -> dict:
-        state = {"search": self.scfg, "done": done, "wall_s": wall_s, "llm_stats": dict(stats), "tree": tree.to_dict()}
+        state = {
+            "search": self.scfg,
+            "origin": self.origin,
+            "seed_sha256": seed_digest(seed),
+            "done": done,
+            "wall_s": wall_s,
+            "llm_stats": dict(stats),
+            "tree": tree.to_dict(),
+        }
         atomic_write_text(self.path(seed), json.dumps(state, ensure_ascii=False))
         return state
 
@@ -125,18 +152,28 @@ class _Checkpoints:
 def build(
     cfg: Config, seeds_file: str, out: str | Path, shard: tuple[int, int] = (0, 1), progress: bool = True
 ) -> dict:
+    """Search every seed of `seeds_file` (this shard's) into `out`; one writer per --out (its work folder)."""
     m = cfg.mcts
     out = Path(out)
     seeds, sset = read_seeds(seeds_file, m.strategies, limit=m.max_seeds)
     seeds = seeds[shard[0] :: shard[1]]
+    if not seeds:
+        raise CsoError(f"mcts build: shard {shard[0]}/{shard[1]} of {seeds_file} holds no seed dialogue")
+    with one_writer(work_dir(out) / ".cso-lock", "cso-dist mcts build"):
+        return _build(cfg, seeds, sset, out, progress)
+
+
+def _build(cfg: Config, seeds: list[Seed], sset, out: Path, progress: bool) -> dict:
+    m = cfg.mcts
     work = work_dir(out)
     scfg = search_config(cfg)
-    ckpts = _Checkpoints(work / "trees", scfg)
+    inner = make_backend(m.backend, m.model, m.base_url, m.api_key_env, m.timeout_s, m.retries, m.batch_size, m.seed)
+    origin = {"backend": inner.name}
+    if m.backend == "hf":  # the folder's content, not only its path
+        origin["model_key"] = model_key(m.model, work / ".filehashes.json")
+    ckpts = _Checkpoints(work / "trees", scfg, origin)
     prompts = load_prompts(m.prompts)
-    backend = CachedBackend(
-        make_backend(m.backend, m.model, m.base_url, m.api_key_env, m.timeout_s, m.retries, m.batch_size, m.seed),
-        m.cache_dir or work / "cache",
-    )
+    backend = CachedBackend(inner, m.cache_dir or work / "cache")
     settings = RoleSettings(
         max_new_tokens=m.max_new_tokens,
         temperature=m.temperature,

@@ -91,4 +91,6 @@ def read_seeds(
         seeds.append(Seed(f"{p.stem}-{len(seeds)}", description, scene, turns))
         if limit and len(seeds) >= limit:
             break
+    if not seeds:
+        raise DataError(str(p), None, None, "no seed dialogues", "empty")
     return seeds, sset

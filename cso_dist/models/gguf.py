@@ -61,8 +61,22 @@ def is_imported(folder: Path) -> bool:
     return (Path(folder) / IMPORT_FILE).is_file() and (Path(folder) / "config.json").is_file()
 
 
-def import_gguf(gguf: str | Path, out: str | Path, progress=print) -> Path:
-    """GGUF file -> an HF folder (fp32 safetensors, tokenizer, chat template), written atomically."""
+def _same_import(folder: Path, src: Path) -> bool:
+    """Whether `folder` holds an earlier import of the file `src` (by content)."""
+    try:
+        info = json.loads((folder / IMPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(info, dict)
+        and info.get("source_bytes") == src.stat().st_size
+        and (info.get("source_sha256") == sha256_file(src))
+    )
+
+
+def import_gguf(gguf: str | Path, out: str | Path, progress=print, overwrite: bool = False) -> Path:
+    """GGUF file -> an HF folder (fp32 safetensors, tokenizer, chat template), written atomically. A non-empty
+    `out` is replaced only when it is an earlier import of the same file, or with `overwrite`."""
     try:
         import gguf as _  # noqa: F401 - transformers needs it to read GGUF files
     except ImportError:
@@ -78,6 +92,11 @@ def import_gguf(gguf: str | Path, out: str | Path, progress=print) -> Path:
             raise CsoError(f"model import: {src}: cannot read it as a GGUF model (no GGUF magic bytes)")
     if out.exists() and not out.is_dir():
         raise CsoError(f"model import: --out {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not _same_import(out, src):
+        raise CsoError(
+            f"model import: --out {out} is not empty and not an import of {src.name}: give an empty or new "
+            "folder, or --overwrite to replace what it holds"
+        )
     t0 = time.time()
     progress(f"importing {src.name} (dequantising GGUF, ~30 s on 2 cores) -> {out}")
     try:
@@ -126,4 +145,4 @@ def fetch_model(name: str = DEFAULT_MODEL, dest: str | Path | None = None, progr
         info = json.loads((folder / IMPORT_FILE).read_text())
         if info.get("source_bytes") == gguf.stat().st_size and info.get("format") == IMPORT_FORMAT:
             return folder
-    return import_gguf(gguf, folder, progress)
+    return import_gguf(gguf, folder, progress, overwrite=True)  # the model cache's own folder

@@ -196,7 +196,15 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     generic = MARKER_KEY in cfg or cfg.get("tokenizer_class") in _GENERIC_CLASSES
     try:
         if generic and (p / "tokenizer.json").is_file():
-            return PreTrainedTokenizerFast.from_pretrained(str(p), local_files_only=True)
-        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            tok = PreTrainedTokenizerFast.from_pretrained(str(p), local_files_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"tokenizer path '{p}': cannot load a tokenizer ({exc})") from exc
+    # a folder with no tokenizer.json / vocabulary files loads as a tokenizer of special tokens only
+    if not tok.encode("hello world", add_special_tokens=False):
+        raise ConfigError(
+            f"tokenizer path '{p}': the tokenizer loads empty (text encodes to no tokens: no tokenizer.json or "
+            "vocabulary files?)"
+        )
+    return tok

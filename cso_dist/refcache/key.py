@@ -22,7 +22,6 @@ Weight-file hashes are memoised by (path, size, mtime_ns) in a JSON file beside 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -30,7 +29,7 @@ from typing import Callable, ContextManager
 import torch
 
 from cso_dist.config import TrainingConfig
-from cso_dist.io import atomic_write_text, sha256_file
+from cso_dist.io import sha256_file
 from cso_dist.data.render import Renderer, system_prompt
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import CsoError
@@ -47,6 +46,7 @@ from cso_dist.inputs import (
     weights_dir,
 )
 from cso_dist.models import is_adapter_dir, load_model, lora_settings
+from cso_dist.models.identity import FileHashes, files_digest, model_files, short
 from cso_dist.pack import ReplyId, Unit
 
 RefModel = tuple[torch.nn.Module, Callable[[], ContextManager]]  # the model and the context to score under
@@ -67,11 +67,6 @@ KEY_COMPONENTS = (
 )
 
 
-def short(text: str | bytes) -> str:
-    data = text.encode() if isinstance(text, str) else text
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
 # ---------------------------------------------------------------- paths
 def cache_root(cfg: TrainingConfig) -> Path:
     return Path(cfg.train.ref_cache) if cfg.train.ref_cache else Path(cfg.run.out_dir) / "refcache"
@@ -90,50 +85,8 @@ def method_reference(cfg: TrainingConfig) -> str:
     return "adapter-disabled" if is_adapter_dir(model_dir(cfg)) else "full"
 
 
-# ---------------------------------------------------------------- file hash memo
-class FileHashes:
-    """sha256 of files, memoised by (absolute path, size, mtime_ns) in a small JSON file."""
-
-    def __init__(self, memo: Path | None):
-        self.memo, self.entries, self.dirty = memo, {}, False
-        if memo is not None and memo.is_file():
-            try:
-                self.entries = json.loads(memo.read_text())
-            except (json.JSONDecodeError, OSError):
-                self.entries = {}
-
-    def get(self, path: Path) -> str:
-        st = path.stat()
-        k = str(path.resolve())
-        e = self.entries.get(k)
-        if isinstance(e, dict) and e.get("size") == st.st_size and e.get("mtime_ns") == st.st_mtime_ns:
-            return e["sha256"]
-        digest = sha256_file(path)
-        self.entries[k] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-        self.dirty = True
-        return digest
-
-    def save(self) -> None:
-        if self.memo is not None and self.dirty:
-            with contextlib.suppress(OSError):
-                atomic_write_text(self.memo, json.dumps(self.entries, indent=1, sort_keys=True))
-            self.dirty = False
-
-
 def memo_path(root: Path) -> Path:
     return root.parent / f".{root.name}.filehashes.json"
-
-
-def _files_digest(folder: Path, files: list[Path], hashes: FileHashes) -> str:
-    return short(json.dumps([[f.relative_to(folder).as_posix(), hashes.get(f)] for f in files]))
-
-
-def model_files(folder: Path) -> list[Path]:
-    weights = sorted(p for pat in ("*.safetensors", "*.bin") for p in folder.glob(pat) if p.is_file())
-    if not weights:
-        raise CsoError(f"model '{folder}': no *.safetensors or *.bin weight files")
-    cfg = folder / "config.json"
-    return ([cfg] if cfg.is_file() else []) + weights
 
 
 # ---------------------------------------------------------------- the key
@@ -157,8 +110,8 @@ def cache_key(
     wdir, tdir = weights_dir(mdir), tokenizer_dir(mdir)
     tok_files = [tdir / n for n in TOKENIZER_FILES if (tdir / n).is_file()]
     key = {
-        "model": _files_digest(wdir, model_files(wdir), hashes),
-        "tokenizer": _files_digest(tdir, tok_files, hashes),
+        "model": files_digest(wdir, model_files(wdir), hashes),
+        "tokenizer": files_digest(tdir, tok_files, hashes),
         "chat_template": short(renderer.template),
         "data": short(f"{sha256_file(path)}:{split_max_dialogues(cfg, split)}"),
         "strategies": short(json.dumps(sset.descriptions, sort_keys=False)),
