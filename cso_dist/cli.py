@@ -6,8 +6,10 @@ The parser lives here, what each command does in cso_dist.commands.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 
 from cso_dist import commands as cmd
 from cso_dist.flags import add_flags
@@ -88,8 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=cmd.cmd_tiny_model)
 
-    mo = sub.add_parser("model", help="real pretrained models from GGUF files (imported once into an HF folder)")
+    mo = sub.add_parser("model", help="models: a Hub id into the HF cache, GGUF files into HF folders")
     msub = mo.add_subparsers(dest="model_command", required=True)
+    md = msub.add_parser("download", help="a Hub id into the HF cache (HF_HOME / HF_HUB_CACHE), once, before a job")
+    md.add_argument("id", help="the Hub id, e.g. Qwen/Qwen2.5-7B-Instruct")
+    md.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    md.set_defaults(func=cmd.cmd_model_download)
     mi = msub.add_parser("import", help="a GGUF file -> an HF folder (safetensors, tokenizer, chat template)")
     mi.add_argument("gguf", help="the .gguf file")
     mi.add_argument("--out", required=True, help="the HF folder to write (atomically)")
@@ -172,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="local/debug: run here through the same code path",
             )
             lp.add_argument("--no-wait", action="store_true", help="submit and return; do not collect")
+            lp.add_argument("--dry-run", action="store_true", help="print the runs it would submit; submit nothing")
             lp.set_defaults(func=cmd.cmd_launch_submitit)
 
     ev = sub.add_parser("eval", help="strategy metrics (Q/W/B), generation, reports")
@@ -263,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-GPU memory of a job (parameters, gradients, optimizer, activations) and the cheapest setup that fits",
     )
     add_config_arg(pl, "a recipe (its plan, model, dist, slurm and pack sections)")
-    pl.add_argument("--model", help="7b, 8b, 9b, 13b, 34b, 70b, or an HF config.json (or its folder)")
+    pl.add_argument(
+        "--model", help="7b, 8b, 9b, 13b, 34b, 70b, an HF config.json (or its folder), or a Hub id in the HF cache"
+    )
     pl.add_argument("--method", choices=["full", "lora", "qlora"])
     pl.add_argument("--zero", type=int, choices=[0, 2, 3], help="DeepSpeed ZeRO stage (0 = torch engine, DDP)")
     pl.add_argument(
@@ -289,10 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="one JSON object")
     pl.set_defaults(func=cmd.cmd_plan)
 
-    c = sub.add_parser("config", help="show the resolved config").add_subparsers(dest="config_command", required=True)
-    cs = c.add_parser("show")
+    c = sub.add_parser("config", help="show the resolved config; the reference of every key")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    cs = csub.add_parser("show", help="the resolved config (base files merged, overrides applied) as YAML")
     add_config_arg(cs)
     cs.set_defaults(func=cmd.cmd_config_show)
+    cr = csub.add_parser("reference", help="every key with its type, default and help, as Markdown (docs/config.md)")
+    cr.add_argument("--out", help="write it to this file (default: print)")
+    cr.set_defaults(func=cmd.cmd_config_reference)
     return p
 
 
@@ -327,11 +340,37 @@ def _launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+# Third-party lines a CLI user can do nothing about (messages, as the libraries word them)
+NOT_ACTIONABLE = ("Setting accelerator to CPU",)  # DeepSpeed, on a machine without a GPU
+
+
+def _actionable(record: logging.LogRecord) -> bool:
+    return not any(m in record.getMessage() for m in NOT_ACTIONABLE)
+
+
+def quiet_third_party(downloads: bool = False) -> None:
+    """The CLI's output holds what a user can act on. Dropped here, and only for the CLI (library use keeps
+    each library's own behaviour): transformers' advisory warnings and its per-file loading/saving bars,
+    FutureWarnings raised inside libraries (deprecations between library versions), DeepSpeed's and
+    bitsandbytes' notes about this machine's hardware. `downloads`: keep the Hub's download bars."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if not downloads:  # also transformers' "Loading weights" bars (it reads this when imported)
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    for lib in ("transformers", "peft", "accelerate", "deepspeed", "torch", "bitsandbytes", "huggingface_hub"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=lib)
+    logging.getLogger("DeepSpeed").addFilter(_actionable)  # its own logger, records logged on it directly
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its modules' loggers inherit the level
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     rest, overrides = split_overrides(_launcher_args(list(sys.argv[1:] if argv is None else argv)))
     args, extra = parser.parse_known_args(rest)
     extra = extra + overrides
+    quiet_third_party(downloads=args.func in (cmd.cmd_model_download, cmd.cmd_data_fetch))
     try:
         return args.func(args, extra)
     except Preempted as e:

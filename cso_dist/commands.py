@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cso_dist.config import Config, load_config, parse_overrides
 from cso_dist.flags import flag_overrides
-from cso_dist.errors import CsoError
+from cso_dist.errors import ConfigError, CsoError
 
 
 def config_path(args: argparse.Namespace) -> str | None:
@@ -21,6 +21,12 @@ def config_path(args: argparse.Namespace) -> str | None:
     if pos and flag and Path(pos) != Path(flag):
         raise CsoError(f"two configs given: {pos} (positional) and --config {flag}; give one")
     return pos or flag
+
+
+def no_extra(extra: list[str], command: str) -> None:
+    """A command that reads no config refuses what it does not understand (never ignores it)."""
+    if extra:
+        raise ConfigError(f"{command}: unrecognized arguments: {' '.join(extra)}")
 
 
 def _config(args: argparse.Namespace, extra: list[str], family: str) -> Config:
@@ -123,6 +129,7 @@ def cmd_data_fetch(args, extra) -> int:
     from cso_dist.data.fetch import fetch_esconv
     from cso_dist.paths import user_data_dir
 
+    no_extra(extra, "data fetch")
     dest = Path(args.dest) if args.dest else user_data_dir()
     for p in fetch_esconv(dest):
         print(f"wrote {p}")
@@ -133,6 +140,7 @@ def cmd_data_fetch(args, extra) -> int:
 def cmd_tiny_model(args, extra) -> int:
     from cso_dist.models import build_tiny_model
 
+    no_extra(extra, "tiny-model")
     texts = None
     if args.tokenizer == "bpe":
         from cso_dist.data.esconv import esconv_texts
@@ -153,9 +161,19 @@ def cmd_tiny_model(args, extra) -> int:
     return 0
 
 
+def cmd_model_download(args, extra) -> int:
+    from cso_dist.models import hub
+
+    no_extra(extra, "model download")
+    snap = hub.download(args.id, args.revision, key="model download")
+    print(f"{args.id}: {snap}")
+    return 0
+
+
 def cmd_model_import(args, extra) -> int:
     from cso_dist.models.gguf import import_gguf
 
+    no_extra(extra, "model import")
     print(f"model folder: {import_gguf(args.gguf, args.out, overwrite=args.overwrite)}")
     return 0
 
@@ -163,6 +181,7 @@ def cmd_model_import(args, extra) -> int:
 def cmd_model_fetch(args, extra) -> int:
     from cso_dist.models.gguf import fetch_model
 
+    no_extra(extra, "model fetch")
     print(f"model folder: {fetch_model(args.name, args.dest)}")
     return 0
 
@@ -246,6 +265,8 @@ def cmd_launch_submitit(args, extra) -> int:
     from cso_dist.launch.jobs import write_results
 
     cfg = _config(args, extra, "launch")
+    if args.dry_run:
+        return _submitit_dry_run(cfg, args)
     if args.sweep:
         runs = submit_sweep(cfg, parse_grid(args.sweep), args.cluster, verbose=True)
         done = [r.name for r in runs if r.job is None]
@@ -261,6 +282,26 @@ def cmd_launch_submitit(args, extra) -> int:
     if args.sweep:
         print(f"results: {write_results(Path(cfg.run.out_dir), rows)}")
     return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
+
+
+def _submitit_dry_run(cfg, args) -> int:
+    """What `launch submitit` would submit (each run, its folder and resources); nothing is submitted or written."""
+    from cso_dist.launch import parse_grid
+    from cso_dist.launch.jobs import TrainJob, run_config, sweep_runs
+
+    items = [(n, run_config(cfg, o)) for n, o in sweep_runs(cfg, parse_grid(args.sweep))] if args.sweep else []
+    items = items or [(Path(cfg.run.out_dir).name, cfg)]
+    s, todo = cfg.slurm, 0
+    for name, c in items:
+        done = TrainJob().finished(c) is not None
+        todo += not done
+        print(f"{'finished before' if done else 'would submit'}: {name} -> {c.run.out_dir}")
+    print(
+        f"each job: {s.nodes} node(s) x {max(s.gpus_per_node, 1)} task(s), {s.gpus_per_node} GPU(s) per node, "
+        f"{s.time_min} min, partition {s.partition or '(default)'}, cluster {args.cluster}"
+    )
+    print(f"launch submitit --dry-run: {todo} of {len(items)} run(s) would be submitted (nothing submitted)")
+    return 0
 
 
 # ---------------------------------------------------------------- mcts (ESC-Pro builder)
@@ -402,6 +443,20 @@ def cmd_plan(args, extra) -> int:
         print(json.dumps({**p, "cheapest": best, "fastest_on_these_gpus": here}))
     else:
         print(format_plan(p, best, here))
+    return 0
+
+
+def cmd_config_reference(args, extra) -> int:
+    from cso_dist.configref import reference_markdown
+    from cso_dist.io import atomic_write_text
+
+    no_extra(extra, "config reference")
+    text = reference_markdown()
+    if args.out:
+        atomic_write_text(Path(args.out), text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
     return 0
 
 

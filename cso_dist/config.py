@@ -68,7 +68,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = setting("", 'HF model folder; "" = the demo\'s tiny model')
+    path: str = setting(
+        "", 'HF model folder, or a Hub id (org/name) read from the HF cache; "" = the demo\'s tiny model'
+    )
+    revision: str = setting("", 'for a Hub id: the branch, tag or commit to use ("" = main)')
     method: Literal["full", "lora", "qlora"] = setting(
         "full", "full fine-tuning, LoRA, or QLoRA (4-bit nf4 base + LoRA)"
     )
@@ -532,7 +535,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 f"(it reads {', '.join(FAMILIES[family])})"
             )
     if path:
-        _apply(cfg, read_yaml(Path(path)), "")
+        _apply(cfg, read_yaml(Path(path), check=lambda raw: _apply(Config(), raw, "")), "")
     if overrides:
         _apply(cfg, _nest(overrides), "")
     for f in dataclasses.fields(cfg):

@@ -9,7 +9,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -137,8 +137,44 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def read_yaml(p: Path) -> dict:
-    """A config file as a mapping of sections; one-line errors naming the file (and the line)."""
+def merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section (a list or a value replaces; a section merges)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(p: Path, check: Callable[[dict], None] | None = None, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file as a mapping of sections, its `base:` files (one or a list, relative to the file) merged
+    under it in order; one-line errors naming the file (and the line). `check` sees each file's own keys, so
+    an unknown key or a bad value is named with the file that holds it."""
+    raw = _read_one(p)
+    bases = raw.pop("base", None)
+    if check is not None:
+        try:
+            check(raw)
+        except ConfigError as e:
+            raise ConfigError(f"config: {p}: {str(e).removeprefix('config: ')}") from None
+    if bases is None:
+        return raw
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"config: {p}: base: expected a file name or a list of them, got {bases!r}")
+    chain = (*_chain, p.resolve())
+    merged: dict = {}
+    for b in bases:
+        bp = (p.parent / b).resolve()
+        if bp in chain:
+            raise ConfigError(f"config: {p}: base: {b} includes itself ({' -> '.join(c.name for c in chain)})")
+        if not bp.is_file():
+            raise ConfigError(f"config: {p}: base: {b}: no such file ({bp})")
+        merged = merge(merged, read_yaml(bp, check, chain))
+    return merge(merged, raw)
+
+
+def _read_one(p: Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config: {p}: no such file")
     try:

@@ -33,7 +33,7 @@ from cso_dist.dist import World
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.export import model_from_state_dict, save_final
 from cso_dist.models import count_parameters, load_model, lora_settings
-from cso_dist.models.load import adapter_base_path, is_adapter_dir
+from cso_dist.inputs import model_dir, weights_dir
 from cso_dist.paths import ds_config_path
 
 
@@ -104,7 +104,7 @@ class TorchEngine:
         self.cfg, self.world = cfg, world
         device = device or default_device(world.local_rank)
         self.module = load_model(
-            cfg.model.path,
+            model_dir(cfg),
             cfg.model.method,
             cfg.model.precision,
             lora=lora_settings(cfg.model),
@@ -253,12 +253,12 @@ class DeepSpeedEngine:
             from transformers.integrations import HfDeepSpeedConfig
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-            base = adapter_base_path(cfg.model.path) if is_adapter_dir(cfg.model.path) else cfg.model.path
+            base = weights_dir(model_dir(cfg))
             MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(base))]  # import outside zero.Init
             self._hf_ds = HfDeepSpeedConfig(self.ds)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.module = load_model(
-            cfg.model.path,
+            model_dir(cfg),
             cfg.model.method,
             cfg.model.precision,
             lora=lora_settings(cfg.model),

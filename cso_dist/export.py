@@ -14,6 +14,7 @@ import torch
 from cso_dist.checkpoint import list_checkpoints
 from cso_dist.config import TrainingConfig, load_config
 from cso_dist.errors import CsoError
+from cso_dist.inputs import model_dir, tokenizer_dir
 from cso_dist.models import load_model, load_tokenizer, lora_settings
 from cso_dist.models.load import PRECISIONS
 
@@ -56,7 +57,7 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], cfg: TrainingConfig) -> t
     must be in it, and every key of it must belong to the model."""
     method = "lora" if cfg.model.method in ("lora", "qlora") else "full"
     lora = lora_settings(cfg.model)
-    model = load_model(cfg.model.path, method, cfg.model.precision, lora=lora, device="cpu")
+    model = load_model(model_dir(cfg), method, cfg.model.precision, lora=lora, device="cpu")
     own = model.state_dict()
     unknown = [k for k in sd if k not in own]
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -117,7 +118,7 @@ def export(ckpt: Path, out: Path, final: str | None = None) -> Path:
     cfg = _run_config(ckpt)
     sd, engine = checkpoint_state_dict(ckpt)
     model = model_from_state_dict(sd, cfg)
-    tok = load_tokenizer(cfg.model.path)
+    tok = load_tokenizer(tokenizer_dir(model_dir(cfg)))
     save_final(model, cfg, out, tok, final)
     print(f"exported {ckpt} ({engine} engine, {cfg.model.method}) -> {out}")
     return Path(out)

@@ -41,17 +41,27 @@ def data_dir() -> Path:
     return user
 
 
-def esconv_dir() -> Path:
-    """The folder holding ESConv's HF split; a clear error naming where to put it when absent."""
+def esconv_dir(fetch: bool = True) -> Path:
+    """The folder holding ESConv's HF split. Missing, it is fetched from the Hub into user_data_dir() when
+    `fetch` and the machine is online (HF_HUB_OFFLINE unset); otherwise one line naming where to put it."""
     d = data_dir() / "esconv"
     missing = [f for f in ESCONV_FILES if not (d / f).is_file()]
-    if missing:
-        raise CsoError(
-            f"ESConv not found: {d} lacks {', '.join(missing)}. Run `cso-dist data fetch esconv` "
-            f"(online) to fill it, put the ESConv HF split (train.jsonl, valid.jsonl, test.jsonl) "
-            f"there, or set CSO_DATA_DIR to a folder whose esconv/ holds them"
-        )
-    return d
+    if not missing:
+        return d
+    why = ""
+    if fetch and os.environ.get("HF_HUB_OFFLINE", "").strip().upper() not in ("1", "ON", "YES", "TRUE"):
+        from cso_dist.data.fetch import fetch_esconv
+
+        print(f"ESConv not found in {d}: fetching it from the Hugging Face Hub into {user_data_dir()}", flush=True)
+        try:
+            return fetch_esconv(user_data_dir(), timeout=10.0)[0].parent
+        except CsoError as e:
+            why = f" Fetching it failed: {str(e).split('. Offline?')[0]}."
+    raise CsoError(
+        f"ESConv not found: {d} lacks {', '.join(missing)}.{why} Run `cso-dist data fetch esconv` "
+        f"(online) to fill it, put the ESConv HF split (train.jsonl, valid.jsonl, test.jsonl) "
+        f"there, or set CSO_DATA_DIR to a folder whose esconv/ holds them"
+    )
 
 
 def ds_config_path(name: str) -> Path:

@@ -95,8 +95,12 @@ PRESETS: dict[str, Shape] = {
 
 
 def shape_from_hf_config(path: str | Path) -> Shape:
-    """A Shape from an HF `config.json` (or the folder holding it)."""
+    """A Shape from an HF `config.json`, the folder holding it, or a Hub id in the HF cache."""
     p = Path(path)
+    if not p.exists():
+        from cso_dist.models import hub  # (imports torch: only for a name that is no file here)
+
+        p = hub.resolve(str(path), key="plan --model") if hub.is_hub_id(str(path)) else p
     p = p / "config.json" if p.is_dir() else p
     if not p.is_file():
         raise ConfigError(f"plan: --model {path}: not a preset ({', '.join(PRESETS)}) and no config.json there")

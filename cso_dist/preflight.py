@@ -9,7 +9,7 @@ from cso_dist.config import TrainingConfig
 from cso_dist.errors import CsoError
 from cso_dist.losses import needs_reference
 from cso_dist.inputs import data_file, load_split, model_dir, tokenizer_dir, weights_dir
-from cso_dist.models import is_adapter_dir
+from cso_dist.models import hub, is_adapter_dir
 from cso_dist.models.identity import model_files
 from cso_dist.models.load import adapter_base_path
 from cso_dist.refcache.key import cache_root, split_dir
@@ -20,15 +20,17 @@ TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "voc
 
 
 def _model_problem(cfg: TrainingConfig) -> str:
-    path = model_dir(cfg)
     if not cfg.model.path:
         return ""  # the demo's tiny model, written by the command itself
+    if hub.is_hub_id(cfg.model.path) and hub.cached(cfg.model.path, cfg.model.revision) is None:
+        if not hub.offline():
+            return ""  # the job downloads it first (model_line says so)
+    try:
+        path = model_dir(cfg)
+    except CsoError as e:
+        return str(e)
     if not path.is_dir():
-        return (
-            f"model.path: '{path}' is not a folder on this machine; cso-dist loads local HF folders "
-            f"(download the model, e.g. `huggingface-cli download {cfg.model.path} --local-dir DIR`, "
-            f"and set model.path DIR)"
-        )
+        return f"model.path: '{path}' is not a folder on this machine, nor a Hub id (org/name) in the HF cache"
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         return f"model.path: '{path}' has no config.json (not a Hugging Face model folder)"
     if is_adapter_dir(path):
@@ -49,6 +51,12 @@ def _model_problem(cfg: TrainingConfig) -> str:
     if not any((tok / n).is_file() for n in TOKENIZER_VOCAB_FILES):
         return f"model.path: '{tok}' has no tokenizer files ({', '.join(TOKENIZER_VOCAB_FILES)})"
     return ""
+
+
+def _model_line(cfg: TrainingConfig) -> str:
+    if cfg.model.path and hub.is_hub_id(cfg.model.path):
+        return hub.describe(cfg.model.path, cfg.model.revision)
+    return str(model_dir(cfg))
 
 
 def _data_problem(cfg: TrainingConfig, split: str) -> str:
@@ -73,7 +81,7 @@ def dry_run(cfg: TrainingConfig, command: str) -> list[str]:
     cached = needs_reference(t.method) and t.reference == "cache"
     train_in, eval_in = load_split(cfg, "train"), load_split(cfg, "eval")  # every record validated
     lines = [
-        f"model: {model_dir(cfg)} ({cfg.model.method}, {cfg.model.precision})",
+        f"model: {_model_line(cfg)} ({cfg.model.method}, {cfg.model.precision})",
         f"train data: {train_in.data_file} ({len(train_in.dialogues)} dialogues"
         + (f", the first {t.max_dialogues}" if t.max_dialogues else "")
         + ", every record valid)",

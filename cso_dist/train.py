@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from cso_dist.progress import progress as progress_bar
 
 from cso_dist import dist
 from cso_dist.checkpoint import condition_changes, numeric_conditions
@@ -39,7 +39,7 @@ from cso_dist.preempt import STOPPED_FILE, StopRequest
 from cso_dist.pack import PairLayout, ReplyId, TrieLayout
 from cso_dist.refcache import cache_key, cache_status, load_reference
 from cso_dist.refcache.cache import precompute
-from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
+from cso_dist.inputs import ensure_model, load_split, make_cfg_renderer, resolve_sset
 from cso_dist.refcache.key import cache_root, reply_kinds, split_dir
 from cso_dist.tracking import Tracker
 
@@ -194,6 +194,7 @@ def run_train(
         serves = ", ".join(m.name for m in REGISTRY.values() if m.pair_layout)
         raise ConfigError(f"pack.layout: the per-pair layout serves {serves}; use trie for {t.method}")
     check_request(cfg, resume, overwrite, world.main)
+    ensure_model(cfg, world.local_rank)  # a Hub id: downloaded before the process group exists
     seed_everything(cfg.run.seed)
 
     # data: every rank lays out the same plan on its own, before anything is written
@@ -277,13 +278,8 @@ def _run_train(cfg: TrainingConfig, world: World, resume_from, data: tuple, prog
     eval_refs = _refs(eval_ref, engine, cfg)
 
     last: dict = {}
-    bar = tqdm(
-        range(start, len(steps)),
-        desc=t.method,
-        unit="step",
-        disable=None if progress else True,
-        initial=start,
-        total=len(steps),
+    bar = progress_bar(
+        range(start, len(steps)), desc=t.method, unit="step", enabled=progress, initial=start, total=len(steps)
     )
     for step in bar:
         t0 = time.perf_counter()

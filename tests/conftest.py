@@ -1,12 +1,23 @@
+import atexit
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
+# The tests never reach a model hub: they see an HF cache of their own (built by hand, hf_cache below), offline.
+# Set before anything imports huggingface_hub, which reads these once; every process a test starts inherits them.
+HF_CACHE = Path(tempfile.mkdtemp(prefix="cso-tests-hf-"))
+atexit.register(shutil.rmtree, HF_CACHE, True)
+os.environ.update(HF_HUB_CACHE=str(HF_CACHE), HF_HUB_OFFLINE="1")
 
-from cso_dist.paths import data_dir
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from cso_dist.paths import data_dir  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two pytest workers on a 2-core machine: one thread each (torch reads this at import,
@@ -56,10 +67,40 @@ def write_jsonl(path, rows):
 
 @pytest.fixture(scope="session")
 def esconv_dir():
+    """The real ESConv corpus. Missing: a skip that names the fetch command, or a failure under CI=true (a CI
+    run without its data must not end green)."""
     d = data_dir() / "esconv"
     if not (d / "train.jsonl").is_file():
-        pytest.skip(f"ESConv not found in {d}: set CSO_DATA_DIR or run `cso-dist data fetch esconv`")
+        why = f"ESConv not found in {d}: run `cso-dist data fetch esconv` (online) or set CSO_DATA_DIR"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true: {why}")
+        pytest.skip(why)
     return d
+
+
+def hub_snapshot(repo_id: str, folder: Path, revision: str = "main") -> Path:
+    """Put `folder` into the tests' HF cache as `repo_id` at `revision`, in huggingface_hub's layout:
+    models--org--name/refs/<revision> holding a commit hash, snapshots/<hash>/ holding the files. The hash."""
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    repo = HF_CACHE / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    if not snap.is_dir():
+        shutil.copytree(folder, snap)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snap
+
+
+@pytest.fixture(scope="session")
+def hf_cache(tmp_path_factory):
+    """The tests' HF cache holding a tiny Qwen2 (the real Qwen2.5 vocabulary) under every Hub id the recipes
+    name; (cache folder, {id: snapshot})."""
+    from cso_dist.models import build_tiny_model
+
+    tiny = build_tiny_model("qwen2", tmp_path_factory.mktemp("hub-src") / "model", tokenizer="qwen", hidden_size=32)
+    models = [(yaml.safe_load(p.read_text()) or {}).get("model") or {} for p in (REPO / "configs").rglob("*.yaml")]
+    ids = sorted({m["path"] for m in models if m.get("path")})
+    return HF_CACHE, {i: hub_snapshot(i, tiny) for i in ids}
 
 
 @pytest.fixture(scope="session")
@@ -85,6 +126,16 @@ def tiny_run_data(root, esconv_dir, n_train: int = 6, n_valid: int = 2, hidden_s
     return build_tiny_model(
         "qwen2", Path(root) / "model", tokenizer="bpe", bpe_texts=texts, hidden_size=hidden_size, seed=0
     )
+
+
+def training_pairs(dialogues) -> set:
+    """(history texts, preferred text, non-preferred text) of every training pair."""
+    return {
+        (tuple(m.text for m in d.messages[:i]), d.messages[i].text, o.text)
+        for d in dialogues
+        for i in d.turn_indices()
+        for o in d.messages[i].rejected
+    }
 
 
 def run_overrides(root, name: str, **over) -> dict:

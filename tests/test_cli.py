@@ -1,24 +1,16 @@
 """The `cso-dist` commands end to end, as a user runs them (real ESConv, real tokenizers)."""
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, training_pairs
 
 from cso_dist.data.dialogue import read_dialogues
-
-
-def _pairs(dialogues) -> set:
-    """(history texts, preferred text, non-preferred text) of every training pair."""
-    return {
-        (tuple(m.text for m in d.messages[:i]), d.messages[i].text, o.text)
-        for d in dialogues
-        for i in d.turn_indices()
-        for o in d.messages[i].rejected
-    }
 
 
 def test_build_stats_pairs_roundtrip(tmp_path, esconv_dir):
@@ -68,7 +60,7 @@ def test_build_stats_pairs_roundtrip(tmp_path, esconv_dir):
     assert back["turns"] >= stats["turns"] - 20 and back["turns_without_negatives"] == 0
     assert sum(r["label"] for r in rows) == back["turns"]  # one true row per distinct (history, reply)
     assert len({json.dumps(r, sort_keys=True) for r in rows}) == len(rows)  # each distinct row once
-    want, got = _pairs(read_dialogues(out)), _pairs(read_dialogues(tmp_path / "back.jsonl"))
+    want, got = training_pairs(read_dialogues(out)), training_pairs(read_dialogues(tmp_path / "back.jsonl"))
     preferred = {(h, c) for h, c, _ in want}
     assert {x for x in want if (x[0], x[2]) not in preferred} <= got and all(c != r for _, c, r in got)
 
@@ -173,3 +165,49 @@ def test_user_facing_text_points_only_inside_the_repository():
     ]
     assert not offenders, offenders
     assert (REPO / "docs" / "method.md").is_file()
+
+
+def test_progress_in_a_log_is_lines_and_a_short_stage_prints_nothing():
+    """Not a terminal (a Slurm log): a line every every_s seconds and a last one at the end; a stage shorter
+    than every_s prints nothing."""
+    import io
+
+    from cso_dist.progress import ProgressLines
+
+    out = io.StringIO()
+    with ProgressLines(total=4, desc="dpo", unit="step", out=out) as bar:
+        for _ in range(4):
+            bar.update(1)
+    assert out.getvalue() == ""
+    out = io.StringIO()
+    bar = ProgressLines(range(3), desc="scoring", unit="turn", every_s=0.0, out=out)
+    bar.set_postfix(loss="0.69")
+    assert list(bar) == [0, 1, 2]
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("scoring: 1/3 turn (33%) in ") and "loss=0.69" in lines[0]
+    assert lines[-1].startswith("scoring: 3/3 turn (100%)") and "left" not in lines[-1]
+
+
+@pytest.mark.slow
+def test_the_cli_drops_third_party_lines_a_user_cannot_act_on():
+    """DeepSpeed's note about this machine's accelerator and library FutureWarnings: printed by the libraries,
+    dropped by the CLI's filter (and only there)."""
+    probe = (
+        "import sys, warnings\n"
+        "if sys.argv[1] == 'cli':\n"
+        "    from cso_dist.cli import quiet_third_party; quiet_third_party()\n"
+        "import deepspeed.accelerator as a\n"
+        "a.get_accelerator()\n"
+        "from transformers import AutoConfig, Qwen2ForCausalLM\n"
+        "m = Qwen2ForCausalLM(AutoConfig.for_model('qwen2', hidden_size=16, num_hidden_layers=1, "
+        "num_attention_heads=2, num_key_value_heads=1, intermediate_size=16, vocab_size=32))\n"
+        "m.gradient_checkpointing_enable()\n"
+    )
+    env = {**os.environ, "DS_ACCELERATOR": ""}
+    env.pop("DS_ACCELERATOR")
+    plain = subprocess.run([sys.executable, "-c", probe, "library"], capture_output=True, text=True, env=env)
+    quiet = subprocess.run([sys.executable, "-c", probe, "cli"], capture_output=True, text=True, env=env)
+    assert plain.returncode == 0 and quiet.returncode == 0, plain.stderr + quiet.stderr
+    said = plain.stdout + plain.stderr
+    assert "Setting accelerator to CPU" in said and "FutureWarning" in said, said
+    assert quiet.stdout + quiet.stderr == "", quiet.stdout + quiet.stderr

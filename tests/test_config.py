@@ -104,3 +104,49 @@ def test_an_override_of_a_section_the_command_does_not_read_is_refused(capsys):
     assert "--slurm.nodes: this command does not read the slurm section" in err
     assert main(["data", "build", "--train.lr", "1e-3", "--out", "x"]) == 2
     assert "does not read the train section" in capsys.readouterr().err
+
+
+def test_a_config_extends_its_base_files(tmp_path, capsys):
+    """`base:` (a file or a list, relative to the file): merged in order under the file's own keys, section by
+    section; bases of bases too. `config show` prints the resolved whole."""
+    from cso_dist.cli import main
+
+    (tmp_path / "b1.yaml").write_text("train:\n  lr: 1.0e-5\n  beta: 0.2\nmodel:\n  lora_target_modules: [q_proj]\n")
+    (tmp_path / "b2.yaml").write_text("base: b1.yaml\ntrain:\n  beta: 0.3\n  epochs: 3\n")
+    (tmp_path / "c.yaml").write_text("base: [b2.yaml]\ntrain:\n  epochs: 5\nrun:\n  out_dir: here\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.train.lr, cfg.train.beta, cfg.train.epochs, cfg.run.out_dir) == (1e-5, 0.3, 5, "here")
+    assert cfg.model.lora_target_modules == ["q_proj"]
+    assert main(["config", "show", "--config", str(tmp_path / "c.yaml")]) == 0
+    shown = capsys.readouterr().out
+    assert "base:" not in shown and "beta: 0.3" in shown and "epochs: 5" in shown and "lr: 1.0e-05" in shown
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("base: nowhere.yaml\n", "c.yaml: base: nowhere.yaml: no such file"),
+        ("base: c.yaml\n", "c.yaml: base: c.yaml includes itself"),
+        ("base: 3\n", "c.yaml: base: expected a file name or a list of them"),
+        ("base: [b.yaml]\n", "b.yaml: unknown key 'trian'"),
+    ],
+)
+def test_a_bad_base_is_one_line_naming_the_file(tmp_path, text, needle):
+    (tmp_path / "b.yaml").write_text("trian:\n  lr: 1\n")
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "c.yaml")
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_the_config_reference_in_docs_is_current():
+    """docs/config.md is what `cso-dist config reference` writes: every key, its type, default and help."""
+    from conftest import REPO
+
+    from cso_dist.configref import reference_markdown
+
+    text = reference_markdown()
+    assert (REPO / "docs" / "config.md").read_text() == text, (
+        "docs/config.md is stale: run `cso-dist config reference --out docs/config.md`"
+    )
+    assert "| `model.revision` |" in text and "| `train.lr` |" in text

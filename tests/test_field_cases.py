@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, argv, run_cli, run_overrides, tiny_run_data, write_jsonl
+from conftest import REPO, argv, run_cli, run_overrides, tiny_run_data, training_pairs, write_jsonl
 from test_fuzz import _check, _run, _written
 
 from cso_dist.config import DataConfig
@@ -413,16 +413,6 @@ def _tree_records() -> list[dict]:
     ]
 
 
-def _pairs(dialogues) -> set:
-    """(history texts, preferred text, non-preferred text) of every training pair."""
-    return {
-        (tuple(x.text for x in d.messages[:i]), d.messages[i].text, o.text)
-        for d in dialogues
-        for i in d.turn_indices()
-        for o in d.messages[i].rejected
-    }
-
-
 def test_kto_rows_from_the_authors_converter_keep_every_pair(tmp_path):
     """Diverging preferred paths share a history and its negatives: the converter's dedup drops the second
     path's false rows, and its true row stands far below the first's. Pairing by history recovers every pair
@@ -431,16 +421,16 @@ def test_kto_rows_from_the_authors_converter_keep_every_pair(tmp_path):
     src = tmp_path / "escpro.json"
     src.write_text(json.dumps(records))
     want, _ = build_dialogues(DataConfig(source="escpro", input=str(src)))
-    assert len(_pairs(want)) == 8
+    assert len(training_pairs(want)) == 8
     rows = _authors_kto(records)
     # 6 false rows, not 9: the shared first turn's negatives come once, and so do the second turn's, whose history
     # both paths share: the second path's true row there has no false row after it
     assert sum(not r["label"] for r in rows) == 6
     f = write_jsonl(tmp_path / "kto.jsonl", rows)
     got, _ = build_dialogues(DataConfig(source="kto-rows", input=str(f), strategies="escpro"))
-    assert _pairs(got) == _pairs(want)
+    assert training_pairs(got) == training_pairs(want)
     ours = list(pair_rows(want, load_strategy_set("escpro"), "kto"))
     keys = [json.dumps(r, sort_keys=True) for r in ours]
     assert len(keys) == len(set(keys)) == len({json.dumps(r, sort_keys=True) for r in rows})
     back, _ = build_dialogues(DataConfig(source="kto-rows", input=str(write_jsonl(tmp_path / "ours.jsonl", ours))))
-    assert _pairs(back) == _pairs(want)
+    assert training_pairs(back) == training_pairs(want)

@@ -239,7 +239,7 @@ def test_more_gpus_and_checkpointing_lower_memory():
     )
 
 
-RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if "plan:" in p.read_text())
+RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name not in ("demo.yaml", "study.yaml"))
 
 
 def test_there_are_recipes_for_the_papers_models():

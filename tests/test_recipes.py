@@ -1,8 +1,10 @@
 """Every command written in a recipe header (configs/*.yaml) runs as written, so the docs cannot drift
 from the CLI: `data build` for real (on a small ESConv subset), `plan` as is, and the commands that
-need a GPU or a cluster with --dry-run (the model path swapped for a local tiny model, outputs under
-a temporary folder)."""
+need a GPU or a cluster with --dry-run (outputs under a temporary folder). The recipes' Hub ids are read
+from the tests' own HF cache (conftest.hf_cache: a tiny model under each id), as a user's would be.
+Recipes compose (`base:`), and each resolves to the config it had before it did."""
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cso_dist.cli import main
+from cso_dist.config import Config, load_config
 from conftest import REPO
 
 # the main job's and the study's configs are run by their own tests (test_cli.py, test_study.py)
@@ -41,24 +44,40 @@ def test_every_recipe_header_names_its_commands():
         assert any(v.startswith("launch sbatch") for v in verbs), (path.name, cmds)
 
 
+def _flat(d: dict, pre: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+    return out
+
+
+def test_recipes_compose_and_resolve_to_the_configs_they_had():
+    """tests/recipes-resolved.json: each recipe's keys that differ from the defaults, as the recipes were
+    written out in full (50 lines each) before they composed base files."""
+    want = json.loads((REPO / "tests" / "recipes-resolved.json").read_text())
+    assert sorted(want) == [p.name for p in RECIPES]
+    default = _flat(Config().to_dict())
+    for path in RECIPES:
+        got = {k: v for k, v in _flat(load_config(path).to_dict()).items() if default.get(k, object()) != v}
+        assert got == want[path.name], path.name
+        assert len(path.read_text().splitlines()) <= 25, path.name
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, esconv_dir):
-    """A tiny local model and the first 20 dialogues of each ESConv split."""
-    from cso_dist.models import build_tiny_model
-
+    """The first 20 dialogues of each ESConv split."""
     root = tmp_path_factory.mktemp("recipes")
     data = root / "esconv"
     data.mkdir()
     for split in ("train", "valid", "test"):
         lines = (esconv_dir / f"{split}.jsonl").read_text().splitlines(keepends=True)[:20]
         (data / f"{split}.jsonl").write_text("".join(lines))
-    model = build_tiny_model("qwen2", root / "model", tokenizer="qwen")
-    return root, data, model
+    return root, data
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_recipe_header_commands_run(recipe, small, tmp_path, monkeypatch, capsys):
-    root, data, model = small
+def test_recipe_header_commands_run(recipe, small, hf_cache, tmp_path, monkeypatch, capsys):
+    root, data = small
     monkeypatch.chdir(REPO)
     out_dir = tmp_path / "runs" / recipe.stem
     for cmd in header_commands(recipe):
@@ -71,9 +90,9 @@ def test_recipe_header_commands_run(recipe, small, tmp_path, monkeypatch, capsys
             argv += ["--run.out_dir", str(out_dir)]
         if argv[0] in NEEDS_DRY_RUN:
             argv += ["--dry-run"] if "--dry-run" not in argv else []
-            argv += ["--model.path", str(model)] if argv[0] != "launch" else []
         code = main(argv)
         printed = capsys.readouterr()
         assert code == 0, (cmd, printed.out[-2000:], printed.err[-2000:])
         if argv[0] in ("precompute", "train"):
             assert "--dry-run: config and inputs ok" in printed.out, printed.out
+            assert ": in the HF cache, snapshot " in printed.out, printed.out

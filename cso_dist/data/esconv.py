@@ -149,7 +149,7 @@ def _context(d: PrefDialogue, i: int, k: int) -> str:
 
 def _add_negatives(dialogues: list[PrefDialogue], opts: EsconvOptions, counts: Counter) -> None:
     from sklearn.feature_extraction.text import TfidfVectorizer
-    from tqdm import tqdm
+    from cso_dist.progress import progress
 
     turns = [(di, i) for di, d in enumerate(dialogues) for i in d.turn_indices()]
     if not turns:
@@ -160,7 +160,7 @@ def _add_negatives(dialogues: list[PrefDialogue], opts: EsconvOptions, counts: C
     cand_opt = [dialogues[di].messages[i].option for di, i in turns]
     n, chunk = len(turns), 512
     top = min(n, max(200, opts.pool * 10))
-    with tqdm(total=n, desc="negatives", unit="turn", disable=None) as bar:
+    with progress(total=n, desc="negatives", unit="turn") as bar:
         for lo in range(0, n, chunk):
             sims = (X[lo : lo + chunk] @ X.T).toarray()
             for r, q in enumerate(range(lo, min(lo + chunk, n))):

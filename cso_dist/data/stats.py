@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tqdm import tqdm
+from cso_dist.progress import progress
 
 from cso_dist.data.dialogue import SUPPORTER, PrefDialogue
 from cso_dist.data.render import Renderer, make_renderer, tokenize_dialogue, turn_examples
@@ -48,7 +48,7 @@ def token_stats(
     hist = chosen = rej = n_rej = truncated = dropped = 0
     turns = longest_history = 0
     trie_tokens = pair_tokens = 0
-    for d in tqdm(dialogues, desc="tokenising", unit="dlg", disable=None):
+    for d in progress(dialogues, desc="tokenising", unit="dlg"):
         toks = tokenize_dialogue(d, renderer, sset)
         full = len(toks.full())
         trie_tokens += full + sum(len(r) for rs in toks.rejected.values() for r in rs)

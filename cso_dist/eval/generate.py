@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from cso_dist.progress import progress as progress_bar
 
 from cso_dist.config import TrainingConfig
 from cso_dist.data.build import build_dialogues
@@ -32,7 +32,7 @@ from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import CsoError
 from cso_dist.eval.metrics import canonical_or_none
 from cso_dist.device import default_device, feed
-from cso_dist.inputs import make_cfg_renderer, model_dir, resolve_sset
+from cso_dist.inputs import ensure_model, make_cfg_renderer, model_dir, resolve_sset
 from cso_dist.io import atomic_write_text, one_writer, sha256_file
 from cso_dist.models import load_model, lora_settings
 from cso_dist.models.identity import model_key
@@ -289,7 +289,8 @@ def run_generate(
     device: str | None = None,
 ) -> Path:
     """Write (or complete) the PRED file of `split` with the model at model.path (on `device`, default: this
-    process's GPU, else the CPU)."""
+    process's GPU, else the CPU). A Hub id not in the HF cache yet is downloaded first."""
+    ensure_model(cfg)
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
     dialogues = eval_dialogues(cfg, split, data_file)
     origin = pred_origin(cfg, split, mode, data_file, out.parent / ".filehashes.json")
@@ -305,18 +306,14 @@ def _generate_into(cfg, out: Path, mode: str, dialogues, renderer, sset, done: s
     device = device or default_device()
     lora = lora_settings(cfg.model)
     model = load_model(
-        cfg.model.path, cfg.model.method, cfg.model.precision, lora=lora, device=device, attention=cfg.pack.attention
+        model_dir(cfg), cfg.model.method, cfg.model.precision, lora=lora, device=device, attention=cfg.pack.attention
     )
     model.eval()
     t0 = time.time()
     if mode == "likelihood":
         todo = [d for d in dialogues if any(f"{d.id}:{i}" not in done for i in d.turn_indices())]
-        bar = tqdm(
-            total=sum(len(d.turn_indices()) for d in todo),
-            desc="scoring strategies",
-            unit="turn",
-            disable=None if progress else True,
-        )
+        total = sum(len(d.turn_indices()) for d in todo)
+        bar = progress_bar(total=total, desc="scoring strategies", unit="turn", enabled=progress)
         step, n = 16, 0  # dialogues per write
         for k in range(0, len(todo), step):
             rows = [
@@ -335,7 +332,7 @@ def _generate_into(cfg, out: Path, mode: str, dialogues, renderer, sset, done: s
             if t.id not in done
         ]
         turns.sort(key=lambda t: len(t.prompt))  # similar lengths per batch: little padding
-        bar = tqdm(total=len(turns), desc="generating", unit="turn", disable=None if progress else True)
+        bar = progress_bar(total=len(turns), desc="generating", unit="turn", enabled=progress)
         for k in range(0, len(turns), cfg.eval.batch_size):
             rows = generate_batch(model, renderer.tokenizer, turns[k : k + cfg.eval.batch_size], cfg, sset)
             _append(out, rows)

@@ -59,12 +59,13 @@ class HFBackend:
         from transformers import AutoModelForCausalLM
 
         from cso_dist.device import default_device  # torch and transformers only for this backend
+        from cso_dist.models import hub
         from cso_dist.models.tokenizer import load_tokenizer
 
-        p = Path(path)
+        p = hub.ensure(str(path), None, 0, 0, key="mcts.model")  # a Hub id: its snapshot (downloaded once)
         if not (p / "config.json").is_file():
             raise ConfigError(f"mcts.model: '{path}' is not a model folder (no config.json)")
-        self.name = f"hf:{p.resolve()}"
+        self.folder, self.name = p, f"hf:{p.resolve()}"
         self.device = device or default_device()
         self.tokenizer = load_tokenizer(p)
         if not getattr(self.tokenizer, "chat_template", None):

@@ -17,7 +17,7 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from tqdm import tqdm
+from cso_dist.progress import progress as progress_bar
 
 from cso_dist.config import Config
 from cso_dist.io import atomic_write_text, one_writer
@@ -170,7 +170,7 @@ def _build(cfg: Config, seeds: list[Seed], sset, out: Path, progress: bool) -> d
     inner = make_backend(m.backend, m.model, m.base_url, m.api_key_env, m.timeout_s, m.retries, m.batch_size, m.seed)
     origin = {"backend": inner.name}
     if m.backend == "hf":  # the folder's content, not only its path
-        origin["model_key"] = model_key(m.model, work / ".filehashes.json")
+        origin["model_key"] = model_key(inner.folder, work / ".filehashes.json")
     ckpts = _Checkpoints(work / "trees", scfg, origin)
     prompts = load_prompts(m.prompts)
     backend = CachedBackend(inner, m.cache_dir or work / "cache")
@@ -202,7 +202,7 @@ def _build(cfg: Config, seeds: list[Seed], sset, out: Path, progress: bool) -> d
 
     states: dict[str, dict] = {}
     with (
-        tqdm(total=len(seeds), desc="mcts trees", unit="tree", disable=None if progress else True) as bar,
+        progress_bar(total=len(seeds), desc="mcts trees", unit="tree", enabled=progress) as bar,
         ThreadPoolExecutor(max_workers=m.workers) as pool,
     ):
         futures = {pool.submit(one, s): s for s in seeds}

@@ -1,6 +1,7 @@
 """Load a causal LM for training: full fine-tuning, LoRA or QLoRA (4-bit NF4 base + LoRA).
 
-Only local directories are loaded (never the Hub). A LoRA adapter directory (one holding
+Only local directories are loaded; a Hub id is resolved to its snapshot in the HF cache first
+(cso_dist.models.hub), also an adapter's base named by Hub id. A LoRA adapter directory (one holding
 adapter_config.json) loads its base model plus the adapter, trainable.
 """
 
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 from cso_dist.config import LoraSettings
 from cso_dist.device import set_autocast
 from cso_dist.errors import ConfigError
+from cso_dist.models import hub
 from cso_dist.pack.attention import use_attention
 
 METHODS = ("full", "lora", "qlora")
@@ -65,6 +67,8 @@ def adapter_base_path(adapter_dir: str | Path) -> Path:
         alt = Path(adapter_dir) / base_path
         if alt.exists():
             base_path = alt
+        elif hub.is_hub_id(base):  # what PEFT writes for a base loaded from the Hub
+            return hub.resolve(base, key=f"base model of adapter '{adapter_dir}'")
     _check_dir(base_path, f"base model of adapter '{adapter_dir}'")
     return base_path
 
@@ -99,7 +103,10 @@ def _lora_config(lora: LoraSettings):
 
 
 def _enable_checkpointing(model: torch.nn.Module, reentrant: bool = False) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     model.config.use_cache = False

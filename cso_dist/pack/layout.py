@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
+from cso_dist.progress import progress as progress_bar
 
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.render import Renderer, tokenize_dialogue
@@ -38,7 +38,7 @@ def lay_out(
     """Tokenise every dialogue and lay it out as trie units (with KTO mismatched branches when `kl`)."""
     toks = [
         tokenize_dialogue(d, renderer, sset)
-        for d in tqdm(dialogues, desc="tokenising", unit="dlg", disable=None if progress else True)
+        for d in progress_bar(dialogues, desc="tokenising", unit="dlg", enabled=progress)
     ]
     kls = kl_completions(list(zip(dialogues, toks))) if kl else {}
     units = [
@@ -55,7 +55,7 @@ def score_units(
     out: dict[str, tuple[float, int]] = {}
     batches = pack_units(units, max_tokens)
     total = sum(len(u) for u in units)
-    with tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=None if progress else True) as bar:
+    with progress_bar(total=total, desc=desc, unit="tok", enabled=progress, unit_scale=True) as bar:
         for b in batches:
             tb = collate_trie(b)
             lp = trie_logps(model, tb, chunk).tolist()

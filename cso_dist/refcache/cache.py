@@ -33,7 +33,7 @@ from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.pack import LaidOut, ReplyId, lay_out, score_units
 from cso_dist.device import default_device
-from cso_dist.inputs import SPLITS, SplitInputs, load_split, make_cfg_renderer, resolve_sset
+from cso_dist.inputs import SPLITS, SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
 from cso_dist.refcache.key import (
     FORMAT_VERSION,
     RefModel,
@@ -339,7 +339,11 @@ def precompute(
 
 
 def run_precompute(cfg: TrainingConfig, rank: int = 0, world_size: int = 1, progress: bool = True) -> Path:
-    """The body of `cso-dist precompute CONFIG`; returns the cache root."""
+    """The body of `cso-dist precompute CONFIG`; returns the cache root. A Hub id not in the HF cache yet is
+    downloaded first, by each node's local rank 0 (cso_dist.inputs.ensure_model)."""
+    from cso_dist.dist import world_from_env
+
+    ensure_model(cfg, world_from_env().local_rank)
     precompute(cfg, rank, world_size, progress)
     return cache_root(cfg)
 

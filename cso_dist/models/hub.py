@@ -1,0 +1,128 @@
+"""Hub ids (`Qwen/Qwen2.5-7B-Instruct`) as model names: resolved through huggingface_hub to a snapshot folder
+in the user's HF cache (HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE honoured; `model.revision` pins one; a
+revision of None or "" is the Hub's default branch).
+
+A name that is a folder on this machine is that folder. Anything else that reads `org/name` is a Hub id.
+Reading never touches the network: `resolve` looks in the cache only. Downloading happens before a job, in one
+place: `cso-dist model download ID`, or `ensure` on each node's first process before the process group exists
+(never inside a collective). Everything after sees a plain local folder, so the reference cache key hashes the
+snapshot's own files, and two revisions never share a cache.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from cso_dist.errors import ConfigError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def is_hub_id(name: str) -> bool:
+    """`org/name` that is not a path on this machine."""
+    return bool(_HUB_ID.match(name)) and ".." not in name and not Path(name).expanduser().exists()
+
+
+def cache_folder() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _revision(revision: str | None) -> str:
+    return f" at revision {revision}" if revision else ""
+
+
+def cached(name: str, revision: str | None = None) -> Path | None:
+    """The snapshot folder of a Hub id in the HF cache (no network), else None."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, revision=revision or None, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        return None
+
+
+def resolve(name: str, revision: str | None = None, key: str = "model.path") -> Path:
+    """The local folder a model name stands for: the folder itself, or a Hub id's snapshot in the HF cache.
+    A Hub id that is not cached is a one-line error saying how to get it."""
+    if not is_hub_id(name):
+        return Path(name).expanduser()
+    snap = cached(name, revision)
+    if snap is None:
+        raise ConfigError(
+            f"{key}: '{name}'{_revision(revision)} is neither a folder here nor in the HF cache ({cache_folder()}): "
+            f"download it once with `cso-dist model download {name}"
+            + (f" --revision {revision}" if revision else "")
+            + "` (or set HF_HOME / HF_HUB_CACHE to the cache that holds it)"
+        )
+    return snap
+
+
+def download(name: str, revision: str | None = None, key: str = "model.path") -> Path:
+    """Fetch a Hub id into the HF cache (progress bars from huggingface_hub), unless it is there already; its
+    snapshot folder. Only config, weights and tokenizer files are fetched."""
+    snap = cached(name, revision)
+    if snap is not None:
+        return snap
+    if offline():
+        raise ConfigError(
+            f"{key}: '{name}'{_revision(revision)} is not in the HF cache ({cache_folder()}) and HF_HUB_OFFLINE is "
+            "set: download it on a machine with network (`cso-dist model download ID`) into the same cache"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    quiet = are_progress_bars_disabled()  # the CLI turns the Hub's bars off; a download shows its own
+    enable_progress_bars()
+    print(f"{key}: downloading {name}{_revision(revision)} into the HF cache ({cache_folder()})", flush=True)
+    try:
+        return Path(snapshot_download(name, revision=revision or None, allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{key}: cannot download '{name}'{_revision(revision)} from the Hub: {first}") from exc
+    finally:
+        if quiet:
+            disable_progress_bars()
+
+
+def ensure(name: str, revision: str | None, local_rank: int, timeout_s: float, key: str = "model.path") -> Path:
+    """Before the process group exists: each node's local rank 0 downloads a Hub id that is not cached yet; the
+    other local ranks wait for its snapshot to appear (up to timeout_s). A local folder is returned as is."""
+    if not is_hub_id(name):
+        return Path(name).expanduser()
+    if local_rank == 0:
+        return download(name, revision, key)
+    deadline = time.monotonic() + timeout_s
+    while (snap := cached(name, revision)) is None:
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"{key}: '{name}' did not appear in the HF cache within {timeout_s:.0f} s (local rank 0 downloads it)"
+            )
+        time.sleep(2.0)
+    return snap
+
+
+def describe(name: str, revision: str | None = None) -> str:
+    """For --dry-run: where a Hub id stands (cached snapshot, or what will happen)."""
+    snap = cached(name, revision)
+    if snap is not None:
+        return f"Hub id {name}{_revision(revision)}: in the HF cache, snapshot {snap}"
+    if offline():
+        return ""  # the problem line says it (resolve)
+    return (
+        f"Hub id {name}{_revision(revision)}: not in the HF cache ({cache_folder()}) yet; the job downloads it "
+        "before it starts (or run `cso-dist model download ID` first)"
+    )
