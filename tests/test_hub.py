@@ -63,6 +63,19 @@ def test_model_download_without_network_is_one_line(hf_cache):
     assert len(got.stderr.strip().splitlines()) == 1 and "Traceback" not in got.stderr
 
 
+def test_the_other_local_ranks_wait_while_local_rank_0_downloads(hf_cache):
+    """A snapshot folder exists from the first downloaded file on: the other local ranks take it only once no
+    download holds the lock in the HF cache (here held by this test, as local rank 0 would)."""
+    from cso_dist.io import one_writer
+
+    snap = hf_cache[1][QWEN]
+    assert hub.ensure(QWEN, None, local_rank=0, timeout_s=1) == snap  # cached: no lock, no download
+    with one_writer(hub._lock(QWEN), f"download of {QWEN}"):
+        with pytest.raises(ConfigError, match=r"was not downloaded into the HF cache within 3 s"):
+            hub.ensure(QWEN, None, local_rank=1, timeout_s=3)
+    assert hub.ensure(QWEN, None, local_rank=1, timeout_s=3) == snap
+
+
 def test_plan_and_mcts_take_a_hub_id(hf_cache, capsys):
     from cso_dist.mcts.backends import HFBackend
 

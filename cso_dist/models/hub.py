@@ -11,11 +11,14 @@ snapshot's own files, and two revisions never share a cache.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import time
 from pathlib import Path
 
 from cso_dist.errors import ConfigError
+from cso_dist.io import one_writer
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -98,18 +101,45 @@ def download(name: str, revision: str | None = None, key: str = "model.path") ->
             disable_progress_bars()
 
 
+def _lock(name: str) -> Path:
+    """The lock local rank 0 holds in the HF cache while it downloads `name`."""
+    return Path(cache_folder()) / ".locks" / f"cso-dist-{name.replace('/', '--')}.lock"
+
+
+def _downloading(lock: Path) -> bool:
+    """Whether a process holds `lock` now (read-only: a shared cache may not be writable by the waiters)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def ensure(name: str, revision: str | None, local_rank: int, timeout_s: float, key: str = "model.path") -> Path:
-    """Before the process group exists: each node's local rank 0 downloads a Hub id that is not cached yet; the
-    other local ranks wait for its snapshot to appear (up to timeout_s). A local folder is returned as is."""
+    """Before the process group exists: each node's local rank 0 downloads a Hub id that is not cached yet,
+    holding a lock in the HF cache while it does; the other local ranks wait until the snapshot is there and
+    no download holds the lock (up to timeout_s), so none reads a half-downloaded snapshot. A local folder is
+    returned as is."""
     if not is_hub_id(name):
         return Path(name).expanduser()
     if local_rank == 0:
-        return download(name, revision, key)
+        snap = cached(name, revision)
+        if snap is not None:
+            return snap
+        with one_writer(_lock(name), f"download of {name}"):
+            return download(name, revision, key)
     deadline = time.monotonic() + timeout_s
-    while (snap := cached(name, revision)) is None:
+    while (snap := cached(name, revision)) is None or _downloading(_lock(name)):
         if time.monotonic() > deadline:
             raise ConfigError(
-                f"{key}: '{name}' did not appear in the HF cache within {timeout_s:.0f} s (local rank 0 downloads it)"
+                f"{key}: '{name}' was not downloaded into the HF cache within {timeout_s:.0f} s "
+                "(local rank 0 downloads it)"
             )
         time.sleep(2.0)
     return snap
