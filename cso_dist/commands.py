@@ -165,7 +165,7 @@ def cmd_model_download(args, extra) -> int:
     from cso_dist.models import hub
 
     no_extra(extra, "model download")
-    snap = hub.download(args.id, args.revision, key="model download")
+    snap = hub.download(args.id, args.revision, key="model download", complete=True)
     print(f"{args.id}: {snap}")
     return 0
 

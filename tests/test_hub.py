@@ -58,6 +58,8 @@ def test_model_download_without_network_is_one_line(hf_cache):
     got = run_cli("model", "download", "nobody/nothing")
     assert got.returncode == 2 and "HF_HUB_OFFLINE is set" in got.stderr and len(got.stderr.splitlines()) == 1
     env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "3"}
+    got = run_cli("model", "download", QWEN, env=env)  # online, it asks the Hub; unreachable: the cached snapshot
+    assert got.returncode == 0 and str(hf_cache[1][QWEN]) in got.stdout, got.stderr
     got = run_cli("model", "download", "nobody/nothing", env=env)
     assert got.returncode == 2 and "cannot download 'nobody/nothing' from the Hub" in got.stderr, got.stderr
     assert len(got.stderr.strip().splitlines()) == 1 and "Traceback" not in got.stderr

@@ -71,11 +71,13 @@ def resolve(name: str, revision: str | None = None, key: str = "model.path") -> 
     return snap
 
 
-def download(name: str, revision: str | None = None, key: str = "model.path") -> Path:
+def download(name: str, revision: str | None = None, key: str = "model.path", complete: bool = False) -> Path:
     """Fetch a Hub id into the HF cache (progress bars from huggingface_hub), unless it is there already; its
-    snapshot folder. Only config, weights and tokenizer files are fetched."""
+    snapshot folder. Only config, weights and tokenizer files are fetched. `complete` (`cso-dist model
+    download`): online, ask the Hub even when a snapshot is cached, so a download cut short is finished (files
+    already there are not fetched again)."""
     snap = cached(name, revision)
-    if snap is not None:
+    if snap is not None and not (complete and not offline()):
         return snap
     if offline():
         raise ConfigError(
