@@ -224,6 +224,31 @@ def test_submitit_preempted_run_requeues_and_resumes_the_same_curve(slurm, data)
     assert "resumed from" in log and f"step-{times['stopped_at']:07d}" in log
 
 
+@pytest.mark.unit
+def test_a_requeue_ended_by_its_own_sigterm_exits_as_requeued(tmp_path, monkeypatch):
+    """The flake this fixes (a fresh-clone CI run, 2026-12-05): Slurm's SIGTERM for the requeue reached
+    `scontrol requeue` before it exited; submitit recorded the job as failed although it had been requeued
+    and resumed. A real scontrol stand-in that dies the same way; any other scontrol failure still raises."""
+    from cso_dist.launch.jobs import _hand_over
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    def submitit_handler(signum, frame):  # what submitit's checkpoint_and_try_requeue does after checkpoint()
+        subprocess.check_call(["scontrol", "requeue", "86"], timeout=60)
+
+    scontrol.write_text("#!/bin/sh\nkill -TERM $$\n")
+    scontrol.chmod(0o755)
+    with pytest.raises(SystemExit) as exited:
+        _hand_over(submitit_handler, 12)
+    assert exited.value.code == -1
+    scontrol.write_text("#!/bin/sh\nexit 1\n")  # refused by slurmctld: not requeued, the error stands
+    with pytest.raises(subprocess.CalledProcessError):
+        _hand_over(submitit_handler, 12)
+
+
 def test_sbatch_time_limit_signal_checkpoints_requeues_and_resumes(slurm, data):
     over = overrides(data, "preempt-sbatch", **{"train.max_steps": 40, "train.grad_accum": 1})
     proc = run_cli("launch", "sbatch", *argv(over))

@@ -52,8 +52,27 @@ def _train(config_path: str) -> dict:
     except Preempted as e:
         print(f"cso_dist: {e}", flush=True)
         if callable(e.previous):  # submitit's handler: checkpoint() -> requeue -> exit (rank 0)
-            e.previous(e.signum, None)
+            _hand_over(e.previous, e.signum)
         raise
+
+
+def _hand_over(handler, signum: int) -> None:
+    """Run submitit's preemption handler. `scontrol requeue` runs inside the job, and the requeue it asks for
+    makes Slurm SIGTERM the job's processes, scontrol among them when it has not exited yet (seen on a real
+    Slurm). That SIGTERM means the requeue was taken: exit as submitit does after a requeue (no result file, so
+    the requeued job's result is the job's result), not with the error that would end the job as failed."""
+    import signal
+    import subprocess
+    import sys
+
+    try:
+        handler(signum, None)
+    except subprocess.CalledProcessError as err:
+        cmd = list(err.cmd) if isinstance(err.cmd, (list, tuple)) else []
+        if cmd[:2] != ["scontrol", "requeue"] or err.returncode != -signal.SIGTERM:
+            raise
+        print("cso_dist: scontrol requeue ended by the requeue's own SIGTERM: the job is requeued", flush=True)
+        sys.exit(-1)
 
 
 class TrainJob:
