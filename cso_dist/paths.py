@@ -49,7 +49,9 @@ def esconv_dir(fetch: bool = True) -> Path:
     if not missing:
         return d
     why = ""
-    if fetch and os.environ.get("HF_HUB_OFFLINE", "").strip().upper() not in ("1", "ON", "YES", "TRUE"):
+    from cso_dist.models.hub import offline  # huggingface_hub's own reading of HF_HUB_OFFLINE
+
+    if fetch and not offline():
         from cso_dist.data.fetch import fetch_esconv
 
         print(f"ESConv not found in {d}: fetching it from the Hugging Face Hub into {user_data_dir()}", flush=True)
