@@ -166,7 +166,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     if missing or unknown:
         raise CsoError(
             f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unknown[:3]} "
-            "(different model.method or model.path?)"
+            "(different model.finetune or model.path?)"
         )
     with torch.no_grad():
         for n, w in weights.items():

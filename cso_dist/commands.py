@@ -350,7 +350,7 @@ def cmd_mcts_submit(args, extra) -> int:
 # ---------------------------------------------------------------- eval
 def cmd_eval_score(args, extra) -> int:
     from cso_dist.data.strategies import load_strategy_set
-    from cso_dist.eval.report import format_scores, score_file
+    from cso_dist.eval.score import format_scores, score_file
 
     scores = score_file(Path(args.pred), load_strategy_set(args.strategies))
     if args.json:

@@ -7,21 +7,33 @@ load with the key named. Later stages (precompute, train, eval, launch) add sect
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from cso_dist.configfile import _apply, _nest, _parse_value, parse_overrides, read_yaml  # noqa: F401 - parse_overrides: public here
+from cso_dist import losses
+from cso_dist.data.readers import SOURCES
 from cso_dist.errors import ConfigError
+from cso_dist.losses import NAMES as LOSS_METHODS
 from cso_dist.mcts.search import SearchSettings
+from cso_dist.models import FINETUNES, PRECISIONS, TINY_ARCHS, TINY_TOKENIZERS
+from cso_dist.pack import LAYOUTS
+from cso_dist.scorer import ATTENTION
 
-SOURCES = ("escpro", "cso-rows", "kto-rows", "trl", "esconv")
+# The choices of a key are defined once, by the module that owns them (tests/test_layering.py checks it).
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
     """A config key: its default and the help text that `--help` and the generated flags show."""
     return field(default=default, default_factory=factory, metadata={"help": help})
+
+
+def choices(section: type, name: str) -> tuple:
+    """The values a Literal key of a config section takes (for the CLI's `choices`)."""
+    return typing.get_args(typing.get_type_hints(section)[name])
 
 
 def help_of(section: type, name: str) -> str:
@@ -43,7 +55,7 @@ class LoraSettings:
 
 @dataclass
 class DataConfig:
-    source: Literal["escpro", "cso-rows", "kto-rows", "trl", "esconv"] = setting("esconv", "the input's format")
+    source: Literal[SOURCES] = setting("esconv", "the input's format")
     input: str = setting("", 'file or folder; "" = ESConv from the data dir (cso_dist.paths.data_dir)')
     split: str = setting("train", "ESConv split: train, valid or test")
     negatives: int = setting(3, "ESConv: non-preferred options per supporter turn")
@@ -69,13 +81,15 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     path: str = setting(
-        "", 'HF model folder, or a Hub id (org/name) read from the HF cache; "" = the demo\'s tiny model'
+        "", "HF model folder, or a Hub id (org/name) read from the HF cache (required; demo and study set their own)"
     )
     revision: str = setting("", 'for a Hub id: the branch, tag or commit to use ("" = main)')
-    method: Literal["full", "lora", "qlora"] = setting(
-        "full", "full fine-tuning, LoRA, or QLoRA (4-bit nf4 base + LoRA)"
+    finetune: Literal[FINETUNES] = setting(
+        "full", "what training updates: full fine-tuning, LoRA, or QLoRA (4-bit nf4 base + LoRA); was model.method"
     )
-    precision: Literal["fp32", "bf16", "bf16-mixed"] = setting(
+    RENAMED: ClassVar[dict[str, str]] = {"method": "finetune"}  # old key -> new key, still read (a note says so)
+
+    precision: Literal[PRECISIONS] = setting(
         "fp32", "fp32; bf16 (bf16 weights); bf16-mixed (fp32 weights, bf16 autocast: ~2x on CPUs with AMX)"
     )
     lora_r: int = setting(LoraSettings.r, "LoRA rank")
@@ -95,8 +109,8 @@ class ModelConfig:
 
 @dataclass
 class TinyModelConfig:
-    arch: Literal["qwen2", "llama"] = setting("qwen2", "architecture of the demo's random model")
-    tokenizer: Literal["qwen", "bpe"] = setting(
+    arch: Literal[tuple(TINY_ARCHS)] = setting("qwen2", "architecture of the demo's random model")
+    tokenizer: Literal[TINY_TOKENIZERS] = setting(
         "qwen", "qwen: the real Qwen2.5 vocabulary; bpe: a small BPE trained on ESConv"
     )
     hidden_size: int = setting(64, "hidden size of the demo's random model")
@@ -109,12 +123,12 @@ class TinyModelConfig:
 
 @dataclass
 class PackConfig:
-    layout: Literal["trie", "pair"] = setting("trie", "trie: one sequence per dialogue + branches; pair: per-pair rows")
+    layout: Literal[LAYOUTS] = setting("trie", "trie: one sequence per dialogue + branches; pair: per-pair rows")
     max_tokens: int = setting(4096, "token budget of one micro-batch (one packed row; per-pair: all rows)")
     logit_chunk: int = setting(2048, "reply tokens per log-softmax chunk (bounds [tokens x vocab] memory)")
-    attention: Literal["auto", "tree", "flex", "dense"] = setting(
+    attention: Literal[ATTENTION] = setting(
         "auto",
-        "attention over trie rows (cso_dist.pack.attention): tree = SDPA per trunk / per turn's branches, work "
+        "attention over trie rows (cso_dist.scorer.attention): tree = SDPA per trunk / per turn's branches, work "
         "proportional to what the tree attends; flex = FlexAttention BlockMask (compiled on CUDA); dense = one "
         "[T x T] mask; auto = tree, dense for models that soft-cap attention logits",
     )
@@ -126,16 +140,16 @@ class PackConfig:
 
 @dataclass
 class TrainConfig:
-    method: Literal["sft", "dpo", "ipo", "simpo", "kto", "orpo"] = setting("dpo", "= cso_dist.losses.METHODS (tested)")
+    method: Literal[LOSS_METHODS] = setting("dpo", "the training method (cso_dist.losses.REGISTRY)")
     train_file: str = setting("", 'preference dialogues (data build output); "" = <run.out_dir>/data/train.jsonl')
     eval_file: str = setting("", 'held-out dialogues for periodic evaluation; "" = none')
     max_dialogues: int = setting(0, "use only the first N dialogues of train_file (0 = all)")
     eval_max_dialogues: int = setting(0, "use only the first N dialogues of eval_file (0 = all)")
     beta: float = setting(-1.0, "-1 = the method's default (its loss function's beta; cso_dist.losses.REGISTRY)")
-    label_smoothing: float = setting(0.0, "dpo (cDPO)")
-    gamma_beta_ratio: float = setting(0.55, "simpo")
-    desirable_weight: float = setting(1.0, "kto")
-    undesirable_weight: float = setting(1.0, "kto")
+    label_smoothing: float = setting(0.0, "dpo only (cDPO)")
+    gamma_beta_ratio: float = setting(0.55, "simpo only")
+    desirable_weight: float = setting(1.0, "kto only")
+    undesirable_weight: float = setting(1.0, "kto only")
     nll_weight: float = setting(
         0.0, "extra SFT/NLL term on chosen replies, for every method (orpo: its lambda-free NLL)"
     )
@@ -349,45 +363,40 @@ class TrackConfig:
         pass
 
 
-@dataclass
-class DemoConfig:
-    """The main job (`cso-dist demo`): data -> model -> SFT -> precompute -> CSO (train.method) -> base / SFT /
-    CSO evaluated side by side on held-out ESConv test turns."""
-
-    model: Literal["smollm2-135m-instruct", "tiny"] = setting(
-        "smollm2-135m-instruct", "the model when model.path is empty: the packaged real model, or a tiny random one"
-    )
-    train_dialogues: int = setting(300, "ESConv train dialogues used for SFT and CSO (0 = all 910)")
-    eval_dialogues: int = setting(40, "ESConv valid dialogues for the held-out loss during training")
-    test_dialogues: int = setting(40, "ESConv test dialogues scored in likelihood mode (Q, W, B, accuracy)")
-    generate_dialogues: int = setting(3, "ESConv test dialogues (others) for greedy generation (parse rate, text)")
-    sft_epochs: int = setting(1, "SFT epochs before CSO (0 skips SFT)")
-    sft_lr: float = setting(1e-3, "SFT learning rate")
-    bf16_on_amx: bool = setting(True, "train and evaluate in bf16 where the CPU has AMX (about 2x faster)")
-
-    def validate(self) -> None:
-        _check(self.train_dialogues >= 0, "demo.train_dialogues", "must be >= 0")
-        _check(self.eval_dialogues >= 0, "demo.eval_dialogues", "must be >= 0 (0: none)")
-        _check(self.test_dialogues >= 1, "demo.test_dialogues", "must be >= 1")
-        _check(self.generate_dialogues >= 1, "demo.generate_dialogues", "must be >= 1")
-        _check(self.sft_epochs >= 0, "demo.sft_epochs", "must be >= 0 (0 skips SFT)")
-        _check(self.sft_lr > 0, "demo.sft_lr", "must be > 0")
-
-
-STUDY_OWNED = ("train.method", "run.seed", "run.out_dir", "model.path", "train.train_file", "train.eval_file")
+# keys the study sets in every run it makes: refused in a study's config and in its sweep
+STUDY_PHASES = ("data", "sft", "sweep", "valid", "select", "seeds", "test", "report")  # study --until
+STUDY_OWNED = (
+    "train.method",
+    "run.seed",
+    "train.train_file",
+    "train.eval_file",
+    "train.max_dialogues",
+    "train.eval_max_dialogues",
+    "train.ref_cache",
+)
 
 
 @dataclass
 class StudyConfig:
-    """`cso-dist study`: SFT vs CSO with each loss on a real model, every loss tuned on ESConv valid Q (seed 0),
-    then several seeds of each selected config and of SFT scored on ESConv test (cso_dist.study)."""
+    """`cso-dist study` and `cso-dist demo` (cso_dist.study): SFT vs CSO with each loss on a real model, every loss
+    tuned on ESConv valid Q (first seed), then each selected config and SFT on every seed, scored on ESConv test.
+    The demo (configs/demo.yaml) is the study with one loss, one seed and no sweep; a former `demo:` section is
+    read as this one."""
 
     model: Literal["smollm2-135m-instruct", "tiny"] = setting(
         "smollm2-135m-instruct", "the model when model.path is empty: the packaged real model, or a tiny random one"
     )
-    train_dialogues: int = setting(16, "first N ESConv train dialogues: SFT on their gold replies, CSO on their pairs")
-    valid_dialogues: int = setting(16, "first N ESConv valid dialogues: the selection set (likelihood-mode Q)")
-    test_turns: int = setting(1000, "the first ESConv test dialogues holding at least this many supporter turns")
+    train_dialogues: int = setting(
+        16, "first N ESConv train dialogues (0 = all): SFT on their gold replies, CSO on their pairs"
+    )
+    valid_dialogues: int = setting(
+        16, "first N ESConv valid dialogues: the selection set (likelihood-mode Q; 0 = none: no sweep to select)"
+    )
+    eval_dialogues: int = setting(0, "first N ESConv valid dialogues for a held-out loss during training (0 = none)")
+    test_turns: int = setting(
+        1000, "test subset: the first ESConv test dialogues holding at least this many supporter turns (or 0)"
+    )
+    test_dialogues: int = setting(0, "test subset: the first N ESConv test dialogues instead (0: by test_turns)")
     generate_dialogues: int = setting(2, "the last N ESConv test dialogues (apart from the above): greedy generation")
     seeds: list[int] = setting(
         help="seeds of SFT and of each selected config (the first one runs the sweep)", factory=lambda: [0, 1, 2]
@@ -402,8 +411,10 @@ class StudyConfig:
     )
     sft_lr: float = setting(5e-4, "SFT learning rate")
     sft_epochs: int = setting(1, "SFT epochs")
-    cluster: Literal["local", "slurm", "debug"] = setting(
-        "local", "where the runs go: local processes (slurm.array_parallelism at a time), a Slurm cluster, or debug"
+    cluster: Literal["local", "slurm", "debug", "inline"] = setting(
+        "local",
+        "where the runs go: local processes (slurm.array_parallelism at a time), a Slurm cluster, debug, or inline "
+        "(this process, one run after another, with progress lines: the demo)",
     )
     bf16_on_amx: bool = setting(True, "train and evaluate in bf16-mixed where the CPU has AMX (about 2x faster)")
 
@@ -422,7 +433,7 @@ class StudyConfig:
                 values = [x for x in v.split(",") if x]
                 _check(bool(k) and bool(values), key, f"'{ax}': expected KEY=V1,V2")
                 _check(k.split(".")[0] in TRAINING_SECTIONS, key, f"'{k}' is not a key of a training section")
-                _check(k not in STUDY_OWNED, key, f"'{k}' is set by the study itself")
+                _check(k not in (*STUDY_OWNED, "run.out_dir", "model.path"), key, f"'{k}' is set by the study itself")
                 for x in values:
                     probe = TrainingConfig()
                     try:
@@ -435,9 +446,15 @@ class StudyConfig:
 
     def validate(self) -> None:
         methods = typing.get_args(typing.get_type_hints(TrainConfig)["method"])
-        _check(self.train_dialogues >= 1, "study.train_dialogues", "must be >= 1")
-        _check(self.valid_dialogues >= 1, "study.valid_dialogues", "must be >= 1")
-        _check(self.test_turns >= 1, "study.test_turns", "must be >= 1")
+        _check(self.train_dialogues >= 0, "study.train_dialogues", "must be >= 0 (0 = all)")
+        _check(self.valid_dialogues >= 0, "study.valid_dialogues", "must be >= 0 (0 = none)")
+        _check(self.valid_dialogues >= 1 or not self.sweep, "study.sweep", "needs study.valid_dialogues >= 1")
+        _check(self.eval_dialogues >= 0, "study.eval_dialogues", "must be >= 0 (0 = none)")
+        _check(
+            min(self.test_turns, self.test_dialogues) >= 0 and (self.test_turns > 0) != (self.test_dialogues > 0),
+            "study.test_turns",
+            "give one of study.test_turns and study.test_dialogues (the other 0)",
+        )
         _check(self.generate_dialogues >= 0, "study.generate_dialogues", "must be >= 0 (0: no generation)")
         _check(
             len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "study.seeds", "must be distinct, >= 1"
@@ -484,13 +501,13 @@ class TrainingConfig:
 @dataclass
 class Config(TrainingConfig):
     """A config file: the training config plus the sections of the tools around it (launch, plan, mcts,
-    demo). One file serves every command of a recipe; each command reads the sections of its family."""
+    study). One file serves every command of a recipe; each command reads the sections of its family."""
 
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     mcts: MctsConfig = field(default_factory=MctsConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    RENAMED: ClassVar[dict[str, str]] = {"demo": "study"}  # the demo is the study: its old section, still read
 
 
 TRAINING_SECTIONS = tuple(f.name for f in dataclasses.fields(TrainingConfig))
@@ -504,6 +521,16 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "study": TRAINING_SECTIONS + ("slurm", "study"),
     "all": tuple(f.name for f in dataclasses.fields(Config)),
 }
+
+
+def renamed_keys() -> dict[str, str]:
+    """Old dotted key -> its new name, over every section (a section class's RENAMED)."""
+    hints = typing.get_type_hints(Config)
+    return {
+        f"{f.name}.{old}": f"{f.name}.{new}"
+        for f in dataclasses.fields(Config)
+        for old, new in getattr(hints[f.name], "RENAMED", {}).items()
+    }
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -522,6 +549,23 @@ def _check_token(value: str, key: str) -> None:
     _check(not any(c.isspace() for c in value), key, f"{value!r} holds whitespace (Slurm reads one token here)")
 
 
+def _check_method(cfg: TrainingConfig) -> None:
+    """What train.method declares (cso_dist.losses.Method): the layouts that serve it, and the train.<key>s it
+    reads -- a key only another method reads, set away from its default, would be ignored, so it is refused."""
+    spec = losses.method(cfg.train.method)
+    _check(
+        cfg.pack.layout in spec.layouts,
+        "pack.layout",
+        f"'{cfg.pack.layout}' does not serve {spec.name} (it takes {', '.join(spec.layouts)}); the per-pair layout "
+        f"serves {', '.join(m.name for m in losses.REGISTRY.values() if m.pair_layout)}",
+    )
+    defaults = TrainConfig()
+    for key in losses.METHOD_KEYS:
+        if key not in spec.keys and getattr(cfg.train, key) != getattr(defaults, key):
+            readers = ", ".join(m.name for m in losses.REGISTRY.values() if key in m.keys)
+            _check(False, f"train.{key}", f"read by {readers} only, and train.method is {spec.name}: remove it")
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, family: str = "all") -> Config:
     """The config file + dotted overrides, validated. `family` names the sections the command reads
     (FAMILIES); an override of another section is refused. A file may hold every section (a recipe
@@ -534,10 +578,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 f"config: --{key}: this command does not read the {section} section "
                 f"(it reads {', '.join(FAMILIES[family])})"
             )
+    notes: list[str] = []
     if path:
-        _apply(cfg, read_yaml(Path(path), check=lambda raw: _apply(Config(), raw, "")), "")
+        _apply(cfg, read_yaml(Path(path), check=lambda raw: _apply(Config(), raw, "")), "", notes)
     if overrides:
-        _apply(cfg, _nest(overrides), "")
+        _apply(cfg, _nest(overrides), "", notes)
+    for note in dict.fromkeys(notes):
+        print(f"cso-dist: note: {note}", file=sys.stderr)
     for f in dataclasses.fields(cfg):
         getattr(cfg, f.name).validate()
     _check(
@@ -545,15 +592,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         "pack.max_tokens",
         f"must be >= data.max_length ({cfg.data.max_length}): one turn must fit a micro-batch",
     )
+    _check_method(cfg)
     _check(
-        cfg.train.reference == "cache" or cfg.model.method in ("lora", "qlora"),
+        cfg.train.reference == "cache" or cfg.model.finetune in ("lora", "qlora"),
         "train.reference",
-        "'adapter' (the base with the adapter disabled) needs model.method lora or qlora",
+        "'adapter' (the base with the adapter disabled) needs model.finetune lora or qlora",
     )
     _check(
-        not (cfg.model.method == "qlora" and cfg.dist.engine == "deepspeed"),
-        "model.method",
+        not (cfg.model.finetune == "qlora" and cfg.dist.engine == "deepspeed"),
+        "model.finetune",
         "qlora runs on the torch engine (one GPU, or DDP under torchrun); 4-bit weights under DeepSpeed "
-        "(bnb_4bit_quant_storage) are not supported by cso_dist: use model.method=lora with dist.engine=deepspeed",
+        "(bnb_4bit_quant_storage) are not supported by cso_dist: use model.finetune=lora with dist.engine=deepspeed",
     )
     return cfg

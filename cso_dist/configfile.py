@@ -63,10 +63,19 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     raise ConfigError(f"config: {key}: unsupported type {typ}")
 
 
-def _apply(obj: Any, values: dict, prefix: str) -> None:
+def _apply(obj: Any, values: dict, prefix: str, notes: list[str] | None = None) -> None:
+    """Set `values` (nested) on the config object `obj`, typed and checked; an old key name (a section's RENAMED)
+    is read as its new one, with a note appended to `notes`."""
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
+    renamed = getattr(type(obj), "RENAMED", {})
     for k, v in values.items():
+        if k in renamed:  # an old name: read as the new one, with a note
+            if renamed[k] in values:
+                raise ConfigError(f"config: {prefix}{k}: the old name of {prefix}{renamed[k]}; give only the new one")
+            if notes is not None:
+                notes.append(f"{prefix}{k} is now {prefix}{renamed[k]} (the old name still works)")
+            k = renamed[k]
         key = f"{prefix}{k}"
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
@@ -76,7 +85,7 @@ def _apply(obj: Any, values: dict, prefix: str) -> None:
         if dataclasses.is_dataclass(sub):
             if not isinstance(v, dict):
                 raise ConfigError(f"config: {key}: expected a section (mapping), got {v!r}")
-            _apply(sub, v, f"{key}.")
+            _apply(sub, v, f"{key}.", notes)
         else:
             setattr(obj, k, _coerce(v, hints[k], key))
 

@@ -28,25 +28,13 @@ import torch
 from cso_dist import dist
 from cso_dist.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, seal, write_failed
 from cso_dist.config import TrainingConfig
-from cso_dist.device import default_device
+from cso_dist.scorer import Scorer, default_device
 from cso_dist.dist import World
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.export import model_from_state_dict, save_final
 from cso_dist.models import count_parameters, load_model, lora_settings
 from cso_dist.inputs import model_dir, weights_dir
 from cso_dist.paths import ds_config_path
-
-
-class Scorer(torch.nn.Module):
-    """Per-reply log-probs of one micro-batch (trie or per-pair) as a module forward, so DDP and
-    DeepSpeed see a normal module call (their hooks gather / all-reduce around it)."""
-
-    def __init__(self, model: torch.nn.Module, chunk: int):
-        super().__init__()
-        self.model, self.chunk = model, chunk
-
-    def forward(self, data) -> torch.Tensor:
-        return data.logps(self.model, self.chunk)  # a TrieBatch or a PairBatch
 
 
 def no_dropout(model) -> None:
@@ -105,7 +93,7 @@ class TorchEngine:
         device = device or default_device(world.local_rank)
         self.module = load_model(
             model_dir(cfg),
-            cfg.model.method,
+            cfg.model.finetune,
             cfg.model.precision,
             lora=lora_settings(cfg.model),
             device=device,
@@ -259,7 +247,7 @@ class DeepSpeedEngine:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.module = load_model(
             model_dir(cfg),
-            cfg.model.method,
+            cfg.model.finetune,
             cfg.model.precision,
             lora=lora_settings(cfg.model),
             device="",
@@ -346,7 +334,7 @@ class DeepSpeedEngine:
         failed = dist.any_true(err is not None)  # every rank calls each any_true: none waits alone
         if self.world.main and not failed:
             state = {"step": step, **extra, "engine": self.kind, "world_size": self.world.world_size}
-            state.update(zero_stage=self.stage, model_path=self.cfg.model.path, method=self.cfg.model.method)
+            state.update(zero_stage=self.stage, model_path=self.cfg.model.path, method=self.cfg.model.finetune)
             try:
                 seal(ckpt_dir / tmp, state)
                 if (ckpt_dir / name).exists():

@@ -16,7 +16,7 @@ from cso_dist.config import TrainingConfig, load_config
 from cso_dist.errors import CsoError
 from cso_dist.inputs import model_dir, tokenizer_dir
 from cso_dist.models import load_model, load_tokenizer, lora_settings
-from cso_dist.models.load import PRECISIONS
+from cso_dist.models.load import WEIGHT_DTYPE
 
 
 def save_final(model, cfg: TrainingConfig, out: Path, tokenizer, final: str | None = None) -> Path:
@@ -30,7 +30,7 @@ def save_final(model, cfg: TrainingConfig, out: Path, tokenizer, final: str | No
         model.eval()
         is_peft = hasattr(model, "peft_config")
         if is_peft and final == "merged":
-            if cfg.model.method == "qlora":  # merge into a full-precision copy of the base, not the 4-bit one
+            if cfg.model.finetune == "qlora":  # merge into a full-precision copy of the base, not the 4-bit one
                 adapter = tmp / "adapter"
                 model.save_pretrained(adapter)
                 merged = load_model(adapter, "full", cfg.model.precision)
@@ -55,7 +55,7 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], cfg: TrainingConfig) -> t
 
     `sd` may hold every weight or only the trained ones (LoRA); every trained weight of the model
     must be in it, and every key of it must belong to the model."""
-    method = "lora" if cfg.model.method in ("lora", "qlora") else "full"
+    method = "lora" if cfg.model.finetune in ("lora", "qlora") else "full"
     lora = lora_settings(cfg.model)
     model = load_model(model_dir(cfg), method, cfg.model.precision, lora=lora, device="cpu")
     own = model.state_dict()
@@ -64,10 +64,10 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], cfg: TrainingConfig) -> t
     missing = [n for n in trained if n not in sd and not _tied(model, n)]
     if unknown or missing:
         raise CsoError(
-            f"the weights do not fit {cfg.model.path} ({cfg.model.method}): unexpected {unknown[:3]}, "
+            f"the weights do not fit {cfg.model.path} ({cfg.model.finetune}): unexpected {unknown[:3]}, "
             f"missing {missing[:3]}"
         )
-    dtype = PRECISIONS[cfg.model.precision]
+    dtype = WEIGHT_DTYPE[cfg.model.precision]
     with torch.no_grad():
         for k, v in sd.items():
             own[k].copy_(v.to(own[k].dtype if own[k].is_floating_point() else v.dtype))
@@ -120,5 +120,5 @@ def export(ckpt: Path, out: Path, final: str | None = None) -> Path:
     model = model_from_state_dict(sd, cfg)
     tok = load_tokenizer(tokenizer_dir(model_dir(cfg)))
     save_final(model, cfg, out, tok, final)
-    print(f"exported {ckpt} ({engine} engine, {cfg.model.method}) -> {out}")
+    print(f"exported {ckpt} ({engine} engine, {cfg.model.finetune}) -> {out}")
     return Path(out)

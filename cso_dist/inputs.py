@@ -13,7 +13,7 @@ from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import PrefDialogue, read_dialogues
 from cso_dist.data.render import Renderer, make_renderer
 from cso_dist.data.strategies import StrategySet, resolve_strategy_set
-from cso_dist.errors import CsoError
+from cso_dist.errors import ConfigError, CsoError
 from cso_dist.io import sha256_file
 from cso_dist.models import hub, is_adapter_dir, load_tokenizer
 from cso_dist.models.load import adapter_base_path
@@ -32,19 +32,23 @@ TOKENIZER_FILES = (
 SPLITS = ("train", "eval")
 
 
+MODEL_REQUIRED = "model.path: required: a model folder, or a Hub id (org/name)"
+
+
 def model_dir(cfg: TrainingConfig) -> Path:
     """The local folder of model.path: the folder itself, or a Hub id's snapshot in the HF cache (no network;
-    ensure_model fetches it first)."""
+    ensure_model fetches it first). model.path is required: `cso-dist demo` and `cso-dist study` set it themselves."""
     if not cfg.model.path:
-        return Path(cfg.run.out_dir) / "tiny-model"
+        raise ConfigError(MODEL_REQUIRED)
     return hub.resolve(cfg.model.path, cfg.model.revision)
 
 
 def ensure_model(cfg: TrainingConfig, local_rank: int = 0) -> Path:
     """Before a job's process group exists: a Hub id not in the HF cache yet is downloaded by each node's local
-    rank 0 (the others wait for it); then model_dir(cfg). A local folder or the demo's tiny model is as is."""
-    if cfg.model.path:
-        hub.ensure(cfg.model.path, cfg.model.revision, local_rank, cfg.dist.timeout_minutes * 60)
+    rank 0 (the others wait for it); then model_dir(cfg). A local folder is as is."""
+    if not cfg.model.path:
+        model_dir(cfg)  # the error: model.path is required
+    hub.ensure(cfg.model.path, cfg.model.revision, local_rank, cfg.dist.timeout_minutes * 60)
     return model_dir(cfg)
 
 

@@ -28,10 +28,16 @@ from pathlib import Path
 
 from cso_dist.config import LORA_TARGETS, LoraSettings
 from cso_dist.errors import ConfigError
+from cso_dist.models import FINETUNES
+from cso_dist.scorer import ATTENTION
 from cso_dist.paths import ds_config_path
 
 GIB = 2**30
 HEADROOM = 0.10  # of the card: CUDA context, NCCL buffers, allocator fragmentation
+
+ZERO_STAGES = (0, 2, 3)  # --zero: 0 = the torch engine (DDP), 2 / 3 = DeepSpeed ZeRO
+OFFLOADS = ("none", "optimizer", "params")  # --offload: DeepSpeed CPU offload (params: parameters and optimizer)
+PLAN_ATTENTION = tuple(a for a in ATTENTION if a != "auto")  # --attention: a method the plan can cost
 
 
 @dataclass(frozen=True)
@@ -165,12 +171,12 @@ class Setup:
         return self.gpus_per_node * self.nodes
 
     def check(self) -> None:
-        if self.method not in ("full", "lora", "qlora"):
-            raise ConfigError(f"plan: --method {self.method}: must be full, lora or qlora")
-        if self.zero not in (0, 2, 3):
+        if self.method not in FINETUNES:
+            raise ConfigError(f"plan: --method {self.method}: must be one of {', '.join(FINETUNES)}")
+        if self.zero not in ZERO_STAGES:
             raise ConfigError(f"plan: --zero {self.zero}: must be 0 (torch engine), 2 or 3")
-        if self.offload not in ("none", "optimizer", "params"):
-            raise ConfigError(f"plan: --offload {self.offload}: must be none, optimizer or params")
+        if self.offload not in OFFLOADS:
+            raise ConfigError(f"plan: --offload {self.offload}: must be one of {', '.join(OFFLOADS)}")
         if self.method == "qlora" and self.zero:
             raise ConfigError("plan: --method qlora runs on the torch engine: use --zero 0")
         if self.offload != "none" and self.zero == 0:
@@ -182,8 +188,8 @@ class Setup:
                 raise ConfigError(f"plan: --{k.replace('_', '-')} must be >= 1")
         if self.gpu_mem_gb <= 0:
             raise ConfigError("plan: --gpu-mem must be > 0")
-        if self.attention not in ("tree", "flex", "dense"):
-            raise ConfigError(f"plan: --attention {self.attention}: must be tree, flex or dense")
+        if self.attention not in PLAN_ATTENTION:
+            raise ConfigError(f"plan: --attention {self.attention}: must be one of {', '.join(PLAN_ATTENTION)}")
         if not (self.tree_keys >= 1 and self.tree_mask >= 0):
             raise ConfigError("plan: --tree-keys must be >= 1 and --tree-mask >= 0")
 
@@ -337,7 +343,8 @@ def _cpu_offload(shape: Shape, s: Setup) -> float:
 
 def _candidates(s: Setup, same_gpus: bool = False):
     """Cheaper first: fewer GPUs, then no offload, then no checkpointing, then ZeRO-2 before 3."""
-    zeros = {"full": (2, 3), "lora": (0, 2, 3), "qlora": (0,)}[s.method]
+    # QLoRA: the torch engine only; full fine-tuning: ZeRO (DDP holds a whole optimizer state per GPU); LoRA: any
+    zeros = (0,) if s.method == "qlora" else tuple(z for z in ZERO_STAGES if z) if s.method == "full" else ZERO_STAGES
     gpn_options = sorted({g for g in (1, 2, 4, 8) if g <= max(8, s.gpus_per_node)} | {s.gpus_per_node})
     layouts = sorted(
         {(nodes, g) for nodes in (1, 2, 4, 8, 16, 32, 64) for g in gpn_options if nodes == 1 or g == max(gpn_options)},
@@ -346,7 +353,7 @@ def _candidates(s: Setup, same_gpus: bool = False):
     if same_gpus:
         layouts = [(s.nodes, s.gpus_per_node)]
     for nodes, g in layouts:
-        for offload in ("none", "optimizer", "params"):
+        for offload in OFFLOADS:
             for ck in (False, True):
                 for z in zeros:
                     c = dataclasses.replace(s, nodes=nodes, gpus_per_node=g, zero=z, offload=offload, checkpointing=ck)
@@ -443,7 +450,7 @@ def setup_from_config(cfg) -> tuple[Shape, Setup]:
         )
     m, t = cfg.model, cfg.train
     s = Setup(
-        method=m.method,
+        method=m.finetune,
         zero=zero,
         offload=offload,
         gpus_per_node=max(cfg.slurm.gpus_per_node, 1),

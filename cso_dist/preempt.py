@@ -54,6 +54,12 @@ class StopRequest:
             signal.signal(signal.SIGINT, self.previous.get(signal.SIGINT, signal.default_int_handler))
             print("cso-dist: stopping at the next step boundary with a checkpoint (Ctrl-C again to abort)", flush=True)
 
+    def __enter__(self) -> "StopRequest":
+        return self
+
+    def __exit__(self, typ, exc, tb) -> None:
+        self.restore()  # the handlers that were there before, however the run ends
+
     def requested(self) -> bool:
         return self.signum is not None or self.file.exists()
 

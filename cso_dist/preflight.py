@@ -8,7 +8,7 @@ from pathlib import Path
 from cso_dist.config import TrainingConfig
 from cso_dist.errors import CsoError
 from cso_dist.losses import needs_reference
-from cso_dist.inputs import data_file, load_split, model_dir, tokenizer_dir, weights_dir
+from cso_dist.inputs import MODEL_REQUIRED, data_file, load_split, model_dir, tokenizer_dir, weights_dir
 from cso_dist.models import hub, is_adapter_dir
 from cso_dist.models.identity import model_files
 from cso_dist.models.load import adapter_base_path
@@ -21,7 +21,7 @@ TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "voc
 
 def _model_problem(cfg: TrainingConfig) -> str:
     if not cfg.model.path:
-        return ""  # the demo's tiny model, written by the command itself
+        return MODEL_REQUIRED
     if hub.is_hub_id(cfg.model.path) and hub.cached(cfg.model.path, cfg.model.revision) is None:
         if not hub.offline():
             return ""  # the job downloads it first (model_line says so)
@@ -81,7 +81,7 @@ def dry_run(cfg: TrainingConfig, command: str) -> list[str]:
     cached = needs_reference(t.method) and t.reference == "cache"
     train_in, eval_in = load_split(cfg, "train"), load_split(cfg, "eval")  # every record validated
     lines = [
-        f"model: {_model_line(cfg)} ({cfg.model.method}, {cfg.model.precision})",
+        f"model: {_model_line(cfg)} ({cfg.model.finetune}, {cfg.model.precision})",
         f"train data: {train_in.data_file} ({len(train_in.dialogues)} dialogues"
         + (f", the first {t.max_dialogues}" if t.max_dialogues else "")
         + ", every record valid)",

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from cso_dist.checkpoint import clean_partial, latest_good, list_checkpoints
-from cso_dist.config import TrainingConfig
+from cso_dist.config import TrainingConfig, renamed_keys
 from cso_dist.errors import CsoError
 from cso_dist.io import atomic_write_text
 from cso_dist.preempt import STOPPED_FILE
@@ -59,7 +59,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(keys that may not change but did, keys that may change and did), over the training sections."""
-    a, b = _flat(old), _flat(new)
+    renamed = renamed_keys()  # a run written before a key was renamed compares under the new name
+    a, b = {renamed.get(k, k): v for k, v in _flat(old).items()}, _flat(new)
     sections = {f.split(".")[0] for f in b}
     keys = sorted(k for k in set(a) | set(b) if k.split(".")[0] in sections and a.get(k) != b.get(k))
     allowed = [k for k in keys if any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)]

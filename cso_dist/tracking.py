@@ -71,12 +71,23 @@ class Tracker:
                 print(f"cso-dist: warning: W&B log failed, continuing without it ({type(e).__name__})", file=sys.stderr)
                 self.wandb = None
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         if self.wandb is not None:
             try:
-                self.wandb.finish()
+                self.wandb.finish(exit_code=exit_code)
             except Exception:
                 pass
+            self.wandb = None
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, typ, exc, tb) -> None:
+        """Closed however the run ends: a failure marks the W&B run failed (exit code 1); a stop for preemption
+        (cso_dist.preempt.Preempted) does not, it resumes."""
+        from cso_dist.preempt import Preempted
+
+        self.close(0 if typ is None or issubclass(typ, Preempted) else 1)
 
 
 def _wandb_id(run_dir: Path) -> str:

@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchlib import machine, tiny_model  # noqa: E402
 
-import cso_dist.pack.layout as pack_layout  # noqa: E402
-import cso_dist.pack.logps as pack_logps  # noqa: E402
+import cso_dist.scorer.run as scorer_run  # noqa: E402
+import cso_dist.scorer.logps as scorer_logps  # noqa: E402
 import cso_dist.refcache.cache as rc  # noqa: E402
 from cso_dist.config import DataConfig, load_config  # noqa: E402
 from cso_dist.data.build import build_dialogues  # noqa: E402
@@ -129,13 +129,13 @@ PROBES = {
     (rc, "lay_out"): "tokenise + lay out (trie units)",
     (rc, "canonical_reply_order"): "result assembly (ids, floats, dict)",
     (rc, "atomic_write_text"): "shard + sidecar + manifest writes",
-    # cso_dist.pack.layout namespace (inside score_units)
-    (pack_layout, "score_units"): "score_units loop (tqdm, .tolist, result dict)",
-    (pack_layout, "pack_units"): "pack micro-batches",
-    (pack_layout, "collate_trie"): "collate (TrieBatch)",
-    (pack_layout, "trie_logps"): "trie_logps glue (index_select, index_add, .tolist)",
-    # cso_dist.pack.logps namespace (inside trie_logps)
-    (pack_logps, "_chunk_logps"): "log-softmax + gather (fp32)",
+    # cso_dist.scorer.run namespace (inside score_units)
+    (scorer_run, "score_units"): "score_units loop (tqdm, .tolist, result dict)",
+    (scorer_run, "pack_units"): "pack micro-batches",
+    (scorer_run, "collate_trie"): "collate (TrieBatch)",
+    (scorer_run, "trie_logps"): "trie_logps glue (index_select, index_add, .tolist)",
+    # cso_dist.scorer.logps namespace (inside trie_logps)
+    (scorer_logps, "_chunk_logps"): "log-softmax + gather (fp32)",
 }
 PHASE_HASH = "hash + JSON encode of shards"
 PHASE_BOOK = "cache bookkeeping (open/verify/finalize)"
@@ -162,7 +162,7 @@ def instrumented(prof: Profiler, model_probe_roots: list):
 
         def load_and_hook(*a, **k):
             ref = orig_load(*a, **k)
-            decoder, head, _, _ = pack_logps._decoder_and_head(ref[0])
+            decoder, head, _, _ = scorer_logps._decoder_and_head(ref[0])
             for mod, probe in ((decoder, "forward: decoder body"), (head, "forward: LM head (reply positions)")):
                 model_probe_roots.append(mod.register_forward_pre_hook(lambda m, a, p=probe: prof.enter(p)))
                 model_probe_roots.append(mod.register_forward_hook(lambda m, a, o: prof.exit()))
@@ -181,7 +181,7 @@ def instrumented(prof: Profiler, model_probe_roots: list):
 # ---------------------------------------------------------------- bare baselines
 def bare_reply_head(model, tbs, masks) -> list[torch.Tensor]:
     """(a) decoder body + LM head on the reply-predicting positions only (logits)."""
-    decoder, head, _, _ = pack_logps._decoder_and_head(model)
+    decoder, head, _, _ = scorer_logps._decoder_and_head(model)
     out = []
     with torch.no_grad():
         for tb, mask in zip(tbs, masks):
@@ -208,7 +208,7 @@ def timed(fn, *a) -> tuple[float, float]:
 
 def mask_dtype(model) -> torch.dtype:
     """The mask dtype trie_logps would build for this model (bool for sdpa; additive for eager)."""
-    decoder, _, _, attn = pack_logps._decoder_and_head(model)
+    decoder, _, _, attn = scorer_logps._decoder_and_head(model)
     if attn != "eager":
         return torch.bool
     dt = next(p for p in decoder.parameters() if p.is_floating_point()).dtype
@@ -366,7 +366,7 @@ def bench() -> dict:
             "kv_heads": args.kv_heads,
             "precision": args.precision,
             "params": sum(p.numel() for p in ref_model.parameters()),
-            "attn_implementation": pack_logps._decoder_and_head(ref_model)[3],
+            "attn_implementation": scorer_logps._decoder_and_head(ref_model)[3],
         },
         "max_tokens": args.max_tokens,
         "max_length": args.max_length,

@@ -37,8 +37,9 @@ from cso_dist.data.strategies import load_strategy_set  # noqa: E402
 from cso_dist.models.load import _enable_checkpointing  # noqa: E402
 from cso_dist.models.tiny import init_model, tiny_config  # noqa: E402
 from cso_dist.models.tokenizer import bpe_tokenizer, load_tokenizer  # noqa: E402
-from cso_dist.pack import trie_logps  # noqa: E402
-from cso_dist.pack.attention import tree_plan, use_attention  # noqa: E402
+from cso_dist.scorer import trie_logps  # noqa: E402
+from cso_dist.pack.tree_plan import tree_plan  # noqa: E402
+from cso_dist.scorer import use_attention  # noqa: E402
 from cso_dist.pack.layout import lay_out  # noqa: E402
 from cso_dist.pack.trie import collate_trie, pack_units  # noqa: E402
 from cso_dist.plan import Setup, activations, shape_from_hf_config  # noqa: E402

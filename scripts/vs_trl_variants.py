@@ -76,7 +76,7 @@ def pair_table(cfg) -> list[dict]:
     """Every (turn, rejected reply) pair of the train file, in data order: our token ids (exactly what
     both cso layouts score) and the conversational TRL row with the same (truncated) history."""
     from cso_dist.data.render import dialogue_system_prompt, format_reply, to_chat, turn_examples
-    from cso_dist.pack.trie import ReplyId
+    from cso_dist.pack.types import ReplyId
     from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
 
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)

@@ -150,3 +150,38 @@ def test_the_config_reference_in_docs_is_current():
         "docs/config.md is stale: run `cso-dist config reference --out docs/config.md`"
     )
     assert "| `model.revision` |" in text and "| `train.lr` |" in text
+
+
+def test_a_renamed_key_is_read_under_its_new_name_with_a_note(tmp_path, capsys):
+    """model.method (full / lora / qlora) is now model.finetune: a config file or an override that still says
+    model.method loads, and says so once; both names at once are refused; an old run's saved config compares
+    under the new name, so a resume does not see a change."""
+    from cso_dist.rundir import config_changes
+
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  method: lora\n")
+    capsys.readouterr()
+    assert load_config(old).model.finetune == "lora"
+    assert load_config(None, {"model.method": "qlora"}).model.finetune == "qlora"
+    err = capsys.readouterr().err
+    assert err.count("cso-dist: note: model.method is now model.finetune (the old name still works)") == 2, err
+    with pytest.raises(ConfigError, match="model.method: the old name of model.finetune; give only the new one"):
+        load_config(None, {"model.method": "lora", "model.finetune": "full"})
+    saved = load_config(None, {"model.finetune": "lora"}).to_dict()
+    saved["model"]["method"] = saved["model"].pop("finetune")  # what a run folder written before the rename holds
+    assert config_changes(saved, load_config(None, {"model.finetune": "lora"}).to_dict()) == ([], [])
+    assert config_changes(saved, load_config(None, {"model.finetune": "full"}).to_dict())[0] == ["model.finetune"]
+
+
+def test_a_key_only_another_method_reads_is_refused():
+    """Each method declares the train keys it reads (cso_dist.losses.Method.keys) and the layouts that serve it."""
+    with pytest.raises(ConfigError, match="train.gamma_beta_ratio: read by simpo only, and train.method is dpo"):
+        load_config(None, {"train.method": "dpo", "train.gamma_beta_ratio": 0.3})
+    assert load_config(None, {"train.method": "simpo", "train.gamma_beta_ratio": 0.3}).train.gamma_beta_ratio == 0.3
+    assert load_config(None, {"train.method": "dpo", "train.gamma_beta_ratio": 0.55}).train.method == "dpo"  # default
+    with pytest.raises(ConfigError, match="pack.layout: 'pair' does not serve kto"):
+        load_config(None, {"train.method": "kto", "pack.layout": "pair"})
+    with pytest.raises(ConfigError, match="model.path: required"):
+        from cso_dist.inputs import model_dir
+
+        model_dir(load_config(None, {}))

@@ -14,6 +14,7 @@ from cso_dist.data.dialogue import read_dialogues
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.models import load_model, load_tokenizer
 from cso_dist.pack import PairLayout, TrieLayout
+from cso_dist.scorer import score
 
 SSET = load_strategy_set("esconv")
 DEV = str(OTHER)
@@ -57,7 +58,7 @@ def _score(model, batches, backward: bool):
     out = []
     for b in batches:
         with torch.set_grad_enabled(backward):
-            lp = b.logps(model)
+            lp = score(model, b)
             if backward:
                 lp.sum().backward()
         out.append(lp.detach().to("cpu"))
@@ -120,7 +121,7 @@ def test_training_with_the_live_reference_runs_on_the_models_device(root):
     lora.save_pretrained(adapter)
     common = {
         "model.path": adapter,
-        "model.method": "lora",
+        "model.finetune": "lora",
         "train.reference": "adapter",
         "train.eval_file": root / "valid.jsonl",
         "train.eval_every": 2,

@@ -231,7 +231,7 @@ def test_zero3_lora_gradient_checkpointing_and_adapter_export(setup):
     adapter exports alone and merged."""
     # lora_dropout 0: dropout masks come from each rank's RNG, so curves on 1 and 2 ranks could not agree
     lora = {
-        "model.method": "lora",
+        "model.finetune": "lora",
         "model.lora_r": "4",
         "model.lora_dropout": "0",
         "train.gradient_checkpointing": "true",
@@ -280,7 +280,7 @@ def test_qlora_trains_with_paged_optimizer_and_its_adapter_reloads(setup):
         "qlora",
         **{
             "model.path": wide,
-            "model.method": "qlora",
+            "model.finetune": "qlora",
             "model.lora_r": 4,
             "model.lora_dropout": 0,  # compared with DDP below: no per-rank masks
             "train.reference": "adapter",
@@ -299,7 +299,7 @@ def test_qlora_trains_with_paged_optimizer_and_its_adapter_reloads(setup):
         setup,
         "qlora-reload",
         **{  # adapter dir -> 4-bit base + adapter
-            "model.method": "qlora",
+            "model.finetune": "qlora",
             "train.reference": "adapter",
         },
     )
@@ -317,7 +317,7 @@ def test_zero3_bf16_lora_casts_adapters_and_trains(setup):
         setup,
         "lora-bf16",
         **{
-            "model.method": "lora",
+            "model.finetune": "lora",
             "model.lora_r": 4,
             "model.precision": "bf16",
             "train.reference": "adapter",
@@ -337,7 +337,7 @@ def test_zero3_bf16_lora_casts_adapters_and_trains(setup):
 
 def test_qlora_with_deepspeed_is_refused(setup):
     with pytest.raises(ConfigError, match="qlora runs on the torch engine"):
-        load_config(None, {"model.method": "qlora", "dist.engine": "deepspeed"})
+        load_config(None, {"model.finetune": "qlora", "dist.engine": "deepspeed"})
 
 
 def test_world_from_env_reads_torchrun_and_slurm():

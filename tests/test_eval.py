@@ -229,7 +229,7 @@ def _brute_force(model, tok, prompt, prefix):
 @pytest.mark.slow
 def test_likelihood_mode_scores_every_strategy_exactly(setup):
     from cso_dist.data.render import format_reply
-    from cso_dist.eval.generate import eval_dialogues, eval_turns
+    from cso_dist.eval.prompts import eval_dialogues, eval_turns
     from cso_dist.inputs import make_cfg_renderer
 
     _gen(setup, "lik", "--mode", "likelihood")
@@ -282,7 +282,7 @@ def test_generate_with_lora_and_qlora_adapters(setup):
             "test",
             "--model.path",
             adapter,
-            "--model.method",
+            "--model.finetune",
             method,
             "--run.out_dir",
             setup / f"gen-{method}",

@@ -65,7 +65,7 @@ def test_a_run_folder_is_kept_unless_resumed_or_overwritten(setup, tmp_path, cap
     # a resume compares the config with the run's: what changes the run's meaning is refused, naming the key
     for key, value in [
         ("train.lr", 3e-4),
-        ("model.method", "lora"),
+        ("model.finetune", "lora"),
         ("train.method", "ipo"),
         ("pack.layout", "pair"),
         ("data.max_length", 256),

@@ -186,6 +186,10 @@ def test_fuzz_bad_inputs(tmp_path, capsys, monkeypatch):
     inputs, outs = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     outs.mkdir()
+    from cso_dist.models import build_tiny_model
+
+    model = str(build_tiny_model("qwen2", tmp_path / "model", tokenizer="qwen", hidden_size=32))  # model.path
+    capsys.readouterr()  # its progress lines are not a case's output
     failures: list[str] = []
     families: Counter = Counter()
 
@@ -247,7 +251,16 @@ def test_fuzz_bad_inputs(tmp_path, capsys, monkeypatch):
         n += 1
         f.write_text(json.dumps(good_dialogue) + "\n" + json.dumps(rec) + "\n")
         attempt("stored dialogues (data stats)", case, ["data", "stats", str(f)])
-        dry = ["train", "--dry-run", "--train.train_file", str(f), "--run.out_dir", str(outs / "run")]
+        dry = [
+            "train",
+            "--dry-run",
+            "--train.train_file",
+            str(f),
+            "--run.out_dir",
+            str(outs / "run"),
+            "--model.path",
+            model,
+        ]
         attempt("stored dialogues (train --dry-run)", case, dry)
         attempt(
             "stored dialogues (data pairs)",
@@ -259,7 +272,7 @@ def test_fuzz_bad_inputs(tmp_path, capsys, monkeypatch):
     f.write_text(json.dumps(good_dialogue) + "\n")
     for argv in (
         ["data", "stats", str(f)],
-        ["train", "--dry-run", "--train.train_file", str(f), "--run.out_dir", str(outs / "run")],
+        ["train", "--dry-run", "--train.train_file", str(f), "--run.out_dir", str(outs / "run"), "--model.path", model],
         ["data", "pairs", str(f), "--format", "kto", "--out", str(tmp_path / "ok.jsonl")],
     ):
         assert _run(argv, capsys)[0] == 0, argv
@@ -296,7 +309,7 @@ def test_fuzz_bad_inputs(tmp_path, capsys, monkeypatch):
         "data.source": ["csv"],
         "model.lora_r": [0],
         "model.lora_dropout": [1.0, -0.5],
-        "model.method": ["adapter"],
+        "model.finetune": ["adapter"],
         "pack.max_tokens": [16],
         "pack.logit_chunk": [0],
         "dist.zero_stage": [1],

@@ -246,7 +246,7 @@ def test_the_registry_is_the_one_list_of_methods():
     from typing import get_args, get_type_hints
 
     from cso_dist.config import TrainConfig, load_config
-    from cso_dist.objective import hyperparameters
+    from cso_dist.losses.batch import hyperparameters
 
     assert set(get_args(get_type_hints(TrainConfig)["method"])) == L.METHODS == set(L.REGISTRY)
     assert {m.name for m in L.REGISTRY.values() if m.pair_layout} == {"dpo", "ipo", "simpo", "orpo"}

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from cso_dist.device import feed
+from cso_dist.scorer.device import feed
 from cso_dist.errors import ConfigError
 from cso_dist.models import (
     LoraSettings,
@@ -211,7 +211,7 @@ def test_load_full(qwen_dir, precision, dtype):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_bf16_mixed_keeps_fp32_weights_and_computes_under_autocast(qwen_dir, method):
     """model.precision bf16-mixed: fp32 weights (and adapters); every forward entered through
-    cso_dist.device.feed (the model, and the decoder the trie scorer calls) runs under bf16 autocast, so its
+    cso_dist.scorer.device.feed (the model, and the decoder the trie scorer calls) runs under bf16 autocast, so its
     activations are bf16 and the loss is close to fp32's; a plain call of the model is left as it is."""
     tok = load_tokenizer(qwen_dir)
     batch = _batch(tok)

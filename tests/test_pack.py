@@ -13,16 +13,8 @@ from cso_dist.data.render import make_renderer, tokenize_dialogue, turn_examples
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.losses import dpo
 from cso_dist.models import build_tiny_model, load_tokenizer
-from cso_dist.pack import (
-    collate_pairs,
-    collate_trie,
-    dialogue_pair_rows,
-    dialogue_units,
-    lay_out,
-    pack_units,
-    pair_logps,
-    trie_logps,
-)
+from cso_dist.pack import collate_pairs, collate_trie, dialogue_pair_rows, dialogue_units, lay_out, pack_units
+from cso_dist.scorer import pair_logps, trie_logps
 
 SSET = load_strategy_set("esconv")
 
@@ -148,7 +140,7 @@ def test_fast_mask_equals_the_interval_definition_on_esconv_batches(esconv_dir, 
 
 def test_mask_and_positions_of_a_branch():
     tok = [11, 12, 13, 14, 15]  # prefix 11 12 | chosen 13 14 15 ; branch 21 22 after the 2-token history
-    from cso_dist.pack.trie import Span, Unit
+    from cso_dist.pack.types import Span, Unit
 
     u = Unit("d", tok + [21, 22], [0, 1, 2, 3, 4, 2, 3], 5, [Span("d:1:c", 2, 3, 2), Span("d:1:r0", 5, 2, 2)])
     other = Unit("e", [31, 32], [0, 1], 2, [Span("e:1:c", 1, 1, 1)])

@@ -15,7 +15,7 @@ from cso_dist.data.render import dialogue_system_prompt, make_renderer, segment_
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.models import load_model, load_tokenizer
 from cso_dist.models.gguf import IMPORT_FILE, fetch_model, packaged_gguf
-from cso_dist.pack.attention import method_of
+from cso_dist.scorer import method_of, score
 
 pytestmark = pytest.mark.slow
 SSET = load_strategy_set("esconv")
@@ -73,7 +73,7 @@ def _scores(model, layout_kind: str, dialogues, renderer):
     out = {}
     with torch.no_grad():
         for b in layout.batches(list(range(len(dialogues)))):
-            out.update(zip(b.reply_ids, b.logps(model, 2048).float().tolist()))
+            out.update(zip(b.reply_ids, score(model, b, 2048).float().tolist()))
     return out
 
 
@@ -123,7 +123,7 @@ def test_after_a_little_sft_its_generations_parse_as_strategy_replies(smol, esco
     write_dialogues(tmp_path / "test.jsonl", esconv_valid[150:152])
     over = {
         "model.path": str(smol),
-        "model.method": "lora",
+        "model.finetune": "lora",
         "model.lora_r": 16,
         "train.method": "sft",
         "train.train_file": str(tmp_path / "train.jsonl"),
@@ -143,7 +143,7 @@ def test_after_a_little_sft_its_generations_parse_as_strategy_replies(smol, esco
         {
             **over,
             "model.path": summary["final"],
-            "model.method": "full",
+            "model.finetune": "full",
             "eval.max_new_tokens": 24,
             "eval.batch_size": 8,
         },

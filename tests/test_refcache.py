@@ -17,7 +17,8 @@ from cso_dist.data.render import make_renderer
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.errors import CsoError
 from cso_dist.models import build_tiny_model, load_model, load_tokenizer
-from cso_dist.pack import collate_pairs, dialogue_pair_rows, lay_out, pair_logps, score_units
+from cso_dist.pack import collate_pairs, dialogue_pair_rows, lay_out
+from cso_dist.scorer import pair_logps, score_units
 from cso_dist.refcache import (
     KEY_COMPONENTS,
     cache_key,
@@ -230,7 +231,7 @@ def test_lora_reference_is_the_base(setup, built, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     _, _, values = built
-    few = {"train.max_dialogues": 3, "model.method": "lora"}
+    few = {"train.max_dialogues": 3, "model.finetune": "lora"}
     cfg = make_cfg(setup, tmp_path / "lora", **few)
     assert method_reference(cfg) == "full"
     got = load_reference(run_precompute(cfg, progress=False), cache_key(cfg))
@@ -267,7 +268,7 @@ def test_qlora_reference_is_the_quantised_base(setup, tmp_path):
     wide = build_tiny_model("qwen2", tmp_path / "h64", tokenizer=load_tokenizer(setup["model"]), hidden_size=64)
     few = {"train.max_dialogues": 2, "model.path": str(wide)}
     cfg_full = make_cfg(setup, tmp_path / "full", **few)
-    cfg = make_cfg(setup, tmp_path / "q", **few, **{"model.method": "qlora"})
+    cfg = make_cfg(setup, tmp_path / "q", **few, **{"model.finetune": "qlora"})
     assert method_reference(cfg) == "qlora-base"
     assert [c for c in KEY_COMPONENTS if cache_key(cfg)[c] != cache_key(cfg_full)[c]] == ["method_reference"]
     full = load_reference(run_precompute(cfg_full, progress=False), cache_key(cfg_full))

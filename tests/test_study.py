@@ -9,8 +9,7 @@ import pytest
 
 from cso_dist.config import load_config
 from cso_dist.errors import ConfigError, CsoError
-from cso_dist.study import run_study
-from cso_dist.study_report import paired
+from cso_dist.study import paired, run_study
 from conftest import run_cli
 
 TINY = {

@@ -19,9 +19,10 @@ from cso_dist.data.dialogue import read_dialogues
 from cso_dist.data.export import iter_pairs
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.errors import CsoError
+from cso_dist.scorer import score
 from cso_dist.losses import resolved_beta
 from cso_dist.models import load_model
-from cso_dist.objective import micro_loss, structure
+from cso_dist.losses.batch import micro_loss, structure
 from cso_dist.refcache import cache_key, load_reference, run_precompute
 from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
 from cso_dist.tracking import read_metrics
@@ -82,7 +83,7 @@ def test_step0_dpo_loss_is_ln2_on_every_batch(setup):
     worst = 0.0
     with torch.no_grad():
         for b in batches:
-            logps, ntok = b.data.logps(model, 64), b.data.reply_tokens
+            logps, ntok = score(model, b.data, 64), b.data.reply_tokens
             live: dict = {}
             for rid, v, n in zip(b.reply_ids, logps.tolist(), ntok.tolist()):
                 live.setdefault(rid.key, (v, n))  # as score_units keeps the first copy
@@ -284,7 +285,7 @@ def test_lora_final_outputs_and_wandb_offline(setup, tmp_path, monkeypatch):
             setup,
             f"lora-{final}",
             **{
-                "model.method": "lora",
+                "model.finetune": "lora",
                 "model.lora_r": 4,
                 "train.max_steps": 2,
                 "train.final": final,
@@ -309,7 +310,7 @@ def test_lora_dropout_reaches_training_and_is_off_at_eval(setup):
             setup,
             f"lora-dropout-{p}",
             **{
-                "model.method": "lora",
+                "model.finetune": "lora",
                 "model.lora_r": 4,
                 "model.lora_dropout": p,
                 "train.final": "adapter",

@@ -17,6 +17,9 @@ from cso_dist.data.render import dialogue_system_prompt, format_reply, to_chat
 from cso_dist.data.strategies import StrategySet
 
 
+FORMATS = ("dpo", "kto")  # `data pairs --format`: the CSO authors' DPO pairs, or their KTO rows
+
+
 def _reply(strategy: str, text: str) -> dict:
     return {"role": "assistant", "content": format_reply(strategy, text)}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cso_dist.errors import CsoError
 
+DATASETS = ("esconv",)  # `data fetch`: what can be downloaded
 ESCONV_REPO = "thu-coai/esconv"
 ESCONV_SPLITS = {"train.json": "train.jsonl", "valid.json": "valid.jsonl", "test.json": "test.jsonl"}
 

@@ -304,3 +304,4 @@ def _implicit_prompt(ctx: ReadContext, obj: dict, record: str) -> TurnRow:
 
 
 READERS = {"escpro": read_escpro, "cso-rows": read_cso_rows, "kto-rows": read_kto_rows, "trl": read_trl}
+SOURCES = (*READERS, "esconv")  # data.source: a reader each, and the ESConv builder (cso_dist.data.esconv)

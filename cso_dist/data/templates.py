@@ -45,16 +45,16 @@ GEMMA2 = (
     "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
 )
 
-CHAT_TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "gemma2": GEMMA2}
-
-# Special tokens each template needs in the vocabulary (for tiny tokenizers built here).
-TEMPLATE_SPECIAL_TOKENS = {
-    "chatml": ["<|im_start|>", "<|im_end|>"],
-    "llama3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-    "gemma2": ["<bos>", "<start_of_turn>", "<end_of_turn>"],
+# name -> (Jinja text, the special tokens it needs in a vocabulary (tiny tokenizers built here), the token that
+# ends an assistant turn: generation stops there)
+TEMPLATES = {
+    "chatml": (CHATML, ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
+    "llama3": (LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
+    "gemma2": (GEMMA2, ["<bos>", "<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
 }
-# The token that ends an assistant turn (generation stops there).
-TEMPLATE_EOT = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma2": "<end_of_turn>"}
+CHAT_TEMPLATES = {name: t[0] for name, t in TEMPLATES.items()}
+TEMPLATE_SPECIAL_TOKENS = {name: t[1] for name, t in TEMPLATES.items()}
+TEMPLATE_EOT = {name: t[2] for name, t in TEMPLATES.items()}
 
 
 def resolve_template(spec: str) -> str:

@@ -1,4 +1,5 @@
-"""`cso-dist eval generate`: predict the strategy (and the reply) at every supporter turn of a split.
+"""`cso-dist eval generate`: predict the strategy (and the reply) at every supporter turn of a split, into a
+PRED file; generation here, likelihood scoring in cso_dist.eval.likelihood, the prompts in cso_dist.eval.prompts.
 
 Two modes, both writing PRED.jsonl rows {id, dialogue_id, turn, gold_strategy, gold_response,
 pred_strategy, pred_raw, pred_response | scores, mode}:
@@ -18,60 +19,24 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from cso_dist.progress import progress as progress_bar
 
 from cso_dist.config import TrainingConfig
-from cso_dist.data.build import build_dialogues
-from cso_dist.data.dialogue import PrefDialogue, read_dialogues
-from cso_dist.data.render import format_reply, parse_reply, tokenize_dialogue, truncate_turn
+from cso_dist.data.render import parse_reply
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import CsoError
+from cso_dist.eval.likelihood import likelihood_rows
 from cso_dist.eval.metrics import canonical_or_none
-from cso_dist.device import default_device, feed
+from cso_dist.eval.prompts import Turn, eval_dialogues, eval_turns
+from cso_dist.scorer.device import default_device, feed
 from cso_dist.inputs import ensure_model, make_cfg_renderer, model_dir, resolve_sset
 from cso_dist.io import atomic_write_text, one_writer, sha256_file
 from cso_dist.models import load_model, lora_settings
 from cso_dist.models.identity import model_key
 from cso_dist.paths import esconv_dir
-from cso_dist.pack.logps import trie_logps
-from cso_dist.pack.trie import ReplyId, Span, Unit, collate_trie, pack_units
-
-
-@dataclass
-class Turn:
-    id: str
-    dialogue_id: str
-    turn: int
-    gold_strategy: str
-    gold_response: str
-    prompt: list[int]
-
-
-def eval_dialogues(cfg: TrainingConfig, split: str, data_file: str = "") -> list[PrefDialogue]:
-    """Preference dialogues of a data file, or of an ESConv split built with the config's data settings."""
-    dialogues = read_dialogues(Path(data_file)) if data_file else build_dialogues(replace(cfg.data, split=split))[0]
-    return dialogues[: cfg.eval.max_dialogues] if cfg.eval.max_dialogues else dialogues
-
-
-def eval_turns(
-    dialogues: list[PrefDialogue], renderer, sset: StrategySet, max_length: int, max_new_tokens: int
-) -> list[Turn]:
-    """Every target supporter turn with its prompt, history cut oldest-first (whole messages) to leave room
-    for `max_new_tokens` reply tokens."""
-    out = []
-    for d in dialogues:
-        toks = tokenize_dialogue(d, renderer, sset)
-        for i in d.turn_indices():
-            prompt = toks.history(i)
-            if len(prompt) + max_new_tokens > max_length:
-                prompt = truncate_turn(d, renderer, sset, i, max_new_tokens, max_length)[0]
-            m = d.messages[i]
-            out.append(Turn(f"{d.id}:{i}", d.id, i, m.strategy, m.text, prompt))
-    return out
 
 
 def _done_ids(path: Path) -> set[str]:
@@ -157,82 +122,6 @@ def generate_batch(model, tokenizer, turns: list[Turn], cfg: TrainingConfig, sse
     return rows
 
 
-def likelihood_units(
-    d: PrefDialogue, renderer, sset: StrategySet, prefixes: dict[str, list[int]], max_length: int, max_tokens: int
-) -> list[Unit]:
-    """The dialogue as few units as fit max_tokens: runs of consecutive turns share a trunk (the gold path up
-    to the run's last turn) with every turn's strategy prefixes as branches; one unit per turn when a
-    history had to be truncated (as for generation: oldest messages first, room left for the longest
-    prefix)."""
-    longest = max(len(p) for p in prefixes.values())
-    turns = eval_turns([d], renderer, sset, max_length, longest)
-    full = tokenize_dialogue(d, renderer, sset).full()
-    per_turn = sum(len(p) for p in prefixes.values())
-    if all(t.prompt == full[: len(t.prompt)] for t in turns):
-        runs: list[list[Turn]] = []
-        for t in turns:  # prompts grow with the turn: a run's trunk ends at its last turn's prompt
-            if runs and len(t.prompt) + per_turn * (len(runs[-1]) + 1) <= max_tokens:
-                runs[-1].append(t)
-            else:
-                runs.append([t])
-        groups = [(full[: len(run[-1].prompt)], run) for run in runs]
-    else:
-        groups = [(t.prompt, [t]) for t in turns]
-    units = []
-    for trunk, group in groups:
-        u = Unit(d.id, list(trunk), list(range(len(trunk))), len(trunk))
-        for t in group:
-            ctx = len(t.prompt)
-            for s, toks_s in prefixes.items():
-                u.spans.append(Span(ReplyId(d.id, t.turn, s), len(u.tokens), len(toks_s), ctx))  # kind: strategy
-                u.tokens.extend(toks_s)
-                u.positions.extend(range(ctx, ctx + len(toks_s)))
-        units.append(u)
-    return units
-
-
-@torch.no_grad()
-def likelihood_rows(
-    model, renderer, sset: StrategySet, dialogues: list[PrefDialogue], cfg: TrainingConfig, chunk: int
-) -> list[dict]:
-    tok = renderer.tokenizer
-    # the prefix exactly as a gold reply starts: tokens of "(S) x" minus those of the text after it
-    prefixes = {}
-    for s in sset.names:
-        full = tok.encode(format_reply(s, "x"), add_special_tokens=False)
-        prefixes[s] = full[: len(tok.encode(f"({s})", add_special_tokens=False))]
-    units = [
-        u
-        for d in dialogues
-        for u in likelihood_units(d, renderer, sset, prefixes, cfg.data.max_length, cfg.pack.max_tokens)
-    ]
-    budget = max([cfg.pack.max_tokens] + [len(u) for u in units])
-    scores: dict[str, float] = {}
-    for group in pack_units(units, budget):
-        batch = collate_trie(group)
-        lp = trie_logps(model, batch, chunk)
-        scores.update(zip(batch.reply_ids, lp.float().tolist()))
-    rows = []
-    for d in dialogues:
-        for i in d.turn_indices():
-            sc = {s: scores[f"{d.id}:{i}:{s}"] for s in sset.names}
-            best = max(sc, key=sc.get)
-            m = d.messages[i]
-            rows.append(
-                {
-                    "id": f"{d.id}:{i}",
-                    "dialogue_id": d.id,
-                    "turn": i,
-                    "gold_strategy": m.strategy,
-                    "gold_response": m.text,
-                    "pred_strategy": best,
-                    "scores": sc,
-                    "mode": "likelihood",
-                }
-            )
-    return rows
-
-
 def pred_origin(cfg: TrainingConfig, split: str, mode: str, data_file: str, memo: Path) -> dict:
     """What the rows of a PRED file come from: model, data, mode and the settings that change an answer."""
     mdir = model_dir(cfg)
@@ -306,7 +195,7 @@ def _generate_into(cfg, out: Path, mode: str, dialogues, renderer, sset, done: s
     device = device or default_device()
     lora = lora_settings(cfg.model)
     model = load_model(
-        model_dir(cfg), cfg.model.method, cfg.model.precision, lora=lora, device=device, attention=cfg.pack.attention
+        model_dir(cfg), cfg.model.finetune, cfg.model.precision, lora=lora, device=device, attention=cfg.pack.attention
     )
     model.eval()
     t0 = time.time()

@@ -1,6 +1,6 @@
-"""`cso-dist eval score` and `cso-dist eval report`: metrics of PRED files, and a Markdown report with
-plots (confusion matrix, preference strengths, gold vs predicted strategy distribution, training
-curves) for one or several runs side by side."""
+"""`cso-dist eval report`: a Markdown report with plots (confusion matrix, preference strengths, gold vs
+predicted strategy distribution, training curves) for one or several runs side by side, from the scores of
+their PRED files (cso_dist.eval.score)."""
 
 from __future__ import annotations
 
@@ -12,132 +12,8 @@ import numpy as np
 from cso_dist.io import atomic_write_text
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import DataError
-from cso_dist.data.dialogue import load_json_records
-from cso_dist.eval.metrics import canonical_or_none, score_rows
+from cso_dist.eval.score import TEXT_KEYS, format_scores, read_pred, score_file
 from cso_dist.tracking import read_metrics
-
-TEXT_KEYS = ("bleu1", "bleu2", "bleu4", "rougeL", "distinct1", "distinct2", "mean_len")
-
-
-# Kang et al.'s published prediction files (a JSON array): their keys -> ours
-KANG_KEYS = {
-    "strg_gold": "gold_strategy",
-    "strg_pred": "pred_strategy",
-    "res_gold": "gold_response",
-    "res_pred": "pred_response",
-}
-
-
-def read_pred(path: Path, sset: StrategySet) -> list[dict]:
-    """PRED rows, JSON Lines or a JSON array, in our layout (gold_strategy, pred_strategy, gold_response,
-    pred_response) or Kang et al.'s (strg_gold, strg_pred, res_gold, res_pred). Gold labels fold like
-    predictions (case, brackets, spacing, known aliases); an unknown gold label is an error naming it. A
-    prediction may be null or any text (unknown ones are counted); responses are text or null."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), None, None, "no such file", "missing-file")
-    rows = []
-    for record, raw in load_json_records(path):
-        if not isinstance(raw, dict):
-            raise DataError(str(path), record, None, f"expected a JSON object, got {type(raw).__name__}", "wrong-type")
-        row = {KANG_KEYS.get(k, k): v for k, v in raw.items() if not (k in KANG_KEYS and KANG_KEYS[k] in raw)}
-        for key in ("gold_strategy", "pred_strategy"):
-            if key not in row:
-                raise DataError(str(path), record, key, "missing field (or its Kang et al. name)", "missing-field")
-        gold = row["gold_strategy"]
-        if not isinstance(gold, str):
-            raise DataError(
-                str(path), record, "gold_strategy", f"expected text, got {type(gold).__name__}", "wrong-type"
-            )
-        canon = canonical_or_none(gold, sset)
-        if canon is None:
-            raise DataError(
-                str(path),
-                record,
-                "gold_strategy",
-                f"unknown strategy '{gold}' (set '{sset.name}': {', '.join(sset.names)})",
-                "unknown-strategy",
-            )
-        row["gold_strategy"] = canon
-        for key in ("pred_strategy", "gold_response", "pred_response"):
-            v = row.get(key)
-            if v is not None and not isinstance(v, str):
-                raise DataError(str(path), record, key, f"expected text or null, got {type(v).__name__}", "wrong-type")
-        rows.append(row)
-    if not rows:
-        raise DataError(str(path), None, None, "no prediction rows", "empty-file")
-    return rows
-
-
-def score_file(path: Path, sset: StrategySet) -> dict:
-    return score_rows(read_pred(path, sset), sset)
-
-
-def format_scores(s: dict) -> str:
-    lines = [
-        f"Q (macro-F1) {s['Q']:.4f}   W (weighted-F1) {s['W']:.4f}   B (preference bias) {s['B']:.4f}   "
-        f"accuracy {s['accuracy']:.4f}   turns {s['n']}   unknown predictions {s['unknown']}",
-        f"{'strategy':<32}{'F1':>8}{'strength':>10}{'gold':>7}{'pred':>7}",
-    ]
-    for name, v in s["per_strategy"].items():
-        lines.append(f"{name:<32}{v['f1']:>8.4f}{v['preference']:>10.4f}{v['gold']:>7}{v['predicted']:>7}")
-    if s.get("bt_undetermined"):
-        lines.append(
-            f"strengths left at their last value (no mispredicted gold turn): {', '.join(s['bt_undetermined'])}"
-        )
-    if s.get("text"):
-        t = s["text"]
-        lines.append(
-            f"text ({t['rows']} of {s['n']} rows have both responses): "
-            + "  ".join(f"{k} {t[k]:.3f}" for k in TEXT_KEYS if k in t)
-        )
-    else:
-        lines.append(f"text: no metrics (0 of {s['n']} rows have both gold_response and pred_response)")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- evaluation tasks (cso_dist.launch.EvalJob)
-SUMMARY_KEYS = ("n", "Q", "W", "B", "accuracy", "unknown")
-
-
-def _task_files(cfg, name: str, mode: str) -> tuple[Path, Path]:
-    d = Path(cfg.run.out_dir) / "eval"
-    return d / f"pred-{name}-{mode}.jsonl", d / f"scores-{name}-{mode}.json"
-
-
-def _flat_scores(name: str, s: dict) -> dict:
-    out = {f"{name}/{k}": s[k] for k in SUMMARY_KEYS}
-    out[f"{name}/parse_rate"] = 1.0 - s["unknown"] / max(s["n"], 1)
-    out.update({f"{name}/{k}": v for k, v in s.get("text", {}).items() if k in TEXT_KEYS})
-    return out
-
-
-def finished_tasks(cfg, tasks: list) -> dict | None:
-    """The flat scores of tasks [(name, data file, mode)] when every one is scored already (else None)."""
-    out: dict = {}
-    for name, _, mode in tasks:
-        scores = _task_files(cfg, name, mode)[1]
-        if not scores.is_file():
-            return None
-        out.update(_flat_scores(name, json.loads(scores.read_text())))
-    return out
-
-
-def evaluate_tasks(cfg, tasks: list, progress: bool = True) -> dict:
-    """Predict and score model.path on each task (name, data file, mode: likelihood or generate):
-    <run.out_dir>/eval/pred-<name>-<mode>.jsonl (a partial file is completed) and scores-<name>-<mode>.json.
-    Returns {"<name>/Q": ..., "<name>/B": ..., ...} over every task."""
-    from cso_dist.eval.generate import run_generate
-    from cso_dist.inputs import resolve_sset
-
-    sset, out = resolve_sset(cfg), {}
-    for name, data_file, mode in tasks:
-        pred, scores = _task_files(cfg, name, mode)
-        if not scores.is_file():
-            run_generate(cfg, "test", pred, mode, str(data_file), progress=progress)
-            atomic_write_text(scores, json.dumps(score_file(pred, sset), indent=2))
-        out.update(_flat_scores(name, json.loads(scores.read_text())))
-    return out
 
 
 # ---------------------------------------------------------------- plots

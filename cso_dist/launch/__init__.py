@@ -1,5 +1,11 @@
 """Launching on Slurm: rendered sbatch scripts (sbatch.py) and submitit runs and sweeps (jobs.py)."""
 
-from cso_dist.launch.jobs import TrainJob, collect, parse_grid, submit_run, submit_sweep, sweep_runs, table
+from cso_dist.lazy import lazy_exports
 
-__all__ = ["TrainJob", "collect", "parse_grid", "submit_run", "submit_sweep", "sweep_runs", "table"]
+CLUSTERS = ("slurm", "local", "debug")  # where submitit runs go (cso_dist.launch.jobs): Slurm, local processes, inline
+
+__all__ = ["CLUSTERS", "TrainJob", "collect", "parse_grid", "submit_run", "submit_sweep", "sweep_runs", "table"]
+__getattr__ = lazy_exports(
+    __name__,
+    dict.fromkeys(("TrainJob", "collect", "parse_grid", "submit_run", "submit_sweep", "sweep_runs", "table"), "jobs"),
+)

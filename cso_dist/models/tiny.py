@@ -13,22 +13,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    GenerationConfig,
-    LlamaConfig,
-    PretrainedConfig,
-    PreTrainedTokenizerBase,
-    Qwen2Config,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from cso_dist.data.templates import CHAT_TEMPLATES
 from cso_dist.errors import ConfigError
+from cso_dist.models import TINY_ARCHS, TINY_TOKENIZERS
 from cso_dist.models.tokenizer import bpe_tokenizer, qwen_tokenizer
-
-ARCHS = {"qwen2": Qwen2Config, "llama": LlamaConfig}
-DEFAULT_TEMPLATE = {"qwen2": "chatml", "llama": "llama3"}
-TOKENIZERS = ("qwen", "bpe")
 
 
 def _round_up(n: int, multiple: int = 64) -> int:
@@ -45,7 +35,7 @@ def make_tokenizer(
         if bpe_texts is None:
             raise ConfigError("tokenizer: 'bpe' needs a training corpus (bpe_texts) and none was given")
         return bpe_tokenizer(bpe_texts, vocab_size=bpe_vocab_size, template=template)
-    raise ConfigError(f"tokenizer: '{kind}' is not one of {', '.join(TOKENIZERS)}")
+    raise ConfigError(f"tokenizer: '{kind}' is not one of {', '.join(TINY_TOKENIZERS)}")
 
 
 def tiny_config(
@@ -59,13 +49,14 @@ def tiny_config(
     max_position_embeddings: int = 4096,
 ) -> PretrainedConfig:
     """A small config whose vocabulary covers `tokenizer` and whose special ids match it."""
-    if arch not in ARCHS:
-        raise ConfigError(f"arch: '{arch}' is not one of {', '.join(ARCHS)}")
+    if arch not in TINY_ARCHS:
+        raise ConfigError(f"arch: '{arch}' is not one of {', '.join(TINY_ARCHS)}")
     if hidden_size % num_heads:
         raise ConfigError(f"hidden_size: {hidden_size} is not divisible by num_heads {num_heads}")
     if num_heads % num_kv_heads:
         raise ConfigError(f"num_kv_heads: {num_kv_heads} does not divide num_heads {num_heads}")
-    return ARCHS[arch](
+    return AutoConfig.for_model(
+        arch,
         vocab_size=_round_up(len(tokenizer)),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -144,9 +135,9 @@ def build_tiny_model(
     generation_config.json, model.safetensors and the tokenizer files; it loads with
     `AutoModelForCausalLM.from_pretrained(dir)` and `load_tokenizer(dir)`.
     """
-    if arch not in ARCHS:
-        raise ConfigError(f"arch: '{arch}' is not one of {', '.join(ARCHS)}")
-    template = template or DEFAULT_TEMPLATE[arch]
+    if arch not in TINY_ARCHS:
+        raise ConfigError(f"arch: '{arch}' is not one of {', '.join(TINY_ARCHS)}")
+    template = template or TINY_ARCHS[arch]
     if template not in CHAT_TEMPLATES:
         raise ConfigError(f"template: '{template}' is not one of {', '.join(CHAT_TEMPLATES)}")
     out = Path(out_dir)

@@ -1,11 +1,12 @@
-"""Tokenised preference dialogues -> model inputs: the prefix-trie layout and the per-pair baseline."""
+"""Tokenised preference dialogues -> model inputs, as pure data: the prefix-trie layout and the per-pair baseline
+(token rows, position ids, attention plans, reply indices). Nothing here runs a model: cso_dist.scorer does."""
 
-from cso_dist.pack.layout import LaidOut, PairLayout, TrieLayout, lay_out, score_units
-from cso_dist.pack.logps import trie_logps
-from cso_dist.pack.pairs import PairBatch, PairRow, collate_pairs, dialogue_pair_rows, pair_logps
-from cso_dist.pack.trie import ReplyId, Span, TrieBatch, Unit, collate_trie, dialogue_units, kl_completions, pack_units
+from cso_dist.lazy import lazy_exports
+
+LAYOUTS = ("trie", "pair")  # pack.layout: the prefix trie (TrieLayout), the per-pair baseline (PairLayout)
 
 __all__ = [
+    "LAYOUTS",
     "LaidOut",
     "PairBatch",
     "PairLayout",
@@ -22,7 +23,13 @@ __all__ = [
     "kl_completions",
     "lay_out",
     "pack_units",
-    "pair_logps",
-    "score_units",
-    "trie_logps",
 ]
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        **dict.fromkeys(("LaidOut", "PairLayout", "TrieLayout", "lay_out"), "layout"),
+        **dict.fromkeys(("PairBatch", "PairRow", "collate_pairs", "dialogue_pair_rows"), "pairs"),
+        **dict.fromkeys(("TrieBatch", "collate_trie", "dialogue_units", "kl_completions", "pack_units"), "trie"),
+        **dict.fromkeys(("ReplyId", "Span", "Unit"), "types"),
+    },
+)

@@ -1,19 +1,18 @@
-"""Dialogues laid out for the model (LaidOut, lay_out) and scored unit by unit (score_units): shared by precompute,
-training and eval."""
+"""Dialogues laid out for the model: as trie units (LaidOut, lay_out; shared by precompute, training and eval) and
+a training split's two layouts (TrieLayout, PairLayout), whose micro-batches cso_dist.scorer runs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from cso_dist.progress import progress as progress_bar
 
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.render import Renderer, tokenize_dialogue
 from cso_dist.data.strategies import StrategySet
-from cso_dist.pack.logps import trie_logps
 from cso_dist.pack.pairs import PairBatch, PairRow, collate_pairs, dialogue_pair_rows
-from cso_dist.pack.trie import TrieBatch, Unit, collate_trie, dialogue_units, kl_completions, pack_units
+from cso_dist.pack.trie import TrieBatch, collate_trie, dialogue_units, kl_completions, pack_units
+from cso_dist.pack.types import Unit
 
 
 @dataclass
@@ -47,28 +46,10 @@ def lay_out(
     return LaidOut(dialogues, units)
 
 
-@torch.no_grad()
-def score_units(
-    model, units: list[Unit], max_tokens: int, chunk: int = 2048, progress: bool = True, desc: str = "scoring"
-) -> dict[str, tuple[float, int]]:
-    """reply id -> (summed log-prob, token count) for every reply of `units`, batched by token budget."""
-    out: dict[str, tuple[float, int]] = {}
-    batches = pack_units(units, max_tokens)
-    total = sum(len(u) for u in units)
-    with progress_bar(total=total, desc=desc, unit="tok", enabled=progress, unit_scale=True) as bar:
-        for b in batches:
-            tb = collate_trie(b)
-            lp = trie_logps(model, tb, chunk).tolist()
-            for rid, v, n in zip(tb.reply_ids, lp, tb.reply_tokens.tolist()):
-                out.setdefault(rid.key, (v, n))  # copies of a chosen reply score the same
-            bar.update(tb.n_tokens)
-    return out
-
-
 # ---------------------------------------------------------------- the two layouts of a training split
 class TrieLayout:
     """Each dialogue as prefix-trie units; an epoch's micro-batches pack units in dialogue order up to
-    `max_tokens`. batches(order) -> TrieBatch list; each batch answers .logps(model, chunk)."""
+    `max_tokens`. batches(order) -> TrieBatch list (cso_dist.scorer.score runs one)."""
 
     kind = "trie"
 

@@ -15,8 +15,7 @@ import torch
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.render import Renderer, turn_examples
 from cso_dist.data.strategies import StrategySet
-from cso_dist.device import feed, to_model
-from cso_dist.pack.trie import ReplyId
+from cso_dist.pack.types import ReplyId
 
 
 @dataclass
@@ -52,10 +51,6 @@ class PairBatch:
     reply_tokens: torch.Tensor  # [B]
     n_tokens: int  # tokens processed including padding
 
-    def logps(self, model, chunk: int = 2048) -> torch.Tensor:
-        """Summed log-prob of every row's reply, in reply_ids order (`chunk` is the trie layout's; unused)."""
-        return pair_logps(model, self)
-
 
 def collate_pairs(rows: list[PairRow], pad_id: int) -> PairBatch:
     width = max(len(r) for r in rows)
@@ -68,13 +63,3 @@ def collate_pairs(rows: list[PairRow], pad_id: int) -> PairBatch:
         att[b, : len(seq)] = 1
         rep[b, len(r.history) : len(seq)] = 1
     return PairBatch(ids, att, rep, [r.reply_id for r in rows], rep.sum(1), len(rows) * width)
-
-
-def pair_logps(model, batch: PairBatch) -> torch.Tensor:
-    """Summed log-prob of each row's reply, from full logits (the classic computation)."""
-    logits = feed(model, model, input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    logits = logits[:, :-1]
-    logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    ids, reply_mask = to_model(model, batch.input_ids, batch.reply_mask)
-    tok = torch.gather(logps, 2, ids[:, 1:, None]).squeeze(2)
-    return (tok * reply_mask[:, 1:]).sum(1)

@@ -3,6 +3,7 @@
 from cso_dist.refcache.cache import (
     PrecomputeReport,
     cache_status,
+    ensure_reference,
     export_cache,
     load_reference,
     precompute,
@@ -28,6 +29,7 @@ __all__ = [
     "cache_key",
     "cache_root",
     "cache_status",
+    "ensure_reference",
     "export_cache",
     "load_reference",
     "load_reference_model",

@@ -31,8 +31,9 @@ from cso_dist.data.export import iter_pairs
 from cso_dist.data.render import Renderer
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import ConfigError, CsoError
-from cso_dist.pack import LaidOut, ReplyId, lay_out, score_units
-from cso_dist.device import default_device
+from cso_dist.pack import LaidOut, ReplyId, lay_out
+from cso_dist.scorer import score_units
+from cso_dist.scorer.device import default_device
 from cso_dist.inputs import SPLITS, SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
 from cso_dist.refcache.key import (
     FORMAT_VERSION,
@@ -346,6 +347,34 @@ def run_precompute(cfg: TrainingConfig, rank: int = 0, world_size: int = 1, prog
     ensure_model(cfg, world_from_env().local_rank)
     precompute(cfg, rank, world_size, progress)
     return cache_root(cfg)
+
+
+def ensure_reference(
+    cfg: TrainingConfig, split: str, renderer, sset, rank: int, world_size: int, progress: bool = True
+) -> dict[str, tuple[float, int]]:
+    """The split's reference log-probs for cfg: the cache verified against its key, computed first when it is
+    missing, stale-free but partial -- each rank its own shards, the other ranks' waited for through the files (no
+    collective, so no timeout but dist.timeout_minutes). The one entry point training uses."""
+    key = cache_key(cfg, split, renderer, sset)
+    d = split_dir(cache_root(cfg), split)
+    status = cache_status(d, key)
+    if status != "complete":
+        if rank == 0:
+            print(
+                f"reference cache for {split} is {status}: running precompute first "
+                f"({world_size} rank{'s' if world_size > 1 else ''})",
+                flush=True,
+            )
+        precompute(cfg, rank, world_size, progress=progress)
+        t0 = time.time()
+        while cache_status(d, key) != "complete":
+            if time.time() - t0 > cfg.dist.timeout_minutes * 60:
+                raise CsoError(
+                    f"reference cache {d}: other ranks' shards still missing after "
+                    f"{cfg.dist.timeout_minutes} min (dist.timeout_minutes)"
+                )
+            time.sleep(2)
+    return load_reference(cfg, key, split)
 
 
 def _cache_dir_of(cfg_or_cache_dir: TrainingConfig | str | Path, split: str) -> Path:

@@ -33,6 +33,7 @@ from cso_dist.io import sha256_file
 from cso_dist.data.render import Renderer, system_prompt
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import CsoError
+from cso_dist.losses import method
 from cso_dist.inputs import (
     SPLITS,
     TOKENIZER_FILES,
@@ -80,7 +81,7 @@ def split_dir(root: Path, split: str) -> Path:
 
 
 def method_reference(cfg: TrainingConfig) -> str:
-    if cfg.model.method == "qlora":
+    if cfg.model.finetune == "qlora":
         return "qlora-base"
     return "adapter-disabled" if is_adapter_dir(model_dir(cfg)) else "full"
 
@@ -127,8 +128,9 @@ def cache_key(
 
 
 def reply_kinds(cfg: TrainingConfig) -> tuple[str, ...]:
-    """The kinds of reply a cache for cfg's method holds: chosen, rejected, and KTO's KL branches."""
-    return ("c", "r", "kl") if cfg.train.method == "kto" else ("c", "r")
+    """The kinds of reply a cache for cfg's method holds: chosen and rejected, plus the mismatched completions ("kl")
+    of a method that scores them (cso_dist.losses.Method.reply_kinds)."""
+    return ("c", "r", "kl") if "kl" in method(cfg.train.method).reply_kinds else ("c", "r")
 
 
 def key_info(cfg: TrainingConfig, inputs: SplitInputs, sset: StrategySet) -> dict:

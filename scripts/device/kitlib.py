@@ -157,7 +157,7 @@ def run_config(work: Path, model: Path, smoke: bool, **over):
 
     base = {
         "model.path": model,
-        "model.method": "full",
+        "model.finetune": "full",
         "model.precision": "fp32" if smoke else "bf16",
         "train.train_file": work / "train.jsonl",
         "run.out_dir": work / "run",
@@ -180,12 +180,14 @@ def layout_batches(cfg, dlg):
 
 
 def counts_of(micro) -> dict:
-    return {k: sum(b.counts[k] for b in micro) for k in ("chosen", "pairs", "kto")}
+    from cso_dist.losses.batch import COUNTS
+
+    return {k: sum(b.counts[k] for b in micro) for k in COUNTS}
 
 
 def planned(model_path: Path, cfg, micro, method: str, zero: int, optimizer: str = "adamw") -> dict:
     """`cso-dist plan` for this run: the largest micro-batch's row, its measured tree-attention shape."""
-    from cso_dist.pack.attention import tree_plan
+    from cso_dist.pack.tree_plan import tree_plan
     from cso_dist.plan import Setup, plan, shape_from_hf_config
 
     big = max(micro, key=lambda b: b.n_tokens)

@@ -203,11 +203,13 @@ def _weights(keys) -> dict:
 def _scores(model, batches, chunk: int, w: dict | None, backward: bool):
     import torch
 
+    from cso_dist.scorer import score
+
     model.zero_grad(set_to_none=True)
     out = {}
     for b in batches:
         with torch.set_grad_enabled(backward):
-            lp = b.logps(model, chunk)
+            lp = score(model, b, chunk)
             if backward:
                 weights = torch.tensor([w[k] for k in b.reply_ids], dtype=torch.float32)
                 (lp.float() * weights.to(lp.device)).sum().backward()
@@ -238,11 +240,11 @@ _PER_PAIR: dict = {}  # precision -> (log-probs, gradients, reply weights) of th
 
 
 def _layouts_agree(work: Path, model_path: Path, dlg, precision: str, smoke: bool, methods: tuple) -> dict:
-    from cso_dist.device import default_device
+    from cso_dist.scorer.device import default_device
     from cso_dist.inputs import make_cfg_renderer, resolve_sset
     from cso_dist.models import load_model
     from cso_dist.pack import PairLayout, TrieLayout
-    from cso_dist.pack.attention import use_attention
+    from cso_dist.scorer.attention import use_attention
 
     cfg = run_config(work, model_path, smoke)
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
@@ -286,7 +288,7 @@ def _dpo_step0(work: Path, model_path: Path, dlg, precision: str, smoke: bool) -
 
     from cso_dist.dist import World
     from cso_dist.engine import build_engine
-    from cso_dist.objective import micro_loss
+    from cso_dist.losses.batch import micro_loss
 
     cfg = run_config(work, model_path, smoke, **{"model.precision": precision, "run.out_dir": work / "dpo0"})
     micro = layout_batches(cfg, dlg)
@@ -331,7 +333,7 @@ def _step_rate(work: Path, model_path: Path, n_params: int, dlg, steps: int, smo
     up (and compiles flex) and is reported apart."""
     from cso_dist.dist import World
     from cso_dist.engine import build_engine
-    from cso_dist.objective import micro_loss
+    from cso_dist.losses.batch import micro_loss
 
     cfg = run_config(work, model_path, smoke, **over)
     micro = layout_batches(cfg, dlg)
@@ -353,7 +355,7 @@ def _step_rate(work: Path, model_path: Path, n_params: int, dlg, steps: int, smo
         losses.append(total)
     peak = peak_gib()
     del engine
-    method = cfg.model.method
+    method = cfg.model.finetune
     tokens = sum(b.n_tokens for b in micro)
     s = statistics.median(times[1:])
     out = {
@@ -460,7 +462,7 @@ def _profile(work: Path, model_path: Path, dlg, smoke: bool, **over) -> dict:
 
     from cso_dist.dist import World
     from cso_dist.engine import build_engine
-    from cso_dist.objective import micro_loss
+    from cso_dist.losses.batch import micro_loss
 
     cfg = run_config(work, model_path, smoke, **over)
     micro = layout_batches(cfg, dlg)
@@ -516,7 +518,7 @@ def throughput(r: Result, smoke: bool, work: Path) -> None:
     variants = [
         ("trie_tree", {"pack.layout": "trie", "pack.attention": "tree"}),
         ("per_pair", {"pack.layout": "pair"}),
-        ("trie_tree_lora", {"pack.layout": "trie", "pack.attention": "tree", "model.method": "lora"}),
+        ("trie_tree_lora", {"pack.layout": "trie", "pack.attention": "tree", "model.finetune": "lora"}),
         ("trie_flex", {"pack.layout": "trie", "pack.attention": "flex"}),
     ]
     peak = peak_bf16(device_name())
@@ -572,7 +574,7 @@ def engines(r: Result, smoke: bool, work: Path) -> None:
     shape = "tiny" if smoke else "qwen2.5-1.5b"
     built = r.part("model", lambda: dict(zip(("path", "params"), build_model(work, shape))) | {"shape": shape})
     path, n = Path(built["path"]), built["params"]
-    qlora = {"model.method": "qlora", "train.optimizer": "paged_adamw8bit", "run.out_dir": work / "qlora"}
+    qlora = {"model.finetune": "qlora", "train.optimizer": "paged_adamw8bit", "run.out_dir": work / "qlora"}
     r.part("qlora", _engine_steps, work, path, n, dlg, steps, smoke, **qlora)
     zero3 = {"dist.engine": "deepspeed", "dist.deepspeed_config": "zero3", "run.out_dir": work / "zero3"}
     dist.init_single()

@@ -15,115 +15,34 @@ plus its own branch so far. The methods:
          (exact, dense work, forward only: for exactness tests, not for speed or training).
   auto   tree, unless the model soft-caps attention logits (gemma2), which SDPA cannot: dense then.
 
-`use_attention(model, method)` sets a loaded model's attention implementation; `trie_logps` reads it back
-(`method_of`) and passes the tree plan or the BlockMask. The registered implementations run plain SDPA for
-every other call (generation, per-pair rows), so a model set to tree attention works everywhere.
+`use_attention(model, method)` registers the two attention functions with transformers (an explicit call, the
+first time a model asks for them) and sets a loaded model's attention implementation; `trie_logps` reads it
+back (`method_of`) and passes the tree plan or the BlockMask (cso_dist.pack.tree_plan). The registered
+implementations run plain SDPA for every other call (generation, per-pair rows), so a model set to tree
+attention works everywhere.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cso_dist.device import unwrap
 from cso_dist.errors import ConfigError, CsoError
+from cso_dist.pack.tree_plan import TreePlan, tree_block_mask, tree_plan
+from cso_dist.scorer import ATTENTION
+from cso_dist.scorer.device import unwrap
 
 if TYPE_CHECKING:
     from cso_dist.pack.trie import TrieBatch
 
-METHODS = ("auto", "dense", "tree", "flex")
+
 _NAMES = {"tree": "cso_tree", "flex": "cso_flex"}  # registered attention implementation per method
 # The 4-D "mask" a tree call passes to the decoder: transformers returns a 4-D mask as it is, so no
 # [T, T] mask is built for the row; the attention function reads the plan instead.
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Rows [q0, q1) attend keys [k0, k1) (their history, all visible) followed by keys [q0, q1) under
-    `mask` ([q1 - q0, (k1 - k0) + (q1 - q0)] bool); mask None = plain causal over [q0, q1) (a trunk)."""
-
-    q0: int
-    q1: int
-    k0: int
-    k1: int
-    mask: torch.Tensor | None
-
-
-@dataclass
-class TreePlan:
-    segments: list[Segment]
-    longest: int  # the most keys any query sees (for sliding-window models)
-    key_index: torch.Tensor  # every segment's keys, history then own rows, in segment order
-    q_sizes: list[int]
-    k_sizes: list[int]
-
-    @classmethod
-    def of(cls, segments: list[Segment], longest: int) -> "TreePlan":
-        idx = [torch.arange(a, b) for s in segments for a, b in ((s.k0, s.k1), (s.q0, s.q1))]
-        key_index = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
-        return cls(
-            segments, longest, key_index, [s.q1 - s.q0 for s in segments], [s.k1 - s.k0 + s.q1 - s.q0 for s in segments]
-        )
-
-    def per_token(self) -> tuple[float, float]:
-        """(key rows, branch-mask elements) per row token: what `cso-dist plan` calls tree_keys and tree_mask."""
-        T = sum(self.q_sizes)
-        masks = sum(0 if s.mask is None else s.mask.numel() for s in self.segments)
-        return (sum(self.k_sizes) / T, masks / T) if T else (1.0, 0.0)
-
-    def to(self, device) -> "TreePlan":
-        segs = [Segment(s.q0, s.q1, s.k0, s.k1, None if s.mask is None else s.mask.to(device)) for s in self.segments]
-        return TreePlan(segs, self.longest, self.key_index.to(device), self.q_sizes, self.k_sizes)
-
-
-def tree_plan(batch: TrieBatch) -> TreePlan:
-    """The row's segments, read from the batch's per-token intervals: a token sees [ctx_lo, ctx_hi) and
-    [own_lo, itself]; a trunk token has ctx_hi = itself + 1. A run of trunk tokens of one unit is one causal
-    segment; a run of branch tokens sharing (ctx_lo, ctx_hi) -- one turn's replies -- is one masked segment."""
-    lo, hi, own = (np.asarray(t.numpy(), dtype=np.int64) for t in (batch.ctx_lo, batch.ctx_hi, batch.own_lo))
-    T = len(lo)
-    q = np.arange(T)
-    trunk = hi == q + 1
-    if T == 0:
-        return TreePlan.of([], 0)
-    new = np.ones(T, dtype=bool)
-    new[1:] = (trunk[1:] != trunk[:-1]) | (lo[1:] != lo[:-1]) | (~trunk[1:] & (hi[1:] != hi[:-1]))
-    starts = np.flatnonzero(new).tolist() + [T]
-    segs, longest = [], 0
-    for a, b in zip(starts[:-1], starts[1:]):
-        if trunk[a]:
-            if lo[a] != a:
-                raise CsoError(f"tree attention: trunk rows {a}..{b} do not start their unit ({lo[a]})")
-            segs.append(Segment(a, b, a, a, None))
-            longest = max(longest, b - a)
-            continue
-        k0, k1 = int(lo[a]), int(hi[a])
-        n = b - a
-        i = torch.arange(n)
-        rel = torch.from_numpy(own[a:b] - a)
-        branch = (i[None, :] >= rel[:, None]) & (i[None, :] <= i[:, None])  # own branch, causal
-        mask = torch.cat([torch.ones(n, k1 - k0, dtype=torch.bool), branch], dim=1)
-        segs.append(Segment(a, b, k0, k1, mask))
-        longest = max(longest, (k1 - k0) + int((i - rel).max()) + 1)
-    return TreePlan.of(segs, longest)
-
-
-def tree_block_mask(batch: TrieBatch, device, block_size: int = 128):
-    """FlexAttention BlockMask of the row: the same rule as TrieBatch.allowed, as a mask_mod."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    lo, hi, own = (t.to(device) for t in (batch.ctx_lo, batch.ctx_hi, batch.own_lo))
-
-    def mask_mod(b, h, q, k):
-        return (k >= lo[q]) & ((k < hi[q]) | ((k >= own[q]) & (k <= q)))
-
-    T = batch.n_tokens
-    return create_block_mask(mask_mod, None, None, T, T, device=device, BLOCK_SIZE=block_size)
 
 
 # ---------------------------------------------------------------- the registered attention functions
@@ -152,18 +71,16 @@ def _tree_sdpa(query, key, value, plan: TreePlan, scaling, dropout: float) -> to
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
-_compiled_flex = None
+@functools.cache
+def _flex_kernel(compiled: bool):
+    """FlexAttention, compiled once per process for CUDA (the unfused reference elsewhere)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
 
 def _flex(query, key, value, block_mask, scaling, softcap) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    global _compiled_flex
-    fn = flex_attention
-    if query.is_cuda:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        fn = _compiled_flex
+    fn = _flex_kernel(query.is_cuda)
     score_mod = None
     if softcap:
 
@@ -211,7 +128,9 @@ def tree_attention(module, query, key, value, attention_mask, scaling=None, drop
     return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
-def _register() -> None:
+def register() -> None:
+    """Register cso_tree and cso_flex with transformers (idempotent): called by use_attention before a model is
+    set to one of them, never at import."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -220,14 +139,11 @@ def _register() -> None:
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
 
 
-_register()
-
-
 # ---------------------------------------------------------------- choosing a model's method
 def resolve(method: str, model) -> str:
     """`method` for this model: auto -> tree, or dense where the model soft-caps attention logits."""
-    if method not in METHODS:
-        raise ConfigError(f"pack.attention: '{method}' is not one of {', '.join(METHODS)}")
+    if method not in ATTENTION:
+        raise ConfigError(f"pack.attention: '{method}' is not one of {', '.join(ATTENTION)}")
     cfg = unwrap(model).config
     softcap = getattr(cfg, "attn_logit_softcapping", None)
     if method == "auto":
@@ -244,6 +160,7 @@ def use_attention(model, method: str) -> str:
     keeps the model's own implementation (sdpa where tree or flex was set before)."""
     method, hf = resolve(method, model), unwrap(model)
     if method in _NAMES:
+        register()
         hf.set_attn_implementation(_NAMES[method])
     elif hf.config._attn_implementation in _NAMES.values():
         hf.set_attn_implementation("sdpa")
@@ -258,7 +175,7 @@ def method_of(model) -> str:
 
 def decoder_mask_kwargs(model, batch: TrieBatch, device, dense_dtype: torch.dtype) -> dict:
     """The attention arguments a decoder call over `batch` gets under the model's method. Tensors stay on the CPU
-    (cso_dist.device.feed moves them with the other inputs); the tree plan and the BlockMask, which the attention
+    (cso_dist.scorer.device.feed moves them with the other inputs); the tree plan and the BlockMask, which the attention
     function reads itself, are built for `device`."""
     method = method_of(model)
     if method == "tree":

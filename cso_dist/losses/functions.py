@@ -1,4 +1,4 @@
-"""Preference-optimisation losses (DPO, IPO, SimPO, ORPO, KTO) and the SFT/NLL term.
+"""Preference-optimisation losses (DPO, IPO, SimPO, ORPO, KTO) and the SFT/NLL term, per example.
 
 Conventions shared by every function:
 - Log-probs are SUMMED completion log-probs (one value per example); ``*_len`` are the
@@ -16,11 +16,8 @@ Semantics follow TRL (DPOTrainer / CPOTrainer / ORPOTrainer / KTOTrainer) unless
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -245,66 +242,3 @@ def sft_nll(chosen_logps: Tensor, chosen_len: Tensor) -> Tensor:
     _same_shape(chosen_logps=chosen_logps, chosen_len=chosen_len)
     c = _up(chosen_logps)
     return -c / _lens(chosen_len, c)
-
-
-# ---------------------------------------------------------------- the method registry
-@dataclass(frozen=True)
-class Method:
-    """One training method. `loss` is its per-example loss function (None for sft, whose loss is sft_nll on
-    the chosen replies); its keyword defaults are the method's defaults (beta, label_smoothing, ...), and the
-    objective passes every train.<name> config key that matches one of its parameters."""
-
-    name: str
-    loss: Callable[..., LossOutput] | None
-    needs_reference: bool  # reference log-probs: the precomputed cache or the adapter-disabled base
-    pair_layout: bool  # pack.layout: pair (the per-pair baseline layout) can serve it; these are the pairwise losses
-
-    @cached_property
-    def params(self) -> tuple[str, ...]:
-        """The loss function's parameter names (read once: the objective binds inputs by name every micro-batch)."""
-        return tuple(inspect.signature(self.loss).parameters) if self.loss is not None else ()
-
-    @cached_property
-    def defaults(self) -> dict[str, float]:
-        if self.loss is None:
-            return {}
-        return {
-            k: p.default
-            for k, p in inspect.signature(self.loss).parameters.items()
-            if p.default is not inspect.Parameter.empty and isinstance(p.default, float)
-        }
-
-    @property
-    def beta(self) -> float | None:
-        """The default beta (ORPO: its lambda); None for sft."""
-        return self.defaults.get("beta")
-
-
-REGISTRY: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("dpo", dpo, needs_reference=True, pair_layout=True),
-        Method("ipo", ipo, needs_reference=True, pair_layout=True),
-        Method("simpo", simpo, needs_reference=False, pair_layout=True),
-        Method("orpo", orpo, needs_reference=False, pair_layout=True),
-        Method("kto", kto, needs_reference=True, pair_layout=False),
-        Method("sft", None, needs_reference=False, pair_layout=False),
-    )
-}
-METHODS = frozenset(REGISTRY)
-
-
-def method(name: str) -> Method:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; expected one of {sorted(REGISTRY)}")
-    return REGISTRY[name]
-
-
-def needs_reference(name: str) -> bool:
-    """True for methods whose loss needs reference-model log-probs (dpo, ipo, kto)."""
-    return method(name).needs_reference
-
-
-def resolved_beta(name: str, beta: float) -> float:
-    """train.beta, or the method's default where it is -1."""
-    return beta if beta > 0 else (method(name).beta or 0.0)

@@ -1,17 +1,15 @@
-"""Per-reply summed log-probs from a packed trie batch, with logits only where replies are predicted."""
+"""Per-reply summed log-probs of a micro-batch: the prefix trie (trie_logps: logits only where replies are
+predicted) and the per-pair baseline (pair_logps: full logits), and `score`, which picks the one for a batch."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from cso_dist.device import feed, model_device, to_model
-from cso_dist.pack.attention import decoder_mask_kwargs
-
-if TYPE_CHECKING:  # a type only: trie.py imports this module for TrieBatch.logps
-    from cso_dist.pack.trie import TrieBatch
+from cso_dist.pack.pairs import PairBatch
+from cso_dist.pack.trie import TrieBatch
+from cso_dist.scorer.attention import decoder_mask_kwargs
+from cso_dist.scorer.device import feed, model_device, to_model
 
 
 def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, head, softcap: float | None) -> torch.Tensor:
@@ -38,7 +36,7 @@ def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dty
     """Summed log-prob of every reply in the batch, in `batch.reply_ids` order.
 
     The body runs once over the packed row, its attention shaped by the tree (the model's pack.attention
-    method: cso_dist.pack.attention); the LM head and the
+    method: cso_dist.scorer.attention); the LM head and the
     log-softmax run only on the hidden states that predict reply tokens, `chunk` tokens at a
     time (recomputed in backward), so no [tokens x vocab] tensor over the history exists.
     """
@@ -65,3 +63,21 @@ def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dty
     tok = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
     sums = torch.zeros(len(batch.reply_ids), dtype=tok.dtype, device=device)
     return sums.index_add(0, token_reply, tok)
+
+
+def pair_logps(model, batch: PairBatch) -> torch.Tensor:
+    """Summed log-prob of each row's reply, from full logits (the classic computation)."""
+    logits = feed(model, model, input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logits = logits[:, :-1]
+    logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    ids, reply_mask = to_model(model, batch.input_ids, batch.reply_mask)
+    tok = torch.gather(logps, 2, ids[:, 1:, None]).squeeze(2)
+    return (tok * reply_mask[:, 1:]).sum(1)
+
+
+def score(model, batch: TrieBatch | PairBatch, chunk: int = 2048) -> torch.Tensor:
+    """Summed log-prob of every reply of a micro-batch of either layout, in `batch.reply_ids` order (`chunk`:
+    the trie scorer's LM-head chunk)."""
+    if isinstance(batch, TrieBatch):
+        return trie_logps(model, batch, chunk)
+    return pair_logps(model, batch)

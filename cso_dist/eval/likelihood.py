@@ -1,0 +1,92 @@
+"""Likelihood-mode evaluation (eval.mode likelihood): score every strategy's "(<strategy>)" prefix after the history
+and pick the most likely. One forward per dialogue with the prefix trie: the gold path is the trunk, each turn's
+strategy prefixes hang off it as branches."""
+
+from __future__ import annotations
+
+import torch
+
+from cso_dist.config import TrainingConfig
+from cso_dist.data.dialogue import PrefDialogue
+from cso_dist.data.render import format_reply, tokenize_dialogue
+from cso_dist.data.strategies import StrategySet
+from cso_dist.eval.prompts import Turn, eval_turns
+from cso_dist.pack.trie import collate_trie, pack_units
+from cso_dist.pack.types import ReplyId, Span, Unit
+from cso_dist.scorer import trie_logps
+
+
+def likelihood_units(
+    d: PrefDialogue, renderer, sset: StrategySet, prefixes: dict[str, list[int]], max_length: int, max_tokens: int
+) -> list[Unit]:
+    """The dialogue as few units as fit max_tokens: runs of consecutive turns share a trunk (the gold path up
+    to the run's last turn) with every turn's strategy prefixes as branches; one unit per turn when a
+    history had to be truncated (as for generation: oldest messages first, room left for the longest
+    prefix)."""
+    longest = max(len(p) for p in prefixes.values())
+    turns = eval_turns([d], renderer, sset, max_length, longest)
+    full = tokenize_dialogue(d, renderer, sset).full()
+    per_turn = sum(len(p) for p in prefixes.values())
+    if all(t.prompt == full[: len(t.prompt)] for t in turns):
+        runs: list[list[Turn]] = []
+        for t in turns:  # prompts grow with the turn: a run's trunk ends at its last turn's prompt
+            if runs and len(t.prompt) + per_turn * (len(runs[-1]) + 1) <= max_tokens:
+                runs[-1].append(t)
+            else:
+                runs.append([t])
+        groups = [(full[: len(run[-1].prompt)], run) for run in runs]
+    else:
+        groups = [(t.prompt, [t]) for t in turns]
+    units = []
+    for trunk, group in groups:
+        u = Unit(d.id, list(trunk), list(range(len(trunk))), len(trunk))
+        for t in group:
+            ctx = len(t.prompt)
+            for s, toks_s in prefixes.items():
+                u.spans.append(Span(ReplyId(d.id, t.turn, s), len(u.tokens), len(toks_s), ctx))  # kind: strategy
+                u.tokens.extend(toks_s)
+                u.positions.extend(range(ctx, ctx + len(toks_s)))
+        units.append(u)
+    return units
+
+
+@torch.no_grad()
+def likelihood_rows(
+    model, renderer, sset: StrategySet, dialogues: list[PrefDialogue], cfg: TrainingConfig, chunk: int
+) -> list[dict]:
+    tok = renderer.tokenizer
+    # the prefix exactly as a gold reply starts: tokens of "(S) x" minus those of the text after it
+    prefixes = {}
+    for s in sset.names:
+        full = tok.encode(format_reply(s, "x"), add_special_tokens=False)
+        prefixes[s] = full[: len(tok.encode(f"({s})", add_special_tokens=False))]
+    units = [
+        u
+        for d in dialogues
+        for u in likelihood_units(d, renderer, sset, prefixes, cfg.data.max_length, cfg.pack.max_tokens)
+    ]
+    budget = max([cfg.pack.max_tokens] + [len(u) for u in units])
+    scores: dict[str, float] = {}
+    for group in pack_units(units, budget):
+        batch = collate_trie(group)
+        lp = trie_logps(model, batch, chunk)
+        scores.update(zip(batch.reply_ids, lp.float().tolist()))
+    rows = []
+    for d in dialogues:
+        for i in d.turn_indices():
+            sc = {s: scores[f"{d.id}:{i}:{s}"] for s in sset.names}
+            best = max(sc, key=sc.get)
+            m = d.messages[i]
+            rows.append(
+                {
+                    "id": f"{d.id}:{i}",
+                    "dialogue_id": d.id,
+                    "turn": i,
+                    "gold_strategy": m.strategy,
+                    "gold_response": m.text,
+                    "pred_strategy": best,
+                    "scores": sc,
+                    "mode": "likelihood",
+                }
+            )
+    return rows

@@ -1,0 +1,45 @@
+"""Running the model on laid-out dialogues: the one place that owns device placement and autocast
+(cso_dist.scorer.device), the attention implementation of trie rows (cso_dist.scorer.attention) and the forward
+of both layouts (cso_dist.scorer.logps).
+
+Training (the engine's `Scorer`), the live reference, precompute (`score_units`), likelihood eval and
+generation all run through here; cso_dist.pack only builds the rows they run on.
+"""
+
+from __future__ import annotations
+
+from cso_dist.lazy import lazy_exports
+
+# pack.attention: how trie rows attend (cso_dist.scorer.attention)
+ATTENTION = ("auto", "dense", "tree", "flex")
+
+__all__ = [
+    "ATTENTION",
+    "Scorer",
+    "autocast",
+    "by_reply",
+    "default_device",
+    "feed",
+    "method_of",
+    "model_device",
+    "pair_logps",
+    "resolve",
+    "score",
+    "score_units",
+    "set_autocast",
+    "to_model",
+    "trie_logps",
+    "unwrap",
+    "use_attention",
+]
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        **dict.fromkeys(("Scorer", "by_reply", "score_units"), "run"),
+        **dict.fromkeys(("method_of", "resolve", "use_attention"), "attention"),
+        **dict.fromkeys(
+            ("autocast", "default_device", "feed", "model_device", "set_autocast", "to_model", "unwrap"), "device"
+        ),
+        **dict.fromkeys(("pair_logps", "score", "trie_logps"), "logps"),
+    },
+)

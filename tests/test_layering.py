@@ -1,0 +1,153 @@
+"""The package's layering, read from its source: pack is pure data (no import cycle, no model code), and no module
+outside cso_dist.losses asks which loss runs (methods declare what they need in losses.REGISTRY)."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from cso_dist import losses
+
+PKG = Path(__file__).resolve().parents[1] / "cso_dist"
+
+
+def _imports(path: Path) -> set[str]:
+    """cso_dist modules a file imports at run time (imports under `if TYPE_CHECKING:` are types only)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+        for n in ast.walk(node)
+    }
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cso_dist"):
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("cso_dist"))
+    return out
+
+
+def test_pack_has_no_import_cycle():
+    graph = {f"cso_dist.pack.{p.stem}": _imports(p) for p in (PKG / "pack").glob("*.py") if p.stem != "__init__"}
+    inside = {m: {d for d in deps if d in graph} for m, deps in graph.items()}
+    done: set[str] = set()
+
+    def visit(m: str, path: tuple[str, ...]) -> None:
+        assert m not in path, f"import cycle in pack: {' -> '.join(path + (m,))}"
+        if m in done:
+            return
+        for d in inside[m]:
+            visit(d, path + (m,))
+        done.add(m)
+
+    for m in graph:
+        visit(m, ())
+    assert len(graph) >= 5
+
+
+def test_pack_imports_no_model_code():
+    """Importing pack loads neither the scorer, nor cso_dist.models, nor transformers."""
+    code = (
+        "import sys, cso_dist.pack; "
+        "print(sorted(m for m in sys.modules if m.startswith(('cso_dist.scorer', 'cso_dist.models', 'transformers', "
+        "'cso_dist.engine', 'cso_dist.train'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out
+
+
+def _method_comparisons(path: Path) -> list[str]:
+    """Comparisons of a method/loss-named value against a loss name (`cfg.train.method == "sft"`, `loss == "kto"`,
+    `method in ("base", "sft")`)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        names = {
+            c.value
+            for s in sides
+            for c in ast.walk(s)
+            if isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value in losses.METHODS
+        }
+        subject = " ".join(ast.unparse(s) for s in sides if not isinstance(s, (ast.Constant, ast.Tuple, ast.List)))
+        if names and any(w in subject.lower() for w in ("method", "loss")):
+            found.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_outside_losses_branches_on_a_loss_name():
+    found = [
+        hit
+        for p in sorted(PKG.rglob("*.py"))
+        if "losses" not in p.relative_to(PKG).parts
+        for hit in _method_comparisons(p)
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_the_check_finds_a_branch_on_a_loss_name(tmp_path):
+    """The scan above is not vacuous: it flags the forms it looks for."""
+    src = tmp_path / "x.py"
+    src.write_text('if cfg.train.method == "sft":\n    pass\nk = "-kl" if loss == "kto" else ""\nok = fmt == "dpo"\n')
+    hits = _method_comparisons(src)
+    assert len(hits) == 2, hits
+
+
+def _literal_sets(path: Path) -> list[tuple[frozenset, str]]:
+    """Every written-out set of two or more strings in a module: tuple / list / set literals, a dict literal's
+    keys, Literal["a", "b"]; with file:line."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        items = None
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            items = node.elts
+        elif isinstance(node, ast.Dict) and None not in node.keys:
+            items = node.keys
+        if items and len(items) >= 2 and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in items):
+            out.append((frozenset(e.value for e in items), f"{path.relative_to(PKG.parent)}:{node.lineno}"))
+    return out
+
+
+def _choice_keys() -> dict[str, frozenset]:
+    """Every choice key a user meets: the config's Literal keys, and every CLI option with choices."""
+    import dataclasses
+    import typing
+
+    from cso_dist import cli, config
+
+    keys = {}
+    sections = typing.get_type_hints(config.Config)
+    for section in dataclasses.fields(config.Config):
+        for name, typ in typing.get_type_hints(sections[section.name]).items():
+            if typing.get_origin(typ) is typing.Literal:
+                keys[f"{section.name}.{name}"] = frozenset(typing.get_args(typ))
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if getattr(action, "choices", None) and isinstance(action.choices, dict):  # subcommands
+                for name, sub in action.choices.items():
+                    walk(sub, f"{prefix} {name}")
+            elif action.choices and all(isinstance(c, str) for c in action.choices) and len(action.choices) >= 2:
+                keys[f"{prefix} {'/'.join(action.option_strings) or action.dest}"] = frozenset(action.choices)
+
+    walk(cli.build_parser(), "cso-dist")
+    return keys
+
+
+def test_every_choice_list_is_defined_once():
+    """Each set of choices is written out in one place (the module that owns it); the config's Literal types and
+    the CLI's choices derive from it."""
+    defs = [d for p in sorted(PKG.rglob("*.py")) for d in _literal_sets(p)]
+    keys = _choice_keys()
+    assert {"train.method", "model.precision", "pack.attention", "data.source"} <= set(keys), sorted(keys)
+    bad = []
+    for key, values in sorted(keys.items()):
+        where = [loc for s, loc in defs if s == values]
+        if len(where) > 1:  # once, or none where the list derives from a registry (losses.REGISTRY, data READERS)
+            bad.append(f"{key} {sorted(values)}: written out {len(where)} times ({', '.join(where) or 'nowhere'})")
+    assert not bad, "\n".join(bad)
