@@ -523,16 +523,6 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 }
 
 
-def renamed_keys() -> dict[str, str]:
-    """Old dotted key -> its new name, over every section (a section class's RENAMED)."""
-    hints = typing.get_type_hints(Config)
-    return {
-        f"{f.name}.{old}": f"{f.name}.{new}"
-        for f in dataclasses.fields(Config)
-        for old, new in getattr(hints[f.name], "RENAMED", {}).items()
-    }
-
-
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"config: {key}: {msg}")

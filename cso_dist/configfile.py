@@ -90,6 +90,17 @@ def _apply(obj: Any, values: dict, prefix: str, notes: list[str] | None = None) 
             setattr(obj, k, _coerce(v, hints[k], key))
 
 
+def renamed_keys(root: type) -> dict[str, str]:
+    """Old dotted key -> its new name, for the keys of root's sections (a section class's RENAMED, as _apply reads
+    it): what a file written before a rename holds."""
+    hints = typing.get_type_hints(root)
+    return {
+        f"{f.name}.{old}": f"{f.name}.{new}"
+        for f in dataclasses.fields(root)
+        for old, new in getattr(hints[f.name], "RENAMED", {}).items()
+    }
+
+
 def _nest(dotted: dict[str, Any]) -> dict:
     out: dict = {}
     for key, val in dotted.items():

@@ -21,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from cso_dist.checkpoint import clean_partial, latest_good, list_checkpoints
-from cso_dist.config import TrainingConfig, renamed_keys
+from cso_dist.config import TrainingConfig
+from cso_dist.configfile import renamed_keys
 from cso_dist.errors import CsoError
 from cso_dist.io import atomic_write_text
 from cso_dist.preempt import STOPPED_FILE
@@ -59,7 +60,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(keys that may not change but did, keys that may change and did), over the training sections."""
-    renamed = renamed_keys()  # a run written before a key was renamed compares under the new name
+    renamed = renamed_keys(TrainingConfig)  # a run written before a key was renamed compares under the new name
     a, b = {renamed.get(k, k): v for k, v in _flat(old).items()}, _flat(new)
     sections = {f.split(".")[0] for f in b}
     keys = sorted(k for k in set(a) | set(b) if k.split(".")[0] in sections and a.get(k) != b.get(k))
