@@ -399,7 +399,7 @@ def cmd_study(args, extra) -> int:
 def cmd_demo(args, extra) -> int:
     from cso_dist.demo import run_demo
 
-    run_demo(_config(args, extra, "all"))
+    run_demo(_config(args, extra, "study"))
     return 0
 
 

@@ -471,7 +471,7 @@ class StudyConfig:
 
 @dataclass
 class RunConfig:
-    out_dir: str = setting("runs/demo", "the run folder: data, reference cache, checkpoints, metrics, eval")
+    out_dir: str = setting("runs/cso", "the run folder: data, reference cache, checkpoints, metrics, eval")
     seed: int = setting(0, "seed of model init, data order and dropout")
 
     def validate(self) -> None:
@@ -485,7 +485,6 @@ class TrainingConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    tiny_model: TinyModelConfig = field(default_factory=TinyModelConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     refcache: RefCacheConfig = field(default_factory=RefCacheConfig)
@@ -507,6 +506,7 @@ class Config(TrainingConfig):
     plan: PlanConfig = field(default_factory=PlanConfig)
     mcts: MctsConfig = field(default_factory=MctsConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    tiny_model: TinyModelConfig = field(default_factory=TinyModelConfig)  # study.model "tiny" only
     RENAMED: ClassVar[dict[str, str]] = {"demo": "study"}  # the demo is the study: its old section, still read
 
 
@@ -518,7 +518,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "launch": TRAINING_SECTIONS + ("slurm",),
     "plan": TRAINING_SECTIONS + ("slurm", "plan"),
     "mcts": ("mcts", "slurm", "run"),
-    "study": TRAINING_SECTIONS + ("slurm", "study"),
+    "study": TRAINING_SECTIONS + ("slurm", "study", "tiny_model"),
     "all": tuple(f.name for f in dataclasses.fields(Config)),
 }
 

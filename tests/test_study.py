@@ -165,3 +165,22 @@ def test_a_finished_run_counts_only_for_its_own_config(study):
     assert finished_run(cfg)["method"] == "sft"
     assert finished_run(load_config(run / "config.yaml", {"train.log_every": 7})) is not None  # may change
     assert finished_run(load_config(run / "config.yaml", {"train.lr": 0.123})) is None  # another run
+
+
+@pytest.mark.slow
+def test_finished_scores_count_only_for_the_model_and_data_that_made_them(study):
+    """A rerun reuses a run's test scores only when its PRED file's recorded origin is this model on this
+    data; the scores of another model are refused, naming the difference, not reused."""
+    from cso_dist.eval.score import finished_tasks
+
+    cfg, out, _ = study
+    run = out / "sft" / "seed=1"
+    tasks = [("test", str(out / "data" / "test.jsonl"), "likelihood")]
+    assert (run / "eval" / "scores-test-likelihood.json").is_file()
+    mine = load_config(run / "config.yaml", {"model.path": str(run / "final"), "model.finetune": "full"})
+    scores = finished_tasks(mine, tasks)
+    assert scores is not None and 0.0 <= scores["test/Q"] <= 1.0
+    other_model = str(out / "sft" / "seed=0" / "final")
+    other = load_config(run / "config.yaml", {"model.path": other_model, "model.finetune": "full"})
+    with pytest.raises(CsoError, match=r"scores-test-likelihood.json: scored from model .*seed=1.*seed=0"):
+        finished_tasks(other, tasks)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cso_dist.data.dialogue import load_json_records
 from cso_dist.data.strategies import StrategySet
-from cso_dist.errors import DataError
+from cso_dist.errors import CsoError, DataError
 from cso_dist.eval.metrics import canonical_or_none, score_rows
 from cso_dist.io import atomic_write_text
 
@@ -108,14 +108,36 @@ def _flat_scores(name: str, s: dict) -> dict:
     return out
 
 
+def _scored(cfg, name: str, data_file, mode: str) -> dict | None:
+    """The scores of a task when they exist and came from this model and data: the PRED file's recorded origin
+    (cso_dist.eval.generate.pred_origin) must equal this evaluation's; scores of another model or data are an
+    error naming the difference, never reused."""
+    from cso_dist.eval.generate import pred_origin
+
+    pred, scores = _task_files(cfg, name, mode)
+    if not scores.is_file():
+        return None
+    side = pred.with_name(pred.name + ".origin.json")
+    old = json.loads(side.read_text()) if side.is_file() else {}
+    new = pred_origin(cfg, "test", mode, str(data_file), pred.parent / ".filehashes.json")
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff:
+        raise CsoError(
+            f"{scores}: scored from {diff[0]} {old.get(diff[0])!r}, this evaluation has {new.get(diff[0])!r}; "
+            f"remove {pred.parent} to score again"
+        )
+    return json.loads(scores.read_text())
+
+
 def finished_tasks(cfg, tasks: list) -> dict | None:
-    """The flat scores of tasks [(name, data file, mode)] when every one is scored already (else None)."""
+    """The flat scores of tasks [(name, data file, mode)] when every one is scored already, by this model on
+    this data (else None)."""
     out: dict = {}
-    for name, _, mode in tasks:
-        scores = _task_files(cfg, name, mode)[1]
-        if not scores.is_file():
+    for name, data_file, mode in tasks:
+        scores = _scored(cfg, name, data_file, mode)
+        if scores is None:
             return None
-        out.update(_flat_scores(name, json.loads(scores.read_text())))
+        out.update(_flat_scores(name, scores))
     return out
 
 
@@ -128,9 +150,10 @@ def evaluate_tasks(cfg, tasks: list, progress: bool = True) -> dict:
 
     sset, out = resolve_sset(cfg), {}
     for name, data_file, mode in tasks:
-        pred, scores = _task_files(cfg, name, mode)
-        if not scores.is_file():
+        done = _scored(cfg, name, data_file, mode)
+        if done is None:
+            pred, scores = _task_files(cfg, name, mode)
             run_generate(cfg, "test", pred, mode, str(data_file), progress=progress)
-            atomic_write_text(scores, json.dumps(score_file(pred, sset), indent=2))
-        out.update(_flat_scores(name, json.loads(scores.read_text())))
+            atomic_write_text(scores, json.dumps(done := score_file(pred, sset), indent=2))
+        out.update(_flat_scores(name, done))
     return out

@@ -1,5 +1,5 @@
-"""What the GPU kit's sections share (scripts/device/sections.py): the result file written after every part,
-the model shapes built from config, the run configs, the planner's figure for a run."""
+"""What the GPU kit's sections share (scripts/device/sections.py, exact.py, speed.py): the result file written after
+every part, the model shapes built from config, the run configs, the planner's figure for a run."""
 
 from __future__ import annotations
 
