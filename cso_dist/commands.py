@@ -65,6 +65,10 @@ def cmd_data_build(args, extra) -> int:
     t0 = time.time()
     dialogues, report = build_dialogues(cfg.data)
     not_an_input(args.out, report.input)
+    if cfg.data.negatives and cfg.data.negatives_from.startswith("generated"):
+        from cso_dist.generated import add_generated
+
+        report.notes.update(add_generated(dialogues, cfg))
     n = write_dialogues(args.out, dialogues)
     stats = dialogue_stats(dialogues)
     print(
@@ -76,7 +80,12 @@ def cmd_data_build(args, extra) -> int:
         f"{stats['turns_without_negatives']}  context-only turns: {stats['context_only_turns']}"
     )
     for k, v in report.notes.items():
-        if k != "input":
+        if k == "strategy_sides":
+            print(
+                "  strategy: chosen / rejected: "
+                + ", ".join(f"{s} {c['chosen']}/{c['rejected']}" for s, c in v.items())
+            )
+        elif k != "input":
             print(f"  {k}: {v}")
     if report.skipped:
         print(f"skipped {sum(report.skipped.values())} invalid records (--skip-invalid):")

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from cso_dist.configfile import _apply, _nest, _parse_value, parse_overrides, read_yaml  # noqa: F401 - parse_overrides: public here
 from cso_dist import losses
+from cso_dist.data.negatives import NEGATIVES_FROM
 from cso_dist.data.readers import SOURCES
 from cso_dist.errors import ConfigError
 from cso_dist.losses import NAMES as LOSS_METHODS
@@ -59,6 +60,15 @@ class DataConfig:
     input: str = setting("", 'file or folder; "" = ESConv from the data dir (cso_dist.paths.data_dir)')
     split: str = setting("train", "ESConv split: train, valid or test")
     negatives: int = setting(3, "ESConv: non-preferred options per supporter turn")
+    negatives_from: Literal[NEGATIVES_FROM] = setting(
+        "retrieval",
+        "ESConv: retrieval (other dialogues' replies), retrieval-balanced (each strategy rejected as often as chosen), "
+        "generated (a model writes them for the same history), generated-both (the preferred reply too)",
+    )
+    generator: str = setting(
+        "", 'generated*: the model that writes the replies (folder or Hub id; "" = the base model, model.path)'
+    )
+    generate_max_tokens: int = setting(64, "generated*: most tokens of a written reply")
     seed: int = setting(0, "ESConv: seed of the negative selection")
     strategies: str = setting(
         "auto", "auto (ESConv: esconv; else the named set the file uses), esconv, escpro, or a file"
@@ -72,6 +82,19 @@ class DataConfig:
 
     def validate(self) -> None:
         _check(self.negatives >= 0, "data.negatives", "must be >= 0")
+        _check(self.generate_max_tokens >= 1, "data.generate_max_tokens", "must be >= 1")
+        _check(
+            self.source == "esconv" or self.negatives_from == "retrieval",
+            "data.negatives_from",
+            f"ESConv's options only; --from {self.source} brings its own non-preferred replies",
+        )
+        generated = self.negatives_from.startswith("generated")
+        for key in ("generator", "generate_max_tokens"):
+            _check(
+                generated or getattr(self, key) == getattr(DataConfig, key),
+                f"data.{key}",
+                f"used by data.negatives_from generated or generated-both only (it is {self.negatives_from})",
+            )
         _check(self.context_seeker_messages >= 1, "data.context_seeker_messages", "must be >= 1")
         _check(self.pool >= 1, "data.pool", "must be >= 1")
         _check(self.max_length >= 16, "data.max_length", "must be >= 16")
@@ -373,6 +396,9 @@ STUDY_OWNED = (
     "train.max_dialogues",
     "train.eval_max_dialogues",
     "train.ref_cache",
+    "data.negatives_from",  # study.sources
+    "data.generator",
+    "data.generate_max_tokens",
 )
 
 
@@ -409,6 +435,13 @@ class StudyConfig:
         "the config's values)",
         factory=list,
     )
+    sources: list[str] = setting(
+        help="where each CSO loss's non-preferred replies come from (data.negatives_from values): a study axis; "
+        "with several, each loss runs on each (named <loss>@<source>); SFT always trains on the gold replies",
+        factory=lambda: ["retrieval"],
+    )
+    generator: str = setting("", 'generated sources: the model that writes the replies ("" = the base model)')
+    generate_max_tokens: int = setting(64, "generated sources: most tokens of a written reply")
     sft_lr: float = setting(5e-4, "SFT learning rate")
     sft_epochs: int = setting(1, "SFT epochs")
     cluster: Literal["local", "slurm", "debug", "inline"] = setting(
@@ -416,7 +449,16 @@ class StudyConfig:
         "where the runs go: local processes (slurm.array_parallelism at a time), a Slurm cluster, debug, or inline "
         "(this process, one run after another, with progress lines: the demo)",
     )
-    bf16_on_amx: bool = setting(True, "train and evaluate in bf16-mixed where the CPU has AMX (about 2x faster)")
+    cpu_bf16: bool = setting(
+        True, "train and evaluate in bf16-mixed on a CPU with bf16 units (AMX or AVX512-BF16); was bf16_on_amx"
+    )
+    RENAMED: ClassVar[dict[str, str]] = {"bf16_on_amx": "cpu_bf16"}
+
+    def arms(self) -> list[tuple[str, str, str]]:
+        """(name, loss, source) of every CSO arm: the loss's name alone when there is one source."""
+        if len(self.sources) == 1:
+            return [(loss, loss, self.sources[0]) for loss in self.losses]
+        return [(f"{loss}@{src}", loss, src) for src in self.sources for loss in self.losses]
 
     def grids(self) -> dict[str, dict[str, list[str]]]:
         """{loss: {dotted key: values}} from `sweep` (validated at load)."""
@@ -464,6 +506,20 @@ class StudyConfig:
             not bad and bool(self.losses), "study.losses", f"unknown or not a CSO loss: {', '.join(bad) or '(none)'}"
         )
         _check(len(set(self.losses)) == len(self.losses), "study.losses", "a loss given twice")
+        bad = [x for x in self.sources if x not in NEGATIVES_FROM]
+        _check(
+            not bad and bool(self.sources),
+            "study.sources",
+            f"unknown: {', '.join(bad) or '(none)'} (one of {', '.join(NEGATIVES_FROM)})",
+        )
+        _check(len(set(self.sources)) == len(self.sources), "study.sources", "a source given twice")
+        _check(self.generate_max_tokens >= 1, "study.generate_max_tokens", "must be >= 1")
+        for key in ("generator", "generate_max_tokens"):
+            _check(
+                any(x.startswith("generated") for x in self.sources) or getattr(self, key) == getattr(StudyConfig, key),
+                f"study.{key}",
+                "used by a generated source only (study.sources has none)",
+            )
         _check(self.sft_lr > 0, "study.sft_lr", "must be > 0")
         _check(self.sft_epochs >= 1, "study.sft_epochs", "must be >= 1")
         self.grids()

@@ -3,15 +3,14 @@ this process (configs/demo.yaml): ESConv -> SmolLM2-135M-Instruct -> SFT -> CSO 
 
 from cso_dist.config import Config
 from cso_dist.errors import CsoError
-from cso_dist.study import has_amx, run_study
-
-__all__ = ["has_amx", "run_demo"]
+from cso_dist.study import run_study
 
 
 def run_demo(cfg: Config) -> dict:
     st = cfg.study
-    if len(st.losses) != 1 or len(st.seeds) != 1 or st.sweep:
+    if len(st.losses) != 1 or len(st.seeds) != 1 or len(st.sources) != 1 or st.sweep:
         raise CsoError(
-            "demo: one loss, one seed, no sweep (study.losses, study.seeds, study.sweep); see cso-dist study"
+            "demo: one loss, one seed, one source, no sweep (study.losses, study.seeds, study.sources, study.sweep); "
+            "see cso-dist study"
         )
     return run_study(cfg, command="demo", result="summary")

@@ -27,6 +27,7 @@ import json
 import math
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,9 +55,10 @@ def _cpuinfo() -> list[str]:
     return Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
 
 
-def has_amx() -> bool:
-    """bf16 matrix units (Intel AMX): where bf16 is about twice as fast as fp32 on CPU."""
-    return any("amx_bf16" in line for line in _cpuinfo())
+def cpu_bf16() -> str | None:
+    """The CPU's bf16 units, if any: "amx" or "avx512_bf16" (AMD EPYC Zen 4 and later, Intel Cooper Lake)."""
+    flags = {f for line in _cpuinfo() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    return "amx" if "amx_bf16" in flags else ("avx512_bf16" if "avx512_bf16" in flags else None)
 
 
 def machine() -> str:
@@ -161,14 +163,68 @@ def _eval_item(cfg: Config, name: str, run_dir: Path, tasks: list, model: Path |
     return (name, c, (tasks,))
 
 
-def _cso(cfg: Config, out: Path, seed: int, model: Path, loss: str, over: dict) -> Config:
-    """A CSO run of `loss` from the seed's SFT model, with one reference cache per SFT model and reply kinds
-    (a method that scores mismatched completions adds them): DPO and IPO runs of a seed share theirs."""
+def _cso(cfg: Config, out: Path, seed: int, model: Path, arm: tuple, over: dict) -> Config:
+    """A CSO run of an arm (name, loss, source) from the seed's SFT model, on the source's train file, with one
+    reference cache per SFT model, source and reply kinds (a method that scores mismatched completions adds
+    them): DPO and IPO runs of a seed and source share theirs."""
     from cso_dist.refcache.key import reply_kinds
 
-    c = run_config(_with(cfg, model__path=model, train__method=loss, run__seed=seed), over)
+    _, loss, source = arm
+    train = out / "data" / _source_file(cfg, source)
+    c = run_config(_with(cfg, model__path=model, train__method=loss, run__seed=seed, train__train_file=train), over)
     kinds = "".join(f"-{k}" for k in reply_kinds(c) if k not in ("c", "r"))
-    return _with(c, train__ref_cache=out / "refcache" / f"sft-seed={seed}{kinds}")
+    src = "" if source == "retrieval" else f"@{source}"
+    return _with(c, train__ref_cache=out / "refcache" / f"sft-seed={seed}{kinds}{src}")
+
+
+def _source_file(cfg: Config, source: str) -> str:
+    return "train.jsonl" if source == cfg.data.negatives_from else f"train@{source}.jsonl"
+
+
+def _write_sources(cfg: Config, out: Path, base_model: Path) -> dict:
+    """The train subset with each study source's non-preferred replies (<out>/data/train@<source>.jsonl; the
+    subset itself, built with data.negatives_from, serves that source): the same dialogues, retrieved over the
+    whole train split (retrieval-balanced) or written by the generator for the subset's histories (generated,
+    generated-both; the base model unless study.generator). Made once; their build notes -> data/sources.json."""
+    from cso_dist.data.build import build_dialogues
+    from cso_dist.data.dialogue import write_dialogues
+    from cso_dist.data.negatives import RETRIEVED, NegativeOptions, add_negatives, strategy_sides
+    from cso_dist.generated import add_generated
+
+    st, data = cfg.study, out / "data"
+    notes_file = data / "sources.json"
+    notes = json.loads(notes_file.read_text()) if notes_file.is_file() else {}
+    subset = read_dialogues(data / "train.jsonl")
+    notes.setdefault(cfg.data.negatives_from, {"strategy_sides": strategy_sides(subset)})
+    for source in st.sources:
+        path = data / _source_file(cfg, source)
+        if path.is_file():
+            continue
+        print(f"   train subset with {source} negatives -> {path}", flush=True)
+        t0 = time.time()
+        if source in RETRIEVED:  # candidates from the whole train split; balanced over the subset's turns
+            ids = {d.meta.get("source_record") for d in subset}
+            full = build_dialogues(dataclasses.replace(cfg.data, split="train", negatives=0))[0]
+            targets = [k for k, d in enumerate(full) if d.meta.get("source_record") in ids]
+            d = cfg.data
+            opts = NegativeOptions(d.negatives, d.seed, d.context_seeker_messages, d.pool, source)
+            add_negatives(full, opts, Counter(), targets)
+            dialogues = [full[k] for k in targets]
+            for x in dialogues:
+                x.meta["negatives_from"] = source
+            note = {"strategy_sides": strategy_sides(dialogues)}
+        else:
+            over = {"data__negatives_from": source, "data__generate_max_tokens": st.generate_max_tokens}
+            gen_cfg = _with(cfg, **over, data__generator=st.generator or base_model, model__path=base_model)
+            dialogues = read_dialogues(data / "train.jsonl")
+            note = add_generated(dialogues, gen_cfg)
+        write_dialogues(path, dialogues)
+        notes[source] = note | {"seconds": round(time.time() - t0, 1)}
+        atomic_write_text(notes_file, json.dumps(notes, indent=2))
+        with open(out / "timing.jsonl", "a", encoding="utf-8") as f:  # the wall time of every part of the study
+            line = {"phase": f"data: {source}", "runs": 0, "seconds": notes[source]["seconds"]}
+            f.write(json.dumps(line | {"at": time.strftime("%F %T")}) + "\n")
+    return notes
 
 
 def _base(cfg: Config, out: Path, files: dict[str, Path]) -> tuple[Config, Path]:
@@ -178,7 +234,7 @@ def _base(cfg: Config, out: Path, files: dict[str, Path]) -> tuple[Config, Path]
     st = cfg.study
     model = base_model(cfg, out, st.model)
     over = {"train__train_file": files["train"], "train__eval_file": files.get("eval", "")}
-    if st.bf16_on_amx and has_amx() and cfg.model.precision == "fp32":
+    if st.cpu_bf16 and cpu_bf16() and cfg.model.precision == "fp32":
         over["model__precision"] = "bf16-mixed"
     base = _with(cfg, **over)
     used, stats_file = read_dialogues(files["train"]), out / "data" / "stats.json"
@@ -259,20 +315,20 @@ def _run_phase(cfg: Config, title: str, items: list, job, folder: Path, may_fail
     return rows
 
 
-def _select(rows: list[dict], grids: dict, losses: list[str]) -> dict:
-    """Per loss: its sweep points with their valid scores (or the error of a failed one), and the chosen one:
-    the highest valid Q, ties to the lower B (without a valid subset, its one point)."""
+def _select(rows: list[dict], grids: dict, arms: dict[str, str]) -> dict:
+    """Per arm ({name: loss}): its sweep points with their valid scores (or the error of a failed one), and the
+    chosen one: the highest valid Q, ties to the lower B (without a valid subset, its one point)."""
     out = {}
-    for loss in losses:
-        points = [r for r in rows if r["loss_name"] == loss]
+    for arm, loss in arms.items():
+        points = [r for r in rows if r["loss_name"] == arm]
         scored = [r for r in points if "error" not in r]
         if not scored:
-            raise CsoError(f"study: every sweep point of {loss} failed (first: {points[0].get('error', '')})")
+            raise CsoError(f"study: every sweep point of {arm} failed (first: {points[0].get('error', '')})")
         best = max(scored, key=lambda r: (r.get("valid/Q", 0), -r.get("valid/B", 0)))
         valid = lambda r: {k: r[f"valid/{k}"] for k in KEYS} if "valid/Q" in r else {}  # noqa: E731
         pts = [{"point": r["point"], **valid(r), **{k: r[k] for k in ("error", "train") if k in r}} for r in points]
         sel = {"chosen": best["point"], "dir": best["dir"], "overrides": best["overrides"], "valid": valid(best)}
-        out[loss] = sel | {"points": pts, "grid": grids.get(loss, {})}
+        out[arm] = sel | {"points": pts, "grid": grids.get(loss, {})}
     return out
 
 
@@ -284,13 +340,19 @@ def run_study(cfg: Config, until: str = "report", command: str = "study", result
     st, out = cfg.study, Path(cfg.run.out_dir).resolve()
     s0, later, grids = st.seeds[0], st.seeds[1:], st.grids()
     flat = not later and not grids  # the demo: <out>/sft, <out>/<loss>
-    print(f"== cso-dist {command} -> {out} ({st.cluster}; seeds {st.seeds}; losses {', '.join(st.losses)})", flush=True)
+    what = f"seeds {st.seeds}; losses {', '.join(st.losses)}; negatives from {', '.join(st.sources)}"
+    print(f"== cso-dist {command} -> {out} ({st.cluster}; {what})", flush=True)
     files = _write_subsets(cfg, out)
     counts = {k: sum(len(d.turn_indices()) for d in read_dialogues(v)) for k, v in files.items()}
     print("   subsets: " + ", ".join(f"{k} {v} turns" for k, v in counts.items()), flush=True)
-    if until == "data":
+    more = st.sources != [cfg.data.negatives_from]  # train files of other sources (they need the base model)
+    if until == "data" and not more:
         return {"files": {k: str(v) for k, v in files.items()}}
     base_cfg, base_model = _base(cfg, out, files)
+    arms = {name: (name, loss, source) for name, loss, source in st.arms()}
+    sources = _write_sources(base_cfg, out, base_model) if more else {}
+    if until == "data":
+        return {"files": {k: str(v) for k, v in files.items()}, "sources": sources}
     sub = out / "submitit"
     lik = lambda name: (name, str(files[name]), "likelihood")  # noqa: E731
     test_tasks = [lik("test")] + ([("generate", str(files["generate"]), "generate")] if "generate" in files else [])
@@ -307,14 +369,14 @@ def run_study(cfg: Config, until: str = "report", command: str = "study", result
 
     # 3. the sweep on the first seed
     sweep_items, meta = [], []
-    for loss in st.losses:
+    for arm, loss, _ in arms.values():
         grid = grids.get(loss) or {"run.seed": [s0]}
-        where = {"run.out_dir": str(out / ("" if flat else "sweep") / loss)}
-        phase = _cso(base_cfg, out, s0, sft_dirs[s0] / "final", loss, where)
+        where = {"run.out_dir": str(out / ("" if flat else "sweep") / arm)}
+        phase = _cso(base_cfg, out, s0, sft_dirs[s0] / "final", arms[arm], where)
         for name, over in sweep_runs(phase, grid):
             c = run_config(phase, {**over, **where} if flat else over)
-            sweep_items.append((loss if flat else f"sweep/{loss}/{name}", c, ()))
-            meta.append({"loss_name": loss, "point": name, "overrides": {k: over[k] for k in grid if k != "run.seed"}})
+            sweep_items.append((arm if flat else f"sweep/{arm}/{name}", c, ()))
+            meta.append({"loss_name": arm, "point": name, "overrides": {k: over[k] for k in grid if k != "run.seed"}})
     sweep_rows = _run_phase(cfg, f"sweep (seed {s0})", sweep_items, TrainJob(), sub / "sweep", may_fail=True)
     for m, r in zip(meta, sweep_rows):
         m.update(dir=r["dir"], train={k: r["result"][k] for k in TRAIN if k in r["result"]})
@@ -335,7 +397,7 @@ def run_study(cfg: Config, until: str = "report", command: str = "study", result
         return {"sweep": meta}
 
     # 5. selection on valid Q
-    selection = _select(meta, grids, st.losses)
+    selection = _select(meta, grids, {arm: loss for arm, loss, _ in arms.values()})
     atomic_write_text(out / "selection.json", json.dumps({"sft_valid": sft_valid, **selection}, indent=2))
     for loss, sel in selection.items():
         if sel["valid"]:
@@ -345,10 +407,10 @@ def run_study(cfg: Config, until: str = "report", command: str = "study", result
 
     # 6. the selected points on the other seeds
     seed_items = []
-    for loss, sel in selection.items():
+    for arm, sel in selection.items():
         for s in later:
-            c = _cso(base_cfg, out, s, sft_dirs[s] / "final", loss, sel["overrides"])
-            seed_items += _seed_runs(c, out / "seeds" / loss, [s], f"seeds/{loss}", False)
+            c = _cso(base_cfg, out, s, sft_dirs[s] / "final", arms[arm], sel["overrides"])
+            seed_items += _seed_runs(c, out / "seeds" / arm, [s], f"seeds/{arm}", False)
     _run_phase(cfg, "seeds", seed_items, TrainJob(), sub / "seeds")
     if until == "seeds":
         return {"selection": selection}

@@ -28,7 +28,7 @@ def test_kit_installs_and_runs_every_section_on_cpu(tmp_path, esconv_dir):
     assert report["total_bytes"] > report["working_tree_bytes"]
     env.update(CSO_KIT=str(kit), CSO_KIT_SITE=str(site), PYTHON=sys.executable)
     proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "device" / "run.sh"), str(out), "--smoke", "--budget-s", "1140"],
+        ["bash", str(REPO / "scripts" / "device" / "run.sh"), str(out), "--smoke", "--budget-s", "1320"],
         capture_output=True,
         text=True,
         env=env,
@@ -37,9 +37,11 @@ def test_kit_installs_and_runs_every_section_on_cpu(tmp_path, esconv_dir):
     log = (out / "kit.log").read_text() if (out / "kit.log").is_file() else ""
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + log[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert [s["section"] for s in summary["sections"]] == ["env", "exactness", "throughput", "engines"]
+    assert [s["section"] for s in summary["sections"]] == ["env", "exactness", "throughput", "engines", "study"]
     assert all(s["status"] == "ok" for s in summary["sections"]), summary
     r = {s: json.loads((out / f"{s}.json").read_text()) for s in ("env", "exactness", "throughput", "engines")}
+    study = json.loads((out / "study.json").read_text())["study_gpu"]  # configs/study-gpu.yaml's code path
+    assert set(study["summary"]) == {"base", "sft", "dpo"} and study["subsets"]["test"] >= 12
 
     steps = r["env"]["install"]["steps"]  # the deepspeed sdist and cso_dist built and installed by pip
     assert steps["deepspeed"]["rc"] == 0 and steps["cso_dist"]["rc"] == 0

@@ -115,7 +115,7 @@ def test_after_a_little_sft_its_generations_parse_as_strategy_replies(smol, esco
     """A few SFT steps (LoRA) on gold replies teach the `(<strategy>) text` form; greedy generations on
     held-out turns then parse with a strategy of the set."""
     from cso_dist.data.dialogue import write_dialogues
-    from cso_dist.demo import has_amx
+    from cso_dist.study import cpu_bf16
     from cso_dist.eval.generate import run_generate
     from cso_dist.train import run_train
 
@@ -133,8 +133,8 @@ def test_after_a_little_sft_its_generations_parse_as_strategy_replies(smol, esco
         "train.final": "adapter",  # merged at load by method "full" below: no 538 MB save and reload
         "data.max_length": 384,
         "pack.max_tokens": 1024,
-        # bf16 where the CPU has bf16 matrix units (AMX); elsewhere it is emulated: 10x slower than fp32 (AMD EPYC)
-        "model.precision": "bf16-mixed" if has_amx() else "fp32",
+        # bf16 where the CPU has bf16 units (AMX, AVX512-BF16); elsewhere it is emulated: 10x slower than fp32
+        "model.precision": "bf16-mixed" if cpu_bf16() else "fp32",
         "run.out_dir": str(tmp_path / "sft"),
     }
     summary = run_train(load_config(None, over), progress=False)

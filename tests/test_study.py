@@ -22,7 +22,7 @@ TINY = {
     "study.seeds": [0, 1],
     "study.losses": ["dpo", "simpo", "kto"],
     "study.sweep": ["dpo train.lr=1e-3,3e-2"],
-    "study.bf16_on_amx": False,
+    "study.cpu_bf16": False,
     "eval.max_new_tokens": 6,
     "tiny_model.hidden_size": 32,
     "tiny_model.tokenizer": "bpe",  # an ESConv BPE: a small LM head (the Qwen vocabulary's would be most of the time)
@@ -184,3 +184,40 @@ def test_finished_scores_count_only_for_the_model_and_data_that_made_them(study)
     other = load_config(run / "config.yaml", {"model.path": other_model, "model.finetune": "full"})
     with pytest.raises(CsoError, match=r"scores-test-likelihood.json: scored from model .*seed=1.*seed=0"):
         finished_tasks(other, tasks)
+
+
+@pytest.mark.slow
+def test_the_data_source_is_a_study_axis(tmp_path, esconv_dir, monkeypatch):
+    """study.sources: each loss runs on each source's train file (the same dialogues, other non-preferred
+    replies), with a reference cache per source; SFT trains once per seed on the gold replies; the table has a
+    row per loss and source, each paired against SFT."""
+    monkeypatch.setenv("CSO_GENERATED_CACHE", str(tmp_path / "generated"))
+    over = {
+        **TINY,
+        "study.cluster": "inline",
+        "study.losses": ["dpo"],
+        "study.sweep": [],
+        "study.valid_dialogues": 0,
+        "study.generate_dialogues": 0,
+        "study.seeds": [0, 1],
+        "study.sources": ["retrieval", "retrieval-balanced", "generated-both"],
+        "study.generate_max_tokens": 6,
+        "run.out_dir": str(tmp_path / "study"),
+        "data.input": str(esconv_dir),
+    }
+    res = run_study(load_config("configs/study.yaml", over))
+    out = tmp_path / "study"
+    assert set(res["summary"]) == {"base", "sft", "dpo@retrieval", "dpo@retrieval-balanced", "dpo@generated-both"}
+    assert all(res["summary"][a]["vs_sft"]["Q"]["seeds"] == 2 for a in res["summary"] if a.startswith("dpo@"))
+    subset = [json.loads(x) for x in (out / "data" / "train.jsonl").read_text().splitlines()]
+    for src in ("retrieval-balanced", "generated-both"):
+        rows = [json.loads(x) for x in (out / "data" / f"train@{src}.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in rows] == [r["id"] for r in subset]
+        assert all(r["meta"]["negatives_from"] == src for r in rows)
+        cfg = load_config(out / "sweep" / f"dpo@{src}" / "seed=0" / "config.yaml", {})
+        assert cfg.train.train_file == str(out / "data" / f"train@{src}.jsonl")
+        assert cfg.train.ref_cache.endswith(f"sft-seed=0@{src}")
+    assert load_config(out / "sft" / "seed=0" / "config.yaml", {}).train.train_file == str(out / "data" / "train.jsonl")
+    notes = json.loads((out / "data" / "sources.json").read_text())
+    assert notes["generated-both"]["replies_written"] > 0 and "strategy_sides" in notes["retrieval-balanced"]
+    assert "dpo@generated-both" in (out / "study.md").read_text()

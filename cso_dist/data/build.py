@@ -9,7 +9,8 @@ from pathlib import Path
 
 from cso_dist.config import DataConfig
 from cso_dist.data.dialogue import PrefDialogue
-from cso_dist.data.esconv import EsconvOptions, build_esconv
+from cso_dist.data.esconv import build_esconv
+from cso_dist.data.negatives import NegativeOptions
 from cso_dist.data.hf import hf_records, is_hf_input
 from cso_dist.data.readers import READERS, ReadContext, Skips
 from cso_dist.data.strategies import NAMED, StrategySet, load_strategy_set
@@ -54,7 +55,7 @@ def build_dialogues(cfg: DataConfig) -> tuple[list[PrefDialogue], BuildReport]:
     ctx = ReadContext(path, sset, cfg.aliases, Skips(cfg.skip_invalid), split=cfg.split)
     notes: dict = {}
     if cfg.source == "esconv":
-        opts = EsconvOptions(cfg.negatives, cfg.seed, cfg.context_seeker_messages, cfg.pool)
+        opts = NegativeOptions(cfg.negatives, cfg.seed, cfg.context_seeker_messages, cfg.pool, cfg.negatives_from)
         dialogues, notes = build_esconv(ctx, cfg.split, opts)
     else:
         dialogues = READERS[cfg.source](ctx)

@@ -10,12 +10,8 @@ texts are joined with a space. A merged supporter message takes the strategy of 
 utterance (the move that opens the turn); the labels of the later utterances of a run with a
 different strategy are not used, and the build reports how many there were.
 
-Negatives: the gold supporter reply is preferred. For each supporter turn, K non-preferred
-options are real supporter messages of *other* strategies taken from *other* dialogues of the
-same split, retrieved by TF-IDF cosine similarity between the seeker context before each turn
-(the last `context_seeker_messages` seeker messages; the dialogue's situation when there are
-none). From the `pool` most similar eligible candidates, options are picked in a seeded random
-order, distinct strategies first, then distinct texts -- deterministic for a seed.
+Negatives: the gold supporter reply is preferred; the non-preferred options come from
+cso_dist.data.negatives (data.negatives_from).
 """
 
 from __future__ import annotations
@@ -23,26 +19,17 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
-from cso_dist.data.dialogue import SEEKER, SUPPORTER, Message, Option, PrefDialogue, req, req_text
+from cso_dist.data.dialogue import SEEKER, SUPPORTER, Message, PrefDialogue, req, req_text
+from cso_dist.data.negatives import RETRIEVED, NegativeOptions, add_negatives, strategy_sides
 from cso_dist.data.readers import ReadContext
 from cso_dist.errors import DataError
 from cso_dist.paths import esconv_dir
 
 HF_ROLES = {"usr": SEEKER, "sys": SUPPORTER}
 RAW_ROLES = {"seeker": SEEKER, "supporter": SUPPORTER, "speaker": SEEKER, "listener": SUPPORTER}
-
-
-@dataclass
-class EsconvOptions:
-    negatives: int = 3
-    seed: int = 0
-    context_seeker_messages: int = 2
-    pool: int = 20
 
 
 def esconv_file(path: str, split: str) -> str:
@@ -114,7 +101,7 @@ def _merge_runs(utts, counts: Counter) -> list[Message]:
     return msgs
 
 
-def build_esconv(ctx: ReadContext, split: str, opts: EsconvOptions) -> tuple[list[PrefDialogue], dict]:
+def build_esconv(ctx: ReadContext, split: str, opts: NegativeOptions) -> tuple[list[PrefDialogue], dict]:
     ctx.path = esconv_file(ctx.path, split)
     counts: Counter = Counter()
     dialogues: list[PrefDialogue] = []
@@ -135,79 +122,15 @@ def build_esconv(ctx: ReadContext, split: str, opts: EsconvOptions) -> tuple[lis
         meta["source_record"] = record
         msgs = _merge_runs(utts, counts)
         dialogues.append(PrefDialogue(f"esconv-{split}-{len(dialogues)}", msgs, ctx.sset.name, meta))
-    if opts.negatives > 0:
-        _add_negatives(dialogues, opts, counts)
+    if opts.negatives > 0 and opts.negatives_from in RETRIEVED:  # generated ones: cso_dist.generated
+        add_negatives(dialogues, opts, counts)
+    for d in dialogues:
+        d.meta["negatives_from"] = opts.negatives_from if opts.negatives else "none"
     notes = dict(sorted(counts.items()))
+    notes["negatives_from"] = opts.negatives_from if opts.negatives else "none"
+    notes["strategy_sides"] = strategy_sides(dialogues)
     notes["input"] = os.path.abspath(ctx.path)
     return dialogues, notes
-
-
-def _context(d: PrefDialogue, i: int, k: int) -> str:
-    seeker = [m.text for m in d.messages[:i] if m.role == SEEKER][-k:]
-    return " ".join(seeker) if seeker else str(d.meta.get("situation", ""))
-
-
-def _add_negatives(dialogues: list[PrefDialogue], opts: EsconvOptions, counts: Counter) -> None:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from cso_dist.progress import progress
-
-    turns = [(di, i) for di, d in enumerate(dialogues) for i in d.turn_indices()]
-    if not turns:
-        return
-    contexts = [_context(dialogues[di], i, opts.context_seeker_messages) for di, i in turns]
-    X = TfidfVectorizer(sublinear_tf=True, stop_words="english").fit_transform(contexts)
-    cand_dlg = np.array([di for di, _ in turns])
-    cand_opt = [dialogues[di].messages[i].option for di, i in turns]
-    n, chunk = len(turns), 512
-    top = min(n, max(200, opts.pool * 10))
-    with progress(total=n, desc="negatives", unit="turn") as bar:
-        for lo in range(0, n, chunk):
-            sims = (X[lo : lo + chunk] @ X.T).toarray()
-            for r, q in enumerate(range(lo, min(lo + chunk, n))):
-                di, i = turns[q]
-                gold = cand_opt[q]
-                row = sims[r]
-                order = np.argpartition(-row, top - 1)[:top] if top < n else np.arange(n)
-                order = order[np.lexsort((order, -row[order]))]  # similarity desc, index asc on ties
-                pool = _eligible(order, cand_dlg, cand_opt, di, gold, opts.pool)
-                if len(pool) < opts.pool and top < n:
-                    full = np.lexsort((np.arange(n), -row))
-                    pool = _eligible(full, cand_dlg, cand_opt, di, gold, opts.pool)
-                picks = _pick(pool, cand_opt, opts.negatives, np.random.default_rng([opts.seed, di, i]))
-                msg = dialogues[di].messages[i]
-                msg.rejected = [cand_opt[c] for c in picks]
-                src = dialogues[di].meta.setdefault("negative_sources", {})
-                src[str(i)] = [f"{dialogues[cand_dlg[c]].id}:{turns[c][1]}" for c in picks]
-                if len(picks) < opts.negatives:
-                    counts["turns_with_fewer_negatives"] += 1
-            bar.update(min(lo + chunk, n) - lo)
-
-
-def _eligible(order, cand_dlg, cand_opt, di: int, gold: Option, size: int) -> list[int]:
-    pool = []
-    for c in order:
-        o = cand_opt[c]
-        if cand_dlg[c] != di and o.strategy != gold.strategy and o.text != gold.text:
-            pool.append(int(c))
-            if len(pool) == size:
-                break
-    return pool
-
-
-def _pick(pool: list[int], cand_opt, k: int, rng: np.random.Generator) -> list[int]:
-    order = [pool[j] for j in rng.permutation(len(pool))]
-    picks, strategies, texts = [], set(), set()
-    for distinct_strategy in (True, False):
-        for c in order:
-            o = cand_opt[c]
-            if len(picks) == k:
-                return picks
-            if c in picks or o.text in texts or (distinct_strategy and o.strategy in strategies):
-                continue
-            picks.append(c)
-            strategies.add(o.strategy)
-            texts.add(o.text)
-    return picks
 
 
 def esconv_texts(path: str | None = None) -> list[str]:

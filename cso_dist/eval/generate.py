@@ -76,9 +76,12 @@ def _stop_ids(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, **sampling) -> list[str]:
+def generate_texts(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop_ids: tuple[int, ...] = (), **sampling
+) -> list[str]:
     """Continue every token prompt in one left-padded generate() (each prompt ends where generation
-    starts); the decoded new text of each, special tokens dropped. `sampling`: generate() options."""
+    starts); the decoded new text of each, special tokens dropped. `stop_ids`: more tokens that end a
+    continuation (besides the end of turn). `sampling`: generate() options."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(x) for x in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -93,7 +96,7 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         attention_mask=mask,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad,
-        eos_token_id=_stop_ids(tokenizer),
+        eos_token_id=sorted({*_stop_ids(tokenizer), *stop_ids}),
         **sampling,
     )
     return [tokenizer.decode(out[k, width:], skip_special_tokens=True).strip() for k in range(len(prompts))]

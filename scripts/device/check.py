@@ -24,7 +24,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # (section, time box on an H200 in seconds, time box in --smoke on a 2-core CPU): the boxes and how they were
 # sized are in scripts/device/README.md
+# study: the optional last one, outside the default budget (run it alone: --sections study --budget-s 500)
 SECTIONS = (("env", 40, 120), ("exactness", 130, 300), ("throughput", 280, 420), ("engines", 100, 300))
+SECTIONS += (("study", 480, 180),)
 
 
 def _read(path: Path) -> dict:

@@ -18,6 +18,8 @@ leaves what it finished, and a part that fails does not stop the next one.
               tokens, peak memory against `cso-dist plan`
   engines     QLoRA (bitsandbytes NF4, paged AdamW 8-bit) and DeepSpeed ZeRO-3 (world size 1) DPO steps on the
               1.5B shape: a finite loss, the rate, peak memory against `cso-dist plan`
+  study       (optional: outside the default budget) configs/study-gpu.yaml, the data-source study at full
+              ESConv scale, when its model is in the node's HF cache
 
 --smoke: the same code on the CPU, a tiny model, fp32, 1-2 dialogues (tests/test_device_kit.py), with the
 packages that the GPU image lacks and the kit does not carry made unimportable.
@@ -179,7 +181,32 @@ def env(r: Result, smoke: bool, work: Path) -> None:
     r.part("bf16_matmul", _matmul, smoke)
 
 
-SECTIONS = {"env": env, "exactness": exactness, "throughput": throughput, "engines": engines}
+def _study(smoke: bool, work: Path) -> dict:
+    """configs/study-gpu.yaml (run in this process, resumable in `work`); its model must be on the node already
+    (the HF cache): the kit cannot carry it (SmolLM2's 98 MB GGUF is over one call's 64 MiB)."""
+    from cso_dist.config import load_config
+    from cso_dist.models import hub
+    from cso_dist.study import run_study
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "study-gpu.yaml"
+    over: dict = {"run.out_dir": str(work / "study-gpu")}
+    if smoke:  # the code path: a tiny random model, one loss, one seed, two dialogues, fp32
+        over |= {"model.path": "", "model.precision": "fp32", "study.model": "tiny", "study.losses": ["dpo"]}
+        over |= {"study.seeds": [0], "study.train_dialogues": 2, "study.test_turns": 12, "eval.batch_size": 8}
+        over |= {"tiny_model.tokenizer": "bpe", "tiny_model.hidden_size": 32, "pack.max_tokens": 4096}
+    else:
+        name = load_config(path).model.path
+        if hub.cached(name) is None:
+            return {"skipped": f"{name} is not in this node's HF cache (HF_HOME); the kit cannot carry it"}
+    res = run_study(load_config(path, over, family="study"))
+    return {k: res[k] for k in ("summary", "phases", "subsets", "precision")}
+
+
+def study(r: Result, smoke: bool, work: Path) -> None:
+    r.part("study_gpu", _study, smoke, work)
+
+
+SECTIONS = {"env": env, "exactness": exactness, "throughput": throughput, "engines": engines, "study": study}
 
 
 def main() -> None:
