@@ -1,5 +1,6 @@
 """Reading a config: YAML files (a key given twice is refused) and dotted command-line overrides, typed
-against the dataclass sections of cso_dist.config (every key named in its error)."""
+against the dataclass sections of cso_dist.config (every key named in its error); and what every section's
+keys are made of (`setting`, the checks that name the key)."""
 
 from __future__ import annotations
 
@@ -208,3 +209,34 @@ def _read_one(p: Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"config: {p}: expected a mapping of sections")
     return raw
+
+
+# ---------------------------------------------------------------- the sections' keys and checks
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config key: its default and the help text that `--help` and the generated flags show."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help})
+
+
+def choices(section: type, name: str) -> tuple:
+    """The values a Literal key of a config section takes (for the CLI's `choices`)."""
+    return typing.get_args(typing.get_type_hints(section)[name])
+
+
+def help_of(section: type, name: str) -> str:
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(section) if f.name == name)
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config: {key}: {msg}")
+
+
+def _control(text: str) -> bool:
+    """Whether `text` holds a control character (newline, carriage return, NUL, escape, ...)."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def _check_token(value: str, key: str) -> None:
+    """A value Slurm reads as one token (#SBATCH lines): no whitespace, no control characters."""
+    _check(not _control(value), key, f"{value!r} holds a control character")
+    _check(not any(c.isspace() for c in value), key, f"{value!r} holds whitespace (Slurm reads one token here)")

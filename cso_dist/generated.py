@@ -8,11 +8,12 @@ oldest-first to fit data.max_length) after the prefix `(<strategy>)`:
 - generated-both: the preferred reply is written too, after the gold strategy's prefix, so that both sides of each
   pair come from the same writer and differ in strategy, not in who wrote them.
 
-Generation is greedy (SAMPLING), batched (prompts of similar length together), each reply cut at its first line
-break, and cached on disk by content: each reply's key is a hash of the writer model's content key, the prompt's
-token ids, data.generate_max_tokens and the sampling settings, in a JSON
-Lines file per writer (<cache>/<model key>.jsonl, appended and flushed batch by batch), so a stopped build resumes
-where it stopped and a rebuild writes nothing new. One writer per cache file.
+Generation is greedy (SAMPLING), one generate() per turn (the history's keys and values computed once and shared
+by the turn's replies: cso_dist.eval.generate.generate_texts), each reply cut at its first line break. Every
+reply is cached on disk by content: its key is a hash of the writer model's content key, the prompt's token ids,
+data.generate_max_tokens and the sampling settings, in a JSON Lines file per writer (<cache>/<model key>.jsonl,
+appended and flushed turn by turn), so a stopped build resumes where it stopped and a rebuild writes nothing new.
+One writer per cache file.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from cso_dist.errors import ConfigError
 from cso_dist.io import one_writer
 from cso_dist.paths import user_cache_dir
 
-BATCH = 16  # prompts per generate() call
-
 
 def cache_dir() -> Path:
     """$CSO_GENERATED_CACHE, else <cache>/cso_dist/generated."""
@@ -45,8 +44,8 @@ def writer_path(cfg: TrainingConfig) -> str:
     path = cfg.data.generator or cfg.model.path
     if not path:
         raise ConfigError(
-            f"data.generator: required for data.negatives_from {cfg.data.negatives_from} (or model.path: the "
-            "base model writes them by default)"
+            f"data.generator: required for data.negatives_from {cfg.data.negatives_from}: the model that writes "
+            "the replies (by default the config file's model.path, which is empty here)"
         )
     return path
 
@@ -56,9 +55,11 @@ def writer_path(cfg: TrainingConfig) -> str:
 SAMPLING = {"do_sample": False, "min_new_tokens": 4, "no_repeat_ngram_size": 4}
 
 
-def _key(model_key: str, prompt: list[int], max_tokens: int) -> str:
-    spec = [model_key, prompt, max_tokens, sorted(SAMPLING.items()), "stop at a line break"]
-    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:32]
+def _key(spec: tuple, prompt: list[int]) -> str:
+    """A reply's cache key: the writer's content key, its precision, the token limit, the sampling settings and
+    the prompt's token ids."""
+    blob = [*spec, sorted(SAMPLING.items()), "stop at a line break", prompt]
+    return hashlib.sha256(json.dumps(blob).encode()).hexdigest()[:32]
 
 
 def newline_ids(tokenizer) -> tuple[int, ...]:
@@ -74,15 +75,18 @@ def one_reply(text: str) -> str:
 
 
 def _read_cache(path: Path) -> dict[str, str]:
+    """The cached replies; a last line cut short by a stop is cut off the file (its reply is written again)."""
     out: dict[str, str] = {}
-    if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                    out[row["key"]] = row["text"]
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut short by a stop: its reply is written again
+    if not path.is_file():
+        return out
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    if len(whole) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(whole))
+    for line in whole.decode("utf-8").splitlines():
+        row = json.loads(line)
+        out[row["key"]] = row["text"]
     return out
 
 
@@ -119,62 +123,64 @@ def add_generated(dialogues: list[PrefDialogue], cfg: TrainingConfig, progress: 
     turns = [(d, i) for d in dialogues for i in d.turn_indices()]
     golds = [d.messages[i].strategy for d, i in turns]
     plan = balanced_strategies(golds, list(sset.names), d_cfg.negatives, d_cfg.seed)
-    # every reply to write: (turn number, strategy, prompt ids)
-    jobs: list[tuple[int, str, list[int]]] = []
-    limit = d_cfg.max_length
-    for t, (d, i) in enumerate(turns):
-        toks = tokenize_dialogue(d, renderer, sset)
-        history = toks.history(i)
-        if len(history) + d_cfg.generate_max_tokens + 16 > limit:
-            history = truncate_turn(d, renderer, sset, i, d_cfg.generate_max_tokens + 16, limit)[0]
-        for s in ([golds[t]] if both else []) + plan[t]:
-            prefix = tok.encode(format_reply(s, "").rstrip(), add_special_tokens=False)
-            jobs.append((t, s, history + prefix))
     cache = cache_root / f"{mkey[:24]}.jsonl"
-    texts: dict[tuple[int, str], str] = {}
-    written, t0 = 0, time.time()
+    spec = (mkey, cfg.model.precision, d_cfg.generate_max_tokens)
+    n_replies = sum(len(p) + both for p in plan)
+    written = empty = kept_gold = 0
+    state: dict = {}  # the model, loaded at the first reply that is not in the cache
+    t0 = time.time()
     with one_writer(cache_root / f".{cache.name}.lock", "cso-dist generated options"):
         known = _read_cache(cache)
-        keys = [_key(mkey, p, d_cfg.generate_max_tokens) for _, _, p in jobs]
-        first = {k: j for j, k in reversed(list(enumerate(keys)))}  # identical prompts (first turns) once
-        todo = sorted((j for k, j in first.items() if k not in known), key=lambda j: len(jobs[j][2]))
-        if todo:
-            model = load_model(folder, "full", cfg.model.precision, device=default_device())
-            model.eval()
-            stops = newline_ids(tok)
-            torch.manual_seed(d_cfg.seed)
-            bar = progress_bar(total=len(todo), desc="writing options", unit="reply", enabled=progress)
-            for lo in range(0, len(todo), BATCH):
-                batch = todo[lo : lo + BATCH]
-                prompts = [jobs[j][2] for j in batch]
-                out = generate_texts(model, tok, prompts, d_cfg.generate_max_tokens, stops, **SAMPLING)
-                rows = [{"key": keys[j], "text": one_reply(text)} for j, text in zip(batch, out)]
+        bar = progress_bar(total=n_replies, desc="writing options", unit="reply", enabled=progress)
+        # turn by turn, in order: a turn's history holds the replies chosen before it (written ones too, with
+        # generated-both), as training will see it
+        for t, (d, i) in enumerate(turns):
+            toks = tokenize_dialogue(d, renderer, sset)
+            history = toks.history(i)
+            if len(history) + d_cfg.generate_max_tokens + 16 > d_cfg.max_length:
+                history = truncate_turn(d, renderer, sset, i, d_cfg.generate_max_tokens + 16, d_cfg.max_length)[0]
+            strategies = ([golds[t]] if both else []) + plan[t]
+            prompts = [history + tok.encode(format_reply(s, "").rstrip(), add_special_tokens=False) for s in strategies]
+            keys = [_key(spec, p) for p in prompts]
+            todo = [k for k in range(len(prompts)) if keys[k] not in known and keys[k] not in keys[:k]]
+            if todo:
+                if not state:
+                    state["model"] = load_model(folder, "full", cfg.model.precision, device=default_device()).eval()
+                    state["stops"] = newline_ids(tok)
+                    torch.manual_seed(d_cfg.seed)
+                out = generate_texts(
+                    state["model"],
+                    tok,
+                    [prompts[k] for k in todo],
+                    d_cfg.generate_max_tokens,
+                    state["stops"],
+                    share_prefix=True,
+                    **SAMPLING,
+                )
+                rows = [{"key": keys[k], "text": one_reply(text)} for k, text in zip(todo, out)]
                 _append(cache, rows)
                 known.update((r["key"], r["text"]) for r in rows)
                 written += len(rows)
-                bar.update(len(rows))
-            bar.close()
-            del model
+            bar.update(len(prompts))
+            texts = dict(zip(strategies, (known[k] for k in keys)))
+            m = d.messages[i]
+            if both:
+                kept_gold += not texts[m.strategy]
+                m.text = texts[m.strategy] or m.text  # an empty written reply: the gold one stays
+            m.rejected = [Option(s, texts[s]) for s in plan[t] if texts[s]]  # an empty reply is no option
+            empty += len(plan[t]) - len(m.rejected)
+        bar.close()
     secs = time.time() - t0
-    for j, (t, s, _) in enumerate(jobs):
-        texts[(t, s)] = known[keys[j]]
-    empty = kept_gold = 0
-    for t, (d, i) in enumerate(turns):
-        m = d.messages[i]
-        if both:
-            kept_gold += not texts[(t, m.strategy)]
-            m.text = texts[(t, m.strategy)] or m.text  # an empty written reply: the gold one stays
-        m.rejected = [Option(s, texts[(t, s)]) for s in plan[t] if texts[(t, s)]]  # an empty reply is no option
-        empty += len(plan[t]) - len(m.rejected)
+    for d in dialogues:
         d.meta["negatives_from"] = d_cfg.negatives_from
         d.meta["generator"] = {"model": name, "model_key": mkey, "max_tokens": d_cfg.generate_max_tokens}
         d.meta.pop("negative_sources", None)
     return {
         "negatives_from": d_cfg.negatives_from,
         "generator": name,
-        "replies": len(jobs),
+        "replies": n_replies,
         "replies_written": written,
-        "replies_reused": len(jobs) - written,  # from the cache, or the same prompt as another reply
+        "replies_reused": n_replies - written,  # from the cache, or the same prompt as another reply
         "empty_replies_dropped": empty,
         **({"empty_preferred_kept_gold": kept_gold} if both else {}),
         "seconds": round(secs, 1),

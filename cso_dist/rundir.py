@@ -61,7 +61,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(keys that may not change but did, keys that may change and did), over the training sections."""
     renamed = renamed_keys(TrainingConfig)  # a run written before a key was renamed compares under the new name
-    a, b = {renamed.get(k, k): v for k, v in _flat(old).items()}, _flat(new)
+    # a run written before a key existed had its default
+    a = {**_flat(TrainingConfig().to_dict()), **{renamed.get(k, k): v for k, v in _flat(old).items()}}
+    b = _flat(new)
     sections = {f.split(".")[0] for f in b}
     keys = sorted(k for k in set(a) | set(b) if k.split(".")[0] in sections and a.get(k) != b.get(k))
     allowed = [k for k in keys if any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)]

@@ -109,7 +109,8 @@ def _write_subsets(cfg: Config, out: Path) -> dict[str, Path]:
     spec.update({f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items() if k != "split"})
     marker = data / "subsets.json"
     if marker.is_file():  # the runs of this folder were trained and scored on these subsets: keep them fixed
-        old = json.loads(marker.read_text())
+        defaults = {f"data.{k}": v for k, v in dataclasses.asdict(type(cfg.data)()).items() if k != "split"}
+        old = defaults | json.loads(marker.read_text())  # a key added since: it had its default then
         changed = [k for k in {**spec, **old} if old.get(k) != spec.get(k)]
         if changed:
             raise CsoError(
@@ -198,7 +199,15 @@ def _write_sources(cfg: Config, out: Path, base_model: Path) -> dict:
     notes.setdefault(cfg.data.negatives_from, {"strategy_sides": strategy_sides(subset)})
     for source in st.sources:
         path = data / _source_file(cfg, source)
-        if path.is_file():
+        made = {"generator": str(st.generator or base_model), "generate_max_tokens": st.generate_max_tokens}
+        made = made if source.startswith("generated") else {}
+        if path.is_file() and source in notes:
+            was = notes[source].get("made_with", {})
+            if was != made:
+                k = next(k for k in {**made, **was} if was.get(k) != made.get(k))
+                raise CsoError(
+                    f"{path}: made with {k} {was.get(k)!r}, this study has {made.get(k)!r}; use another run.out_dir"
+                )
             continue
         print(f"   train subset with {source} negatives -> {path}", flush=True)
         t0 = time.time()
@@ -219,7 +228,7 @@ def _write_sources(cfg: Config, out: Path, base_model: Path) -> dict:
             dialogues = read_dialogues(data / "train.jsonl")
             note = add_generated(dialogues, gen_cfg)
         write_dialogues(path, dialogues)
-        notes[source] = note | {"seconds": round(time.time() - t0, 1)}
+        notes[source] = note | {"seconds": round(time.time() - t0, 1), "made_with": made}
         atomic_write_text(notes_file, json.dumps(notes, indent=2))
         with open(out / "timing.jsonl", "a", encoding="utf-8") as f:  # the wall time of every part of the study
             line = {"phase": f"data: {source}", "runs": 0, "seconds": notes[source]["seconds"]}

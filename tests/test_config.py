@@ -185,3 +185,8 @@ def test_a_key_only_another_method_reads_is_refused():
         from cso_dist.inputs import model_dir
 
         model_dir(load_config(None, {}))
+
+
+def test_the_former_bf16_on_amx_key_is_read_as_cpu_bf16(capsys):
+    assert load_config(None, {"study.bf16_on_amx": False}).study.cpu_bf16 is False
+    assert "study.bf16_on_amx is now study.cpu_bf16" in capsys.readouterr().err

@@ -66,8 +66,12 @@ def test_retrieval_balanced_evens_out_the_sides_on_esconv_train(built):
 def test_negatives_from_is_refused_where_it_would_be_ignored():
     with pytest.raises(ConfigError, match="data.negatives_from: ESConv's options only"):
         load_config(None, {"data.source": "escpro", "data.negatives_from": "generated"})
-    with pytest.raises(ConfigError, match="data.generator: used by data.negatives_from generated"):
+    with pytest.raises(ConfigError, match="data.generator: not used with data.negatives_from retrieval"):
         load_config(None, {"data.generator": "some/model"})
+    with pytest.raises(ConfigError, match="data.pool: not used with data.negatives_from retrieval-balanced"):
+        load_config(None, {"data.pool": 5, "data.negatives_from": "retrieval-balanced"})
+    with pytest.raises(ConfigError, match="data.generate_max_tokens: not used .* data.negatives 0"):
+        load_config(None, {"data.negatives": 0, "data.negatives_from": "generated", "data.generate_max_tokens": 9})
     with pytest.raises(ConfigError, match="study.generator: used by a generated source only"):
         load_config(None, {"study.generator": "some/model"})
     with pytest.raises(ConfigError, match="study.sources: unknown: mcts"):
@@ -90,25 +94,60 @@ def test_generated_replies_share_the_history_and_are_cached_and_resumed(tmp_path
     proc = run_cli(*args, *over, env=env, check=True)
     rows = [json.loads(x) for x in (tmp_path / "gen.jsonl").read_text().splitlines()]
     turns = sum(1 for r in rows for m in r["messages"] if m.get("role") == "supporter")
-    written = int(re.search(r"replies_written: (\d+)", proc.stdout).group(1))
-    assert f"replies: {4 * turns}" in proc.stdout and 0 < written <= 4 * turns  # identical prompts: written once
-    assert f"replies_reused: {4 * turns - written}" in proc.stdout
+    n = _notes(proc.stdout)
+    assert n["replies"] == 4 * turns and 0 < n["replies_written"] <= 4 * turns  # identical prompts: written once
+    assert n["replies_reused"] == 4 * turns - n["replies_written"]
     assert all(r["meta"]["negatives_from"] == "generated-both" for r in rows)
     assert all(r["meta"]["generator"]["model"] == str(model) for r in rows)
-    gold = [json.loads(x) for x in (raw / "train.jsonl").read_text().splitlines()]
-    assert any(m["text"] not in {u["text"] for g in gold for u in g["dialog"]} for r in rows for m in r["messages"])
-    for r in rows:
-        for m in r["messages"]:
-            if m.get("role") == "supporter":
-                assert len(m["rejected"]) >= 1 and m["strategy"] not in {o["strategy"] for o in m["rejected"]}
+    # the same dialogues as a retrieval build, with written preferred replies in place of the gold ones
+    gold, _ = build_dialogues(DataConfig(source="esconv", input=str(raw), split="train"))
+    assert [r["id"] for r in rows] == [d.id for d in gold]
+    sup = [(m, g) for r, d in zip(rows, gold) for m, g in zip(r["messages"], d.messages) if g.role == "supporter"]
+    assert all(m["strategy"] == g.strategy for m, g in sup)
+    assert sum(m["text"] != g.text for m, g in sup) >= 0.9 * len(sup) - n["empty_preferred_kept_gold"]
+    for m, _ in sup:
+        assert len(m["rejected"]) >= 1 and m["strategy"] not in {o["strategy"] for o in m["rejected"]}
     # the same replies again from the cache
     first = (tmp_path / "gen.jsonl").read_text()
     again = run_cli(*args, *over, env=env, check=True)
-    assert "replies_written: 0" in again.stdout and (tmp_path / "gen.jsonl").read_text() == first
-    # a cache cut short (a stop mid-write): only the missing replies are written
+    assert _notes(again.stdout)["replies_written"] == 0 and (tmp_path / "gen.jsonl").read_text() == first
+    # a cache cut short (a stop mid-write): only the missing replies are written, then none
     cache = next((tmp_path / "cache").glob("*.jsonl"))
     lines = cache.read_text().splitlines(True)
     cache.write_text("".join(lines[: len(lines) // 2]) + lines[len(lines) // 2][:10])
     resumed = run_cli(*args, *over, env=env, check=True)
-    assert f"replies_written: {written - len(lines) // 2}" in resumed.stdout
+    assert _notes(resumed.stdout)["replies_written"] == n["replies_written"] - len(lines) // 2
     assert (tmp_path / "gen.jsonl").read_text() == first
+    assert _notes(run_cli(*args, *over, env=env, check=True).stdout)["replies_written"] == 0
+
+
+def _notes(stdout: str) -> dict:
+    """The integer lines of `data build`'s report (`  key: N`)."""
+    return {k: int(v) for k, v in re.findall(r"^  (\w+): (\d+)$", stdout, re.M)}
+
+
+def test_a_shared_history_runs_once_and_gives_the_same_replies(tmp_path, esconv_dir):
+    """generate_texts(share_prefix=True): one turn's history computed once, its replies (openings of different
+    lengths, padded in the middle) continue exactly as each prompt generated alone would."""
+    import torch
+
+    from cso_dist.data.dialogue import read_dialogues
+    from cso_dist.data.render import format_reply, make_renderer, tokenize_dialogue
+    from cso_dist.data.strategies import load_strategy_set
+    from cso_dist.eval.generate import _common_prefix, generate_texts
+    from cso_dist.models import load_model, load_tokenizer
+
+    model_dir = tiny_run_data(tmp_path, esconv_dir, n_train=1, n_valid=1)
+    model = load_model(model_dir).eval()
+    tok = load_tokenizer(model_dir)
+    sset = load_strategy_set("esconv")
+    d = read_dialogues(tmp_path / "train.jsonl")[0]
+    toks = tokenize_dialogue(d, make_renderer(tok), sset)
+    i = d.turn_indices()[2]
+    prompts = [toks.history(i) + tok.encode(format_reply(s, "").rstrip()) for s in sset.names[:4]]
+    assert len({len(p) for p in prompts}) > 1  # openings of different lengths: padded in the middle
+    assert _common_prefix(prompts) >= len(toks.history(i))  # the history is shared
+    torch.manual_seed(0)
+    shared = generate_texts(model, tok, prompts, 12, share_prefix=True, do_sample=False)
+    alone = [generate_texts(model, tok, [p], 12, do_sample=False)[0] for p in prompts]
+    assert shared == alone and any(shared)

@@ -221,3 +221,12 @@ def test_the_data_source_is_a_study_axis(tmp_path, esconv_dir, monkeypatch):
     notes = json.loads((out / "data" / "sources.json").read_text())
     assert notes["generated-both"]["replies_written"] > 0 and "strategy_sides" in notes["retrieval-balanced"]
     assert "dpo@generated-both" in (out / "study.md").read_text()
+    plain = load_config(out / "sweep" / "dpo@retrieval" / "seed=0" / "config.yaml", {})
+    assert plain.train.train_file == str(out / "data" / "train.jsonl") and plain.train.ref_cache.endswith("seed=0")
+    # a rerun writes nothing: same data, same runs, same table
+    timing = (out / "timing.jsonl").read_text()
+    again = run_study(load_config("configs/study.yaml", over))
+    assert again["summary"] == res["summary"] and (out / "timing.jsonl").read_text() == timing
+    # another writer for a generated source is refused, not silently ignored
+    with pytest.raises(CsoError, match="made with generate_max_tokens 6, this study has 7"):
+        run_study(load_config("configs/study.yaml", {**over, "study.generate_max_tokens": 7}))

@@ -6,7 +6,8 @@ turn; its non-preferred options are made here:
   seeker messages; the dialogue's situation when there are none). From the `pool` most similar eligible
   candidates, options are picked in a seeded random order, distinct strategies first, then distinct texts.
 - retrieval-balanced: the same retrieval, but the K strategies of each turn are chosen first so that, over the
-  whole data set, each strategy is rejected about K times as often as it is chosen (`balanced_strategies`); each
+  turns that get options (`data build`: the whole split; the study: its train subset, candidates from the whole
+  split), each strategy is rejected about K times as often as it is chosen (`balanced_strategies`); each
   option is then the most similar candidate of its strategy. Plain retrieval over-represents the strategies
   that are common in similar contexts on the rejected side, and a loss then also learns that side-count prior.
 - generated, generated-both: a model writes the options for the *same* history (cso_dist.generated; the
@@ -138,21 +139,21 @@ def _retrieve(row, q: int, turns, cand_dlg, cand_opt, opts: NegativeOptions, top
 
 
 def _most_similar(row, strategies: list[str], by_strategy, cand_dlg, cand_opt, di: int, gold: Option) -> list[int]:
-    """For each planned strategy, its most similar message from another dialogue (another text than the gold's;
-    the first in the split on ties)."""
+    """For each planned strategy, its most similar message from another dialogue (a text that is neither the
+    gold's nor one picked already; the first in the split on ties)."""
     import numpy as np
 
-    picks = []
+    picks: list[int] = []
     for s in strategies:
         idx = by_strategy[s]
         vals = np.where(cand_dlg[idx] == di, -np.inf, row[idx])
-        while len(idx) and np.isfinite(best := vals.max()):
+        taken = {gold.text} | {cand_opt[c].text for c in picks}
+        while len(idx) and np.isfinite(vals.max()):
             j = int(np.argmax(vals))
-            if cand_opt[idx[j]].text != gold.text:
+            if cand_opt[idx[j]].text not in taken:
                 picks.append(int(idx[j]))
                 break
             vals[j] = -np.inf
-        del best
     return picks
 
 

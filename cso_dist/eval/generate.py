@@ -31,7 +31,7 @@ from cso_dist.errors import CsoError
 from cso_dist.eval.likelihood import likelihood_rows
 from cso_dist.eval.metrics import canonical_or_none
 from cso_dist.eval.prompts import Turn, eval_dialogues, eval_turns
-from cso_dist.scorer.device import default_device, feed
+from cso_dist.scorer.device import cache_kw, cache_of, default_device, feed
 from cso_dist.inputs import ensure_model, make_cfg_renderer, model_dir, resolve_sset
 from cso_dist.io import atomic_write_text, one_writer, sha256_file
 from cso_dist.models import load_model, lora_settings
@@ -75,20 +75,45 @@ def _stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def _common_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares, leaving each at least one of its own."""
+    n = min(len(x) for x in prompts) - 1
+    for k in range(n):
+        if any(x[k] != prompts[0][k] for x in prompts):
+            return k
+    return max(n, 0)
+
+
 @torch.no_grad()
 def generate_texts(
-    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop_ids: tuple[int, ...] = (), **sampling
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: tuple[int, ...] = (),
+    share_prefix: bool = False,
+    **sampling,
 ) -> list[str]:
-    """Continue every token prompt in one left-padded generate() (each prompt ends where generation
-    starts); the decoded new text of each, special tokens dropped. `stop_ids`: more tokens that end a
-    continuation (besides the end of turn). `sampling`: generate() options."""
+    """Continue every token prompt in one padded generate() (each prompt ends where generation starts); the
+    decoded new text of each, special tokens dropped. `stop_ids`: more tokens that end a continuation (besides
+    the end of turn). `share_prefix`: the prompts' common prefix (one history, several reply openings) is run
+    once, its keys and values shared by every row; the rest of each prompt follows it, padded in the middle
+    (masked: each row goes on at its own positions). `sampling`: generate() options."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(x) for x in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    shared = _common_prefix(prompts) if share_prefix and len(prompts) > 1 else 0
+    width = max(len(x) for x in prompts) - shared
+    ids = torch.full((len(prompts), shared + width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), shared + width), dtype=torch.long)
+    mask[:, :shared] = 1
     for k, x in enumerate(prompts):
-        ids[k, width - len(x) :] = torch.tensor(x)
-        mask[k, width - len(x) :] = 1
+        ids[k, :shared] = torch.tensor(x[:shared], dtype=torch.long)
+        ids[k, shared + width - (len(x) - shared) :] = torch.tensor(x[shared:], dtype=torch.long)
+        mask[k, shared + width - (len(x) - shared) :] = 1
+    cache = {}
+    if shared:
+        prefix = cache_of(feed(model, model, input_ids=ids[:1, :shared], use_cache=True, logits_to_keep=1))
+        prefix.batch_repeat_interleave(len(prompts))
+        cache = {cache_kw(model): prefix}
     out = feed(
         model,
         model.generate,
@@ -97,9 +122,11 @@ def generate_texts(
         max_new_tokens=max_new_tokens,
         pad_token_id=pad,
         eos_token_id=sorted({*_stop_ids(tokenizer), *stop_ids}),
+        **cache,
         **sampling,
     )
-    return [tokenizer.decode(out[k, width:], skip_special_tokens=True).strip() for k in range(len(prompts))]
+    end = shared + width
+    return [tokenizer.decode(out[k, end:], skip_special_tokens=True).strip() for k in range(len(prompts))]
 
 
 def generate_batch(model, tokenizer, turns: list[Turn], cfg: TrainingConfig, sset: StrategySet) -> list[dict]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import json
 import os
 import queue
@@ -58,7 +57,7 @@ class HFBackend:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from cso_dist.scorer.device import default_device  # torch and transformers only for this backend
+        from cso_dist.scorer.device import cache_kw, default_device  # torch and transformers only for this backend
         from cso_dist.models import hub
         from cso_dist.models.tokenizer import load_tokenizer
 
@@ -73,8 +72,7 @@ class HFBackend:
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True).to(self.device).eval()
         self.batch_size, self.wait_s, self.seed = batch_size, wait_s, seed
-        params = inspect.signature(self.model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+        self._cache_kw = cache_kw(self.model)
         self._caches: dict[tuple, object] = {}  # prompt token ids -> key/value cache (worker thread only)
         self.cache_prompts = cache_prompts
         self._q: queue.Queue = queue.Queue()
@@ -144,11 +142,11 @@ class HFBackend:
         if key in self._caches:
             self._caches[key] = self._caches.pop(key)  # most recently used last
             return self._caches[key]
-        from cso_dist.scorer.device import feed
+        from cso_dist.scorer.device import cache_of, feed
 
         with torch.no_grad():
             first = feed(self.model, self.model, input_ids=torch.tensor([ids]), use_cache=True)
-        self._caches[key] = getattr(first, "cache", None) or first.past_key_values  # renamed in transformers 5.2x
+        self._caches[key] = cache_of(first)
         while len(self._caches) > self.cache_prompts:
             self._caches.pop(next(iter(self._caches)))
         return self._caches[key]

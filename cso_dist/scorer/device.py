@@ -70,3 +70,16 @@ def feed(model, fn, /, **inputs):
     moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     with autocast(model):
         return fn(**moved)
+
+
+def cache_kw(model) -> str:
+    """The name a model's forward and generate() take a key/value cache by ("cache" since transformers 5.2x,
+    "past_key_values" before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+
+
+def cache_of(out):
+    """The key/value cache a forward returned, under either name."""
+    return getattr(out, "cache", None) or out.past_key_values
