@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from cso_dist.data.negatives import balanced_strategies, strategy_sides
 from cso_dist.data.render import format_reply, truncate_turn, tokenize_dialogue
 from cso_dist.data.strategies import resolve_strategy_set
 from cso_dist.errors import ConfigError
-from cso_dist.io import one_writer
+from cso_dist.io import append_jsonl, one_writer
 from cso_dist.paths import user_cache_dir
 
 
@@ -88,13 +87,6 @@ def _read_cache(path: Path) -> dict[str, str]:
         row = json.loads(line)
         out[row["key"]] = row["text"]
     return out
-
-
-def _append(path: Path, rows: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def add_generated(dialogues: list[PrefDialogue], cfg: TrainingConfig, progress: bool = True) -> dict:
@@ -158,7 +150,7 @@ def add_generated(dialogues: list[PrefDialogue], cfg: TrainingConfig, progress: 
                     **SAMPLING,
                 )
                 rows = [{"key": keys[k], "text": one_reply(text)} for k, text in zip(todo, out)]
-                _append(cache, rows)
+                append_jsonl(cache, rows)
                 known.update((r["key"], r["text"]) for r in rows)
                 written += len(rows)
             bar.update(len(prompts))

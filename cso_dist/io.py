@@ -60,6 +60,14 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     return len(lines)
 
 
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Append rows to a JSON Lines file, flushed to disk before returning (a resumable writer's progress)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

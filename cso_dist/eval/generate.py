@@ -17,7 +17,6 @@ refused, naming both. One writer per PRED file.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from cso_dist.eval.metrics import canonical_or_none
 from cso_dist.eval.prompts import Turn, eval_dialogues, eval_turns
 from cso_dist.scorer.device import cache_kw, cache_of, default_device, feed
 from cso_dist.inputs import ensure_model, make_cfg_renderer, model_dir, resolve_sset
-from cso_dist.io import atomic_write_text, one_writer, sha256_file
+from cso_dist.io import append_jsonl, atomic_write_text, one_writer, sha256_file
 from cso_dist.models import load_model, lora_settings
 from cso_dist.models.identity import model_key
 from cso_dist.paths import esconv_dir
@@ -57,13 +56,6 @@ def _done_ids(path: Path) -> set[str]:
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise CsoError(f"{path}: line {n}: not a PRED row (delete the file to start over)") from None
     return ids
-
-
-def _append(path: Path, rows: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _stop_ids(tokenizer) -> list[int]:
@@ -240,7 +232,7 @@ def _generate_into(cfg, out: Path, mode: str, dialogues, renderer, sset, done: s
                 for r in likelihood_rows(model, renderer, sset, todo[k : k + step], cfg, cfg.pack.logit_chunk)
                 if r["id"] not in done
             ]
-            _append(out, rows)
+            append_jsonl(out, rows)
             bar.update(len(rows))
             n += len(rows)
         bar.close()
@@ -254,7 +246,7 @@ def _generate_into(cfg, out: Path, mode: str, dialogues, renderer, sset, done: s
         bar = progress_bar(total=len(turns), desc="generating", unit="turn", enabled=progress)
         for k in range(0, len(turns), cfg.eval.batch_size):
             rows = generate_batch(model, renderer.tokenizer, turns[k : k + cfg.eval.batch_size], cfg, sset)
-            _append(out, rows)
+            append_jsonl(out, rows)
             bar.update(len(rows))
         bar.close()
         n = len(turns)
