@@ -25,6 +25,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = os.environ.get("CSO_TEST_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# the hardware recipes (configs/*.yaml): the main job's (demo.yaml) and the studies' (study*.yaml) configs are
+# run by their own tests (test_cli.py, test_study.py); a study's header command runs the whole study
+RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.stem != "demo" and not p.stem.startswith("study"))
 TIERS = ("slow", "distributed", "slurm")  # everything else is `unit`: the edit loop's fast tier
 
 

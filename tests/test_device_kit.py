@@ -41,7 +41,7 @@ def test_kit_installs_and_runs_every_section_on_cpu(tmp_path, esconv_dir):
     assert all(s["status"] == "ok" for s in summary["sections"]), summary
     r = {s: json.loads((out / f"{s}.json").read_text()) for s in ("env", "exactness", "throughput", "engines")}
     study = json.loads((out / "study.json").read_text())["study_gpu"]  # configs/study-gpu.yaml's code path
-    assert set(study["summary"]) == {"base", "sft", "dpo"} and study["subsets"]["test"] >= 12
+    assert set(study["summary"]) == {"base", "sft", "dpo@retrieval-balanced"} and study["subsets"]["test"] >= 12
 
     steps = r["env"]["install"]["steps"]  # the deepspeed sdist and cso_dist built and installed by pip
     assert steps["deepspeed"]["rc"] == 0 and steps["cso_dist"]["rc"] == 0

@@ -11,7 +11,7 @@ import torch
 
 from cso_dist.config import load_config
 from cso_dist.plan import PRESETS, Setup, activations, model_states, plan, resolve_shape, setup_from_config
-from conftest import REPO, run_cli, tiny_run_data
+from conftest import RECIPES, REPO, run_cli, tiny_run_data
 
 GIB = 2**30
 
@@ -237,9 +237,6 @@ def test_more_gpus_and_checkpointing_lower_memory():
     assert (
         longer["checkpointing"]["activations_gib"]["trie_mask"] > four["checkpointing"]["activations_gib"]["trie_mask"]
     )
-
-
-RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name not in ("demo.yaml", "study.yaml"))
 
 
 def test_there_are_recipes_for_the_papers_models():

@@ -13,10 +13,8 @@ import pytest
 
 from cso_dist.cli import main
 from cso_dist.config import Config, load_config
-from conftest import REPO
+from conftest import RECIPES, REPO
 
-# the main job's and the study's configs are run by their own tests (test_cli.py, test_study.py)
-RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name not in ("demo.yaml", "study.yaml"))
 NEEDS_DRY_RUN = {"precompute", "train", "launch"}
 
 

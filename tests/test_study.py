@@ -10,7 +10,7 @@ import pytest
 from cso_dist.config import load_config
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.study import paired, run_study
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 TINY = {
     "study.model": "tiny",
@@ -153,6 +153,22 @@ def test_study_config_is_the_recipe_the_readme_measures():
     assert all(math.prod(len(v) for v in g.values()) >= 2 for g in grids.values())
     assert all("train.lr" in g for g in grids.values()) and len(grids["ipo"]["train.beta"]) >= 2
     assert cfg.slurm.array_parallelism == 1 and cfg.slurm.gpus_per_node == 0
+
+
+@pytest.mark.parametrize("name", ["study-sources", "study-gpu"])
+def test_the_source_study_configs_are_the_studies_their_headers_describe(name):
+    """The data-source studies (their header command runs the whole study, so it is not run here: the tiny
+    study above is its code path, and the GPU kit's study section runs study-gpu.yaml's): at least 3 seeds,
+    DPO and ORPO, every arm scored on ESConv test turns."""
+    path = REPO / "configs" / f"{name}.yaml"
+    assert f"`cso-dist study --config configs/{name}.yaml" in path.read_text()
+    cfg = load_config(path)
+    assert len(cfg.study.seeds) >= 3 and {"dpo", "orpo"} <= set(cfg.study.losses) and cfg.study.test_turns >= 300
+    assert cfg.study.cluster == "inline" and cfg.study.sweep == []
+    if name == "study-sources":  # the CPU study: sources compared on >= 24 dialogues, the demo's pick made on valid
+        assert len(cfg.study.sources) >= 2 and cfg.study.train_dialogues >= 24 and cfg.study.valid_dialogues > 0
+    else:  # the GPU study: every train dialogue
+        assert cfg.study.train_dialogues == 0 and cfg.model.path.startswith("HuggingFaceTB/")
 
 
 @pytest.mark.slow
