@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "sbatch":
             lp.add_argument("--template", choices=TEMPLATES, help="default: train (sweep with --sweep)")
+            lp.add_argument("--split", help="--template eval: the ESConv split to evaluate (default test)")
+            lp.add_argument("--data", help="--template eval: preference dialogues JSONL instead of a split")
+            lp.add_argument("--out", help="--template eval: the PRED file (default under <run.out_dir>/eval/)")
             lp.add_argument("--dry-run", action="store_true", help="write and print the script, do not submit")
             lp.set_defaults(func=cmd.cmd_launch_sbatch)
         else:
@@ -191,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arg(eg, "YAML config (model.path = the model to evaluate)")
     eg.add_argument("--split", default="test", help="ESConv split (default test)")
     eg.add_argument("--data", help="preference dialogues JSONL instead of an ESConv split")
-    add_flags(eg, "eval", ["mode"])
+    add_flags(eg, "eval", ["mode", "backend", "endpoint", "served_model"])
     eg.add_argument(
         "--out", help="default <run.out_dir>/eval/pred-<split or --data file name>-<mode>.jsonl (appended, resumable)"
     )

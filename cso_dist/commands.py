@@ -258,7 +258,12 @@ def cmd_launch_sbatch(args, extra) -> int:
         sweep = [[f"--{k}={v}" for k, v in over.items()] for _, over in runs]
     elif args.sweep:
         raise CsoError("launch sbatch: --sweep goes with --template sweep")
-    script = write_job(cfg, template, sweep=sweep)
+    # the job's own paths: a relative --data / --out is taken from here, not from the job's working folder
+    given = {k: getattr(args, k) for k in ("split", "data", "out") if getattr(args, k)}
+    eval_args = [f"--{k}={Path(v).resolve() if k != 'split' else v}" for k, v in given.items()]
+    if eval_args and template != "eval":
+        raise CsoError(f"launch sbatch: {eval_args[0].split('=')[0]} goes with --template eval")
+    script = write_job(cfg, template, eval_args, sweep=sweep)
     if args.dry_run:
         print(script.read_text())
         print(f"# written to {script} (not submitted: --dry-run)")

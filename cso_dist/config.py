@@ -29,9 +29,13 @@ from cso_dist.configtools import MctsConfig, PlanConfig, SlurmConfig
 from cso_dist import losses
 from cso_dist.data.negatives import NEGATIVES_FROM
 from cso_dist.data.readers import SOURCES
+from cso_dist.engines import ENGINES
+from cso_dist.engines import NAMES as ENGINE_NAMES
+from cso_dist.engines.dsconfig import SHIPPED as SHIPPED_DS
+from cso_dist.engines.dsconfig import ZERO_STAGES
 from cso_dist.errors import ConfigError
 from cso_dist.losses import NAMES as LOSS_METHODS
-from cso_dist.models import FINETUNES, PRECISIONS, TINY_ARCHS, TINY_TOKENIZERS
+from cso_dist.models import BACKENDS, FINETUNES, PRECISIONS, TINY_ARCHS, TINY_TOKENIZERS
 from cso_dist.pack import LAYOUTS
 from cso_dist.scorer import ATTENTION
 
@@ -237,13 +241,19 @@ class RefCacheConfig:
 class DistConfig:
     """Engine and process group. World size and ranks come from the launcher (torchrun, deepspeed, srun)."""
 
-    engine: Literal["torch", "deepspeed"] = setting("torch", "torch: one process or DDP; deepspeed: ZeRO-2/3")
-    deepspeed_config: str = setting("zero3", "zero2 | zero3 | zero3_offload (cso_dist/ds_configs/) or a JSON path")
+    engine: Literal[ENGINE_NAMES] = setting(
+        "torch",
+        "torch: one process or DDP, the whole model on every rank; deepspeed: ZeRO-2/3 (ZeRO-3 shards the model for "
+        "training, precompute and evaluation alike)",
+    )
+    deepspeed_config: str = setting(
+        "zero3", f"{' | '.join(SHIPPED_DS)} (cso_dist/engines/ds_configs/) or a JSON path (dist.engine deepspeed)"
+    )
     zero_stage: int = setting(0, "0 = as in the JSON; 2 or 3 overrides it")
     timeout_minutes: int = setting(60, "collective timeout of the process group")
 
     def validate(self) -> None:
-        _check(self.zero_stage in (0, 2, 3), "dist.zero_stage", "must be 0 (from the JSON), 2 or 3")
+        _check(self.zero_stage in (0, *ZERO_STAGES), "dist.zero_stage", "must be 0 (from the JSON), 2 or 3")
         _check(self.timeout_minutes >= 1, "dist.timeout_minutes", "must be >= 1")
         _check(bool(self.deepspeed_config.strip()), "dist.deepspeed_config", "must not be empty")
 
@@ -259,8 +269,30 @@ class EvalConfig:
     do_sample: bool = setting(False, "greedy by default")
     temperature: float = setting(0.7, "sampling temperature (do_sample)")
     top_p: float = setting(0.9, "nucleus sampling mass (do_sample)")
+    backend: Literal[BACKENDS] = setting(
+        "hf",
+        "generate: hf = the model at model.path in this job (data-parallel over its ranks); openai = an "
+        "OpenAI-compatible server (vLLM, SGLang) that serves it, e.g. tensor-parallel at 70B",
+    )
+    endpoint: str = setting("", "openai: the server's base URL, e.g. http://gpu01:8000/v1")
+    served_model: str = setting("", "openai: the model name the server serves (its /v1/models)")
+    api_key_env: str = setting("OPENAI_API_KEY", "openai: the key is read from this environment variable only")
+    timeout_s: float = setting(120.0, "openai: seconds per HTTP call")
+    retries: int = setting(3, "openai: transport retries (timeouts, 429, 5xx)")
 
     def validate(self) -> None:
+        served = self.backend == "openai"
+        _check(not served or self.mode == "generate", "eval.backend", "openai serves eval.mode generate only")
+        for key in ("endpoint", "served_model"):
+            given = bool(getattr(self, key).strip())
+            _check(given or not served, f"eval.{key}", "needed with eval.backend openai")
+            _check(served or not given, f"eval.{key}", "read by eval.backend openai only (eval.backend is hf)")
+        for key in ("api_key_env", "timeout_s", "retries"):
+            _check(
+                served or getattr(self, key) == getattr(EvalConfig, key), f"eval.{key}", "read by eval.backend openai"
+            )
+        _check(self.timeout_s > 0, "eval.timeout_s", "must be > 0")
+        _check(self.retries >= 0, "eval.retries", "must be >= 0")
         _check(self.max_dialogues >= 0, "eval.max_dialogues", "must be >= 0")
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
@@ -521,10 +553,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         "train.reference",
         "'adapter' (the base with the adapter disabled) needs model.finetune lora or qlora",
     )
+    engine = ENGINES[cfg.dist.engine]
     _check(
-        not (cfg.model.finetune == "qlora" and cfg.dist.engine == "deepspeed"),
+        cfg.model.finetune in engine.finetunes,
         "model.finetune",
-        "qlora runs on the torch engine (one GPU, or DDP under torchrun); 4-bit weights under DeepSpeed "
-        "(bnb_4bit_quant_storage) are not supported by cso_dist: use model.finetune=lora with dist.engine=deepspeed",
+        engine.why_not,
     )
+    engine.sharding(cfg)  # the engine's own settings (a DeepSpeed JSON that is missing or wrong fails here)
     return cfg

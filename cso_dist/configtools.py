@@ -8,6 +8,7 @@ from typing import Literal
 
 from cso_dist.configfile import _check, _check_token, _control, setting
 from cso_dist.mcts.search import SearchSettings
+from cso_dist.models import BACKENDS
 
 
 @dataclass
@@ -53,7 +54,7 @@ class MctsConfig(SearchSettings):
     from mcts.search.SearchSettings, their one home.
     """
 
-    backend: Literal["hf", "openai"] = setting("hf", "hf: a local transformers model; openai: any compatible endpoint")
+    backend: Literal[BACKENDS] = setting("hf", "hf: a local transformers model; openai: any compatible endpoint")
     model: str = setting("", "hf: a model folder; openai: the served model's name")
     base_url: str = setting("http://127.0.0.1:8000/v1", "openai: e.g. a vLLM server on the cluster")
     api_key_env: str = setting("OPENAI_API_KEY", "the key is read from this environment variable, never from files")

@@ -34,7 +34,7 @@ from cso_dist.errors import ConfigError, CsoError
 from cso_dist.export import model_from_state_dict, save_final
 from cso_dist.models import count_parameters, load_model, lora_settings
 from cso_dist.inputs import model_dir, weights_dir
-from cso_dist.paths import ds_config_path
+from cso_dist.engines.dsconfig import ds_config_path
 
 
 def no_dropout(model) -> None:

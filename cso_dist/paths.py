@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cso_dist.errors import ConfigError, CsoError
+from cso_dist.errors import CsoError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ESCONV_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")
-SHIPPED_DS = ("zero2", "zero3", "zero3_offload")  # cso_dist/ds_configs/<name>.json (package data)
 
 
 def user_cache_dir(kind: str, env_var: str) -> Path:
@@ -64,12 +63,3 @@ def esconv_dir(fetch: bool = True) -> Path:
         f"(online) to fill it, put the ESConv HF split (train.jsonl, valid.jsonl, test.jsonl) "
         f"there, or set CSO_DATA_DIR to a folder whose esconv/ holds them"
     )
-
-
-def ds_config_path(name: str) -> Path:
-    if name in SHIPPED_DS:
-        return Path(__file__).resolve().parent / "ds_configs" / f"{name}.json"
-    p = Path(name)
-    if not p.is_file():
-        raise ConfigError(f"dist.deepspeed_config: '{name}' is neither a file nor one of {', '.join(SHIPPED_DS)}")
-    return p

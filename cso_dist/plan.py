@@ -30,7 +30,7 @@ from cso_dist.config import LORA_TARGETS, LoraSettings
 from cso_dist.errors import ConfigError
 from cso_dist.models import FINETUNES
 from cso_dist.scorer import ATTENTION
-from cso_dist.paths import ds_config_path
+from cso_dist.engines import ENGINES
 
 GIB = 2**30
 HEADROOM = 0.10  # of the card: CUDA context, NCCL buffers, allocator fragmentation
@@ -440,14 +440,7 @@ def setup_from_config(cfg) -> tuple[Shape, Setup]:
 
     if not cfg.plan.model:
         raise ConfigError("config: plan.model: set it to a preset (7b, 8b, 9b, 13b, 34b, 70b) or an HF config path")
-    zero, offload = 0, "none"
-    if cfg.dist.engine == "deepspeed":
-        ds = json.loads(Path(ds_config_path(cfg.dist.deepspeed_config)).read_text())["zero_optimization"]
-        zero = cfg.dist.zero_stage or int(ds.get("stage", 3))
-        dev = lambda k: (ds.get(k) or {}).get("device", "none")  # noqa: E731
-        offload = (
-            "params" if dev("offload_param") == "cpu" else "optimizer" if dev("offload_optimizer") == "cpu" else "none"
-        )
+    zero, offload = ENGINES[cfg.dist.engine].sharding(cfg)
     m, t = cfg.model, cfg.train
     s = Setup(
         method=m.finetune,

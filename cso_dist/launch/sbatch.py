@@ -23,7 +23,8 @@ from cso_dist.io import atomic_write_text
 from cso_dist.errors import CsoError
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
-TEMPLATES = ("train", "qlora", "precompute", "sweep")
+TEMPLATES = ("train", "qlora", "precompute", "eval", "sweep")
+PER_GPU_TASKS = ("precompute", "eval")  # one srun task per GPU (ranks from SLURM_PROCID), no requeue
 SECRET_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
 
 
@@ -31,7 +32,7 @@ def _header(cfg: Config, name: str, log: Path, template: str) -> list[str]:
     s = cfg.slurm
     nodes = 1 if template in ("qlora", "sweep") else s.nodes
     gpus = 1 if template == "qlora" else s.gpus_per_node
-    tasks = max(gpus, 1) if template == "precompute" else 1
+    tasks = max(gpus, 1) if template in PER_GPU_TASKS else 1
     lines = [
         f"--job-name={name}",
         f"--nodes={nodes}",
@@ -48,7 +49,7 @@ def _header(cfg: Config, name: str, log: Path, template: str) -> list[str]:
     for key in ("partition", "account", "qos"):
         if getattr(s, key):
             lines.append(f"--{key}={getattr(s, key)}")
-    if template != "precompute":
+    if template not in PER_GPU_TASKS:
         lines += [f"--signal=B:USR1@{s.signal_delay_s}", "--requeue"]
     lines += [x if x.startswith("--") else f"--{x}" for x in s.extra]
     return [f"#SBATCH {x}" for x in lines]

