@@ -268,14 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     md.set_defaults(func=cmd.cmd_mcts_draw)
 
     pl = sub.add_parser(
-        "plan",
-        help="per-GPU memory of a job (parameters, gradients, optimizer, activations) and the cheapest setup that fits",
+        "plan", help="per-GPU memory of every stage of a job (precompute, train, eval, export) and the cheapest setup"
     )
     add_config_arg(pl, "a recipe (its plan, model, dist, slurm and pack sections)")
     pl.add_argument(
         "--model", help="7b, 8b, 9b, 13b, 34b, 70b, an HF config.json (or its folder), or a Hub id in the HF cache"
     )
-    pl.add_argument("--method", choices=FINETUNES)
+    pl.add_argument("--finetune", choices=FINETUNES, help="what training updates (model.finetune; default full)")
+    pl.add_argument("--method", choices=FINETUNES, help=argparse.SUPPRESS)  # the old name of --finetune
     pl.add_argument("--zero", type=int, choices=ZERO_STAGES, help="DeepSpeed ZeRO stage (0 = torch engine, DDP)")
     pl.add_argument(
         "--offload", choices=OFFLOADS, help="DeepSpeed CPU offload (params = parameters and optimizer, ZeRO-3)"
@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--attention", choices=PLAN_ATTENTION, help="pack.attention of the trie rows (default tree)")
     pl.add_argument("--tree-keys", type=float, help="tree: key rows per row token (default 6.5, ESConv's most)")
     pl.add_argument("--tree-mask", type=float, help="tree: branch-mask elements per row token (default 600)")
+    pl.add_argument("--max-length", type=int, help="tokens of one prompt at evaluation (data.max_length; default 2048)")
+    pl.add_argument("--eval-batch", type=int, help="prompts per generate() (eval.batch_size; default 16)")
     ck = pl.add_mutually_exclusive_group()
     ck.add_argument("--checkpointing", dest="checkpointing", action="store_true", default=None)
     ck.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")

@@ -206,7 +206,7 @@ def cmd_precompute(args, extra) -> int:
 
         return print_dry_run(cfg, "precompute")
     world = world_from_env()  # under torchrun / srun: this rank computes its own shards
-    root = run_precompute(cfg, world.rank, world.world_size, progress=world.main)
+    root = run_precompute(cfg)
     print(f"reference cache {'ready' if world.world_size == 1 else f'shards of rank {world.rank} ready'}: {root}")
     return 0
 
@@ -237,9 +237,9 @@ def cmd_train(args, extra) -> int:
 
 
 def cmd_export(args, extra) -> int:
-    from cso_dist.export import export
+    from cso_dist.engines import export_checkpoint
 
-    export(Path(args.checkpoint), Path(args.out), args.final)
+    export_checkpoint(Path(args.checkpoint), Path(args.out), args.final)
     return 0
 
 
@@ -419,21 +419,29 @@ def cmd_demo(args, extra) -> int:
 
 def cmd_plan(args, extra) -> int:
     import dataclasses
+    import sys
 
-    from cso_dist.plan import Setup, cheapest, format_plan, plan, resolve_shape, setup_from_config
+    from cso_dist.plan import GIB, PRESETS, Setup, all_fit, cheapest, format_plan, format_stages, host_budget, plan
+    from cso_dist.plan import resolve_shape, setup_from_config, stages
 
+    if args.method:
+        print("cso-dist: note: plan --method is now --finetune", file=sys.stderr)
+    finetune = args.finetune or args.method
+    serve_name = args.model if args.model and args.model.lower() not in PRESETS else "MODEL"  # for vllm serve
     if config_path(args) or extra:
-        shape, setup = setup_from_config(_config(args, extra, "plan"))
+        cfg = _config(args, extra, "plan")
+        shape, setup = setup_from_config(cfg)
+        serve_name = cfg.model.path or serve_name
     elif args.model:
         shape, setup = resolve_shape(args.model), Setup()
-        if args.method in ("lora", "qlora") and args.zero is None:
-            setup.zero = 0 if args.method == "qlora" else 3
+        if finetune in ("lora", "qlora") and args.zero is None:
+            setup.zero = 0 if finetune == "qlora" else 3
     else:
         raise CsoError("plan: give --model (7b, 8b, 9b, 13b, 34b, 70b or an HF config.json) or --config RECIPE.yaml")
     if args.model and (config_path(args) or extra):
         shape = resolve_shape(args.model)
     flags = {
-        "method": args.method,
+        "finetune": finetune,
         "zero": args.zero,
         "offload": args.offload,
         "gpus_per_node": args.gpus_per_node,
@@ -447,16 +455,20 @@ def cmd_plan(args, extra) -> int:
         "attention": args.attention,
         "tree_keys": args.tree_keys,
         "tree_mask": args.tree_mask,
+        "max_length": args.max_length,
+        "eval_batch": args.eval_batch,
     }
     setup = dataclasses.replace(setup, **{k: v for k, v in flags.items() if v is not None})
-    if setup.method == "qlora" and args.zero is None:
+    if setup.finetune == "qlora" and args.zero is None:
         setup.zero = 0
     p = plan(shape, setup)
     best, here = cheapest(shape, setup), cheapest(shape, setup, same_gpus=True)
+    st = stages(shape, setup, serve_name, train=p)
     if args.json:
-        print(json.dumps({**p, "cheapest": best, "fastest_on_these_gpus": here}))
+        print(json.dumps({**p, "cheapest": best, "fastest_on_these_gpus": here, "stages": st, "all_fit": all_fit(st)}))
     else:
         print(format_plan(p, best, here))
+        print("\n" + "\n".join(format_stages(st, p["budget_gib"], host_budget(setup) / GIB)))
     return 0
 
 

@@ -554,10 +554,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         "'adapter' (the base with the adapter disabled) needs model.finetune lora or qlora",
     )
     engine = ENGINES[cfg.dist.engine]
-    _check(
-        cfg.model.finetune in engine.finetunes,
-        "model.finetune",
-        engine.why_not,
-    )
+    _check(cfg.model.finetune in engine.finetunes, "model.finetune", engine.why_not)
     engine.sharding(cfg)  # the engine's own settings (a DeepSpeed JSON that is missing or wrong fails here)
     return cfg

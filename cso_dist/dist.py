@@ -125,14 +125,19 @@ def barrier() -> None:
         td.barrier()
 
 
+def all_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not td.is_initialized():
+        return [obj]
+    parts: list = [None] * td.get_world_size()
+    td.all_gather_object(parts, obj)
+    return parts
+
+
 def sum_dicts(d: dict) -> dict:
     """Key-wise sum of a dict of numbers over all ranks (the union of keys)."""
-    if not td.is_initialized():
-        return dict(d)
-    parts: list = [None] * td.get_world_size()
-    td.all_gather_object(parts, d)
     out: dict = {}
-    for p in parts:
+    for p in all_objects(d):
         for k, v in p.items():
             out[k] = out.get(k, 0) + v
     return out
@@ -145,6 +150,28 @@ def any_true(flag: bool) -> bool:
     t = torch.tensor([int(bool(flag))], device="cuda" if td.get_backend() == "nccl" else "cpu")
     td.all_reduce(t, op=td.ReduceOp.MAX)
     return bool(t.item())
+
+
+def on_main(world: World, fn) -> None:
+    """fn() on rank 0 (a claim or a check the job makes once); when it fails with a CsoError every rank stops with
+    an error instead of waiting for rank 0 at the next collective."""
+    err = None
+    if world.main:
+        try:
+            fn()
+        except CsoError as e:
+            err = e
+    if any_true(err is not None):
+        raise err or CsoError("stopped: rank 0 failed (its error is in its log)")
+
+
+def max_over_ranks(values: list[int]) -> list[int]:
+    """Element-wise maximum of a list of integers over all ranks (the list itself for one process)."""
+    if not td.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.long, device="cuda" if td.get_backend() == "nccl" else "cpu")
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return t.tolist()
 
 
 def my_share(items: list, world: World) -> list[tuple[object, float]]:

@@ -1,21 +1,19 @@
-"""From trained weights to an HF `save_pretrained` folder (safetensors): the final output of a run
-and `cso-dist export` of any checkpoint (torch engine, or DeepSpeed ZeRO-2/3 shards consolidated
-with DeepSpeed's zero_to_fp32). LoRA/QLoRA: the adapter alone, or merged into the base."""
+"""From trained weights to an HF `save_pretrained` folder (safetensors): what an engine's final model and
+`cso-dist export` of a checkpoint (cso_dist.engines.build.export_checkpoint: the engine that wrote it consolidates
+its weights) write. LoRA/QLoRA: the adapter alone, or merged into the base."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from cso_dist.checkpoint import list_checkpoints
-from cso_dist.config import TrainingConfig, load_config
+from cso_dist.config import TrainingConfig
 from cso_dist.errors import CsoError
-from cso_dist.inputs import model_dir, tokenizer_dir
-from cso_dist.models import load_model, load_tokenizer, lora_settings
+from cso_dist.inputs import model_dir
+from cso_dist.models import load_model, lora_settings
 from cso_dist.models.load import WEIGHT_DTYPE
 
 
@@ -55,9 +53,9 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], cfg: TrainingConfig) -> t
 
     `sd` may hold every weight or only the trained ones (LoRA); every trained weight of the model
     must be in it, and every key of it must belong to the model."""
-    method = "lora" if cfg.model.finetune in ("lora", "qlora") else "full"
+    finetune = "lora" if cfg.model.finetune in ("lora", "qlora") else "full"
     lora = lora_settings(cfg.model)
-    model = load_model(model_dir(cfg), method, cfg.model.precision, lora=lora, device="cpu")
+    model = load_model(model_dir(cfg), finetune, cfg.model.precision, lora=lora, device="cpu")
     own = model.state_dict()
     unknown = [k for k in sd if k not in own]
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -71,7 +69,7 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], cfg: TrainingConfig) -> t
     with torch.no_grad():
         for k, v in sd.items():
             own[k].copy_(v.to(own[k].dtype if own[k].is_floating_point() else v.dtype))
-    if method == "full":
+    if finetune == "full":
         model.to(dtype)
     return model
 
@@ -81,44 +79,3 @@ def _tied(model, name: str) -> bool:
     return name.endswith("lm_head.weight") and bool(
         getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     )
-
-
-def _run_config(ckpt: Path) -> TrainingConfig:
-    """The config.yaml of the run a checkpoint belongs to (<run>/checkpoints/step-N)."""
-    for d in (ckpt, ckpt.parent, ckpt.parent.parent):
-        f = d / "config.yaml"
-        if f.is_file():
-            return load_config(f, {})
-    raise CsoError(f"{ckpt}: no config.yaml of its run found (expected <run>/config.yaml beside checkpoints/)")
-
-
-def checkpoint_state_dict(ckpt: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """Weights of a checkpoint folder (step-NNNNNNN) and the engine that wrote it."""
-    state_file = ckpt / "state.json"
-    if not state_file.is_file():
-        raise CsoError(f"{ckpt}: not a complete checkpoint (no state.json)")
-    engine = json.loads(state_file.read_text()).get("engine", "torch")
-    if engine == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        return {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}, engine
-    return torch.load(ckpt / "trainable.pt", map_location="cpu"), engine
-
-
-def export(ckpt: Path, out: Path, final: str | None = None) -> Path:
-    """`cso-dist export`: a checkpoint folder, or a run folder (its latest checkpoint), to an HF folder."""
-
-    ckpt = Path(ckpt)
-    if not (ckpt / "state.json").is_file():
-        done = list_checkpoints(ckpt / "checkpoints") or list_checkpoints(ckpt)
-        if not done:
-            raise CsoError(f"{ckpt}: neither a checkpoint (step-NNNNNNN with state.json) nor a run folder with one")
-        ckpt = done[-1]
-    cfg = _run_config(ckpt)
-    sd, engine = checkpoint_state_dict(ckpt)
-    model = model_from_state_dict(sd, cfg)
-    tok = load_tokenizer(tokenizer_dir(model_dir(cfg)))
-    save_final(model, cfg, out, tok, final)
-    print(f"exported {ckpt} ({engine} engine, {cfg.model.finetune}) -> {out}")
-    return Path(out)

@@ -70,10 +70,30 @@ def _data_problem(cfg: TrainingConfig, split: str) -> str:
     )
 
 
+def stage_table(cfg: TrainingConfig) -> tuple[list[str], list[str]]:
+    """The planner's table of every stage (when the config names its hardware: plan.model) and one phrase per
+    stage that does not fit; nothing without plan.model."""
+    section = getattr(cfg, "plan", None)
+    if section is None or not section.model:
+        return [], []
+    from cso_dist.plan import GIB, budget, format_stages, host_budget, setup_from_config, stage_problems, stages
+
+    shape, setup = setup_from_config(cfg)
+    st = stages(shape, setup, cfg.model.path or "MODEL")
+    head = (
+        f"plan: {shape.name} ({shape.params() / 1e9:.2f} B parameters), {setup.finetune} on {setup.nodes} node(s) x "
+        f"{setup.gpus_per_node} GPU(s) of {setup.gpu_mem_gb:g} GB"
+    )
+    table = format_stages(st, budget(setup) / GIB, host_budget(setup) / GIB)
+    return [head, *table], stage_problems(st, setup)
+
+
 def dry_run(cfg: TrainingConfig, command: str) -> list[str]:
     """Lines describing what `command` (precompute or train) would do; raises CsoError naming every
-    missing input at once."""
+    missing input, and every stage of the run that does not fit its hardware (plan.model), at once."""
+    table, too_big = stage_table(cfg)
     problems = [p for p in (_model_problem(cfg), _data_problem(cfg, "train"), _data_problem(cfg, "eval")) if p]
+    problems = too_big + problems
     if problems:
         raise CsoError(f"{command} --dry-run: " + "; ".join(problems))
     t = cfg.train
@@ -111,7 +131,7 @@ def dry_run(cfg: TrainingConfig, command: str) -> list[str]:
         found = holds_run(Path(cfg.run.out_dir))
         if found:
             lines.append(f"run folder holds a run ({found}): train needs --resume or --overwrite")
-    return lines
+    return lines + table
 
 
 def print_dry_run(cfg: TrainingConfig, command: str) -> int:

@@ -2,9 +2,9 @@
 
 preference dialogues -> layout (prefix trie, or the per-pair baseline) -> micro-batches of at
 most pack.max_tokens tokens, train.grad_accum of them per optimizer step -> per-reply
-log-probs (cso_dist.scorer) -> loss (cso_dist.losses.batch) -> optimizer step through the engine (cso_dist.engine:
+log-probs (cso_dist.scorer) -> loss (cso_dist.losses.batch) -> optimizer step through the engine (cso_dist.engines:
 plain torch / DDP, or DeepSpeed ZeRO-2/3). The reference log-probs come from the precompute
-cache (built first when missing); no reference model is loaded during training.
+cache (built first when missing, by the same engine), or from the policy with its adapter disabled.
 
 Several ranks: every rank plans the same global steps; a step's micro-batches are dealt out
 round-robin (cso_dist.dist.my_share), each loss is normalised by the *global* step's counts and
@@ -33,10 +33,10 @@ from cso_dist.io import atomic_write_text, one_writer
 from cso_dist.errors import CsoError
 from cso_dist.losses import method
 from cso_dist.dist import World, my_share, world_from_env
-from cso_dist.engine import build_engine
+from cso_dist.engines import build_engine
 from cso_dist.losses.batch import COUNTS, finish_metrics, micro_loss, structure
 from cso_dist.preempt import STOPPED_FILE, StopRequest
-from cso_dist.pack import PairLayout, ReplyId, TrieLayout
+from cso_dist.pack import PairLayout, ReplyId, TrieLayout, head_chunks
 from cso_dist.refcache import ensure_reference
 from cso_dist.inputs import SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
 from cso_dist.scorer import by_reply
@@ -139,25 +139,31 @@ def prepare(cfg: TrainingConfig, world: World, resume, overwrite: bool, progress
 
 
 # ---------------------------------------------------------------- reference log-probs
-def _live_reference(engine, batch: Batch) -> dict:
+def _live_reference(engine, batch: Batch, head_calls: int) -> dict:
     """Reference log-probs of a LoRA/QLoRA policy: the same model with its adapter disabled."""
-    with torch.no_grad(), engine.module.disable_adapter():
-        return by_reply(batch.data, engine.score(batch.data))
+    with engine.reference():
+        return by_reply(batch.data, engine.score(batch.data, head_calls))
 
 
 def references(cfg: TrainingConfig, plan: Plan, world: World, progress: bool):
-    """(train, eval) lookups, each batch -> its replies' reference log-probs (None for a reference-free method):
-    the precomputed cache (built first when missing; train.reference cache), or the adapter-disabled policy,
-    scored live (train.reference adapter; the engine is passed in when it exists)."""
+    """(train, eval) lookups, (engine, batch, LM-head calls) -> the batch's reference log-probs (None for a
+    reference-free method): the precomputed cache (built first when missing; train.reference cache), or the
+    adapter-disabled policy, scored live (train.reference adapter)."""
     if not method(cfg.train.method).needs_reference:
-        return (lambda engine, b: None), (lambda engine, b: None)
+        return (lambda engine, b, n: None), (lambda engine, b, n: None)
     if cfg.train.reference == "adapter":
         return _live_reference, _live_reference
     cached = [
-        ensure_reference(cfg, split, plan.renderer, plan.sset, world.rank, world.world_size, progress) if inp else None
+        ensure_reference(cfg, split, plan.renderer, plan.sset, world, progress) if inp else None
         for split, inp in (("train", plan.train_in), ("eval", plan.eval_in))
     ]
-    return (lambda engine, b: cached[0]), (lambda engine, b: cached[1])
+    return (lambda engine, b, n: cached[0]), (lambda engine, b, n: cached[1])
+
+
+def head_calls(engine, batches: list[Batch], chunk: int) -> int:
+    """LM-head calls per forward that every rank makes over `batches` (the same list on every rank): under a
+    collective engine the most any batch needs, so ranks scoring different batches stay in step; else 0."""
+    return max((head_chunks(b.data, chunk) for b in batches), default=0) if engine.collective else 0
 
 
 # ---------------------------------------------------------------- the run
@@ -179,29 +185,28 @@ def run_train(
     run_dir = Path(cfg.run.out_dir)
     with one_writer(run_dir / RUN_LOCK, "cso-dist train") if world.main else contextlib.nullcontext():
         resume_from = open_run(cfg, resume, overwrite, world.main)
-        refs = references(cfg, plan, world, progress)
         dist.init(world, cfg.dist.timeout_minutes)
-        if cfg.dist.engine == "deepspeed" and not world.distributed:
-            dist.init_single()
+        refs = references(cfg, plan, world, progress)
         engine = build_engine(cfg, world, len(plan.steps), resume_from, device)
-        start = _resume(engine, resume_from, world, len(plan.steps))
-        tracker = Tracker(
-            run_dir,
-            cfg.to_dict(),
-            cfg.track.wandb,
-            cfg.track.project,
-            cfg.track.group,
-            cfg.track.name,
-            rank=world.rank,
-            resume_step=start if resume_from is not None else None,
-        )
-        with tracker:
-            with StopRequest(run_dir) as stop:  # signals and the stop file are steps' business only
-                if world.main:
-                    (run_dir / STOPPED_FILE).unlink(missing_ok=True)
-                    _announce(cfg, plan, engine, world)
-                last = train_loop(cfg, world, engine, plan, refs, tracker, stop, start, progress)
-            return finish(cfg, world, engine, plan, refs[1], tracker, last)
+        with contextlib.closing(engine):  # DeepSpeed's global HF config is released however the run ends
+            start = _resume(engine, resume_from, world, len(plan.steps))
+            tracker = Tracker(
+                run_dir,
+                cfg.to_dict(),
+                cfg.track.wandb,
+                cfg.track.project,
+                cfg.track.group,
+                cfg.track.name,
+                rank=world.rank,
+                resume_step=start if resume_from is not None else None,
+            )
+            with tracker:
+                with StopRequest(run_dir) as stop:  # signals and the stop file are steps' business only
+                    if world.main:
+                        (run_dir / STOPPED_FILE).unlink(missing_ok=True)
+                        _announce(cfg, plan, engine, world)
+                    last = train_loop(cfg, world, engine, plan, refs, tracker, stop, start, progress)
+                return finish(cfg, world, engine, plan, refs[1], tracker, last)
 
 
 def _resume(engine, resume_from: Path | None, world: World, total: int) -> int:
@@ -239,10 +244,11 @@ def train_step(cfg: TrainingConfig, world: World, engine, micro: list[Batch], re
     sums: dict = {"loss": 0.0, "micro_batches": 0, "tokens": 0}
     bad = ""
     mine = my_share(micro, world)
+    n = head_calls(engine, micro, cfg.pack.logit_chunk)
     for j, (b, w) in enumerate(mine):
         with engine.accumulating(last=j == len(mine) - 1):
             loss, m = micro_loss(
-                cfg.train, b.reply_ids, engine.forward(b.data), b.data.reply_tokens, ref(engine, b), counts
+                cfg.train, b.reply_ids, engine.forward(b.data, n), b.data.reply_tokens, ref(engine, b, n), counts
             )
             if w and not torch.isfinite(loss) and not bad:
                 where = f"-rank{world.rank}" if world.distributed else ""
@@ -272,7 +278,14 @@ def train_loop(
     checkpoint every train.save_every, and on a stop request checkpoint and raise Preempted."""
     t, steps = cfg.train, plan.steps
     ckpt_dir = Path(cfg.run.out_dir) / "checkpoints"
-    extra = {"total_steps": len(steps), "numerics": numeric_conditions(world.world_size, engine.kind)}
+    extra = {
+        "total_steps": len(steps),
+        "numerics": numeric_conditions(world.world_size, engine.kind),
+        "engine": engine.kind,
+        "world_size": world.world_size,
+        "model_path": cfg.model.path,
+        "finetune": cfg.model.finetune,
+    }
     last: dict = {}
     bar = progress_bar(
         range(start, len(steps)), desc=t.method, unit="step", enabled=progress, initial=start, total=len(steps)
@@ -322,6 +335,7 @@ def finish(cfg: TrainingConfig, world: World, engine, plan: Plan, eval_ref, trac
         "final": str(out),
         "engine": engine.kind,
         "world_size": world.world_size,
+        "param_bytes": dist.all_objects(engine.param_bytes()),  # per rank: now, peak (ZeRO-3: sampled per layer), whole
         **last,
         **final_eval,
     }
@@ -339,9 +353,10 @@ def evaluate(engine, batches: list[Batch], cfg: TrainingConfig, ref, world: Worl
     counts = {k: sum(b.counts[k] for b in batches) for k in COUNTS}
     sums: dict = {"loss": 0.0}
     engine.train(False)
+    n = head_calls(engine, batches, cfg.pack.logit_chunk)
     for b, w in my_share(batches, world):
-        logps = engine.score(b.data)
-        loss, m = micro_loss(cfg.train, b.reply_ids, logps, b.data.reply_tokens, ref(engine, b), counts)
+        logps = engine.score(b.data, n)
+        loss, m = micro_loss(cfg.train, b.reply_ids, logps, b.data.reply_tokens, ref(engine, b, n), counts)
         if not w:
             continue
         sums["loss"] += float(loss)

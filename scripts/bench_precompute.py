@@ -45,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchlib import machine, tiny_model  # noqa: E402
 
-import cso_dist.scorer.run as scorer_run  # noqa: E402
 import cso_dist.scorer.logps as scorer_logps  # noqa: E402
 import cso_dist.refcache.cache as rc  # noqa: E402
 from cso_dist.config import DataConfig, load_config  # noqa: E402
@@ -53,7 +52,9 @@ from cso_dist.data.build import build_dialogues  # noqa: E402
 from cso_dist.data.dialogue import write_dialogues  # noqa: E402
 from cso_dist.pack import collate_trie, lay_out, pack_units  # noqa: E402
 from cso_dist.pack.trie import TrieBatch  # noqa: E402
-from cso_dist.refcache import load_reference, load_reference_model, run_precompute  # noqa: E402
+from cso_dist.dist import World  # noqa: E402
+from cso_dist.engines import build_scorer  # noqa: E402
+from cso_dist.refcache import load_reference, reference_finetune, run_precompute  # noqa: E402
 from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset  # noqa: E402
 from cso_dist.refcache.key import cache_key  # noqa: E402
 
@@ -125,15 +126,15 @@ PROBES = {
     (rc, "_open_cache"): "cache bookkeeping (open/verify/finalize)",
     (rc, "_verified"): "cache bookkeeping (open/verify/finalize)",
     (rc, "_finalize"): "cache bookkeeping (open/verify/finalize)",
-    (rc, "load_reference_model"): "setup: load reference model",
+    (rc, "build_scorer"): "setup: load reference model",
     (rc, "lay_out"): "tokenise + lay out (trie units)",
     (rc, "canonical_reply_order"): "result assembly (ids, floats, dict)",
     (rc, "atomic_write_text"): "shard + sidecar + manifest writes",
-    # cso_dist.scorer.run namespace (inside score_units)
-    (scorer_run, "score_units"): "score_units loop (tqdm, .tolist, result dict)",
-    (scorer_run, "pack_units"): "pack micro-batches",
-    (scorer_run, "collate_trie"): "collate (TrieBatch)",
-    (scorer_run, "trie_logps"): "trie_logps glue (index_select, index_add, .tolist)",
+    # the scoring loop (cso_dist.refcache.cache._score_shards) and the scorer inside it
+    (rc, "_score_shards"): "scoring loop (tqdm, .tolist, result dict)",
+    (rc, "pack_units"): "pack micro-batches",
+    (rc, "collate_trie"): "collate (TrieBatch)",
+    (scorer_logps, "trie_logps"): "trie_logps glue (index_select, index_add, .tolist)",
     # cso_dist.scorer.logps namespace (inside trie_logps)
     (scorer_logps, "_chunk_logps"): "log-softmax + gather (fp32)",
 }
@@ -158,17 +159,17 @@ def instrumented(prof: Profiler, model_probe_roots: list):
         saved.append((TrieBatch, "attention_mask", TrieBatch.attention_mask))
         TrieBatch.attention_mask = prof.wrap("build 4-D tree mask", TrieBatch.attention_mask)
         # the decoder body and the LM head of whatever model precompute loads: hook at model load
-        orig_load = getattr(rc, "load_reference_model")
+        orig_load = getattr(rc, "build_scorer")
 
         def load_and_hook(*a, **k):
             ref = orig_load(*a, **k)
-            decoder, head, _, _ = scorer_logps._decoder_and_head(ref[0])
+            decoder, head, _, _ = scorer_logps._decoder_and_head(ref.module)
             for mod, probe in ((decoder, "forward: decoder body"), (head, "forward: LM head (reply positions)")):
                 model_probe_roots.append(mod.register_forward_pre_hook(lambda m, a, p=probe: prof.enter(p)))
                 model_probe_roots.append(mod.register_forward_hook(lambda m, a, o: prof.exit()))
             return ref
 
-        rc.load_reference_model = load_and_hook
+        rc.build_scorer = load_and_hook
         yield
     finally:
         for mod, attr, val in reversed(saved):
@@ -282,7 +283,8 @@ def bench() -> dict:
     for lo, hi in rc._plan(len(inputs.dialogues), args.dialogues_per_shard):
         batches += pack_units(laid.all_units(list(range(lo, hi))), args.max_tokens)
     tbs = [collate_trie(b) for b in batches]
-    ref_model, ctx = load_reference_model(cfg0, "cpu")
+    engine = build_scorer(cfg0, World(), reference_finetune(cfg0), "cpu")
+    ref_model, ctx = engine.module, engine.reference
     mdt = mask_dtype(ref_model)
     masks = [tb.attention_mask(mdt) for tb in tbs]
     n_tok = sum(tb.n_tokens for tb in tbs)

@@ -110,7 +110,7 @@ def measure(args) -> dict:
     config.to_json_file(cfg_file)
     shape = shape_from_hf_config(cfg_file)
     setup = Setup(
-        method="full",
+        finetune="full",
         zero=0,
         gpus_per_node=1,
         seq_len=batch.n_tokens,

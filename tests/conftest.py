@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,16 +33,23 @@ TIERS = ("slow", "distributed", "slurm")  # everything else is `unit`: the edit 
 
 
 # the longest files first, so that under `make test`'s two workers none of them starts last
-LONGEST_FIRST = ("test_distributed.py", "test_slurm.py", "test_real_model.py", "test_train.py", "test_eval.py")
+LONGEST_FIRST = (
+    "test_distributed.py",
+    "test_sharded.py",
+    "test_slurm.py",
+    "test_real_model.py",
+    "test_train.py",
+    "test_eval.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tiers: test_distributed.py is `distributed` (several processes), a test that needs the `slurm`
-    fixture is `slurm`, `slow` is marked by hand (over ~5 s on 2 cores), the rest is `unit`."""
+    """Tiers: test_distributed.py and test_sharded.py are `distributed` (several processes), a test that needs the
+    `slurm` fixture is `slurm`, `slow` is marked by hand (over ~5 s on 2 cores), the rest is `unit`."""
     rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # stable: the order within a file is kept
     for item in items:
-        if item.path.name == "test_distributed.py":
+        if item.path.name in ("test_distributed.py", "test_sharded.py"):
             item.add_marker(pytest.mark.distributed)
         if "slurm" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slurm)
@@ -194,3 +202,68 @@ MCTS_SMALL = [
     "--mcts.checkpoint_every",
     "1",
 ]
+
+
+# ---------------------------------------------------------------- multi-process runs (torchrun, deepspeed)
+BIN = Path(sys.executable).parent
+LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list, nproc: int = 2, launcher: str = "torchrun", wait: bool = True):
+    if launcher == "torchrun":
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            "-m",
+            "cso_dist.cli",
+            *map(str, args),
+        ]
+    else:  # the deepspeed launcher (appends --local_rank=N to our arguments)
+        cmd = [
+            str(BIN / "deepspeed"),
+            f"--num_gpus={nproc}",
+            f"--master_port={free_port()}",
+            "--module",
+            "cso_dist.cli",
+            *map(str, args),
+        ]
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=LAUNCH_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+    proc = subprocess.run(cmd, cwd=REPO, env=LAUNCH_ENV, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        raise AssertionError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{tail}")
+    return proc
+
+
+def kill_job(marker: str) -> int:
+    """SIGKILL every process whose command line holds `marker`: a torchrun launcher and its workers, which run in
+    sessions of their own (as scancel or a lost node ends a whole job). The number killed."""
+    import signal
+
+    n = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in argv:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                n += 1
+            except ProcessLookupError:
+                pass
+    return n

@@ -67,17 +67,17 @@ def _score(model, batches, backward: bool):
 
 
 @pytest.mark.parametrize(
-    "layout,attention,method",
+    "layout,attention,finetune",
     [("trie", "tree", "full"), ("trie", "dense", "full"), ("pair", "auto", "full"), ("trie", "tree", "lora")],
 )
-def test_scoring_runs_on_the_models_device(root, layout, attention, method):
+def test_scoring_runs_on_the_models_device(root, layout, attention, finetune):
     """Trie (tree and dense attention) and per-pair scoring, forward and backward, full and LoRA: on the other
     device the same log-probs and gradients as on the CPU."""
     layouts, order = _layouts(root)
     batches = layouts[layout].batches(order)
-    cpu = load_model(root / "model", method, "fp32", device="cpu", attention=attention)
+    cpu = load_model(root / "model", finetune, "fp32", device="cpu", attention=attention)
     with other_device():
-        model = load_model(root / "model", method, "fp32", device=DEV, attention=attention)
+        model = load_model(root / "model", finetune, "fp32", device=DEV, attention=attention)
         assert on_other(next(model.parameters()))
         _copy_weights(cpu, model)  # the same LoRA initialisation
         got, got_g = _score(model, batches, backward=True)

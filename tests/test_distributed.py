@@ -8,9 +8,6 @@ import math
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,49 +21,8 @@ from cso_dist.models import build_tiny_model, load_model
 from cso_dist.refcache import cache_key, load_reference
 from cso_dist.tracking import read_metrics
 from cso_dist.train import run_train
-from conftest import REPO, argv, cfg_of, run_cli, run_overrides, tiny_run_data
+from conftest import argv, cfg_of, launch, run_cli, run_overrides, tiny_run_data
 from numerics import close_curves
-
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(args: list, nproc: int = 2, launcher: str = "torchrun", wait: bool = True):
-    if launcher == "torchrun":
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}",
-            "-m",
-            "cso_dist.cli",
-            *map(str, args),
-        ]
-    else:  # the deepspeed launcher (appends --local_rank=N to our arguments)
-        cmd = [
-            str(BIN / "deepspeed"),
-            f"--num_gpus={nproc}",
-            f"--master_port={free_port()}",
-            "--module",
-            "cso_dist.cli",
-            *map(str, args),
-        ]
-    if not wait:
-        return subprocess.Popen(
-            cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise AssertionError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{tail}")
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -98,6 +98,48 @@ def test_the_check_finds_a_branch_on_a_loss_name(tmp_path):
     assert len(hits) == 2, hits
 
 
+def _engine_leaks(path: Path) -> list[str]:
+    """What only an engine may do: compare a value against an engine's name (`cfg.dist.engine == "deepspeed"`,
+    `state["engine"] in ("torch",)`), or read DeepSpeed's attributes of a parameter (`p.ds_id`, `ds_numel`, ...)."""
+    from cso_dist.engines import NAMES
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            named = any(isinstance(c, ast.Constant) and c.value in NAMES for s in sides for c in ast.walk(s))
+            subject = " ".join(ast.unparse(s) for s in sides if not isinstance(s, (ast.Constant, ast.Tuple, ast.List)))
+            if named and ("engine" in subject.lower() or "kind" in subject.lower()):
+                found.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+        attr = node.attr if isinstance(node, ast.Attribute) else None
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in ("hasattr", "getattr") and len(node.args) > 1:
+            arg = node.args[1]
+            attr = arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else None
+        if attr and attr.startswith("ds_"):
+            found.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_nothing_outside_the_engines_branches_on_an_engine_or_probes_deepspeed():
+    """The engine seam (issue 37): before it, config, train, export, plan and engine.py branched on the engine's
+    name, and scorer/device.py (ds_id), models/load.py (ds_numel) and engine.py probed DeepSpeed's attributes."""
+    found = [
+        hit
+        for p in sorted(PKG.rglob("*.py"))
+        if "engines" not in p.relative_to(PKG).parts
+        for hit in _engine_leaks(p)
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_the_check_finds_an_engine_branch_and_a_deepspeed_probe(tmp_path):
+    src = tmp_path / "x.py"
+    src.write_text(
+        'if cfg.dist.engine == "deepspeed":\n    pass\nz = hasattr(p, "ds_id")\nn = p.ds_numel\nok = lib == "torch"\n'
+    )
+    assert len(_engine_leaks(src)) == 3, _engine_leaks(src)
+
+
 def _literal_sets(path: Path) -> list[tuple[frozenset, str]]:
     """Every written-out set of two or more strings in a module: tuple / list / set literals, a dict literal's
     keys, Literal["a", "b"]; with file:line."""

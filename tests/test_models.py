@@ -198,7 +198,7 @@ def test_build_errors(tmp_path):
 
 @pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_load_full(qwen_dir, precision, dtype):
-    model = load_model(qwen_dir, method="full", precision=precision)
+    model = load_model(qwen_dir, finetune="full", precision=precision)
     assert {p.dtype for p in model.parameters()} == {dtype}
     trainable, total = count_parameters(model)
     assert trainable == total == sum(p.numel() for p in model.parameters())
@@ -208,14 +208,14 @@ def test_load_full(qwen_dir, precision, dtype):
     assert model.get_input_embeddings().weight.grad is not None
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_bf16_mixed_keeps_fp32_weights_and_computes_under_autocast(qwen_dir, method):
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_bf16_mixed_keeps_fp32_weights_and_computes_under_autocast(qwen_dir, finetune):
     """model.precision bf16-mixed: fp32 weights (and adapters); every forward entered through
     cso_dist.scorer.device.feed (the model, and the decoder the trie scorer calls) runs under bf16 autocast, so its
     activations are bf16 and the loss is close to fp32's; a plain call of the model is left as it is."""
     tok = load_tokenizer(qwen_dir)
     batch = _batch(tok)
-    mixed = load_model(qwen_dir, method=method, precision="bf16-mixed")
+    mixed = load_model(qwen_dir, finetune=finetune, precision="bf16-mixed")
     assert {p.dtype for p in mixed.parameters()} == {torch.float32}
     base = mixed.get_base_model() if hasattr(mixed, "get_base_model") else mixed
     seen = []
@@ -227,7 +227,7 @@ def test_bf16_mixed_keeps_fp32_weights_and_computes_under_autocast(qwen_dir, met
     assert seen == [torch.bfloat16, torch.float32]
     loss = feed(mixed, mixed, **batch).loss
     loss.backward()
-    ref = load_model(qwen_dir, method=method, precision="fp32")(**batch).loss
+    ref = load_model(qwen_dir, finetune=finetune, precision="fp32")(**batch).loss
     assert abs(float(loss) - float(ref)) < 0.02 * abs(float(ref))  # bf16's ~3 significant digits
     assert abs(float(loss) - float(ref)) > 0  # and not fp32 itself
 
@@ -239,7 +239,7 @@ def _lora_names(model) -> tuple[set[str], set[str]]:
 
 
 def test_lora_step_updates_only_adapters(qwen_dir, tmp_path):
-    model = load_model(qwen_dir, method="lora", precision="fp32", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    model = load_model(qwen_dir, finetune="lora", precision="fp32", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     trainable, frozen = _lora_names(model)
     assert trainable and all("lora_" in n for n in trainable)
     assert len([n for n in trainable if "lora_A" in n]) == 2 * 7  # 2 layers x 7 target modules
@@ -257,7 +257,7 @@ def test_lora_step_updates_only_adapters(qwen_dir, tmp_path):
 
     # an adapter dir loads as base + adapter, trainable, with the saved weights
     model.save_pretrained(tmp_path / "adapter")
-    again = load_model(tmp_path / "adapter", method="lora", gradient_checkpointing=True)
+    again = load_model(tmp_path / "adapter", finetune="lora", gradient_checkpointing=True)
     trainable2, _ = _lora_names(again)
     assert trainable2 == trainable
     params2 = dict(again.named_parameters())
@@ -266,7 +266,7 @@ def test_lora_step_updates_only_adapters(qwen_dir, tmp_path):
     again(**_batch(load_tokenizer(qwen_dir))).loss.backward()
     assert all(params2[n].grad is not None for n in trainable)
     # method "full" on an adapter dir merges it into trainable base weights
-    merged = load_model(tmp_path / "adapter", method="full")
+    merged = load_model(tmp_path / "adapter", finetune="full")
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     assert count_parameters(merged)[0] == count_parameters(merged)[1]
 
@@ -275,12 +275,12 @@ def test_qlora_forward_backward(qwen_dir):
     import bitsandbytes as bnb
 
     settings = LoraSettings(r=4, alpha=8, dropout=0.0)
-    model = load_model(qwen_dir, method="qlora", precision="bf16", lora=settings)
+    model = load_model(qwen_dir, finetune="qlora", precision="bf16", lora=settings)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     trainable, _ = _lora_names(model)
     assert trainable and all("lora_" in n for n in trainable)
     _, total = count_parameters(model)
-    assert total == count_parameters(load_model(qwen_dir, method="lora", lora=settings))[1]  # 4-bit counted unpacked
+    assert total == count_parameters(load_model(qwen_dir, finetune="lora", lora=settings))[1]  # 4-bit counted unpacked
     model.train()
     loss = model(**_batch(load_tokenizer(qwen_dir))).loss
     assert torch.isfinite(loss)
@@ -291,8 +291,8 @@ def test_qlora_forward_backward(qwen_dir):
 
 
 def test_load_errors(qwen_dir, tmp_path):
-    with pytest.raises(ConfigError, match="method"):
-        load_model(qwen_dir, method="dora")
+    with pytest.raises(ConfigError, match="model.finetune"):
+        load_model(qwen_dir, finetune="dora")
     with pytest.raises(ConfigError, match="precision"):
         load_model(qwen_dir, precision="fp8")
     missing = tmp_path / "missing-model"

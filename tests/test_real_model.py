@@ -91,11 +91,11 @@ def test_trie_logprobs_on_real_weights_equal_per_pair_scoring(smol, esconv_valid
     assert rel <= 1e-5, rel
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_lora_and_qlora_load_and_train_on_it(smol, method):
+@pytest.mark.parametrize("finetune", ["lora", "qlora"])
+def test_lora_and_qlora_load_and_train_on_it(smol, finetune):
     from cso_dist.models import LoraSettings
 
-    model = load_model(smol, method=method, precision="fp32", lora=LoraSettings(r=8, alpha=16, dropout=0.0))
+    model = load_model(smol, finetune=finetune, precision="fp32", lora=LoraSettings(r=8, alpha=16, dropout=0.0))
     tok = load_tokenizer(smol)
     ids = torch.tensor([tok.encode("I feel alone since my friend moved away. (Question) What happened?")])
     trainable = [p for p in model.parameters() if p.requires_grad]

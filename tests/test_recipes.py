@@ -32,14 +32,29 @@ def header_commands(path: Path) -> list[str]:
     return cmds
 
 
+def _verb(cmd: str) -> str:
+    """A header command's verb; `launch sbatch CONFIG --template T` runs T's command (precompute, eval, train)."""
+    words = shlex.split(cmd)[1:]
+    if words[:2] == ["launch", "sbatch"] and "--template" in words:
+        return f"launch sbatch --template {words[words.index('--template') + 1]}"
+    return " ".join(words[:2])
+
+
 def test_every_recipe_header_names_its_commands():
-    assert len(RECIPES) == 14
+    assert len(RECIPES) == 15
     for path in RECIPES:
         cmds = header_commands(path)
-        verbs = [" ".join(shlex.split(c)[1:3]) for c in cmds]
+        verbs = [_verb(c) for c in cmds]
         assert any(v.startswith("data build") for v in verbs), (path.name, cmds)
-        assert any(v.startswith("plan") for v in verbs) and any(v.startswith("precompute") for v in verbs)
+        assert any(v.startswith("plan") for v in verbs), (path.name, cmds)
+        assert f"cso-dist plan --config configs/{path.name}" in cmds, (path.name, cmds)
+        precompute = [v for v in verbs if v.startswith("precompute") or v == "launch sbatch --template precompute"]
+        assert precompute, (path.name, cmds)
         assert any(v.startswith("launch sbatch") for v in verbs), (path.name, cmds)
+        if path.stem.startswith("llama3.1-70b-zero3"):  # the reference does not fit one GPU: sharded over the job's
+            assert precompute == ["launch sbatch --template precompute"], (path.name, cmds)
+        if path.stem.startswith("llama3.1-70b"):  # evaluated as a job of its own (one task per GPU)
+            assert "launch sbatch --template eval" in verbs, (path.name, cmds)
 
 
 def _flat(d: dict, pre: str = "") -> dict:
@@ -51,7 +66,8 @@ def _flat(d: dict, pre: str = "") -> dict:
 
 def test_recipes_compose_and_resolve_to_the_configs_they_had():
     """tests/recipes-resolved.json: each recipe's keys that differ from the defaults, as the recipes were
-    written out in full (50 lines each) before they composed base files."""
+    written out in full (50 lines each) before they composed base files, and changed deliberately since (the
+    Gemma recipes' eval.batch_size 8, for every stage to fit; the 70B QLoRA recipe)."""
     want = json.loads((REPO / "tests" / "recipes-resolved.json").read_text())
     assert sorted(want) == [p.name for p in RECIPES]
     default = _flat(Config().to_dict())
@@ -94,3 +110,4 @@ def test_recipe_header_commands_run(recipe, small, hf_cache, tmp_path, monkeypat
         if argv[0] in ("precompute", "train"):
             assert "--dry-run: config and inputs ok" in printed.out, printed.out
             assert ": in the HF cache, snapshot " in printed.out, printed.out
+            assert "\n  eval generate " in printed.out and "\nevery stage fits\n" in printed.out, printed.out

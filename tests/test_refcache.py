@@ -17,8 +17,8 @@ from cso_dist.data.render import make_renderer
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.errors import CsoError
 from cso_dist.models import build_tiny_model, load_model, load_tokenizer
-from cso_dist.pack import collate_pairs, dialogue_pair_rows, lay_out
-from cso_dist.scorer import pair_logps, score_units
+from cso_dist.pack import collate_pairs, collate_trie, dialogue_pair_rows, lay_out, pack_units
+from cso_dist.scorer import by_reply, pair_logps, trie_logps
 from cso_dist.refcache import (
     KEY_COMPONENTS,
     cache_key,
@@ -258,7 +258,11 @@ def test_lora_reference_is_the_base(setup, built, tmp_path):
     enabled = load_model(tmp_path / "adapter", "lora").eval()
     tok = load_tokenizer(setup["model"])
     laid = lay_out(setup["dialogues"][:3], make_renderer(tok, "auto"), SSET, 1024, MAX_LENGTH, progress=False)
-    on = score_units(enabled, laid.all_units(), 1024, progress=False)
+    on: dict = {}
+    with torch.no_grad():
+        for group in pack_units(laid.all_units(), 1024):
+            b = collate_trie(group)
+            by_reply(b, trie_logps(enabled, b), on)
     assert _worst(on, got_a, ids) > 1e-3
 
 

@@ -81,5 +81,24 @@ def spec(name: str) -> EngineSpec:
     return ENGINES[name]
 
 
-__all__ = ["ENGINES", "NAMES", "Engine", "EngineSpec", "build_engine", "build_scorer", "checkpoint_weights", "spec"]
-__getattr__ = lazy_exports(__name__, dict.fromkeys(("build_engine", "build_scorer", "checkpoint_weights"), "build"))
+def shards_weights(cfg) -> bool:
+    """Whether cfg's engine partitions the weights over the ranks (ZeRO-3): then every forward is a collective and
+    the ranks load, score and decide together."""
+    return ENGINES[cfg.dist.engine].sharding(cfg)[0] == 3
+
+
+__all__ = [
+    "ENGINES",
+    "NAMES",
+    "Engine",
+    "EngineSpec",
+    "build_engine",
+    "build_scorer",
+    "checkpoint_weights",
+    "export_checkpoint",
+    "shards_weights",
+    "spec",
+]
+__getattr__ = lazy_exports(
+    __name__, dict.fromkeys(("build_engine", "build_scorer", "checkpoint_weights", "export_checkpoint"), "build")
+)

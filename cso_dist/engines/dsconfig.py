@@ -30,6 +30,11 @@ def read_ds_config(name: str, zero_stage: int = 0) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"{path}: not a JSON object")
+    for key, why in (("optimizer", "train.optimizer, train.lr"), ("scheduler", "train.schedule, train.warmup_ratio")):
+        if key in ds:  # every engine runs cso_dist's own: a block here would be ignored, so it is refused
+            raise ConfigError(f"{path}: its {key} block would not be used (cso_dist sets {why}); remove it")
+    if (ds.get("fp16") or {}).get("enabled") not in (None, False, "auto"):
+        raise ConfigError(f"{path}: fp16 is not supported; remove the fp16 block and set model.precision bf16 or fp32")
     zero = ds.setdefault("zero_optimization", {})
     if zero_stage:
         zero["stage"] = zero_stage

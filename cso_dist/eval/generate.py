@@ -8,63 +8,39 @@ pred_strategy, pred_raw, pred_response | scores, mode}:
 - likelihood: score every strategy's `(<strategy>)` prefix after the history and pick the most
   likely (summed log-prob). One forward per dialogue with the prefix trie: the dialogue's gold
   path is the trunk, each turn's strategy prefixes hang off it as branches.
-The file is appended to batch by batch; a rerun skips the turns already in it. What made the rows -- the
-model (its folder and content key), the data (file and sha256), the mode and the settings that change an
-answer -- is recorded beside it (`<PRED>.origin.json`), and a rerun that would mix two origins in one file is
-refused, naming both. One writer per PRED file.
+Under torchrun / srun the ranks share the work (turns; whole dialogues in likelihood mode) and the model is placed
+by dist.engine, as for training: a whole copy per rank (torch), or partitioned over the ranks (deepspeed ZeRO-3,
+for a model no GPU holds; its ranks then run every forward together). eval.backend openai sends the prompts to a
+server instead (cso_dist.eval.served). The PRED file -- one file in a fixed order, resumable, its origin recorded
+beside it, one writer per file -- is cso_dist.eval.pred's.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
 from pathlib import Path
 
 import torch
-from cso_dist.progress import progress as progress_bar
 
+from cso_dist import dist
 from cso_dist.config import TrainingConfig
 from cso_dist.data.render import parse_reply
 from cso_dist.data.strategies import StrategySet
-from cso_dist.errors import CsoError
-from cso_dist.eval.likelihood import likelihood_rows
+from cso_dist.dist import world_from_env
+from cso_dist.engines.build import build_scorer, fill, held, lockstep
+from cso_dist.eval.likelihood import likelihood_groups, likelihood_rows, strategy_prefixes
 from cso_dist.eval.metrics import canonical_or_none
-from cso_dist.eval.prompts import Turn, eval_dialogues, eval_turns
-from cso_dist.scorer.device import cache_kw, cache_of, default_device, feed
+from cso_dist.eval.pred import check_origin, done_ids, merge, open_part
+from cso_dist.eval.prompts import Turn, end_of_turn_ids, eval_dialogues, eval_turns
+from cso_dist.eval.served import open_served, served_origin, served_texts
 from cso_dist.inputs import ensure_model, make_cfg_renderer, model_dir, resolve_sset
-from cso_dist.io import append_jsonl, atomic_write_text, one_writer, sha256_file
-from cso_dist.models import load_model, lora_settings
+from cso_dist.io import append_jsonl, one_writer, sha256_file
 from cso_dist.models.identity import model_key
+from cso_dist.pack import collate_trie, head_chunks
 from cso_dist.paths import esconv_dir
-
-
-def _done_ids(path: Path) -> set[str]:
-    """Ids already in a PRED file; a torn last line (interrupted write) is cut off first."""
-    if not path.is_file():
-        return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-        data = data[:cut]
-    ids = set()
-    for n, line in enumerate(data.decode().splitlines(), 1):
-        if line.strip():
-            try:
-                ids.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CsoError(f"{path}: line {n}: not a PRED row (delete the file to start over)") from None
-    return ids
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)
+from cso_dist.progress import progress as progress_bar
+from cso_dist.scorer.device import cache_kw, cache_of, feed
 
 
 def _common_prefix(prompts: list[list[int]]) -> int:
@@ -84,6 +60,7 @@ def generate_texts(
     max_new_tokens: int,
     stop_ids: tuple[int, ...] = (),
     share_prefix: bool = False,
+    device: torch.device | None = None,
     **sampling,
 ) -> list[str]:
     """Continue every token prompt in one padded generate() (each prompt ends where generation starts); the
@@ -103,17 +80,18 @@ def generate_texts(
         mask[k, shared + width - (len(x) - shared) :] = 1
     cache = {}
     if shared:
-        prefix = cache_of(feed(model, model, input_ids=ids[:1, :shared], use_cache=True, logits_to_keep=1))
+        prefix = cache_of(feed(model, model, device, input_ids=ids[:1, :shared], use_cache=True, logits_to_keep=1))
         prefix.batch_repeat_interleave(len(prompts))
         cache = {cache_kw(model): prefix}
     out = feed(
         model,
         model.generate,
+        device,
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad,
-        eos_token_id=sorted({*_stop_ids(tokenizer), *stop_ids}),
+        eos_token_id=sorted({*end_of_turn_ids(tokenizer), *stop_ids}),
         **cache,
         **sampling,
     )
@@ -121,10 +99,14 @@ def generate_texts(
     return [tokenizer.decode(out[k, end:], skip_special_tokens=True).strip() for k in range(len(prompts))]
 
 
-def generate_batch(model, tokenizer, turns: list[Turn], cfg: TrainingConfig, sset: StrategySet) -> list[dict]:
+def sampling_options(cfg: TrainingConfig) -> dict:
+    """generate() options of eval.do_sample: nucleus sampling, or greedy."""
     e = cfg.eval
-    kw = {"do_sample": True, "temperature": e.temperature, "top_p": e.top_p} if e.do_sample else {"do_sample": False}
-    texts = generate_texts(model, tokenizer, [t.prompt for t in turns], e.max_new_tokens, **kw)
+    return {"do_sample": True, "temperature": e.temperature, "top_p": e.top_p} if e.do_sample else {"do_sample": False}
+
+
+def pred_rows(turns: list[Turn], texts: list[str], sset: StrategySet) -> list[dict]:
+    """A PRED row per generated turn: the strategy parsed from the text, and the reply after it."""
     rows = []
     for t, text in zip(turns, texts):
         label, reply = parse_reply(text)
@@ -144,50 +126,36 @@ def generate_batch(model, tokenizer, turns: list[Turn], cfg: TrainingConfig, sse
     return rows
 
 
-def pred_origin(cfg: TrainingConfig, split: str, mode: str, data_file: str, memo: Path) -> dict:
-    """What the rows of a PRED file come from: model, data, mode and the settings that change an answer."""
-    mdir = model_dir(cfg)
+def pred_origin(
+    cfg: TrainingConfig, split: str, mode: str, data_file: str, memo: Path, served: dict | None = None
+) -> dict:
+    """What the rows of a PRED file come from: the model (or, `served`, the server's record of it:
+    cso_dist.eval.served.served_origin), data, mode and the settings that change an answer."""
     data = Path(data_file) if data_file else esconv_dir() / f"{split}.jsonl"
-    origin = {
-        "model": str(mdir.resolve()),
-        "model_key": model_key(mdir, memo),
-        "precision": cfg.model.precision,
-        "data": str(data.resolve()) if data_file else f"esconv {split} ({data.resolve()}, data.* as configured)",
-        "data_sha256": sha256_file(data),
-        "mode": mode,
-        "max_dialogues": cfg.eval.max_dialogues,
-        "max_length": cfg.data.max_length,
-    }
+    if served is None:
+        mdir = model_dir(cfg)
+        origin = {"model": str(mdir.resolve()), "model_key": model_key(mdir, memo), "precision": cfg.model.precision}
+    else:
+        origin = {k: v for k, v in served.items() if k != "generation"}
+    origin.update(
+        {
+            "data": str(data.resolve()) if data_file else f"esconv {split} ({data.resolve()}, data.* as configured)",
+            "data_sha256": sha256_file(data),
+            "mode": mode,
+            "max_dialogues": cfg.eval.max_dialogues,
+            "max_length": cfg.data.max_length,
+        }
+    )
     if not data_file:  # the split is built by the config's data settings
         origin["data_settings"] = {k: v for k, v in cfg.to_dict()["data"].items() if k not in ("input", "split")}
-    if mode == "generate":
+    if served is not None:
+        origin["generation"] = served["generation"]
+    elif mode == "generate":
         e = cfg.eval
         origin["generation"] = {"max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample, "seed": cfg.run.seed}
         if e.do_sample:
             origin["generation"].update(temperature=e.temperature, top_p=e.top_p)
     return origin
-
-
-def _check_origin(out: Path, n_rows: int, origin: dict) -> None:
-    """Refuse to add rows of another origin to a PRED file that holds rows; record the origin otherwise."""
-    side = out.with_name(out.name + ".origin.json")
-    if n_rows:
-        try:
-            old = json.loads(side.read_text())
-        except (OSError, ValueError):
-            raise CsoError(
-                f"{out}: its {n_rows} rows have no record of the model and data they came from ({side}); "
-                "remove the file to start over, or give another --out"
-            ) from None
-        diff = [k for k in sorted(set(old) | set(origin)) if old.get(k) != origin.get(k)]
-        if diff:
-            k = diff[0]
-            raise CsoError(
-                f"{out}: its {n_rows} rows came from {k} {old.get(k)!r}, this run has {origin.get(k)!r}"
-                f"{f' (and {len(diff) - 1} more differences)' if len(diff) > 1 else ''}: give another --out, "
-                "or remove the file to start over"
-            )
-    atomic_write_text(side, json.dumps(origin, indent=1))
 
 
 def run_generate(
@@ -199,56 +167,121 @@ def run_generate(
     progress: bool = True,
     device: str | None = None,
 ) -> Path:
-    """Write (or complete) the PRED file of `split` with the model at model.path (on `device`, default: this
-    process's GPU, else the CPU). A Hub id not in the HF cache yet is downloaded first."""
-    ensure_model(cfg)
+    """Write (or complete) the PRED file of `split` with the model at model.path (`device`: the torch engine's,
+    default this process's GPU, else the CPU). Under torchrun / srun every rank answers its share of the turns
+    (it joins the job's process group first) and rank 0 merges them. A Hub id not in the HF cache yet is
+    downloaded first."""
+    world = world_from_env()
+    progress = progress and world.main
+    ensure_model(cfg, world.local_rank)
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
     dialogues = eval_dialogues(cfg, split, data_file)
-    origin = pred_origin(cfg, split, mode, data_file, out.parent / ".filehashes.json")
-    with one_writer(out.parent / f".{out.name}.lock", "cso-dist eval generate"):
-        done = _done_ids(out)
-        _check_origin(out, len(done), origin)
-        _generate_into(cfg, out, mode, dialogues, renderer, sset, done, progress, device)
+    client = open_served(cfg) if cfg.eval.backend == "openai" else None  # the server answers, and serves the model
+    served = served_origin(cfg, client) if client is not None else None
+    origin = pred_origin(cfg, split, mode, data_file, out.parent / ".filehashes.json", served)
+    dist.init(world, cfg.dist.timeout_minutes)
+    with contextlib.ExitStack() as held:
+
+        def claim() -> None:  # one writer per PRED file: the job's rank 0 holds it for every rank
+            held.enter_context(one_writer(out.parent / f".{out.name}.lock", "cso-dist eval generate"))
+            check_origin(out, origin)
+
+        dist.on_main(world, claim)
+        done = done_ids(out)  # the same on every rank: nothing is written before this
+        torch.manual_seed(cfg.run.seed)
+        t0 = time.time()
+        if mode == "likelihood":
+            n = _likelihood_into(cfg, out, dialogues, renderer, sset, done, world, progress, device)
+        else:
+            n = _generate_into(cfg, out, dialogues, renderer, sset, done, world, progress, device, client)
+        n = dist.sum_dicts({"n": n})["n"]
+        dist.barrier()
+        if world.main:
+            total = merge(out, [f"{d.id}:{i}" for d in dialogues for i in d.turn_indices()])
+            secs = time.time() - t0
+            print(
+                f"{mode}: {n} turns in {secs:.1f}s ({n / max(secs, 1e-9):.1f} turns/s) on {world.world_size} "
+                f"rank{'s' if world.distributed else ''}, {len(done)} already done -> {out} ({total} rows)"
+            )
     return out
 
 
-def _generate_into(cfg, out: Path, mode: str, dialogues, renderer, sset, done: set, progress: bool, device) -> None:
-    torch.manual_seed(cfg.run.seed)
-    device = device or default_device()
-    lora = lora_settings(cfg.model)
-    model = load_model(
-        model_dir(cfg), cfg.model.finetune, cfg.model.precision, lora=lora, device=device, attention=cfg.pack.attention
-    )
-    model.eval()
-    t0 = time.time()
-    if mode == "likelihood":
-        todo = [d for d in dialogues if any(f"{d.id}:{i}" not in done for i in d.turn_indices())]
-        total = sum(len(d.turn_indices()) for d in todo)
-        bar = progress_bar(total=total, desc="scoring strategies", unit="turn", enabled=progress)
-        step, n = 16, 0  # dialogues per write
-        for k in range(0, len(todo), step):
-            rows = [
-                r
-                for r in likelihood_rows(model, renderer, sset, todo[k : k + step], cfg, cfg.pack.logit_chunk)
-                if r["id"] not in done
-            ]
-            append_jsonl(out, rows)
-            bar.update(len(rows))
-            n += len(rows)
-        bar.close()
-    else:
-        turns = [
-            t
-            for t in eval_turns(dialogues, renderer, sset, cfg.data.max_length, cfg.eval.max_new_tokens)
-            if t.id not in done
-        ]
-        turns.sort(key=lambda t: len(t.prompt))  # similar lengths per batch: little padding
-        bar = progress_bar(total=len(turns), desc="generating", unit="turn", enabled=progress)
-        for k in range(0, len(turns), cfg.eval.batch_size):
-            rows = generate_batch(model, renderer.tokenizer, turns[k : k + cfg.eval.batch_size], cfg, sset)
-            append_jsonl(out, rows)
-            bar.update(len(rows))
-        bar.close()
-        n = len(turns)
-    secs = time.time() - t0
-    print(f"{mode}: {n} turns in {secs:.1f}s ({n / max(secs, 1e-9):.1f} turns/s), {len(done)} already done -> {out}")
+def _generate_into(
+    cfg, out: Path, dialogues, renderer, sset, done: set, world, progress: bool, device, client=None
+) -> int:
+    """Generate this rank's share of the turns not done yet into its part file, with the model placed by the engine
+    or, `client`, by a server; the number of turns."""
+    todo = [
+        t
+        for t in eval_turns(dialogues, renderer, sset, cfg.data.max_length, cfg.eval.max_new_tokens)
+        if t.id not in done
+    ]
+    if not todo:  # the same list on every rank: all return
+        return 0
+    mine = sorted(todo[world.rank :: world.world_size], key=lambda t: len(t.prompt))  # little padding per batch
+    size = cfg.eval.batch_size
+    batches = [mine[k : k + size] for k in range(0, len(mine), size)]
+    tok, part = renderer.tokenizer, open_part(out, world.rank)
+    with contextlib.ExitStack() as held_open:
+        if client is not None:
+            forwards = len(batches)
+
+            def answer(prompts: list[list[int]]) -> list[str]:
+                return served_texts(cfg, tok, prompts, client)
+        else:
+            engine = held_open.enter_context(contextlib.closing(build_scorer(cfg, world, device=device)))
+            forwards, _ = lockstep(engine, len(batches), 0)
+            kw = {**sampling_options(cfg), **engine.generate_kwargs()}
+
+            def answer(prompts: list[list[int]], n: int = cfg.eval.max_new_tokens) -> list[str]:
+                return generate_texts(engine.module, tok, prompts, n, device=engine.device, **kw)
+
+        with progress_bar(total=len(mine), desc="generating", unit="turn", enabled=progress) as bar:
+            for turns in batches:
+                append_jsonl(part, pred_rows(turns, answer([t.prompt for t in turns]), sset))
+                bar.update(len(turns))
+        if client is None:
+            for _ in range(forwards - len(batches)):  # ZeRO-3: generate() with the others until they are done
+                answer([[0]], 1)
+            _say_held(engine, world)
+    return len(mine)
+
+
+def _likelihood_into(cfg, out: Path, dialogues, renderer, sset, done: set, world, progress: bool, device) -> int:
+    """Score this rank's share of the dialogues with turns not done yet into its part file; the number of turns."""
+    todo = [d for d in dialogues if any(f"{d.id}:{i}" not in done for i in d.turn_indices())]
+    if not todo:
+        return 0
+    mine = todo[world.rank :: world.world_size]
+    prefixes = strategy_prefixes(renderer, sset)
+    step = 16  # dialogues per write
+    work = [(ds, likelihood_groups(ds, renderer, sset, prefixes, cfg)) for ds in _slices(mine, step)]
+    n_groups = sum(len(groups) for _, groups in work)
+    chunks = max((head_chunks(g, cfg.pack.logit_chunk) for _, groups in work for g in groups), default=0)
+    part, n = open_part(out, world.rank), 0
+    engine = build_scorer(cfg, world, device=device)
+    with contextlib.closing(engine):
+        forwards, head_calls = lockstep(engine, n_groups, chunks)
+        total = sum(len(d.turn_indices()) for d in mine)
+        with progress_bar(total=total, desc="scoring strategies", unit="turn", enabled=progress) as bar:
+            for ds, groups in work:
+                scores: dict[str, float] = {}
+                for g in groups:
+                    batch = collate_trie(g)
+                    scores.update(zip(batch.reply_ids, engine.score(batch, head_calls).float().tolist()))
+                rows = [r for r in likelihood_rows(ds, sset, scores) if r["id"] not in done]
+                append_jsonl(part, rows)
+                bar.update(sum(len(d.turn_indices()) for d in ds))
+                n += len(rows)
+        fill(engine, forwards - n_groups, head_calls)
+        _say_held(engine, world)
+    return n
+
+
+def _say_held(engine, world) -> None:
+    if engine.collective:  # the model is sharded: what each rank held is worth a line
+        print(f"eval rank {world.rank}/{world.world_size}: {held(engine.param_bytes())}", flush=True)
+
+
+def _slices(items: list, size: int) -> list[list]:
+    return [items[k : k + size] for k in range(0, len(items), size)]

@@ -4,16 +4,13 @@ strategy prefixes hang off it as branches."""
 
 from __future__ import annotations
 
-import torch
-
 from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.render import format_reply, tokenize_dialogue
 from cso_dist.data.strategies import StrategySet
 from cso_dist.eval.prompts import Turn, eval_turns
-from cso_dist.pack.trie import collate_trie, pack_units
+from cso_dist.pack.trie import pack_units
 from cso_dist.pack.types import ReplyId, Span, Unit
-from cso_dist.scorer import trie_logps
 
 
 def likelihood_units(
@@ -50,27 +47,32 @@ def likelihood_units(
     return units
 
 
-@torch.no_grad()
-def likelihood_rows(
-    model, renderer, sset: StrategySet, dialogues: list[PrefDialogue], cfg: TrainingConfig, chunk: int
-) -> list[dict]:
+def strategy_prefixes(renderer, sset: StrategySet) -> dict[str, list[int]]:
+    """Each strategy's "(<strategy>)" prefix, exactly as a gold reply starts: the tokens of "(S) x" minus those of the
+    text after it."""
     tok = renderer.tokenizer
-    # the prefix exactly as a gold reply starts: tokens of "(S) x" minus those of the text after it
     prefixes = {}
     for s in sset.names:
         full = tok.encode(format_reply(s, "x"), add_special_tokens=False)
         prefixes[s] = full[: len(tok.encode(f"({s})", add_special_tokens=False))]
+    return prefixes
+
+
+def likelihood_groups(
+    dialogues: list[PrefDialogue], renderer, sset: StrategySet, prefixes: dict[str, list[int]], cfg: TrainingConfig
+) -> list[list[Unit]]:
+    """The dialogues' units packed into micro-batches of pack.max_tokens (a longer unit alone)."""
     units = [
         u
         for d in dialogues
         for u in likelihood_units(d, renderer, sset, prefixes, cfg.data.max_length, cfg.pack.max_tokens)
     ]
-    budget = max([cfg.pack.max_tokens] + [len(u) for u in units])
-    scores: dict[str, float] = {}
-    for group in pack_units(units, budget):
-        batch = collate_trie(group)
-        lp = trie_logps(model, batch, chunk)
-        scores.update(zip(batch.reply_ids, lp.float().tolist()))
+    return pack_units(units, max([cfg.pack.max_tokens] + [len(u) for u in units]))
+
+
+def likelihood_rows(dialogues: list[PrefDialogue], sset: StrategySet, scores: dict[str, float]) -> list[dict]:
+    """A PRED row per turn of `dialogues`: the strategy whose prefix scores highest, with every strategy's score
+    (`scores`: reply id "<dialogue>:<turn>:<strategy>" -> summed log-prob)."""
     rows = []
     for d in dialogues:
         for i in d.turn_indices():

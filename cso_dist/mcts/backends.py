@@ -1,5 +1,6 @@
 """Chat LLM backends for the ESC-Pro search: a local transformers model and any OpenAI-compatible
-endpoint (a vLLM server on the cluster), both behind a per-call cache on disk.
+endpoint (a vLLM server on the cluster; its client, OpenAIBackend, lives in cso_dist.models.served, shared with
+`eval generate --backend openai`), both behind a per-call cache on disk.
 
 `chat(messages, max_tokens, temperature) -> str` is thread-safe on every backend: the build runs
 many trees in threads. The HF backend gathers concurrent calls into one left-padded `generate`
@@ -18,7 +19,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import queue
 import threading
 import time
@@ -27,11 +27,8 @@ from pathlib import Path
 from typing import Protocol
 
 from cso_dist.io import atomic_write_text
-from cso_dist.errors import ConfigError, CsoError
-
-
-Probe = tuple[list[dict], str]  # (chat messages, the beginning of the assistant's answer)
-TOP_K = 20  # the most an OpenAI-compatible server returns (top_logprobs)
+from cso_dist.errors import ConfigError
+from cso_dist.models.served import TOP_K, OpenAIBackend, Probe  # the served-model client, shared with eval
 
 
 class Backend(Protocol):
@@ -201,88 +198,6 @@ class HFBackend:
         return out
 
 
-class OpenAIBackend:
-    """Any OpenAI-compatible chat-completions endpoint; the key comes from the environment only."""
-
-    def __init__(
-        self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 120.0, retries: int = 3
-    ):
-        from openai import OpenAI
-
-        if not model:
-            raise ConfigError("mcts.model: the served model's name is needed with mcts.backend=openai")
-        self.name = f"openai:{base_url}:{model}"
-        self.model = model
-        self.logprobs: bool | None = None  # does the server give next-token log-probs? (None: not asked yet)
-        self.client = OpenAI(
-            base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY", timeout=timeout_s, max_retries=retries
-        )
-
-    def chat(self, messages: list[dict], max_tokens: int, temperature: float) -> str:
-        import openai
-
-        try:
-            r = self.client.chat.completions.create(
-                model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature
-            )
-        except openai.APIError as e:  # after the client's own retries (connection, timeout, 429, 5xx)
-            raise CsoError(f"mcts: {self.name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-        except ValueError as e:  # a 200 whose body is not JSON (json.JSONDecodeError): not such an endpoint
-            raise self._not_json(e) from None
-        return (r.choices[0].message.content or "").strip() if r.choices else ""
-
-    def _not_json(self, e: ValueError) -> CsoError:
-        return CsoError(
-            f"mcts: {self.name}: the server answered with a body that is not JSON ({str(e).splitlines()[0][:120]}); "
-            "is mcts.base_url an OpenAI-compatible endpoint (e.g. http://host:8000/v1)?"
-        )
-
-    def next_token_probs(self, probes: list[Probe], top_k: int = TOP_K) -> list[dict[str, float]] | None:
-        """The prefilled assistant turn is continued (vLLM's `continue_final_message`); None when the server
-        refuses that or returns no log-probs (the roles then parse text). Probes run in parallel."""
-        if self.logprobs is False:
-            return None
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(len(probes), 16)) as pool:
-            out = list(pool.map(lambda p: self._probe(p, top_k), probes))
-        if any(d is None for d in out):
-            self.logprobs = False
-            return None
-        self.logprobs = True
-        return out
-
-    def _probe(self, probe: Probe, top_k: int) -> dict[str, float] | None:
-        import math
-
-        import openai
-
-        messages, prefix = probe
-        try:
-            r = self.client.chat.completions.create(
-                model=self.model,
-                messages=[*messages, {"role": "assistant", "content": prefix}],
-                max_tokens=1,
-                temperature=0.0,
-                logprobs=True,
-                top_logprobs=min(top_k, TOP_K),
-                extra_body={"continue_final_message": True, "add_generation_prompt": False},
-            )
-        except openai.BadRequestError:
-            return None  # e.g. no prefilled assistant turns here: text answers only
-        except openai.APIError as e:
-            raise CsoError(f"mcts: {self.name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-        except ValueError as e:
-            raise self._not_json(e) from None
-        lp = r.choices[0].logprobs if r.choices else None
-        if lp is None or not lp.content or not lp.content[0].top_logprobs:
-            return None
-        d: dict[str, float] = {}
-        for t in lp.content[0].top_logprobs:
-            d[t.token] = d.get(t.token, 0.0) + math.exp(t.logprob)
-        return d
-
-
 class CachedBackend:
     """Every answer stored on disk under a key of (model, messages, max_tokens, temperature, sample):
     a rerun or a resumed build replays it for free. `sample` tells apart deliberate repeats."""
@@ -358,5 +273,7 @@ def make_backend(
     if kind == "hf":
         return HFBackend(model, batch_size=batch_size, seed=seed)
     if kind == "openai":
-        return OpenAIBackend(base_url, model, api_key_env, timeout_s, retries)
+        return OpenAIBackend(
+            base_url, model, api_key_env, timeout_s, retries, url_key="mcts.base_url", model_key="mcts.model"
+        )
     raise ConfigError(f"mcts.backend: '{kind}' is not one of hf, openai")

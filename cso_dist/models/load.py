@@ -72,9 +72,9 @@ def adapter_base_path(adapter_dir: str | Path) -> Path:
     return base_path
 
 
-def _load_base(path: Path, method: str, dtype: torch.dtype, device: str, compute: torch.dtype) -> PreTrainedModel:
+def _load_base(path: Path, finetune: str, dtype: torch.dtype, device: str, compute: torch.dtype) -> PreTrainedModel:
     kwargs: dict = {"dtype": dtype, "local_files_only": True}
-    if method == "qlora":
+    if finetune == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
         )
@@ -83,7 +83,7 @@ def _load_base(path: Path, method: str, dtype: torch.dtype, device: str, compute
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:  # no config.json / weights, unknown model type
         raise ConfigError(f"model path '{path}': cannot load a model ({exc})") from exc
-    if method != "qlora" and device:  # device "" = leave placement to the caller (DeepSpeed)
+    if finetune != "qlora" and device:  # device "" = leave placement to the caller (DeepSpeed)
         model.to(device)
     return model
 
@@ -113,7 +113,7 @@ def _enable_checkpointing(model: torch.nn.Module, reentrant: bool = False) -> No
 
 def load_model(
     path: str | Path,
-    method: str = "full",
+    finetune: str = "full",
     precision: str = "fp32",
     lora: LoraSettings | None = None,
     device: str = "cpu",
@@ -136,15 +136,15 @@ def load_model(
     0.19 on CPU here).
     attention: how trie rows attend (pack.attention: auto, tree, flex, dense; cso_dist.scorer.attention).
     If `path` is a LoRA adapter dir, its base is loaded the same way and the adapter attached
-    trainable (its own adapter_config wins over `lora`); with method "full" the adapter is
+    trainable (its own adapter_config wins over `lora`); with finetune "full" the adapter is
     merged into the base weights.
     """
-    method, precision = str(method), str(precision)
-    _check_choice("model.finetune (the fine-tuning method)", method, FINETUNES)
+    finetune, precision = str(finetune), str(precision)
+    _check_choice("model.finetune", finetune, FINETUNES)
     _check_choice("model.precision", precision, PRECISIONS)
     p = Path(path)
     _check_dir(p)
-    model = _load(p, method, precision, lora, device, gradient_checkpointing, reentrant_checkpointing)
+    model = _load(p, finetune, precision, lora, device, gradient_checkpointing, reentrant_checkpointing)
     # every forward of every user (training, precompute, eval, generate()) enters through cso_dist.scorer.device.feed,
     # which runs it under this autocast (the trie scorer's LM head stays outside it, in fp32)
     set_autocast(model, AUTOCAST.get(precision))
@@ -153,14 +153,20 @@ def load_model(
 
 
 def _load(
-    p: Path, method: str, precision: str, lora, device: str, gradient_checkpointing: bool, reentrant_checkpointing: bool
+    p: Path,
+    finetune: str,
+    precision: str,
+    lora,
+    device: str,
+    gradient_checkpointing: bool,
+    reentrant_checkpointing: bool,
 ) -> torch.nn.Module:
     dtype = WEIGHT_DTYPE[precision]
     adapter = is_adapter_dir(p)
     base_path = adapter_base_path(p) if adapter else p
-    model = _load_base(base_path, method, dtype, device, AUTOCAST.get(precision, dtype))
+    model = _load_base(base_path, finetune, dtype, device, AUTOCAST.get(precision, dtype))
 
-    if method == "qlora":
+    if finetune == "qlora":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -176,13 +182,13 @@ def _load(
     if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(p), is_trainable=method != "full")
-        if method == "full":
+        model = PeftModel.from_pretrained(model, str(p), is_trainable=finetune != "full")
+        if finetune == "full":
             model = model.merge_and_unload()
             model.to(dtype)
             model.requires_grad_(True)
         return model
-    if method == "full":
+    if finetune == "full":
         model.requires_grad_(True)
         return model
     from peft import get_peft_model
@@ -190,10 +196,8 @@ def _load(
     return get_peft_model(model, _lora_config(lora or LoraSettings()))
 
 
-def _numel(param: torch.nn.Parameter) -> int:
+def logical_numel(param: torch.nn.Parameter) -> int:
     """Logical element count; bitsandbytes 4-bit params store two values per byte."""
-    if hasattr(param, "ds_numel"):  # ZeRO-3 partitioned: the local tensor is a shard (or empty)
-        return int(param.ds_numel)
     quant_state = getattr(param, "quant_state", None)
     shape = getattr(quant_state, "shape", None)
     if shape is not None:
@@ -204,11 +208,12 @@ def _numel(param: torch.nn.Parameter) -> int:
     return param.numel()
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights are counted once."""
+def count_parameters(model: torch.nn.Module, numel=logical_numel) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights are counted once. `numel`: a parameter's element count (an
+    engine whose parameters are partitioned gives the whole parameter's)."""
     trainable = total = 0
     for param in model.parameters():  # parameters() already deduplicates shared tensors
-        n = _numel(param)
+        n = numel(param)
         total += n
         if param.requires_grad:
             trainable += n

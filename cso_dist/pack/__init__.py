@@ -20,6 +20,8 @@ __all__ = [
     "collate_trie",
     "dialogue_pair_rows",
     "dialogue_units",
+    "filler_batch",
+    "head_chunks",
     "kl_completions",
     "lay_out",
     "pack_units",
@@ -29,7 +31,18 @@ __getattr__ = lazy_exports(
     {
         **dict.fromkeys(("LaidOut", "PairLayout", "TrieLayout", "lay_out"), "layout"),
         **dict.fromkeys(("PairBatch", "PairRow", "collate_pairs", "dialogue_pair_rows"), "pairs"),
-        **dict.fromkeys(("TrieBatch", "collate_trie", "dialogue_units", "kl_completions", "pack_units"), "trie"),
+        **dict.fromkeys(
+            (
+                "TrieBatch",
+                "collate_trie",
+                "dialogue_units",
+                "filler_batch",
+                "head_chunks",
+                "kl_completions",
+                "pack_units",
+            ),
+            "trie",
+        ),
         **dict.fromkeys(("ReplyId", "Span", "Unit"), "types"),
     },
 )

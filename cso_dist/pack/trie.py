@@ -256,3 +256,21 @@ def collate_trie(units: list[Unit]) -> TrieBatch:
         off += n
     t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return TrieBatch(t(ids)[None], t(pos)[None], t(lo), t(hi), t(own), t(pred), t(tgt), t(which), rids, t(rtok), off)
+
+
+def filler_batch() -> TrieBatch:
+    """A two-token row with one one-token reply: what a rank with no work left runs while the others still score,
+    when every forward is a collective (ZeRO-3 gathers each layer from all ranks). Its result is discarded."""
+    return collate_trie([Unit("-", [0, 0], [0, 1], 2, [Span(ReplyId("-", 0, "c"), 1, 1, 1)])])
+
+
+def head_chunks(batch, chunk: int) -> int:
+    """How many LM-head calls the trie scorer makes for `batch` -- a TrieBatch, or the units it is collated from --
+    (its reply tokens, `chunk` at a time); 0 for a per-pair batch (full logits in one call)."""
+    if isinstance(batch, TrieBatch):
+        n = len(batch.pred_idx)
+    elif isinstance(batch, list):
+        n = sum(s.length for u in batch for s in u.spans)
+    else:
+        return 0
+    return -(-n // chunk)

@@ -16,8 +16,8 @@ from cso_dist.refcache.key import (
     LAYOUT_VERSION,
     cache_key,
     cache_root,
-    load_reference_model,
     method_reference,
+    reference_finetune,
     split_dir,
 )
 
@@ -32,10 +32,10 @@ __all__ = [
     "ensure_reference",
     "export_cache",
     "load_reference",
-    "load_reference_model",
     "method_reference",
     "precompute",
     "read_manifest",
+    "reference_finetune",
     "run_precompute",
     "split_dir",
 ]

@@ -31,21 +31,24 @@ from cso_dist.data.export import iter_pairs
 from cso_dist.data.render import Renderer
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import ConfigError, CsoError
-from cso_dist.pack import LaidOut, ReplyId, lay_out
-from cso_dist.scorer import score_units
-from cso_dist.scorer.device import default_device
+from cso_dist import dist
+from cso_dist.dist import World, world_from_env
+from cso_dist.engines import Engine, shards_weights
+from cso_dist.engines.build import build_scorer, fill, held, lockstep
+from cso_dist.pack import LaidOut, ReplyId, collate_trie, head_chunks, lay_out, pack_units
+from cso_dist.progress import progress as progress_bar
+from cso_dist.scorer import by_reply
 from cso_dist.inputs import SPLITS, SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
 from cso_dist.refcache.key import (
     FORMAT_VERSION,
-    RefModel,
     cache_key,
     cache_root,
     canonical_reply_order,
     differing,
     key_digest,
     key_info,
-    load_reference_model,
     memo_path,
+    reference_finetune,
     reply_kinds,
     split_dir,
 )
@@ -66,6 +69,7 @@ class PrecomputeReport:
     tokens: int = 0
     seconds: float = 0.0
     complete: bool = False
+    param_bytes: dict = field(default_factory=dict)  # the scoring engine's (now, peak, whole) after its forwards
 
     @property
     def tokens_per_s(self) -> float:
@@ -172,29 +176,48 @@ def _open_cache(d: Path, key: dict[str, str], split: str) -> dict | None:
     return None
 
 
-def _compute_shard(
+def _score_shards(
     d: Path,
-    i: int,
-    lo: int,
-    hi: int,
-    laid: LaidOut,
-    ref: RefModel,
+    todo: list[int],
+    plan: list[list[int]],
+    laid: LaidOut | None,
+    engine,
     cfg: TrainingConfig,
     kd: str,
     split: str,
-    n_shards: int,
     progress: bool,
-) -> tuple[int, float]:
-    model, ctx = ref
-    units = laid.all_units(list(range(lo, hi)))
-    ntok = sum(len(u) for u in units)
-    t0 = time.perf_counter()
-    with ctx():
-        scores = score_units(
-            model, units, cfg.pack.max_tokens, cfg.pack.logit_chunk, progress, desc=f"{split} shard {i + 1}/{n_shards}"
-        )
-    secs = time.perf_counter() - t0
-    ids = canonical_reply_order(units)
+    rep: PrecomputeReport,
+) -> None:
+    """Score and write this rank's `todo` shards, each as soon as it is done. Under a collective engine (ZeRO-3)
+    every rank runs the same number of forwards with the same number of LM-head calls (a rank with fewer shards,
+    or none, runs filler rows after its own), or the job would hang."""
+    chunk, max_tokens = cfg.pack.logit_chunk, cfg.pack.max_tokens
+    work = {i: pack_units(laid.all_units(list(range(*plan[i]))), max_tokens) for i in todo} if laid else {}
+    mine = sum(len(groups) for groups in work.values())
+    chunks = max((head_chunks(g, chunk) for groups in work.values() for g in groups), default=0)
+    forwards, head_calls = lockstep(engine, mine, chunks)
+    with engine.reference():
+        for i, groups in work.items():
+            t0, scores, ntok = time.perf_counter(), {}, sum(len(u) for g in groups for u in g)
+            desc = f"{split} shard {i + 1}/{len(plan)}"
+            with progress_bar(total=ntok, desc=desc, unit="tok", enabled=progress, unit_scale=True) as bar:
+                for g in groups:
+                    batch = collate_trie(g)
+                    by_reply(batch, engine.score(batch, head_calls), scores)
+                    bar.update(batch.n_tokens)
+            secs = time.perf_counter() - t0
+            _write_shard(d, i, *plan[i], laid, scores, kd, ntok, secs, engine.param_bytes())
+            rep.computed.append(i)
+            rep.tokens += ntok
+            rep.seconds += secs
+        fill(engine, forwards - mine, head_calls)
+    rep.param_bytes = engine.param_bytes()
+
+
+def _write_shard(
+    d: Path, i: int, lo: int, hi: int, laid: LaidOut, scores: dict, kd: str, ntok: int, secs: float, held: dict
+) -> None:
+    ids = canonical_reply_order(laid.all_units(list(range(lo, hi))))
     if set(ids) != set(scores):
         raise CsoError(f"reference cache: shard {i}: scored replies do not match the layout (internal error)")
     obj = {
@@ -219,9 +242,9 @@ def _compute_shard(
             "dialogues": hi - lo,
             "tokens": ntok,
             "seconds": secs,
+            "param_bytes": held,  # what the rank that wrote it held (engine.param_bytes: now, peak, whole)
         },
     )
-    return ntok, secs
 
 
 def _finalize(d: Path, man: dict, kd: str) -> bool:
@@ -245,10 +268,9 @@ def _precompute_split(
     key: dict[str, str],
     renderer: Renderer,
     sset: StrategySet,
-    rank: int,
-    world_size: int,
+    world: World,
     progress: bool,
-    get_model: Callable[[], RefModel],
+    get_engine: Callable[[], Engine],
 ) -> PrecomputeReport:
     d = split_dir(cache_root(cfg), inputs.split)
     man = _open_cache(d, key, inputs.split)
@@ -274,7 +296,9 @@ def _precompute_split(
             flush=True,
         )
     kd, plan = key_digest(key), man["plan"]
-    rep = PrecomputeReport(inputs.split, d, len(plan), [i for i in range(len(plan)) if i % world_size == rank])
+    rep = PrecomputeReport(
+        inputs.split, d, len(plan), [i for i in range(len(plan)) if i % world.world_size == world.rank]
+    )
     todo = []
     for i in rep.mine:
         try:
@@ -285,27 +309,27 @@ def _precompute_split(
                 rep.invalid[i] = str(e)
                 print(f"{d}: shard {i}: {e}; recomputing", flush=True)
             todo.append(i)
-    if todo:
-        ref = get_model()
-        try:
-            kl = "kl" in reply_kinds(cfg)  # KTO's KL branches only in a KTO cache
-            laid = lay_out(
-                inputs.dialogues, renderer, sset, cfg.pack.max_tokens, cfg.data.max_length, kl=kl, progress=progress
-            )
-        except ValueError as e:
-            raise CsoError(str(e)) from None
-        for i in todo:
-            ntok, secs = _compute_shard(d, i, *plan[i], laid, ref, cfg, kd, inputs.split, len(plan), progress)
-            rep.computed.append(i)
-            rep.tokens += ntok
-            rep.seconds += secs
+    # a collective engine (ZeRO-3) loads and scores on every rank together, also on ranks with nothing to do
+    if dist.any_true(bool(todo)) if shards_weights(cfg) else todo:
+        engine = get_engine()
+        laid = None
+        if todo:
+            try:
+                kl = "kl" in reply_kinds(cfg)  # KTO's KL branches only in a KTO cache
+                laid = lay_out(
+                    inputs.dialogues, renderer, sset, cfg.pack.max_tokens, cfg.data.max_length, kl=kl, progress=progress
+                )
+            except ValueError as e:
+                raise CsoError(str(e)) from None
+        _score_shards(d, todo, plan, laid, engine, cfg, kd, inputs.split, progress, rep)
     rep.complete = _finalize(d, man, kd)
     missing = len(rep.computed) - len(rep.invalid)
+    what = f"; {held(rep.param_bytes)}" if rep.param_bytes else ""
     print(
-        f"precompute [{inputs.split}] rank {rank}/{world_size}: {len(rep.mine)} of {len(plan)} shards: "
+        f"precompute [{inputs.split}] rank {world.rank}/{world.world_size}: {len(rep.mine)} of {len(plan)} shards: "
         f"{len(rep.computed)} computed ({missing} missing, {len(rep.invalid)} failed verification), "
         f"{len(rep.skipped)} verified and kept; {rep.tokens:,} tokens in {rep.seconds:.1f}s "
-        f"({rep.tokens_per_s:,.0f} tok/s); cache {'complete' if rep.complete else 'partial'}: {d}",
+        f"({rep.tokens_per_s:,.0f} tok/s){what}; cache {'complete' if rep.complete else 'partial'}: {d}",
         flush=True,
     )
     return rep
@@ -314,9 +338,13 @@ def _precompute_split(
 def precompute(
     cfg: TrainingConfig, rank: int = 0, world_size: int = 1, progress: bool = True, device: str | None = None
 ) -> list[PrecomputeReport]:
-    """Compute this rank's shards of the train cache (and of the eval cache when train.eval_file is set)."""
+    """Compute this rank's shards of the train cache (and of the eval cache when train.eval_file is set), with the
+    reference model placed by the training engine (dist.engine: under ZeRO-3 partitioned over the ranks, which
+    then score together; `device`: the torch engine's). The process group, where there are several ranks, is
+    the caller's (cso-dist precompute and train join it first)."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"precompute: rank {rank} is not in [0, world_size={world_size})")
+    world = World(rank, world_size, world_from_env().local_rank if world_size > 1 else 0)
     root = cache_root(cfg)
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
     jobs = []
@@ -326,46 +354,52 @@ def precompute(
             key = cache_key(cfg, split, renderer, sset, memo_path(root))
             _open_cache(split_dir(root, split), key, split)  # refuse stale caches before any work
             jobs.append((inputs, key))
-    held: list[RefModel] = []
+    held: list = []
 
-    def get_model() -> RefModel:
+    def get_engine():
         if not held:
-            held.append(load_reference_model(cfg, device or default_device(rank)))
+            held.append(build_scorer(cfg, world, reference_finetune(cfg), device))
         return held[0]
 
-    return [
-        _precompute_split(cfg, inputs, key, renderer, sset, rank, world_size, progress, get_model)
-        for inputs, key in jobs
-    ]
+    try:
+        return [
+            _precompute_split(cfg, inputs, key, renderer, sset, world, progress, get_engine) for inputs, key in jobs
+        ]
+    finally:
+        for engine in held:
+            engine.close()
 
 
-def run_precompute(cfg: TrainingConfig, rank: int = 0, world_size: int = 1, progress: bool = True) -> Path:
-    """The body of `cso-dist precompute CONFIG`; returns the cache root. A Hub id not in the HF cache yet is
-    downloaded first, by each node's local rank 0 (cso_dist.inputs.ensure_model)."""
-    from cso_dist.dist import world_from_env
-
-    ensure_model(cfg, world_from_env().local_rank)
-    precompute(cfg, rank, world_size, progress)
+def run_precompute(cfg: TrainingConfig, progress: bool = True) -> Path:
+    """The body of `cso-dist precompute CONFIG`; returns the cache root. Under torchrun / srun every rank computes its
+    own shards (it joins the job's process group first). A Hub id not in the HF cache yet is downloaded first, by
+    each node's local rank 0 (cso_dist.inputs.ensure_model)."""
+    world = world_from_env()
+    ensure_model(cfg, world.local_rank)
+    dist.init(world, cfg.dist.timeout_minutes)
+    precompute(cfg, world.rank, world.world_size, progress and world.main)
     return cache_root(cfg)
 
 
 def ensure_reference(
-    cfg: TrainingConfig, split: str, renderer, sset, rank: int, world_size: int, progress: bool = True
+    cfg: TrainingConfig, split: str, renderer, sset, world: World, progress: bool = True
 ) -> dict[str, tuple[float, int]]:
     """The split's reference log-probs for cfg: the cache verified against its key, computed first when it is
     missing, stale-free but partial -- each rank its own shards, the other ranks' waited for through the files (no
-    collective, so no timeout but dist.timeout_minutes). The one entry point training uses."""
+    collective, so no timeout but dist.timeout_minutes). Under a collective engine (ZeRO-3) the ranks decide and
+    compute together. The one entry point training uses."""
     key = cache_key(cfg, split, renderer, sset)
     d = split_dir(cache_root(cfg), split)
     status = cache_status(d, key)
-    if status != "complete":
-        if rank == 0:
+    needed = status != "complete"
+    if dist.any_true(needed) if shards_weights(cfg) else needed:
+        if world.main:
             print(
                 f"reference cache for {split} is {status}: running precompute first "
-                f"({world_size} rank{'s' if world_size > 1 else ''})",
+                f"({world.world_size} rank{'s' if world.distributed else ''})",
                 flush=True,
             )
-        precompute(cfg, rank, world_size, progress=progress)
+        precompute(cfg, world.rank, world.world_size, progress=progress)
         t0 = time.time()
         while cache_status(d, key) != "complete":
             if time.time() - t0 > cfg.dist.timeout_minutes * 60:

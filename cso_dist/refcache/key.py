@@ -21,12 +21,8 @@ Weight-file hashes are memoised by (path, size, mtime_ns) in a JSON file beside 
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
-from typing import Callable, ContextManager
-
-import torch
 
 from cso_dist.config import TrainingConfig
 from cso_dist.io import sha256_file
@@ -46,11 +42,10 @@ from cso_dist.inputs import (
     tokenizer_dir,
     weights_dir,
 )
-from cso_dist.models import is_adapter_dir, load_model, lora_settings
+from cso_dist.models import is_adapter_dir
 from cso_dist.models.identity import FileHashes, files_digest, model_files, short
 from cso_dist.pack import ReplyId, Unit
 
-RefModel = tuple[torch.nn.Module, Callable[[], ContextManager]]  # the model and the context to score under
 LAYOUT_VERSION = 1  # trie layout (KTO ":kl" branches only in KTO caches: reply_kinds), truncation of data.render
 FORMAT_VERSION = 1  # on-disk format of manifest + shards
 KEY_COMPONENTS = (
@@ -175,27 +170,9 @@ def canonical_reply_order(units: list[Unit]) -> list[str]:
 
 
 # ---------------------------------------------------------------- the reference model
-def load_reference_model(cfg: TrainingConfig, device: str) -> RefModel:
-    """The frozen reference in eval mode and the context to score under (adapter disabled where one exists).
-
-    full: the model at model.path in model.precision (also for lora on a plain base);
-    adapter-disabled: an adapter dir's base with the adapter disabled;
-    qlora-base: the 4-bit base the QLoRA policy trains on (load_model(method="qlora")), adapter disabled.
-    """
-    path, ref = model_dir(cfg), method_reference(cfg)
-    lora, att = lora_settings(cfg.model), cfg.pack.attention
-    if ref == "full":
-        model, ctx = load_model(path, "full", cfg.model.precision, device=device, attention=att), contextlib.nullcontext
-    else:
-        model = load_model(
-            path,
-            "qlora" if ref == "qlora-base" else "lora",
-            cfg.model.precision,
-            lora=lora,
-            device=device,
-            attention=att,
-        )
-        ctx = model.disable_adapter
-    model.eval()
-    model.requires_grad_(False)
-    return model, ctx
+def reference_finetune(cfg: TrainingConfig) -> str:
+    """The model kind the reference is loaded as (the engine scores it under its adapter disabled, if any):
+    full: the model at model.path (also for lora on a plain base: the base itself);
+    adapter-disabled: an adapter dir's base, loaded with its adapter ("lora");
+    qlora-base: the 4-bit base the QLoRA policy trains on ("qlora")."""
+    return {"full": "full", "adapter-disabled": "lora", "qlora-base": "qlora"}[method_reference(cfg)]

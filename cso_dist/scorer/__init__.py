@@ -2,8 +2,8 @@
 (cso_dist.scorer.device), the attention implementation of trie rows (cso_dist.scorer.attention) and the forward
 of both layouts (cso_dist.scorer.logps).
 
-Training (the engine's `Scorer`), the live reference, precompute (`score_units`), likelihood eval and
-generation all run through here; cso_dist.pack only builds the rows they run on.
+The engines (cso_dist.engines) run every forward through here -- training (their `Scorer`), the live reference,
+precompute, likelihood eval -- and so does generation; cso_dist.pack only builds the rows they run on.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ __all__ = [
     "pair_logps",
     "resolve",
     "score",
-    "score_units",
     "set_autocast",
     "to_model",
     "trie_logps",
@@ -35,7 +34,7 @@ __all__ = [
 __getattr__ = lazy_exports(
     __name__,
     {
-        **dict.fromkeys(("Scorer", "by_reply", "score_units"), "run"),
+        **dict.fromkeys(("Scorer", "by_reply"), "run"),
         **dict.fromkeys(("method_of", "resolve", "use_attention"), "attention"),
         **dict.fromkeys(
             ("autocast", "default_device", "feed", "model_device", "set_autocast", "to_model", "unwrap"), "device"

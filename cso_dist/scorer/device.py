@@ -32,14 +32,9 @@ def unwrap(model) -> torch.nn.Module:
 
 
 def model_device(model) -> torch.device:
-    """Where `model` computes: its weights' device; for ZeRO-3 partitioned weights (whose storage may sit on the
-    CPU) the rank's accelerator."""
-    p = next(unwrap(model).parameters())
-    if hasattr(p, "ds_id"):
-        from deepspeed.accelerator import get_accelerator
-
-        return torch.device(get_accelerator().current_device_name())
-    return p.device
+    """Where `model` computes when nobody says otherwise: its weights' device. An engine whose weights are sharded
+    (ZeRO-3: a rank holds a slice, gathered per layer) names its device itself (the `device` arguments below)."""
+    return next(unwrap(model).parameters()).device
 
 
 def set_autocast(model, dtype: torch.dtype | None) -> None:
@@ -47,28 +42,29 @@ def set_autocast(model, dtype: torch.dtype | None) -> None:
     setattr(unwrap(model), _AUTOCAST, dtype)
 
 
-def autocast(model):
-    """The context `model` computes under: torch.autocast to its bf16-mixed dtype, else nothing."""
+def autocast(model, device: torch.device | None = None):
+    """The context `model` computes under (on `device`, default its weights'): torch.autocast to its bf16-mixed
+    dtype, else nothing."""
     dtype = getattr(unwrap(model), _AUTOCAST, None)
-    kind = model_device(model).type
+    kind = torch.device(device or model_device(model)).type
     if dtype is None or kind not in ("cpu", "cuda"):
         return contextlib.nullcontext()
     return torch.autocast(kind, dtype=dtype)
 
 
-def to_model(model, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """`tensors` on the model's device (the one place inputs move)."""
-    device = model_device(model)
+def to_model(model, *tensors: torch.Tensor, device: torch.device | None = None) -> list[torch.Tensor]:
+    """`tensors` on the model's device (`device`, default its weights'): the one place inputs move."""
+    device = device or model_device(model)
     return [t.to(device, non_blocking=True) for t in tensors]
 
 
-def feed(model, fn, /, **inputs):
+def feed(model, fn, /, device: torch.device | None = None, **inputs):
     """fn(**inputs) -- the model, its decoder or its generate() -- with every tensor among `inputs` moved to the
-    model's device and under the model's autocast. Other values (caches, a tree plan built for the device) pass
-    as they are."""
-    device = model_device(model)
+    model's device (`device`, default its weights') and under the model's autocast. Other values (caches, a tree
+    plan built for the device) pass as they are."""
+    device = device or model_device(model)
     moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    with autocast(model):
+    with autocast(model, device):
         return fn(**moved)
 
 

@@ -32,16 +32,26 @@ def _decoder_and_head(model):
     )
 
 
-def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dtype | None = None) -> torch.Tensor:
+def trie_logps(
+    model,
+    batch: TrieBatch,
+    chunk: int = 2048,
+    mask_dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    n_chunks: int = 0,
+) -> torch.Tensor:
     """Summed log-prob of every reply in the batch, in `batch.reply_ids` order.
 
     The body runs once over the packed row, its attention shaped by the tree (the model's pack.attention
     method: cso_dist.scorer.attention); the LM head and the
     log-softmax run only on the hidden states that predict reply tokens, `chunk` tokens at a
     time (recomputed in backward), so no [tokens x vocab] tensor over the history exists.
+    `device`: where the model computes (default: its weights'). `n_chunks`: call the LM head at least this many
+    times (empty calls after the real ones): under ZeRO-3 each call gathers the head's weight from every rank, so
+    ranks scoring different batches must make the same number of calls (cso_dist.pack.head_chunks).
     """
     decoder, head, softcap, attn = _decoder_and_head(model)
-    device = model_device(model)
+    device = device or model_device(model)
     if mask_dtype is not None:
         dtype = mask_dtype
     elif attn == "eager":  # eager adds the mask to the scores: additive, in the compute dtype
@@ -50,11 +60,15 @@ def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dty
     else:  # sdpa / flash / flex take a boolean mask (True = attend), as transformers builds them
         dtype = torch.bool
     mask = decoder_mask_kwargs(model, batch, device, dtype)  # read on the CPU, built for the model's device
-    out = feed(model, decoder, input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **mask)
-    pred_idx, targets, token_reply = to_model(model, batch.pred_idx, batch.target_ids, batch.token_reply)
+    out = feed(
+        model, decoder, device, input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **mask
+    )
+    pred_idx, targets, token_reply = to_model(model, batch.pred_idx, batch.target_ids, batch.token_reply, device=device)
     h = out.last_hidden_state[0].index_select(0, pred_idx)
     parts = []
-    for lo in range(0, h.shape[0], chunk):
+    starts = list(range(0, h.shape[0], chunk))
+    starts += [h.shape[0]] * (n_chunks - len(starts))  # empty calls: as many LM-head calls as the other ranks
+    for lo in starts:
         hs, ts = h[lo : lo + chunk], targets[lo : lo + chunk]
         if torch.is_grad_enabled() and hs.requires_grad:
             parts.append(checkpoint(_chunk_logps, hs, ts, head, softcap, use_reentrant=False))
@@ -65,19 +79,21 @@ def trie_logps(model, batch: TrieBatch, chunk: int = 2048, mask_dtype: torch.dty
     return sums.index_add(0, token_reply, tok)
 
 
-def pair_logps(model, batch: PairBatch) -> torch.Tensor:
+def pair_logps(model, batch: PairBatch, device: torch.device | None = None) -> torch.Tensor:
     """Summed log-prob of each row's reply, from full logits (the classic computation)."""
-    logits = feed(model, model, input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    logits = logits[:, :-1]
+    out = feed(model, model, device, input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    logits = out.logits[:, :-1]
     logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    ids, reply_mask = to_model(model, batch.input_ids, batch.reply_mask)
+    ids, reply_mask = to_model(model, batch.input_ids, batch.reply_mask, device=device)
     tok = torch.gather(logps, 2, ids[:, 1:, None]).squeeze(2)
     return (tok * reply_mask[:, 1:]).sum(1)
 
 
-def score(model, batch: TrieBatch | PairBatch, chunk: int = 2048) -> torch.Tensor:
+def score(
+    model, batch: TrieBatch | PairBatch, chunk: int = 2048, device: torch.device | None = None, n_chunks: int = 0
+) -> torch.Tensor:
     """Summed log-prob of every reply of a micro-batch of either layout, in `batch.reply_ids` order (`chunk`:
-    the trie scorer's LM-head chunk)."""
+    the trie scorer's LM-head chunk; `device` and `n_chunks` as for trie_logps)."""
     if isinstance(batch, TrieBatch):
-        return trie_logps(model, batch, chunk)
-    return pair_logps(model, batch)
+        return trie_logps(model, batch, chunk, device=device, n_chunks=n_chunks)
+    return pair_logps(model, batch, device)

@@ -1,28 +1,25 @@
-"""The scorer as the trainer and precompute call it: the Scorer module (what DDP and DeepSpeed wrap) and
-score_units (every reply of a list of trie units, batched by token budget), with by_reply, the one form reference
-log-probs take."""
+"""The scorer as the engines call it: the Scorer module (what DDP and DeepSpeed wrap), with by_reply, the one form
+reference log-probs take."""
 
 from __future__ import annotations
 
 import torch
 
 from cso_dist.pack.pairs import PairBatch
-from cso_dist.pack.trie import TrieBatch, collate_trie, pack_units
-from cso_dist.pack.types import Unit
-from cso_dist.progress import progress as progress_bar
-from cso_dist.scorer.logps import score, trie_logps
+from cso_dist.pack.trie import TrieBatch
+from cso_dist.scorer.logps import score
 
 
 class Scorer(torch.nn.Module):
     """Per-reply log-probs of one micro-batch (trie or per-pair) as a module forward, so DDP and DeepSpeed see a
     normal module call (their hooks gather / all-reduce around it)."""
 
-    def __init__(self, model: torch.nn.Module, chunk: int):
+    def __init__(self, model: torch.nn.Module, chunk: int, device: torch.device | None = None):
         super().__init__()
-        self.model, self.chunk = model, chunk
+        self.model, self.chunk, self.device = model, chunk, device
 
-    def forward(self, batch: TrieBatch | PairBatch) -> torch.Tensor:
-        return score(self.model, batch, self.chunk)
+    def forward(self, batch: TrieBatch | PairBatch, n_chunks: int = 0) -> torch.Tensor:
+        return score(self.model, batch, self.chunk, self.device, n_chunks)
 
 
 def by_reply(batch: TrieBatch | PairBatch, logps: torch.Tensor, into: dict | None = None) -> dict:
@@ -31,19 +28,4 @@ def by_reply(batch: TrieBatch | PairBatch, logps: torch.Tensor, into: dict | Non
     out = {} if into is None else into
     for rid, v, n in zip(batch.reply_ids, logps.tolist(), batch.reply_tokens.tolist()):
         out.setdefault(rid.key, (float(v), int(n)))
-    return out
-
-
-@torch.no_grad()
-def score_units(
-    model, units: list[Unit], max_tokens: int, chunk: int = 2048, progress: bool = True, desc: str = "scoring"
-) -> dict[str, tuple[float, int]]:
-    """reply id -> (summed log-prob, token count) for every reply of `units`, batched by token budget."""
-    out: dict[str, tuple[float, int]] = {}
-    total = sum(len(u) for u in units)
-    with progress_bar(total=total, desc=desc, unit="tok", enabled=progress, unit_scale=True) as bar:
-        for b in pack_units(units, max_tokens):
-            tb = collate_trie(b)
-            by_reply(tb, trie_logps(model, tb, chunk), out)
-            bar.update(tb.n_tokens)
     return out

@@ -124,7 +124,7 @@ def _dpo_step0(work: Path, model_path: Path, dlg, precision: str, smoke: bool) -
     import torch
 
     from cso_dist.dist import World
-    from cso_dist.engine import build_engine
+    from cso_dist.engines import build_engine
     from cso_dist.losses.batch import micro_loss
 
     cfg = run_config(work, model_path, smoke, **{"model.precision": precision, "run.out_dir": work / "dpo0"})

@@ -185,7 +185,7 @@ def counts_of(micro) -> dict:
     return {k: sum(b.counts[k] for b in micro) for k in COUNTS}
 
 
-def planned(model_path: Path, cfg, micro, method: str, zero: int, optimizer: str = "adamw") -> dict:
+def planned(model_path: Path, cfg, micro, finetune: str, zero: int, optimizer: str = "adamw") -> dict:
     """`cso-dist plan` for this run: the largest micro-batch's row, its measured tree-attention shape."""
     from cso_dist.pack.tree_plan import tree_plan
     from cso_dist.plan import Setup, plan, shape_from_hf_config
@@ -193,7 +193,7 @@ def planned(model_path: Path, cfg, micro, method: str, zero: int, optimizer: str
     big = max(micro, key=lambda b: b.n_tokens)
     keys, mask = tree_plan(big.data).per_token() if hasattr(big.data, "ctx_lo") else (6.5, 600.0)
     setup = Setup(
-        method=method,
+        finetune=finetune,
         zero=zero,
         gpus_per_node=1,
         gpu_mem_gb=139.0,

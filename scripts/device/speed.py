@@ -32,7 +32,7 @@ def _step_rate(work: Path, model_path: Path, n_params: int, dlg, steps: int, smo
     """Full fine-tuning (or LoRA) DPO steps over `dlg` (one step = all of them), cached reference; step 0 warms
     up (and compiles flex) and is reported apart."""
     from cso_dist.dist import World
-    from cso_dist.engine import build_engine
+    from cso_dist.engines import build_engine
     from cso_dist.losses.batch import micro_loss
 
     cfg = run_config(work, model_path, smoke, **over)
@@ -55,11 +55,11 @@ def _step_rate(work: Path, model_path: Path, n_params: int, dlg, steps: int, smo
         losses.append(total)
     peak = peak_gib()
     del engine
-    method = cfg.model.finetune
+    finetune = cfg.model.finetune
     tokens = sum(b.n_tokens for b in micro)
     s = statistics.median(times[1:])
     out = {
-        "method": method,
+        "finetune": finetune,
         "layout": cfg.pack.layout,
         "attention": cfg.pack.attention,
         "micro_batches": len(micro),
@@ -72,11 +72,11 @@ def _step_rate(work: Path, model_path: Path, n_params: int, dlg, steps: int, smo
         "pairs_per_s": counts["pairs"] / s,
         "losses": losses,
         "finite": all(math.isfinite(x) for x in losses),
-        "flops_per_token": (6 if method == "full" else 4) * n_params,
+        "flops_per_token": (6 if finetune == "full" else 4) * n_params,
         "measured_peak_gib": peak,
     }
     if cfg.pack.layout == "trie":
-        out["plan"] = planned(model_path, cfg, micro, method, zero=0, optimizer=cfg.train.optimizer)
+        out["plan"] = planned(model_path, cfg, micro, finetune, zero=0, optimizer=cfg.train.optimizer)
         if peak:
             out["plan"]["planned_over_measured"] = out["plan"]["planned_gib"] / peak
     return out
@@ -161,7 +161,7 @@ def _profile(work: Path, model_path: Path, dlg, smoke: bool, **over) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from cso_dist.dist import World
-    from cso_dist.engine import build_engine
+    from cso_dist.engines import build_engine
     from cso_dist.losses.batch import micro_loss
 
     cfg = run_config(work, model_path, smoke, **over)

@@ -1,155 +1,38 @@
-"""`cso-dist plan`: per-GPU memory of a CSO training job before you queue it.
-
-Model states follow DeepSpeed's own accounting (`estimate_zero{2,3}_model_states_mem_needs`):
-bf16 weights, fp32 master weights and Adam moments, 16-bit + 32-bit gradient partitions.
-Activations follow what autograd saves in an HF decoder layer, measured with saved-tensor
-hooks on this project's models (tests/test_plan.py checks the estimate against the measured
-peak memory of tiny models): per token and layer two RMSNorms (12·h bytes each), q, the
-repeated k and v, and the attention output (4·heads·head_dim·b), the log-sum-exp, and the
-gated MLP (4·intermediate·b). The trie layout's overhead depends on pack.attention: dense
-keeps a boolean [L x L] mask that SDPA turns into an additive mask in the compute dtype,
-saved once per layer for backward; tree (the default) keeps no [L x L] tensor -- each
-turn's branches attend a gathered copy of their history's keys and values (`tree_keys`
-key rows per row token, instead of the repeated k and v) under a small mask
-(`tree_mask` elements per row token, additive per layer). With gradient checkpointing only
-each layer's input stays, plus one layer recomputed in backward. The LM head runs on reply
-tokens only, `logit_chunk` at a time.
-
-Byte counts use b = 2 (bf16 compute). Card and host sizes are read as GiB (an "80 GB" card
-has 80 GiB); "fits" keeps 10% of them for the CUDA context, NCCL buffers and fragmentation.
-"""
+"""The training step's plan: model states (DeepSpeed's accounting), activations kept for backward, the fastest and
+the cheapest setup that fit. The terms shared with the other stages (the weights one GPU holds under a sharding,
+one layer's attention tensors, the trie masks) have their home here; cso_dist.plan.stages reuses them."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from cso_dist.config import LORA_TARGETS, LoraSettings
-from cso_dist.errors import ConfigError
-from cso_dist.models import FINETUNES
-from cso_dist.scorer import ATTENTION
 from cso_dist.engines import ENGINES
+from cso_dist.errors import ConfigError
+from cso_dist.losses import needs_reference
+from cso_dist.models import FINETUNES
+from cso_dist.plan.shapes import Shape, resolve_shape
+from cso_dist.scorer import ATTENTION
 
 GIB = 2**30
 HEADROOM = 0.10  # of the card: CUDA context, NCCL buffers, allocator fragmentation
+NF4_BITS = 4.127  # bits per 4-bit (NF4, double-quantised) projection weight
 
 ZERO_STAGES = (0, 2, 3)  # --zero: 0 = the torch engine (DDP), 2 / 3 = DeepSpeed ZeRO
 OFFLOADS = ("none", "optimizer", "params")  # --offload: DeepSpeed CPU offload (params: parameters and optimizer)
 PLAN_ATTENTION = tuple(a for a in ATTENTION if a != "auto")  # --attention: a method the plan can cost
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The numbers of a decoder-only transformer that decide its memory."""
-
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied: bool = False
-    qkv_bias: bool = False
-    norms_per_layer: int = 2  # gemma2: 4 (pre/post attention and MLP)
-    eager: bool = False  # attention scores materialised (gemma2 soft-capping runs eager)
-
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of every projection of one layer."""
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
-
-    def linear_params(self) -> int:
-        per = sum(a * b for a, b in self.linears().values())
-        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
-        return self.layers * (per + bias)
-
-    def params(self) -> int:
-        emb = self.vocab * self.hidden * (1 if self.tied else 2)
-        norms = self.layers * self.norms_per_layer * self.hidden + self.hidden
-        return emb + self.linear_params() + norms
-
-    def largest_layer(self) -> int:
-        """DeepSpeed's `largest_layer_params`: the biggest single module (the embedding here)."""
-        return max(self.vocab * self.hidden, max(a * b for a, b in self.linears().values()))
-
-    def lora_params(self, r: int, targets: tuple[str, ...] = LORA_TARGETS) -> int:
-        lin = self.linears()
-        return self.layers * sum(r * (lin[t][0] + lin[t][1]) for t in targets if t in lin)
-
-
-# The paper's models and the usual sizes. Numbers from each model's published config.json.
-PRESETS: dict[str, Shape] = {
-    "7b": Shape("Qwen2.5-7B", 3584, 28, 28, 4, 128, 18944, 152064, qkv_bias=True),
-    "8b": Shape("Llama-3.1-8B", 4096, 32, 32, 8, 128, 14336, 128256),
-    "9b": Shape("Gemma-2-9B", 3584, 42, 16, 8, 256, 14336, 256000, tied=True, norms_per_layer=4, eager=True),
-    "13b": Shape("Llama-2-13B", 5120, 40, 40, 40, 128, 13824, 32000),
-    "34b": Shape("CodeLlama-34B", 8192, 48, 64, 8, 128, 22016, 32000),
-    "70b": Shape("Llama-3.1-70B", 8192, 80, 64, 8, 128, 28672, 128256),
-}
-
-
-def shape_from_hf_config(path: str | Path) -> Shape:
-    """A Shape from an HF `config.json`, the folder holding it, or a Hub id in the HF cache."""
-    p = Path(path)
-    if not p.exists():
-        from cso_dist.models import hub  # (imports torch: only for a name that is no file here)
-
-        p = hub.resolve(str(path), key="plan --model") if hub.is_hub_id(str(path)) else p
-    p = p / "config.json" if p.is_dir() else p
-    if not p.is_file():
-        raise ConfigError(f"plan: --model {path}: not a preset ({', '.join(PRESETS)}) and no config.json there")
-    try:
-        c = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"plan: {p}: bad JSON: {e}") from None
-    c = c.get("text_config", c)
-    need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    missing = [k for k in need if k not in c]
-    if missing:
-        raise ConfigError(f"plan: {p}: field {missing[0]} missing (a decoder-only LM config is needed)")
-    mt = str(c.get("model_type", ""))
-    heads = int(c["num_attention_heads"])
-    return Shape(
-        name=mt or p.parent.name,
-        hidden=int(c["hidden_size"]),
-        layers=int(c["num_hidden_layers"]),
-        heads=heads,
-        kv_heads=int(c.get("num_key_value_heads") or heads),
-        head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
-        intermediate=int(c["intermediate_size"]),
-        vocab=int(c["vocab_size"]),
-        tied=bool(c.get("tie_word_embeddings", False)),
-        qkv_bias=bool(c.get("attention_bias", mt.startswith("qwen2"))),
-        norms_per_layer=4 if mt.startswith("gemma2") or mt.startswith("gemma3") else 2,
-        eager=mt.startswith("gemma2"),
-    )
-
-
-def resolve_shape(model: str) -> Shape:
-    return PRESETS[model.lower()] if model.lower() in PRESETS else shape_from_hf_config(model)
-
-
 @dataclass
 class Setup:
-    method: str = "full"  # full | lora | qlora
+    finetune: str = "full"  # full | lora | qlora (model.finetune)
     zero: int = 3  # 0 = torch engine (one process or DDP, nothing sharded); 2; 3
     offload: str = "none"  # none | optimizer | params (params implies optimizer, ZeRO-3 only)
     gpus_per_node: int = 8
     nodes: int = 1
     gpu_mem_gb: float = 80.0
-    cpu_mem_gb: float = 1024.0  # host memory per node (CPU offload)
+    cpu_mem_gb: float = 1024.0  # host memory per node (CPU offload, export)
     seq_len: int = 4096  # tokens of one packed row (pack.max_tokens)
     micro_batch: int = 1  # packed rows per forward
     checkpointing: bool = True
@@ -165,27 +48,36 @@ class Setup:
     # 4.5 and 400); at max_length 1,024, at most 4.9 and 490. Set them from your data for a tighter plan.
     tree_keys: float = 6.5
     tree_mask: float = 600.0
+    # the other stages (cso_dist.plan.stages)
+    reference_cache: bool = True  # the run precomputes reference log-probs (train.method and train.reference)
+    max_length: int = 2048  # data.max_length: tokens of one prompt at evaluation
+    eval_batch: int = 16  # eval.batch_size: prompts per generate()
+    max_new_tokens: int = 64  # eval.max_new_tokens
+    eval_served: bool = False  # eval.backend openai: generation runs on the user's server
+    final: str = "merged"  # train.final: merged | adapter (LoRA/QLoRA)
 
     @property
     def gpus(self) -> int:
         return self.gpus_per_node * self.nodes
 
     def check(self) -> None:
-        if self.method not in FINETUNES:
-            raise ConfigError(f"plan: --method {self.method}: must be one of {', '.join(FINETUNES)}")
+        if self.finetune not in FINETUNES:
+            raise ConfigError(f"plan: --finetune {self.finetune}: must be one of {', '.join(FINETUNES)}")
         if self.zero not in ZERO_STAGES:
             raise ConfigError(f"plan: --zero {self.zero}: must be 0 (torch engine), 2 or 3")
         if self.offload not in OFFLOADS:
             raise ConfigError(f"plan: --offload {self.offload}: must be one of {', '.join(OFFLOADS)}")
-        if self.method == "qlora" and self.zero:
-            raise ConfigError("plan: --method qlora runs on the torch engine: use --zero 0")
+        if self.finetune == "qlora" and self.zero:
+            raise ConfigError("plan: --finetune qlora runs on the torch engine: use --zero 0")
         if self.offload != "none" and self.zero == 0:
             raise ConfigError("plan: --offload needs DeepSpeed (--zero 2 or 3)")
         if self.offload == "params" and self.zero != 3:
             raise ConfigError("plan: --offload params needs --zero 3")
-        for k in ("gpus_per_node", "nodes", "seq_len", "micro_batch", "lora_r", "logit_chunk"):
+        for k in ("gpus_per_node", "nodes", "seq_len", "micro_batch", "lora_r", "logit_chunk", "max_length"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"plan: --{k.replace('_', '-')} must be >= 1")
+        if self.eval_batch < 1:
+            raise ConfigError("plan: --eval-batch must be >= 1")
         if self.gpu_mem_gb <= 0:
             raise ConfigError("plan: --gpu-mem must be > 0")
         if self.attention not in PLAN_ATTENTION:
@@ -194,53 +86,79 @@ class Setup:
             raise ConfigError("plan: --tree-keys must be >= 1 and --tree-mask >= 0")
 
 
+def budget(s: Setup) -> float:
+    """Usable bytes of one GPU (the card read as GiB, less the headroom)."""
+    return s.gpu_mem_gb * GIB * (1 - HEADROOM)
+
+
+def host_budget(s: Setup) -> float:
+    """Usable host bytes of one node."""
+    return s.cpu_mem_gb * GIB * (1 - HEADROOM)
+
+
 def _opt_bytes(optimizer: str) -> int:
     """Optimizer-state bytes per fp32 trainable parameter on the torch engine."""
     return 2 if "8bit" in optimizer else 8
 
 
+def gather(shape: Shape, s: Setup) -> float:
+    """ZeRO-3's all-gather / prefetch buffers: one layer gathered and the next prefetched (DeepSpeed: 4 bytes per
+    parameter of the largest layer)."""
+    return 4 * shape.largest_layer() if s.zero == 3 else 0
+
+
+def base_weights(shape: Shape, s: Setup) -> float:
+    """Per-GPU bytes of the model's own weights (no adapters) under the setup's sharding: NF4 projections for QLoRA,
+    the compute dtype otherwise; ZeRO-3 keeps 1 / GPUs of them plus the gather buffers (none with parameter
+    offload); the torch engine and ZeRO-2 keep all of them."""
+    P, b = shape.params(), s.bytes_per_el
+    if s.finetune == "qlora":  # nf4 (double quant) for projections, the compute dtype for the rest
+        lin = shape.linear_params()
+        return lin * NF4_BITS / 8 + (P - lin) * b
+    if s.zero == 3:
+        return (0 if s.offload == "params" else P * b / s.gpus) + gather(shape, s)
+    return P * b
+
+
+def adapter_params(shape: Shape, s: Setup) -> int:
+    """LoRA parameters (0 for full fine-tuning)."""
+    return shape.lora_params(s.lora_r, s.lora_targets) if s.finetune != "full" else 0
+
+
 def model_states(shape: Shape, s: Setup) -> dict[str, float]:
     """Per-GPU bytes of parameters, gradients and optimizer states (DeepSpeed's accounting)."""
-    P, n, b = shape.params(), s.gpus, s.bytes_per_el
-    gather = 4 * shape.largest_layer() if s.zero == 3 else 0  # ZeRO-3 all-gather / prefetch buffers
-    if s.method == "qlora":  # nf4 (double quant: 4.127 bits) for projections, bf16 for the rest; fp32 adapters
-        lin = shape.linear_params()
-        T = shape.lora_params(s.lora_r, s.lora_targets)
-        return {
-            "params": lin * 4.127 / 8 + (P - lin) * b + 4 * T,
-            "gradients": 4 * T,
-            "optimizer": _opt_bytes(s.optimizer) * T,
-        }
-    if s.method == "lora":
-        T = shape.lora_params(s.lora_r, s.lora_targets)
-        if s.zero == 0:
-            return {"params": P * b + 4 * T, "gradients": 4 * T, "optimizer": _opt_bytes(s.optimizer) * T}
-        base = P * b / (n if s.zero == 3 else 1) + gather
-        if s.offload == "params":
-            base = gather
-        off = s.offload != "none"
-        return {"params": base + 2 * T, "gradients": 0 if off else 6 * T / n, "optimizer": 0 if off else 12 * T / n}
-    if s.zero == 0:  # torch engine: weights, gradients and both Adam moments in the compute dtype
-        return {"params": P * b, "gradients": P * b, "optimizer": 2 * P * b}
-    if s.zero == 2:
-        off = s.offload != "none"
-        return {"params": 2 * P, "gradients": 0 if off else 6 * P / n, "optimizer": 0 if off else 12 * P / n}
-    params = 0 if s.offload == "params" else 2 * P / n
+    P, n = shape.params(), s.gpus
+    w, T = base_weights(shape, s), adapter_params(shape, s)
+    if s.finetune == "qlora" or (s.finetune == "lora" and s.zero == 0):  # fp32 adapters and their Adam states
+        return {"params": w + 4 * T, "gradients": 4 * T, "optimizer": _opt_bytes(s.optimizer) * T}
     off = s.offload != "none"
-    return {"params": params + gather, "gradients": 0 if off else 4 * P / n, "optimizer": 0 if off else 12 * P / n}
+    if s.finetune == "lora":  # DeepSpeed: bf16 adapters, fp32 master copies partitioned
+        return {"params": w + 2 * T, "gradients": 0 if off else 6 * T / n, "optimizer": 0 if off else 12 * T / n}
+    if s.zero == 0:  # torch engine: weights, gradients and both Adam moments in the compute dtype
+        return {"params": w, "gradients": w, "optimizer": 2 * w}
+    if s.zero == 2:
+        return {"params": w, "gradients": 0 if off else 6 * P / n, "optimizer": 0 if off else 12 * P / n}
+    return {"params": w, "gradients": 0 if off else 4 * P / n, "optimizer": 0 if off else 12 * P / n}
+
+
+def attention_bytes_per_token(shape: Shape, s: Setup, tree: bool) -> float:
+    """One layer's attention tensors per token: q and the output, plus the gathered (tree) or plain (flex) keys and
+    values, not repeated; or (dense, and plain causal attention) q, the repeated k and v, the output. And the
+    log-sum-exp."""
+    b, qd = s.bytes_per_el, shape.heads * shape.head_dim
+    if tree:
+        return 2 * qd * b + 2 * _key_rows(s) * shape.kv_heads * shape.head_dim * b + 4 * shape.heads
+    return 4 * qd * b + 4 * shape.heads
 
 
 def layer_bytes_per_token(shape: Shape, s: Setup) -> float:
-    """What autograd keeps per token for one decoder layer (see the module docstring)."""
-    b, h, qd = s.bytes_per_el, shape.hidden, shape.heads * shape.head_dim
+    """What autograd keeps per token for one decoder layer (see the package docstring)."""
+    b, h = s.bytes_per_el, shape.hidden
     norms = shape.norms_per_layer * (12 * h + 4)
-    if _tree(shape, s):  # q and the output, plus the gathered (tree) or plain (flex) keys and values, not repeated
-        attn = 2 * qd * b + 2 * _key_rows(s) * shape.kv_heads * shape.head_dim * b + 4 * shape.heads
-    else:  # q, the repeated k and v, the output
-        attn = 4 * qd * b + 4 * shape.heads
+    attn = attention_bytes_per_token(shape, s, _tree(shape, s))
     mlp = 4 * shape.intermediate * b
     extra = 0.0
-    if s.method in ("lora", "qlora"):
+    if s.finetune in ("lora", "qlora"):
         lin = shape.linears()
         targets = [t for t in s.lora_targets if t in lin]
         extra = len(targets) * s.lora_r * b  # lora_A outputs
@@ -259,6 +177,31 @@ def _key_rows(s: Setup) -> float:
     return max(s.tree_keys, 1.0) if s.attention == "tree" else 1.0
 
 
+def trie_masks(shape: Shape, s: Setup) -> tuple[float, float]:
+    """(the boolean masks of a micro-batch, the additive mask SDPA makes of them per layer) in bytes: tree, the
+    branch masks; dense, one [L x L] mask; flex, none."""
+    b, L, B = s.bytes_per_el, s.seq_len, s.micro_batch
+    if _tree(shape, s):
+        bool_mask = B * L * s.tree_mask if s.attention == "tree" else 0.0
+        return bool_mask, bool_mask * b
+    return B * L * L, B * L * L * b
+
+
+def eager_scores(shape: Shape, rows: int, length: int, b: int) -> float:
+    """Attention scores an eager model materialises per layer: scores, soft-capped, probabilities."""
+    return 3 * rows * shape.heads * length * length * b if shape.eager else 0.0
+
+
+def dequantised(shape: Shape, s: Setup) -> float:
+    """QLoRA: the largest projection dequantised for its matmul (0 otherwise)."""
+    return max(x * y for x, y in shape.linears().values()) * s.bytes_per_el if s.finetune == "qlora" else 0.0
+
+
+def lm_head(shape: Shape, s: Setup, tokens: int) -> float:
+    """The LM head over `logit_chunk` reply tokens at a time: logits, fp32 upcast, log-softmax, its gradient."""
+    return min(s.logit_chunk, tokens) * shape.vocab * (s.bytes_per_el + 12)
+
+
 def activations(shape: Shape, s: Setup, checkpointing: bool) -> dict[str, float]:
     """Per-GPU activation bytes of one micro-batch. The parts, and `peak`: what is held
     throughout backward (`saved`, the kept tree masks) plus the larger of the two phases that
@@ -266,13 +209,8 @@ def activations(shape: Shape, s: Setup, checkpointing: bool) -> dict[str, float]
     checkpointing: that layer recomputed, its mask, and the gradients flowing through it)."""
     b, h, L, B = s.bytes_per_el, shape.hidden, s.seq_len, s.micro_batch
     T = B * L
-    per_layer = T * layer_bytes_per_token(shape, s)
-    if _tree(shape, s):  # the branch masks (bool), and their additive form that SDPA saves with each layer
-        bool_mask = T * s.tree_mask if s.attention == "tree" else 0.0
-        mask_layer = bool_mask * b
-    else:  # one boolean [L x L] mask, and the additive [L x L] mask SDPA saves with each layer
-        bool_mask, mask_layer = B * L * L, B * L * L * b
-    per_layer += 3 * B * shape.heads * L * L * b if shape.eager else 0  # scores, soft-capped, probs
+    per_layer = T * layer_bytes_per_token(shape, s) + eager_scores(shape, B, L, b)
+    bool_mask, mask_layer = trie_masks(shape, s)
     # tree: the history key/value rows a layer gathers beyond one per token (part of per_layer already)
     extra_keys = T * 2 * (_key_rows(s) - 1) * shape.kv_heads * shape.head_dim * b if _tree(shape, s) else 0.0
     if checkpointing:
@@ -284,11 +222,8 @@ def activations(shape: Shape, s: Setup, checkpointing: bool) -> dict[str, float]
         recompute = 0.0
         kept_masks = bool_mask + shape.layers * mask_layer
     saved += T * (12 * h + 2 * shape.head_dim * b)  # final norm, rotary tables
-    working = T * 2 * (h + shape.intermediate) * b  # gradients flowing through one layer in backward
-    if s.method == "qlora":
-        working += 2 * max(x * y for x, y in shape.linears().values()) * b  # a dequantised weight, twice
-    chunk = min(s.logit_chunk, T)
-    head = chunk * shape.vocab * (b + 12)  # logits, fp32 upcast, log-softmax, its gradient
+    working = T * 2 * (h + shape.intermediate) * b + 2 * dequantised(shape, s)  # gradients through one layer
+    head = lm_head(shape, s, T)
     peak = saved + kept_masks + max(head, recompute + working)
     return {
         "saved": saved,
@@ -306,29 +241,29 @@ def plan(shape: Shape, s: Setup) -> dict:
     s.check()
     ms = model_states(shape, s)
     states = sum(ms.values())
-    budget = s.gpu_mem_gb * GIB * (1 - HEADROOM)
+    usable = budget(s)
     out = {
         "model": shape.name,
         "params": shape.params(),
         "setup": dataclasses.asdict(s),
         "per_gpu_gib": {k: v / GIB for k, v in ms.items()},
-        "budget_gib": budget / GIB,
+        "budget_gib": usable / GIB,
     }
-    if s.method in ("lora", "qlora"):
-        out["trainable_params"] = shape.lora_params(s.lora_r, s.lora_targets)
+    if s.finetune in ("lora", "qlora"):
+        out["trainable_params"] = adapter_params(shape, s)
     for ck in (False, True):
         a = activations(shape, s, ck)
         total = states + a["peak"]
         out["checkpointing" if ck else "no_checkpointing"] = {
             "activations_gib": {k: v / GIB for k, v in a.items()},
             "total_gib": total / GIB,
-            "fits": total <= budget,
+            "fits": total <= usable,
         }
     chosen = out["checkpointing" if s.checkpointing else "no_checkpointing"]
     out["total_gib"], out["fits"] = chosen["total_gib"], chosen["fits"]
     host = _cpu_offload(shape, s)
     out["cpu_offload_gib_per_node"] = host / GIB
-    out["host_fits"] = host <= s.cpu_mem_gb * GIB * (1 - HEADROOM)
+    out["host_fits"] = host <= host_budget(s)
     out["fits"] = out["fits"] and out["host_fits"]
     return out
 
@@ -337,14 +272,16 @@ def _cpu_offload(shape: Shape, s: Setup) -> float:
     """Host memory per node that offload needs (DeepSpeed: 16 or 18 bytes/param over the nodes, x1.5 buffers)."""
     if s.offload == "none":
         return 0.0
-    T = shape.params() if s.method == "full" else shape.lora_params(s.lora_r, s.lora_targets)
+    T = shape.params() if s.finetune == "full" else adapter_params(shape, s)
     return T * (18 if s.offload == "params" else 16) / s.nodes * 1.5
 
 
 def _candidates(s: Setup, same_gpus: bool = False):
     """Cheaper first: fewer GPUs, then no offload, then no checkpointing, then ZeRO-2 before 3."""
     # QLoRA: the torch engine only; full fine-tuning: ZeRO (DDP holds a whole optimizer state per GPU); LoRA: any
-    zeros = (0,) if s.method == "qlora" else tuple(z for z in ZERO_STAGES if z) if s.method == "full" else ZERO_STAGES
+    zeros = (
+        (0,) if s.finetune == "qlora" else tuple(z for z in ZERO_STAGES if z) if s.finetune == "full" else ZERO_STAGES
+    )
     gpn_options = sorted({g for g in (1, 2, 4, 8) if g <= max(8, s.gpus_per_node)} | {s.gpus_per_node})
     layouts = sorted(
         {(nodes, g) for nodes in (1, 2, 4, 8, 16, 32, 64) for g in gpn_options if nodes == 1 or g == max(gpn_options)},
@@ -381,15 +318,19 @@ def cheapest(shape: Shape, s: Setup, same_gpus: bool = False) -> dict | None:
     return None
 
 
+def engine_words(zero: int, offload: str) -> str:
+    return "torch engine" if zero == 0 else f"ZeRO-{zero}, offload {offload}"
+
+
 def _describe(best: dict) -> str:
-    eng = "torch engine" if best["zero"] == 0 else f"ZeRO-{best['zero']}, offload {best['offload']}"
     return (
-        f"{best['nodes']} node(s) x {best['gpus_per_node']} GPU(s), {eng}, "
+        f"{best['nodes']} node(s) x {best['gpus_per_node']} GPU(s), {engine_words(best['zero'], best['offload'])}, "
         f"checkpointing {'on' if best['checkpointing'] else 'off'} ({best['total_gib']:.1f} GiB per GPU)"
     )
 
 
 def format_plan(p: dict, best: dict | None, here: dict | None = None) -> str:
+    """The training table and the fastest and cheapest setups (cso_dist.plan.stages formats the other stages)."""
     s = p["setup"]
     eng = "torch engine (DDP)" if s["zero"] == 0 else f"DeepSpeed ZeRO-{s['zero']}, offload {s['offload']}"
     lines = [
@@ -397,10 +338,10 @@ def format_plan(p: dict, best: dict | None, here: dict | None = None) -> str:
         + (
             f", {p['trainable_params'] / 1e6:.1f} M trainable (LoRA r={s['lora_r']})" if "trainable_params" in p else ""
         ),
-        f"{s['method']} on {s['nodes']} node(s) x {s['gpus_per_node']} GPU(s) of {s['gpu_mem_gb']:g} GB, {eng}; "
+        f"{s['finetune']} on {s['nodes']} node(s) x {s['gpus_per_node']} GPU(s) of {s['gpu_mem_gb']:g} GB, {eng}; "
         f"micro-batch {s['micro_batch']} x {s['seq_len']} tokens",
         "",
-        f"{'per GPU (GiB)':<34}{'no checkpointing':>18}{'checkpointing':>16}",
+        f"{'training step, per GPU (GiB)':<34}{'no checkpointing':>18}{'checkpointing':>16}",
     ]
     for k, v in p["per_gpu_gib"].items():
         lines.append(f"  {k:<32}{v:>18.2f}{v:>16.2f}")
@@ -430,7 +371,7 @@ def format_plan(p: dict, best: dict | None, here: dict | None = None) -> str:
     lines.append("fastest setup on these GPUs: " + (_describe(here) if here else "none fits"))
     lines.append(
         "cheapest setup that fits (fewest GPUs; offload costs speed): "
-        + (_describe(best) if best else "none up to 64 nodes (lower --seq-len / --micro-batch, or another --method)")
+        + (_describe(best) if best else "none up to 64 nodes (lower --seq-len / --micro-batch, or another --finetune)")
     )
     return "\n".join(lines)
 
@@ -443,7 +384,7 @@ def setup_from_config(cfg) -> tuple[Shape, Setup]:
     zero, offload = ENGINES[cfg.dist.engine].sharding(cfg)
     m, t = cfg.model, cfg.train
     s = Setup(
-        method=m.finetune,
+        finetune=m.finetune,
         zero=zero,
         offload=offload,
         gpus_per_node=max(cfg.slurm.gpus_per_node, 1),
@@ -460,5 +401,11 @@ def setup_from_config(cfg) -> tuple[Shape, Setup]:
         logit_chunk=cfg.pack.logit_chunk,
         bytes_per_el=2 if m.precision == "bf16" else 4,
         attention="dense" if cfg.pack.attention == "dense" else "flex" if cfg.pack.attention == "flex" else "tree",
+        reference_cache=needs_reference(t.method) and t.reference == "cache",
+        max_length=cfg.data.max_length,
+        eval_batch=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        eval_served=cfg.eval.backend == "openai",
+        final=t.final,
     )
     return resolve_shape(cfg.plan.model), s

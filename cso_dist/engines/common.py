@@ -1,0 +1,62 @@
+"""What every engine shares: the base model's dropout off, cso_dist's optimizer and schedule (every engine runs the
+same AdamW), and a rank's parameter bytes when its parameters are whole."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cso_dist.config import TrainingConfig
+from cso_dist.errors import ConfigError
+
+
+def no_dropout(model) -> None:
+    """The base model's dropout off (policy and reference must score alike, as TRL's disable_dropout);
+    the adapters' own dropout (PEFT's `lora_dropout` modules, model.lora_dropout) stays as configured."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Dropout) and ".lora_dropout." not in f".{name}.":
+            m.p = 0.0
+    cfg = getattr(getattr(model, "module", model), "config", None)
+    if cfg is not None and hasattr(cfg, "attention_dropout"):
+        cfg.attention_dropout = 0.0
+
+
+def make_scheduler(optimizer, cfg: TrainingConfig, total: int):
+    warmup = int(cfg.train.warmup_ratio * total)
+    kind = cfg.train.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant" or total <= warmup:
+            return 1.0
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(params: list, cfg: TrainingConfig, cpu_offload: bool = False):
+    """AdamW (torch), bitsandbytes 8-bit / paged AdamW, or DeepSpeedCPUAdam under optimizer offload."""
+    t = cfg.train
+    if cpu_offload:
+        if t.optimizer != "adamw":
+            raise ConfigError(
+                f"train.optimizer: '{t.optimizer}' cannot run with DeepSpeed optimizer offload "
+                "(offload uses DeepSpeed's CPU Adam); use adamw"
+            )
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=t.lr, weight_decay=t.weight_decay, adamw_mode=True)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    import bitsandbytes.optim as bo
+
+    cls = {"adamw8bit": bo.AdamW8bit, "paged_adamw8bit": bo.PagedAdamW8bit, "paged_adamw": bo.PagedAdamW}[t.optimizer]
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def whole_param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters as this rank holds them whole (tied weights once; 4-bit weights packed)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
