@@ -124,10 +124,7 @@ def test_nothing_outside_the_engines_branches_on_an_engine_or_probes_deepspeed()
     """The engine seam (issue 37): before it, config, train, export, plan and engine.py branched on the engine's
     name, and scorer/device.py (ds_id), models/load.py (ds_numel) and engine.py probed DeepSpeed's attributes."""
     found = [
-        hit
-        for p in sorted(PKG.rglob("*.py"))
-        if "engines" not in p.relative_to(PKG).parts
-        for hit in _engine_leaks(p)
+        hit for p in sorted(PKG.rglob("*.py")) if "engines" not in p.relative_to(PKG).parts for hit in _engine_leaks(p)
     ]
     assert not found, "\n".join(found)
 
@@ -138,6 +135,22 @@ def test_the_check_finds_an_engine_branch_and_a_deepspeed_probe(tmp_path):
         'if cfg.dist.engine == "deepspeed":\n    pass\nz = hasattr(p, "ds_id")\nn = p.ds_numel\nok = lib == "torch"\n'
     )
     assert len(_engine_leaks(src)) == 3, _engine_leaks(src)
+
+
+def test_every_engine_offers_the_whole_protocol():
+    """Each engine of ENGINES defines every member of the Engine protocol (by name: the classes import their
+    frameworks only when constructed)."""
+    import importlib
+
+    from cso_dist.engines import ENGINES, Engine
+
+    members = {n for n in vars(Engine) if not n.startswith("_")} | set(Engine.__annotations__)
+    assert {"score", "reference", "collective", "checkpoint_weights", "final"} <= members
+    for spec in ENGINES.values():
+        cls = importlib.import_module(f"cso_dist.engines.{spec.module}").ENGINE
+        assert cls.kind == spec.name
+        missing = [m for m in members if not hasattr(cls, m) and m not in ("module", "device", "collective")]
+        assert not missing, (spec.name, missing)  # module, device, collective: set per instance
 
 
 def _literal_sets(path: Path) -> list[tuple[frozenset, str]]:

@@ -27,8 +27,8 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, esconv_dir):
     """5 train and 3 valid ESConv dialogues; a model whose decoder layers outweigh its embeddings (8 layers of
-    hidden 128 and MLP 1,024 over the 4,096-token BPE: a layer is 1.8 MB, each embedding matrix 2.1 MB, the model
-    18.4 MB), so that "half the model plus one layer" is well below the whole."""
+    hidden 128 and MLP 1,024 over the 4,096-token BPE, tied embeddings: a layer is 1.8 MB, the embedding matrix
+    2.1 MB, the model 16.3 MB in fp32), so that "half the model plus one layer" is well below the whole."""
     root = tmp_path_factory.mktemp("sharded")
     tiny_run_data(root, esconv_dir, n_train=5, n_valid=3)
     from cso_dist.models import load_tokenizer
@@ -80,10 +80,16 @@ def assert_sharded(held: dict, unit: int, world: int = 2) -> float:
     return round(peak / whole, 3)
 
 
-def test_zero3_precompute_equals_one_process_and_holds_half(root):
-    one = over(root, "pc-one", zero3=False)
+@pytest.fixture(scope="module")
+def one(root) -> dict:
+    """The reference cache of one process on the torch engine: what every sharded cache is compared with."""
+    o = over(root, "pc-one", zero3=False)
+    assert run_cli("precompute", *argv(o), env=ONE_THREAD).returncode == 0
+    return o
+
+
+def test_zero3_precompute_equals_one_process_and_holds_half(root, one):
     two = over(root, "pc-z3", zero3=True)
-    assert run_cli("precompute", *argv(one), env=ONE_THREAD).returncode == 0
     t0 = time.time()
     out = launch(["precompute", *argv(two)])
     secs = time.time() - t0
@@ -121,9 +127,11 @@ def test_zero3_likelihood_eval_equals_one_process_and_holds_half(root):
     out = launch(_eval_args(two, "likelihood", root / "lik-z3.jsonl"))
     a, b = _pred(root, "lik-one.jsonl"), _pred(root, "lik-z3.jsonl")
     assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) > 10  # one file, the split's order
+    tol = 1e-4  # above fp32's bound for a prefix of <= 9 tokens (2 * 9 * 2^-24 * |log-prob| ~ 3e-5 at 30 nats)
     for x, y in zip(a, b):
-        assert all(abs(x["scores"][s] - y["scores"][s]) < 1e-4 for s in x["scores"]), x["id"]
-        assert x["pred_strategy"] == y["pred_strategy"] or max(x["scores"].values()) - min(x["scores"].values()) < 1e-4
+        assert all(abs(x["scores"][s] - y["scores"][s]) < tol for s in x["scores"]), x["id"]
+        top = sorted(x["scores"].values())
+        assert x["pred_strategy"] == y["pred_strategy"] or top[-1] - top[-2] < 2 * tol, x["id"]  # or a near tie
     unit = layer_bytes(root / "wide")
     lines = [line for line in out.stdout.splitlines() if line.startswith("eval rank ")]
     assert len(lines) == 2, out.stdout[-2000:]
@@ -190,3 +198,17 @@ def test_zero3_training_with_the_live_reference_equals_one_process_and_holds_hal
     ratios = [assert_sharded(h, unit) for h in summary["param_bytes"]]
     assert len(ratios) == 2 and math.isfinite(summary["loss"])
     print(f"ZeRO-3 LoRA with the live reference: max relative loss difference {worst:.2e}; peak/whole {ratios}")
+
+
+def test_zero3_training_computes_a_missing_cache_first_then_trains(root, one):
+    """`train` under ZeRO-3 with no reference cache: the ranks compute it together through a scoring engine, release
+    it, and train on it; the cache equals the one precompute wrote (same key, same values)."""
+    two = over(root, "first-z3", True, **{"train.max_steps": 1, "train.grad_accum": 1})
+    out = launch(["train", *argv(two)])
+    assert "running precompute first (2 ranks)" in out.stdout and "deepspeed engine on 2 ranks" in out.stdout
+    cfg, want = cfg_of(two), cfg_of(one)
+    for split in ("train", "eval"):
+        key = cache_key(cfg, split)
+        got, ref = load_reference(cfg, key, split), load_reference(want, key, split)
+        assert got.keys() == ref.keys() and all(abs(got[k][0] - ref[k][0]) <= summed_logp_tol(*ref[k]) for k in ref)
+    assert json.loads((root / "first-z3" / "summary.json").read_text())["steps"] == 1

@@ -61,6 +61,9 @@ def data(tmp_path_factory, esconv_dir):
     return root
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as each task of a job runs (slurm.cpus_per_task 1)
+
+
 def overrides(root: Path, name: str, **over) -> dict:
     return run_overrides(
         root, name, **{"slurm.gpus_per_node": 0, "slurm.cpus_per_task": 1, "slurm.time_min": 10, **over}
@@ -89,8 +92,8 @@ def losses(run_dir) -> list[tuple]:
 
 
 def test_sbatch_dry_run_renders_every_template_without_secrets(data, tmp_path):
-    for template in ("train", "qlora", "precompute", "sweep"):
-        extra = ["--sweep", "train.beta=0.1,0.2"] if template == "sweep" else []
+    for template in ("train", "qlora", "precompute", "eval", "sweep"):
+        extra = {"sweep": ["--sweep", "train.beta=0.1,0.2"], "eval": ["--split", "valid"]}.get(template, [])
         proc = run_cli(
             "launch",
             "sbatch",
@@ -121,6 +124,14 @@ def test_sbatch_dry_run_renders_every_template_without_secrets(data, tmp_path):
             assert "#SBATCH --nodes=2" in text and "--nproc_per_node=8" in text and "--signal=B:USR1@" in text
         if template == "sweep":
             assert "#SBATCH --array=0-1%" in text
+        if template in ("precompute", "eval"):  # one task per GPU, each a rank
+            assert "#SBATCH --ntasks-per-node=8" in text and "--signal" not in text
+        if template == "eval":
+            assert "cso_dist.cli eval generate" in text and "--split=valid" in text
+    wrong = run_cli(
+        "launch", "sbatch", "--template", "train", "--split", "test", "--dry-run", *argv(overrides(data, "x"))
+    )
+    assert wrong.returncode == 2 and "--split goes with --template eval" in wrong.stderr
 
 
 def test_sbatch_two_node_deepspeed_job_completes(slurm, data):
@@ -341,6 +352,23 @@ def test_sbatch_precompute_on_two_nodes_equals_one_process(slurm, data):
     c1, c2 = cfg_of(one), cfg_of(two)
     a, b = load_reference(c1, cache_key(c1)), load_reference(c2, cache_key(c2))
     assert a.keys() == b.keys() and a == b  # the same shards on one thread each: the same bits
+
+
+def test_sbatch_eval_on_two_nodes_writes_the_pred_file_of_one_process(slurm, data):
+    """The eval template: srun one task per node, each rank its share of the turns, one PRED file in the split's
+    order, equal to one process's."""
+    over = overrides(data, "ev-2", **{"eval.max_dialogues": 2, "eval.max_new_tokens": 6, "eval.batch_size": 1})
+    valid = data / "valid.jsonl"
+    one, two = data / "ev-1.jsonl", data / "ev-2.jsonl"
+    args = ["--data", valid, "--mode", "generate"]
+    assert run_cli("eval", "generate", *argv(local_only(over)), *args, "--out", one, env=ONE_THREAD).returncode == 0
+    proc = run_cli("launch", "sbatch", "--template", "eval", "--nodes", 2, "--data", valid, "--out", two, *argv(over))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    assert wait_job(job) == "COMPLETED"
+    log = next((data / "ev-2" / "slurm").glob("*.out")).read_text()
+    assert "on 2 ranks" in log, log[-2000:]
+    assert two.read_text() == one.read_text() and len(one.read_text().splitlines()) > 5
 
 
 def test_sbatch_sweep_array_runs_every_grid_point(slurm, data):

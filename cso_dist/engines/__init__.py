@@ -75,10 +75,8 @@ class Engine(Protocol):
     def load(self, path: Path) -> dict: ...
     def final(self, out: Path, tokenizer) -> Path: ...
     def close(self) -> None: ...  # release what the engine set up globally (DeepSpeed's HF config)
-
-
-def spec(name: str) -> EngineSpec:
-    return ENGINES[name]
+    @staticmethod
+    def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]: ...  # a checkpoint's weights, consolidated
 
 
 def shards_weights(cfg) -> bool:
@@ -97,7 +95,6 @@ __all__ = [
     "checkpoint_weights",
     "export_checkpoint",
     "shards_weights",
-    "spec",
 ]
 __getattr__ = lazy_exports(
     __name__, dict.fromkeys(("build_engine", "build_scorer", "checkpoint_weights", "export_checkpoint"), "build")

@@ -310,7 +310,8 @@ def _precompute_split(
                 print(f"{d}: shard {i}: {e}; recomputing", flush=True)
             todo.append(i)
     # a collective engine (ZeRO-3) loads and scores on every rank together, also on ranks with nothing to do
-    if dist.any_true(bool(todo)) if shards_weights(cfg) else todo:
+    together = shards_weights(cfg)
+    if dist.any_true(bool(todo)) if together else todo:
         engine = get_engine()
         laid = None
         if todo:
@@ -322,6 +323,8 @@ def _precompute_split(
             except ValueError as e:
                 raise CsoError(str(e)) from None
         _score_shards(d, todo, plan, laid, engine, cfg, kd, inputs.split, progress, rep)
+    if together:
+        dist.barrier()  # every rank's shards are written: the cache is complete for all of them at once
     rep.complete = _finalize(d, man, kd)
     missing = len(rep.computed) - len(rep.invalid)
     what = f"; {held(rep.param_bytes)}" if rep.param_bytes else ""
