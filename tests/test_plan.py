@@ -441,16 +441,9 @@ def test_export_host_memory():
 def test_served_generation_is_not_counted_and_names_the_vllm_line():
     """eval.backend openai: generation runs on the user's server; the line serves the model at the smallest
     tensor-parallel size where (weights + the batch's KV cache) / TP fits the card."""
-    p = _plan_json(
-        "--config",
-        "configs/llama3.1-70b-zero3.yaml",
-        "--eval.backend",
-        "openai",
-        "--eval.endpoint",
-        "http://gpu01:8000/v1",
-        "--eval.served_model",
-        "llama",
-    )
+    served = ["--config", "configs/llama3.1-70b-zero3.yaml", "--eval.backend", "openai"]
+    served += ["--eval.endpoint", "http://gpu01:8000/v1", "--eval.served_model", "llama"]
+    p = _plan_json(*served)
     g = p["stages"]["eval_generate"]
     shape = PRESETS["70b"]
     need = shape.params() * 2 + 16 * (4096 + 64) * 80 * 2 * 8 * 128 * 2
@@ -458,17 +451,7 @@ def test_served_generation_is_not_counted_and_names_the_vllm_line():
     assert g["served"] is True and g["fits"] is True and g["per_gpu_gib"] == 0 and g["fix"] is None
     assert g["serve"] == "vllm serve meta-llama/Llama-3.1-70B-Instruct --tensor-parallel-size 4 --max-model-len 4160"
     assert g["server_per_gpu_gib"] == pytest.approx(need / 4 / GIB)
-    text = run_cli(
-        "plan",
-        "--config",
-        "configs/llama3.1-70b-zero3.yaml",
-        "--eval.backend",
-        "openai",
-        "--eval.endpoint",
-        "http://gpu01:8000/v1",
-        "--eval.served_model",
-        "llama",
-    ).stdout
+    text = run_cli("plan", *served).stdout
     assert "served, not on these GPUs: vllm serve meta-llama/Llama-3.1-70B-Instruct --tensor-parallel-size 4" in text
     # a QLoRA run whose model does not fit the card even one prompt at a time: the fix is the served backend
     q = _plan_json("--model", "70b", "--finetune", "qlora", "--gpus-per-node", "1", "--gpu-mem", "40")

@@ -3,6 +3,7 @@ same AdamW), and a rank's parameter bytes when its parameters are whole."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -60,3 +61,8 @@ def make_optimizer(params: list, cfg: TrainingConfig, cpu_offload: bool = False)
 def whole_param_bytes(model: torch.nn.Module) -> int:
     """Bytes of a model's parameters as this rank holds them whole (tied weights once; 4-bit weights packed)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def adapter_off(model: torch.nn.Module):
+    """The context a model's reference is scored in: its LoRA adapter disabled (a model without one is its own)."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()

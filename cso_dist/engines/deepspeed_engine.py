@@ -26,7 +26,7 @@ from cso_dist import dist
 from cso_dist.checkpoint import list_checkpoints, seal, write_failed
 from cso_dist.config import TrainingConfig
 from cso_dist.dist import World
-from cso_dist.engines.common import make_optimizer, make_scheduler, no_dropout, whole_param_bytes
+from cso_dist.engines.common import adapter_off, make_optimizer, make_scheduler, no_dropout, whole_param_bytes
 from cso_dist.engines.dsconfig import offload_of, read_ds_config
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.export import model_from_state_dict, save_final
@@ -206,7 +206,8 @@ class DeepSpeedEngine:
         return self.net(batch, n_chunks)
 
     def reference(self):
-        return self.module.disable_adapter() if hasattr(self.module, "disable_adapter") else contextlib.nullcontext()
+        """The live reference: the adapter disabled."""
+        return adapter_off(self.module)
 
     def generate_kwargs(self) -> dict:
         """ZeRO-3: every rank runs generate() until all are done (each step gathers the layers collectively)."""

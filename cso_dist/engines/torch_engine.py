@@ -13,7 +13,7 @@ from cso_dist import dist
 from cso_dist.checkpoint import load_checkpoint, save_checkpoint
 from cso_dist.config import TrainingConfig
 from cso_dist.dist import World
-from cso_dist.engines.common import make_optimizer, make_scheduler, no_dropout, whole_param_bytes
+from cso_dist.engines.common import adapter_off, make_optimizer, make_scheduler, no_dropout, whole_param_bytes
 from cso_dist.errors import CsoError
 from cso_dist.export import save_final
 from cso_dist.inputs import model_dir
@@ -83,8 +83,8 @@ class TorchEngine:
         return self.scorer(batch, n_chunks)
 
     def reference(self):
-        """The live reference: the adapter disabled (a model without one is its own reference)."""
-        return self.module.disable_adapter() if hasattr(self.module, "disable_adapter") else contextlib.nullcontext()
+        """The live reference: the adapter disabled."""
+        return adapter_off(self.module)
 
     def generate_kwargs(self) -> dict:
         return {}
