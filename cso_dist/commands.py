@@ -381,6 +381,7 @@ def cmd_eval_generate(args, extra) -> int:
     cfg = _config(args, extra, "training")
     name = Path(args.data).stem if args.data else args.split  # a data file's rows are named after the file
     out = Path(args.out) if args.out else Path(cfg.run.out_dir) / "eval" / f"pred-{name}-{cfg.eval.mode}.jsonl"
+    not_an_input(str(out), args.data or "")
     run_generate(cfg, args.split, out, cfg.eval.mode, args.data or "")
     return 0
 

@@ -180,10 +180,10 @@ def run_generate(
     served = served_origin(cfg, client) if client is not None else None
     origin = pred_origin(cfg, split, mode, data_file, out.parent / ".filehashes.json", served)
     dist.init(world, cfg.dist.timeout_minutes)
-    with contextlib.ExitStack() as held:
+    with contextlib.ExitStack() as stack:
 
         def claim() -> None:  # one writer per PRED file: the job's rank 0 holds it for every rank
-            held.enter_context(one_writer(out.parent / f".{out.name}.lock", "cso-dist eval generate"))
+            stack.enter_context(one_writer(out.parent / f".{out.name}.lock", "cso-dist eval generate"))
             check_origin(out, origin)
 
         dist.on_main(world, claim)
@@ -222,14 +222,14 @@ def _generate_into(
     size = cfg.eval.batch_size
     batches = [mine[k : k + size] for k in range(0, len(mine), size)]
     tok, part = renderer.tokenizer, open_part(out, world.rank)
-    with contextlib.ExitStack() as held_open:
+    with contextlib.ExitStack() as stack:
         if client is not None:
             forwards = len(batches)
 
             def answer(prompts: list[list[int]]) -> list[str]:
                 return served_texts(cfg, tok, prompts, client)
         else:
-            engine = held_open.enter_context(contextlib.closing(build_scorer(cfg, world, device=device)))
+            engine = stack.enter_context(contextlib.closing(build_scorer(cfg, world, device=device)))
             forwards, _ = lockstep(engine, len(batches), 0)
             kw = {**sampling_options(cfg), **engine.generate_kwargs()}
 
