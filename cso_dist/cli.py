@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     la = sub.add_parser("launch", help="run on Slurm: a rendered sbatch script, or submitit runs and sweeps")
     lsub = la.add_subparsers(dest="launch_command", required=True)
     for name, helptext in (
-        ("sbatch", "render a slurm/ template to <run>/slurm/*.sbatch and submit it"),
+        ("sbatch", "render a job template (--template) to <run>/slurm/*.sbatch and submit it"),
         ("submitit", "submit a run or a sweep (job array) with submitit and collect the results"),
     ):
         lp = lsub.add_parser(name, help=helptext)

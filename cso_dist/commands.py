@@ -36,10 +36,60 @@ def _config(args: argparse.Namespace, extra: list[str], family: str) -> Config:
 
 
 def not_an_input(out: str, *inputs: str) -> None:
-    """--out must not replace an input of the same command."""
+    """--out must not replace an input of the same command: the same file, by any path to it (a link, another
+    spelling: the same inode)."""
     for i in inputs:
-        if i and Path(i).exists() and Path(out).exists() and Path(out).resolve() == Path(i).resolve():
-            raise CsoError(f"--out {out} is this command's input; write to another file")
+        if i and Path(i).exists() and Path(out).exists() and os.path.samefile(out, i):
+            raise CsoError(f"--out {out} is this command's input {i}; write to another file")
+
+
+def _first_row(path: Path) -> dict | None:
+    """The first non-empty line of a text file as a JSON object, else None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    return row if isinstance(row, dict) else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return None
+
+
+def jsonl_of(*keys: str):
+    """An existing output is this command's own when its first row holds `keys` (an empty file is anyone's)."""
+
+    def own(path: Path) -> bool:
+        if path.is_file() and path.stat().st_size == 0:
+            return True
+        row = _first_row(path) if path.is_file() else None
+        return row is not None and all(k in row for k in keys)
+
+    return own
+
+
+def json_list(path: Path) -> bool:
+    """An ESC-Pro file (a JSON list of records) as the MCTS commands write it."""
+    try:
+        return path.is_file() and path.read_text(encoding="utf-8", errors="replace").lstrip()[:1] in ("[", "")
+    except OSError:
+        return False
+
+
+def folder_of(*names: str):
+    """An existing output folder is this command's own when it is empty or holds one of `names`."""
+    return lambda path: path.is_dir() and (not any(path.iterdir()) or any((path / n).exists() for n in names))
+
+
+def own_output(out: str | Path, own, what: str) -> Path:
+    """A user-named output that exists is replaced only when it is this command's own kind of file (`own`), so no
+    command cuts or deletes a file it did not write; checked before anything is opened for writing."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if out.is_symlink() or not own(out):
+            kind = "a link" if out.is_symlink() else "a folder" if out.is_dir() else "a file"
+            raise CsoError(f"--out {out}: exists and is {kind} that is not {what}; give another path or remove it")
+    return out
 
 
 def _print_kv(title: str, d: dict, indent: str = "  ") -> None:
@@ -63,6 +113,7 @@ def cmd_data_build(args, extra) -> int:
 
     cfg = _config(args, extra, "data")
     t0 = time.time()
+    own_output(args.out, jsonl_of("id", "messages"), "a preference-dialogue file")
     dialogues, report = build_dialogues(cfg.data)
     not_an_input(args.out, report.input)
     if cfg.data.negatives and cfg.data.negatives_from.startswith("generated"):
@@ -121,6 +172,7 @@ def cmd_data_pairs(args, extra) -> int:
     from cso_dist.data.strategies import resolve_strategy_set
 
     not_an_input(args.out, args.file)
+    own_output(args.out, jsonl_of("messages"), "a file of pair rows")
     sset = resolve_strategy_set(args.strategies or "auto", None)
     dialogues = read_dialogues(args.file, None if args.strategies in (None, "auto") else sset)
     if args.strategies in (None, "auto"):
@@ -214,6 +266,8 @@ def cmd_precompute(args, extra) -> int:
 def cmd_cache_export(args, extra) -> int:
     from cso_dist.refcache import export_cache
 
+    not_an_input(args.out, args.cache)
+    own_output(args.out, jsonl_of("pair_id", "chosen_logp"), "an exported reference cache")
     n = export_cache(args.cache, args.out)
     print(f"wrote {n} pair rows to {args.out}")
     return 0
@@ -239,6 +293,7 @@ def cmd_train(args, extra) -> int:
 def cmd_export(args, extra) -> int:
     from cso_dist.engines import export_checkpoint
 
+    own_output(args.out, folder_of("config.json", "adapter_config.json"), "a model folder")
     export_checkpoint(Path(args.checkpoint), Path(args.out), args.final)
     return 0
 
@@ -247,15 +302,14 @@ def cmd_export(args, extra) -> int:
 
 
 def cmd_launch_sbatch(args, extra) -> int:
-    from cso_dist.launch import parse_grid, sweep_runs
+    from cso_dist.launch import sweep_points
     from cso_dist.launch.sbatch import submit, write_job
 
     cfg = _config(args, extra, "launch")
     template = args.template or ("sweep" if args.sweep else "train")
     sweep = None
-    if template == "sweep":
-        runs = sweep_runs(cfg, parse_grid(args.sweep or []))
-        sweep = [[f"--{k}={v}" for k, v in over.items()] for _, over in runs]
+    if template == "sweep":  # every point loaded as its array task will load it, before anything is written
+        sweep = [[f"--{k}={v}" for k, v in over.items()] for _, over, _ in sweep_points(cfg, args.sweep or [])]
     elif args.sweep:
         raise CsoError("launch sbatch: --sweep goes with --template sweep")
     # the job's own paths: a relative --data / --out is taken from here, not from the job's working folder
@@ -275,14 +329,14 @@ def cmd_launch_sbatch(args, extra) -> int:
 
 
 def cmd_launch_submitit(args, extra) -> int:
-    from cso_dist.launch import collect, parse_grid, submit_run, submit_sweep, table
+    from cso_dist.launch import collect, submit_run, submit_sweep, table
     from cso_dist.launch.jobs import write_results
 
     cfg = _config(args, extra, "launch")
     if args.dry_run:
         return _submitit_dry_run(cfg, args)
     if args.sweep:
-        runs = submit_sweep(cfg, parse_grid(args.sweep), args.cluster, verbose=True)
+        runs = submit_sweep(cfg, args.sweep, args.cluster, verbose=True)
         done = [r.name for r in runs if r.job is None]
         if done:
             print(f"finished before (not submitted): {', '.join(done)}")
@@ -300,11 +354,9 @@ def cmd_launch_submitit(args, extra) -> int:
 
 def _submitit_dry_run(cfg, args) -> int:
     """What `launch submitit` would submit (each run, its folder and resources); nothing is submitted or written."""
-    from cso_dist.launch import parse_grid
-    from cso_dist.launch.jobs import TrainJob, run_config, sweep_runs
+    from cso_dist.launch.jobs import TrainJob, sweep_points
 
-    items = [(n, run_config(cfg, o)) for n, o in sweep_runs(cfg, parse_grid(args.sweep))] if args.sweep else []
-    items = items or [(Path(cfg.run.out_dir).name, cfg)]
+    items = [(n, c) for n, _, c in sweep_points(cfg, args.sweep)] if args.sweep else [(Path(cfg.run.out_dir).name, cfg)]
     s, todo = cfg.slurm, 0
     for name, c in items:
         done = TrainJob().finished(c) is not None
@@ -325,6 +377,8 @@ def cmd_mcts_build(args, extra) -> int:
     from cso_dist.mcts.build import build, format_report, parse_shard
 
     cfg = _config(args, extra, "mcts")
+    not_an_input(args.out, args.seeds)
+    own_output(args.out, json_list, "an ESC-Pro file")
     r = build(cfg, args.seeds, args.out, parse_shard(args.shard))
     print(format_report(r))
     return 0
@@ -333,6 +387,8 @@ def cmd_mcts_build(args, extra) -> int:
 def cmd_mcts_merge(args, extra) -> int:
     from cso_dist.mcts.build import merge
 
+    not_an_input(args.out, *args.parts)
+    own_output(args.out, json_list, "an ESC-Pro file")
     print(f"wrote {merge(args.parts, args.out)} ESC-Pro records to {args.out}")
     return 0
 
@@ -340,6 +396,7 @@ def cmd_mcts_merge(args, extra) -> int:
 def cmd_mcts_draw(args, extra) -> int:
     from cso_dist.mcts.draw import draw_tree
 
+    own_output(args.out, lambda p: p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "a PNG picture")
     print(f"wrote {draw_tree(args.tree, args.out, args.max_depth)}")
     return 0
 
@@ -349,6 +406,8 @@ def cmd_mcts_submit(args, extra) -> int:
     from cso_dist.mcts.launch import collect_build, submit_build
 
     cfg = _config(args, extra, "mcts")
+    not_an_input(args.out, args.seeds)
+    own_output(args.out, json_list, "an ESC-Pro file")
     jobs, parts = submit_build(cfg, args.seeds, args.out, args.tasks, args.cluster)
     print(f"submitted {len(jobs)} array tasks: " + " ".join(str(j.job_id) for j in jobs))
     if args.no_wait:
@@ -382,6 +441,7 @@ def cmd_eval_generate(args, extra) -> int:
     name = Path(args.data).stem if args.data else args.split  # a data file's rows are named after the file
     out = Path(args.out) if args.out else Path(cfg.run.out_dir) / "eval" / f"pred-{name}-{cfg.eval.mode}.jsonl"
     not_an_input(str(out), args.data or "")
+    own_output(out, jsonl_of("id", "pred_strategy"), "a PRED file")
     run_generate(cfg, args.split, out, cfg.eval.mode, args.data or "")
     return 0
 
@@ -390,7 +450,7 @@ def cmd_eval_report(args, extra) -> int:
     from cso_dist.data.strategies import load_strategy_set
     from cso_dist.eval.report import run_report
 
-    out = Path(args.out) if args.out else Path(args.runs[0]) / "report"
+    out = own_output(Path(args.out) if args.out else Path(args.runs[0]) / "report", folder_of("report.md"), "a report")
     groups = {}
     for g in args.group or []:
         name, sep, runs = g.partition("=")
@@ -480,6 +540,9 @@ def cmd_config_reference(args, extra) -> int:
     no_extra(extra, "config reference")
     text = reference_markdown()
     if args.out:
+        own_output(
+            args.out, lambda p: p.is_file() and p.read_bytes().startswith(text.encode()[:40]), "a config reference"
+        )
         atomic_write_text(Path(args.out), text)
         print(f"wrote {args.out}")
     else:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 from cso_dist.configfile import (  # noqa: F401 - parse_overrides, choices, help_of: public here
     _apply,
     _check,
+    _check_seed,
     _control,
     _nest,
     _parse_value,
@@ -35,7 +36,7 @@ from cso_dist.engines.dsconfig import SHIPPED as SHIPPED_DS
 from cso_dist.engines.dsconfig import ZERO_STAGES
 from cso_dist.errors import ConfigError
 from cso_dist.losses import NAMES as LOSS_METHODS
-from cso_dist.models import BACKENDS, FINETUNES, PRECISIONS, TINY_ARCHS, TINY_TOKENIZERS
+from cso_dist.models import BACKENDS, FINETUNES, PRECISIONS, TINY_ARCHS, TINY_TOKENIZERS, hub
 from cso_dist.pack import LAYOUTS
 from cso_dist.scorer import ATTENTION
 
@@ -58,7 +59,7 @@ class LoraSettings:
 @dataclass
 class DataConfig:
     source: Literal[SOURCES] = setting("esconv", "the input's format")
-    input: str = setting("", 'file or folder; "" = ESConv from the data dir (cso_dist.paths.data_dir)')
+    input: str = setting("", 'file or folder; "" = ESConv from the data dir (cso_dist.paths.data_dir)', path=True)
     split: str = setting("train", "ESConv split: train, valid or test")
     negatives: int = setting(3, "ESConv: non-preferred options per supporter turn")
     negatives_from: Literal[NEGATIVES_FROM] = setting(
@@ -67,21 +68,25 @@ class DataConfig:
         "generated (a model writes them for the same history), generated-both (the preferred reply too)",
     )
     generator: str = setting(
-        "", 'generated*: the model that writes the replies (folder or Hub id; "" = the base model, model.path)'
+        "",
+        'generated*: the model that writes the replies (folder or Hub id; "" = the base model, model.path)',
+        path=True,
     )
     generate_max_tokens: int = setting(64, "generated*: most tokens of a written reply")
     seed: int = setting(0, "ESConv: seed of the negative selection")
     strategies: str = setting(
-        "auto", "auto (ESConv: esconv; else the named set the file uses), esconv, escpro, or a file"
+        "auto", "auto (ESConv: esconv; else the named set the file uses), esconv, escpro, or a file", path=True
     )
     aliases: bool = setting(False, 'map known label variants ("Questions" -> "Question")')
     skip_invalid: bool = setting(False, "skip invalid records and report them (else the first one is an error)")
     context_seeker_messages: int = setting(2, "ESConv negatives: seeker messages used as retrieval context")
     pool: int = setting(20, "ESConv negatives: most similar candidates to choose from")
-    chat_template: str = setting("auto", "auto (tokenizer's own), chatml, llama3, gemma2, or a Jinja file")
+    chat_template: str = setting("auto", "auto (tokenizer's own), chatml, llama3, gemma2, or a Jinja file", path=True)
     max_length: int = setting(2048, "tokens per turn example: history is cut oldest-first, never the target")
 
     def validate(self) -> None:
+        _check_seed(self.seed, "data.seed")
+        hub.check(self.generator, "config: data.generator")
         _check(self.negatives >= 0, "data.negatives", "must be >= 0")
         _check(self.generate_max_tokens >= 1, "data.generate_max_tokens", "must be >= 1")
         _check(
@@ -110,7 +115,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     path: str = setting(
-        "", "HF model folder, or a Hub id (org/name) read from the HF cache (required; demo and study set their own)"
+        "",
+        "HF model folder, or a Hub id (org/name) read from the HF cache (required; demo and study set their own)",
+        path=True,
     )
     revision: str = setting("", 'for a Hub id: the branch, tag or commit to use ("" = main)')
     finetune: Literal[FINETUNES] = setting(
@@ -131,6 +138,7 @@ class ModelConfig:
     )
 
     def validate(self) -> None:
+        hub.check(self.path, "config: model.path")
         _check(self.lora_r >= 1, "model.lora_r", "must be >= 1")
         _check(0.0 <= self.lora_dropout < 1.0, "model.lora_dropout", "must be in [0, 1)")
         _check(bool(self.lora_target_modules), "model.lora_target_modules", "must not be empty")
@@ -170,8 +178,10 @@ class PackConfig:
 @dataclass
 class TrainConfig:
     method: Literal[LOSS_METHODS] = setting("dpo", "the training method (cso_dist.losses.REGISTRY)")
-    train_file: str = setting("", 'preference dialogues (data build output); "" = <run.out_dir>/data/train.jsonl')
-    eval_file: str = setting("", 'held-out dialogues for periodic evaluation; "" = none')
+    train_file: str = setting(
+        "", 'preference dialogues (data build output); "" = <run.out_dir>/data/train.jsonl', path=True
+    )
+    eval_file: str = setting("", 'held-out dialogues for periodic evaluation; "" = none', path=True)
     max_dialogues: int = setting(0, "use only the first N dialogues of train_file (0 = all)")
     eval_max_dialogues: int = setting(0, "use only the first N dialogues of eval_file (0 = all)")
     beta: float = setting(-1.0, "-1 = the method's default (its loss function's beta; cso_dist.losses.REGISTRY)")
@@ -197,7 +207,7 @@ class TrainConfig:
     eval_every: int = setting(0, "0 = only at the end (when eval_file is set)")
     save_every: int = setting(0, "0 = only the final output")
     keep_last: int = setting(2, "checkpoints kept (older ones are deleted)")
-    ref_cache: str = setting("", '"" = <run.out_dir>/refcache')
+    ref_cache: str = setting("", '"" = <run.out_dir>/refcache', path=True)
     final: Literal["merged", "adapter"] = setting("merged", "LoRA/QLoRA final output")
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"] = setting(
         "adamw", "8-bit/paged: bitsandbytes"
@@ -247,7 +257,9 @@ class DistConfig:
         "training, precompute and evaluation alike)",
     )
     deepspeed_config: str = setting(
-        "zero3", f"{' | '.join(SHIPPED_DS)} (cso_dist/engines/ds_configs/) or a JSON path (dist.engine deepspeed)"
+        "zero3",
+        f"{' | '.join(SHIPPED_DS)} (cso_dist/engines/ds_configs/) or a JSON path (dist.engine deepspeed)",
+        path=True,
     )
     zero_stage: int = setting(0, "0 = as in the JSON; 2 or 3 overrides it")
     timeout_minutes: int = setting(60, "collective timeout of the process group")
@@ -365,7 +377,9 @@ class StudyConfig:
         "with several, each loss runs on each (named <loss>@<source>); SFT always trains on the gold replies",
         factory=lambda: ["retrieval"],
     )
-    generator: str = setting("", 'generated sources: the model that writes the replies ("" = the base model)')
+    generator: str = setting(
+        "", 'generated sources: the model that writes the replies ("" = the base model)', path=True
+    )
     generate_max_tokens: int = setting(64, "generated sources: most tokens of a written reply")
     sft_lr: float = setting(5e-4, "SFT learning rate")
     sft_epochs: int = setting(1, "SFT epochs")
@@ -426,6 +440,8 @@ class StudyConfig:
         _check(
             len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "study.seeds", "must be distinct, >= 1"
         )
+        for i, seed in enumerate(self.seeds):
+            _check_seed(seed, f"study.seeds[{i}]")
         bad = [x for x in self.losses if x not in methods or x == "sft"]
         _check(
             not bad and bool(self.losses), "study.losses", f"unknown or not a CSO loss: {', '.join(bad) or '(none)'}"
@@ -439,6 +455,7 @@ class StudyConfig:
         )
         _check(len(set(self.sources)) == len(self.sources), "study.sources", "a source given twice")
         _check(self.generate_max_tokens >= 1, "study.generate_max_tokens", "must be >= 1")
+        hub.check(self.generator, "config: study.generator")
         for key in ("generator", "generate_max_tokens"):
             _check(
                 any(x.startswith("generated") for x in self.sources) or getattr(self, key) == getattr(StudyConfig, key),
@@ -452,10 +469,11 @@ class StudyConfig:
 
 @dataclass
 class RunConfig:
-    out_dir: str = setting("runs/cso", "the run folder: data, reference cache, checkpoints, metrics, eval")
+    out_dir: str = setting("runs/cso", "the run folder: data, reference cache, checkpoints, metrics, eval", path=True)
     seed: int = setting(0, "seed of model init, data order and dropout")
 
     def validate(self) -> None:
+        _check_seed(self.seed, "run.seed")
         _check(bool(self.out_dir.strip()), "run.out_dir", "must not be empty")
         _check(not _control(self.out_dir), "run.out_dir", f"{self.out_dir!r} holds a control character")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -25,8 +26,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         return value
     if origin in (list, tuple):
         (inner,) = typing.get_args(typ)[:1]
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # a command line's "a,b": each item typed as YAML reads it (numbers), or kept
+            value = [v.strip() if inner is str else _parse_value(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"config: {key}: expected a list, got {type(value).__name__}")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -88,7 +89,14 @@ def _apply(obj: Any, values: dict, prefix: str, notes: list[str] | None = None) 
                 raise ConfigError(f"config: {key}: expected a section (mapping), got {v!r}")
             _apply(sub, v, f"{key}.", notes)
         else:
-            setattr(obj, k, _coerce(v, hints[k], key))
+            value = _coerce(v, hints[k], key)
+            if _is_path(obj, k) and isinstance(value, str):
+                value = os.path.expanduser(value)  # `~` only, for every path key alike ($VARS: the shell's)
+            setattr(obj, k, value)
+
+
+def _is_path(obj: Any, name: str) -> bool:
+    return next(f.metadata.get("path", False) for f in dataclasses.fields(obj) if f.name == name)
 
 
 def renamed_keys(root: type) -> dict[str, str]:
@@ -166,10 +174,16 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+MAX_BASE_DEPTH = 8  # base: files including base: files, at most this deep (the recipes use 2)
+
+
 def read_yaml(p: Path, check: Callable[[dict], None] | None = None, _chain: tuple[Path, ...] = ()) -> dict:
     """A config file as a mapping of sections, its `base:` files (one or a list, relative to the file) merged
     under it in order; one-line errors naming the file (and the line). `check` sees each file's own keys, so
     an unknown key or a bad value is named with the file that holds it."""
+    if len(_chain) >= MAX_BASE_DEPTH:
+        names = " -> ".join(c.name for c in (*_chain[:3], Path("..."), *_chain[-2:], p))
+        raise ConfigError(f"config: {_chain[0]}: base: files nest more than {MAX_BASE_DEPTH} deep ({names})")
     raw = _read_one(p)
     bases = raw.pop("base", None)
     if check is not None:
@@ -206,15 +220,28 @@ def _read_one(p: Path) -> dict:
         raise ConfigError(f"config: {p}: bad YAML: {' '.join(what.split())}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config: {p}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:  # the YAML parser recurses per level: a config has sections of keys, two levels
+        raise ConfigError(f"config: {p}: nested far too deep for a config (sections of keys)") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config: {p}: expected a mapping of sections")
     return raw
 
 
 # ---------------------------------------------------------------- the sections' keys and checks
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
-    """A config key: its default and the help text that `--help` and the generated flags show."""
-    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help})
+def setting(
+    default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING, path: bool = False
+) -> Any:
+    """A config key: its default and the help text that `--help` and the generated flags show. `path`: the value
+    names a file or folder (or a Hub id / name beside them); a leading `~` is expanded at load, for every such key
+    alike. Environment variables are not expanded (on a command line the shell does it)."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help, "path": path})
+
+
+SEED_RANGE = 2**32  # seeds are unsigned 32-bit (numpy's, and what Python's and torch's take without surprise)
+
+
+def _check_seed(value: int, key: str) -> None:
+    _check(0 <= value < SEED_RANGE, key, f"{value} is not in [0, 2^32)")
 
 
 def choices(section: type, name: str) -> tuple:

@@ -28,7 +28,10 @@ def reference_markdown() -> str:
         "Every key of a config file, generated from the config dataclasses by `cso-dist config reference --out "
         "docs/config.md` (a test keeps this file current). A key is written in YAML as `section: {key: value}`, "
         "on the command line as `--section.key value`. A file may name `base:` files it extends; "
-        "`cso-dist config show --config FILE` prints the resolved whole.",
+        "`cso-dist config show --config FILE` prints the resolved whole (at most 8 `base:` levels). A key of type "
+        "*path* names a file or folder (some take a Hub id or a name too): a leading `~` is expanded when the config "
+        "loads, the same for every such key; environment variables are not (on a command line the shell expands "
+        "them). Seeds are integers in [0, 2^32).",
         "",
     ]
     for section in dataclasses.fields(Config):
@@ -41,6 +44,7 @@ def reference_markdown() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             shown = json.dumps(default) if not isinstance(default, str) else f'"{default}"'
             help_text = f.metadata.get("help", "").replace("|", "\\|")
-            lines.append(f"| `{section.name}.{f.name}` | {_type_name(hints[f.name])} | `{shown}` | {help_text} |")
+            typ = "path" if f.metadata.get("path") else _type_name(hints[f.name])
+            lines.append(f"| `{section.name}.{f.name}` | {typ} | `{shown}` | {help_text} |")
         lines.append("")
     return "\n".join(lines)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from cso_dist.configfile import _check, _check_token, _control, setting
+from cso_dist.configfile import _check, _check_seed, _check_token, _control, setting
 from cso_dist.mcts.search import SearchSettings
 from cso_dist.models import BACKENDS
 
@@ -55,7 +55,7 @@ class MctsConfig(SearchSettings):
     """
 
     backend: Literal[BACKENDS] = setting("hf", "hf: a local transformers model; openai: any compatible endpoint")
-    model: str = setting("", "hf: a model folder; openai: the served model's name")
+    model: str = setting("", "hf: a model folder; openai: the served model's name", path=True)
     base_url: str = setting("http://127.0.0.1:8000/v1", "openai: e.g. a vLLM server on the cluster")
     api_key_env: str = setting("OPENAI_API_KEY", "the key is read from this environment variable, never from files")
     timeout_s: float = setting(120.0, "per HTTP call")
@@ -73,9 +73,9 @@ class MctsConfig(SearchSettings):
         "text = generated and parsed",
     )
     temperature: float = setting(0.7, "supporter and seeker; the scorer and the judge are greedy")
-    prompts: str = setting("", "folder with scorer/supporter/seeker/judge .txt overriding our defaults")
-    cache_dir: str = setting("", 'per-call answer cache; "" = <out>.work/cache')
-    strategies: str = setting("auto", "auto: esconv for ESConv seeds, escpro otherwise; or a set file")
+    prompts: str = setting("", "folder with scorer/supporter/seeker/judge .txt overriding our defaults", path=True)
+    cache_dir: str = setting("", 'per-call answer cache; "" = <out>.work/cache', path=True)
+    strategies: str = setting("auto", "auto: esconv for ESConv seeds, escpro otherwise; or a set file", path=True)
     max_seeds: int = setting(0, "first N seed dialogues (0 = all)")
     checkpoint_every: int = setting(10, "iterations between tree checkpoints")
     seed: int = setting(0, "seed of the supporter/seeker sampling")
@@ -92,6 +92,7 @@ class MctsConfig(SearchSettings):
         )
         _check(self.temperature >= 0, "mcts.temperature", "must be >= 0")
         _check(self.max_seeds >= 0, "mcts.max_seeds", "must be >= 0")
+        _check_seed(self.seed, "mcts.seed")
         _check(self.checkpoint_every >= 1, "mcts.checkpoint_every", "must be >= 1")
         _check(self.c_puct > 0, "mcts.c_puct", "must be > 0")
         _check(self.rollout_turns >= 1, "mcts.rollout_turns", "must be >= 1")
@@ -111,7 +112,9 @@ class MctsConfig(SearchSettings):
 class PlanConfig:
     """`cso-dist plan --config`: the model shape and GPU a recipe targets (nodes and GPUs: `slurm`)."""
 
-    model: str = setting("", 'preset (7b, 8b, 9b, 13b, 34b, 70b) or an HF config.json path; "" = not planned')
+    model: str = setting(
+        "", 'preset (7b, 8b, 9b, 13b, 34b, 70b) or an HF config.json path; "" = not planned', path=True
+    )
     gpu_mem_gb: float = setting(80.0, "memory of one GPU")
     cpu_mem_gb: float = setting(1024.0, "host memory of one node (CPU offload)")
 

@@ -28,8 +28,8 @@ from cso_dist.data.dialogue import Option, PrefDialogue
 from cso_dist.data.negatives import balanced_strategies, strategy_sides
 from cso_dist.data.render import format_reply, truncate_turn, tokenize_dialogue
 from cso_dist.data.strategies import resolve_strategy_set
-from cso_dist.errors import ConfigError
-from cso_dist.io import append_jsonl, one_writer
+from cso_dist.errors import ConfigError, CsoError, DataError
+from cso_dist.io import append_jsonl, cut_torn_tail, one_writer, read_jsonl
 from cso_dist.paths import user_cache_dir
 
 
@@ -73,20 +73,21 @@ def one_reply(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
 
 
+CACHE_ROW = {"key": str, "text": str}  # a cached reply: its cache key and its text
+
+
 def _read_cache(path: Path) -> dict[str, str]:
-    """The cached replies; a last line cut short by a stop is cut off the file (its reply is written again)."""
-    out: dict[str, str] = {}
-    if not path.is_file():
-        return out
-    data = path.read_bytes()
-    whole = data[: data.rfind(b"\n") + 1]
-    if len(whole) < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(whole))
-    for line in whole.decode("utf-8").splitlines():
-        row = json.loads(line)
-        out[row["key"]] = row["text"]
-    return out
+    """The cached replies, through the one reader (cso_dist.io): every row {"key": text, "text": text}, else a
+    one-line error naming the file, line and field (before anything is cut or written). A last line cut short by
+    a stop is then cut off the file (its reply is written again)."""
+    if not path.exists():
+        return {}
+    try:
+        rows = [row for _, row in read_jsonl(path, "a generated-replies cache", CACHE_ROW, torn_tail=True)]
+    except DataError as e:
+        raise CsoError(f"{e} (remove it to write its replies again)") from None
+    cut_torn_tail(path)
+    return {row["key"]: row["text"] for row in rows}
 
 
 def add_generated(dialogues: list[PrefDialogue], cfg: TrainingConfig, progress: bool = True) -> dict:
@@ -107,7 +108,10 @@ def add_generated(dialogues: list[PrefDialogue], cfg: TrainingConfig, progress: 
     hub.ensure(name, cfg.model.revision if not d_cfg.generator else None, 0, cfg.dist.timeout_minutes * 60)
     folder = hub.resolve(name, cfg.model.revision if not d_cfg.generator else None, key="data.generator")
     cache_root = cache_dir()
-    cache_root.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CsoError(f"{cache_root}: cannot make the generated-replies cache here ({e.strerror or e})") from None
     mkey = model_key(folder, cache_root / ".filehashes.json")
     renderer = make_renderer(load_tokenizer(tokenizer_dir(folder)), d_cfg.chat_template)
     tok = renderer.tokenizer

@@ -3,7 +3,9 @@
 - A start into a folder that already holds a run (checkpoints, metrics.jsonl or a final model) is
   refused: `--resume` continues it, `--overwrite` starts over (its checkpoints, metrics and final
   model are removed; data and reference caches stay).
-- A resume compares the config with the run's `config.yaml`. Keys that change what the run means
+- The run's resolved config is written to `resolved-config.yaml` (RUN_CONFIG), a name of its own, so a user's
+  `config.yaml` in the folder is never replaced; a run folder from before (its `config.yaml`) is still read.
+- A resume compares the config with the run's resolved config. Keys that change what the run means
   (model, data, method and loss, layout, reference, optimizer and schedule, seed) must be equal;
   the others (RESUMABLE: step limits, logging, evaluation, checkpointing, engine, tracking, and the
   run folder's own path: a moved or copied run) may change, and the run says which did.
@@ -46,6 +48,16 @@ RESUMABLE = (
 )
 RUN_FILES = ("metrics.jsonl", "final", STOPPED_FILE)
 RUN_LOCK = ".cso-lock"  # held by the run's writer for its life (cso_dist.io.one_writer)
+RUN_CONFIG = "resolved-config.yaml"  # the run's config as it ran (every key, base files merged)
+OLD_RUN_CONFIG = "config.yaml"  # what run folders written before 2026-12-06 call it
+
+
+def run_config_file(run_dir: Path) -> Path:
+    """The resolved config a run folder holds: RUN_CONFIG, or an older run's config.yaml (when the folder holds a
+    run and no RUN_CONFIG; a user's own config.yaml in a folder that holds no run is not a run's)."""
+    new = Path(run_dir) / RUN_CONFIG
+    old = Path(run_dir) / OLD_RUN_CONFIG
+    return old if not new.is_file() and old.is_file() and holds_run(Path(run_dir)) else new
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -85,9 +97,11 @@ def check_request(cfg: TrainingConfig, resume: bool | str, overwrite: bool, main
     run_dir = Path(cfg.run.out_dir)
     if resume and overwrite:
         raise CsoError("--resume and --overwrite: give one")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CsoError(f"run.out_dir: {run_dir} is a file, not a folder; give a folder for the run")
     found = holds_run(run_dir)
     if resume and found:
-        old_file = run_dir / "config.yaml"
+        old_file = run_config_file(run_dir)
         if old_file.is_file():
             fixed, changed = config_changes(yaml.safe_load(old_file.read_text()) or {}, cfg.to_dict())
             if fixed:
@@ -103,8 +117,8 @@ def check_request(cfg: TrainingConfig, resume: bool | str, overwrite: bool, main
 
 
 def open_run(cfg: TrainingConfig, resume: bool | str, overwrite: bool, main: bool) -> Path | None:
-    """Check the run folder against the request (check_request), write config.yaml (rank 0); the checkpoint to
-    resume from."""
+    """Check the run folder against the request (check_request), write the resolved config (RUN_CONFIG, rank 0);
+    the checkpoint to resume from."""
     run_dir = Path(cfg.run.out_dir)
     ckpt_dir = run_dir / "checkpoints"
     found = check_request(cfg, resume, overwrite, main=False)
@@ -125,15 +139,15 @@ def open_run(cfg: TrainingConfig, resume: bool | str, overwrite: bool, main: boo
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         clean_partial(ckpt_dir)
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(run_dir / RUN_CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return resume_from
 
 
 def finished_run(cfg: TrainingConfig) -> dict | None:
     """The summary of the finished run in run.out_dir when it is this config's run (its final output and
-    summary.json are there, and its config.yaml differs only in keys that may change: RESUMABLE); else None."""
+    summary.json are there, and its resolved config differs only in keys that may change: RESUMABLE); else None."""
     run_dir = Path(cfg.run.out_dir)
-    summary, old = run_dir / "summary.json", run_dir / "config.yaml"
+    summary, old = run_dir / "summary.json", run_config_file(run_dir)
     if not ((run_dir / "final").exists() and summary.is_file() and old.is_file()):
         return None
     fixed, _ = config_changes(yaml.safe_load(old.read_text()) or {}, cfg.to_dict())

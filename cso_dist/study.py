@@ -35,7 +35,7 @@ from cso_dist.config import STUDY_OWNED, STUDY_PHASES, Config, EvalConfig, Train
 from cso_dist.data.dialogue import read_dialogues
 from cso_dist.errors import CsoError
 from cso_dist.eval.report import spread
-from cso_dist.io import atomic_write_text
+from cso_dist.io import atomic_write_text, read_json, read_jsonl
 from cso_dist.launch.jobs import EvalJob, Run, TrainJob, collect, run_config, submit_jobs, sweep_runs, table
 
 PHASES = STUDY_PHASES
@@ -47,6 +47,8 @@ TRAIN += ("logps/rejected",)
 GEN = (("Q", "generate: Q", 3), ("B", "generate: B", 3), ("parse_rate", "strategy parse rate", 2))
 GEN += (("bleu2", "BLEU-2", 1), ("rougeL", "ROUGE-L", 1), ("distinct2", "Distinct-2", 2))
 SUBSETS = ("train_dialogues", "valid_dialogues", "test_turns", "generate_dialogues", "eval_dialogues", "test_dialogues")
+SIZES = {"train_dialogues": "train", "valid_dialogues": "valid", "eval_dialogues": "valid", "test_dialogues": "test"}
+TIMING = {"phase": str, "seconds": (int, float)}  # a line of <out>/timing.jsonl (read through the one reader)
 # two-sided 95% Student t quantiles by degrees of freedom (scipy-free; beyond 10 the normal's 1.96)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -108,9 +110,9 @@ def _write_subsets(cfg: Config, out: Path) -> dict[str, Path]:
     spec = {f"study.{k}": getattr(st, k) for i, k in enumerate(SUBSETS) if i < 4 or getattr(st, k)}
     spec.update({f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items() if k != "split"})
     marker = data / "subsets.json"
-    if marker.is_file():  # the runs of this folder were trained and scored on these subsets: keep them fixed
+    if marker.exists():  # the runs of this folder were trained and scored on these subsets: keep them fixed
         defaults = {f"data.{k}": v for k, v in dataclasses.asdict(type(cfg.data)()).items() if k != "split"}
-        old = defaults | json.loads(marker.read_text())  # a key added since: it had its default then
+        old = defaults | read_json(marker, "the study's subsets")  # a key added since: it had its default then
         changed = [k for k in {**spec, **old} if old.get(k) != spec.get(k)]
         if changed:
             raise CsoError(
@@ -124,6 +126,9 @@ def _write_subsets(cfg: Config, out: Path) -> dict[str, Path]:
         splits[split], report = build_dialogues(dataclasses.replace(cfg.data, split=split))
         notes = {k: v for k, v in report.notes.items() if k != "input"}
         stats[split] = dialogue_stats(splits[split]) | {"build_notes": notes}
+    for key, split in SIZES.items():  # a size past its split is refused, as test_turns and generate_dialogues are
+        if (asked := getattr(st, key)) > (held := len(splits[split])):
+            raise CsoError(f"study.{key}: {asked} dialogues asked, the {split} split holds {held}")
     test, n, turns = splits["test"], st.test_dialogues, 0
     while not st.test_dialogues and n < len(test) and turns < st.test_turns:
         turns += len(test[n].turn_indices())
@@ -194,7 +199,7 @@ def _write_sources(cfg: Config, out: Path, base_model: Path) -> dict:
 
     st, data = cfg.study, out / "data"
     notes_file = data / "sources.json"
-    notes = json.loads(notes_file.read_text()) if notes_file.is_file() else {}
+    notes = read_json(notes_file, "a study's record of its sources") if notes_file.exists() else {}
     subset = read_dialogues(data / "train.jsonl")
     notes.setdefault(cfg.data.negatives_from, {"strategy_sides": strategy_sides(subset)})
     for source in st.sources:
@@ -249,7 +254,7 @@ def _base(cfg: Config, out: Path, files: dict[str, Path]) -> tuple[Config, Path]
     used, stats_file = read_dialogues(files["train"]), out / "data" / "stats.json"
     tk = token_stats_for(used, str(model), cfg.data) | {"dialogues": len(used)}
     if stats_file.is_file():
-        stats = json.loads(stats_file.read_text())
+        stats = read_json(stats_file, "a study's data statistics", fields={"train": dict})
         stats["train"]["tokens"] = tk
         atomic_write_text(stats_file, json.dumps(stats, indent=2))
     print(
@@ -444,9 +449,9 @@ def _run_scores(run: Path) -> dict:
     """A run's test scores (likelihood), generation scores and training summary, each None where absent."""
     out = {}
     for key, p in (("likelihood", "eval/scores-test-likelihood"), ("generate", "eval/scores-generate-generate")):
-        s = json.loads((run / f"{p}.json").read_text()) if (run / f"{p}.json").is_file() else None
+        s = read_json(run / f"{p}.json", "a scores file") if (run / f"{p}.json").is_file() else None
         out[key] = s and {**s, "parse_rate": 1.0 - s["unknown"] / max(s["n"], 1), **s.get("text", {})}
-    out["train"] = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
+    out["train"] = read_json(run / "summary.json", "a run's summary") if (run / "summary.json").is_file() else None
     return out
 
 
@@ -570,7 +575,7 @@ def write_report(cfg: Config, out: Path, runs: dict, selection: dict, sft_valid,
     summary = summarize(runs, resolve_sset(cfg), st.seeds[0])
     report = run_report([], out / "report", resolve_sset(cfg), groups=runs)
     timing = out / "timing.jsonl"
-    for t in map(json.loads, timing.read_text().splitlines() if timing.is_file() else []):
+    for _, t in read_jsonl(timing, "the study's timing log", TIMING, torn_tail=True) if timing.exists() else []:
         phases[t["phase"].split(" (")[0]] = phases.get(t["phase"].split(" (")[0], 0.0) + t["seconds"]
     seconds = time.time() - t_start
     notes = [

@@ -16,6 +16,7 @@ import pytest
 from cso_dist.checkpoint import list_checkpoints
 from cso_dist.config import load_config
 from cso_dist.launch import collect, submit_run, submit_sweep, table
+from cso_dist.rundir import RUN_CONFIG
 from cso_dist.tracking import read_metrics
 from conftest import MCTS_SMALL, REPO, argv, cfg_of, run_cli, run_overrides, tiny_run_data
 from numerics import curve_tol
@@ -169,7 +170,7 @@ def test_submitit_sweep_runs_as_one_job_array(slurm, data):
         "method=ipo_seed=0",
         "method=ipo_seed=1",
     }
-    saved = load_config(data / "sweep" / "method=ipo_seed=1" / "config.yaml", {})
+    saved = load_config(data / "sweep" / "method=ipo_seed=1" / RUN_CONFIG, {})
     assert (saved.train.method, saved.run.seed, saved.track.group, saved.track.name) == (
         "ipo",
         1,
@@ -301,8 +302,8 @@ def test_local_sweep_runs_array_parallelism_jobs_at_a_time(data):
     runs = submit_sweep(cfg, {"run.seed": [0, 1]}, "local")
     assert [r["state"] for r in collect(runs)] == ["COMPLETED"] * 2
     first, second = (data / "waves" / f"seed={s}" for s in (0, 1))
-    # the second job started (wrote its config.yaml) only after the first had finished (its summary.json)
-    assert (first / "summary.json").stat().st_mtime <= (second / "config.yaml").stat().st_mtime
+    # the second job started (wrote its resolved config) only after the first had finished (its summary.json)
+    assert (first / "summary.json").stat().st_mtime <= (second / RUN_CONFIG).stat().st_mtime
 
 
 def test_submitit_gives_up_after_max_num_timeout(slurm, data):
@@ -387,7 +388,7 @@ def test_sbatch_sweep_array_runs_every_grid_point(slurm, data):
     assert sorted(states) == [f"{job}_0|COMPLETED", f"{job}_1|COMPLETED"], states
     for beta in ("0.1", "0.3"):
         run = data / "sb-sweep" / f"beta={beta}"
-        assert len(losses(run)) == 2 and load_config(run / "config.yaml", {}).train.beta == float(beta)
+        assert len(losses(run)) == 2 and load_config(run / RUN_CONFIG, {}).train.beta == float(beta)
 
 
 def test_mcts_build_split_across_a_job_array_then_merged(slurm, data, tmp_path, esconv_dir):

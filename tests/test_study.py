@@ -48,7 +48,7 @@ def test_study_runs_every_phase_and_reports_seeds(study):
         ("seeds/dpo/seed=1", 1, ["c", "r"]),
         ("seeds/kto/seed=1", 1, ["c", "r", "kl"]),
     ):
-        c = load_config(out / run / "config.yaml", {})
+        c = load_config(out / run / "resolved-config.yaml", {})
         info = json.loads((Path(c.train.ref_cache) / "manifest.json").read_text())["info"]
         assert (
             c.model.path == str(out / "sft" / f"seed={seed}" / "final")
@@ -67,7 +67,7 @@ def test_study_runs_every_phase_and_reports_seeds(study):
     assert selection["dpo"]["chosen"] == best["point"] and selection["dpo"]["overrides"] == {
         "train.lr": best["point"].split("=")[1]
     }
-    seed1 = load_config(out / "seeds" / "dpo" / "seed=1" / "config.yaml", {})
+    seed1 = load_config(out / "seeds" / "dpo" / "seed=1" / "resolved-config.yaml", {})
     assert seed1.train.lr == float(best["point"].split("=")[1]) and seed1.run.seed == 1
     assert seed1.model.path == str(out / "sft" / "seed=1" / "final")  # each seed from its own SFT
     # every run in its own folder, with its scores; the mean and std are those of the seeds' files
@@ -177,10 +177,10 @@ def test_a_finished_run_counts_only_for_its_own_config(study):
 
     _, out, _ = study
     run = out / "sft" / "seed=1"
-    cfg = load_config(run / "config.yaml", {})
+    cfg = load_config(run / "resolved-config.yaml", {})
     assert finished_run(cfg)["method"] == "sft"
-    assert finished_run(load_config(run / "config.yaml", {"train.log_every": 7})) is not None  # may change
-    assert finished_run(load_config(run / "config.yaml", {"train.lr": 0.123})) is None  # another run
+    assert finished_run(load_config(run / "resolved-config.yaml", {"train.log_every": 7})) is not None  # may change
+    assert finished_run(load_config(run / "resolved-config.yaml", {"train.lr": 0.123})) is None  # another run
 
 
 @pytest.mark.slow
@@ -193,11 +193,11 @@ def test_finished_scores_count_only_for_the_model_and_data_that_made_them(study)
     run = out / "sft" / "seed=1"
     tasks = [("test", str(out / "data" / "test.jsonl"), "likelihood")]
     assert (run / "eval" / "scores-test-likelihood.json").is_file()
-    mine = load_config(run / "config.yaml", {"model.path": str(run / "final"), "model.finetune": "full"})
+    mine = load_config(run / "resolved-config.yaml", {"model.path": str(run / "final"), "model.finetune": "full"})
     scores = finished_tasks(mine, tasks)
     assert scores is not None and 0.0 <= scores["test/Q"] <= 1.0
     other_model = str(out / "sft" / "seed=0" / "final")
-    other = load_config(run / "config.yaml", {"model.path": other_model, "model.finetune": "full"})
+    other = load_config(run / "resolved-config.yaml", {"model.path": other_model, "model.finetune": "full"})
     with pytest.raises(CsoError, match=r"scores-test-likelihood.json: scored from model .*seed=1.*seed=0"):
         finished_tasks(other, tasks)
 
@@ -230,14 +230,16 @@ def test_the_data_source_is_a_study_axis(tmp_path, esconv_dir, monkeypatch):
         rows = [json.loads(x) for x in (out / "data" / f"train@{src}.jsonl").read_text().splitlines()]
         assert [r["id"] for r in rows] == [r["id"] for r in subset]
         assert all(r["meta"]["negatives_from"] == src for r in rows)
-        cfg = load_config(out / "sweep" / f"dpo@{src}" / "seed=0" / "config.yaml", {})
+        cfg = load_config(out / "sweep" / f"dpo@{src}" / "seed=0" / "resolved-config.yaml", {})
         assert cfg.train.train_file == str(out / "data" / f"train@{src}.jsonl")
         assert cfg.train.ref_cache.endswith(f"sft-seed=0@{src}")
-    assert load_config(out / "sft" / "seed=0" / "config.yaml", {}).train.train_file == str(out / "data" / "train.jsonl")
+    assert load_config(out / "sft" / "seed=0" / "resolved-config.yaml", {}).train.train_file == str(
+        out / "data" / "train.jsonl"
+    )
     notes = json.loads((out / "data" / "sources.json").read_text())
     assert notes["generated-both"]["replies_written"] > 0 and "strategy_sides" in notes["retrieval-balanced"]
     assert "dpo@generated-both" in (out / "study.md").read_text()
-    plain = load_config(out / "sweep" / "dpo@retrieval" / "seed=0" / "config.yaml", {})
+    plain = load_config(out / "sweep" / "dpo@retrieval" / "seed=0" / "resolved-config.yaml", {})
     assert plain.train.train_file == str(out / "data" / "train.jsonl") and plain.train.ref_cache.endswith("seed=0")
     # a rerun writes nothing: same data, same runs, same table
     timing = (out / "timing.jsonl").read_text()

@@ -17,8 +17,6 @@ On disk: JSON Lines, one dialogue per line:
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Iterable, Iterator
 
 from cso_dist.data.strategies import NAMED, StrategySet, load_strategy_set
 from cso_dist.errors import DataError
-from cso_dist.io import write_jsonl
+from cso_dist.io import read_jsonl, read_records, require, write_jsonl
 
 SEEKER, SUPPORTER = "seeker", "supporter"
 
@@ -107,19 +105,7 @@ def check_options(
 
 
 # ---------------------------------------------------------------- field checks shared by readers
-def req(obj: dict, key: str, typ: type | tuple, path: str, record: str, fld: str):
-    """Return obj[key], checking presence and type; errors name file, record and field."""
-    if not isinstance(obj, dict):
-        raise DataError(
-            path, record, fld.rsplit(".", 1)[0] or None, f"expected an object, got {type(obj).__name__}", "wrong-type"
-        )
-    if key not in obj:
-        raise DataError(path, record, fld, "missing field", "missing-field")
-    val = obj[key]
-    if not isinstance(val, typ) or (typ is not bool and isinstance(val, bool)):
-        want = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
-        raise DataError(path, record, fld, f"expected {want}, got {type(val).__name__}", "wrong-type")
-    return val
+req = require  # obj[key] of a type, or an error naming file, record and field (cso_dist.io, the one reader)
 
 
 def req_text(obj: dict, key: str, path: str, record: str, fld: str) -> str:
@@ -158,48 +144,11 @@ def check_alternation(roles: list[str], path: str, record: str, fld: str = "mess
 
 
 # ---------------------------------------------------------------- JSON Lines I/O
-def iter_jsonl(path: str | Path, keep_errors: bool = False) -> Iterator[tuple[str, object]]:
-    """Yield ("line N", parsed JSON) for every non-blank line. A line that is not UTF-8 or not JSON is a
-    DataError naming it: raised, or with `keep_errors` yielded in place of the record (so a reader that
-    skips invalid records goes on with the next line)."""
-    path = str(path)
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                obj = json.loads(line)
-            except UnicodeDecodeError as e:
-                err = DataError(path, f"line {n}", None, f"not UTF-8 text (byte {e.start} of the line)", "bad-encoding")
-            except json.JSONDecodeError as e:
-                err = DataError(path, f"line {n}", None, f"bad JSON: {e.msg} (column {e.colno})", "bad-json")
-            else:
-                yield f"line {n}", obj
-                continue
-            if not keep_errors:
-                raise err
-            yield f"line {n}", err
-
-
 def load_json_records(path: str | Path, keep_errors: bool = False) -> Iterator[tuple[str, object]]:
-    """Records of a JSON array file ("record i") or a JSON Lines file ("line n"); see iter_jsonl."""
-    path = str(path)
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith(b"["):
-        try:
-            data = json.loads(Path(path).read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(path, None, None, f"not UTF-8 text (byte {e.start})", "bad-encoding") from None
-        except json.JSONDecodeError as e:
-            raise DataError(
-                path, None, None, f"bad JSON: {e.msg} (line {e.lineno}, column {e.colno})", "bad-json"
-            ) from None
-        for i, rec in enumerate(data):
-            yield f"record {i}", rec
-    else:
-        yield from iter_jsonl(path, keep_errors)
+    """Records of a JSON array file ("record i") or a JSON Lines file ("line n"), through the one reader
+    (cso_dist.io.read_records): a line that is not UTF-8 or not JSON is a DataError naming it, raised or with
+    `keep_errors` yielded in place of the record."""
+    return read_records(path, "a data file", keep_errors)
 
 
 def write_dialogues(path: str | Path, dialogues: Iterable[PrefDialogue]) -> int:
@@ -258,10 +207,9 @@ def dialogue_from_json(obj, path: str, record: str, sset: StrategySet | None = N
 def read_dialogues(path: str | Path, sset: StrategySet | None = None) -> list[PrefDialogue]:
     """A preference-dialogue file (data build's output), every record validated (dialogue_from_json)."""
     path = str(path)
-    if not os.path.isfile(path):
-        raise DataError(path, None, None, "no such file", "missing-file")
     out, ids = [], {}
-    for rec, obj in iter_jsonl(path):
+    for n, obj in read_jsonl(path, "a preference-dialogue file"):
+        rec = f"line {n}"
         d = dialogue_from_json(obj, path, rec, sset)
         if d.id in ids:
             raise DataError(path, rec, "id", f"dialogue id '{d.id}' also at {ids[d.id]}", "duplicate")

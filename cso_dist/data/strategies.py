@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from cso_dist.errors import ConfigError
+from cso_dist.errors import ConfigError, DataError
+from cso_dist.io import read_json, read_text
 
 # One-line descriptions in our own words; they go into the system prompt.
 ESCONV = {
@@ -101,16 +101,23 @@ def load_strategy_set(spec: str) -> StrategySet:
         desc, aliases = NAMED[spec]
         return StrategySet(spec, dict(desc), dict(aliases))
     path = Path(spec)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"strategies: '{spec}' is neither a named set ({', '.join(NAMED)}) nor a file")
     try:
-        raw = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        if path.suffix in (".yaml", ".yml"):
+            raw = yaml.safe_load(read_text(path, "a strategy-set file"))
+        else:
+            raw = read_json(path, "a strategy-set file", expect=None)
+    except DataError as e:
+        raise ConfigError(f"strategies: {e}") from None
+    except yaml.YAMLError as e:
         raise ConfigError(f"strategies: {path}: cannot parse: {e}".splitlines()[0]) from None
     aliases = {}
     if isinstance(raw, dict) and "strategies" in raw:
         aliases = raw.get("aliases") or {}
         raw = raw["strategies"]
+        if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+            raise ConfigError(f"strategies: {path}: aliases: expected a mapping variant -> strategy name")
     if isinstance(raw, list):
         desc = {}
         for i, item in enumerate(raw):

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cso_dist.errors import ConfigError
+from cso_dist.errors import ConfigError, DataError
+from cso_dist.io import read_text
 
 CHATML = (
     "{%- for message in messages -%}"
@@ -62,6 +63,9 @@ def resolve_template(spec: str) -> str:
     if spec in CHAT_TEMPLATES:
         return CHAT_TEMPLATES[spec]
     path = Path(spec)
-    if path.is_file():
-        return path.read_text()
+    if path.exists():
+        try:
+            return read_text(path, "a chat template")
+        except DataError as e:
+            raise ConfigError(f"data.chat_template: {e}") from None
     raise ConfigError(f"data.chat_template: '{spec}' is not auto, {', '.join(CHAT_TEMPLATES)} or a Jinja file")

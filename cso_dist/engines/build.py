@@ -19,6 +19,7 @@ from cso_dist.export import model_from_state_dict, save_final
 from cso_dist.inputs import model_dir, tokenizer_dir
 from cso_dist.models import load_tokenizer
 from cso_dist.pack import filler_batch
+from cso_dist.rundir import RUN_CONFIG, run_config_file
 
 
 def engine_class(name: str):
@@ -70,12 +71,12 @@ def checkpoint_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def _run_config(ckpt: Path) -> TrainingConfig:
-    """The config.yaml of the run a checkpoint belongs to (<run>/checkpoints/step-N)."""
+    """The resolved config of the run a checkpoint belongs to (<run>/checkpoints/step-N)."""
     for d in (ckpt, ckpt.parent, ckpt.parent.parent):
-        f = d / "config.yaml"
+        f = run_config_file(d)
         if f.is_file():
             return load_config(f, {})
-    raise CsoError(f"{ckpt}: no config.yaml of its run found (expected <run>/config.yaml beside checkpoints/)")
+    raise CsoError(f"{ckpt}: no config of its run found (expected <run>/{RUN_CONFIG} beside checkpoints/)")
 
 
 def export_checkpoint(ckpt: Path, out: Path, final: str | None = None) -> Path:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cso_dist.errors import CsoError
-from cso_dist.io import atomic_write_text, write_jsonl
+from cso_dist.errors import CsoError, DataError
+from cso_dist.io import atomic_write_text, cut_torn_tail, read_json, read_jsonl, write_jsonl
 
 
 def origin_file(out: Path) -> Path:
@@ -32,26 +32,37 @@ def parts(out: Path) -> list[Path]:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a PRED or part file. A torn last line (a write cut short) is not a row: it is left out here and
-    cut off before the file is appended to (`open_part`) or rewritten (`merge`). Anything else that is not a PRED
-    row is a one-line error naming the file and line."""
-    if not path.is_file():
+    """The rows of a PRED or part file (none when it does not exist), through the one reader (cso_dist.io): a
+    torn last line (a write cut short) is not a row: it is left out here and cut off before the file is appended
+    to (`open_part`) or rewritten (`merge`). Anything else that is not a PRED row, and an id twice in the file, is a
+    one-line error naming the file and line."""
+    if not path.exists():
         return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
     rows = []
-    for n, line in enumerate(data.decode(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
-                raise TypeError
-        except (json.JSONDecodeError, TypeError):
-            raise CsoError(f"{path}: line {n}: not a PRED row (remove the file to start over)") from None
-        rows.append(row)
-    return rows
+    try:
+        for n, row in read_jsonl(path, "a PRED file", fields={"id": str}, torn_tail=True):
+            rows.append((f"line {n}", row))
+    except DataError as e:
+        raise CsoError(f"{e} ({'not a PRED row; ' if e.record else ''}remove the file to start over)") from None
+    refuse_duplicates(path, [(rec, r["id"]) for rec, r in rows], "remove the file to start over")
+    return [r for _, r in rows]
+
+
+def refuse_duplicates(path: Path, ids: list[tuple[str, object]], remedy: str) -> None:
+    """Refuse a file that holds a turn id twice, naming the ids and their records (`ids`: (record, id) in file
+    order): it would be counted twice when scored. Records without a text id (Kang et al.'s layout) pass."""
+    seen: dict[str, list[str]] = {}
+    for rec, i in ids:
+        if isinstance(i, str):
+            seen.setdefault(i, []).append(rec)
+    twice = {i: recs for i, recs in seen.items() if len(recs) > 1}
+    if twice:
+        named = [f"'{i}' ({', '.join(recs)})" for i, recs in list(twice.items())[:3]]
+        more = f" and {len(twice) - 3} more" if len(twice) > 3 else ""
+        raise CsoError(
+            f"{path}: {len(twice)} turn id{'s' if len(twice) > 1 else ''} more than once: {', '.join(named)}{more}; "
+            f"a PRED file holds each turn once: {remedy}"
+        )
 
 
 def done_ids(out: Path) -> set[str]:
@@ -63,10 +74,7 @@ def open_part(out: Path, rank: int) -> Path:
     """This rank's part file, ready to append to: a torn last line left by a killed run is cut off."""
     path = part_file(out, rank)
     if path.is_file():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+        cut_torn_tail(path)
     return path
 
 
@@ -75,13 +83,15 @@ def check_origin(out: Path, origin: dict) -> None:
     n_rows = len(done_ids(out))
     side = origin_file(out)
     if n_rows:
-        try:
-            old = json.loads(side.read_text())
-        except (OSError, ValueError):
+        if not side.exists():
             raise CsoError(
                 f"{out}: its {n_rows} rows have no record of the model and data they came from ({side}); "
                 "remove the file to start over, or give another --out"
-            ) from None
+            )
+        try:
+            old = read_json(side, "the record of what made a PRED file's rows")
+        except DataError as e:
+            raise CsoError(f"{e}; remove {out} and it to start over, or give another --out") from None
         diff = [k for k in sorted(set(old) | set(origin)) if old.get(k) != origin.get(k)]
         if diff:
             k = diff[0]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cso_dist.data.dialogue import load_json_records
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import CsoError, DataError
 from cso_dist.eval.metrics import canonical_or_none, score_rows
-from cso_dist.io import atomic_write_text
+from cso_dist.eval.pred import refuse_duplicates
+from cso_dist.io import atomic_write_text, read_json, read_records
 
 TEXT_KEYS = ("bleu1", "bleu2", "bleu4", "rougeL", "distinct1", "distinct2", "mean_len")
 
@@ -30,10 +30,8 @@ def read_pred(path: Path, sset: StrategySet) -> list[dict]:
     predictions (case, brackets, spacing, known aliases); an unknown gold label is an error naming it. A
     prediction may be null or any text (unknown ones are counted); responses are text or null."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), None, None, "no such file", "missing-file")
-    rows = []
-    for record, raw in load_json_records(path):
+    rows, ids = [], []
+    for record, raw in read_records(path, "a PRED file"):
         if not isinstance(raw, dict):
             raise DataError(str(path), record, None, f"expected a JSON object, got {type(raw).__name__}", "wrong-type")
         row = {KANG_KEYS.get(k, k): v for k, v in raw.items() if not (k in KANG_KEYS and KANG_KEYS[k] in raw)}
@@ -60,8 +58,10 @@ def read_pred(path: Path, sset: StrategySet) -> list[dict]:
             if v is not None and not isinstance(v, str):
                 raise DataError(str(path), record, key, f"expected text or null, got {type(v).__name__}", "wrong-type")
         rows.append(row)
+        ids.append((record, row.get("id")))
     if not rows:
         raise DataError(str(path), None, None, "no prediction rows", "empty-file")
+    refuse_duplicates(path, ids, "keep one row of each")
     return rows
 
 
@@ -118,7 +118,7 @@ def _scored(cfg, name: str, data_file, mode: str) -> dict | None:
     if not scores.is_file():
         return None
     side = pred.with_name(pred.name + ".origin.json")
-    old = json.loads(side.read_text()) if side.is_file() else {}
+    old = read_json(side, "the record of what made a PRED file's rows") if side.exists() else {}
     new = pred_origin(cfg, "test", mode, str(data_file), pred.parent / ".filehashes.json")
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
@@ -126,7 +126,7 @@ def _scored(cfg, name: str, data_file, mode: str) -> dict | None:
             f"{scores}: scored from {diff[0]} {old.get(diff[0])!r}, this evaluation has {new.get(diff[0])!r}; "
             f"remove {pred.parent} to score again"
         )
-    return json.loads(scores.read_text())
+    return read_json(scores, "a scores file")
 
 
 def finished_tasks(cfg, tasks: list) -> dict | None:

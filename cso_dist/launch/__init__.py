@@ -4,8 +4,21 @@ from cso_dist.lazy import lazy_exports
 
 CLUSTERS = ("slurm", "local", "debug")  # where submitit runs go (cso_dist.launch.jobs): Slurm, local processes, inline
 
-__all__ = ["CLUSTERS", "TrainJob", "collect", "parse_grid", "submit_run", "submit_sweep", "sweep_runs", "table"]
+__all__ = [
+    "CLUSTERS",
+    "TrainJob",
+    "collect",
+    "parse_grid",
+    "submit_run",
+    "submit_sweep",
+    "sweep_points",
+    "sweep_runs",
+    "table",
+]
 __getattr__ = lazy_exports(
     __name__,
-    dict.fromkeys(("TrainJob", "collect", "parse_grid", "submit_run", "submit_sweep", "sweep_runs", "table"), "jobs"),
+    dict.fromkeys(
+        ("TrainJob", "collect", "parse_grid", "submit_run", "submit_sweep", "sweep_points", "sweep_runs", "table"),
+        "jobs",
+    ),
 )

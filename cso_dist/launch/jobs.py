@@ -28,11 +28,11 @@ from pathlib import Path
 
 import yaml
 
-from cso_dist.config import Config, load_config, parse_overrides
+from cso_dist.config import FAMILIES, TRAINING_SECTIONS, Config, load_config, parse_overrides
 from cso_dist.io import atomic_write_text
 from cso_dist.launch import CLUSTERS
 from cso_dist.launch.sbatch import check_no_secrets
-from cso_dist.errors import CsoError
+from cso_dist.errors import ConfigError, CsoError
 from cso_dist.preempt import Preempted
 
 
@@ -132,7 +132,7 @@ def sweep_runs(cfg: Config, grid: dict[str, list]) -> list[tuple[str, dict[str, 
         over = {k: str(v) for k, v in zip(keys, values)}
         if name in seen:
             raise CsoError(f"sweep: points {seen[name]} and {over} would share the run folder {base / name}")
-        seen[name] = over
+        seen[name] = dict(over)
         over.update({"run.out_dir": str(base / name), "track.group": cfg.track.group or base.name, "track.name": name})
         runs.append((name, over))
     return runs
@@ -148,14 +148,70 @@ def _name_part(value: str) -> str:
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
-    """["train.beta=0.1,0.5", "run.seed=0,1"] -> {"train.beta": ["0.1", "0.5"], "run.seed": ["0", "1"]}"""
+    """["train.beta=0.1,0.5", "run.seed=0,1"] -> {"train.beta": ["0.1", "0.5"], "run.seed": ["0", "1"]}. Every
+    value is kept, an empty one too ("train.lr=" -> [""]): sweep_points refuses it, naming the axis."""
     grid: dict[str, list[str]] = {}
     for it in items:
-        if "=" not in it:
-            raise CsoError(f"--sweep {it!r}: expected KEY=V1,V2,...")
-        k, v = it.split("=", 1)
-        grid[k.strip()] = [x.strip() for x in v.split(",") if x.strip()]
+        k, eq, v = it.partition("=")
+        k = k.strip()
+        if not eq or not k:
+            raise ConfigError(f"--sweep {it!r}: expected KEY=V1,V2,...")
+        if k in grid:
+            raise ConfigError(f"--sweep {it}: the axis {k} is given twice; give it once, with every value")
+        grid[k] = [x.strip() for x in v.split(",")]
     return grid
+
+
+SWEEP_OWNED = ("run.out_dir", "track.group", "track.name")  # set for each point by sweep_runs
+
+
+def sweep_points(cfg: Config, grid: dict[str, list] | list[str]) -> list[tuple[str, dict[str, str], Config]]:
+    """The runs of a sweep, checked before anything is written or submitted: `launch sbatch --sweep` and
+    `launch submitit` (submit_sweep, its --dry-run) both take their runs from here. `grid`: --sweep KEY=V1,V2
+    items, or {key: [values]}. Each point: (run name, its dotted overrides (sweep_runs), its config loaded as
+    its job will load it). An empty grid, axis or value, a key the sweep cannot set, an unknown key and a bad
+    value are one-line errors naming the axis and the value (or the point, for a combination refused)."""
+    grid = parse_grid(grid) if isinstance(grid, list) else grid
+    for key, values in grid.items():
+        if not isinstance(values, (list, tuple)):
+            raise ConfigError(f"sweep {key}: expected a list of values, got {values!r}")
+        given = f"{key}={','.join(map(str, values))}"
+        section, dot, name = key.partition(".")
+        if not values:
+            raise ConfigError(f"sweep {key}: the axis has no values")
+        if any(not str(v).strip() for v in values):
+            raise ConfigError(f"sweep {given}: an empty value (an unset shell variable?); every value must be given")
+        twice = next((v for i, v in enumerate(map(str, values)) if v in map(str, values[:i])), None)
+        if twice is not None:
+            raise ConfigError(f"sweep {given}: the value {twice} is given twice")
+        if not dot or not name:
+            raise ConfigError(f"sweep {given}: expected a dotted config key (section.key=V1,V2)")
+        if section in FAMILIES["all"] and section not in TRAINING_SECTIONS:
+            raise ConfigError(
+                f"sweep {given}: the {section} section is one for the whole sweep; set it without --sweep"
+            )
+        if key in SWEEP_OWNED:
+            raise ConfigError(f"sweep {given}: {key} is set for each point by the sweep itself")
+    points = []
+    for run, over in sweep_runs(cfg, grid):
+        swept = {k: over[k] for k in grid}
+        try:
+            points.append((run, over, run_config(cfg, over)))
+        except CsoError as e:  # ConfigError, or a file a key names (dist.deepspeed_config)
+            msg = str(e).removeprefix("config: ")
+            axis = next((k for k in swept if _names_key(msg, k)), None)
+            if axis is None:
+                where = "point " + " ".join(f"{k}={v}" for k, v in swept.items())
+            else:
+                where, msg = f"{axis}={swept[axis]}", msg.removeprefix(f"{axis}: ")
+            raise ConfigError(f"sweep {where}: {msg}") from None
+    return points
+
+
+def _names_key(msg: str, key: str) -> bool:
+    """Whether a load_config error is about `key`: "train.lr: ...", "unknown key 'train.nope'" or, for a section
+    that does not exist, "unknown key 'trian'"."""
+    return msg.startswith((f"{key}: ", f"unknown key '{key}'", f"unknown key '{key.split('.')[0]}'"))
 
 
 def run_config(cfg: Config, over: dict[str, str]) -> Config:
@@ -270,10 +326,11 @@ def submit_jobs(
 
 
 def submit_sweep(
-    cfg: Config, grid: dict[str, list], cluster: str = "slurm", rerun: bool = False, verbose: bool = False
+    cfg: Config, grid: dict[str, list] | list[str], cluster: str = "slurm", rerun: bool = False, verbose: bool = False
 ) -> list[Run]:
-    """One run per grid point, submitted together as one job array (Slurm); finished points are skipped."""
-    items = [(name, run_config(cfg, over), ()) for name, over in sweep_runs(cfg, grid)]
+    """One run per grid point (sweep_points: every point checked before anything is submitted), submitted
+    together as one job array (Slurm); finished points are skipped."""
+    items = [(name, c, ()) for name, _, c in sweep_points(cfg, grid)]
     return submit_jobs(cfg, items, TrainJob(), cluster, rerun=rerun, verbose=verbose)
 
 
@@ -343,6 +400,7 @@ __all__ = [
     "collect",
     "table",
     "sweep_runs",
+    "sweep_points",
     "parse_grid",
     "executor",
     "write_results",

@@ -1,4 +1,5 @@
-"""`cso-dist launch sbatch`: render a template of slurm/ into a reviewable script, then submit it.
+"""`cso-dist launch sbatch`: render a job template (cso_dist/launch/templates/, package data: they ship in the
+wheel) into a reviewable script, then submit it.
 
 The script is written to <run.out_dir>/slurm/<template>-<time>.sbatch. Resources come from the
 config's `slurm` section (and the command's flags); the run's config is saved beside the script
@@ -14,6 +15,7 @@ import shlex
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -22,7 +24,6 @@ from cso_dist.config import Config
 from cso_dist.io import atomic_write_text
 from cso_dist.errors import CsoError
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
 TEMPLATES = ("train", "qlora", "precompute", "eval", "sweep")
 PER_GPU_TASKS = ("precompute", "eval")  # one srun task per GPU (ranks from SLURM_PROCID), no requeue
 SECRET_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
@@ -63,6 +64,17 @@ def _sbatch_path(path: Path) -> str:
     return f'"{text}"' if any(c.isspace() for c in text) else text
 
 
+def template_text(name: str) -> str:
+    """A file of the package's templates/ (read through importlib.resources: an installed wheel, a zip, a checkout)."""
+    path = resources.files(__package__) / "templates" / name
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CsoError(
+            f"launch: {path}: the job template is missing from this installation; reinstall cso_dist"
+        ) from None
+
+
 def check_no_secrets(text: str, where: Path) -> None:
     """Refuse to write the value of a credential variable of this environment into a generated file."""
     for var in SECRET_VARS:
@@ -81,14 +93,13 @@ def render(
     sweep_file: Path | None = None,
     n_tasks: int = 0,
 ) -> str:
-    """The text of a job script from slurm/<template>.sbatch."""
+    """The text of a job script from templates/<template>.sbatch."""
     if template not in TEMPLATES:
         raise CsoError(f"launch: unknown template '{template}' (one of {', '.join(TEMPLATES)})")
     run_dir = Path(cfg.run.out_dir).resolve()
     name = "cso-" + re.sub(r"[^A-Za-z0-9._=+-]", "_", run_dir.name)  # one token, whatever the folder is called
     log = run_dir / "slurm" / ("%x-%A_%a.out" if template == "sweep" else "%x-%j.out")
-    body = (TEMPLATE_DIR / f"{template}.sbatch").read_text()
-    tail = (TEMPLATE_DIR / "_requeue.sh").read_text()
+    body, tail = template_text(f"{template}.sbatch"), template_text("_requeue.sh")
     values = {
         "header": "\n".join(_header(cfg, name, log, template)),
         "setup": "\n".join(cfg.slurm.setup),

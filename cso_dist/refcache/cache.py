@@ -26,11 +26,11 @@ from typing import Callable
 
 from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import read_dialogues
-from cso_dist.io import atomic_write_text, sha256_file, write_jsonl
+from cso_dist.io import atomic_write_text, read_json, sha256_file, write_jsonl
 from cso_dist.data.export import iter_pairs
 from cso_dist.data.render import Renderer
 from cso_dist.data.strategies import StrategySet
-from cso_dist.errors import ConfigError, CsoError
+from cso_dist.errors import ConfigError, CsoError, DataError
 from cso_dist import dist
 from cso_dist.dist import World, world_from_env
 from cso_dist.engines import Engine, shards_weights
@@ -97,12 +97,12 @@ def read_manifest(d: Path) -> dict | None:
     if not p.is_file():
         return None
     try:
-        man = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        man = None
-    if not isinstance(man, dict) or not isinstance(man.get("key"), dict):
-        raise CsoError(f"reference cache {d}: manifest.json is damaged; delete {d} and rerun cso-dist precompute")
-    return man
+        return read_json(p, "a reference cache's manifest", fields={"key": dict})
+    except DataError as e:
+        why = ": ".join(x for x in (e.record, e.field, e.message) if x)
+        raise CsoError(
+            f"reference cache {d}: manifest.json is damaged ({why}); delete {d} and rerun cso-dist precompute"
+        ) from None
 
 
 def _sidecar(d: Path, i: int, kd: str) -> dict:
@@ -110,10 +110,10 @@ def _sidecar(d: Path, i: int, kd: str) -> dict:
     if not s.is_file():
         raise _Invalid("missing" if not shard_file(d, i).is_file() else "no completion record (interrupted write)")
     try:
-        side = json.loads(s.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        side = read_json(s, "a shard's completion record")
+    except DataError:
         raise _Invalid("completion record is damaged") from None
-    if not isinstance(side, dict) or side.get("key") != kd:
+    if side.get("key") != kd:
         raise _Invalid("completion record belongs to another key")
     return side
 
