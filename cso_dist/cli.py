@@ -382,6 +382,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cso-dist: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug of ours: one line, and the whole traceback in a file it names
+        where = _save_traceback()
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        print(
+            f"cso-dist: internal error: {type(e).__name__}: {first} (traceback in {where}; please report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _save_traceback() -> str:
+    """The current exception's traceback, written to a file of its own in the temporary folder; its path."""
+    import tempfile
+    import time
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix=f"cso-dist-traceback-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(" ".join(sys.argv) + "\n\n" + traceback.format_exc())
+    return path
 
 
 if __name__ == "__main__":

@@ -44,16 +44,15 @@ def not_an_input(out: str, *inputs: str) -> None:
 
 
 def _first_row(path: Path) -> dict | None:
-    """The first non-empty line of a text file as a JSON object, else None."""
+    """The first record of a JSON Lines file when it is an object, else None (what kind of file it is; a file that
+    is not JSON Lines at all is no command's output here)."""
+    from cso_dist.io import read_jsonl
+
     try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    return row if isinstance(row, dict) else None
-    except (OSError, UnicodeDecodeError, ValueError):
+        _, row = next(iter(read_jsonl(path, "an output file")), (0, None))
+    except CsoError:
         return None
-    return None
+    return row if isinstance(row, dict) else None
 
 
 def jsonl_of(*keys: str):

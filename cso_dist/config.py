@@ -266,6 +266,13 @@ class DistConfig:
 
     def validate(self) -> None:
         _check(self.zero_stage in (0, *ZERO_STAGES), "dist.zero_stage", "must be 0 (from the JSON), 2 or 3")
+        for key in {k for e in ENGINES.values() for k in e.keys}:  # an engine's own keys: never silently unused
+            readers = [e.name for e in ENGINES.values() if key in e.keys]
+            _check(
+                self.engine in readers or getattr(self, key) == getattr(DistConfig, key),
+                f"dist.{key}",
+                f"read by dist.engine {' or '.join(readers)} only (dist.engine is {self.engine})",
+            )
         _check(self.timeout_minutes >= 1, "dist.timeout_minutes", "must be >= 1")
         _check(bool(self.deepspeed_config.strip()), "dist.deepspeed_config", "must not be empty")
 

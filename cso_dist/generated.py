@@ -111,7 +111,9 @@ def add_generated(dialogues: list[PrefDialogue], cfg: TrainingConfig, progress: 
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CsoError(f"{cache_root}: cannot make the generated-replies cache here ({e.strerror or e})") from None
+        why = "it is a file" if cache_root.exists() else e.strerror or e
+        msg = f"cannot hold the generated-replies cache ({why}); set CSO_GENERATED_CACHE to a folder"
+        raise CsoError(f"{cache_root}: {msg}") from None
     mkey = model_key(folder, cache_root / ".filehashes.json")
     renderer = make_renderer(load_tokenizer(tokenizer_dir(folder)), d_cfg.chat_template)
     tok = renderer.tokenizer

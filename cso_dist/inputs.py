@@ -4,7 +4,6 @@ Used by training, precompute, evaluation, export and the reference cache's key."
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +12,8 @@ from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import PrefDialogue, read_dialogues
 from cso_dist.data.render import Renderer, make_renderer
 from cso_dist.data.strategies import StrategySet, resolve_strategy_set
-from cso_dist.errors import ConfigError, CsoError
-from cso_dist.io import sha256_file
+from cso_dist.errors import ConfigError, CsoError, DataError
+from cso_dist.io import read_jsonl, sha256_file
 from cso_dist.models import hub, is_adapter_dir, load_tokenizer
 from cso_dist.models.load import adapter_base_path
 
@@ -93,14 +92,12 @@ def _named_set(cfg: TrainingConfig) -> str | None:
         path = data_file(cfg, split)
         if path is None or not path.is_file():
             continue
-        with open(path, encoding="utf-8") as f:
-            line = next((x for x in f if x.strip()), "")
-        if not line:
-            continue
         try:
-            return str(json.loads(line).get("strategy_set") or "") or None
-        except (json.JSONDecodeError, AttributeError):
-            continue  # read_dialogues reports the bad record
+            _, first = next(iter(read_jsonl(path, "a preference-dialogue file")), (0, None))
+        except DataError:
+            continue  # read_dialogues reports the bad record, naming its line
+        if isinstance(first, dict):
+            return str(first.get("strategy_set") or "") or None
     return None
 
 

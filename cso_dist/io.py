@@ -1,5 +1,6 @@
 """File I/O helpers: writes that a crash cannot leave half-done (a temporary file in the same folder, then a
-rename), one writer per output (a lock the OS drops with its process), and a file's sha256."""
+rename), one writer per output (a lock the OS drops with its process), a file's sha256, and the one reader of the
+text files a user hands in (read_text, read_json, read_jsonl: every failure one line naming file, line and field)."""
 
 from __future__ import annotations
 
@@ -205,7 +206,8 @@ def parse_json(text: str, path, record: str | None = None):
         return json.loads(text)
     except json.JSONDecodeError as e:
         where = f"column {e.colno}" if record else f"line {e.lineno}, column {e.colno}"
-        why = "ends mid-value, as if cut short" if e.pos >= len(text.rstrip()) else e.msg
+        cut = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+        why = "ends mid-value, as if cut short" if cut else e.msg
         raise DataError(str(path), record, None, f"bad JSON: {why} ({where})", "bad-json") from None
     except RecursionError:
         raise DataError(str(path), record, None, "bad JSON: nested too deep", "bad-json") from None

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from cso_dist.io import atomic_write_text
+from cso_dist.io import atomic_write_text, read_jsonl
 
 
 class Tracker:
@@ -30,13 +30,9 @@ class Tracker:
         if rank != 0:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.is_file():  # drop what came after the checkpoint
-            keep = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+        if resume_step is not None and self.path.is_file():  # drop what came after the checkpoint (and a torn line)
+            keep = [m for m in read_metrics(run_dir) if m.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(m) + "\n" for m in keep))
         elif resume_step is None and self.path.is_file():
             self.path.unlink()
         if wandb_on:
@@ -101,5 +97,8 @@ def _wandb_id(run_dir: Path) -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl (appended step by step: a last line cut by a kill is left out)."""
     p = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+    if not p.is_file():
+        return []
+    return [row for _, row in read_jsonl(p, "a metrics file", fields={"step": int}, torn_tail=True)]

@@ -251,3 +251,23 @@ def test_study_config_paths_and_values_come_from_the_same_loader(monkeypatch, tm
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = cfg_of({"study.generator": "~/writer", "study.sources": "generated", "run.seed": "7"})
     assert cfg.study.generator == f"{tmp_path}/writer" and cfg.run.seed == 7
+
+
+def test_a_genuine_internal_error_is_one_line_naming_the_file_with_its_traceback(monkeypatch, capsys):
+    """A bug of ours (here: a command that raises a plain RuntimeError) is not dressed up as a user error: exit 1,
+    one line that says it is internal and names the file that holds the whole traceback."""
+    from cso_dist import commands
+    from cso_dist.cli import main
+
+    def broken(args, extra):
+        raise RuntimeError("an index went out of range\nsecond line")
+
+    monkeypatch.setattr(commands, "cmd_config_show", broken)
+    capsys.readouterr()
+    assert main(["config", "show"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cso-dist: internal error: RuntimeError: an index went out of range ")
+    saved = Path(err[0].split("(traceback in ")[1].split(";")[0])
+    text = saved.read_text()
+    assert "Traceback (most recent call last)" in text and "second line" in text
+    saved.unlink()

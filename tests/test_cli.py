@@ -159,7 +159,7 @@ def test_user_facing_text_points_only_inside_the_repository():
             "configs",
             "cso_dist/launch/templates",
             "scripts",
-            "cso_dist/ds_configs",
+            "cso_dist/engines/ds_configs",
             "Makefile",
         ],
         cwd=REPO,

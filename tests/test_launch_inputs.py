@@ -59,7 +59,8 @@ REFUSED = [
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+    """Everything under folder: files and folders (a refused launch leaves not even an empty run folder)."""
+    return sorted(folder.rglob("*")) if folder.exists() else []
 
 
 def _run(argv: list[str], capsys) -> tuple[int | None, str, str]:
@@ -84,6 +85,23 @@ def test_a_bad_sweep_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatc
     lines = err.strip().splitlines()
     assert rc == 2 and "Traceback" not in err, err
     assert len(lines) == 1 and lines[0].startswith("cso-dist: error: ") and said in lines[0], err
+    assert _files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "case,items,said",
+    [
+        ("a secret", ["model.path=secret-value-123456,b"], "refusing to write the value of $WANDB_API_KEY"),
+        ("whitespace", ["model.path=a b,c"], "sweep values cannot contain whitespace or control characters ('--"),
+    ],
+)
+def test_a_sweep_file_that_cannot_be_written_writes_nothing(tmp_path, capsys, monkeypatch, case, items, said):
+    """Valid points whose sweep file is refused (sbatch only: the file carries them as words)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_API_KEY", "secret-value-123456")
+    sweeps = [a for it in items for a in ("--sweep", it)]
+    rc, _, err = _run(["launch", "sbatch", "--dry-run", "--run.out_dir", str(tmp_path / "run"), *sweeps], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and said in err, err
     assert _files(tmp_path) == []
 
 

@@ -16,7 +16,6 @@ cso_dist.data.negatives (data.negatives_from).
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 from cso_dist.data.dialogue import SEEKER, SUPPORTER, Message, PrefDialogue, req, req_text
 from cso_dist.data.negatives import RETRIEVED, NegativeOptions, add_negatives, strategy_sides
 from cso_dist.data.readers import ReadContext
+from cso_dist.io import read_jsonl
 from cso_dist.errors import DataError
 from cso_dist.paths import esconv_dir
 
@@ -137,9 +137,6 @@ def esconv_texts(path: str | None = None) -> list[str]:
     """Every utterance of an ESConv-style JSONL file (default: ESConv train), e.g. to train a BPE on."""
     p = Path(path) if path else esconv_dir() / "train.jsonl"
     texts = []
-    with open(p, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                texts.extend(u.get("text") or u.get("content") or "" for u in rec.get("dialog", []))
-    return [t for t in texts if t]
+    for _, rec in read_jsonl(p, "an ESConv file", fields={"dialog": list}):
+        texts.extend(u.get("text") or u.get("content") or "" for u in rec["dialog"] if isinstance(u, dict))
+    return [t for t in texts if isinstance(t, str) and t]

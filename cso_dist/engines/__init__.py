@@ -37,6 +37,7 @@ class EngineSpec:
     finetunes: tuple[str, ...]  # the model.finetune kinds it trains
     why_not: str  # why a finetune kind it does not train is refused, and what to use instead
     sharding: Callable[[Any], tuple[int, str]]  # cfg -> (ZeRO stage or 0, offload: none | optimizer | params)
+    keys: tuple[str, ...] = ()  # the dist.<key>s only this engine reads (another engine refuses them when set)
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -48,6 +49,7 @@ ENGINES: dict[str, EngineSpec] = {
         "qlora runs on the torch engine (one GPU, or DDP under torchrun); 4-bit weights under DeepSpeed "
         "(bnb_4bit_quant_storage) are not supported by cso_dist: use model.finetune lora with dist.engine deepspeed",
         ds_sharding,
+        ("deepspeed_config", "zero_stage"),
     ),
 }
 NAMES = tuple(ENGINES)  # dist.engine's choices

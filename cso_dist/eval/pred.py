@@ -91,7 +91,7 @@ def check_origin(out: Path, origin: dict) -> None:
         try:
             old = read_json(side, "the record of what made a PRED file's rows")
         except DataError as e:
-            raise CsoError(f"{e}; remove {out} and it to start over, or give another --out") from None
+            raise CsoError(f"{e}; remove it and {out} to start over, or give another --out") from None
         diff = [k for k in sorted(set(old) | set(origin)) if old.get(k) != origin.get(k)]
         if diff:
             k = diff[0]

@@ -144,7 +144,6 @@ def write_job(
             bad = [a for a in row if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in a)]
             if bad:
                 raise CsoError(f"launch: sweep values cannot contain whitespace or control characters ({bad[0]!r})")
-    d.mkdir(parents=True, exist_ok=True)
     stamp = _unique_stamp(d, template)
     config_path, script = d / f"config-{stamp}.yaml", d / f"{template}-{stamp}.sbatch"
     sweep_file = d / f"sweep-{stamp}.txt" if sweep is not None else None
@@ -152,6 +151,7 @@ def write_job(
     sweep_text = "".join(" ".join(row) + "\n" for row in sweep or [])
     text = render(cfg, template, config_path, list(overrides or []), sweep_file, len(sweep or []))
     check_no_secrets(text + config_text + sweep_text, script)
+    d.mkdir(parents=True, exist_ok=True)  # only now: a refused script leaves no folder either
     atomic_write_text(config_path, config_text, mode=0o600)
     if sweep_file is not None:
         atomic_write_text(sweep_file, sweep_text, mode=0o600)
