@@ -281,7 +281,7 @@ def test_a_server_that_never_answers_times_out_in_one_line(server, qwen_tok):
         open_served(_cfg(server.url, **{"eval.timeout_s": 0.5}))
     assert time.monotonic() - t0 < 3
     msg = _one_line(e)
-    assert server.url in msg and "no answer within the timeout (0.5s per call, 0 retries)" in msg, msg
+    assert server.url in msg and "no answer within the timeout (0.5s per call, eval.timeout_s; 0 retries)" in msg, msg
 
     del server.faults["models"]
     server.faults["completions"] = "hang"

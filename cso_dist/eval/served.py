@@ -26,6 +26,7 @@ def served_client(cfg: TrainingConfig) -> OpenAIBackend:
         e.retries,
         url_key="eval.endpoint",
         model_key="eval.served_model",
+        timeout_key="eval.timeout_s",
     )
 
 

@@ -274,6 +274,13 @@ def make_backend(
         return HFBackend(model, batch_size=batch_size, seed=seed)
     if kind == "openai":
         return OpenAIBackend(
-            base_url, model, api_key_env, timeout_s, retries, url_key="mcts.base_url", model_key="mcts.model"
+            base_url,
+            model,
+            api_key_env,
+            timeout_s,
+            retries,
+            url_key="mcts.base_url",
+            model_key="mcts.model",
+            timeout_key="mcts.timeout_s",
         )
     raise ConfigError(f"mcts.backend: '{kind}' is not one of hf, openai")

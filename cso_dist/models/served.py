@@ -36,6 +36,7 @@ class OpenAIBackend:
         retries: int = 3,
         url_key: str = "base_url",
         model_key: str = "model",
+        timeout_key: str = "timeout_s",
     ):
         from openai import OpenAI
 
@@ -43,6 +44,7 @@ class OpenAIBackend:
             raise ConfigError(f"{model_key}: the served model's name is needed with an OpenAI-compatible endpoint")
         self.name = f"openai:{base_url}:{model}"  # identifies the model in cache keys
         self.base_url, self.model, self.url_key, self.model_key = base_url, model, url_key, model_key
+        self.timeout_key = timeout_key
         self.logprobs: bool | None = None  # does the server give next-token log-probs? (None: not asked yet)
         self.served: dict = {}  # the server's record of the model (check_model), e.g. vLLM's `root` (its weights)
         self.client = OpenAI(
@@ -59,7 +61,10 @@ class OpenAIBackend:
 
         if isinstance(e, openai.APITimeoutError):
             n = self.client.max_retries
-            what = f"no answer within the timeout ({self.client.timeout}s per call, {n} retr{'y' if n == 1 else 'ies'})"
+            what = (
+                f"no answer within the timeout ({self.client.timeout}s per call, {self.timeout_key}; "
+                f"{n} retr{'y' if n == 1 else 'ies'})"
+            )
         elif isinstance(e, openai.APIConnectionError):
             cause = e.__cause__ or e.__context__
             what = f"cannot connect ({_first_line(cause) if cause else _first_line(e)})"
