@@ -418,8 +418,9 @@ class StudyConfig:
             grid: dict[str, list[str]] = {}
             for ax in axes:
                 k, _, v = ax.partition("=")
-                values = [x for x in v.split(",") if x]
-                _check(bool(k) and bool(values), key, f"'{ax}': expected KEY=V1,V2")
+                values = v.split(",")
+                _check(bool(k) and bool(v), key, f"'{ax}': expected KEY=V1,V2")
+                _check(all(values), key, f"'{ax}': an empty value (an unset shell variable?); give every value")
                 _check(k.split(".")[0] in TRAINING_SECTIONS, key, f"'{k}' is not a key of a training section")
                 _check(k not in (*STUDY_OWNED, "run.out_dir", "model.path"), key, f"'{k}' is set by the study itself")
                 for x in values:

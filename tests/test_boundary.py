@@ -271,3 +271,11 @@ def test_a_genuine_internal_error_is_one_line_naming_the_file_with_its_traceback
     text = saved.read_text()
     assert "Traceback (most recent call last)" in text and "second line" in text
     saved.unlink()
+
+
+@pytest.mark.parametrize("axis", ["dpo train.lr=1e-3,", "dpo train.lr=,1e-3", "dpo train.lr=1e-3,,2e-3"])
+def test_a_study_sweep_with_an_empty_value_is_refused_not_dropped(tmp_path, capsys, axis):
+    """The study's own grid (study.sweep) reads values as the launchers' sweeps do: an empty one is an error."""
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(f"study:\n  losses: [dpo]\n  sweep: ['{axis}']\n")
+    _refused(capsys, ["config", "show", cfg], tmp_path, "an empty value (an unset shell variable?)")

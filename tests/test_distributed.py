@@ -1,5 +1,6 @@
 """Multi-process engines on CPU (gloo): DDP and DeepSpeed ZeRO-2 / ZeRO-3 / ZeRO-3 + offload against the
-single-process run, ZeRO-3 kill-and-resume, resume on another world size, export, sharded precompute.
+single-process run, ZeRO-3 kill-and-resume, resume on another world size, export (sharded precompute and evaluation:
+tests/test_sharded.py; the torch engine's 2-rank precompute on a real Slurm: tests/test_slurm.py).
 
 Every run here is a real `cso-dist` process tree started by torchrun or the deepspeed launcher."""
 
@@ -18,7 +19,6 @@ from cso_dist.config import load_config
 from cso_dist.dist import World, my_share, world_from_env
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.models import build_tiny_model, load_model
-from cso_dist.refcache import cache_key, load_reference
 from cso_dist.tracking import read_metrics
 from cso_dist.train import run_train
 from conftest import argv, cfg_of, launch, run_cli, run_overrides, tiny_run_data
@@ -210,19 +210,6 @@ def test_zero3_lora_gradient_checkpointing_and_adapter_export(setup):
     ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
     with torch.no_grad():
         assert torch.allclose(a(ids).logits, m(ids).logits, atol=1e-5)
-
-
-def test_two_process_precompute_equals_one_process(setup):
-    one = overrides(setup, "pc", **{"train.ref_cache": setup / "pc-1", "refcache.dialogues_per_shard": 1})
-    two = {**one, "train.ref_cache": str(setup / "pc-2")}
-    cfg1, cfg2 = cfg_of(one), cfg_of(two)
-    assert run_cli("precompute", *argv(one), env={"OMP_NUM_THREADS": "1"}).returncode == 0
-    out = launch(["precompute", *argv(two)])
-    assert "shards of rank 1 ready" in out.stdout
-    for split in ("train", "eval"):
-        a, b = load_reference(cfg1, cache_key(cfg1, split), split), load_reference(cfg2, cache_key(cfg2, split), split)
-        assert a.keys() == b.keys() and len(a) > 10
-        assert a == b  # the same shards, each on one thread: the same bits whichever rank computed it
 
 
 def test_qlora_trains_with_paged_optimizer_and_its_adapter_reloads(setup):
