@@ -267,3 +267,18 @@ def kill_job(marker: str) -> int:
             except ProcessLookupError:
                 pass
     return n
+
+
+def run_main(argv: list, capsys) -> tuple[int | None, str, str]:
+    """cso_dist.cli.main in this process: (exit code, stdout, stderr); an exception escaping it -- a traceback -- is
+    (None, "", "Traceback <type>: <message>")."""
+    from cso_dist.cli import main
+
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    except BaseException as e:  # noqa: BLE001 - an escaping exception is what the tests look for
+        return None, "", f"Traceback {type(e).__name__}: {e}"
+    out = capsys.readouterr()
+    return rc, out.out, out.err

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cso_dist.cli import main
+from conftest import run_main
 
 BAD_UTF8 = b'{"prompt": "caf\xe9 \xff", "chosen": "(Question) x", "rejected": "(Others) y"}\n'
 
@@ -154,15 +155,7 @@ def _policy_cases() -> list[tuple[str, str, dict]]:
     return cases
 
 
-def _run(argv: list[str], capsys) -> tuple[int | None, str, str]:
-    try:
-        rc = main(argv)
-    except SystemExit as e:  # argparse
-        rc = e.code
-    except BaseException as e:  # noqa: BLE001 - an escaping exception is what the test looks for
-        return None, "", f"TRACEBACK {type(e).__name__}: {e}"
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+_run = run_main  # tests/conftest.py: main() in this process, a traceback as (None, "", "Traceback ...")
 
 
 def _check(case: str, rc, err: str, written: list[Path], failures: list[str]) -> None:

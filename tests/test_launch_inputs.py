@@ -21,12 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from cso_dist.cli import main
 from cso_dist.config import load_config
 from cso_dist.errors import ConfigError
 from cso_dist.launch import submit_sweep, sweep_points
 from cso_dist.launch.sbatch import TEMPLATES
-from conftest import REPO
+from conftest import REPO, run_main
 
 LAUNCHERS = {
     "sbatch": ["launch", "sbatch", "--dry-run"],
@@ -63,16 +62,7 @@ def _files(folder: Path) -> list[Path]:
     return sorted(folder.rglob("*")) if folder.exists() else []
 
 
-def _run(argv: list[str], capsys) -> tuple[int | None, str, str]:
-    """main() in-process; an exception escaping it is a traceback."""
-    try:
-        rc = main(argv)
-    except SystemExit as e:  # argparse
-        rc = e.code
-    except BaseException as e:  # noqa: BLE001 - an escaping exception is what the test looks for
-        return None, "", f"Traceback: {type(e).__name__}: {e}"
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+_run = run_main
 
 
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))

@@ -11,20 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from cso_dist.cli import main
-from conftest import REPO, tiny_run_data
+from conftest import REPO, run_main, tiny_run_data
 
 BAD = b"caf\xe9 \xff"  # not UTF-8
 
 
-def _run(argv: list[str], capsys) -> tuple[int | None, str]:
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        rc = e.code
-    except BaseException as e:  # noqa: BLE001 - an escaping exception is the traceback the test looks for
-        return None, f"Traceback {type(e).__name__}: {e}"
-    return rc, capsys.readouterr().err
+def _run(argv: list, capsys) -> tuple[int | None, str]:
+    rc, _, err = run_main(argv, capsys)
+    return rc, err
 
 
 def _bytes(paths) -> dict:
