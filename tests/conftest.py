@@ -242,7 +242,9 @@ def launch(args: list, nproc: int = 2, launcher: str = "torchrun", wait: bool = 
         )
     proc = subprocess.run(cmd, cwd=REPO, env=LAUNCH_ENV, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        lines = (proc.stdout + proc.stderr).splitlines()
+        said = [x for x in lines if x.startswith("cso-dist:")]  # our one-line errors, above torchrun's own report
+        tail = "\n".join(said + lines[-40:])
         raise AssertionError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{tail}")
     return proc
 
