@@ -149,7 +149,10 @@ def _plan(n: int, per: int) -> list[list[int]]:
 
 
 def _open_cache(d: Path, key: dict[str, str], split: str) -> dict | None:
-    """The existing manifest of `d` (refusing a stale or foreign directory), or None when there is none."""
+    """The existing manifest of `d` (refusing a stale or foreign directory), or None when there is none. The folder is
+    listed before its manifest is read: another rank may write the manifest at any moment, and a manifest that
+    appears after the listing is then read, never taken for a foreign file."""
+    entries = [p.name for p in d.iterdir()] if d.is_dir() else []
     man = read_manifest(d)
     if man is not None:
         diff = differing(man, key)
@@ -159,15 +162,9 @@ def _open_cache(d: Path, key: dict[str, str], split: str) -> dict | None:
                 f"or point train.ref_cache elsewhere, then rerun cso-dist precompute"
             )
         return man
-    other = (
-        [
-            p.name
-            for p in d.iterdir()
-            if not (split == "train" and p.name == "eval") and not (p.name.startswith(".") and p.name.endswith(".tmp"))
-        ]
-        if d.is_dir()
-        else []
-    )
+    other = [
+        n for n in entries if not (split == "train" and n == "eval") and not (n.startswith(".") and n.endswith(".tmp"))
+    ]
     if other:
         raise CsoError(
             f"reference cache {d}: the folder exists, is not empty ({', '.join(sorted(other)[:3])}) and "
