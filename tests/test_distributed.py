@@ -6,7 +6,6 @@ Every run here is a real `cso-dist` process tree started by torchrun or the deep
 
 import json
 import math
-import os
 import shutil
 import signal
 import time
@@ -21,7 +20,7 @@ from cso_dist.errors import ConfigError, CsoError
 from cso_dist.models import build_tiny_model, load_model
 from cso_dist.tracking import read_metrics
 from cso_dist.train import run_train
-from conftest import argv, cfg_of, launch, run_cli, run_overrides, tiny_run_data
+from conftest import argv, cfg_of, kill_job, launch, run_cli, run_overrides, tiny_run_data
 from numerics import close_curves
 
 
@@ -110,7 +109,7 @@ def test_zero3_kill_and_resume_reproduces_the_curve(setup, zero3):
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if (ckpts / "step-0000002" / "state.json").is_file():
-            os.killpg(proc.pid, signal.SIGKILL)
+            assert kill_job(f"--run.out_dir={setup / 'zero3-killed'}") == 3  # the launcher and both workers
             break
         time.sleep(0.05)
     proc.wait()
