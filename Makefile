@@ -45,7 +45,7 @@ study: $(STAMP)
 HAS_AVX512 := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo yes)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -rs $(WORKERS) tests
+	$(PY) -m pytest -q -rs --durations=25 $(WORKERS) tests
 ifeq ($(HAS_AVX512),yes)
 	$(AVX2_KERNELS) $(PY) -m pytest -q -rs $(WORKERS) -m numerics tests
 else

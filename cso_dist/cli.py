@@ -287,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seq-len", type=int, help="tokens of one packed row (pack.max_tokens; default 4096)")
     pl.add_argument("--micro-batch", type=int, help="packed rows per forward (default 1)")
     pl.add_argument("--lora-r", type=int)
-    pl.add_argument("--attention", choices=PLAN_ATTENTION, help="pack.attention of the trie rows (default tree)")
+    pl.add_argument(
+        "--attention",
+        choices=PLAN_ATTENTION,
+        help="pack.attention of the trie rows (default flex: what auto runs on CUDA)",
+    )
     pl.add_argument("--tree-keys", type=float, help="tree: key rows per row token (default 6.5, ESConv's most)")
     pl.add_argument("--tree-mask", type=float, help="tree: branch-mask elements per row token (default 600)")
     pl.add_argument("--max-length", type=int, help="tokens of one prompt at evaluation (data.max_length; default 2048)")

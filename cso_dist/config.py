@@ -166,13 +166,25 @@ class PackConfig:
     attention: Literal[ATTENTION] = setting(
         "auto",
         "attention over trie rows (cso_dist.scorer.attention): tree = SDPA per trunk / per turn's branches, work "
-        "proportional to what the tree attends; flex = FlexAttention BlockMask (compiled on CUDA); dense = one "
-        "[T x T] mask; auto = tree, dense for models that soft-cap attention logits",
+        "proportional to what the tree attends; flex = FlexAttention BlockMask, compiled (no backward on CPU); "
+        "dense = one [T x T] mask; auto = flex on CUDA, on CPU tree (dense for models that soft-cap attention logits)",
+    )
+    bucket: int = setting(
+        1024,
+        "flex: rows run padded to a multiple of this many tokens, so a run compiles at most twice per multiple up to "
+        "max_tokens (with and without gradients); 0 = each row at its own length (a compile per new length)",
     )
 
     def validate(self) -> None:
         _check(self.max_tokens >= 32, "pack.max_tokens", "must be >= 32")
         _check(self.logit_chunk >= 1, "pack.logit_chunk", "must be >= 1")
+        _check(self.bucket >= 0, "pack.bucket", "must be >= 0 (0 = each row at its own length)")
+        _check(
+            self.bucket == PackConfig.bucket or (self.layout == "trie" and self.attention in ("auto", "flex")),
+            "pack.bucket",
+            f"only flex attention over trie rows reads it, and pack.attention is {self.attention} "
+            f"(pack.layout {self.layout}): remove it",
+        )
 
 
 @dataclass
@@ -203,6 +215,12 @@ class TrainConfig:
     gradient_checkpointing: bool = setting(
         False, "recompute activations in the backward pass (less memory, ~30% slower)"
     )
+    compile: bool = setting(
+        False,
+        "torch.compile each decoder layer (regional compilation: one graph shared by all layers); needs rows of a "
+        "few lengths: flex attention over trie rows (pack.bucket)",
+    )
+    fused_adamw: bool = setting(False, "adamw: torch's fused AdamW kernel (one kernel per step for all parameters)")
     log_every: int = setting(1, "optimizer steps between metric lines")
     eval_every: int = setting(0, "0 = only at the end (when eval_file is set)")
     save_every: int = setting(0, "0 = only the final output")
@@ -237,6 +255,11 @@ class TrainConfig:
         _check(self.undesirable_weight > 0, "train.undesirable_weight", "must be > 0")
         _check(self.max_dialogues >= 0, "train.max_dialogues", "must be >= 0")
         _check(self.eval_max_dialogues >= 0, "train.eval_max_dialogues", "must be >= 0")
+        _check(
+            not self.fused_adamw or self.optimizer == "adamw",
+            "train.fused_adamw",
+            f"fuses torch's AdamW, and train.optimizer is {self.optimizer}: remove it or use adamw",
+        )
 
 
 @dataclass
@@ -575,11 +598,23 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     )
     _check_method(cfg)
     _check(
+        not cfg.train.compile or (cfg.pack.layout == "trie" and cfg.pack.attention in ("auto", "flex")),
+        "train.compile",
+        "compiled layers need rows of a few lengths: flex attention over trie rows (pack.layout trie, "
+        f"pack.attention flex or auto on CUDA), and they are {cfg.pack.layout} / {cfg.pack.attention}",
+    )
+    _check(
         cfg.train.reference == "cache" or cfg.model.finetune in ("lora", "qlora"),
         "train.reference",
         "'adapter' (the base with the adapter disabled) needs model.finetune lora or qlora",
     )
     engine = ENGINES[cfg.dist.engine]
     _check(cfg.model.finetune in engine.finetunes, "model.finetune", engine.why_not)
-    engine.sharding(cfg)  # the engine's own settings (a DeepSpeed JSON that is missing or wrong fails here)
+    _check(not (cfg.train.compile and engine.compiled_layers), "train.compile", engine.compiled_layers)
+    _, offload = engine.sharding(cfg)  # the engine's own settings (a missing or wrong DeepSpeed JSON fails here)
+    _check(
+        not (cfg.train.fused_adamw and offload != "none"),
+        "train.fused_adamw",
+        "DeepSpeed's optimizer offload runs its own CPU Adam: remove it",
+    )
     return cfg

@@ -39,7 +39,8 @@ from cso_dist.preempt import STOPPED_FILE, StopRequest
 from cso_dist.pack import PairLayout, ReplyId, TrieLayout, head_chunks
 from cso_dist.refcache import ensure_reference
 from cso_dist.inputs import SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
-from cso_dist.scorer import by_reply
+from cso_dist.scorer import by_reply, method_of
+from cso_dist.scorer.attention import compile_count
 from cso_dist.tracking import Tracker
 
 
@@ -225,15 +226,36 @@ def _resume(engine, resume_from: Path | None, world: World, total: int) -> int:
     return state["step"]
 
 
+def _attention(cfg: TrainingConfig, engine) -> str:
+    """The trie rows' attention as resolved on this device (auto: flex on CUDA)."""
+    if cfg.pack.layout != "trie":
+        return "per-pair rows"
+    method = method_of(engine.module)
+    if method == "flex" and cfg.pack.bucket:
+        return f"flex attention, rows padded to multiples of {cfg.pack.bucket} tokens"
+    return f"{method} attention"
+
+
 def _announce(cfg: TrainingConfig, plan: Plan, engine, world: World) -> None:
     n_train, n_total = engine.counts()
     print(
         f"training {cfg.train.method} on {len(plan.train_in.dialogues)} dialogues: {len(plan.steps)} steps, "
-        f"{sum(len(s) for s in plan.steps)} micro-batches ({cfg.pack.layout} layout), "
+        f"{sum(len(s) for s in plan.steps)} micro-batches ({cfg.pack.layout} layout, {_attention(cfg, engine)}), "
         f"{n_train:,} of {n_total:,} parameters trainable; {engine.kind} engine on "
         f"{world.world_size} rank{'s' if world.distributed else ''}",
         flush=True,
     )
+
+
+def _compilations(cfg: TrainingConfig, engine, world: World) -> dict:
+    """How many graphs torch.compile built in this process (flex attention, train.compile's layers), said and
+    recorded in summary.json; {} when nothing is compiled."""
+    if method_of(engine.module) != "flex" and not cfg.train.compile:
+        return {}
+    n = compile_count()
+    if world.main:
+        print(f"compiled {n} graphs ({_attention(cfg, engine)}; train.compile {cfg.train.compile})", flush=True)
+    return {"compiles": n}
 
 
 def train_step(cfg: TrainingConfig, world: World, engine, micro: list[Batch], ref, step: int) -> tuple[dict, dict]:
@@ -336,6 +358,7 @@ def finish(cfg: TrainingConfig, world: World, engine, plan: Plan, eval_ref, trac
         "engine": engine.kind,
         "world_size": world.world_size,
         "param_bytes": dist.all_objects(engine.param_bytes()),  # per rank: now, peak (ZeRO-3: sampled per layer), whole
+        **_compilations(cfg, engine, world),
         **last,
         **final_eval,
     }

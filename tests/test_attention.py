@@ -71,8 +71,6 @@ def _logps(model, batches):
 @pytest.mark.parametrize("method", [pytest.param("tree", marks=pytest.mark.numerics), "flex"])
 def test_logps_equal_dense_and_per_pair(tiny, dialogues, method):
     arch, path, tok = tiny
-    if method == "flex" and arch == "llama":
-        pytest.skip("flex's CPU reference is slow; one architecture covers its mask (the GPU kit runs it on GPU)")
     batches = _batches(tok, dialogues)
     with torch.no_grad():
         got = _logps(_model(path, method), batches)
@@ -116,9 +114,9 @@ def test_gradients_equal_dense(tiny, dialogues):
 def test_methods_resolve_per_model(tiny):
     _, path, _ = tiny
     m = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
-    assert resolve("auto", m) == "tree"
-    m.config.attn_logit_softcapping = 50.0  # gemma2 soft-caps attention logits: SDPA cannot
-    assert resolve("auto", m) == "dense"
+    assert resolve("auto", m) == "tree" and resolve("auto", m, cuda=True) == "flex"
+    m.config.attn_logit_softcapping = 50.0  # gemma2 soft-caps attention logits: SDPA cannot, flex's score_mod can
+    assert resolve("auto", m) == "dense" and resolve("auto", m, cuda=True) == "flex"
     with pytest.raises(ConfigError, match="pack.attention: tree cannot soft-cap"):
         resolve("tree", m)
     with pytest.raises(ConfigError, match="pack.attention: 'sparse' is not one of"):

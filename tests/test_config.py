@@ -190,3 +190,40 @@ def test_a_key_only_another_method_reads_is_refused():
 def test_the_former_bf16_on_amx_key_is_read_as_cpu_bf16(capsys):
     assert load_config(None, {"study.bf16_on_amx": False}).study.cpu_bf16 is False
     assert "study.bf16_on_amx is now study.cpu_bf16" in capsys.readouterr().err
+
+
+def test_speed_settings_that_would_be_ignored_are_refused():
+    """pack.bucket pads flex's rows only; train.compile needs rows of a few lengths (flex) and the torch engine;
+    train.fused_adamw fuses torch's AdamW only."""
+    assert load_config(None, {"pack.bucket": 512}).pack.bucket == 512  # auto: flex on CUDA
+    assert load_config(None, {"pack.attention": "flex", "pack.bucket": 0}).pack.bucket == 0
+    with pytest.raises(
+        ConfigError, match="pack.bucket: only flex attention over trie rows reads it, and pack.attention"
+    ):
+        load_config(None, {"pack.attention": "tree", "pack.bucket": 512})
+    with pytest.raises(ConfigError, match=r"pack.bucket: only flex .*pack.layout pair"):
+        load_config(None, {"pack.layout": "pair", "pack.bucket": 512})
+    with pytest.raises(ConfigError, match="pack.bucket: must be >= 0"):
+        load_config(None, {"pack.bucket": -1})
+    assert load_config(None, {"train.compile": True}).train.compile
+    with pytest.raises(ConfigError, match="train.compile: compiled layers need rows of a few lengths"):
+        load_config(None, {"train.compile": True, "pack.attention": "tree"})
+    with pytest.raises(ConfigError, match="train.compile: ZeRO gathers and releases"):
+        load_config(None, {"train.compile": True, "dist.engine": "deepspeed"})
+    assert load_config(None, {"train.fused_adamw": True}).train.fused_adamw
+    with pytest.raises(ConfigError, match="train.fused_adamw: fuses torch's AdamW, and train.optimizer is adamw8bit"):
+        load_config(None, {"train.fused_adamw": True, "train.optimizer": "adamw8bit"})
+    with pytest.raises(ConfigError, match="train.fused_adamw: DeepSpeed's optimizer offload runs its own CPU Adam"):
+        load_config(
+            None, {"train.fused_adamw": True, "dist.engine": "deepspeed", "dist.deepspeed_config": "zero3_offload"}
+        )
+
+
+def test_fused_adamw_takes_effect():
+    import torch
+
+    from cso_dist.engines.common import make_optimizer
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    assert make_optimizer(params, load_config(None, {"train.fused_adamw": True})).defaults["fused"] is True
+    assert not make_optimizer(params, load_config(None, {})).defaults["fused"]

@@ -13,6 +13,9 @@ import pytest
 from conftest import REPO
 
 
+SECTIONS = "env,exactness,throughput,engines,shape7b,study"  # the default four, and the two that take a call each
+
+
 @pytest.mark.slow
 def test_kit_installs_and_runs_every_section_on_cpu(tmp_path, esconv_dir):
     kit, site, out = tmp_path / "kit", tmp_path / "site", tmp_path / "out"
@@ -28,7 +31,16 @@ def test_kit_installs_and_runs_every_section_on_cpu(tmp_path, esconv_dir):
     assert report["total_bytes"] > report["working_tree_bytes"]
     env.update(CSO_KIT=str(kit), CSO_KIT_SITE=str(site), PYTHON=sys.executable)
     proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "device" / "run.sh"), str(out), "--smoke", "--budget-s", "1320"],
+        [
+            "bash",
+            str(REPO / "scripts" / "device" / "run.sh"),
+            str(out),
+            "--smoke",
+            "--budget-s",
+            "1620",
+            "--sections",
+            SECTIONS,
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -37,9 +49,10 @@ def test_kit_installs_and_runs_every_section_on_cpu(tmp_path, esconv_dir):
     log = (out / "kit.log").read_text() if (out / "kit.log").is_file() else ""
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + log[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert [s["section"] for s in summary["sections"]] == ["env", "exactness", "throughput", "engines", "study"]
+    sections = SECTIONS.split(",")
+    assert [s["section"] for s in summary["sections"]] == sections
     assert all(s["status"] == "ok" for s in summary["sections"]), summary
-    r = {s: json.loads((out / f"{s}.json").read_text()) for s in ("env", "exactness", "throughput", "engines")}
+    r = {s: json.loads((out / f"{s}.json").read_text()) for s in sections[:-1]}
     study = json.loads((out / "study.json").read_text())["study_gpu"]  # configs/study-gpu.yaml's code path
     assert set(study["summary"]) == {"base", "sft", "dpo@retrieval-balanced"} and study["subsets"]["test"] >= 12
 
@@ -67,3 +80,14 @@ def test_kit_installs_and_runs_every_section_on_cpu(tmp_path, esconv_dir):
     assert t["tiny/trie_tree"]["plan"]["planned_gib"] > 0
     for engine in ("qlora", "zero3"):
         assert r["engines"][engine]["finite"] and r["engines"][engine]["plan"]["planned_gib"] > 0
+    # the whole epoch over real ESConv train dialogues in the run's order, and its levers (CPU: tree trains)
+    epoch = t["tiny/epoch"]
+    assert epoch["steps"] == 4 and epoch["finite"] and epoch["pairs"] > 0 and epoch["attention"] == "tree"
+    assert epoch["trie_over_per_pair_pairs_per_s"] > 0 and epoch["plan"]["planned_gib"] > 0
+    scoring = t["tiny/epoch_reference_scoring"]  # compiled flex on CPU: one bucket, one kernel graph + its mask's
+    assert scoring["attention"] == "flex" and scoring["rows"] == 4 and 0 < scoring["compiled_graphs"] <= 4
+    for lever in ("baseline", "no_checkpointing", "fused_adamw", "rows_16k"):
+        assert t[f"tiny/lever_{lever}"]["finite"], lever
+    assert "no backward on CPU" in t["tiny/lever_compile"]["skipped"]
+    for finetune in ("qlora", "lora"):  # the 7B part's code path, with its recipes' settings
+        assert r["shape7b"][finetune]["finite"] and r["shape7b"][finetune]["plan"]["planned_gib"] > 0

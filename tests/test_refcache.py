@@ -307,3 +307,19 @@ def test_a_tight_budget_splits_turns_and_the_cache_still_holds_every_reply(setup
     assert all(
         abs(got[k][0] - want[k][0]) <= summed_logp_tol(want[k][0], want[k][1]) and got[k][1] == want[k][1] for k in want
     )
+
+
+@pytest.mark.slow
+def test_flex_precompute_pads_to_its_bucket_and_says_what_it_compiled(setup, built, tmp_path, capsys):
+    """pack.attention flex on the CPU (compiled, scoring only): the cache holds the tree cache's values, and the
+    report line gives the padding and the graphs compiled (at most a kernel and a block mask per bucket)."""
+    _, _, values = built
+    write_dialogues(tmp_path / "train.jsonl", setup["dialogues"][:4])  # the first shard's dialogues, fewer of them
+    over = {"pack.attention": "flex", "pack.bucket": 512, "train.train_file": str(tmp_path / "train.jsonl")}
+    cfg = make_cfg(setup, tmp_path / "flex", **over)
+    reports = precompute(cfg, progress=False)
+    said = capsys.readouterr().out
+    assert "flex attention (rows padded to multiples of 512)" in said
+    assert reports[0].compiles is not None and reports[0].compiles <= 2 * 2  # rows of <= 1024 tokens: 2 buckets
+    got = load_reference(cfg, cache_key(cfg))
+    assert len(got) > 100 and set(got) <= set(values) and _worst(got, values, got) < 1e-5

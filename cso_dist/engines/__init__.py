@@ -38,6 +38,7 @@ class EngineSpec:
     why_not: str  # why a finetune kind it does not train is refused, and what to use instead
     sharding: Callable[[Any], tuple[int, str]]  # cfg -> (ZeRO stage or 0, offload: none | optimizer | params)
     keys: tuple[str, ...] = ()  # the dist.<key>s only this engine reads (another engine refuses them when set)
+    compiled_layers: str = ""  # why it cannot run train.compile's compiled decoder layers ("" = it can)
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -50,6 +51,8 @@ ENGINES: dict[str, EngineSpec] = {
         "(bnb_4bit_quant_storage) are not supported by cso_dist: use model.finetune lora with dist.engine deepspeed",
         ds_sharding,
         ("deepspeed_config", "zero_stage"),
+        "ZeRO gathers and releases each layer's parameters in hooks around it, which compiled layers would trace; "
+        "use dist.engine torch",
     ),
 }
 NAMES = tuple(ENGINES)  # dist.engine's choices

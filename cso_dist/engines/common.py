@@ -1,5 +1,6 @@
-"""What every engine shares: the base model's dropout off, cso_dist's optimizer and schedule (every engine runs the
-same AdamW), and a rank's parameter bytes when its parameters are whole."""
+"""What every engine shares: the base model's dropout off, the scorer (with compiled layers under train.compile),
+cso_dist's optimizer and schedule (every engine runs the same AdamW), and a rank's parameter bytes when its parameters
+are whole."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 
 from cso_dist.config import TrainingConfig
 from cso_dist.errors import ConfigError
+from cso_dist.scorer import Scorer, method_of, unwrap
+from cso_dist.scorer.attention import FlexRows
 
 
 def no_dropout(model) -> None:
@@ -21,6 +24,30 @@ def no_dropout(model) -> None:
     cfg = getattr(getattr(model, "module", model), "config", None)
     if cfg is not None and hasattr(cfg, "attention_dropout"):
         cfg.attention_dropout = 0.0
+
+
+def make_scorer(module: torch.nn.Module, cfg: TrainingConfig, device) -> Scorer:
+    """The engine's scorer: pack.logit_chunk, flex rows padded to pack.bucket (FlexRows), and under train.compile
+    every decoder layer compiled (regional compilation: the layers share one graph per row length)."""
+    if cfg.train.compile:
+        compile_layers(module)
+    return Scorer(module, cfg.pack.logit_chunk, device, FlexRows.of(cfg.pack.max_tokens, cfg.pack.bucket))
+
+
+def compile_layers(module: torch.nn.Module) -> None:
+    """torch.compile each decoder layer in place (static shapes: rows run at pack.bucket's lengths, which only flex
+    attention pads to; any other method would compile once per row length)."""
+    method = method_of(module)
+    if method != "flex":
+        raise ConfigError(
+            f"train.compile: pack.attention resolved to {method} here (auto is flex on CUDA only), whose rows have any "
+            "length; compiled layers need flex attention"
+        )
+    layers = getattr(unwrap(module).get_decoder(), "layers", None)
+    if layers is None:
+        raise ConfigError(f"train.compile: {type(unwrap(module)).__name__} has no decoder layers to compile")
+    for layer in layers:
+        layer.compile(dynamic=False)
 
 
 def make_scheduler(optimizer, cfg: TrainingConfig, total: int):
@@ -51,7 +78,7 @@ def make_optimizer(params: list, cfg: TrainingConfig, cpu_offload: bool = False)
 
         return DeepSpeedCPUAdam(params, lr=t.lr, weight_decay=t.weight_decay, adamw_mode=True)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=t.fused_adamw or None)
     import bitsandbytes.optim as bo
 
     cls = {"adamw8bit": bo.AdamW8bit, "paged_adamw8bit": bo.PagedAdamW8bit, "paged_adamw": bo.PagedAdamW}[t.optimizer]

@@ -26,14 +26,21 @@ from cso_dist import dist
 from cso_dist.checkpoint import list_checkpoints, seal, write_failed
 from cso_dist.config import TrainingConfig
 from cso_dist.dist import World
-from cso_dist.engines.common import adapter_off, make_optimizer, make_scheduler, no_dropout, whole_param_bytes
+from cso_dist.engines.common import (
+    adapter_off,
+    make_optimizer,
+    make_scheduler,
+    make_scorer,
+    no_dropout,
+    whole_param_bytes,
+)
 from cso_dist.engines.dsconfig import offload_of, read_ds_config
 from cso_dist.errors import ConfigError, CsoError
 from cso_dist.export import model_from_state_dict, save_final
 from cso_dist.inputs import model_dir, weights_dir
 from cso_dist.models import count_parameters, load_model, lora_settings
 from cso_dist.models.load import logical_numel
-from cso_dist.scorer import Scorer, unwrap
+from cso_dist.scorer import unwrap
 
 
 def ds_config(cfg: TrainingConfig, world: World) -> dict:
@@ -118,7 +125,7 @@ class DeepSpeedEngine:
         )
         no_dropout(self.module)
         self._counts = count_parameters(self.module, _whole_numel)
-        self.scorer = self.net = Scorer(self.module, cfg.pack.logit_chunk, self.device)
+        self.scorer = self.net = make_scorer(self.module, cfg, self.device)
         self._peak = 0
         if not training:
             self.module.eval()

@@ -13,12 +13,19 @@ from cso_dist import dist
 from cso_dist.checkpoint import load_checkpoint, save_checkpoint
 from cso_dist.config import TrainingConfig
 from cso_dist.dist import World
-from cso_dist.engines.common import adapter_off, make_optimizer, make_scheduler, no_dropout, whole_param_bytes
+from cso_dist.engines.common import (
+    adapter_off,
+    make_optimizer,
+    make_scheduler,
+    make_scorer,
+    no_dropout,
+    whole_param_bytes,
+)
 from cso_dist.errors import CsoError
 from cso_dist.export import save_final
 from cso_dist.inputs import model_dir
 from cso_dist.models import count_parameters, load_model, lora_settings
-from cso_dist.scorer import Scorer, default_device
+from cso_dist.scorer import default_device
 
 
 class TorchEngine:
@@ -51,7 +58,7 @@ class TorchEngine:
             attention=cfg.pack.attention,
         )
         no_dropout(self.module)
-        self.scorer = self.net = Scorer(self.module, cfg.pack.logit_chunk, self.device)
+        self.scorer = self.net = make_scorer(self.module, cfg, self.device)
         if not training:
             self.module.eval()
             self.module.requires_grad_(False)

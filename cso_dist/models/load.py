@@ -148,7 +148,7 @@ def load_model(
     # every forward of every user (training, precompute, eval, generate()) enters through cso_dist.scorer.device.feed,
     # which runs it under this autocast (the trie scorer's LM head stays outside it, in fp32)
     set_autocast(model, AUTOCAST.get(precision))
-    use_attention(model, attention)
+    use_attention(model, attention, device)
     return model
 
 

@@ -1,6 +1,7 @@
 """Attention plans of a packed trie row, read from its per-token intervals (cso_dist.pack.trie.TrieBatch): the
-segments tree attention runs (tree_plan) and FlexAttention's BlockMask (tree_block_mask). Pure data: the
-attention functions that use them live in cso_dist.scorer.attention.
+segments tree attention runs (tree_plan) and FlexAttention's BlockMask (tree_block_mask), with the rows flex
+runs (padded_row, to cso_dist.pack.buckets' lengths). Pure data: the attention functions that use them live in
+cso_dist.scorer.attention.
 
 A packed row attends in a fixed shape: no query sees another unit, a trunk token sees its unit's trunk up to
 itself, and a branch token sees its history (a prefix of the trunk) plus its own branch so far.
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from cso_dist.errors import CsoError
+
 
 if TYPE_CHECKING:
     from cso_dist.pack.trie import TrieBatch
@@ -91,8 +93,37 @@ def tree_plan(batch: TrieBatch) -> TreePlan:
     return TreePlan.of(segs, longest)
 
 
-def tree_block_mask(batch: TrieBatch, device, block_size: int = 128):
-    """FlexAttention BlockMask of the row: the same rule as TrieBatch.allowed, as a mask_mod."""
+def padded_row(batch: TrieBatch, length: int) -> TrieBatch:
+    """`batch` with its row padded to `length` tokens. A padding token attends to nothing (its interval
+    [q+1, q+1) is empty and it has no own range up to itself), no token attends to it, and nothing is predicted from
+    it or scored on it, so every reply's log-prob and its gradient are those of the unpadded row."""
+    from cso_dist.pack.trie import TrieBatch
+
+    n = length - batch.n_tokens
+    if n < 0:
+        raise CsoError(f"padded_row: a row of {batch.n_tokens} tokens cannot be padded to {length}")
+    if n == 0:
+        return batch
+    after = torch.arange(batch.n_tokens + 1, length + 1)  # q + 1 for every padding position q
+    zeros = torch.zeros(1, n, dtype=torch.long)
+    return TrieBatch(
+        torch.cat([batch.input_ids, zeros], dim=1),
+        torch.cat([batch.position_ids, zeros], dim=1),
+        torch.cat([batch.ctx_lo, after]),
+        torch.cat([batch.ctx_hi, after]),
+        torch.cat([batch.own_lo, after]),
+        batch.pred_idx,
+        batch.target_ids,
+        batch.token_reply,
+        batch.reply_ids,
+        batch.reply_tokens,
+        length,
+    )
+
+
+def tree_block_mask(batch: TrieBatch, device, block_size: int = 128, compiled: bool = False):
+    """FlexAttention BlockMask of the row: the same rule as TrieBatch.allowed, as a mask_mod. `compiled`: built by
+    create_block_mask's compiled path (one kernel over the [T/128, T/128] blocks, not T x T Python-level work)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     lo, hi, own = (t.to(device) for t in (batch.ctx_lo, batch.ctx_hi, batch.own_lo))
@@ -101,4 +132,15 @@ def tree_block_mask(batch: TrieBatch, device, block_size: int = 128):
         return (k >= lo[q]) & ((k < hi[q]) | ((k >= own[q]) & (k <= q)))
 
     T = batch.n_tokens
-    return create_block_mask(mask_mod, None, None, T, T, device=device, BLOCK_SIZE=block_size)
+    return create_block_mask(mask_mod, None, None, T, T, device=device, BLOCK_SIZE=block_size, _compile=compiled)
+
+
+def longest_keys(batch: TrieBatch) -> int:
+    """The most keys any query of the row sees (for a model's sliding window): a trunk token sees its unit up to
+    itself, a branch token its history and its branch up to itself."""
+    if batch.n_tokens == 0:
+        return 0
+    q = torch.arange(batch.n_tokens)
+    trunk = batch.ctx_hi == q + 1
+    seen = torch.where(trunk, q + 1 - batch.ctx_lo, (batch.ctx_hi - batch.ctx_lo) + (q + 1 - batch.own_lo))
+    return int(seen.clamp(min=0).max())

@@ -12,6 +12,7 @@ from cso_dist.engines import ENGINES
 from cso_dist.errors import ConfigError
 from cso_dist.losses import needs_reference
 from cso_dist.models import FINETUNES
+from cso_dist.pack.buckets import bucket_length
 from cso_dist.plan.shapes import Shape, resolve_shape
 from cso_dist.scorer import ATTENTION
 
@@ -42,7 +43,9 @@ class Setup:
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit | paged_adamw (torch engine)
     logit_chunk: int = 2048
     bytes_per_el: int = 2  # bf16 compute; 4 = fp32
-    attention: str = "tree"  # pack.attention over trie rows: tree | flex (no masks, no gathered keys) | dense
+    attention: str = (
+        "flex"  # pack.attention over trie rows: flex (auto on CUDA; no masks, no gathered keys) | tree | dense
+    )
     # key rows and branch-mask elements per row token under tree attention: measured on 150 ESConv train
     # dialogues (K = 3) at 4,096-8,192-token rows and data.max_length 2,048, at most 6.4 and 590 (median
     # 4.5 and 400); at max_length 1,024, at most 4.9 and 490. Set them from your data for a tighter plan.
@@ -383,6 +386,7 @@ def setup_from_config(cfg) -> tuple[Shape, Setup]:
         raise ConfigError("config: plan.model: set it to a preset (7b, 8b, 9b, 13b, 34b, 70b) or an HF config path")
     zero, offload = ENGINES[cfg.dist.engine].sharding(cfg)
     m, t = cfg.model, cfg.train
+    flex = cfg.pack.attention in ("auto", "flex")  # auto is flex on the GPUs a plan is for
     s = Setup(
         finetune=m.finetune,
         zero=zero,
@@ -391,7 +395,7 @@ def setup_from_config(cfg) -> tuple[Shape, Setup]:
         nodes=cfg.slurm.nodes,
         gpu_mem_gb=cfg.plan.gpu_mem_gb,
         cpu_mem_gb=cfg.plan.cpu_mem_gb,
-        seq_len=cfg.pack.max_tokens,
+        seq_len=bucket_length(cfg.pack.max_tokens, cfg.pack.bucket) if flex else cfg.pack.max_tokens,
         micro_batch=1,
         checkpointing=t.gradient_checkpointing,
         lora_r=m.lora_r,
@@ -400,7 +404,7 @@ def setup_from_config(cfg) -> tuple[Shape, Setup]:
         optimizer=t.optimizer,
         logit_chunk=cfg.pack.logit_chunk,
         bytes_per_el=2 if m.precision == "bf16" else 4,
-        attention="dense" if cfg.pack.attention == "dense" else "flex" if cfg.pack.attention == "flex" else "tree",
+        attention="flex" if flex else cfg.pack.attention,
         reference_cache=needs_reference(t.method) and t.reference == "cache",
         max_length=cfg.data.max_length,
         eval_batch=cfg.eval.batch_size,

@@ -37,7 +37,8 @@ from cso_dist.engines import Engine, shards_weights
 from cso_dist.engines.build import build_scorer, fill, held, lockstep
 from cso_dist.pack import LaidOut, ReplyId, collate_trie, head_chunks, lay_out, pack_units
 from cso_dist.progress import progress as progress_bar
-from cso_dist.scorer import by_reply
+from cso_dist.scorer import by_reply, method_of
+from cso_dist.scorer.attention import compile_count
 from cso_dist.inputs import SPLITS, SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
 from cso_dist.refcache.key import (
     FORMAT_VERSION,
@@ -70,6 +71,7 @@ class PrecomputeReport:
     seconds: float = 0.0
     complete: bool = False
     param_bytes: dict = field(default_factory=dict)  # the scoring engine's (now, peak, whole) after its forwards
+    compiles: int | None = None  # graphs compiled while scoring (flex attention); None when nothing compiles
 
     @property
     def tokens_per_s(self) -> float:
@@ -193,6 +195,7 @@ def _score_shards(
     mine = sum(len(groups) for groups in work.values())
     chunks = max((head_chunks(g, chunk) for groups in work.values() for g in groups), default=0)
     forwards, head_calls = lockstep(engine, mine, chunks)
+    compiled = compile_count()
     with engine.reference():
         for i, groups in work.items():
             t0, scores, ntok = time.perf_counter(), {}, sum(len(u) for g in groups for u in g)
@@ -209,6 +212,8 @@ def _score_shards(
             rep.seconds += secs
         fill(engine, forwards - mine, head_calls)
     rep.param_bytes = engine.param_bytes()
+    if method_of(engine.module) == "flex":
+        rep.compiles = compile_count() - compiled
 
 
 def _write_shard(
@@ -325,6 +330,8 @@ def _precompute_split(
     rep.complete = _finalize(d, man, kd)
     missing = len(rep.computed) - len(rep.invalid)
     what = f"; {held(rep.param_bytes)}" if rep.param_bytes else ""
+    if rep.compiles is not None:
+        what += f"; flex attention (rows padded to multiples of {cfg.pack.bucket}): {rep.compiles} graphs compiled"
     print(
         f"precompute [{inputs.split}] rank {world.rank}/{world.world_size}: {len(rep.mine)} of {len(plan)} shards: "
         f"{len(rep.computed)} computed ({missing} missing, {len(rep.invalid)} failed verification), "

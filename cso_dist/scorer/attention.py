@@ -11,9 +11,14 @@ plus its own branch so far. The methods:
          [branches x (history + branches)] mask. Nothing across units or above the diagonal is computed
          and no [T, T] tensor exists. Runs on CPU and GPU (any SDPA kernel).
   flex   FlexAttention with a BlockMask built from the same intervals: 128 x 128 blocks that are fully
-         masked are skipped. Compiled on CUDA; elsewhere it runs FlexAttention's unfused reference
-         (exact, dense work, forward only: for exactness tests, not for speed or training).
-  auto   tree, unless the model soft-caps attention logits (gemma2), which SDPA cannot: dense then.
+         masked are skipped. Compiled (torch.compile, fullgraph, static shapes), the block mask by
+         create_block_mask's compiled path. Compiled code is specialised to a row length, so rows run
+         padded to a multiple of pack.bucket (cso_dist.pack.tree_plan.padded_row): a run compiles at most
+         twice per bucket (with and without gradients), says how many times it did, and a run that meets
+         dynamo's recompile limit stops with an error naming pack.bucket instead of falling back to the
+         eager kernel (the full score matrix). On CPU FlexAttention has no backward: scoring only.
+  auto   flex on CUDA (3.4x tree's DPO step on the Qwen2.5-1.5B shape, H200, docs/training.md); on CPU tree,
+         or dense where the model soft-caps attention logits (gemma2), which SDPA cannot.
 
 `use_attention(model, method)` registers the two attention functions with transformers (an explicit call, the
 first time a model asks for them) and sets a loaded model's attention implementation; `trie_logps` reads it
@@ -24,14 +29,17 @@ attention works everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from cso_dist.errors import ConfigError, CsoError
-from cso_dist.pack.tree_plan import TreePlan, tree_block_mask, tree_plan
+from cso_dist.pack.buckets import bucket_count, bucket_length
+from cso_dist.pack.tree_plan import TreePlan, longest_keys, padded_row, tree_block_mask, tree_plan
 from cso_dist.scorer import ATTENTION
 from cso_dist.scorer.device import unwrap
 
@@ -73,14 +81,15 @@ def _tree_sdpa(query, key, value, plan: TreePlan, scaling, dropout: float) -> to
 
 @functools.cache
 def _flex_kernel(compiled: bool):
-    """FlexAttention, compiled once per process for CUDA (the unfused reference elsewhere)."""
+    """FlexAttention compiled (static shapes, one graph: meeting the recompile limit raises rather than running
+    eagerly), or its unfused reference (exactness tests)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    return torch.compile(flex_attention, dynamic=False, fullgraph=True) if compiled else flex_attention
 
 
-def _flex(query, key, value, block_mask, scaling, softcap) -> torch.Tensor:
-    fn = _flex_kernel(query.is_cuda)
+def _flex(query, key, value, block_mask, scaling, softcap, compiled: bool = True) -> torch.Tensor:
+    fn = _flex_kernel(compiled)
     score_mod = None
     if softcap:
 
@@ -99,32 +108,34 @@ def _flex(query, key, value, block_mask, scaling, softcap) -> torch.Tensor:
     return out.transpose(1, 2).contiguous()
 
 
-def _check_tree(plan: TreePlan, kwargs: dict) -> None:
-    if kwargs.get("softcap"):
-        raise CsoError("pack.attention tree: this model soft-caps attention logits, which SDPA cannot; use auto")
-    window = kwargs.get("sliding_window")
-    if window and plan.longest > window:
+def _check_window(method: str, longest: int, window) -> None:
+    if window and longest > window:
         raise CsoError(
-            f"pack.attention tree: a query sees {plan.longest} keys, more than the model's sliding window "
+            f"pack.attention {method}: a query sees {longest} keys, more than the model's sliding window "
             f"({window}); use pack.attention dense"
         )
 
 
+def _check_tree(plan: TreePlan, kwargs: dict) -> None:
+    if kwargs.get("softcap"):
+        raise CsoError("pack.attention tree: this model soft-caps attention logits, which SDPA cannot; use auto")
+    _check_window("tree", plan.longest, kwargs.get("sliding_window"))
+
+
 def tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention function registered as cso_tree and cso_flex: a tree plan (kwarg cso_tree) runs per
-    segment, a BlockMask runs FlexAttention, anything else is plain SDPA."""
+    segment, a BlockMask with its FlexRows (kwarg cso_flex) runs FlexAttention, anything else is plain SDPA."""
     plan = kwargs.pop("cso_tree", None)
     if plan is not None:
         _check_tree(plan, kwargs)
         return _tree_sdpa(query, key, value, plan, scaling, dropout), None
-    from torch.nn.attention.flex_attention import BlockMask
-
-    if isinstance(attention_mask, BlockMask):
+    flex = kwargs.pop("cso_flex", None)
+    if flex is not None:
         if dropout:
             raise CsoError("pack.attention flex: attention dropout is not supported; set it to 0")
         if not query.is_cuda and torch.is_grad_enabled() and query.requires_grad:
             raise CsoError("pack.attention flex: FlexAttention has no backward on CPU; use pack.attention tree")
-        return _flex(query, key, value, attention_mask, scaling, kwargs.get("softcap")), None
+        return _flex(query, key, value, attention_mask, scaling, kwargs.get("softcap"), flex.compiled), None
     return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
@@ -140,14 +151,21 @@ def register() -> None:
 
 
 # ---------------------------------------------------------------- choosing a model's method
-def resolve(method: str, model) -> str:
-    """`method` for this model: auto -> tree, or dense where the model soft-caps attention logits."""
+def on_cuda(device=None) -> bool:
+    """Whether a model placed on `device` computes on a GPU ("" or None: where the engine will put it, a GPU when
+    there is one)."""
+    return torch.device(device).type == "cuda" if device else torch.cuda.is_available()
+
+
+def resolve(method: str, model, cuda: bool = False) -> str:
+    """`method` for this model: auto -> flex on CUDA (`cuda`); elsewhere tree, or dense where the model soft-caps
+    attention logits."""
     if method not in ATTENTION:
         raise ConfigError(f"pack.attention: '{method}' is not one of {', '.join(ATTENTION)}")
     cfg = unwrap(model).config
     softcap = getattr(cfg, "attn_logit_softcapping", None)
     if method == "auto":
-        return "dense" if softcap else "tree"
+        return "flex" if cuda else "dense" if softcap else "tree"
     if method == "tree" and softcap:
         raise ConfigError(
             f"pack.attention: tree cannot soft-cap attention logits ({cfg.model_type}); use auto, dense or flex"
@@ -155,10 +173,10 @@ def resolve(method: str, model) -> str:
     return method
 
 
-def use_attention(model, method: str) -> str:
-    """Set a loaded model's attention for trie rows to `method` (resolved); returns the method used. dense
-    keeps the model's own implementation (sdpa where tree or flex was set before)."""
-    method, hf = resolve(method, model), unwrap(model)
+def use_attention(model, method: str, device=None) -> str:
+    """Set a loaded model's attention for trie rows to `method` (resolved for a model on `device`: on_cuda);
+    returns the method used. dense keeps the model's own implementation (sdpa where tree or flex was set before)."""
+    method, hf = resolve(method, model, on_cuda(device)), unwrap(model)
     if method in _NAMES:
         register()
         hf.set_attn_implementation(_NAMES[method])
@@ -173,13 +191,79 @@ def method_of(model) -> str:
     return next((m for m, n in _NAMES.items() if n == impl), "dense")
 
 
-def decoder_mask_kwargs(model, batch: TrieBatch, device, dense_dtype: torch.dtype) -> dict:
-    """The attention arguments a decoder call over `batch` gets under the model's method. Tensors stay on the CPU
-    (cso_dist.scorer.device.feed moves them with the other inputs); the tree plan and the BlockMask, which the attention
-    function reads itself, are built for `device`."""
+def decoder_mask_kwargs(
+    model, batch: TrieBatch, device, dense_dtype: torch.dtype, flex: FlexRows
+) -> tuple[TrieBatch, dict]:
+    """The row a decoder call runs and the attention arguments it gets under the model's method: the batch itself
+    with the tree plan or the dense mask, or under flex the row padded to its bucket with its BlockMask (built
+    once per micro-batch: FlexRows.prepare). Tensors stay on the CPU (cso_dist.scorer.device.feed moves them with
+    the other inputs); the tree plan and the BlockMask, which the attention function reads itself, are built for
+    `device`."""
     method = method_of(model)
     if method == "tree":
-        return {"attention_mask": _NO_MASK, "cso_tree": tree_plan(batch).to(device)}
+        return batch, {"attention_mask": _NO_MASK, "cso_tree": tree_plan(batch).to(device)}
     if method == "flex":
-        return {"attention_mask": tree_block_mask(batch, device)}
-    return {"attention_mask": batch.attention_mask(dense_dtype)}
+        row, block_mask = flex.prepare(batch, device, getattr(unwrap(model).config, "sliding_window", None))
+        return row, {"attention_mask": block_mask, "cso_flex": flex}
+    return batch, {"attention_mask": batch.attention_mask(dense_dtype)}
+
+
+# ---------------------------------------------------------------- flex: bounded compilation
+@dataclass(frozen=True)
+class FlexRows:
+    """How flex runs trie rows: padded to a multiple of `bucket` tokens (0: each row at its own length), compiled,
+    with at most `limit` compilations of one piece of code (dynamo's recompile limit, raised for the run)."""
+
+    bucket: int = 1024
+    limit: int = 8
+    compiled: bool = True
+    # the last micro-batch's padded row and BlockMask: the policy's forward and the live reference's share them
+    last: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, max_tokens: int, bucket: int) -> "FlexRows":
+        """A run's rows of at most `max_tokens` tokens: two compilations per length (with and without gradients),
+        and 8 more (dynamo's default) for other models or dtypes scored in the same process; dynamo's default when
+        rows run at their own lengths."""
+        n = bucket_count(max_tokens, bucket)
+        return cls(bucket, 2 * n + 8 if n else 8)
+
+    def prepare(self, batch: TrieBatch, device, window=None) -> tuple:
+        """(the row padded to its bucket, its BlockMask on `device`), built once for the last micro-batch asked
+        for; compiled: create_block_mask's compiled path. A model's sliding window shorter than what a query sees
+        is refused."""
+        key = (id(batch), str(device))
+        hit = self.last.get(key)
+        if hit is not None and hit[0] is batch:
+            return hit[1], hit[2]
+        _check_window("flex", longest_keys(batch), window)
+        row = padded_row(batch, bucket_length(batch.n_tokens, self.bucket)) if self.compiled else batch
+        mask = tree_block_mask(row, device, compiled=self.compiled)
+        self.last.clear()
+        self.last[key] = (batch, row, mask)
+        return row, mask
+
+    @contextlib.contextmanager
+    def compiling(self):
+        """The scope of one forward: dynamo's recompile limit at `limit`; meeting it is a one-line error naming
+        pack.bucket, never a silent fall back to the eager kernel."""
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        try:
+            with torch._dynamo.config.patch(recompile_limit=self.limit, fail_on_recompile_limit_hit=True):
+                yield
+        except FailOnRecompileLimitHit as e:
+            how = f"pack.bucket is {self.bucket}" if self.bucket else "pack.bucket is 0 (each row at its own length)"
+            raise CsoError(
+                f"pack.bucket: compiled FlexAttention met more row lengths than its recompile limit ({self.limit}) "
+                f"allows, and would fall back to its eager kernel; {how}: raise it (a run compiles at most twice per "
+                "multiple of pack.bucket up to pack.max_tokens)"
+            ) from e
+
+
+def compile_count() -> int:
+    """Graphs torch.compile built in this process so far (dynamo's counters): what a run reports as its
+    compilations."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

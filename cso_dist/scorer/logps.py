@@ -3,12 +3,14 @@ predicted) and the per-pair baseline (pair_logps: full logits), and `score`, whi
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from cso_dist.pack.pairs import PairBatch
 from cso_dist.pack.trie import TrieBatch
-from cso_dist.scorer.attention import decoder_mask_kwargs
+from cso_dist.scorer.attention import FlexRows, decoder_mask_kwargs, method_of
 from cso_dist.scorer.device import feed, model_device, to_model
 
 
@@ -39,6 +41,7 @@ def trie_logps(
     mask_dtype: torch.dtype | None = None,
     device: torch.device | None = None,
     n_chunks: int = 0,
+    flex: FlexRows | None = None,
 ) -> torch.Tensor:
     """Summed log-prob of every reply in the batch, in `batch.reply_ids` order.
 
@@ -49,6 +52,7 @@ def trie_logps(
     `device`: where the model computes (default: its weights'). `n_chunks`: call the LM head at least this many
     times (empty calls after the real ones): under ZeRO-3 each call gathers the head's weight from every rank, so
     ranks scoring different batches must make the same number of calls (cso_dist.pack.head_chunks).
+    `flex`: how flex attention runs rows (padding to pack.bucket, the recompile limit); FlexRows() by default.
     """
     decoder, head, softcap, attn = _decoder_and_head(model)
     device = device or model_device(model)
@@ -59,10 +63,13 @@ def trie_logps(
         dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else torch.float32
     else:  # sdpa / flash / flex take a boolean mask (True = attend), as transformers builds them
         dtype = torch.bool
-    mask = decoder_mask_kwargs(model, batch, device, dtype)  # read on the CPU, built for the model's device
-    out = feed(
-        model, decoder, device, input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **mask
-    )
+    flex = flex or FlexRows()
+    # under flex the row padded to its bucket (its reply indices are the unpadded row's), compiling bounded
+    batch, mask = decoder_mask_kwargs(model, batch, device, dtype, flex)
+    with flex.compiling() if method_of(model) == "flex" else contextlib.nullcontext():
+        out = feed(
+            model, decoder, device, input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **mask
+        )
     pred_idx, targets, token_reply = to_model(model, batch.pred_idx, batch.target_ids, batch.token_reply, device=device)
     h = out.last_hidden_state[0].index_select(0, pred_idx)
     parts = []
@@ -90,10 +97,15 @@ def pair_logps(model, batch: PairBatch, device: torch.device | None = None) -> t
 
 
 def score(
-    model, batch: TrieBatch | PairBatch, chunk: int = 2048, device: torch.device | None = None, n_chunks: int = 0
+    model,
+    batch: TrieBatch | PairBatch,
+    chunk: int = 2048,
+    device: torch.device | None = None,
+    n_chunks: int = 0,
+    flex: FlexRows | None = None,
 ) -> torch.Tensor:
     """Summed log-prob of every reply of a micro-batch of either layout, in `batch.reply_ids` order (`chunk`:
-    the trie scorer's LM-head chunk; `device` and `n_chunks` as for trie_logps)."""
+    the trie scorer's LM-head chunk; `device`, `n_chunks` and `flex` as for trie_logps)."""
     if isinstance(batch, TrieBatch):
-        return trie_logps(model, batch, chunk, device=device, n_chunks=n_chunks)
+        return trie_logps(model, batch, chunk, device=device, n_chunks=n_chunks, flex=flex)
     return pair_logps(model, batch, device)

@@ -7,6 +7,7 @@ import torch
 
 from cso_dist.pack.pairs import PairBatch
 from cso_dist.pack.trie import TrieBatch
+from cso_dist.scorer.attention import FlexRows
 from cso_dist.scorer.logps import score
 
 
@@ -14,12 +15,14 @@ class Scorer(torch.nn.Module):
     """Per-reply log-probs of one micro-batch (trie or per-pair) as a module forward, so DDP and DeepSpeed see a
     normal module call (their hooks gather / all-reduce around it)."""
 
-    def __init__(self, model: torch.nn.Module, chunk: int, device: torch.device | None = None):
+    def __init__(
+        self, model: torch.nn.Module, chunk: int, device: torch.device | None = None, flex: FlexRows | None = None
+    ):
         super().__init__()
-        self.model, self.chunk, self.device = model, chunk, device
+        self.model, self.chunk, self.device, self.flex = model, chunk, device, flex
 
     def forward(self, batch: TrieBatch | PairBatch, n_chunks: int = 0) -> torch.Tensor:
-        return score(self.model, batch, self.chunk, self.device, n_chunks)
+        return score(self.model, batch, self.chunk, self.device, n_chunks, self.flex)
 
 
 def by_reply(batch: TrieBatch | PairBatch, logps: torch.Tensor, into: dict | None = None) -> dict:

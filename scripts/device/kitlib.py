@@ -20,6 +20,9 @@ SHAPES = {  # Qwen2.5 shapes (tied embeddings, GQA), built from config with rand
     "qwen2.5-1.5b": dict(
         hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960
     ),
+    "qwen2.5-7b": dict(
+        hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944
+    ),
     "tiny": dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
     ),
@@ -187,25 +190,36 @@ def counts_of(micro) -> dict:
 
 def planned(model_path: Path, cfg, micro, finetune: str, zero: int, optimizer: str = "adamw") -> dict:
     """`cso-dist plan` for this run: the largest micro-batch's row, its measured tree-attention shape."""
+    from cso_dist.pack.buckets import bucket_length
     from cso_dist.pack.tree_plan import tree_plan
     from cso_dist.plan import Setup, plan, shape_from_hf_config
 
     big = max(micro, key=lambda b: b.n_tokens)
+    # what the run attends with on this machine: auto is flex on CUDA, its rows padded to pack.bucket
+    attention = cfg.pack.attention if cfg.pack.attention != "auto" else "flex" if cuda() else "tree"
+    row = bucket_length(big.n_tokens, cfg.pack.bucket) if attention == "flex" else big.n_tokens
     keys, mask = tree_plan(big.data).per_token() if hasattr(big.data, "ctx_lo") else (6.5, 600.0)
     setup = Setup(
         finetune=finetune,
         zero=zero,
         gpus_per_node=1,
         gpu_mem_gb=139.0,
-        seq_len=big.n_tokens,
+        seq_len=row,
         micro_batch=1,
         checkpointing=cfg.train.gradient_checkpointing,
         logit_chunk=cfg.pack.logit_chunk,
         optimizer=optimizer,
         bytes_per_el=2,
-        attention="tree" if cfg.pack.attention in ("auto", "tree") else cfg.pack.attention,
+        attention=attention,
         tree_keys=keys,
         tree_mask=mask,
     )
     p = plan(shape_from_hf_config(model_path), setup)
-    return {"row_tokens": big.n_tokens, "planned_gib": p["total_gib"], "tree_keys": keys, "tree_mask": mask}
+    return {
+        "row_tokens": big.n_tokens,
+        "planned_row_tokens": row,
+        "attention": attention,
+        "planned_gib": p["total_gib"],
+        "tree_keys": keys,
+        "tree_mask": mask,
+    }

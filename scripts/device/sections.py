@@ -12,12 +12,18 @@ leaves what it finished, and a part that fails does not stop the next one.
               dialogues, fp32 and bf16: each pack.attention method (tree, flex -- compiled on CUDA --, dense)
               against the per-pair layout, every reply's summed log-prob and the gradient of a weighted sum of
               them; the step-0 DPO loss of the training path with the model as its own reference (ln 2)
-  throughput  DPO steps in bf16 (cached reference) on the Qwen2.5-0.5B and 1.5B shapes over 8 ESConv
-              dialogues: full fine-tuning on the trie (tree, then flex attention) and on the per-pair layout,
-              LoRA on the trie, TRL's DPOTrainer where trl imports (0.5B): tokens/s, pairs/s, MFU on unique
-              tokens, peak memory against `cso-dist plan`
+  throughput  first a whole epoch (scripts/device/epoch.py): the Qwen2.5-1.5B shape, bf16, cached reference,
+              pack.attention auto, 40 steps over real ESConv train dialogues in the run's order, compiles
+              included: pairs/s, MFU, compiled graphs, the per-pair layout and TRL on the first steps; then the
+              MFU levers, each an A/B on the epoch's first 8 steps (checkpointing off, train.compile,
+              train.fused_adamw, 16k rows); then DPO steps on the Qwen2.5-1.5B and 0.5B shapes over 8 ESConv
+              dialogues: the trie (tree, then flex) and the per-pair layout, LoRA on the trie, a profile of tree
+              attention, TRL's DPOTrainer where trl imports (0.5B): tokens/s, pairs/s, MFU on unique tokens, peak
+              memory against `cso-dist plan`
   engines     QLoRA (bitsandbytes NF4, paged AdamW 8-bit) and DeepSpeed ZeRO-3 (world size 1) DPO steps on the
               1.5B shape: a finite loss, the rate, peak memory against `cso-dist plan`
+  shape7b     the Qwen2.5-7B shape (random weights, the real vocabulary) QLoRA then LoRA on one GPU, a few steps:
+              rate, peak memory against `cso-dist plan` (outside the default budget: its own call)
   study       (optional: outside the default budget) configs/study-gpu.yaml, the data-source study at full
               ESConv scale, when its model is in the node's HF cache
 
@@ -49,6 +55,7 @@ from kitlib import (  # noqa: E402
     sync,
 )
 from exact import exactness  # noqa: E402
+from epoch import shape7b  # noqa: E402
 from speed import engines, throughput  # noqa: E402
 
 # on the GPU image and not carried by the kit (gather.py): nothing the kit runs may import them
@@ -206,7 +213,14 @@ def study(r: Result, smoke: bool, work: Path) -> None:
     r.part("study_gpu", _study, smoke, work)
 
 
-SECTIONS = {"env": env, "exactness": exactness, "throughput": throughput, "engines": engines, "study": study}
+SECTIONS = {
+    "env": env,
+    "exactness": exactness,
+    "throughput": throughput,
+    "engines": engines,
+    "shape7b": shape7b,
+    "study": study,
+}
 
 
 def main() -> None:

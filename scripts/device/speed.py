@@ -208,9 +208,14 @@ def _profile(work: Path, model_path: Path, dlg, smoke: bool, **over) -> dict:
 
 
 def throughput(r: Result, smoke: bool, work: Path) -> None:
+    """First the whole epoch and its levers (scripts/device/epoch.py), then the per-layout steps of the first
+    GPU run, the flex steps, a profile of tree attention and TRL: a box that runs out loses the last ones."""
     from benchlib import peak_bf16
+    from epoch import epoch_parts
 
     from cso_dist.data.dialogue import write_dialogues
+
+    epoch_parts(r, smoke, work)
 
     dlg = dialogues(1 if smoke else 8)
     write_dialogues(work / "train.jsonl", dlg)
