@@ -277,7 +277,7 @@ class DistConfig:
     engine: Literal[ENGINE_NAMES] = setting(
         "torch",
         "torch: one process or DDP, the whole model on every rank; deepspeed: ZeRO-2/3 (ZeRO-3 shards the model for "
-        "training, precompute and evaluation alike)",
+        "training, precompute and evaluation alike); fsdp2: PyTorch's fully_shard, each layer sharded (full, lora)",
     )
     deepspeed_config: str = setting(
         "zero3",
@@ -285,6 +285,7 @@ class DistConfig:
         path=True,
     )
     zero_stage: int = setting(0, "0 = as in the JSON; 2 or 3 overrides it")
+    offload: bool = setting(False, "dist.engine fsdp2: parameters, gradients and optimizer states on the CPU")
     timeout_minutes: int = setting(60, "collective timeout of the process group")
 
     def validate(self) -> None:

@@ -271,6 +271,25 @@ def kill_job(marker: str) -> int:
     return n
 
 
+def train_killed_after_step_2(over: dict) -> None:
+    """A 2-rank torchrun `train` with `over`, SIGKILLed (launcher and both workers) once its step-2 checkpoint is
+    complete, as scancel or a lost node would end it."""
+    import signal
+    import time
+
+    run = Path(over["run.out_dir"])
+    proc = launch(["train", *argv(over)], wait=False)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "checkpoints" / "step-0000002" / "state.json").is_file():
+            assert kill_job(f"--run.out_dir={run}") == 3  # the launcher and both workers
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    assert not (run / "final").exists()
+
+
 def run_main(argv: list, capsys) -> tuple[int | None, str, str]:
     """cso_dist.cli.main in this process: (exit code, stdout, stderr); an exception escaping it -- a traceback -- is
     (None, "", "Traceback <type>: <message>")."""

@@ -78,7 +78,7 @@ def test_kit_installs_and_runs_every_section_on_cpu(tmp_path, esconv_dir):
         )
     assert t["tiny/per_pair"]["tokens_per_step"] > 3 * t["tiny/trie_tree"]["tokens_per_step"]  # shared histories
     assert t["tiny/trie_tree"]["plan"]["planned_gib"] > 0
-    for engine in ("qlora", "zero3"):
+    for engine in ("qlora", "fsdp2", "zero3"):
         assert r["engines"][engine]["finite"] and r["engines"][engine]["plan"]["planned_gib"] > 0
     # the whole epoch over real ESConv train dialogues in the run's order, and its levers (CPU: tree trains)
     epoch = t["tiny/epoch"]

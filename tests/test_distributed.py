@@ -7,7 +7,6 @@ Every run here is a real `cso-dist` process tree started by torchrun or the deep
 import json
 import math
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from cso_dist.errors import ConfigError, CsoError
 from cso_dist.models import build_tiny_model, load_model
 from cso_dist.tracking import read_metrics
 from cso_dist.train import run_train
-from conftest import argv, cfg_of, kill_job, launch, run_cli, run_overrides, tiny_run_data
+from conftest import argv, cfg_of, launch, run_cli, run_overrides, tiny_run_data, train_killed_after_step_2
 from numerics import close_curves
 
 
@@ -104,17 +103,7 @@ def test_zero2_and_zero3_offload_match_single_process(setup, single, ds, launche
 
 def test_zero3_kill_and_resume_reproduces_the_curve(setup, zero3):
     over = overrides(setup, "zero3-killed", **{"dist.engine": "deepspeed", "train.max_steps": 4})
-    ckpts = setup / "zero3-killed" / "checkpoints"
-    proc = launch(["train", *argv(over)], wait=False)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if (ckpts / "step-0000002" / "state.json").is_file():
-            assert kill_job(f"--run.out_dir={setup / 'zero3-killed'}") == 3  # the launcher and both workers
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
-    assert not (setup / "zero3-killed" / "final").exists()
+    train_killed_after_step_2(over)
     launch(["train", *argv(over), "--resume"])
     got, want = curve(setup / "zero3-killed"), curve(setup / "zero3")
     assert numeric(got) == numeric(want)  # same world size (2), threads (1 per rank) and engine: bit for bit

@@ -306,10 +306,14 @@ def _plan_json(*args) -> dict:
 
 def _hand_weights(shape, s, adapters: bool) -> float:
     """A model's per-GPU weights without gradients, by hand: NF4 projections (QLoRA), 1/GPUs + the ZeRO-3 gather
-    buffers (4 bytes per parameter of the largest layer), or the whole model; LoRA adapters in fp32."""
+    buffers (4 bytes per parameter of the largest layer; FSDP2: the embeddings and LM head and two layers, gathered
+    from the other GPUs), or the whole model; LoRA adapters in fp32."""
     P, lin = shape.params(), shape.linear_params()
     if s.finetune == "qlora":
         w = lin * 4.127 / 8 + (P - lin) * 2
+    elif s.zero == 3 and s.engine == "fsdp2":
+        emb = shape.vocab * shape.hidden * (1 if shape.tied else 2)
+        w = P * 2 / s.gpus + (emb + 2 * (P - emb) / shape.layers) * 2 * (1 - 1 / s.gpus)
     elif s.zero == 3:
         w = (0 if s.offload == "params" else P * 2 / s.gpus) + 4 * shape.largest_layer()
     else:

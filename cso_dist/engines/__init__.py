@@ -3,6 +3,8 @@ consolidated. Nothing outside this package branches on an engine's name or touch
 
   torch      one process, or DDP under torchrun / srun (cso_dist.engines.torch_engine): every rank holds the
              whole model; full, LoRA and QLoRA.
+  fsdp2      PyTorch's FSDP2 (fully_shard): each decoder layer sharded over the ranks and gathered per forward,
+             like ZeRO-3, with DCP checkpoints (cso_dist.engines.fsdp2_engine); full and LoRA.
   deepspeed  DeepSpeed ZeRO-2 / ZeRO-3 (+ CPU offload) from a JSON in engines/ds_configs/
              (cso_dist.engines.deepspeed_engine); under ZeRO-3 the model is loaded partitioned and every
              forward -- training, the reference precompute, the live reference, evaluation -- gathers its
@@ -39,6 +41,23 @@ class EngineSpec:
     sharding: Callable[[Any], tuple[int, str]]  # cfg -> (ZeRO stage or 0, offload: none | optimizer | params)
     keys: tuple[str, ...] = ()  # the dist.<key>s only this engine reads (another engine refuses them when set)
     compiled_layers: str = ""  # why it cannot run train.compile's compiled decoder layers ("" = it can)
+    # the planner: how it names the sharding ({stage}, {offload}), and whether the sharded weights' gather buffers
+    # are the root group (embeddings, LM head) held through a forward plus two layers (FSDP2) or DeepSpeed's buckets
+    label: str = "DeepSpeed ZeRO-{stage}, offload {offload}"
+    root_gathered: bool = False
+
+
+def _fsdp2_sharding(cfg) -> tuple[int, str]:
+    """FSDP2 shards parameters, gradients and optimizer states as ZeRO-3 does; dist.offload moves them to the CPU.
+    bitsandbytes' optimizers cannot step its sharded (DTensor) parameters."""
+    from cso_dist.errors import ConfigError
+
+    if cfg.train.optimizer != "adamw":
+        raise ConfigError(
+            f"config: train.optimizer: '{cfg.train.optimizer}' (bitsandbytes) cannot step FSDP2's sharded parameters; "
+            "use adamw with dist.engine fsdp2"
+        )
+    return 3, "params" if cfg.dist.offload else "none"
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -53,6 +72,18 @@ ENGINES: dict[str, EngineSpec] = {
         ("deepspeed_config", "zero_stage"),
         "ZeRO gathers and releases each layer's parameters in hooks around it, which compiled layers would trace; "
         "use dist.engine torch",
+    ),
+    "fsdp2": EngineSpec(
+        "fsdp2",
+        "fsdp2_engine",
+        tuple(f for f in FINETUNES if f != "qlora"),
+        "qlora under FSDP2 would shard bitsandbytes' 4-bit weights as plain tensors, losing their quantisation state "
+        "and the memory saving; use model.finetune lora with dist.engine fsdp2, or qlora on the torch engine",
+        _fsdp2_sharding,
+        ("offload",),
+        "FSDP2 with compiled layers is not tested in cso_dist yet; use dist.engine torch",
+        "FSDP2 (fully_shard), offload {offload}",
+        True,
     ),
 }
 NAMES = tuple(ENGINES)  # dist.engine's choices

@@ -50,6 +50,18 @@ def compile_layers(module: torch.nn.Module) -> None:
         layer.compile(dynamic=False)
 
 
+def optimizer_step(trainable: list, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
+    """Clip the gradients' global norm (0 = no clipping), step the optimizer and the schedule, clear the gradients:
+    (the norm before clipping, the learning rate the step used). Sharded (DTensor) gradients give their global norm."""
+    norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm), lr
+
+
 def make_scheduler(optimizer, cfg: TrainingConfig, total: int):
     warmup = int(cfg.train.warmup_ratio * total)
     kind = cfg.train.schedule

@@ -4,7 +4,6 @@ whole model. Full fine-tuning, LoRA and QLoRA. Gradients are all-reduced on a st
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from cso_dist.engines.common import (
     make_scheduler,
     make_scorer,
     no_dropout,
+    optimizer_step,
     whole_param_bytes,
 )
 from cso_dist.errors import CsoError
@@ -104,13 +104,7 @@ class TorchEngine:
         loss.backward()
 
     def step(self) -> tuple[float, float]:
-        t = self.cfg.train
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm), lr
+        return optimizer_step(self.trainable, self.optimizer, self.scheduler, self.cfg.train.max_grad_norm)
 
     def train(self, on: bool = True) -> None:
         self.module.train(on)

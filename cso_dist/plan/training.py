@@ -30,6 +30,7 @@ class Setup:
     finetune: str = "full"  # full | lora | qlora (model.finetune)
     zero: int = 3  # 0 = torch engine (one process or DDP, nothing sharded); 2; 3
     offload: str = "none"  # none | optimizer | params (params implies optimizer, ZeRO-3 only)
+    engine: str = "deepspeed"  # the sharded engine (dist.engine; ENGINES): its gather buffers and its name
     gpus_per_node: int = 8
     nodes: int = 1
     gpu_mem_gb: float = 80.0
@@ -68,6 +69,8 @@ class Setup:
             raise ConfigError(f"plan: --finetune {self.finetune}: must be one of {', '.join(FINETUNES)}")
         if self.zero not in ZERO_STAGES:
             raise ConfigError(f"plan: --zero {self.zero}: must be 0 (torch engine), 2 or 3")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"plan: engine '{self.engine}' is not one of {', '.join(ENGINES)}")
         if self.offload not in OFFLOADS:
             raise ConfigError(f"plan: --offload {self.offload}: must be one of {', '.join(OFFLOADS)}")
         if self.finetune == "qlora" and self.zero:
@@ -106,8 +109,15 @@ def _opt_bytes(optimizer: str) -> int:
 
 def gather(shape: Shape, s: Setup) -> float:
     """ZeRO-3's all-gather / prefetch buffers: one layer gathered and the next prefetched (DeepSpeed: 4 bytes per
-    parameter of the largest layer)."""
-    return 4 * shape.largest_layer() if s.zero == 3 else 0
+    parameter of the largest layer). FSDP2 (engine fsdp2): the rest of the root group (embeddings, LM head, final
+    norm) gathered for the whole forward, and the current and the next decoder layer, in the compute dtype."""
+    if s.zero != 3:
+        return 0
+    if ENGINES[s.engine].root_gathered:
+        emb = shape.vocab * shape.hidden * (1 if shape.tied else 2)
+        layer = (shape.params() - emb) / shape.layers
+        return (emb + 2 * layer) * s.bytes_per_el * (1 - 1 / s.gpus)
+    return 4 * shape.largest_layer()
 
 
 def base_weights(shape: Shape, s: Setup) -> float:
@@ -335,7 +345,8 @@ def _describe(best: dict) -> str:
 def format_plan(p: dict, best: dict | None, here: dict | None = None) -> str:
     """The training table and the fastest and cheapest setups (cso_dist.plan.stages formats the other stages)."""
     s = p["setup"]
-    eng = "torch engine (DDP)" if s["zero"] == 0 else f"DeepSpeed ZeRO-{s['zero']}, offload {s['offload']}"
+    spec = ENGINES[s.get("engine", "deepspeed")]
+    eng = "torch engine (DDP)" if s["zero"] == 0 else spec.label.format(stage=s["zero"], offload=s["offload"])
     lines = [
         f"{p['model']}: {p['params'] / 1e9:.2f} B parameters"
         + (
@@ -391,6 +402,7 @@ def setup_from_config(cfg) -> tuple[Shape, Setup]:
         finetune=m.finetune,
         zero=zero,
         offload=offload,
+        engine=cfg.dist.engine,
         gpus_per_node=max(cfg.slurm.gpus_per_node, 1),
         nodes=cfg.slurm.nodes,
         gpu_mem_gb=cfg.plan.gpu_mem_gb,

@@ -188,7 +188,9 @@ def counts_of(micro) -> dict:
     return {k: sum(b.counts[k] for b in micro) for k in COUNTS}
 
 
-def planned(model_path: Path, cfg, micro, finetune: str, zero: int, optimizer: str = "adamw") -> dict:
+def planned(
+    model_path: Path, cfg, micro, finetune: str, zero: int, optimizer: str = "adamw", engine: str = "deepspeed"
+) -> dict:
     """`cso-dist plan` for this run: the largest micro-batch's row, its measured tree-attention shape."""
     from cso_dist.pack.buckets import bucket_length
     from cso_dist.pack.tree_plan import tree_plan
@@ -202,6 +204,7 @@ def planned(model_path: Path, cfg, micro, finetune: str, zero: int, optimizer: s
     setup = Setup(
         finetune=finetune,
         zero=zero,
+        engine=engine,
         gpus_per_node=1,
         gpu_mem_gb=139.0,
         seq_len=row,

@@ -20,8 +20,8 @@ leaves what it finished, and a part that fails does not stop the next one.
               dialogues: the trie (tree, then flex) and the per-pair layout, LoRA on the trie, a profile of tree
               attention, TRL's DPOTrainer where trl imports (0.5B): tokens/s, pairs/s, MFU on unique tokens, peak
               memory against `cso-dist plan`
-  engines     QLoRA (bitsandbytes NF4, paged AdamW 8-bit) and DeepSpeed ZeRO-3 (world size 1) DPO steps on the
-              1.5B shape: a finite loss, the rate, peak memory against `cso-dist plan`
+  engines     QLoRA (bitsandbytes NF4, paged AdamW 8-bit), FSDP2 and DeepSpeed ZeRO-3 (world size 1) DPO steps on
+              the 1.5B shape: a finite loss, the rate, peak memory against `cso-dist plan`
   shape7b     the Qwen2.5-7B shape (random weights, the real vocabulary) QLoRA then LoRA on one GPU, a few steps:
               rate, peak memory against `cso-dist plan` (outside the default budget: its own call)
   study       (optional: outside the default budget) configs/study-gpu.yaml, the data-source study at full

@@ -281,8 +281,16 @@ def engines(r: Result, smoke: bool, work: Path) -> None:
     path, n = Path(built["path"]), built["params"]
     qlora = {"model.finetune": "qlora", "train.optimizer": "paged_adamw8bit", "run.out_dir": work / "qlora"}
     r.part("qlora", _engine_steps, work, path, n, dlg, steps, smoke, **qlora)
-    zero3 = {"dist.engine": "deepspeed", "dist.deepspeed_config": "zero3", "run.out_dir": work / "zero3"}
     dist.init_single()
+    fsdp2 = {"dist.engine": "fsdp2", "run.out_dir": work / "fsdp2"}  # before ZeRO-3: measured on a GPU already
+    row = r.part("fsdp2", _engine_steps, work, path, n, dlg, steps, smoke, **fsdp2)
+    if "step_s" in row:  # the planner's FSDP2 figure for the same row (world size 1: the shards are the model)
+        cfg = run_config(work, path, smoke, **fsdp2)
+        row["plan"] = planned(path, cfg, layout_batches(cfg, dlg), "full", zero=3, engine="fsdp2")
+        if row["measured_peak_gib"]:
+            row["plan"]["planned_over_measured"] = row["plan"]["planned_gib"] / row["measured_peak_gib"]
+        r.write()
+    zero3 = {"dist.engine": "deepspeed", "dist.deepspeed_config": "zero3", "run.out_dir": work / "zero3"}
     row = r.part("zero3", _engine_steps, work, path, n, dlg, steps, smoke, **zero3)
     if "step_s" in row:  # the planner's ZeRO-3 figure for the same row
         cfg = run_config(work, path, smoke, **zero3)
