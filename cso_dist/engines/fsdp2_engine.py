@@ -86,7 +86,7 @@ class FSDP2Engine:
         )
         kw = {"mesh": mesh, "mp_policy": mp}
         if cfg.dist.offload:
-            kw["offload_policy"] = CPUOffloadPolicy()
+            kw["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")  # pinning needs a GPU
         self.layers = list(_decoder_layers(self.module))
         for layer in self.layers:
             fully_shard(layer, **kw)
