@@ -12,6 +12,7 @@ reference precompute and the live reference run through the scorer.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -126,8 +127,6 @@ class FSDP2Engine:
     # ------------------------------------------------------------ running
     def accumulating(self, last: bool):
         """Gradients are reduce-scattered after every backward (each rank keeps only its shard of them)."""
-        import contextlib
-
         return contextlib.nullcontext()
 
     def forward(self, batch, n_chunks: int = 0) -> torch.Tensor:

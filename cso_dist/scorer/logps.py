@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cso_dist.pack.pairs import PairBatch
 from cso_dist.pack.trie import TrieBatch
-from cso_dist.scorer.attention import FlexRows, decoder_mask_kwargs, method_of
+from cso_dist.scorer.attention import FlexRows, decoder_mask_kwargs
 from cso_dist.scorer.device import feed, model_device, to_model
 
 
@@ -66,7 +66,7 @@ def trie_logps(
     flex = flex or FlexRows()
     # under flex the row padded to its bucket (its reply indices are the unpadded row's), compiling bounded
     batch, mask = decoder_mask_kwargs(model, batch, device, dtype, flex)
-    with flex.compiling() if method_of(model) == "flex" else contextlib.nullcontext():
+    with flex.compiling() if "cso_flex" in mask else contextlib.nullcontext():
         out = feed(
             model, decoder, device, input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **mask
         )
