@@ -427,6 +427,7 @@ def cmd_eval_score(args, extra) -> int:
     scores = score_file(Path(args.pred), load_strategy_set(args.strategies))
     if args.json:
         keys = ("Q", "W", "B", "accuracy", "per_strategy", "unknown", "n", "bt_undetermined", "text")
+        keys += ("first_token", "calibrated")  # likelihood mode's other picks, where the rows have them
         print(json.dumps({k: scores[k] for k in keys if k in scores}, indent=2))
     else:
         print(format_scores(scores))

@@ -307,6 +307,11 @@ class EvalConfig:
 
     mode: Literal["generate", "likelihood"] = setting("generate", 'likelihood: best-scoring "(<strategy>)" prefix')
     max_dialogues: int = setting(0, "first N dialogues of the split (0 = all)")
+    calibrate: Literal["none", "prior"] = setting(
+        "none", "likelihood: prior = also a pick with one offset per strategy fitted on labelled calibration dialogues"
+    )
+    calibrate_data: str = setting("", "prior: the calibration dialogues' file (default: the ESConv valid split)")
+    calibrate_dialogues: int = setting(20, "prior: the first N calibration dialogues (0 = all)")
     max_new_tokens: int = setting(64, "generate: tokens per reply at most")
     batch_size: int = setting(16, "prompts per generate() call")
     do_sample: bool = setting(False, "greedy by default")
@@ -337,6 +342,11 @@ class EvalConfig:
         _check(self.timeout_s > 0, "eval.timeout_s", "must be > 0")
         _check(self.retries >= 0, "eval.retries", "must be >= 0")
         _check(self.max_dialogues >= 0, "eval.max_dialogues", "must be >= 0")
+        prior = self.calibrate == "prior"
+        _check(not prior or self.mode == "likelihood", "eval.calibrate", "prior calibrates eval.mode likelihood")
+        for key in ("calibrate_data", "calibrate_dialogues"):
+            _check(prior or getattr(self, key) == getattr(EvalConfig, key), f"eval.{key}", "read by calibrate prior")
+        _check(self.calibrate_dialogues >= 0, "eval.calibrate_dialogues", "must be >= 0")
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _check(self.temperature > 0, "eval.temperature", "must be > 0")

@@ -98,10 +98,11 @@ def init(world: World, timeout_minutes: int) -> None:
 
 
 def init_single() -> None:
-    """A one-rank group (DeepSpeed needs one even for a single process)."""
+    """A one-rank group (DeepSpeed and a device mesh need one even for a single process). Its store lives in this
+    process: a TCP port picked as free could be taken by another process before the group listens on it."""
     if td.is_initialized():
         return
-    with socket.socket() as s:
+    with socket.socket() as s:  # DeepSpeed reads these; nothing listens on the port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     for k, v in (
@@ -112,12 +113,7 @@ def init_single() -> None:
         ("LOCAL_RANK", "0"),
     ):
         os.environ.setdefault(k, v)
-    td.init_process_group(
-        "nccl" if torch.cuda.is_available() else "gloo",
-        rank=0,
-        world_size=1,
-        init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-    )
+    td.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=td.HashStore(), rank=0, world_size=1)
 
 
 def barrier() -> None:

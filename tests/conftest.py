@@ -34,12 +34,16 @@ TIERS = ("slow", "distributed", "slurm")  # everything else is `unit`: the edit 
 
 # the longest files first, so that under `make test`'s two workers none of them starts last
 LONGEST_FIRST = (
-    "test_distributed.py",
-    "test_sharded.py",
     "test_slurm.py",
+    "test_sharded.py",
+    "test_distributed.py",
+    "test_device_kit.py",
+    "test_fsdp2.py",
+    "test_pack.py",
     "test_real_model.py",
-    "test_train.py",
+    "test_study.py",
     "test_eval.py",
+    "test_train.py",
 )
 
 
@@ -222,7 +226,7 @@ def launch(args: list, nproc: int = 2, launcher: str = "torchrun", wait: bool = 
             "-m",
             "torch.distributed.run",
             f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}",
+            "--standalone",  # its store binds port 0: no port picked as free and then taken by another test
             "-m",
             "cso_dist.cli",
             *map(str, args),

@@ -180,6 +180,9 @@ def setup(tmp_path_factory, esconv_dir):
     return root
 
 
+CALIBRATE = ("--eval.calibrate", "prior", "--eval.calibrate_dialogues", 2)  # offsets from 2 valid dialogues
+
+
 def _gen(setup, name, *extra):
     proc = run_cli(
         "eval",
@@ -219,11 +222,12 @@ def test_generate_writes_every_turn_and_resumes(setup):
     assert sorted(r["id"] for r in again) == sorted(r["id"] for r in rows)
 
 
-def _brute_force(model, tok, prompt, prefix):
+def _brute_force(model, tok, prompt, prefix, per_token=False):
     ids = torch.tensor([prompt + prefix])
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-    return sum(float(logp[len(prompt) + k - 1, t]) for k, t in enumerate(prefix))
+    each = [float(logp[len(prompt) + k - 1, t]) for k, t in enumerate(prefix)]
+    return each if per_token else sum(each)
 
 
 @pytest.mark.slow
@@ -232,7 +236,9 @@ def test_likelihood_mode_scores_every_strategy_exactly(setup):
     from cso_dist.eval.prompts import eval_dialogues, eval_turns
     from cso_dist.inputs import make_cfg_renderer
 
-    _gen(setup, "lik", "--mode", "likelihood")
+    from cso_dist.eval.calibrate import calibrated, first_token, fit_prior_offsets
+
+    _gen(setup, "lik", "--mode", "likelihood", *CALIBRATE)
     _gen(setup, "lik-small", "--mode", "likelihood", "--pack.max_tokens", 520)  # forces one unit per turn
     a = {json.loads(x)["id"]: json.loads(x) for x in (setup / "lik" / "eval" / "pred-test-likelihood.jsonl").open()}
     b = {
@@ -253,12 +259,31 @@ def test_likelihood_mode_scores_every_strategy_exactly(setup):
     for rid in list(a)[-6:]:
         for s in ("Question", "Others", "Reflection of feelings"):
             prefix = prefixes[s]
-            want = _brute_force(model, tok, turns[rid].prompt, prefix)
-            assert a[rid]["scores"][s] == pytest.approx(want, abs=1e-4)
-            assert b[rid]["scores"][s] == pytest.approx(want, abs=1e-4)
+            want = _brute_force(model, tok, turns[rid].prompt, prefix, per_token=True)
+            assert a[rid]["scores"][s] == pytest.approx(sum(want), abs=1e-4)
+            assert b[rid]["scores"][s] == pytest.approx(sum(want), abs=1e-4)
+            assert a[rid]["token_logps"][s] == pytest.approx(want, abs=1e-4)  # each token, the first-token rule's
             checked += 1
         assert a[rid]["pred_strategy"] == max(a[rid]["scores"], key=a[rid]["scores"].get)
     assert checked == 18
+    # the first-token rule and the calibrated pick, from the scores in the row; the offsets are those that the
+    # calibration dialogues' own PRED file (scored first, beside the test's) gives, and are recorded in the origin
+    pred = setup / "lik" / "eval" / "pred-test-likelihood.jsonl"
+    origin = json.loads(pred.with_name(pred.name + ".origin.json").read_text())["calibration"]
+    side = [json.loads(x) for x in (setup / "lik" / "eval" / "pred-test-likelihood-calibration.jsonl").open()]
+    assert origin["turns"] == len(side) > 10 and "valid" in origin["data"]
+    fitted = fit_prior_offsets([r["scores"] for r in side], [r["gold_strategy"] for r in side], ESCONV.names)
+    assert origin["offsets"] == pytest.approx(fitted, abs=1e-9)
+    for r in a.values():
+        assert r["pred_first_token"] == first_token(r["token_logps"], prefixes)
+        assert r["pred_calibrated"] == calibrated(r["scores"], origin["offsets"])
+    assert "pred_calibrated" not in b[rid] and "calibration" not in json.loads(
+        (setup / "lik-small" / "eval" / "pred-test-likelihood.jsonl.origin.json").read_text()
+    )
+    scored = run_cli("eval", "score", pred, "--json")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    s = json.loads(scored.stdout)
+    assert {"first_token", "calibrated"} <= s.keys() and s["calibrated"]["n"] == s["n"] == len(a)
 
 
 @pytest.mark.slow
@@ -301,7 +326,7 @@ def test_generate_with_lora_and_qlora_adapters(setup):
 @pytest.mark.slow
 def test_report_puts_runs_side_by_side(setup, tmp_path):
     _gen(setup, "gen")  # resumable: nothing to do when the earlier tests wrote them
-    _gen(setup, "lik", "--mode", "likelihood")
+    _gen(setup, "lik", "--mode", "likelihood", *CALIBRATE)
     runs = []
     for name in ("rep-a", "rep-b"):
         over = run_overrides(setup, name, **{"train.max_steps": 2, "train.eval_file": setup / "valid.jsonl"})

@@ -66,7 +66,7 @@ def _assert_same_weights(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("finetune,ranks", [("full", 2), ("lora", 2), ("lora-adapter", 2), ("full", 4)])
+@pytest.mark.parametrize("finetune,ranks", [("full", 2), ("lora", 2), ("full", 4), ("lora-adapter", 4)])
 def test_fsdp2_equals_one_process(setup, single, finetune, ranks):
     name = f"fsdp2-{finetune}-{ranks}"
     over = overrides(setup, name, **{"dist.engine": "fsdp2", **_kind(finetune)})

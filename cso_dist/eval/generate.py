@@ -2,12 +2,14 @@
 PRED file; generation here, likelihood scoring in cso_dist.eval.likelihood, the prompts in cso_dist.eval.prompts.
 
 Two modes, both writing PRED.jsonl rows {id, dialogue_id, turn, gold_strategy, gold_response,
-pred_strategy, pred_raw, pred_response | scores, mode}:
+pred_strategy, pred_raw, pred_response | pred_first_token, pred_calibrated, scores, token_logps, mode}:
 - generate: render the history, generate `(<strategy>) <response>` (batched, left-padded, greedy
   unless eval.do_sample), parse the strategy tolerant of case and spacing.
 - likelihood: score every strategy's `(<strategy>)` prefix after the history and pick the most
   likely (summed log-prob). One forward per dialogue with the prefix trie: the dialogue's gold
-  path is the trunk, each turn's strategy prefixes hang off it as branches.
+  path is the trunk, each turn's strategy prefixes hang off it as branches. The same scores give
+  the first-token rule's pick and, with eval.calibrate prior, the calibrated pick (offsets fitted
+  on calibration dialogues first, recorded in the origin).
 Under torchrun / srun the ranks share the work (turns; whole dialogues in likelihood mode) and the model is placed
 by dist.engine, as for training: a whole copy per rank (torch), or partitioned over the ranks (deepspeed ZeRO-3,
 for a model no GPU holds; its ranks then run every forward together). eval.backend openai sends the prompts to a
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,11 +34,12 @@ from cso_dist.dist import world_from_env
 from cso_dist.engines.build import build_scorer, fill, held, lockstep
 from cso_dist.eval.likelihood import likelihood_groups, likelihood_rows, strategy_prefixes
 from cso_dist.eval.metrics import canonical_or_none
-from cso_dist.eval.pred import check_origin, done_ids, merge, open_part
+from cso_dist.eval.calibrate import fit_prior_offsets, fit_summary
+from cso_dist.eval.pred import check_origin, done_ids, merge, open_part, origin_file, read_rows
 from cso_dist.eval.prompts import Turn, end_of_turn_ids, eval_dialogues, eval_turns
 from cso_dist.eval.served import open_served, served_origin, served_texts
 from cso_dist.inputs import ensure_model, make_cfg_renderer, model_dir, resolve_sset
-from cso_dist.io import append_jsonl, one_writer, sha256_file
+from cso_dist.io import append_jsonl, one_writer, read_json, sha256_file
 from cso_dist.models.identity import model_key
 from cso_dist.pack import collate_trie, head_chunks
 from cso_dist.paths import esconv_dir
@@ -180,6 +184,10 @@ def run_generate(
     served = served_origin(cfg, client) if client is not None else None
     origin = pred_origin(cfg, split, mode, data_file, out.parent / ".filehashes.json", served)
     dist.init(world, cfg.dist.timeout_minutes)
+    offsets = None
+    if mode == "likelihood" and cfg.eval.calibrate == "prior":
+        origin["calibration"] = calibration(cfg, out, progress, device)
+        offsets = origin["calibration"]["offsets"]
     with contextlib.ExitStack() as stack:
 
         def claim() -> None:  # one writer per PRED file: the job's rank 0 holds it for every rank
@@ -191,7 +199,7 @@ def run_generate(
         torch.manual_seed(cfg.run.seed)
         t0 = time.time()
         if mode == "likelihood":
-            n = _likelihood_into(cfg, out, dialogues, renderer, sset, done, world, progress, device)
+            n = _likelihood_into(cfg, out, dialogues, renderer, sset, done, world, progress, device, offsets)
         else:
             n = _generate_into(cfg, out, dialogues, renderer, sset, done, world, progress, device, client)
         n = dist.sum_dicts({"n": n})["n"]
@@ -247,7 +255,35 @@ def _generate_into(
     return len(mine)
 
 
-def _likelihood_into(cfg, out: Path, dialogues, renderer, sset, done: set, world, progress: bool, device) -> int:
+def calibration(cfg: TrainingConfig, out: Path, progress: bool, device) -> dict:
+    """eval.calibrate prior: one offset per strategy, fitted (cso_dist.eval.calibrate) on the likelihood scores of
+    the calibration dialogues, which are scored first into their own PRED file beside `out` (resumable like any);
+    what they came from and the offsets, for `out`'s origin. Every rank fits the same offsets."""
+    e = cfg.eval
+    sub = replace(cfg, eval=replace(e, calibrate="none", calibrate_data="", max_dialogues=e.calibrate_dialogues))
+    side = out.with_name(f"{out.stem}-calibration.jsonl")
+    run_generate(sub, "valid", side, "likelihood", e.calibrate_data, progress, device)
+    dist.barrier()  # rank 0 has merged the ranks' parts
+    rows, names = read_rows(side), resolve_sset(cfg).names
+    offsets = fit_prior_offsets([r["scores"] for r in rows], [r["gold_strategy"] for r in rows], names)
+    fit = fit_summary(rows, offsets, names)
+    if progress:
+        said = lambda c: " ".join(str(c[n]) for n in names)  # noqa: E731
+        print(
+            f"calibration: offsets from {fit['turns']} turns ({side}); predicted counts raw {said(fit['raw'])}, "
+            f"calibrated {said(fit['calibrated'])}, gold {said(fit['gold'])} ({', '.join(names)})"
+        )
+    theirs = read_json(origin_file(side), "the record of what made a PRED file's rows")
+    return {"pred": str(side), "data": theirs["data"], "data_sha256": theirs["data_sha256"]} | {
+        "dialogues": e.calibrate_dialogues,
+        "turns": len(rows),
+        "offsets": offsets,
+    }
+
+
+def _likelihood_into(
+    cfg, out: Path, dialogues, renderer, sset, done: set, world, progress: bool, device, offsets=None
+) -> int:
     """Score this rank's share of the dialogues with turns not done yet into its part file; the number of turns."""
     todo = [d for d in dialogues if any(f"{d.id}:{i}" not in done for i in d.turn_indices())]
     if not todo:
@@ -269,7 +305,7 @@ def _likelihood_into(cfg, out: Path, dialogues, renderer, sset, done: set, world
                 for g in groups:
                     batch = collate_trie(g)
                     scores.update(zip(batch.reply_ids, engine.score(batch, head_calls).float().tolist()))
-                rows = [r for r in likelihood_rows(ds, sset, scores) if r["id"] not in done]
+                rows = [r for r in likelihood_rows(ds, sset, scores, prefixes, offsets) if r["id"] not in done]
                 append_jsonl(part, rows)
                 bar.update(sum(len(d.turn_indices()) for d in ds))
                 n += len(rows)

@@ -1,6 +1,7 @@
 """Likelihood-mode evaluation (eval.mode likelihood): score every strategy's "(<strategy>)" prefix after the history
-and pick the most likely. One forward per dialogue with the prefix trie: the gold path is the trunk, each turn's
-strategy prefixes hang off it as branches."""
+and pick the most likely; the first-token rule and prior calibration (cso_dist.eval.calibrate) read the same
+scores. One forward per dialogue with the prefix trie: the gold path is the trunk, each turn's strategy prefixes
+hang off it as branches."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.render import format_reply, tokenize_dialogue
 from cso_dist.data.strategies import StrategySet
+from cso_dist.eval.calibrate import calibrated, first_token
 from cso_dist.eval.prompts import Turn, eval_turns
 from cso_dist.pack.trie import pack_units
 from cso_dist.pack.types import ReplyId, Span, Unit
@@ -40,7 +42,10 @@ def likelihood_units(
         for t in group:
             ctx = len(t.prompt)
             for s, toks_s in prefixes.items():
-                u.spans.append(Span(ReplyId(d.id, t.turn, s), len(u.tokens), len(toks_s), ctx))  # kind: strategy
+                start = len(u.tokens)
+                u.spans.append(Span(ReplyId(d.id, t.turn, s), start, len(toks_s), ctx))  # kind: strategy
+                for j in range(1, len(toks_s)):  # its first j tokens too: per-token log-probs (the first-token rule)
+                    u.spans.append(Span(ReplyId(d.id, t.turn, f"{s}@{j}"), start, j, ctx))
                 u.tokens.extend(toks_s)
                 u.positions.extend(range(ctx, ctx + len(toks_s)))
         units.append(u)
@@ -70,25 +75,37 @@ def likelihood_groups(
     return pack_units(units, max([cfg.pack.max_tokens] + [len(u) for u in units]))
 
 
-def likelihood_rows(dialogues: list[PrefDialogue], sset: StrategySet, scores: dict[str, float]) -> list[dict]:
-    """A PRED row per turn of `dialogues`: the strategy whose prefix scores highest, with every strategy's score
-    (`scores`: reply id "<dialogue>:<turn>:<strategy>" -> summed log-prob)."""
+def likelihood_rows(
+    dialogues: list[PrefDialogue],
+    sset: StrategySet,
+    scores: dict[str, float],
+    prefixes: dict[str, list[int]],
+    offsets: dict[str, float] | None = None,
+) -> list[dict]:
+    """A PRED row per turn of `dialogues`: the strategy whose prefix scores highest (`pred_strategy`), every
+    strategy's score and per-token log-probs, the first-token rule's pick (`pred_first_token`) and, with
+    calibration `offsets`, the calibrated pick (`pred_calibrated`). `scores`: reply id "<dialogue>:<turn>:<strategy>"
+    -> summed log-prob of the prefix, "...:<strategy>@<j>" -> of its first j tokens."""
     rows = []
     for d in dialogues:
         for i in d.turn_indices():
             sc = {s: scores[f"{d.id}:{i}:{s}"] for s in sset.names}
-            best = max(sc, key=sc.get)
+            cum = {s: [scores[f"{d.id}:{i}:{s}@{j}"] for j in range(1, len(prefixes[s]))] + [sc[s]] for s in sc}
+            per_token = {s: [c[0]] + [b - a for a, b in zip(c, c[1:])] for s, c in cum.items()}
             m = d.messages[i]
-            rows.append(
-                {
-                    "id": f"{d.id}:{i}",
-                    "dialogue_id": d.id,
-                    "turn": i,
-                    "gold_strategy": m.strategy,
-                    "gold_response": m.text,
-                    "pred_strategy": best,
-                    "scores": sc,
-                    "mode": "likelihood",
-                }
-            )
+            row = {
+                "id": f"{d.id}:{i}",
+                "dialogue_id": d.id,
+                "turn": i,
+                "gold_strategy": m.strategy,
+                "gold_response": m.text,
+                "pred_strategy": max(sc, key=sc.get),
+                "pred_first_token": first_token(per_token, prefixes),
+                "scores": sc,
+                "token_logps": per_token,
+                "mode": "likelihood",
+            }
+            if offsets is not None:
+                row["pred_calibrated"] = calibrated(sc, offsets)
+            rows.append(row)
     return rows

@@ -140,10 +140,19 @@ def text_metrics(refs: list[str], hyps: list[str]) -> dict:
     return out
 
 
+# likelihood mode's other picks of the same scores (cso_dist.eval.calibrate): PRED key -> name of their metrics
+OTHER_PICKS = {"pred_first_token": "first_token", "pred_calibrated": "calibrated"}
+
+
 def score_rows(rows: list[dict], sset: StrategySet) -> dict:
     """Strategy metrics of PRED rows (gold_strategy, pred_strategy) plus text metrics where both responses
-    are present."""
-    out = strategy_metrics([r["gold_strategy"] for r in rows], [r.get("pred_strategy") for r in rows], sset)
+    are present; for likelihood rows with the first-token rule's or the calibrated pick, their strategy metrics
+    too (under "first_token", "calibrated")."""
+    gold = [r["gold_strategy"] for r in rows]
+    out = strategy_metrics(gold, [r.get("pred_strategy") for r in rows], sset)
+    for key, name in OTHER_PICKS.items():
+        if rows and all(key in r for r in rows):
+            out[name] = strategy_metrics(gold, [r[key] for r in rows], sset)
     pairs = [
         (r["gold_response"], r["pred_response"])
         for r in rows

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cso_dist.data.strategies import StrategySet
 from cso_dist.errors import CsoError, DataError
-from cso_dist.eval.metrics import canonical_or_none, score_rows
+from cso_dist.eval.metrics import OTHER_PICKS, canonical_or_none, score_rows
 from cso_dist.eval.pred import refuse_duplicates
 from cso_dist.io import atomic_write_text, read_json, read_records
 
@@ -81,6 +81,13 @@ def format_scores(s: dict) -> str:
         lines.append(
             f"strengths left at their last value (no mispredicted gold turn): {', '.join(s['bt_undetermined'])}"
         )
+    for pick, label in (("first_token", "first-token rule"), ("calibrated", "prior-calibrated")):
+        if pick in s:
+            p = s[pick]
+            lines.append(
+                f"{label}: Q {p['Q']:.4f}   W {p['W']:.4f}   B {p['B']:.4f}   accuracy {p['accuracy']:.4f}   "
+                "predicted " + " ".join(f"{n}:{v['predicted']}" for n, v in p["per_strategy"].items())
+            )
     if s.get("text"):
         t = s["text"]
         lines.append(
@@ -103,6 +110,8 @@ def _task_files(cfg, name: str, mode: str) -> tuple[Path, Path]:
 
 def _flat_scores(name: str, s: dict) -> dict:
     out = {f"{name}/{k}": s[k] for k in SUMMARY_KEYS}
+    for pick in OTHER_PICKS.values():  # "test/Q_first_token", "test/B_calibrated", ...
+        out.update({f"{name}/{k}_{pick}": s[pick][k] for k in ("Q", "W", "B", "accuracy") if pick in s})
     out[f"{name}/parse_rate"] = 1.0 - s["unknown"] / max(s["n"], 1)
     out.update({f"{name}/{k}": v for k, v in s.get("text", {}).items() if k in TEXT_KEYS})
     return out

@@ -9,14 +9,17 @@
 # CSO_KIT      the kit folder (default .kit: wheels/ with the wheels and the deepspeed sdist, data/esconv/)
 # CSO_KIT_SITE where the packages go (default /tmp/cso-kit-site; put first on PYTHONPATH)
 # PYTHON       the interpreter that holds torch (default python3)
+# The kit's DeepSpeed builds its ops (just in time) into a folder of its own beside $SITE: an extension folder it
+# shared with another DeepSpeed install would be rebuilt by each in turn, and under a process loading it.
 set -u
 OUT=${1:?usage: run.sh OUT_DIR [check.py options]}
 shift
 KIT=${CSO_KIT:-.kit}
 SITE=${CSO_KIT_SITE:-/tmp/cso-kit-site}
 PY=${PYTHON:-python3}
-rm -rf "$SITE"  # a fresh target: pip --target keeps an older copy of a package it finds there
-mkdir -p "$OUT" "$SITE"
+EXT="$SITE.torch-extensions"
+rm -rf "$SITE" "$EXT"  # a fresh target: pip --target keeps an older copy of a package it finds there
+mkdir -p "$OUT" "$SITE" "$EXT"
 LOG="$OUT/install.log"
 : >"$LOG"
 steps=""
@@ -36,6 +39,6 @@ step deepspeed --no-build-isolation "$KIT"/wheels/deepspeed-*.tar.gz
 step cso_dist --no-build-isolation .
 INSTALL_JSON="$SITE.install.json"
 echo "{${steps%, }}" >"$INSTALL_JSON"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" CSO_DATA_DIR="$KIT/data" CSO_KIT_INSTALL="$INSTALL_JSON"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" TORCH_EXTENSIONS_DIR="$EXT" CSO_DATA_DIR="$KIT/data" CSO_KIT_INSTALL="$INSTALL_JSON"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 exec "$PY" scripts/device/check.py --out "$OUT" "$@"
