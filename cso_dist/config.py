@@ -401,7 +401,14 @@ class StudyConfig:
         1000, "test subset: the first ESConv test dialogues holding at least this many supporter turns (or 0)"
     )
     test_dialogues: int = setting(0, "test subset: the first N ESConv test dialogues instead (0: by test_turns)")
+    test_from: int = setting(0, "the test subset starts at this ESConv test dialogue (0-based; those before it unused)")
     generate_dialogues: int = setting(2, "the last N ESConv test dialogues (apart from the above): greedy generation")
+    generate_from: int = setting(0, "the generation subset starts at this test dialogue (0: the split's last N)")
+    test_ledger: str = setting(
+        "", "a JSON Lines ledger of the test dialogues earlier studies scored: reusing one is refused", path=True
+    )
+    reuse_test: bool = setting(False, "score test dialogues the ledger lists as used before")
+    resamples: int = setting(200, "bootstrap resamples per comparison (test dialogues; with the seeds where compared)")
     seeds: list[int] = setting(
         help="seeds of SFT and of each selected config (the first one runs the sweep)", factory=lambda: [0, 1, 2]
     )
@@ -417,6 +424,11 @@ class StudyConfig:
         help="where each CSO loss's non-preferred replies come from (data.negatives_from values): a study axis; "
         "with several, each loss runs on each (named <loss>@<source>); SFT always trains on the gold replies",
         factory=lambda: ["retrieval"],
+    )
+    start_from: list[Literal["sft", "base"]] = setting(
+        help="where each CSO arm starts, its reference too: the seed's SFT model, or the base model (an axis: with "
+        "base, an arm is named <loss>[@<source>]-from-base)",
+        factory=lambda: ["sft"],
     )
     generator: str = setting(
         "", 'generated sources: the model that writes the replies ("" = the base model)', path=True
@@ -434,11 +446,16 @@ class StudyConfig:
     )
     RENAMED: ClassVar[dict[str, str]] = {"bf16_on_amx": "cpu_bf16"}
 
-    def arms(self) -> list[tuple[str, str, str]]:
-        """(name, loss, source) of every CSO arm: the loss's name alone when there is one source."""
-        if self.sources == ["retrieval"]:
-            return [(loss, loss, "retrieval") for loss in self.losses]
-        return [(f"{loss}@{src}", loss, src) for src in self.sources for loss in self.losses]
+    def arms(self) -> list[tuple[str, str, str, str]]:
+        """(name, loss, source, start) of every CSO arm: the loss's name alone when there is one source and it
+        starts from SFT."""
+        one, arms = self.sources == ["retrieval"], []
+        for start in self.start_from:
+            for src in self.sources:
+                for loss in self.losses:
+                    name = (loss if one else f"{loss}@{src}") + ("-from-base" if start == "base" else "")
+                    arms.append((name, loss, src, start))
+        return arms
 
     def grids(self) -> dict[str, dict[str, list[str]]]:
         """{loss: {dotted key: values}} from `sweep` (validated at load)."""
@@ -479,6 +496,9 @@ class StudyConfig:
             "give one of study.test_turns and study.test_dialogues (the other 0)",
         )
         _check(self.generate_dialogues >= 0, "study.generate_dialogues", "must be >= 0 (0: no generation)")
+        _check(min(self.test_from, self.generate_from) >= 0, "study.test_from", "test_from, generate_from: >= 0")
+        _check(bool(self.test_ledger) or not self.reuse_test, "study.reuse_test", "read with study.test_ledger")
+        _check(self.resamples >= 20, "study.resamples", "must be >= 20 (a 95% interval from fewer means little)")
         _check(
             len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "study.seeds", "must be distinct, >= 1"
         )
@@ -496,6 +516,7 @@ class StudyConfig:
             f"unknown: {', '.join(bad) or '(none)'} (one of {', '.join(NEGATIVES_FROM)})",
         )
         _check(len(set(self.sources)) == len(self.sources), "study.sources", "a source given twice")
+        _check(len(set(self.start_from)) == len(self.start_from) >= 1, "study.start_from", "sft, base or both, once")
         _check(self.generate_max_tokens >= 1, "study.generate_max_tokens", "must be >= 1")
         hub.check(self.generator, "config: study.generator")
         for key in ("generator", "generate_max_tokens"):

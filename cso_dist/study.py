@@ -34,6 +34,7 @@ from types import SimpleNamespace
 from cso_dist.config import STUDY_OWNED, STUDY_PHASES, Config, EvalConfig, TrainingConfig, choices
 from cso_dist.data.dialogue import read_dialogues
 from cso_dist.errors import CsoError
+from cso_dist.eval.ledger import check_unused, record
 from cso_dist.eval.report import spread
 from cso_dist.io import atomic_write_text, read_json, read_jsonl
 from cso_dist.launch.jobs import EvalJob, Run, TrainJob, collect, run_config, submit_jobs, sweep_runs, table
@@ -47,6 +48,7 @@ TRAIN += ("logps/rejected",)
 GEN = (("Q", "generate: Q", 3), ("B", "generate: B", 3), ("parse_rate", "strategy parse rate", 2))
 GEN += (("bleu2", "BLEU-2", 1), ("rougeL", "ROUGE-L", 1), ("distinct2", "Distinct-2", 2))
 SUBSETS = ("train_dialogues", "valid_dialogues", "test_turns", "generate_dialogues", "eval_dialogues", "test_dialogues")
+SUBSETS += ("test_from", "generate_from")
 SIZES = {"train_dialogues": "train", "valid_dialogues": "valid", "eval_dialogues": "valid", "test_dialogues": "test"}
 TIMING = {"phase": str, "seconds": (int, float)}  # a line of <out>/timing.jsonl (read through the one reader)
 # two-sided 95% Student t quantiles by degrees of freedom (scipy-free; beyond 10 the normal's 1.96)
@@ -129,20 +131,25 @@ def _write_subsets(cfg: Config, out: Path) -> dict[str, Path]:
     for key, split in SIZES.items():  # a size past its split is refused, as test_turns and generate_dialogues are
         if (asked := getattr(st, key)) > (held := len(splits[split])):
             raise CsoError(f"study.{key}: {asked} dialogues asked, the {split} split holds {held}")
-    test, n, turns = splits["test"], st.test_dialogues, 0
+    test, a, turns = splits["test"], st.test_from, 0
+    n = a + st.test_dialogues
     while not st.test_dialogues and n < len(test) and turns < st.test_turns:
         turns += len(test[n].turn_indices())
         n += 1
+    if n > len(test):
+        raise CsoError(f"study.test_dialogues: {st.test_dialogues} from dialogue {a} on pass the split's {len(test)}")
     if turns < st.test_turns:
-        raise CsoError(f"study.test_turns: the test split holds {turns} supporter turns, fewer than {st.test_turns}")
-    if n + st.generate_dialogues > len(test):
+        held = f"{turns} supporter turns from dialogue {a} on"
+        raise CsoError(f"study.test_turns: the test split holds {held}, fewer than {st.test_turns}")
+    g = st.generate_from or len(test) - st.generate_dialogues  # the generation subset: [g, g + generate_dialogues)
+    if g < n and g + st.generate_dialogues > a or g + st.generate_dialogues > len(test):
         raise CsoError(
-            f"study.generate_dialogues: {st.generate_dialogues} more test dialogues do not fit after the "
-            f"{n} of the test subset ({len(test)} in the split)"
+            f"study.generate_dialogues: test dialogues {g} to {g + st.generate_dialogues - 1} do not fit beside the "
+            f"test subset's {a} to {n - 1} ({len(test)} in the split)"
         )
     tr, va = splits["train"], splits["valid"]
-    subsets = {"train": tr[: st.train_dialogues or None], "valid": va[: st.valid_dialogues], "test": test[:n]}
-    subsets |= {"eval": va[: st.eval_dialogues], "generate": test[len(test) - st.generate_dialogues :]}
+    subsets = {"train": tr[: st.train_dialogues or None], "valid": va[: st.valid_dialogues], "test": test[a:n]}
+    subsets |= {"eval": va[: st.eval_dialogues], "generate": test[g : g + st.generate_dialogues]}
     for name, path in files.items():
         write_dialogues(path, subsets[name])
     atomic_write_text(data / "stats.json", json.dumps(stats, indent=2))
@@ -169,18 +176,20 @@ def _eval_item(cfg: Config, name: str, run_dir: Path, tasks: list, model: Path |
     return (name, c, (tasks,))
 
 
-def _cso(cfg: Config, out: Path, seed: int, model: Path, arm: tuple, over: dict) -> Config:
-    """A CSO run of an arm (name, loss, source) from the seed's SFT model, on the source's train file, with one
-    reference cache per SFT model, source and reply kinds (a method that scores mismatched completions adds
-    them): DPO and IPO runs of a seed and source share theirs."""
+def _cso(cfg: Config, out: Path, seed: int, starts: dict[str, Path], arm: tuple, over: dict) -> Config:
+    """A CSO run of an arm (name, loss, source, start) from its start model (`starts`: the seed's SFT model, the
+    base model), which is its reference too, on the source's train file, with one reference cache per start model,
+    seed, source and reply kinds (a method that scores mismatched completions adds them): DPO and IPO runs of a
+    seed, start and source share theirs."""
     from cso_dist.refcache.key import reply_kinds
 
-    _, loss, source = arm
+    _, loss, source, start = arm
     train = out / "data" / _source_file(cfg, source)
-    c = run_config(_with(cfg, model__path=model, train__method=loss, run__seed=seed, train__train_file=train), over)
+    over_ = {"model__path": starts[start], "train__method": loss, "run__seed": seed, "train__train_file": train}
+    c = run_config(_with(cfg, **over_), over)
     kinds = "".join(f"-{k}" for k in reply_kinds(c) if k not in ("c", "r"))
     src = "" if source == "retrieval" else f"@{source}"
-    return _with(c, train__ref_cache=out / "refcache" / f"sft-seed={seed}{kinds}{src}")
+    return _with(c, train__ref_cache=out / "refcache" / f"{start}-seed={seed}{kinds}{src}")
 
 
 def _source_file(cfg: Config, source: str) -> str:
@@ -358,21 +367,28 @@ def run_study(cfg: Config, until: str = "report", command: str = "study", result
     print(f"== cso-dist {command} -> {out} ({st.cluster}; {what})", flush=True)
     files = _write_subsets(cfg, out)
     counts = {k: sum(len(d.turn_indices()) for d in read_dialogues(v)) for k, v in files.items()}
+    used = {k: [d.id for d in read_dialogues(files[k])] for k in ("test", "generate") if k in files}
+    ledger = Path(st.test_ledger) if st.test_ledger else None
+    if ledger is not None:  # before anything runs: test dialogues another study scored are refused
+        check_unused(ledger, str(out), used, st.reuse_test)
     print("   subsets: " + ", ".join(f"{k} {v} turns" for k, v in counts.items()), flush=True)
     more = st.sources != [cfg.data.negatives_from]  # train files of other sources (they need the base model)
     if until == "data" and not more:
         return {"files": {k: str(v) for k, v in files.items()}}
     base_cfg, base_model = _base(cfg, out, files)
-    arms = {name: (name, loss, source) for name, loss, source in st.arms()}
+    arms = {arm[0]: arm for arm in st.arms()}
     sources = _write_sources(base_cfg, out, base_model) if more else {}
     if until == "data":
         return {"files": {k: str(v) for k, v in files.items()}, "sources": sources}
     sub = out / "submitit"
     lik = lambda name: (name, str(files[name]), "likelihood")  # noqa: E731
-    test_tasks = [lik("test")] + ([("generate", str(files["generate"]), "generate")] if "generate" in files else [])
+    # the generation subset is scored in likelihood mode too: the likelihood rules checked against generation
+    gen = [("generate", str(files["generate"]), "generate"), lik("generate")] if "generate" in files else []
+    test_tasks = [lik("test"), *gen]
 
     # 2. SFT per seed
-    # CSO starts from the SFT model (merged) with a fresh adapter; the SFT model is its reference
+    # CSO starts from the SFT model (merged; or the base model, study.start_from) with a fresh adapter; that model
+    # is its reference
     sft_over = {"model__path": base_model, "train__method": "sft", "train__lr": st.sft_lr, "train__final": "merged"}
     sft_cfg = _with(base_cfg, **sft_over, train__epochs=st.sft_epochs, train__nll_weight=0.0)
     sft_items = _seed_runs(sft_cfg, out / "sft", st.seeds, "sft", flat)
@@ -383,10 +399,11 @@ def run_study(cfg: Config, until: str = "report", command: str = "study", result
 
     # 3. the sweep on the first seed
     sweep_items, meta = [], []
-    for arm, loss, _ in arms.values():
+    starts = lambda s: {"sft": sft_dirs[s] / "final", "base": base_model}  # noqa: E731  (seed -> start models)
+    for arm, loss, _, _ in arms.values():
         grid = grids.get(loss) or {"run.seed": [s0]}
         where = {"run.out_dir": str(out / ("" if flat else "sweep") / arm)}
-        phase = _cso(base_cfg, out, s0, sft_dirs[s0] / "final", arms[arm], where)
+        phase = _cso(base_cfg, out, s0, starts(s0), arms[arm], where)
         for name, over in sweep_runs(phase, grid):
             c = run_config(phase, {**over, **where} if flat else over)
             sweep_items.append((arm if flat else f"sweep/{arm}/{name}", c, ()))
@@ -411,7 +428,7 @@ def run_study(cfg: Config, until: str = "report", command: str = "study", result
         return {"sweep": meta}
 
     # 5. selection on valid Q
-    selection = _select(meta, grids, {arm: loss for arm, loss, _ in arms.values()})
+    selection = _select(meta, grids, {arm: loss for arm, loss, _, _ in arms.values()})
     atomic_write_text(out / "selection.json", json.dumps({"sft_valid": sft_valid, **selection}, indent=2))
     for loss, sel in selection.items():
         if sel["valid"]:
@@ -423,7 +440,7 @@ def run_study(cfg: Config, until: str = "report", command: str = "study", result
     seed_items = []
     for arm, sel in selection.items():
         for s in later:
-            c = _cso(base_cfg, out, s, sft_dirs[s] / "final", arms[arm], sel["overrides"])
+            c = _cso(base_cfg, out, s, starts(s), arms[arm], sel["overrides"])
             seed_items += _seed_runs(c, out / "seeds" / arm, [s], f"seeds/{arm}", False)
     _run_phase(cfg, "seeds", seed_items, TrainJob(), sub / "seeds")
     if until == "seeds":
@@ -433,6 +450,7 @@ def run_study(cfg: Config, until: str = "report", command: str = "study", result
     runs = {"base": [out / "base"], "sft": list(sft_dirs.values())}
     for loss, sel in selection.items():
         runs[loss] = [Path(sel["dir"])] + [out / "seeds" / loss / f"seed={s}" for s in later]
+    record(ledger, out, str(out), command, used)  # these test dialogues are spent, whatever the scores say
     test_items = [_eval_item(base_cfg, "base", out / "base", test_tasks, base_model)]
     trained = [d for ds in list(runs.values())[1:] for d in ds]
     test_items += [_eval_item(base_cfg, str(d.relative_to(out)), d, test_tasks) for d in trained]
@@ -475,7 +493,7 @@ def _verdict(lo: float, hi: float, higher_is_better: bool, noise: str) -> dict:
     return {"ci95": [lo, hi], "verdict": "better" if good else ("worse" if bad else f"within {noise}")}
 
 
-def summarize(runs: dict[str, list[Path]], sset, seed: int) -> dict:
+def summarize(runs: dict[str, list[Path]], sset, seed: int, resamples: int = 200) -> dict:
     """Per method: mean ± std over its runs (seeds) of the test and generation scores and of where the training
     ended; each loss against SFT: paired over seeds, or with one seed a paired bootstrap over the test dialogues."""
     from cso_dist.eval.metrics import paired_bootstrap
@@ -499,7 +517,7 @@ def summarize(runs: dict[str, list[Path]], sset, seed: int) -> dict:
             row["vs_sft"] = {k: paired(row["test"][k]["values"], sft["test"][k]["values"], k == "Q") for k in "QB"}
             continue
         preds = [read_pred(Path(r["runs"][0]) / "eval" / "pred-test-likelihood.jsonl", sset) for r in (sft, row)]
-        boot = paired_bootstrap(*preds, sset, n=200, seed=seed)
+        boot = paired_bootstrap(*preds, sset, n=resamples, seed=seed)
         vs = {k: {"mean": boot[k]["diff"], **_verdict(*boot[k]["ci95"], k == "Q", "the noise")} for k in "QB"}
         row["vs_sft"] = vs | {"resamples": boot["resamples"], "dialogues": boot["dialogues"]}
     return out
@@ -568,11 +586,12 @@ def markdown(summary: dict, selection: dict, sft_valid: dict | None, notes: list
 
 def write_report(cfg: Config, out: Path, runs: dict, selection: dict, sft_valid, counts: dict, names: tuple) -> dict:
     """<out>/<result>.md and .json, the evaluation report with the methods as groups, and the table printed."""
+    from cso_dist.eval.compare import prior_check
     from cso_dist.eval.report import run_report
     from cso_dist.inputs import resolve_sset
 
     (command, result, t_start), st, phases = names, cfg.study, {}
-    summary = summarize(runs, resolve_sset(cfg), st.seeds[0])
+    summary = summarize(runs, resolve_sset(cfg), st.seeds[0], st.resamples)
     report = run_report([], out / "report", resolve_sset(cfg), groups=runs)
     timing = out / "timing.jsonl"
     for _, t in read_jsonl(timing, "the study's timing log", TIMING, torn_tail=True) if timing.exists() else []:
@@ -591,8 +610,10 @@ def write_report(cfg: Config, out: Path, runs: dict, selection: dict, sft_valid,
     res = {"summary": summary, "selection": selection, "sft_valid": sft_valid, "subsets": counts, "phases": phases}
     res["scores"] = {k: {m: s[m] for m in choices(EvalConfig, "mode")} for k, s in per_run.items()}
     res |= {"stages": {k: s["train"] for k, s in per_run.items() if s["train"]}, "precision": cfg.model.precision}
+    prior, prior_lines = prior_check(runs, resolve_sset(cfg), st.resamples, st.seeds[0])  # eval.calibrate prior
+    res["prior"] = prior
     atomic_write_text(out / f"{result}.json", json.dumps(res, indent=2))
-    text = markdown(summary, selection, sft_valid, notes)
+    text = markdown(summary, selection, sft_valid, prior_lines + notes)
     atomic_write_text(out / f"{result}.md", text)
     print(f"{text}\nreport: {report}\n{command} finished in {seconds:.0f} s; summary: {out / result}.json", flush=True)
     return res

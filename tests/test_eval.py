@@ -270,7 +270,7 @@ def test_likelihood_mode_scores_every_strategy_exactly(setup):
     # calibration dialogues' own PRED file (scored first, beside the test's) gives, and are recorded in the origin
     pred = setup / "lik" / "eval" / "pred-test-likelihood.jsonl"
     origin = json.loads(pred.with_name(pred.name + ".origin.json").read_text())["calibration"]
-    side = [json.loads(x) for x in (setup / "lik" / "eval" / "pred-test-likelihood-calibration.jsonl").open()]
+    side = [json.loads(x) for x in (setup / "lik" / "eval" / "pred-calibration-valid.jsonl").open()]
     assert origin["turns"] == len(side) > 10 and "valid" in origin["data"]
     fitted = fit_prior_offsets([r["scores"] for r in side], [r["gold_strategy"] for r in side], ESCONV.names)
     assert origin["offsets"] == pytest.approx(fitted, abs=1e-9)

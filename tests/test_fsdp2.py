@@ -182,10 +182,11 @@ def test_fsdp2_offload_checkpointing_and_dense_attention_equal_one_process(setup
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention", ["dense", "tree"])
+@pytest.mark.parametrize("attention", ["dense", "tree", "flex"])
 def test_fsdp2_passes_the_rows_attention_inputs_to_every_layer_unchanged(setup, attention):
-    """Under FSDP2's bf16 mixed precision (weights gathered in bf16) each decoder layer receives the mask or plan the
-    scorer built, as built: no input casting widens or narrows it (world size 1, in this process)."""
+    """Under FSDP2's bf16 mixed precision (weights gathered in bf16) each decoder layer receives the mask, plan or
+    BlockMask the scorer built, as built: no input casting widens or narrows it (world size 1, in this process;
+    flex forward-only on the CPU, as the reference precompute and likelihood evaluation run it)."""
     from cso_dist.dist import World
     from cso_dist.engines import build_scorer
     from cso_dist.train import make_layout, micro_batches
@@ -202,6 +203,18 @@ def test_fsdp2_passes_the_rows_attention_inputs_to_every_layer_unchanged(setup, 
         layer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
     engine.score(batch.data)
     assert len(seen) == len(list(_decoder_layers(engine.module)))
+    if attention == "flex":  # the BlockMask of the row padded to its bucket, as FlexRows builds it
+        from torch.nn.attention.flex_attention import BlockMask
+
+        from cso_dist.scorer.attention import FlexRows
+
+        _, built = FlexRows.of(cfg.pack.max_tokens, cfg.pack.bucket).prepare(batch.data, torch.device("cpu"))
+        for mask in seen:
+            assert isinstance(mask, BlockMask) and mask.shape == built.shape
+            for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+                got, ref = getattr(mask, name), getattr(built, name)
+                assert (got is None) == (ref is None) and (got is None or torch.equal(got, ref)), name
+        return
     want = batch.data.attention_mask(torch.bool) if attention == "dense" else None
     for mask in seen:
         if want is not None:

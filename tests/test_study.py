@@ -248,3 +248,86 @@ def test_the_data_source_is_a_study_axis(tmp_path, esconv_dir, monkeypatch):
     # another writer for a generated source is refused, not silently ignored
     with pytest.raises(CsoError, match="made with generate_max_tokens 6, this study has 7"):
         run_study(load_config("configs/study.yaml", {**over, "study.generate_max_tokens": 7}))
+
+
+@pytest.mark.slow
+def test_cso_can_start_from_the_base_model_with_the_base_as_reference(tmp_path, esconv_dir):
+    """study.start_from [sft, base]: each arm runs from the seed's SFT model and from the base model, each with its
+    start model as the reference (its own cache); the first step of each is ln 2 (policy = reference). With
+    eval.calibrate prior the report checks strategy against prior; the test dialogues go into the ledger."""
+    over = {
+        **TINY,
+        "study.cluster": "inline",
+        "study.losses": ["dpo"],
+        "study.sweep": [],
+        "study.valid_dialogues": 0,
+        "study.seeds": [0],
+        "study.sources": ["retrieval-balanced"],
+        "study.start_from": ["sft", "base"],
+        "study.test_ledger": str(tmp_path / "ledger.jsonl"),
+        "study.generate_dialogues": 1,
+        "eval.mode": "likelihood",
+        "eval.calibrate": "prior",
+        "eval.calibrate_dialogues": 2,
+        "study.resamples": 20,
+        "run.out_dir": str(tmp_path / "study"),
+        "data.input": str(esconv_dir),
+    }
+    res = run_study(load_config("configs/study.yaml", over))
+    out = tmp_path / "study"
+    (entry,) = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]  # scored: recorded
+    assert entry == json.loads((out / "test-ledger.json").read_text()) and entry["by"] == str(out)
+    assert entry["subsets"]["test"][0] == "esconv-test-0" and len(entry["subsets"]["test"]) >= 1
+    arms = {"dpo@retrieval-balanced": "sft", "dpo@retrieval-balanced-from-base": "base"}
+    assert set(res["summary"]) == {"base", "sft", *arms}
+    for arm, start in arms.items():
+        cfg = load_config(out / arm / "resolved-config.yaml", {})
+        want = out / "tiny-model" if start == "base" else out / "sft" / "final"
+        assert Path(cfg.model.path) == want, (arm, cfg.model.path)
+        assert cfg.train.ref_cache == str(out / "refcache" / f"{start}-seed=0@retrieval-balanced")
+        first = json.loads((out / arm / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-4), (arm, first)
+    text = (out / "study.md").read_text()
+    assert "dpo@retrieval-balanced-from-base" in text and "## Strategy or prior" in text
+    prior = res["prior"]  # eval.calibrate prior: raw, calibrated and first-token picks; against SFT and base
+    assert set(prior["models"]) == {"base", "sft", *arms}
+    assert "dpo@retrieval-balanced-from-base vs base (calibrated)" in prior["vs"]
+    assert set(prior["agreement"]) == {"raw", "calibrated", "first_token", "generated_turns"}
+    assert (out / "base" / "eval" / "pred-calibration-valid.jsonl").is_file()  # the base model's own offsets
+
+
+def test_the_test_ledger_refuses_dialogues_another_study_scored(tmp_path, esconv_dir):
+    """study.test_from / generate_from place the subsets; a ledger entry of another study that holds one of their
+    dialogues stops the study before anything runs, naming it, unless study.reuse_test."""
+    from cso_dist.eval.ledger import record
+
+    ledger = tmp_path / "ledger.jsonl"
+    over = {
+        **TINY,
+        "study.test_turns": 0,
+        "study.test_dialogues": 3,
+        "study.test_from": 83,
+        "study.generate_dialogues": 1,
+        "study.generate_from": 90,
+        "study.test_ledger": str(ledger),
+        "run.out_dir": str(tmp_path / "a"),
+        "data.input": str(esconv_dir),
+    }
+    res = run_study(load_config("configs/study.yaml", over), until="data")
+    ids = lambda f: [json.loads(x)["id"] for x in Path(f).read_text().splitlines()]  # noqa: E731
+    assert ids(res["files"]["test"]) == ["esconv-test-83", "esconv-test-84", "esconv-test-85"]
+    assert ids(res["files"]["generate"]) == ["esconv-test-90"]
+    record(ledger, tmp_path / "a", "runs/demo", "demo", {"test": ["esconv-test-0", "esconv-test-84"]})
+    again = {**over, "run.out_dir": str(tmp_path / "b")}
+    with pytest.raises(
+        CsoError,
+        match=r"1 of this study's 4 test dialogues were scored before by runs/demo .*"
+        r"esconv-test-84.*study.reuse_test",
+    ):
+        run_study(load_config("configs/study.yaml", again), until="data")
+    run_study(load_config("configs/study.yaml", {**again, "study.reuse_test": True}), until="data")
+    inside = {**again, "run.out_dir": str(tmp_path / "c"), "study.generate_from": 84, "study.test_ledger": ""}
+    with pytest.raises(CsoError, match="do not fit beside the test subset's 83 to 85"):
+        run_study(load_config("configs/study.yaml", inside), until="data")
+    with pytest.raises(ConfigError, match="study.reuse_test"):
+        load_config("configs/study.yaml", {**inside, "study.reuse_test": True})

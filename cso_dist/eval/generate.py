@@ -257,11 +257,12 @@ def _generate_into(
 
 def calibration(cfg: TrainingConfig, out: Path, progress: bool, device) -> dict:
     """eval.calibrate prior: one offset per strategy, fitted (cso_dist.eval.calibrate) on the likelihood scores of
-    the calibration dialogues, which are scored first into their own PRED file beside `out` (resumable like any);
-    what they came from and the offsets, for `out`'s origin. Every rank fits the same offsets."""
+    the calibration dialogues, which are scored first into their own PRED file beside `out`
+    (pred-calibration-<data>.jsonl: resumable like any, shared by the PRED files beside it); what they came from
+    and the offsets, for `out`'s origin. Every rank fits the same offsets."""
     e = cfg.eval
     sub = replace(cfg, eval=replace(e, calibrate="none", calibrate_data="", max_dialogues=e.calibrate_dialogues))
-    side = out.with_name(f"{out.stem}-calibration.jsonl")
+    side = out.with_name(f"pred-calibration-{Path(e.calibrate_data).stem if e.calibrate_data else 'valid'}.jsonl")
     run_generate(sub, "valid", side, "likelihood", e.calibrate_data, progress, device)
     dist.barrier()  # rank 0 has merged the ranks' parts
     rows, names = read_rows(side), resolve_sset(cfg).names
