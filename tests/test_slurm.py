@@ -243,19 +243,25 @@ def test_a_requeue_ended_by_its_own_sigterm_exits_as_requeued(tmp_path, monkeypa
         _hand_over(submitit_handler, 12)
 
 
-def test_sbatch_time_limit_signal_checkpoints_requeues_and_resumes(slurm, data):
-    over = overrides(data, "preempt-sbatch", **{"train.max_steps": 20, "train.grad_accum": 1})
-    proc = run_cli("launch", "sbatch", *argv(over))
+def _sbatch_at_time_limit(over: dict, *flags) -> tuple[dict, str]:
+    """`launch sbatch` the run, signal its batch shell as Slurm does at the time limit minus signal_delay_s
+    (--signal=B:USR1@N) once it has logged 3 steps, and wait for the requeued job to complete: the preemption's
+    times and the job's log."""
+    proc = run_cli("launch", "sbatch", *flags, *argv(over))
     assert proc.returncode == 0, proc.stderr[-2000:]
     job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
-    # what Slurm does at time limit - signal_delay_s (--signal=B:USR1@N): USR1 to the batch shell
-    times = _preempt_and_finish(
-        data / "preempt-sbatch", lambda: subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    )
+    run = Path(over["run.out_dir"])
+    times = _preempt_and_finish(run, lambda: subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True))
     assert wait_job(job) == "COMPLETED"
+    log = next((run / "slurm").glob("*.out")).read_text()
+    assert "requeueing job" in log and "restart 1" in log and f"step-{times['stopped_at']:07d}" in log, log[-2000:]
+    return times, log
+
+
+def test_sbatch_time_limit_signal_checkpoints_requeues_and_resumes(slurm, data):
+    over = overrides(data, "preempt-sbatch", **{"train.max_steps": 20, "train.grad_accum": 1})
+    times, _ = _sbatch_at_time_limit(over)
     print(f"sbatch preemption: {times}")
-    log = next((data / "preempt-sbatch" / "slurm").glob("*.out")).read_text()
-    assert "requeueing job" in log and "restart 1" in log
     assert losses(data / "preempt-sbatch") == _uninterrupted(over, "preempt-ref-sbatch", data)
 
 
@@ -264,17 +270,9 @@ def test_sbatch_two_node_fsdp2_job_requeues_and_resumes_the_same_curve(slurm, da
     rank writes its shards of a DCP checkpoint, the job requeues, and the resumed run gives the curve of the same 2
     ranks run straight through (torchrun on one machine) bit for bit."""
     over = overrides(data, "fsdp2-2n", **{"dist.engine": "fsdp2", "train.max_steps": 16, "train.grad_accum": 1})
-    proc = run_cli("launch", "sbatch", "--nodes", 2, *argv(over))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
-    times = _preempt_and_finish(
-        data / "fsdp2-2n", lambda: subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    )
-    assert wait_job(job) == "COMPLETED"
+    times, log = _sbatch_at_time_limit(over, "--nodes", 2)
     print(f"sbatch FSDP2 2-node preemption: {times}")
-    log = next((data / "fsdp2-2n" / "slurm").glob("*.out")).read_text()
     assert "fsdp2 engine on 2 ranks" in log and "node[1-2]" in log, log[-2000:]
-    assert "requeueing job" in log and "restart 1" in log and f"step-{times['stopped_at']:07d}" in log
     launch(["train", *argv({**local_only(over), "run.out_dir": str(data / "fsdp2-2n-ref")})])
     got, ref = losses(data / "fsdp2-2n"), losses(data / "fsdp2-2n-ref")
     assert len(ref) == 16 and got == ref
