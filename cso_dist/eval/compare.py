@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cso_dist.eval.metrics import strategy_metrics
+from cso_dist.eval.metrics import OTHER_PICKS, strategy_metrics
+from cso_dist.eval.pred import read_rows
 
-PICKS = {"raw": "pred_strategy", "calibrated": "pred_calibrated", "first_token": "pred_first_token"}
+PICKS = {"raw": "pred_strategy", **{name: key for key, name in OTHER_PICKS.items()}}  # name -> PRED key
 
 
 def sign_test(better: int, n: int) -> float:
@@ -97,18 +98,12 @@ def rank_agreement(x: list[float], y: list[float]) -> dict:
     return {"rho": float(rho), "n": len(x)}
 
 
-def _rows(path: Path) -> list[dict]:
-    from cso_dist.eval.pred import read_rows
-
-    return read_rows(path)
-
-
 def prior_check(runs: dict[str, list[Path]], sset, n: int = 200, seed: int = 0) -> tuple[dict, list[str]]:
     """For the models {name: run folders (one per seed)}: their test scores by each pick (raw, prior-calibrated,
     first-token) with predicted-class counts, each model against SFT and against base over both noises, and how
     each likelihood rule ranks every run against generation-mode Q on the generation subset. The result and its
     markdown lines; empty where the runs have no calibrated scores."""
-    test = {m: [_rows(d / "eval" / "pred-test-likelihood.jsonl") for d in ds] for m, ds in runs.items()}
+    test = {m: [read_rows(d / "eval" / "pred-test-likelihood.jsonl") for d in ds] for m, ds in runs.items()}
     if not all(rows and "pred_calibrated" in rows[0] for rs in test.values() for rows in rs):
         return {}, []
     res: dict = {"models": {}, "vs": {}, "agreement": {}}
@@ -154,7 +149,7 @@ def prior_check(runs: dict[str, list[Path]], sset, n: int = 200, seed: int = 0) 
         def q(rows, key):
             return strategy_metrics([r["gold_strategy"] for r in rows], [r.get(key) for r in rows], sset)["Q"]
 
-        by = {run: (_rows(g), _rows(lk)) for run, (g, lk) in gen.items()}
+        by = {run: (read_rows(g), read_rows(lk)) for run, (g, lk) in gen.items()}
         turns = min(len(g) for g, _ in by.values())
         generated = [q(g, "pred_strategy") for g, _ in by.values()]
         said = f"over the {len(by)} runs ({turns} generated turns each)"
