@@ -20,9 +20,9 @@ from cso_dist.launch import CLUSTERS
 from cso_dist.launch.sbatch import TEMPLATES
 from cso_dist.models import FINETUNES, PACKAGED, TINY_ARCHS, TINY_TOKENIZERS
 from cso_dist.plan import OFFLOADS, PLAN_ATTENTION, ZERO_STAGES
-from cso_dist.flags import add_flags
-from cso_dist.errors import CsoError
-from cso_dist.preempt import Preempted
+from cso_dist.config.flags import add_flags
+from cso_dist.util.errors import CsoError
+from cso_dist.train.preempt import Preempted
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from cso_dist.config import Config, load_config, parse_overrides
-from cso_dist.flags import flag_overrides
-from cso_dist.errors import ConfigError, CsoError
+from cso_dist.config.flags import flag_overrides
+from cso_dist.util.errors import ConfigError, CsoError
 
 
 def config_path(args: argparse.Namespace) -> str | None:
@@ -46,7 +46,7 @@ def not_an_input(out: str, *inputs: str) -> None:
 def _first_row(path: Path) -> dict | None:
     """The first record of a JSON Lines file when it is an object, else None (what kind of file it is; a file that
     is not JSON Lines at all is no command's output here)."""
-    from cso_dist.io import read_jsonl
+    from cso_dist.util.io import read_jsonl
 
     try:
         _, row = next(iter(read_jsonl(path, "an output file")), (0, None))
@@ -116,7 +116,7 @@ def cmd_data_build(args, extra) -> int:
     dialogues, report = build_dialogues(cfg.data)
     not_an_input(args.out, report.input)
     if cfg.data.negatives and cfg.data.negatives_from.startswith("generated"):
-        from cso_dist.generated import add_generated
+        from cso_dist.data.generated import add_generated
 
         report.notes.update(add_generated(dialogues, cfg))
     n = write_dialogues(args.out, dialogues)
@@ -166,7 +166,7 @@ def cmd_data_stats(args, extra) -> int:
 
 def cmd_data_pairs(args, extra) -> int:
     from cso_dist.data.dialogue import read_dialogues
-    from cso_dist.io import write_jsonl
+    from cso_dist.util.io import write_jsonl
     from cso_dist.data.export import pair_rows
     from cso_dist.data.strategies import resolve_strategy_set
 
@@ -187,7 +187,7 @@ def cmd_data_pairs(args, extra) -> int:
 
 def cmd_data_fetch(args, extra) -> int:
     from cso_dist.data.fetch import fetch_esconv
-    from cso_dist.paths import user_data_dir
+    from cso_dist.util.paths import user_data_dir
 
     no_extra(extra, "data fetch")
     dest = Path(args.dest) if args.dest else user_data_dir()
@@ -248,12 +248,12 @@ def cmd_model_fetch(args, extra) -> int:
 
 # ---------------------------------------------------------------- precompute / train
 def cmd_precompute(args, extra) -> int:
-    from cso_dist.dist import world_from_env
+    from cso_dist.engines.dist import world_from_env
     from cso_dist.refcache import run_precompute
 
     cfg = _config(args, extra, "training")
     if args.dry_run:
-        from cso_dist.preflight import print_dry_run
+        from cso_dist.train.preflight import print_dry_run
 
         return print_dry_run(cfg, "precompute")
     world = world_from_env()  # under torchrun / srun: this rank computes its own shards
@@ -273,11 +273,11 @@ def cmd_cache_export(args, extra) -> int:
 
 
 def cmd_train(args, extra) -> int:
-    from cso_dist.train import run_train
+    from cso_dist.train.loop import run_train
 
     cfg = _config(args, extra, "training")
     if args.dry_run:
-        from cso_dist.preflight import print_dry_run
+        from cso_dist.train.preflight import print_dry_run
 
         return print_dry_run(cfg, "train")
     summary = run_train(cfg, resume="auto" if args.auto_resume else args.resume, overwrite=args.overwrite)
@@ -464,7 +464,7 @@ def cmd_eval_report(args, extra) -> int:
 
 # ---------------------------------------------------------------- study (SFT vs every loss, over seeds)
 def cmd_study(args, extra) -> int:
-    from cso_dist.study import run_study
+    from cso_dist.study.run import run_study
 
     run_study(_config(args, extra, "study"), until=args.until)
     return 0
@@ -472,7 +472,7 @@ def cmd_study(args, extra) -> int:
 
 # ---------------------------------------------------------------- demo (the main job)
 def cmd_demo(args, extra) -> int:
-    from cso_dist.demo import run_demo
+    from cso_dist.study.demo import run_demo
 
     run_demo(_config(args, extra, "study"))
     return 0
@@ -534,8 +534,8 @@ def cmd_plan(args, extra) -> int:
 
 
 def cmd_config_reference(args, extra) -> int:
-    from cso_dist.configref import reference_markdown
-    from cso_dist.io import atomic_write_text
+    from cso_dist.config.reference import reference_markdown
+    from cso_dist.util.io import atomic_write_text
 
     no_extra(extra, "config reference")
     text = reference_markdown()

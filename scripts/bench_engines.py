@@ -32,9 +32,9 @@ ENGINES = {"zero3": {"dist.engine": "deepspeed", "dist.deepspeed_config": "zero3
 def worker(args) -> None:
     """One rank of one run (under torchrun): train, then print this rank's peak RSS and step times."""
     from cso_dist.config import load_config, parse_overrides
-    from cso_dist.dist import world_from_env
-    from cso_dist.tracking import read_metrics
-    from cso_dist.train import run_train
+    from cso_dist.engines.dist import world_from_env
+    from cso_dist.train.tracking import read_metrics
+    from cso_dist.train.loop import run_train
 
     over = json.loads(args.overrides)
     cfg = load_config(None, parse_overrides([f"--{k}={v}" for k, v in over.items()]))

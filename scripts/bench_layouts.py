@@ -29,8 +29,8 @@ from cso_dist.config import DataConfig, load_config  # noqa: E402
 from cso_dist.data.build import build_dialogues  # noqa: E402
 from cso_dist.data.dialogue import write_dialogues  # noqa: E402
 from cso_dist.refcache import run_precompute  # noqa: E402
-from cso_dist.tracking import read_metrics  # noqa: E402
-from cso_dist.train import run_train  # noqa: E402
+from cso_dist.train.tracking import read_metrics  # noqa: E402
+from cso_dist.train.loop import run_train  # noqa: E402
 
 
 def main() -> None:

@@ -52,10 +52,10 @@ from cso_dist.data.build import build_dialogues  # noqa: E402
 from cso_dist.data.dialogue import write_dialogues  # noqa: E402
 from cso_dist.pack import collate_trie, lay_out, pack_units  # noqa: E402
 from cso_dist.pack.trie import TrieBatch  # noqa: E402
-from cso_dist.dist import World  # noqa: E402
+from cso_dist.engines.dist import World  # noqa: E402
 from cso_dist.engines import build_scorer  # noqa: E402
 from cso_dist.refcache import load_reference, reference_finetune, run_precompute  # noqa: E402
-from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset  # noqa: E402
+from cso_dist.config.inputs import load_split, make_cfg_renderer, resolve_sset  # noqa: E402
 from cso_dist.refcache.key import cache_key  # noqa: E402
 
 

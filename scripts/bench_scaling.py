@@ -57,8 +57,8 @@ def run_point(spec: dict) -> dict:
     import torch
 
     from cso_dist.config import load_config
-    from cso_dist.tracking import read_metrics
-    from cso_dist.train import run_train
+    from cso_dist.train.tracking import read_metrics
+    from cso_dist.train.loop import run_train
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

@@ -23,7 +23,7 @@ from cso_dist.config import load_config
 from cso_dist.data.build import build_dialogues
 from cso_dist.data.dialogue import write_dialogues
 from cso_dist.models.gguf import fetch_model
-from cso_dist.train import run_train
+from cso_dist.train.loop import run_train
 
 
 def _config(work: Path, model: Path, data: Path, precision: str, steps: int, name: str, **over):

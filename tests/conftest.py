@@ -18,7 +18,7 @@ os.environ.update(HF_HUB_CACHE=str(HF_CACHE), HF_HUB_OFFLINE="1")
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from cso_dist.paths import data_dir  # noqa: E402
+from cso_dist.util.paths import data_dir  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two pytest workers on a 2-core machine: one thread each (torch reads this at import,

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from cso_dist.data.render import make_renderer, tokenize_dialogue
 from cso_dist.data.strategies import load_strategy_set
-from cso_dist.errors import ConfigError, CsoError
+from cso_dist.util.errors import ConfigError, CsoError
 from cso_dist.pack import collate_pairs, collate_trie, dialogue_pair_rows, dialogue_units, kl_completions, pack_units
 from cso_dist.pack.tree_plan import tree_plan
 from cso_dist.scorer import method_of, pair_logps, resolve, trie_logps, use_attention

@@ -18,8 +18,8 @@ from conftest import REPO, argv, cfg_of, run_overrides, tiny_run_data
 from test_fuzz import _check, _run
 
 from cso_dist.config import load_config
-from cso_dist.errors import CsoError
-from cso_dist.io import one_writer
+from cso_dist.util.errors import CsoError
+from cso_dist.util.io import one_writer
 
 
 def _snapshot(folder: Path) -> dict[Path, bytes]:

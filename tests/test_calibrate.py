@@ -80,7 +80,7 @@ def test_the_first_token_rule_follows_greedy_decoding_not_the_summed_score():
 )
 def test_calibration_settings_are_refused_where_nothing_reads_them(over, key):
     from cso_dist.config import load_config
-    from cso_dist.errors import ConfigError
+    from cso_dist.util.errors import ConfigError
 
     with pytest.raises(ConfigError, match=key):
         load_config(None, over)

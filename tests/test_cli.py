@@ -182,7 +182,7 @@ def test_progress_in_a_log_is_lines_and_a_short_stage_prints_nothing():
     than every_s prints nothing."""
     import io
 
-    from cso_dist.progress import ProgressLines
+    from cso_dist.util.progress import ProgressLines
 
     out = io.StringIO()
     with ProgressLines(total=4, desc="dpo", unit="step", out=out) as bar:

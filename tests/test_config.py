@@ -1,7 +1,7 @@
 import pytest
 
 from cso_dist.config import load_config, parse_overrides
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 
 
 def test_yaml_and_dotted_overrides(tmp_path):
@@ -143,7 +143,7 @@ def test_the_config_reference_in_docs_is_current():
     """docs/config.md is what `cso-dist config reference` writes: every key, its type, default and help."""
     from conftest import REPO
 
-    from cso_dist.configref import reference_markdown
+    from cso_dist.config.reference import reference_markdown
 
     text = reference_markdown()
     assert (REPO / "docs" / "config.md").read_text() == text, (
@@ -156,7 +156,7 @@ def test_a_renamed_key_is_read_under_its_new_name_with_a_note(tmp_path, capsys):
     """model.method (full / lora / qlora) is now model.finetune: a config file or an override that still says
     model.method loads, and says so once; both names at once are refused; an old run's saved config compares
     under the new name, so a resume does not see a change."""
-    from cso_dist.rundir import config_changes
+    from cso_dist.train.rundir import config_changes
 
     old = tmp_path / "old.yaml"
     old.write_text("model:\n  method: lora\n")
@@ -182,7 +182,7 @@ def test_a_key_only_another_method_reads_is_refused():
     with pytest.raises(ConfigError, match="pack.layout: 'pair' does not serve kto"):
         load_config(None, {"train.method": "kto", "pack.layout": "pair"})
     with pytest.raises(ConfigError, match="model.path: required"):
-        from cso_dist.inputs import model_dir
+        from cso_dist.config.inputs import model_dir
 
         model_dir(load_config(None, {}))
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from cso_dist.config import load_config
-from cso_dist.dist import World, my_share, world_from_env
-from cso_dist.errors import ConfigError, CsoError
+from cso_dist.engines.dist import World, my_share, world_from_env
+from cso_dist.util.errors import ConfigError, CsoError
 from cso_dist.models import build_tiny_model, load_model
-from cso_dist.tracking import read_metrics
-from cso_dist.train import run_train
+from cso_dist.train.tracking import read_metrics
+from cso_dist.train.loop import run_train
 from conftest import argv, cfg_of, launch, run_cli, run_overrides, tiny_run_data, train_killed_after_step_2
 from numerics import close_curves
 

@@ -7,7 +7,7 @@ import pytest
 from cso_dist.config import DataConfig
 from cso_dist.data.build import build_dialogues
 from cso_dist.data.stats import dialogue_stats
-from cso_dist.errors import DataError
+from cso_dist.util.errors import DataError
 
 
 def _raw(esconv_dir, split):

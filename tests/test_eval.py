@@ -13,7 +13,7 @@ import torch
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.eval.metrics import distinct, paired_bootstrap, strategy_metrics, text_metrics
 from cso_dist.models import load_model, load_tokenizer
-from cso_dist.train import run_train
+from cso_dist.train.loop import run_train
 from conftest import cfg_of, run_cli, run_overrides, tiny_run_data, write_jsonl
 
 ESCONV = load_strategy_set("esconv")
@@ -234,7 +234,7 @@ def _brute_force(model, tok, prompt, prefix, per_token=False):
 def test_likelihood_mode_scores_every_strategy_exactly(setup):
     from cso_dist.data.render import format_reply
     from cso_dist.eval.prompts import eval_dialogues, eval_turns
-    from cso_dist.inputs import make_cfg_renderer
+    from cso_dist.config.inputs import make_cfg_renderer
 
     from cso_dist.eval.calibrate import calibrated, first_token, fit_prior_offsets
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from cso_dist.checkpoint import latest_good, list_checkpoints, verify
+from cso_dist.train.checkpoint import latest_good, list_checkpoints, verify
 from cso_dist.config import load_config
-from cso_dist.errors import CsoError
-from cso_dist.tracking import read_metrics
-from cso_dist.train import run_train
+from cso_dist.util.errors import CsoError
+from cso_dist.train.tracking import read_metrics
+from cso_dist.train.loop import run_train
 from conftest import REPO, run_cli, tiny_run_data
 
 

@@ -22,7 +22,7 @@ from cso_dist.config import DataConfig
 from cso_dist.data.build import build_dialogues
 from cso_dist.data.export import pair_rows
 from cso_dist.data.strategies import load_strategy_set
-from cso_dist.io import one_writer
+from cso_dist.util.io import one_writer
 
 
 def _refused(capsys, argv: list[str], watch: Path, expect: str) -> str:
@@ -171,7 +171,7 @@ def test_model_import_keeps_a_folder_that_is_not_its_own(tmp_path, capsys):
     _refused(capsys, ["model", "import", gguf, "--out", out], out, "--overwrite")
     err = _refused(capsys, ["model", "import", gguf, "--out", out, "--overwrite"], out, "cannot read it as a GGUF")
     assert (out / "notes.txt").read_text() == "mine", err
-    from cso_dist.io import sha256_file
+    from cso_dist.util.io import sha256_file
 
     earlier = tmp_path / "earlier"
     earlier.mkdir()
@@ -201,7 +201,7 @@ def test_one_writer_per_run_folder_and_a_dead_writer_blocks_nothing(root):
     )
     ckpts = Path(over["run.out_dir"]) / "checkpoints"
     deadline = time.time() + 300
-    from cso_dist.checkpoint import list_checkpoints
+    from cso_dist.train.checkpoint import list_checkpoints
 
     while time.time() < deadline and first.poll() is None and not list_checkpoints(ckpts):
         time.sleep(0.1)
@@ -218,7 +218,7 @@ def test_one_writer_per_run_folder_and_a_dead_writer_blocks_nothing(root):
 
 
 def test_the_lock_names_its_holder_and_frees_on_exit(tmp_path):
-    from cso_dist.errors import CsoError
+    from cso_dist.util.errors import CsoError
 
     lock = tmp_path / "out" / ".cso-lock"
     with one_writer(lock, "cso-dist eval generate"):

@@ -14,7 +14,7 @@ from test_attention import _batches, _model
 
 from cso_dist.config import DataConfig
 from cso_dist.data.build import build_dialogues
-from cso_dist.errors import ConfigError, CsoError
+from cso_dist.util.errors import ConfigError, CsoError
 from cso_dist.models import build_tiny_model, load_tokenizer
 from cso_dist.pack.buckets import bucket_count, bucket_length
 from cso_dist.pack.tree_plan import padded_row
@@ -106,7 +106,7 @@ from cso_dist.pack.trie import collate_trie
 from cso_dist.pack.types import ReplyId, Span, Unit
 from cso_dist.scorer import trie_logps
 from cso_dist.scorer.attention import FlexRows
-from cso_dist.errors import ConfigError, CsoError
+from cso_dist.util.errors import ConfigError, CsoError
 
 def row(n):
     reply = Span(ReplyId("d", 1, "c"), 1, n - 1, 1)

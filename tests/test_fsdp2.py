@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from cso_dist.config import load_config
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 from cso_dist.refcache import cache_key, load_reference
-from cso_dist.tracking import read_metrics
-from cso_dist.train import run_train
+from cso_dist.train.tracking import read_metrics
+from cso_dist.train.loop import run_train
 from conftest import argv, cfg_of, launch, run_cli, run_overrides, tiny_run_data, train_killed_after_step_2
 from numerics import close_curves
 
@@ -187,10 +187,10 @@ def test_fsdp2_passes_the_rows_attention_inputs_to_every_layer_unchanged(setup, 
     """Under FSDP2's bf16 mixed precision (weights gathered in bf16) each decoder layer receives the mask, plan or
     BlockMask the scorer built, as built: no input casting widens or narrows it (world size 1, in this process;
     flex forward-only on the CPU, as the reference precompute and likelihood evaluation run it)."""
-    from cso_dist.dist import World
+    from cso_dist.engines.dist import World
     from cso_dist.engines import build_scorer
-    from cso_dist.train import make_layout, micro_batches
-    from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
+    from cso_dist.train.loop import make_layout, micro_batches
+    from cso_dist.config.inputs import load_split, make_cfg_renderer, resolve_sset
     from cso_dist.engines.fsdp2_engine import _decoder_layers
 
     over = overrides(setup, f"mask-{attention}", **{"dist.engine": "fsdp2", "pack.attention": attention})

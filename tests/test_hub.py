@@ -11,7 +11,7 @@ import pytest
 from conftest import HF_CACHE, argv, hub_snapshot, run_cli, run_overrides, tiny_run_data
 
 from cso_dist.cli import main
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 from cso_dist.models import hub
 from cso_dist.models.load import adapter_base_path
 
@@ -68,7 +68,7 @@ def test_model_download_without_network_is_one_line(hf_cache):
 def test_the_other_local_ranks_wait_while_local_rank_0_downloads(hf_cache):
     """A snapshot folder exists from the first downloaded file on: the other local ranks take it only once no
     download holds the lock in the HF cache (here held by this test, as local rank 0 would)."""
-    from cso_dist.io import one_writer
+    from cso_dist.util.io import one_writer
 
     snap = hf_cache[1][QWEN]
     assert hub.ensure(QWEN, None, local_rank=0, timeout_s=1) == snap  # cached: no lock, no download

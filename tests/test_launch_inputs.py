@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cso_dist.config import load_config
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 from cso_dist.launch import submit_sweep, sweep_points
 from cso_dist.launch.sbatch import TEMPLATES
 from conftest import REPO, run_main

@@ -10,7 +10,7 @@ import pytest
 from cso_dist.config import DataConfig, load_config
 from cso_dist.data.build import build_dialogues
 from cso_dist.data.negatives import balanced_strategies, strategy_sides
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 from conftest import run_cli, tiny_run_data
 
 

@@ -416,7 +416,7 @@ def test_dry_run_refuses_a_stage_that_cannot_fit(command, capsys):
 
 
 def test_dry_run_prints_the_stage_table_only_with_plan_model():
-    from cso_dist.preflight import stage_table
+    from cso_dist.train.preflight import stage_table
 
     table, problems = stage_table(load_config(REPO / "configs" / "llama3.1-70b-zero3.yaml"))
     assert problems == [] and table[-1] == "every stage fits"

@@ -10,7 +10,7 @@ from cso_dist.data.dialogue import read_dialogues, write_dialogues
 from cso_dist.data.export import pair_rows
 from cso_dist.data.stats import dialogue_stats
 from cso_dist.data.strategies import load_strategy_set
-from cso_dist.errors import DataError
+from cso_dist.util.errors import DataError
 from conftest import write_jsonl
 
 U = lambda t: {"role": "user", "content": t}  # noqa: E731

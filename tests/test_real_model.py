@@ -115,9 +115,9 @@ def test_after_a_little_sft_its_generations_parse_as_strategy_replies(smol, esco
     """A few SFT steps (LoRA) on gold replies teach the `(<strategy>) text` form; greedy generations on
     held-out turns then parse with a strategy of the set."""
     from cso_dist.data.dialogue import write_dialogues
-    from cso_dist.study import cpu_bf16
+    from cso_dist.study.run import cpu_bf16
     from cso_dist.eval.generate import run_generate
-    from cso_dist.train import run_train
+    from cso_dist.train.loop import run_train
 
     write_dialogues(tmp_path / "train.jsonl", esconv_valid[:8])
     write_dialogues(tmp_path / "test.jsonl", esconv_valid[150:152])

@@ -8,7 +8,7 @@ from cso_dist.data.dialogue import Message, Option, PrefDialogue
 from cso_dist.data.render import make_renderer, parse_reply, system_prompt, to_chat, tokenize_dialogue, turn_examples
 from cso_dist.data.stats import token_stats
 from cso_dist.data.strategies import load_strategy_set
-from cso_dist.errors import ConfigError, CsoError
+from cso_dist.util.errors import ConfigError, CsoError
 
 ESCONV = load_strategy_set("esconv")
 D = PrefDialogue(

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from cso_dist.errors import CsoError
+from cso_dist.util.errors import CsoError
 from cso_dist.eval.served import open_served, served_client, served_origin, served_texts
 from cso_dist.models.served import OpenAIBackend
 from conftest import cfg_of

@@ -187,7 +187,7 @@ def test_zero3_training_with_the_live_reference_equals_one_process_and_holds_hal
     one, two = over(root, "live-one", False, **lora), over(root, "live-z3", True, **lora)
     assert run_cli("train", *argv(one), env=ONE_THREAD).returncode == 0
     launch(["train", *argv(two)])
-    from cso_dist.tracking import read_metrics
+    from cso_dist.train.tracking import read_metrics
 
     worst = close_curves(read_metrics(root / "live-one"), read_metrics(root / "live-z3"))
     summary = json.loads((root / "live-z3" / "summary.json").read_text())

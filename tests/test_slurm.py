@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from cso_dist.checkpoint import list_checkpoints
+from cso_dist.train.checkpoint import list_checkpoints
 from cso_dist.config import load_config
 from cso_dist.launch import collect, submit_run, submit_sweep, table
-from cso_dist.rundir import RUN_CONFIG
-from cso_dist.tracking import read_metrics
+from cso_dist.train.rundir import RUN_CONFIG
+from cso_dist.train.tracking import read_metrics
 from conftest import MCTS_SMALL, REPO, argv, cfg_of, launch, run_cli, run_overrides, tiny_run_data
 from numerics import curve_tol
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from cso_dist.config import load_config
-from cso_dist.errors import ConfigError, CsoError
-from cso_dist.study import paired, run_study
+from cso_dist.util.errors import ConfigError, CsoError
+from cso_dist.study.run import paired, run_study
 from conftest import REPO, run_cli
 
 TINY = {
@@ -173,7 +173,7 @@ def test_the_source_study_configs_are_the_studies_their_headers_describe(name):
 
 @pytest.mark.slow
 def test_a_finished_run_counts_only_for_its_own_config(study):
-    from cso_dist.rundir import finished_run
+    from cso_dist.train.rundir import finished_run
 
     _, out, _ = study
     run = out / "sft" / "seed=1"

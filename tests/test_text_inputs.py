@@ -1,4 +1,4 @@
-"""Every text file a user hands in goes through one reader (cso_dist.io: read_text, read_json, read_jsonl): PRED
+"""Every text file a user hands in goes through one reader (cso_dist.util.io: read_text, read_json, read_jsonl): PRED
 files and their origin records, the generated-replies cache, the study's records, strategy sets, chat templates,
 preference-dialogue files, a reference cache's manifest. Each case follows tests/test_fuzz.py's rule: exit code 2,
 one line on stderr naming the file (and the line and field where there is one), no traceback, and nothing written

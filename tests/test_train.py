@@ -13,20 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from cso_dist.checkpoint import list_checkpoints
+from cso_dist.train.checkpoint import list_checkpoints
 from cso_dist.config import load_config
 from cso_dist.data.dialogue import read_dialogues
 from cso_dist.data.export import iter_pairs
 from cso_dist.data.strategies import load_strategy_set
-from cso_dist.errors import CsoError
+from cso_dist.util.errors import CsoError
 from cso_dist.scorer import score
 from cso_dist.losses import resolved_beta
 from cso_dist.models import load_model
 from cso_dist.losses.batch import micro_loss, structure
 from cso_dist.refcache import cache_key, load_reference, run_precompute
-from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
-from cso_dist.tracking import read_metrics
-from cso_dist.train import make_layout, plan_steps, run_train
+from cso_dist.config.inputs import load_split, make_cfg_renderer, resolve_sset
+from cso_dist.train.tracking import read_metrics
+from cso_dist.train.loop import make_layout, plan_steps, run_train
 from conftest import REPO, run_cli, tiny_run_data
 from numerics import U32, curve_tol, dpo_step0_bound, summed_logp_tol
 

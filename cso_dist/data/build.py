@@ -14,8 +14,8 @@ from cso_dist.data.negatives import NegativeOptions
 from cso_dist.data.hf import hf_records, is_hf_input
 from cso_dist.data.readers import READERS, ReadContext, Skips
 from cso_dist.data.strategies import NAMED, StrategySet, load_strategy_set
-from cso_dist.errors import ConfigError, DataError
-from cso_dist.paths import esconv_dir
+from cso_dist.util.errors import ConfigError, DataError
+from cso_dist.util.paths import esconv_dir
 
 
 @dataclass

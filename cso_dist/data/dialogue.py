@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from cso_dist.data.strategies import NAMED, StrategySet, load_strategy_set
-from cso_dist.errors import DataError
-from cso_dist.io import read_jsonl, read_records, require, write_jsonl
+from cso_dist.util.errors import DataError
+from cso_dist.util.io import read_jsonl, read_records, require, write_jsonl
 
 SEEKER, SUPPORTER = "seeker", "supporter"
 
@@ -105,7 +105,7 @@ def check_options(
 
 
 # ---------------------------------------------------------------- field checks shared by readers
-req = require  # obj[key] of a type, or an error naming file, record and field (cso_dist.io, the one reader)
+req = require  # obj[key] of a type, or an error naming file, record and field (cso_dist.util.io, the one reader)
 
 
 def req_text(obj: dict, key: str, path: str, record: str, fld: str) -> str:
@@ -146,7 +146,7 @@ def check_alternation(roles: list[str], path: str, record: str, fld: str = "mess
 # ---------------------------------------------------------------- JSON Lines I/O
 def load_json_records(path: str | Path, keep_errors: bool = False) -> Iterator[tuple[str, object]]:
     """Records of a JSON array file ("record i") or a JSON Lines file ("line n"), through the one reader
-    (cso_dist.io.read_records): a line that is not UTF-8 or not JSON is a DataError naming it, raised or with
+    (cso_dist.util.io.read_records): a line that is not UTF-8 or not JSON is a DataError naming it, raised or with
     `keep_errors` yielded in place of the record."""
     return read_records(path, "a data file", keep_errors)
 

@@ -9,7 +9,7 @@ import urllib.request
 import shutil
 from pathlib import Path
 
-from cso_dist.errors import CsoError
+from cso_dist.util.errors import CsoError
 
 DATASETS = ("esconv",)  # `data fetch`: what can be downloaded
 ESCONV_REPO = "thu-coai/esconv"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from cso_dist.errors import DataError
+from cso_dist.util.errors import DataError
 
 SUFFIXES = (".parquet", ".arrow")
 

@@ -10,7 +10,7 @@ turn; its non-preferred options are made here:
   split), each strategy is rejected about K times as often as it is chosen (`balanced_strategies`); each
   option is then the most similar candidate of its strategy. Plain retrieval over-represents the strategies
   that are common in similar contexts on the rejected side, and a loss then also learns that side-count prior.
-- generated, generated-both: a model writes the options for the *same* history (cso_dist.generated; the
+- generated, generated-both: a model writes the options for the *same* history (cso_dist.data.generated; the
   strategies again from `balanced_strategies`). Here the dialogues are left without options.
 
 Every choice is deterministic for data.seed. The counts of each strategy on the chosen and the rejected side go
@@ -87,7 +87,7 @@ def add_negatives(
 
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    from cso_dist.progress import progress
+    from cso_dist.util.progress import progress
 
     turns = [(di, i) for di, d in enumerate(dialogues) for i in d.turn_indices()]
     if not turns:

@@ -26,7 +26,7 @@ from cso_dist.data.hf import hf_records, is_hf_input
 from cso_dist.data.regroup import TurnRow, regroup
 from cso_dist.data.render import parse_reply
 from cso_dist.data.strategies import StrategySet
-from cso_dist.errors import DataError
+from cso_dist.util.errors import DataError
 
 ROLES = {
     "user": SEEKER,

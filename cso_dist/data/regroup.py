@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from collections import Counter
 
 from cso_dist.data.dialogue import SEEKER, SUPPORTER, Message, Option, PrefDialogue, check_options
-from cso_dist.errors import DataError
+from cso_dist.util.errors import DataError
 
 Msg = tuple  # (role, text, strategy or None)
 

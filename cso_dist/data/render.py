@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from cso_dist.data.dialogue import SEEKER, SUPPORTER, Message, PrefDialogue
 from cso_dist.data.strategies import StrategySet
 from cso_dist.data.templates import resolve_template
-from cso_dist.errors import ConfigError, CsoError
+from cso_dist.util.errors import ConfigError, CsoError
 
 STRATEGY_RE = re.compile(r"^\s*\(\s*([^()]*?)\s*\)\s*(.*)$", re.S)
 

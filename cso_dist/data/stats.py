@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from cso_dist.progress import progress
+from cso_dist.util.progress import progress
 
 from cso_dist.data.dialogue import SUPPORTER, PrefDialogue
 from cso_dist.data.render import Renderer, make_renderer, tokenize_dialogue, turn_examples

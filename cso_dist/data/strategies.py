@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from cso_dist.errors import ConfigError, DataError
-from cso_dist.io import read_json, read_text
+from cso_dist.util.errors import ConfigError, DataError
+from cso_dist.util.io import read_json, read_text
 
 # One-line descriptions in our own words; they go into the system prompt.
 ESCONV = {

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cso_dist.errors import ConfigError, DataError
-from cso_dist.io import read_text
+from cso_dist.util.errors import ConfigError, DataError
+from cso_dist.util.io import read_text
 
 CHATML = (
     "{%- for message in messages -%}"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
 
 from cso_dist.engines.dsconfig import ds_sharding
-from cso_dist.lazy import lazy_exports
+from cso_dist.util.lazy import lazy_exports
 from cso_dist.models import FINETUNES
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class EngineSpec:
 def _fsdp2_sharding(cfg) -> tuple[int, str]:
     """FSDP2 shards parameters, gradients and optimizer states as ZeRO-3 does; dist.offload moves them to the CPU.
     bitsandbytes' optimizers cannot step its sharded (DTensor) parameters."""
-    from cso_dist.errors import ConfigError
+    from cso_dist.util.errors import ConfigError
 
     if cfg.train.optimizer != "adamw":
         raise ConfigError(

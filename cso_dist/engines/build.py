@@ -9,17 +9,17 @@ from pathlib import Path
 
 import torch
 
-from cso_dist import dist
-from cso_dist.checkpoint import list_checkpoints
+from cso_dist.engines import dist
+from cso_dist.train.checkpoint import list_checkpoints
 from cso_dist.config import TrainingConfig, load_config
-from cso_dist.dist import World
+from cso_dist.engines.dist import World
 from cso_dist.engines import ENGINES, Engine
-from cso_dist.errors import CsoError
-from cso_dist.export import model_from_state_dict, save_final
-from cso_dist.inputs import model_dir, tokenizer_dir
+from cso_dist.util.errors import CsoError
+from cso_dist.train.export import model_from_state_dict, save_final
+from cso_dist.config.inputs import model_dir, tokenizer_dir
 from cso_dist.models import load_tokenizer
 from cso_dist.pack import filler_batch
-from cso_dist.rundir import RUN_CONFIG, run_config_file
+from cso_dist.train.rundir import RUN_CONFIG, run_config_file
 
 
 def engine_class(name: str):

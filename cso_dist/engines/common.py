@@ -10,7 +10,7 @@ import math
 import torch
 
 from cso_dist.config import TrainingConfig
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 from cso_dist.scorer import Scorer, method_of, unwrap
 from cso_dist.scorer.attention import FlexRows
 

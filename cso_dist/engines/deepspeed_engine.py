@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from cso_dist import dist
-from cso_dist.checkpoint import list_checkpoints, seal, write_failed
+from cso_dist.engines import dist
+from cso_dist.train.checkpoint import list_checkpoints, seal, write_failed
 from cso_dist.config import TrainingConfig
-from cso_dist.dist import World
+from cso_dist.engines.dist import World
 from cso_dist.engines.common import (
     adapter_off,
     make_optimizer,
@@ -35,9 +35,9 @@ from cso_dist.engines.common import (
     whole_param_bytes,
 )
 from cso_dist.engines.dsconfig import offload_of, read_ds_config
-from cso_dist.errors import ConfigError, CsoError
-from cso_dist.export import model_from_state_dict, save_final
-from cso_dist.inputs import model_dir, weights_dir
+from cso_dist.util.errors import ConfigError, CsoError
+from cso_dist.train.export import model_from_state_dict, save_final
+from cso_dist.config.inputs import model_dir, weights_dir
 from cso_dist.models import count_parameters, load_model, lora_settings
 from cso_dist.models.load import logical_numel
 from cso_dist.scorer import unwrap

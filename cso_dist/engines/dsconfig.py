@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 
 SHIPPED = ("zero2", "zero3", "zero3_offload")  # engines/ds_configs/<name>.json
 ZERO_STAGES = (2, 3)  # the stages the deepspeed engine runs (dist.zero_stage 0 = as the JSON says)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from cso_dist import dist
-from cso_dist.checkpoint import load_checkpoint, save_checkpoint
+from cso_dist.engines import dist
+from cso_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from cso_dist.config import TrainingConfig
-from cso_dist.dist import World
+from cso_dist.engines.dist import World
 from cso_dist.engines.common import (
     adapter_off,
     make_optimizer,
@@ -21,9 +21,9 @@ from cso_dist.engines.common import (
     optimizer_step,
     whole_param_bytes,
 )
-from cso_dist.errors import CsoError
-from cso_dist.export import save_final
-from cso_dist.inputs import model_dir
+from cso_dist.util.errors import CsoError
+from cso_dist.train.export import save_final
+from cso_dist.config.inputs import model_dir
 from cso_dist.models import count_parameters, load_model, lora_settings
 from cso_dist.scorer import default_device
 

@@ -13,8 +13,8 @@ import json
 import time
 from pathlib import Path
 
-from cso_dist.errors import CsoError
-from cso_dist.io import append_jsonl, atomic_write_text, read_jsonl
+from cso_dist.util.errors import CsoError
+from cso_dist.util.io import append_jsonl, atomic_write_text, read_jsonl
 
 FIELDS = {"by": str, "subsets": dict}
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cso_dist.errors import CsoError, DataError
-from cso_dist.io import atomic_write_text, cut_torn_tail, read_json, read_jsonl, write_jsonl
+from cso_dist.util.errors import CsoError, DataError
+from cso_dist.util.io import atomic_write_text, cut_torn_tail, read_json, read_jsonl, write_jsonl
 
 
 def origin_file(out: Path) -> Path:
@@ -32,7 +32,7 @@ def parts(out: Path) -> list[Path]:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a PRED or part file (none when it does not exist), through the one reader (cso_dist.io): a
+    """The rows of a PRED or part file (none when it does not exist), through the one reader (cso_dist.util.io): a
     torn last line (a write cut short) is not a row: it is left out here and cut off before the file is appended
     to (`open_part`) or rewritten (`merge`). Anything else that is not a PRED row, and an id twice in the file, is a
     one-line error naming the file and line."""

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cso_dist.io import atomic_write_text
+from cso_dist.util.io import atomic_write_text
 from cso_dist.data.strategies import StrategySet
-from cso_dist.errors import DataError
+from cso_dist.util.errors import DataError
 from cso_dist.eval.score import TEXT_KEYS, format_scores, read_pred, score_file
-from cso_dist.tracking import read_metrics
+from cso_dist.train.tracking import read_metrics
 
 
 # ---------------------------------------------------------------- plots

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 from cso_dist.data.strategies import StrategySet
-from cso_dist.errors import CsoError, DataError
+from cso_dist.util.errors import CsoError, DataError
 from cso_dist.eval.metrics import OTHER_PICKS, canonical_or_none, score_rows
 from cso_dist.eval.pred import refuse_duplicates
-from cso_dist.io import atomic_write_text, read_json, read_records
+from cso_dist.util.io import atomic_write_text, read_json, read_records
 
 TEXT_KEYS = ("bleu1", "bleu2", "bleu4", "rougeL", "distinct1", "distinct2", "mean_len")
 
@@ -155,7 +155,7 @@ def evaluate_tasks(cfg, tasks: list, progress: bool = True) -> dict:
     <run.out_dir>/eval/pred-<name>-<mode>.jsonl (a partial file is completed) and scores-<name>-<mode>.json.
     Returns {"<name>/Q": ..., "<name>/B": ..., ...} over every task."""
     from cso_dist.eval.generate import run_generate
-    from cso_dist.inputs import resolve_sset
+    from cso_dist.config.inputs import resolve_sset
 
     sset, out = resolve_sset(cfg), {}
     for name, data_file, mode in tasks:

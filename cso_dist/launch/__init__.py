@@ -1,6 +1,6 @@
 """Launching on Slurm: rendered sbatch scripts (sbatch.py) and submitit runs and sweeps (jobs.py)."""
 
-from cso_dist.lazy import lazy_exports
+from cso_dist.util.lazy import lazy_exports
 
 CLUSTERS = ("slurm", "local", "debug")  # where submitit runs go (cso_dist.launch.jobs): Slurm, local processes, inline
 

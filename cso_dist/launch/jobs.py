@@ -7,7 +7,7 @@ execution on a laptop with the same code path.
     jobs = submit_sweep(cfg, {"train.method": ["dpo", "ipo"], "train.beta": [0.1, 0.5]})
     print(table(collect(jobs)))
 
-A run whose folder already holds its finished result (the same config: cso_dist.rundir.finished_run)
+A run whose folder already holds its finished result (the same config: cso_dist.train.rundir.finished_run)
 is not submitted again: a rerun of a sweep submits only what is missing, and collect() reads the
 rest from disk. Off the cluster (local), a sweep runs slurm.array_parallelism jobs at a time.
 
@@ -29,18 +29,18 @@ from pathlib import Path
 import yaml
 
 from cso_dist.config import FAMILIES, TRAINING_SECTIONS, Config, load_config, parse_overrides
-from cso_dist.io import atomic_write_text
+from cso_dist.util.io import atomic_write_text
 from cso_dist.launch import CLUSTERS
 from cso_dist.launch.sbatch import check_no_secrets
-from cso_dist.errors import ConfigError, CsoError
-from cso_dist.preempt import Preempted
+from cso_dist.util.errors import ConfigError, CsoError
+from cso_dist.train.preempt import Preempted
 
 
 def _train(config_path: str) -> dict:
     """The body of one job (every task): the distributed environment from Slurm, then train."""
     import submitit
 
-    from cso_dist.train import run_train  # torch: in the job, not in the launching process
+    from cso_dist.train.loop import run_train  # torch: in the job, not in the launching process
 
     env = submitit.JobEnvironment()
     if env.num_tasks > 1:
@@ -90,7 +90,7 @@ class TrainJob:
 
     @staticmethod
     def finished(cfg: Config) -> dict | None:
-        from cso_dist.rundir import finished_run  # torch (checkpoint): not in the launcher unless asked
+        from cso_dist.train.rundir import finished_run  # torch (checkpoint): not in the launcher unless asked
 
         return finished_run(cfg)
 

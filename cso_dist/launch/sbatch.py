@@ -21,8 +21,8 @@ from pathlib import Path
 import yaml
 
 from cso_dist.config import Config
-from cso_dist.io import atomic_write_text
-from cso_dist.errors import CsoError
+from cso_dist.util.io import atomic_write_text
+from cso_dist.util.errors import CsoError
 
 TEMPLATES = ("train", "qlora", "precompute", "eval", "sweep")
 PER_GPU_TASKS = ("precompute", "eval")  # one srun task per GPU (ranks from SLURM_PROCID), no requeue

@@ -26,8 +26,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
-from cso_dist.io import atomic_write_text
-from cso_dist.errors import ConfigError
+from cso_dist.util.io import atomic_write_text
+from cso_dist.util.errors import ConfigError
 from cso_dist.models.served import TOP_K, OpenAIBackend, Probe  # the served-model client, shared with eval
 
 

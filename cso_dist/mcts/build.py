@@ -17,11 +17,11 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from cso_dist.progress import progress as progress_bar
+from cso_dist.util.progress import progress as progress_bar
 
 from cso_dist.config import Config
-from cso_dist.io import atomic_write_text, one_writer
-from cso_dist.errors import CsoError
+from cso_dist.util.io import atomic_write_text, one_writer
+from cso_dist.util.errors import CsoError
 from cso_dist.mcts.backends import CachedBackend, make_backend
 from cso_dist.mcts.llm_roles import LLMRoles, RoleSettings, load_prompts
 from cso_dist.mcts.search import SearchConfig, SearchSettings, Tree, extract, new_tree, run

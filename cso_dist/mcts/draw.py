@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cso_dist.errors import CsoError
+from cso_dist.util.errors import CsoError
 from cso_dist.mcts.search import Tree
 
 

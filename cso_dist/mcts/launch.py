@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 
 from cso_dist.config import Config, load_config
-from cso_dist.io import atomic_write_text
-from cso_dist.errors import CsoError
+from cso_dist.util.io import atomic_write_text
+from cso_dist.util.errors import CsoError
 from cso_dist.launch.jobs import executor
 from cso_dist.mcts.build import build, merge, work_dir
 

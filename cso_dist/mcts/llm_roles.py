@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cso_dist.data.strategies import StrategySet
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 from cso_dist.mcts.backends import TOP_K
 from cso_dist.mcts.roles import JUDGE_ASPECTS, SEEKER, Turn
 

@@ -13,7 +13,7 @@ from cso_dist.data.dialogue import load_json_records
 from cso_dist.data.esconv import esconv_utterances
 from cso_dist.data.readers import ReadContext, escpro_messages
 from cso_dist.data.strategies import StrategySet, load_strategy_set
-from cso_dist.errors import DataError
+from cso_dist.util.errors import DataError
 from cso_dist.mcts.roles import SEEKER, SUPPORTER, Turn
 from cso_dist.mcts.search import merge_turns
 

@@ -3,7 +3,7 @@
 The choices of the model settings are defined here, once; the loaders (imported on first use) read them.
 """
 
-from cso_dist.lazy import lazy_exports
+from cso_dist.util.lazy import lazy_exports
 
 FINETUNES = ("full", "lora", "qlora")  # model.finetune: what training updates (cso_dist.models.load)
 BACKENDS = ("hf", "openai")  # where a model generates: transformers in this process, or an OpenAI-compatible server

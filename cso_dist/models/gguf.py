@@ -20,10 +20,10 @@ import shutil
 import time
 from pathlib import Path
 
-from cso_dist.errors import CsoError
+from cso_dist.util.errors import CsoError
 from cso_dist.models import PACKAGED
-from cso_dist.io import atomic_write_text, sha256_file
-from cso_dist.paths import user_cache_dir
+from cso_dist.util.io import atomic_write_text, sha256_file
+from cso_dist.util.paths import user_cache_dir
 
 # name -> (PyPI distribution, file inside it)
 DEFAULT_MODEL = "smollm2-135m-instruct"

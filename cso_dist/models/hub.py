@@ -17,8 +17,8 @@ import re
 import time
 from pathlib import Path
 
-from cso_dist.errors import ConfigError
-from cso_dist.io import one_writer
+from cso_dist.util.errors import ConfigError
+from cso_dist.util.io import one_writer
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 

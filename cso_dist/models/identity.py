@@ -9,8 +9,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from cso_dist.errors import CsoError
-from cso_dist.io import atomic_write_text, sha256_file
+from cso_dist.util.errors import CsoError
+from cso_dist.util.io import atomic_write_text, sha256_file
 from cso_dist.models.load import ADAPTER_CONFIG, adapter_base_path, is_adapter_dir
 
 

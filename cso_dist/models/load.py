@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 from cso_dist.config import LoraSettings
 from cso_dist.scorer.device import set_autocast
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 from cso_dist.models import FINETUNES, PRECISIONS, hub
 from cso_dist.scorer.attention import use_attention
 

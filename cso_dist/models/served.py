@@ -12,7 +12,7 @@ import math
 import os
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-from cso_dist.errors import ConfigError, CsoError
+from cso_dist.util.errors import ConfigError, CsoError
 
 Probe = tuple[list[dict], str]  # (chat messages, the beginning of the assistant's answer)
 TOP_K = 20  # the most an OpenAI-compatible server returns (top_logprobs)

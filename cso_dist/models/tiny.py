@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from cso_dist.data.templates import CHAT_TEMPLATES
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 from cso_dist.models import TINY_ARCHS, TINY_TOKENIZERS
 from cso_dist.models.tokenizer import bpe_tokenizer, qwen_tokenizer
 

@@ -19,7 +19,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from cso_dist.data.templates import CHAT_TEMPLATES, TEMPLATE_EOT, TEMPLATE_SPECIAL_TOKENS
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 
 # Special tokens with the ids Qwen2.5 gives them (right after the 151,643 BPE tokens).
 QWEN_SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}

@@ -1,7 +1,7 @@
 """Tokenised preference dialogues -> model inputs, as pure data: the prefix-trie layout and the per-pair baseline
 (token rows, position ids, attention plans, reply indices). Nothing here runs a model: cso_dist.scorer does."""
 
-from cso_dist.lazy import lazy_exports
+from cso_dist.util.lazy import lazy_exports
 
 LAYOUTS = ("trie", "pair")  # pack.layout: the prefix trie (TrieLayout), the per-pair baseline (PairLayout)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cso_dist.progress import progress as progress_bar
+from cso_dist.util.progress import progress as progress_bar
 
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.render import Renderer, tokenize_dialogue

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cso_dist.errors import CsoError
+from cso_dist.util.errors import CsoError
 
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ import torch
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.render import DialogueTokens, Renderer, tokenize_dialogue, truncate_turn
 from cso_dist.data.strategies import StrategySet
-from cso_dist.errors import CsoError
+from cso_dist.util.errors import CsoError
 from cso_dist.pack.types import ReplyId, Span, Unit
 
 

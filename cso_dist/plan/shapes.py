@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cso_dist.config import LORA_TARGETS
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 from cso_dist.plan.shapes import Shape
 from cso_dist.plan.training import (
     GIB,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from cso_dist.config import LORA_TARGETS, LoraSettings
 from cso_dist.engines import ENGINES
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 from cso_dist.losses import needs_reference
 from cso_dist.models import FINETUNES
 from cso_dist.pack.buckets import bucket_length

@@ -26,20 +26,20 @@ from typing import Callable
 
 from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import read_dialogues
-from cso_dist.io import atomic_write_text, read_json, sha256_file, write_jsonl
+from cso_dist.util.io import atomic_write_text, read_json, sha256_file, write_jsonl
 from cso_dist.data.export import iter_pairs
 from cso_dist.data.render import Renderer
 from cso_dist.data.strategies import StrategySet
-from cso_dist.errors import ConfigError, CsoError, DataError
-from cso_dist import dist
-from cso_dist.dist import World, world_from_env
+from cso_dist.util.errors import ConfigError, CsoError, DataError
+from cso_dist.engines import dist
+from cso_dist.engines.dist import World, world_from_env
 from cso_dist.engines import Engine, shards_weights
 from cso_dist.engines.build import build_scorer, fill, held, lockstep
 from cso_dist.pack import LaidOut, ReplyId, collate_trie, head_chunks, lay_out, pack_units
-from cso_dist.progress import progress as progress_bar
+from cso_dist.util.progress import progress as progress_bar
 from cso_dist.scorer import by_reply, method_of
 from cso_dist.scorer.attention import compile_count
-from cso_dist.inputs import SPLITS, SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
+from cso_dist.config.inputs import SPLITS, SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
 from cso_dist.refcache.key import (
     FORMAT_VERSION,
     cache_key,
@@ -380,7 +380,7 @@ def precompute(
 def run_precompute(cfg: TrainingConfig, progress: bool = True) -> Path:
     """The body of `cso-dist precompute CONFIG`; returns the cache root. Under torchrun / srun every rank computes its
     own shards (it joins the job's process group first). A Hub id not in the HF cache yet is downloaded first, by
-    each node's local rank 0 (cso_dist.inputs.ensure_model)."""
+    each node's local rank 0 (cso_dist.config.inputs.ensure_model)."""
     world = world_from_env()
     ensure_model(cfg, world.local_rank)
     dist.init(world, cfg.dist.timeout_minutes)

@@ -25,12 +25,12 @@ import json
 from pathlib import Path
 
 from cso_dist.config import TrainingConfig
-from cso_dist.io import sha256_file
+from cso_dist.util.io import sha256_file
 from cso_dist.data.render import Renderer, system_prompt
 from cso_dist.data.strategies import StrategySet
-from cso_dist.errors import CsoError
+from cso_dist.util.errors import CsoError
 from cso_dist.losses import method
-from cso_dist.inputs import (
+from cso_dist.config.inputs import (
     SPLITS,
     TOKENIZER_FILES,
     SplitInputs,

@@ -8,7 +8,7 @@ precompute, likelihood eval -- and so does generation; cso_dist.pack only builds
 
 from __future__ import annotations
 
-from cso_dist.lazy import lazy_exports
+from cso_dist.util.lazy import lazy_exports
 
 # pack.attention: how trie rows attend (cso_dist.scorer.attention)
 ATTENTION = ("auto", "dense", "tree", "flex")

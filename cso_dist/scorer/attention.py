@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from cso_dist.errors import ConfigError, CsoError
+from cso_dist.util.errors import ConfigError, CsoError
 from cso_dist.pack.buckets import bucket_count, bucket_length
 from cso_dist.pack.tree_plan import TreePlan, longest_keys, padded_row, tree_block_mask, tree_plan
 from cso_dist.scorer import ATTENTION

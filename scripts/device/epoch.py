@@ -52,8 +52,8 @@ def train_dialogues(n: int):
 
 def run_steps(cfg, dlg) -> list:
     """The optimizer steps (lists of micro-batches) a run over `dlg` takes: its seeded order and its packing."""
-    from cso_dist.inputs import make_cfg_renderer, resolve_sset
-    from cso_dist.train import make_layout, plan_steps
+    from cso_dist.config.inputs import make_cfg_renderer, resolve_sset
+    from cso_dist.train.loop import make_layout, plan_steps
 
     layout = make_layout(cfg, dlg, make_cfg_renderer(cfg), resolve_sset(cfg), False)
     return plan_steps(layout, len(dlg), cfg)
@@ -62,7 +62,7 @@ def run_steps(cfg, dlg) -> list:
 def timed_run(cfg, steps, n_params: int, peak_flops: float | None) -> dict:
     """Train `steps` through the engine with a cached reference, timing every step from the first (compiles
     included): whole-run and post-compile rates, MFU on unique tokens, graphs compiled, peak memory."""
-    from cso_dist.dist import World
+    from cso_dist.engines.dist import World
     from cso_dist.engines import build_engine
     from cso_dist.losses.batch import micro_loss
     from cso_dist.scorer import method_of
@@ -134,7 +134,7 @@ def scoring_run(cfg, steps, n_params: int, peak_flops: float | None) -> dict:
     too), timed from the first row, compiles included, and the graphs compiled."""
     import torch
 
-    from cso_dist.dist import World
+    from cso_dist.engines.dist import World
     from cso_dist.engines import build_scorer
     from cso_dist.scorer import method_of
     from cso_dist.scorer.attention import compile_count

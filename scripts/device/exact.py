@@ -78,7 +78,7 @@ _PER_PAIR: dict = {}  # precision -> (log-probs, gradients, reply weights) of th
 
 def _layouts_agree(work: Path, model_path: Path, dlg, precision: str, smoke: bool, methods: tuple) -> dict:
     from cso_dist.scorer.device import default_device
-    from cso_dist.inputs import make_cfg_renderer, resolve_sset
+    from cso_dist.config.inputs import make_cfg_renderer, resolve_sset
     from cso_dist.models import load_model
     from cso_dist.pack import PairLayout, TrieLayout
     from cso_dist.scorer.attention import use_attention
@@ -123,7 +123,7 @@ def _dpo_step0(work: Path, model_path: Path, dlg, precision: str, smoke: bool) -
     first DPO loss is ln 2; then one optimizer step must leave a finite gradient norm."""
     import torch
 
-    from cso_dist.dist import World
+    from cso_dist.engines.dist import World
     from cso_dist.engines import build_engine
     from cso_dist.losses.batch import micro_loss
 

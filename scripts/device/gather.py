@@ -63,7 +63,7 @@ def download(specs: dict, folder: Path, sdist: bool) -> None:
 
 
 def copy_esconv(dest: Path) -> int:
-    from cso_dist.paths import ESCONV_FILES, esconv_dir
+    from cso_dist.util.paths import ESCONV_FILES, esconv_dir
 
     src = esconv_dir()
     dest.mkdir(parents=True, exist_ok=True)

@@ -193,7 +193,7 @@ def _study(smoke: bool, work: Path) -> dict:
     (the HF cache): the kit cannot carry it (SmolLM2's 98 MB GGUF is over one call's 64 MiB)."""
     from cso_dist.config import load_config
     from cso_dist.models import hub
-    from cso_dist.study import run_study
+    from cso_dist.study.run import run_study
 
     path = Path(__file__).resolve().parents[2] / "configs" / "study-gpu.yaml"
     over: dict = {"run.out_dir": str(work / "study-gpu")}

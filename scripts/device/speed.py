@@ -31,7 +31,7 @@ from kitlib import (  # noqa: E402
 def _step_rate(work: Path, model_path: Path, n_params: int, dlg, steps: int, smoke: bool, **over) -> dict:
     """Full fine-tuning (or LoRA) DPO steps over `dlg` (one step = all of them), cached reference; step 0 warms
     up (and compiles flex) and is reported apart."""
-    from cso_dist.dist import World
+    from cso_dist.engines.dist import World
     from cso_dist.engines import build_engine
     from cso_dist.losses.batch import micro_loss
 
@@ -160,7 +160,7 @@ def _profile(work: Path, model_path: Path, dlg, smoke: bool, **over) -> dict:
     ops that took the most device time and the most CPU time (self times), with their call counts."""
     from torch.profiler import ProfilerActivity, profile
 
-    from cso_dist.dist import World
+    from cso_dist.engines.dist import World
     from cso_dist.engines import build_engine
     from cso_dist.losses.batch import micro_loss
 
@@ -270,7 +270,7 @@ def _engine_steps(work: Path, model_path: Path, n_params: int, dlg, steps: int, 
 
 
 def engines(r: Result, smoke: bool, work: Path) -> None:
-    from cso_dist import dist
+    from cso_dist.engines import dist
     from cso_dist.data.dialogue import write_dialogues
 
     dlg = dialogues(1 if smoke else 8)

@@ -12,8 +12,8 @@ from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import PrefDialogue, read_dialogues
 from cso_dist.data.render import Renderer, make_renderer
 from cso_dist.data.strategies import StrategySet, resolve_strategy_set
-from cso_dist.errors import ConfigError, CsoError, DataError
-from cso_dist.io import read_jsonl, sha256_file
+from cso_dist.util.errors import ConfigError, CsoError, DataError
+from cso_dist.util.io import read_jsonl, sha256_file
 from cso_dist.models import hub, is_adapter_dir, load_tokenizer
 from cso_dist.models.load import adapter_base_path
 

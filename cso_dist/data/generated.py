@@ -28,9 +28,9 @@ from cso_dist.data.dialogue import Option, PrefDialogue
 from cso_dist.data.negatives import balanced_strategies, strategy_sides
 from cso_dist.data.render import format_reply, truncate_turn, tokenize_dialogue
 from cso_dist.data.strategies import resolve_strategy_set
-from cso_dist.errors import ConfigError, CsoError, DataError
-from cso_dist.io import append_jsonl, cut_torn_tail, one_writer, read_jsonl
-from cso_dist.paths import user_cache_dir
+from cso_dist.util.errors import ConfigError, CsoError, DataError
+from cso_dist.util.io import append_jsonl, cut_torn_tail, one_writer, read_jsonl
+from cso_dist.util.paths import user_cache_dir
 
 
 def cache_dir() -> Path:
@@ -77,7 +77,7 @@ CACHE_ROW = {"key": str, "text": str}  # a cached reply: its cache key and its t
 
 
 def _read_cache(path: Path) -> dict[str, str]:
-    """The cached replies, through the one reader (cso_dist.io): every row {"key": text, "text": text}, else a
+    """The cached replies, through the one reader (cso_dist.util.io): every row {"key": text, "text": text}, else a
     one-line error naming the file, line and field (before anything is cut or written). A last line cut short by
     a stop is then cut off the file (its reply is written again)."""
     if not path.exists():
@@ -97,10 +97,10 @@ def add_generated(dialogues: list[PrefDialogue], cfg: TrainingConfig, progress: 
 
     from cso_dist.eval.generate import generate_texts
     from cso_dist.data.render import make_renderer
-    from cso_dist.inputs import tokenizer_dir
+    from cso_dist.config.inputs import tokenizer_dir
     from cso_dist.models import hub, load_model, load_tokenizer
     from cso_dist.models.identity import model_key
-    from cso_dist.progress import progress as progress_bar
+    from cso_dist.util.progress import progress as progress_bar
     from cso_dist.scorer.device import default_device
 
     d_cfg, both = cfg.data, cfg.data.negatives_from == "generated-both"

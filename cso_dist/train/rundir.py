@@ -22,12 +22,12 @@ from pathlib import Path
 
 import yaml
 
-from cso_dist.checkpoint import clean_partial, latest_good, list_checkpoints
+from cso_dist.train.checkpoint import clean_partial, latest_good, list_checkpoints
 from cso_dist.config import TrainingConfig
-from cso_dist.configfile import renamed_keys
-from cso_dist.errors import CsoError
-from cso_dist.io import atomic_write_text
-from cso_dist.preempt import STOPPED_FILE
+from cso_dist.config.file import renamed_keys
+from cso_dist.util.errors import CsoError
+from cso_dist.util.io import atomic_write_text
+from cso_dist.train.preempt import STOPPED_FILE
 
 # dotted keys (or whole sections, "dist.") that may differ between a run and its resume
 RESUMABLE = (
@@ -47,7 +47,7 @@ RESUMABLE = (
     "track.",
 )
 RUN_FILES = ("metrics.jsonl", "final", STOPPED_FILE)
-RUN_LOCK = ".cso-lock"  # held by the run's writer for its life (cso_dist.io.one_writer)
+RUN_LOCK = ".cso-lock"  # held by the run's writer for its life (cso_dist.util.io.one_writer)
 RUN_CONFIG = "resolved-config.yaml"  # the run's config as it ran (every key, base files merged)
 OLD_RUN_CONFIG = "config.yaml"  # what run folders written before 2026-12-06 call it
 

@@ -7,7 +7,7 @@ plain torch / DDP, or DeepSpeed ZeRO-2/3). The reference log-probs come from the
 cache (built first when missing, by the same engine), or from the policy with its adapter disabled.
 
 Several ranks: every rank plans the same global steps; a step's micro-batches are dealt out
-round-robin (cso_dist.dist.my_share), each loss is normalised by the *global* step's counts and
+round-robin (cso_dist.engines.dist.my_share), each loss is normalised by the *global* step's counts and
 scaled by the world size, so the averaged gradient equals the single-process one.
 """
 
@@ -22,26 +22,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cso_dist.progress import progress as progress_bar
+from cso_dist.util.progress import progress as progress_bar
 
-from cso_dist import dist
-from cso_dist.checkpoint import condition_changes, numeric_conditions
-from cso_dist.rundir import RUN_LOCK, check_request, open_run
+from cso_dist.engines import dist
+from cso_dist.train.checkpoint import condition_changes, numeric_conditions
+from cso_dist.train.rundir import RUN_LOCK, check_request, open_run
 from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import PrefDialogue
-from cso_dist.io import atomic_write_text, one_writer
-from cso_dist.errors import CsoError
+from cso_dist.util.io import atomic_write_text, one_writer
+from cso_dist.util.errors import CsoError
 from cso_dist.losses import method
-from cso_dist.dist import World, my_share, world_from_env
+from cso_dist.engines.dist import World, my_share, world_from_env
 from cso_dist.engines import build_engine
 from cso_dist.losses.batch import COUNTS, finish_metrics, micro_loss, structure
-from cso_dist.preempt import STOPPED_FILE, StopRequest
+from cso_dist.train.preempt import STOPPED_FILE, StopRequest
 from cso_dist.pack import PairLayout, ReplyId, TrieLayout, head_chunks
 from cso_dist.refcache import ensure_reference
-from cso_dist.inputs import SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
+from cso_dist.config.inputs import SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
 from cso_dist.scorer import by_reply, method_of
 from cso_dist.scorer.attention import compile_count
-from cso_dist.tracking import Tracker
+from cso_dist.train.tracking import Tracker
 
 
 # ---------------------------------------------------------------- data -> micro-batches
@@ -176,10 +176,10 @@ def run_train(
     device: str | None = None,
 ) -> dict:
     """Train; `resume`: True = from the latest good checkpoint (which must exist), "auto" = from it when there
-    is one; `overwrite`: start over in a folder that holds a run (cso_dist.rundir); `device`: the torch engine's
+    is one; `overwrite`: start over in a folder that holds a run (cso_dist.train.rundir); `device`: the torch engine's
     (default: the local rank's GPU, else the CPU). Raises
-    cso_dist.preempt.Preempted after checkpointing when asked to stop (signal or file). One writer per run
-    folder: a second `train` into it is refused while this one runs (cso_dist.io.one_writer)."""
+    cso_dist.train.preempt.Preempted after checkpointing when asked to stop (signal or file). One writer per run
+    folder: a second `train` into it is refused while this one runs (cso_dist.util.io.one_writer)."""
     world = world_from_env()
     progress = progress and world.main
     plan = prepare(cfg, world, resume, overwrite, progress)
@@ -345,7 +345,7 @@ def train_loop(
 
 
 def finish(cfg: TrainingConfig, world: World, engine, plan: Plan, eval_ref, tracker, last: dict) -> dict:
-    """The final evaluation, the final model (cso_dist.export) and summary.json."""
+    """The final evaluation, the final model (cso_dist.train.export) and summary.json."""
     run_dir, n = Path(cfg.run.out_dir), len(plan.steps)
     final_eval = evaluate(engine, plan.eval_batches, cfg, eval_ref, world) if plan.eval_batches else {}
     if final_eval:

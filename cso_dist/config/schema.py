@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from cso_dist.configfile import (  # noqa: F401 - parse_overrides, choices, help_of: public here
+from cso_dist.config.file import (  # noqa: F401 - parse_overrides, choices, help_of: public here
     _apply,
     _check,
     _check_seed,
@@ -26,7 +26,7 @@ from cso_dist.configfile import (  # noqa: F401 - parse_overrides, choices, help
     read_yaml,
     setting,
 )
-from cso_dist.configtools import MctsConfig, PlanConfig, SlurmConfig
+from cso_dist.config.tools import MctsConfig, PlanConfig, SlurmConfig
 from cso_dist import losses
 from cso_dist.data.negatives import NEGATIVES_FROM
 from cso_dist.data.readers import SOURCES
@@ -34,7 +34,7 @@ from cso_dist.engines import ENGINES
 from cso_dist.engines import NAMES as ENGINE_NAMES
 from cso_dist.engines.dsconfig import SHIPPED as SHIPPED_DS
 from cso_dist.engines.dsconfig import ZERO_STAGES
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 from cso_dist.losses import NAMES as LOSS_METHODS
 from cso_dist.models import BACKENDS, FINETUNES, PRECISIONS, TINY_ARCHS, TINY_TOKENIZERS, hub
 from cso_dist.pack import LAYOUTS
@@ -59,7 +59,7 @@ class LoraSettings:
 @dataclass
 class DataConfig:
     source: Literal[SOURCES] = setting("esconv", "the input's format")
-    input: str = setting("", 'file or folder; "" = ESConv from the data dir (cso_dist.paths.data_dir)', path=True)
+    input: str = setting("", 'file or folder; "" = ESConv from the data dir (cso_dist.util.paths.data_dir)', path=True)
     split: str = setting("train", "ESConv split: train, valid or test")
     negatives: int = setting(3, "ESConv: non-preferred options per supporter turn")
     negatives_from: Literal[NEGATIVES_FROM] = setting(

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from cso_dist.io import atomic_write_text, read_jsonl
+from cso_dist.util.io import atomic_write_text, read_jsonl
 
 
 class Tracker:
@@ -80,8 +80,8 @@ class Tracker:
 
     def __exit__(self, typ, exc, tb) -> None:
         """Closed however the run ends: a failure marks the W&B run failed (exit code 1); a stop for preemption
-        (cso_dist.preempt.Preempted) does not, it resumes."""
-        from cso_dist.preempt import Preempted
+        (cso_dist.train.preempt.Preempted) does not, it resumes."""
+        from cso_dist.train.preempt import Preempted
 
         self.close(0 if typ is None or issubclass(typ, Preempted) else 1)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from cso_dist.configfile import _check, _check_seed, _check_token, _control, setting
+from cso_dist.config.file import _check, _check_seed, _check_token, _control, setting
 from cso_dist.mcts.search import SearchSettings
 from cso_dist.models import BACKENDS
 

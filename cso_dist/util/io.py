@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from cso_dist.errors import CsoError, DataError
+from cso_dist.util.errors import CsoError, DataError
 
 
 def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from cso_dist.config import TrainingConfig
-from cso_dist.errors import CsoError
-from cso_dist.inputs import model_dir
+from cso_dist.util.errors import CsoError
+from cso_dist.config.inputs import model_dir
 from cso_dist.models import load_model, lora_settings
 from cso_dist.models.load import WEIGHT_DTYPE
 

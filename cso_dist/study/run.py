@@ -33,10 +33,10 @@ from types import SimpleNamespace
 
 from cso_dist.config import STUDY_OWNED, STUDY_PHASES, Config, EvalConfig, TrainingConfig, choices
 from cso_dist.data.dialogue import read_dialogues
-from cso_dist.errors import CsoError
+from cso_dist.util.errors import CsoError
 from cso_dist.eval.ledger import check_unused, record
 from cso_dist.eval.report import spread
-from cso_dist.io import atomic_write_text, read_json, read_jsonl
+from cso_dist.util.io import atomic_write_text, read_json, read_jsonl
 from cso_dist.launch.jobs import EvalJob, Run, TrainJob, collect, run_config, submit_jobs, sweep_runs, table
 
 PHASES = STUDY_PHASES
@@ -204,7 +204,7 @@ def _write_sources(cfg: Config, out: Path, base_model: Path) -> dict:
     from cso_dist.data.build import build_dialogues
     from cso_dist.data.dialogue import write_dialogues
     from cso_dist.data.negatives import RETRIEVED, NegativeOptions, add_negatives, strategy_sides
-    from cso_dist.generated import add_generated
+    from cso_dist.data.generated import add_generated
 
     st, data = cfg.study, out / "data"
     notes_file = data / "sources.json"
@@ -283,7 +283,7 @@ class _Here:
 
     def __init__(self, job, cfg: TrainingConfig, extra: tuple, catch: bool):
         from cso_dist.eval.score import evaluate_tasks
-        from cso_dist.train import run_train
+        from cso_dist.train.loop import run_train
 
         try:
             self.out = [run_train(cfg, resume="auto") if isinstance(job, TrainJob) else evaluate_tasks(cfg, *extra)]
@@ -588,7 +588,7 @@ def write_report(cfg: Config, out: Path, runs: dict, selection: dict, sft_valid,
     """<out>/<result>.md and .json, the evaluation report with the methods as groups, and the table printed."""
     from cso_dist.eval.compare import prior_check
     from cso_dist.eval.report import run_report
-    from cso_dist.inputs import resolve_sset
+    from cso_dist.config.inputs import resolve_sset
 
     (command, result, t_start), st, phases = names, cfg.study, {}
     summary = summarize(runs, resolve_sset(cfg), st.seeds[0], st.resamples)

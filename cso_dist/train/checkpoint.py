@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cso_dist.errors import CsoError
-from cso_dist.io import sha256_file
+from cso_dist.util.errors import CsoError
+from cso_dist.util.io import sha256_file
 
 PREFIX = "step-"
 

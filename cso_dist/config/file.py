@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal
 
 import yaml
 
-from cso_dist.errors import ConfigError
+from cso_dist.util.errors import ConfigError
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:

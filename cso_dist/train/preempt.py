@@ -17,7 +17,7 @@ import signal
 import threading
 from pathlib import Path
 
-from cso_dist.errors import CsoError
+from cso_dist.util.errors import CsoError
 
 STOP_FILE = "PREEMPT"
 STOPPED_FILE = "PREEMPTED"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cso_dist.errors import CsoError
+from cso_dist.util.errors import CsoError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ESCONV_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")

@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from cso_dist.config import TrainingConfig
-from cso_dist.errors import CsoError
+from cso_dist.util.errors import CsoError
 from cso_dist.losses import needs_reference
-from cso_dist.inputs import MODEL_REQUIRED, data_file, load_split, model_dir, tokenizer_dir, weights_dir
+from cso_dist.config.inputs import MODEL_REQUIRED, data_file, load_split, model_dir, tokenizer_dir, weights_dir
 from cso_dist.models import hub, is_adapter_dir
 from cso_dist.models.identity import model_files
 from cso_dist.models.load import adapter_base_path
 from cso_dist.refcache.key import cache_root, split_dir
-from cso_dist.rundir import holds_run
+from cso_dist.train.rundir import holds_run
 
 # a tokenizer's vocabulary comes from one of these (tokenizer_config.json alone loads an empty tokenizer)
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "qwen.tiktoken")

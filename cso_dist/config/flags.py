@@ -10,7 +10,7 @@ import typing
 from typing import Any, Iterable, Literal
 
 from cso_dist.config import Config, help_of
-from cso_dist.configfile import _parse_value
+from cso_dist.config.file import _parse_value
 
 _FLAG = "config:"  # argparse dest prefix of the generated flags: "config:data.negatives"
 

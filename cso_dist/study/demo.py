@@ -2,8 +2,8 @@
 this process (configs/demo.yaml): ESConv -> SmolLM2-135M-Instruct -> SFT -> CSO -> base / SFT / CSO side by side."""
 
 from cso_dist.config import Config
-from cso_dist.errors import CsoError
-from cso_dist.study import run_study
+from cso_dist.util.errors import CsoError
+from cso_dist.study.run import run_study
 
 
 def run_demo(cfg: Config) -> dict:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 
-from cso_dist.errors import CsoError
+from cso_dist.util.errors import CsoError
 
 
 @dataclass(frozen=True)

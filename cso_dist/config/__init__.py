@@ -1,0 +1,29 @@
+# ruff: noqa: F401 -- the names users import from cso_dist.config
+"""The typed config: one dataclass per section (schema), how a YAML file and `--key value` overrides become one
+(file), the command-line flags derived from it (flags), the sections of the tools (tools), the reference page
+(reference) and what a run reads, resolved from it (inputs). `from cso_dist.config import load_config` is the
+entry users write."""
+
+from cso_dist.config.file import choices, help_of, parse_overrides, read_yaml
+from cso_dist.config.schema import (
+    FAMILIES,
+    LORA_TARGETS,
+    STUDY_OWNED,
+    STUDY_PHASES,
+    TRAINING_SECTIONS,
+    Config,
+    DataConfig,
+    DistConfig,
+    EvalConfig,
+    LoraSettings,
+    ModelConfig,
+    PackConfig,
+    RefCacheConfig,
+    RunConfig,
+    StudyConfig,
+    TrackConfig,
+    TrainConfig,
+    TrainingConfig,
+    load_config,
+)
+from cso_dist.config.tools import MctsConfig, PlanConfig, SlurmConfig
