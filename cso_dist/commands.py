@@ -290,7 +290,7 @@ def cmd_train(args, extra) -> int:
 
 
 def cmd_export(args, extra) -> int:
-    from cso_dist.engines import export_checkpoint
+    from cso_dist.train.export import export_checkpoint
 
     own_output(args.out, folder_of("config.json", "adapter_config.json"), "a model folder")
     export_checkpoint(Path(args.checkpoint), Path(args.out), args.final)
@@ -402,7 +402,7 @@ def cmd_mcts_draw(args, extra) -> int:
 
 def cmd_mcts_submit(args, extra) -> int:
     from cso_dist.mcts.build import format_report
-    from cso_dist.mcts.launch import collect_build, submit_build
+    from cso_dist.launch.mcts_build import collect_build, submit_build
 
     cfg = _config(args, extra, "mcts")
     not_an_input(args.out, args.seeds)

@@ -55,7 +55,7 @@ from cso_dist.pack.trie import TrieBatch  # noqa: E402
 from cso_dist.engines.dist import World  # noqa: E402
 from cso_dist.engines import build_scorer  # noqa: E402
 from cso_dist.refcache import load_reference, reference_finetune, run_precompute  # noqa: E402
-from cso_dist.config.inputs import load_split, make_cfg_renderer, resolve_sset  # noqa: E402
+from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset  # noqa: E402
 from cso_dist.refcache.key import cache_key  # noqa: E402
 
 

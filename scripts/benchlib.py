@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cso_dist.train.checkpoint import numeric_conditions  # noqa: E402
+from cso_dist.engines.checkpoint import numeric_conditions  # noqa: E402
 from cso_dist.data.esconv import esconv_texts  # noqa: E402
 from cso_dist.models import build_tiny_model  # noqa: E402
 

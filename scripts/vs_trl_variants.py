@@ -77,7 +77,7 @@ def pair_table(cfg) -> list[dict]:
     both cso layouts score) and the conversational TRL row with the same (truncated) history."""
     from cso_dist.data.render import dialogue_system_prompt, format_reply, to_chat, turn_examples
     from cso_dist.pack.types import ReplyId
-    from cso_dist.config.inputs import load_split, make_cfg_renderer, resolve_sset
+    from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
 
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
     rows = []
@@ -160,7 +160,7 @@ def run_cso_precompute(args, work: Path, base: dict) -> dict:
 def run_cso(args, work: Path, layout: str, base: dict) -> dict:
     import torch
 
-    from cso_dist.config.inputs import load_split, make_cfg_renderer, resolve_sset
+    from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
     from cso_dist.train.tracking import read_metrics
     from cso_dist.train.loop import make_layout, plan_steps, run_train
 

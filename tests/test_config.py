@@ -182,7 +182,7 @@ def test_a_key_only_another_method_reads_is_refused():
     with pytest.raises(ConfigError, match="pack.layout: 'pair' does not serve kto"):
         load_config(None, {"train.method": "kto", "pack.layout": "pair"})
     with pytest.raises(ConfigError, match="model.path: required"):
-        from cso_dist.config.inputs import model_dir
+        from cso_dist.inputs import model_dir
 
         model_dir(load_config(None, {}))
 

@@ -108,7 +108,7 @@ def test_training_with_the_live_reference_runs_on_the_models_device(root):
     """LoRA DPO with train.reference adapter (the adapter-disabled policy scores the reference, live), eval on
     a held-out split and a checkpoint: the torch engine on the other device follows the CPU's loss curve. Both
     start from one saved adapter (PEFT draws a new adapter's weights differently on the meta device)."""
-    from cso_dist.config import LoraSettings
+    from cso_dist.models import LoraSettings
     from cso_dist.train.loop import run_train
 
     adapter = root / "adapter"
@@ -142,7 +142,7 @@ def test_training_with_the_live_reference_runs_on_the_models_device(root):
 def test_precompute_runs_on_the_models_device(root):
     """The reference cache computed on the other device holds the CPU's log-probs."""
     from cso_dist.refcache import cache_key, load_reference, precompute
-    from cso_dist.config.inputs import make_cfg_renderer, resolve_sset
+    from cso_dist.inputs import make_cfg_renderer, resolve_sset
 
     caches = {}
     for where in ("cpu", DEV):

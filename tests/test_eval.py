@@ -234,7 +234,7 @@ def _brute_force(model, tok, prompt, prefix, per_token=False):
 def test_likelihood_mode_scores_every_strategy_exactly(setup):
     from cso_dist.data.render import format_reply
     from cso_dist.eval.prompts import eval_dialogues, eval_turns
-    from cso_dist.config.inputs import make_cfg_renderer
+    from cso_dist.inputs import make_cfg_renderer
 
     from cso_dist.eval.calibrate import calibrated, first_token, fit_prior_offsets
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cso_dist.train.checkpoint import latest_good, list_checkpoints, verify
+from cso_dist.engines.checkpoint import latest_good, list_checkpoints, verify
 from cso_dist.config import load_config
 from cso_dist.util.errors import CsoError
 from cso_dist.train.tracking import read_metrics

@@ -201,7 +201,7 @@ def test_one_writer_per_run_folder_and_a_dead_writer_blocks_nothing(root):
     )
     ckpts = Path(over["run.out_dir"]) / "checkpoints"
     deadline = time.time() + 300
-    from cso_dist.train.checkpoint import list_checkpoints
+    from cso_dist.engines.checkpoint import list_checkpoints
 
     while time.time() < deadline and first.poll() is None and not list_checkpoints(ckpts):
         time.sleep(0.1)

@@ -190,7 +190,7 @@ def test_fsdp2_passes_the_rows_attention_inputs_to_every_layer_unchanged(setup, 
     from cso_dist.engines.dist import World
     from cso_dist.engines import build_scorer
     from cso_dist.train.loop import make_layout, micro_batches
-    from cso_dist.config.inputs import load_split, make_cfg_renderer, resolve_sset
+    from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
     from cso_dist.engines.fsdp2_engine import _decoder_layers
 
     over = overrides(setup, f"mask-{attention}", **{"dist.engine": "fsdp2", "pack.attention": attention})

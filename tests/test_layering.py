@@ -206,3 +206,51 @@ def test_every_choice_list_is_defined_once():
         if len(where) > 1:  # once, or none where the list derives from a registry (losses.REGISTRY, data READERS)
             bad.append(f"{key} {sorted(values)}: written out {len(where)} times ({', '.join(where) or 'nowhere'})")
     assert not bad, "\n".join(bad)
+
+
+# The stages below the config: each owns its vocabulary, which the config reads; none imports the config at run
+# time (a type only, under TYPE_CHECKING). Above the config: the run, the study, launch, the CLI.
+BELOW_CONFIG = ("data", "pack", "scorer", "losses", "models", "plan", "engines", "refcache", "eval", "mcts", "util")
+ABOVE_CONFIG = ("train", "study", "launch", "cli", "commands")
+
+
+def _one_way_breaks(pkg: Path) -> list[str]:
+    """Imports that run against the config's direction: a stage below importing cso_dist.config (or the loose
+    inputs module that resolves it), and the config importing a package above it."""
+    found = []
+    for p in sorted(pkg.rglob("*.py")):
+        part = p.relative_to(pkg).parts[0].removesuffix(".py")
+        for m in sorted(_imports(p)):
+            top = m.split(".")[1] if m.count(".") else ""
+            if part in BELOW_CONFIG and top == "config":
+                found.append(f"{p.relative_to(pkg.parent)} imports {m}")
+            if part in ("config",) and top in ABOVE_CONFIG:
+                found.append(f"{p.relative_to(pkg.parent)} imports {m}")
+    return found
+
+
+def test_config_and_the_stages_import_one_way():
+    """Issue 42: config imported losses, models and data for their choices while they imported config for its
+    dataclasses. Now config reads the stages' vocabularies and nothing below it imports it at run time."""
+    assert not _one_way_breaks(PKG), "\n".join(_one_way_breaks(PKG))
+    assert {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").is_file()} >= set(BELOW_CONFIG)
+
+
+def test_the_one_way_check_finds_a_stage_importing_the_config(tmp_path):
+    (tmp_path / "losses").mkdir()
+    (tmp_path / "config").mkdir()
+    (tmp_path / "losses" / "batch.py").write_text("from cso_dist.config import TrainConfig\n")
+    (tmp_path / "losses" / "ok.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from cso_dist.config import TrainConfig\n"
+    )
+    (tmp_path / "config" / "schema.py").write_text("from cso_dist.train.loop import run_train\nimport cso_dist.pack\n")
+    assert _one_way_breaks(tmp_path) == [
+        f"{tmp_path.name}/config/schema.py imports cso_dist.train.loop",
+        f"{tmp_path.name}/losses/batch.py imports cso_dist.config",
+    ]
+
+
+def test_at_most_six_loose_modules():
+    """Issue 42: the top of the package holds the entry points and little else; every stage is a package."""
+    loose = sorted(p.name for p in PKG.glob("*.py") if p.name != "__init__.py")
+    assert len(loose) <= 6, loose

@@ -286,7 +286,7 @@ def test_a_tight_budget_splits_turns_and_the_cache_still_holds_every_reply(setup
     """pack.max_tokens too small for a turn's history + chosen + all its rejected replies: the layout re-emits
     the chosen reply as copies ("#k"); the cache stores each reply once and agrees with a roomy layout
     within the fp32 summation bound (other packed rows, other reduction order)."""
-    from cso_dist.config.inputs import load_split, make_cfg_renderer, resolve_sset
+    from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
     from numerics import summed_logp_tol
 
     cfg_roomy, _, want = built

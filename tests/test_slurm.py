@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cso_dist.train.checkpoint import list_checkpoints
+from cso_dist.engines.checkpoint import list_checkpoints
 from cso_dist.config import load_config
 from cso_dist.launch import collect, submit_run, submit_sweep, table
 from cso_dist.train.rundir import RUN_CONFIG

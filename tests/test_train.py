@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cso_dist.train.checkpoint import list_checkpoints
+from cso_dist.engines.checkpoint import list_checkpoints
 from cso_dist.config import load_config
 from cso_dist.data.dialogue import read_dialogues
 from cso_dist.data.export import iter_pairs
@@ -24,7 +24,7 @@ from cso_dist.losses import resolved_beta
 from cso_dist.models import load_model
 from cso_dist.losses.batch import micro_loss, structure
 from cso_dist.refcache import cache_key, load_reference, run_precompute
-from cso_dist.config.inputs import load_split, make_cfg_renderer, resolve_sset
+from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
 from cso_dist.train.tracking import read_metrics
 from cso_dist.train.loop import make_layout, plan_steps, run_train
 from conftest import REPO, run_cli, tiny_run_data

@@ -1,13 +1,11 @@
 # ruff: noqa: F401 -- the names users import from cso_dist.config
 """The typed config: one dataclass per section (schema), how a YAML file and `--key value` overrides become one
-(file), the command-line flags derived from it (flags), the sections of the tools (tools), the reference page
-(reference) and what a run reads, resolved from it (inputs). `from cso_dist.config import load_config` is the
-entry users write."""
+(file), the command-line flags derived from it (flags), the sections of the tools (tools) and the reference page
+(reference). `from cso_dist.config import load_config` is the entry users write."""
 
 from cso_dist.config.file import choices, help_of, parse_overrides, read_yaml
 from cso_dist.config.schema import (
     FAMILIES,
-    LORA_TARGETS,
     STUDY_OWNED,
     STUDY_PHASES,
     TRAINING_SECTIONS,
@@ -15,7 +13,6 @@ from cso_dist.config.schema import (
     DataConfig,
     DistConfig,
     EvalConfig,
-    LoraSettings,
     ModelConfig,
     PackConfig,
     RefCacheConfig,

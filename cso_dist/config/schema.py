@@ -36,24 +36,20 @@ from cso_dist.engines.dsconfig import SHIPPED as SHIPPED_DS
 from cso_dist.engines.dsconfig import ZERO_STAGES
 from cso_dist.util.errors import ConfigError
 from cso_dist.losses import NAMES as LOSS_METHODS
-from cso_dist.models import BACKENDS, FINETUNES, PRECISIONS, TINY_ARCHS, TINY_TOKENIZERS, hub
+from cso_dist.models import (
+    LORA_TARGETS,
+    BACKENDS,
+    LoraSettings,
+    FINETUNES,
+    PRECISIONS,
+    TINY_ARCHS,
+    TINY_TOKENIZERS,
+    hub,
+)
 from cso_dist.pack import LAYOUTS
 from cso_dist.scorer import ATTENTION
 
 # The choices of a key are defined once, by the module that owns them (tests/test_layering.py checks it).
-
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapter settings, and their defaults (model.lora_*; models.lora_settings builds one from a config)."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
 
 @dataclass

@@ -6,8 +6,8 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cso_dist.config import DataConfig
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.esconv import build_esconv
 from cso_dist.data.negatives import NegativeOptions
@@ -16,6 +16,9 @@ from cso_dist.data.readers import READERS, ReadContext, Skips
 from cso_dist.data.strategies import NAMED, StrategySet, load_strategy_set
 from cso_dist.util.errors import ConfigError, DataError
 from cso_dist.util.paths import esconv_dir
+
+if TYPE_CHECKING:
+    from cso_dist.config import DataConfig
 
 
 @dataclass

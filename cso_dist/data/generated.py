@@ -22,8 +22,8 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import Option, PrefDialogue
 from cso_dist.data.negatives import balanced_strategies, strategy_sides
 from cso_dist.data.render import format_reply, truncate_turn, tokenize_dialogue
@@ -31,6 +31,9 @@ from cso_dist.data.strategies import resolve_strategy_set
 from cso_dist.util.errors import ConfigError, CsoError, DataError
 from cso_dist.util.io import append_jsonl, cut_torn_tail, one_writer, read_jsonl
 from cso_dist.util.paths import user_cache_dir
+
+if TYPE_CHECKING:
+    from cso_dist.config import TrainingConfig
 
 
 def cache_dir() -> Path:
@@ -97,7 +100,7 @@ def add_generated(dialogues: list[PrefDialogue], cfg: TrainingConfig, progress: 
 
     from cso_dist.eval.generate import generate_texts
     from cso_dist.data.render import make_renderer
-    from cso_dist.config.inputs import tokenizer_dir
+    from cso_dist.inputs import tokenizer_dir
     from cso_dist.models import hub, load_model, load_tokenizer
     from cso_dist.models.identity import model_key
     from cso_dist.util.progress import progress as progress_bar

@@ -129,9 +129,6 @@ __all__ = [
     "build_engine",
     "build_scorer",
     "checkpoint_weights",
-    "export_checkpoint",
     "shards_weights",
 ]
-__getattr__ = lazy_exports(
-    __name__, dict.fromkeys(("build_engine", "build_scorer", "checkpoint_weights", "export_checkpoint"), "build")
-)
+__getattr__ = lazy_exports(__name__, dict.fromkeys(("build_engine", "build_scorer", "checkpoint_weights"), "build"))

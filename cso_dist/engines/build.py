@@ -1,25 +1,23 @@
-"""Constructing an engine by name (ENGINES); a checkpoint consolidated by the engine that wrote it (`cso-dist
-export`); and what callers of a collective engine need: ranks that run the same forwards (`lockstep`, `fill`)."""
+"""Constructing an engine by name (ENGINES); a checkpoint's weights consolidated by the engine that wrote it;
+and what callers of a collective engine need: ranks that run the same forwards (`lockstep`, `fill`)."""
 
 from __future__ import annotations
 
 import importlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cso_dist.engines import dist
-from cso_dist.train.checkpoint import list_checkpoints
-from cso_dist.config import TrainingConfig, load_config
 from cso_dist.engines.dist import World
 from cso_dist.engines import ENGINES, Engine
 from cso_dist.util.errors import CsoError
-from cso_dist.train.export import model_from_state_dict, save_final
-from cso_dist.config.inputs import model_dir, tokenizer_dir
-from cso_dist.models import load_tokenizer
+
+if TYPE_CHECKING:
+    from cso_dist.config import TrainingConfig
 from cso_dist.pack import filler_batch
-from cso_dist.train.rundir import RUN_CONFIG, run_config_file
 
 
 def engine_class(name: str):
@@ -68,33 +66,6 @@ def checkpoint_weights(ckpt: Path) -> tuple[dict[str, torch.Tensor], str]:
         raise CsoError(f"{ckpt}: not a complete checkpoint (no state.json)")
     name = _checkpoint_state(ckpt)["engine"]
     return engine_class(name).checkpoint_weights(ckpt), name
-
-
-def _run_config(ckpt: Path) -> TrainingConfig:
-    """The resolved config of the run a checkpoint belongs to (<run>/checkpoints/step-N)."""
-    for d in (ckpt, ckpt.parent, ckpt.parent.parent):
-        f = run_config_file(d)
-        if f.is_file():
-            return load_config(f, {})
-    raise CsoError(f"{ckpt}: no config of its run found (expected <run>/{RUN_CONFIG} beside checkpoints/)")
-
-
-def export_checkpoint(ckpt: Path, out: Path, final: str | None = None) -> Path:
-    """`cso-dist export`: a checkpoint folder, or a run folder (its latest checkpoint), to an HF folder (the weights
-    consolidated on this host by the engine that wrote them; LoRA: `final` merged or adapter, default the run's)."""
-    ckpt = Path(ckpt)
-    if not (ckpt / "state.json").is_file():
-        done = list_checkpoints(ckpt / "checkpoints") or list_checkpoints(ckpt)
-        if not done:
-            raise CsoError(f"{ckpt}: neither a checkpoint (step-NNNNNNN with state.json) nor a run folder with one")
-        ckpt = done[-1]
-    cfg = _run_config(ckpt)
-    sd, engine = checkpoint_weights(ckpt)
-    model = model_from_state_dict(sd, cfg)
-    tok = load_tokenizer(tokenizer_dir(model_dir(cfg)))
-    save_final(model, cfg, out, tok, final)
-    print(f"exported {ckpt} ({engine} engine, {cfg.model.finetune}) -> {out}")
-    return Path(out)
 
 
 def lockstep(engine: Engine, forwards: int, head_calls: int) -> tuple[int, int]:

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from cso_dist.config import TrainingConfig
 from cso_dist.util.errors import ConfigError
 from cso_dist.scorer import Scorer, method_of, unwrap
 from cso_dist.scorer.attention import FlexRows
+
+if TYPE_CHECKING:
+    from cso_dist.config import TrainingConfig
 
 
 def no_dropout(model) -> None:

@@ -19,12 +19,12 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cso_dist.engines import dist
-from cso_dist.train.checkpoint import list_checkpoints, seal, write_failed
-from cso_dist.config import TrainingConfig
+from cso_dist.engines.checkpoint import list_checkpoints, seal, write_failed
 from cso_dist.engines.dist import World
 from cso_dist.engines.common import (
     adapter_off,
@@ -36,11 +36,14 @@ from cso_dist.engines.common import (
 )
 from cso_dist.engines.dsconfig import offload_of, read_ds_config
 from cso_dist.util.errors import ConfigError, CsoError
-from cso_dist.train.export import model_from_state_dict, save_final
-from cso_dist.config.inputs import model_dir, weights_dir
+from cso_dist.engines.final import model_from_state_dict, save_final
+from cso_dist.inputs import model_dir, weights_dir
 from cso_dist.models import count_parameters, load_model, lora_settings
 from cso_dist.models.load import logical_numel
 from cso_dist.scorer import unwrap
+
+if TYPE_CHECKING:
+    from cso_dist.config import TrainingConfig
 
 
 def ds_config(cfg: TrainingConfig, world: World) -> dict:

@@ -17,19 +17,22 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cso_dist.engines import dist
-from cso_dist.train.checkpoint import _rng_state, _set_rng_state, list_checkpoints, seal, write_failed
-from cso_dist.config import TrainingConfig
+from cso_dist.engines.checkpoint import _rng_state, _set_rng_state, list_checkpoints, seal, write_failed
 from cso_dist.engines.dist import World
 from cso_dist.engines.common import adapter_off, make_optimizer, make_scheduler, make_scorer, no_dropout, optimizer_step
 from cso_dist.util.errors import CsoError
-from cso_dist.train.export import model_from_state_dict, save_final
-from cso_dist.config.inputs import model_dir
+from cso_dist.engines.final import model_from_state_dict, save_final
+from cso_dist.inputs import model_dir
 from cso_dist.models import count_parameters, load_model, lora_settings
 from cso_dist.scorer import default_device, unwrap
+
+if TYPE_CHECKING:
+    from cso_dist.config import TrainingConfig
 
 
 def _local_bytes(p: torch.Tensor) -> int:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cso_dist.engines import dist
-from cso_dist.train.checkpoint import load_checkpoint, save_checkpoint
-from cso_dist.config import TrainingConfig
+from cso_dist.engines.checkpoint import load_checkpoint, save_checkpoint
 from cso_dist.engines.dist import World
 from cso_dist.engines.common import (
     adapter_off,
@@ -22,10 +22,13 @@ from cso_dist.engines.common import (
     whole_param_bytes,
 )
 from cso_dist.util.errors import CsoError
-from cso_dist.train.export import save_final
-from cso_dist.config.inputs import model_dir
+from cso_dist.engines.final import save_final
+from cso_dist.inputs import model_dir
 from cso_dist.models import count_parameters, load_model, lora_settings
 from cso_dist.scorer import default_device
+
+if TYPE_CHECKING:
+    from cso_dist.config import TrainingConfig
 
 
 class TorchEngine:

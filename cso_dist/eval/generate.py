@@ -23,11 +23,11 @@ import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cso_dist.engines import dist
-from cso_dist.config import TrainingConfig
 from cso_dist.data.render import parse_reply
 from cso_dist.data.strategies import StrategySet
 from cso_dist.engines.dist import world_from_env
@@ -38,13 +38,16 @@ from cso_dist.eval.calibrate import fit_prior_offsets, fit_summary
 from cso_dist.eval.pred import check_origin, done_ids, merge, open_part, origin_file, read_rows
 from cso_dist.eval.prompts import Turn, end_of_turn_ids, eval_dialogues, eval_turns
 from cso_dist.eval.served import open_served, served_origin, served_texts
-from cso_dist.config.inputs import ensure_model, make_cfg_renderer, model_dir, resolve_sset
+from cso_dist.inputs import ensure_model, make_cfg_renderer, model_dir, resolve_sset
 from cso_dist.util.io import append_jsonl, one_writer, read_json, sha256_file
 from cso_dist.models.identity import model_key
 from cso_dist.pack import collate_trie, head_chunks
 from cso_dist.util.paths import esconv_dir
 from cso_dist.util.progress import progress as progress_bar
 from cso_dist.scorer.device import cache_kw, cache_of, feed
+
+if TYPE_CHECKING:
+    from cso_dist.config import TrainingConfig
 
 
 def _common_prefix(prompts: list[list[int]]) -> int:

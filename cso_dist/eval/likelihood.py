@@ -5,7 +5,6 @@ hang off it as branches."""
 
 from __future__ import annotations
 
-from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.render import format_reply, tokenize_dialogue
 from cso_dist.data.strategies import StrategySet
@@ -13,6 +12,10 @@ from cso_dist.eval.calibrate import calibrated, first_token
 from cso_dist.eval.prompts import Turn, eval_turns
 from cso_dist.pack.trie import pack_units
 from cso_dist.pack.types import ReplyId, Span, Unit
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cso_dist.config import TrainingConfig
 
 
 def likelihood_units(

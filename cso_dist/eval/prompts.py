@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cso_dist.config import TrainingConfig
 from cso_dist.data.build import build_dialogues
 from cso_dist.data.dialogue import PrefDialogue, read_dialogues
 from cso_dist.data.render import tokenize_dialogue, truncate_turn
 from cso_dist.data.strategies import StrategySet
+
+if TYPE_CHECKING:
+    from cso_dist.config import TrainingConfig
 
 
 @dataclass

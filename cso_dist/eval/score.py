@@ -155,7 +155,7 @@ def evaluate_tasks(cfg, tasks: list, progress: bool = True) -> dict:
     <run.out_dir>/eval/pred-<name>-<mode>.jsonl (a partial file is completed) and scores-<name>-<mode>.json.
     Returns {"<name>/Q": ..., "<name>/B": ..., ...} over every task."""
     from cso_dist.eval.generate import run_generate
-    from cso_dist.config.inputs import resolve_sset
+    from cso_dist.inputs import resolve_sset
 
     sset, out = resolve_sset(cfg), {}
     for name, data_file, mode in tasks:

@@ -10,9 +10,12 @@ file's origin sidecar.
 
 from __future__ import annotations
 
-from cso_dist.config import TrainingConfig
 from cso_dist.eval.prompts import end_of_turn_ids
 from cso_dist.models.served import OpenAIBackend
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cso_dist.config import TrainingConfig
 
 
 def served_client(cfg: TrainingConfig) -> OpenAIBackend:

@@ -16,13 +16,16 @@ weighs every pair alike.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from cso_dist import losses as L
 from cso_dist.losses.functions import sft_nll
-from cso_dist.config import TrainConfig
 from cso_dist.pack.types import ReplyId
+
+if TYPE_CHECKING:
+    from cso_dist.config import TrainConfig
 
 
 @dataclass

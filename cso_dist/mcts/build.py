@@ -16,10 +16,10 @@ import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cso_dist.util.progress import progress as progress_bar
 
-from cso_dist.config import Config
 from cso_dist.util.io import atomic_write_text, one_writer
 from cso_dist.util.errors import CsoError
 from cso_dist.mcts.backends import CachedBackend, make_backend
@@ -27,6 +27,9 @@ from cso_dist.mcts.llm_roles import LLMRoles, RoleSettings, load_prompts
 from cso_dist.mcts.search import SearchConfig, SearchSettings, Tree, extract, new_tree, run
 from cso_dist.mcts.seeds import Seed, read_seeds
 from cso_dist.models.identity import model_key
+
+if TYPE_CHECKING:
+    from cso_dist.config import Config
 
 
 def search_config(cfg: Config) -> SearchConfig:

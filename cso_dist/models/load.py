@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
-from cso_dist.config import LoraSettings
+from cso_dist.models import LoraSettings
 from cso_dist.scorer.device import set_autocast
 from cso_dist.util.errors import ConfigError
 from cso_dist.models import FINETUNES, PRECISIONS, hub

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cso_dist.config import LORA_TARGETS
+from cso_dist.models import LORA_TARGETS
 from cso_dist.util.errors import ConfigError
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from cso_dist.config import LORA_TARGETS, LoraSettings
+from cso_dist.models import LORA_TARGETS, LoraSettings
 from cso_dist.engines import ENGINES
 from cso_dist.util.errors import ConfigError
 from cso_dist.losses import needs_reference

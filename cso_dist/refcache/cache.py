@@ -22,9 +22,8 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import read_dialogues
 from cso_dist.util.io import atomic_write_text, read_json, sha256_file, write_jsonl
 from cso_dist.data.export import iter_pairs
@@ -39,7 +38,7 @@ from cso_dist.pack import LaidOut, ReplyId, collate_trie, head_chunks, lay_out, 
 from cso_dist.util.progress import progress as progress_bar
 from cso_dist.scorer import by_reply, method_of
 from cso_dist.scorer.attention import compile_count
-from cso_dist.config.inputs import SPLITS, SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
+from cso_dist.inputs import SPLITS, SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
 from cso_dist.refcache.key import (
     FORMAT_VERSION,
     cache_key,
@@ -53,6 +52,9 @@ from cso_dist.refcache.key import (
     reply_kinds,
     split_dir,
 )
+
+if TYPE_CHECKING:
+    from cso_dist.config import TrainingConfig
 
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
@@ -380,7 +382,7 @@ def precompute(
 def run_precompute(cfg: TrainingConfig, progress: bool = True) -> Path:
     """The body of `cso-dist precompute CONFIG`; returns the cache root. Under torchrun / srun every rank computes its
     own shards (it joins the job's process group first). A Hub id not in the HF cache yet is downloaded first, by
-    each node's local rank 0 (cso_dist.config.inputs.ensure_model)."""
+    each node's local rank 0 (cso_dist.inputs.ensure_model)."""
     world = world_from_env()
     ensure_model(cfg, world.local_rank)
     dist.init(world, cfg.dist.timeout_minutes)
@@ -419,9 +421,9 @@ def ensure_reference(
 
 
 def _cache_dir_of(cfg_or_cache_dir: TrainingConfig | str | Path, split: str) -> Path:
-    if isinstance(cfg_or_cache_dir, TrainingConfig):
-        return split_dir(cache_root(cfg_or_cache_dir), split)
-    return Path(cfg_or_cache_dir)
+    if isinstance(cfg_or_cache_dir, (str, Path)):
+        return Path(cfg_or_cache_dir)
+    return split_dir(cache_root(cfg_or_cache_dir), split)
 
 
 def load_reference(

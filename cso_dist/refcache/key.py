@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cso_dist.config import TrainingConfig
 from cso_dist.util.io import sha256_file
 from cso_dist.data.render import Renderer, system_prompt
 from cso_dist.data.strategies import StrategySet
 from cso_dist.util.errors import CsoError
 from cso_dist.losses import method
-from cso_dist.config.inputs import (
+from cso_dist.inputs import (
     SPLITS,
     TOKENIZER_FILES,
     SplitInputs,
@@ -45,6 +45,9 @@ from cso_dist.config.inputs import (
 from cso_dist.models import is_adapter_dir
 from cso_dist.models.identity import FileHashes, files_digest, model_files, short
 from cso_dist.pack import ReplyId, Unit
+
+if TYPE_CHECKING:
+    from cso_dist.config import TrainingConfig
 
 LAYOUT_VERSION = 1  # trie layout (KTO ":kl" branches only in KTO caches: reply_kinds), truncation of data.render
 FORMAT_VERSION = 1  # on-disk format of manifest + shards

@@ -588,7 +588,7 @@ def write_report(cfg: Config, out: Path, runs: dict, selection: dict, sft_valid,
     """<out>/<result>.md and .json, the evaluation report with the methods as groups, and the table printed."""
     from cso_dist.eval.compare import prior_check
     from cso_dist.eval.report import run_report
-    from cso_dist.config.inputs import resolve_sset
+    from cso_dist.inputs import resolve_sset
 
     (command, result, t_start), st, phases = names, cfg.study, {}
     summary = summarize(runs, resolve_sset(cfg), st.seeds[0], st.resamples)

@@ -1,6 +1,6 @@
-"""The training run: the loop (loop.run_train), its run folder and lock (rundir), checkpoints (checkpoint),
-stop requests (preempt), metrics and trackers (tracking), the final model (export) and the dry-run check
-(preflight). The engines that hold the model sit beside it (cso_dist.engines). Names load on first use, so
+"""The training run: the loop (loop.run_train), its run folder and lock (rundir), stop requests (preempt),
+metrics and trackers (tracking), `cso-dist export` of a checkpoint (export) and the dry-run check (preflight).
+The engines that hold, checkpoint and write out the model sit beside it (cso_dist.engines). Names load on first use, so
 reading a run folder does not import torch."""
 
 from cso_dist.util.lazy import lazy_exports

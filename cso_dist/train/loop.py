@@ -25,7 +25,7 @@ import torch
 from cso_dist.util.progress import progress as progress_bar
 
 from cso_dist.engines import dist
-from cso_dist.train.checkpoint import condition_changes, numeric_conditions
+from cso_dist.engines.checkpoint import condition_changes, numeric_conditions
 from cso_dist.train.rundir import RUN_LOCK, check_request, open_run
 from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import PrefDialogue
@@ -38,7 +38,7 @@ from cso_dist.losses.batch import COUNTS, finish_metrics, micro_loss, structure
 from cso_dist.train.preempt import STOPPED_FILE, StopRequest
 from cso_dist.pack import PairLayout, ReplyId, TrieLayout, head_chunks
 from cso_dist.refcache import ensure_reference
-from cso_dist.config.inputs import SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
+from cso_dist.inputs import SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
 from cso_dist.scorer import by_reply, method_of
 from cso_dist.scorer.attention import compile_count
 from cso_dist.train.tracking import Tracker
@@ -345,7 +345,7 @@ def train_loop(
 
 
 def finish(cfg: TrainingConfig, world: World, engine, plan: Plan, eval_ref, tracker, last: dict) -> dict:
-    """The final evaluation, the final model (cso_dist.train.export) and summary.json."""
+    """The final evaluation, the final model (cso_dist.engines.final) and summary.json."""
     run_dir, n = Path(cfg.run.out_dir), len(plan.steps)
     final_eval = evaluate(engine, plan.eval_batches, cfg, eval_ref, world) if plan.eval_batches else {}
     if final_eval:

@@ -8,7 +8,7 @@ from pathlib import Path
 from cso_dist.config import TrainingConfig
 from cso_dist.util.errors import CsoError
 from cso_dist.losses import needs_reference
-from cso_dist.config.inputs import MODEL_REQUIRED, data_file, load_split, model_dir, tokenizer_dir, weights_dir
+from cso_dist.inputs import MODEL_REQUIRED, data_file, load_split, model_dir, tokenizer_dir, weights_dir
 from cso_dist.models import hub, is_adapter_dir
 from cso_dist.models.identity import model_files
 from cso_dist.models.load import adapter_base_path

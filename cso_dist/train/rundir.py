@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from cso_dist.train.checkpoint import clean_partial, latest_good, list_checkpoints
+from cso_dist.engines.checkpoint import clean_partial, latest_good, list_checkpoints
 from cso_dist.config import TrainingConfig
 from cso_dist.config.file import renamed_keys
 from cso_dist.util.errors import CsoError

@@ -52,7 +52,7 @@ def train_dialogues(n: int):
 
 def run_steps(cfg, dlg) -> list:
     """The optimizer steps (lists of micro-batches) a run over `dlg` takes: its seeded order and its packing."""
-    from cso_dist.config.inputs import make_cfg_renderer, resolve_sset
+    from cso_dist.inputs import make_cfg_renderer, resolve_sset
     from cso_dist.train.loop import make_layout, plan_steps
 
     layout = make_layout(cfg, dlg, make_cfg_renderer(cfg), resolve_sset(cfg), False)

@@ -78,7 +78,7 @@ _PER_PAIR: dict = {}  # precision -> (log-probs, gradients, reply weights) of th
 
 def _layouts_agree(work: Path, model_path: Path, dlg, precision: str, smoke: bool, methods: tuple) -> dict:
     from cso_dist.scorer.device import default_device
-    from cso_dist.config.inputs import make_cfg_renderer, resolve_sset
+    from cso_dist.inputs import make_cfg_renderer, resolve_sset
     from cso_dist.models import load_model
     from cso_dist.pack import PairLayout, TrieLayout
     from cso_dist.scorer.attention import use_attention

@@ -175,7 +175,7 @@ def run_config(work: Path, model: Path, smoke: bool, **over):
 
 
 def layout_batches(cfg, dlg):
-    from cso_dist.config.inputs import make_cfg_renderer, resolve_sset
+    from cso_dist.inputs import make_cfg_renderer, resolve_sset
     from cso_dist.train.loop import make_layout, micro_batches
 
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)

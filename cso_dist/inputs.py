@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 
-from cso_dist.config import TrainingConfig
 from cso_dist.data.dialogue import PrefDialogue, read_dialogues
 from cso_dist.data.render import Renderer, make_renderer
 from cso_dist.data.strategies import StrategySet, resolve_strategy_set
@@ -16,6 +16,9 @@ from cso_dist.util.errors import ConfigError, CsoError, DataError
 from cso_dist.util.io import read_jsonl, sha256_file
 from cso_dist.models import hub, is_adapter_dir, load_tokenizer
 from cso_dist.models.load import adapter_base_path
+
+if TYPE_CHECKING:
+    from cso_dist.config import TrainingConfig
 
 TOKENIZER_FILES = (
     "tokenizer.json",
