@@ -12,7 +12,8 @@ import sys
 import warnings
 
 from cso_dist import commands as cmd
-from cso_dist.config import STUDY_PHASES, TrainConfig, choices
+from cso_dist.config import TrainConfig, choices
+from cso_dist.study import PHASES as STUDY_PHASES
 from cso_dist.data.export import FORMATS
 from cso_dist.data.fetch import DATASETS
 from cso_dist.data.templates import CHAT_TEMPLATES

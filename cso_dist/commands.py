@@ -106,19 +106,16 @@ def _print_kv(title: str, d: dict, indent: str = "  ") -> None:
 
 
 def cmd_data_build(args, extra) -> int:
-    from cso_dist.data.build import build_dialogues
+    from cso_dist.data.build import preference_dialogues
     from cso_dist.data.dialogue import write_dialogues
     from cso_dist.data.stats import dialogue_stats
 
     cfg = _config(args, extra, "data")
     t0 = time.time()
     own_output(args.out, jsonl_of("id", "messages"), "a preference-dialogue file")
-    dialogues, report = build_dialogues(cfg.data)
+    not_an_input(args.out, cfg.data.input)
+    dialogues, report = preference_dialogues(cfg)
     not_an_input(args.out, report.input)
-    if cfg.data.negatives and cfg.data.negatives_from.startswith("generated"):
-        from cso_dist.data.generated import add_generated
-
-        report.notes.update(add_generated(dialogues, cfg))
     n = write_dialogues(args.out, dialogues)
     stats = dialogue_stats(dialogues)
     print(

@@ -7,7 +7,6 @@ from cso_dist.config.file import choices, help_of, parse_overrides, read_yaml
 from cso_dist.config.schema import (
     FAMILIES,
     STUDY_OWNED,
-    STUDY_PHASES,
     TRAINING_SECTIONS,
     Config,
     DataConfig,

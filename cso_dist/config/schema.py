@@ -29,8 +29,9 @@ from cso_dist.config.file import (  # noqa: F401 - parse_overrides, choices, hel
 from cso_dist.config.tools import MctsConfig, PlanConfig, SlurmConfig
 from cso_dist import losses
 from cso_dist.data.negatives import NEGATIVES_FROM
+from cso_dist.data.negatives import SOURCES as NEGATIVE_SOURCES
 from cso_dist.data.readers import SOURCES
-from cso_dist.engines import ENGINES
+from cso_dist.engines import ENGINES, FINALS, OPTIMIZERS, REFERENCES, SCHEDULES
 from cso_dist.engines import NAMES as ENGINE_NAMES
 from cso_dist.engines.dsconfig import SHIPPED as SHIPPED_DS
 from cso_dist.engines.dsconfig import ZERO_STAGES
@@ -46,8 +47,12 @@ from cso_dist.models import (
     TINY_TOKENIZERS,
     hub,
 )
+from cso_dist.eval import CALIBRATIONS, MODES
 from cso_dist.pack import LAYOUTS
 from cso_dist.scorer import ATTENTION
+from cso_dist.study import CLUSTERS as STUDY_CLUSTERS
+from cso_dist.study import MODELS as STUDY_MODELS
+from cso_dist.study import START_FROM
 
 # The choices of a key are defined once, by the module that owns them (tests/test_layering.py checks it).
 
@@ -90,13 +95,9 @@ class DataConfig:
             "data.negatives_from",
             f"ESConv's options only; --from {self.source} brings its own non-preferred replies",
         )
-        generated = self.negatives and self.negatives_from.startswith("generated")
-        for key, used in (
-            ("generator", generated),
-            ("generate_max_tokens", generated),
-            ("pool", self.negatives_from == "retrieval"),
-            ("context_seeker_messages", self.negatives_from in ("retrieval", "retrieval-balanced")),
-        ):
+        src = NEGATIVE_SOURCES[self.negatives_from]
+        for key in ("generator", "generate_max_tokens", "pool", "context_seeker_messages"):
+            used = key in src.uses and bool(self.negatives or not src.writes)
             _check(
                 used or getattr(self, key) == getattr(DataConfig, key),
                 f"data.{key}",
@@ -203,7 +204,7 @@ class TrainConfig:
     lr: float = setting(1e-6, "peak learning rate")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     warmup_ratio: float = setting(0.1, "share of the steps with linear warm-up")
-    schedule: Literal["cosine", "linear", "constant"] = setting("cosine", "learning-rate schedule after warm-up")
+    schedule: Literal[SCHEDULES] = setting("cosine", "learning-rate schedule after warm-up")
     epochs: int = setting(1, "passes over the training dialogues")
     max_steps: int = setting(0, "0 = run `epochs`")
     grad_accum: int = setting(1, "micro-batches (token budget each) per optimizer step")
@@ -222,11 +223,9 @@ class TrainConfig:
     save_every: int = setting(0, "0 = only the final output")
     keep_last: int = setting(2, "checkpoints kept (older ones are deleted)")
     ref_cache: str = setting("", '"" = <run.out_dir>/refcache', path=True)
-    final: Literal["merged", "adapter"] = setting("merged", "LoRA/QLoRA final output")
-    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"] = setting(
-        "adamw", "8-bit/paged: bitsandbytes"
-    )
-    reference: Literal["cache", "adapter"] = setting(
+    final: Literal[FINALS] = setting("merged", "LoRA/QLoRA final output")
+    optimizer: Literal[OPTIMIZERS] = setting("adamw", "8-bit/paged: bitsandbytes")
+    reference: Literal[REFERENCES] = setting(
         "cache",
         "cache: precomputed log-probs; adapter: LoRA/QLoRA base with the adapter disabled, scored live (no precompute)",
     )
@@ -301,9 +300,9 @@ class DistConfig:
 class EvalConfig:
     """`cso-dist eval generate`: strategy prediction (and replies) on held-out dialogues."""
 
-    mode: Literal["generate", "likelihood"] = setting("generate", 'likelihood: best-scoring "(<strategy>)" prefix')
+    mode: Literal[MODES] = setting("generate", 'likelihood: best-scoring "(<strategy>)" prefix')
     max_dialogues: int = setting(0, "first N dialogues of the split (0 = all)")
-    calibrate: Literal["none", "prior"] = setting(
+    calibrate: Literal[CALIBRATIONS] = setting(
         "none", "likelihood: prior = also a pick with one offset per strategy fitted on labelled calibration dialogues"
     )
     calibrate_data: str = setting("", "prior: the calibration dialogues' file (default: the ESConv valid split)")
@@ -361,7 +360,6 @@ class TrackConfig:
 
 
 # keys the study sets in every run it makes: refused in a study's config and in its sweep
-STUDY_PHASES = ("data", "sft", "sweep", "valid", "select", "seeds", "test", "report")  # study --until
 STUDY_OWNED = (
     "train.method",
     "run.seed",
@@ -383,7 +381,7 @@ class StudyConfig:
     The demo (configs/demo.yaml) is the study with one loss, one seed and no sweep; a former `demo:` section is
     read as this one."""
 
-    model: Literal["smollm2-135m-instruct", "tiny"] = setting(
+    model: Literal[STUDY_MODELS] = setting(
         "smollm2-135m-instruct", "the model when model.path is empty: the packaged real model, or a tiny random one"
     )
     train_dialogues: int = setting(
@@ -421,7 +419,7 @@ class StudyConfig:
         "with several, each loss runs on each (named <loss>@<source>); SFT always trains on the gold replies",
         factory=lambda: ["retrieval"],
     )
-    start_from: list[Literal["sft", "base"]] = setting(
+    start_from: list[Literal[START_FROM]] = setting(
         help="where each CSO arm starts, its reference too: the seed's SFT model, or the base model (an axis: with "
         "base, an arm is named <loss>[@<source>]-from-base)",
         factory=lambda: ["sft"],
@@ -432,7 +430,7 @@ class StudyConfig:
     generate_max_tokens: int = setting(64, "generated sources: most tokens of a written reply")
     sft_lr: float = setting(5e-4, "SFT learning rate")
     sft_epochs: int = setting(1, "SFT epochs")
-    cluster: Literal["local", "slurm", "debug", "inline"] = setting(
+    cluster: Literal[STUDY_CLUSTERS] = setting(
         "local",
         "where the runs go: local processes (slurm.array_parallelism at a time), a Slurm cluster, debug, or inline "
         "(this process, one run after another, with progress lines: the demo)",
@@ -517,7 +515,8 @@ class StudyConfig:
         hub.check(self.generator, "config: study.generator")
         for key in ("generator", "generate_max_tokens"):
             _check(
-                any(x.startswith("generated") for x in self.sources) or getattr(self, key) == getattr(StudyConfig, key),
+                any(NEGATIVE_SOURCES[x].writes for x in self.sources)
+                or getattr(self, key) == getattr(StudyConfig, key),
                 f"study.{key}",
                 "used by a generated source only (study.sources has none)",
             )

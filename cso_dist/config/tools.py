@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cso_dist.config.file import _check, _check_seed, _check_token, _control, setting
+from cso_dist.mcts import ROLE_CHOICES
 from cso_dist.mcts.search import SearchSettings
 from cso_dist.models import BACKENDS
 
@@ -66,7 +67,7 @@ class MctsConfig(SearchSettings):
     max_new_tokens: int = setting(96, "supporter and seeker messages")
     scorer_max_tokens: int = setting(128, 'the strategy scorer\'s answer (8 lines "<strategy>: <0-10>")')
     judge_max_tokens: int = setting(48, 'the judge\'s answer (4 lines "<aspect>: <0-4>")')
-    choice: Literal["logprobs", "text"] = setting(
+    choice: Literal[ROLE_CHOICES] = setting(
         "logprobs",
         "strategy scores and judge ratings: logprobs = the expected answer under the model's next-token "
         "probabilities (hf; openai servers returning logprobs, e.g. vLLM; text where a server has none); "

@@ -1,16 +1,19 @@
-"""`data build`: any source -> preference dialogues, with a report of what was merged or skipped."""
+"""`data build` and the study's sources: any input -> preference dialogues, their non-preferred replies from
+data.negatives_from (cso_dist.data.negatives.SOURCES), with a report of what was merged, skipped or written."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cso_dist.data.dialogue import PrefDialogue
 from cso_dist.data.esconv import build_esconv
-from cso_dist.data.negatives import NegativeOptions
+from cso_dist.data.negatives import SOURCES, NegativeOptions, add_negatives, strategy_sides
 from cso_dist.data.hf import hf_records, is_hf_input
 from cso_dist.data.readers import READERS, ReadContext, Skips
 from cso_dist.data.strategies import NAMED, StrategySet, load_strategy_set
@@ -18,7 +21,7 @@ from cso_dist.util.errors import ConfigError, DataError
 from cso_dist.util.paths import esconv_dir
 
 if TYPE_CHECKING:
-    from cso_dist.config import DataConfig
+    from cso_dist.config import DataConfig, TrainingConfig
 
 
 @dataclass
@@ -67,3 +70,33 @@ def build_dialogues(cfg: DataConfig) -> tuple[list[PrefDialogue], BuildReport]:
         skipped = f" ({ctx.skips.total} invalid records skipped)" if ctx.skips.total else ""
         raise DataError(ctx.path, None, None, f"no preference dialogues in this input{skipped}", "empty-file")
     return dialogues, BuildReport(ctx.path, sset.name, dict(ctx.skips.counts), dict(ctx.skips.examples), notes)
+
+
+def preference_dialogues(
+    cfg: TrainingConfig, subset: list[PrefDialogue] | None = None, progress: bool = True
+) -> tuple[list[PrefDialogue], BuildReport]:
+    """The one way preference dialogues are made (`data build`, and each of a study's sources): the input of
+    cfg.data, or the dialogues of `subset` (drawn from it), with non-preferred replies of data.negatives_from --
+    retrieved from other dialogues of the whole split (for a subset: balanced over the subset's own turns), or
+    written by data.generator for the same histories. The report's notes say what each source did."""
+    d = cfg.data
+    source = SOURCES[d.negatives_from]
+    if subset is None:
+        dialogues, report = build_dialogues(d)
+    elif source.retrieves:  # the candidates: every dialogue of the split; the targets: the subset's
+        full, report = build_dialogues(replace(d, negatives=0))
+        ids = {x.meta.get("source_record") for x in subset}
+        targets = [k for k, x in enumerate(full) if x.meta.get("source_record") in ids]
+        opts = NegativeOptions(d.negatives, d.seed, d.context_seeker_messages, d.pool, d.negatives_from)
+        add_negatives(full, opts, Counter(), targets)
+        dialogues = [full[k] for k in targets]
+        for x in dialogues:
+            x.meta["negatives_from"] = d.negatives_from
+        report.notes = {"strategy_sides": strategy_sides(dialogues)}
+    else:
+        dialogues, report = copy.deepcopy(subset), BuildReport(d.input, "", notes={})
+    if source.writes and d.negatives:
+        from cso_dist.data.generated import add_generated
+
+        report.notes.update(add_generated(dialogues, cfg, progress))
+    return dialogues, report

@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 from cso_dist.data.dialogue import SEEKER, SUPPORTER, Message, PrefDialogue, req, req_text
-from cso_dist.data.negatives import RETRIEVED, NegativeOptions, add_negatives, strategy_sides
+from cso_dist.data.negatives import SOURCES, NegativeOptions, add_negatives, strategy_sides
 from cso_dist.data.readers import ReadContext
 from cso_dist.util.io import read_jsonl
 from cso_dist.util.errors import DataError
@@ -122,7 +122,7 @@ def build_esconv(ctx: ReadContext, split: str, opts: NegativeOptions) -> tuple[l
         meta["source_record"] = record
         msgs = _merge_runs(utts, counts)
         dialogues.append(PrefDialogue(f"esconv-{split}-{len(dialogues)}", msgs, ctx.sset.name, meta))
-    if opts.negatives > 0 and opts.negatives_from in RETRIEVED:  # generated ones: cso_dist.data.generated
+    if opts.negatives > 0 and SOURCES[opts.negatives_from].retrieves:  # generated ones: cso_dist.data.generated
         add_negatives(dialogues, opts, counts)
     for d in dialogues:
         d.meta["negatives_from"] = opts.negatives_from if opts.negatives else "none"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cso_dist.data.dialogue import Option, PrefDialogue
-from cso_dist.data.negatives import balanced_strategies, strategy_sides
+from cso_dist.data.negatives import SOURCES, balanced_strategies, strategy_sides
 from cso_dist.data.render import format_reply, truncate_turn, tokenize_dialogue
 from cso_dist.data.strategies import resolve_strategy_set
 from cso_dist.util.errors import ConfigError, CsoError, DataError
@@ -106,7 +106,7 @@ def add_generated(dialogues: list[PrefDialogue], cfg: TrainingConfig, progress: 
     from cso_dist.util.progress import progress as progress_bar
     from cso_dist.scorer.device import default_device
 
-    d_cfg, both = cfg.data, cfg.data.negatives_from == "generated-both"
+    d_cfg, both = cfg.data, SOURCES[cfg.data.negatives_from].writes == "both"
     name = writer_path(cfg)
     hub.ensure(name, cfg.model.revision if not d_cfg.generator else None, 0, cfg.dist.timeout_minutes * 60)
     folder = hub.resolve(name, cfg.model.revision if not d_cfg.generator else None, key="data.generator")

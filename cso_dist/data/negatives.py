@@ -24,8 +24,28 @@ from dataclasses import dataclass
 
 from cso_dist.data.dialogue import SEEKER, Option, PrefDialogue
 
-NEGATIVES_FROM = ("retrieval", "retrieval-balanced", "generated", "generated-both")
-RETRIEVED = NEGATIVES_FROM[:2]
+
+@dataclass(frozen=True)
+class NegativeSource:
+    """A value of data.negatives_from: where the non-preferred replies come from, and what it reads."""
+
+    name: str
+    retrieves: bool  # other dialogues' replies, found by their context (TF-IDF over the last seeker messages)
+    balanced: bool  # the rejected strategies chosen so that each is rejected about k times as often as chosen
+    writes: str  # a model writes replies for the same history: "" (none), "rejected", or "both" (the preferred too)
+    uses: tuple[str, ...]  # the data.* keys it reads besides data.negatives and data.seed
+
+
+SOURCES = {
+    s.name: s
+    for s in (
+        NegativeSource("retrieval", True, False, "", ("context_seeker_messages", "pool")),
+        NegativeSource("retrieval-balanced", True, True, "", ("context_seeker_messages",)),
+        NegativeSource("generated", False, True, "rejected", ("generator", "generate_max_tokens")),
+        NegativeSource("generated-both", False, True, "both", ("generator", "generate_max_tokens")),
+    )
+}
+NEGATIVES_FROM = tuple(SOURCES)  # data.negatives_from, study.sources
 
 
 @dataclass
@@ -98,7 +118,7 @@ def add_negatives(
     cand_opt = [dialogues[di].messages[i].option for di, i in turns]
     wanted = set(range(len(dialogues)) if targets is None else targets)
     queries = [q for q, (di, _) in enumerate(turns) if di in wanted]
-    balanced = opts.negatives_from == "retrieval-balanced"
+    balanced = SOURCES[opts.negatives_from].balanced
     if balanced:
         names = sorted({o.strategy for o in cand_opt})
         by_strategy = {s: np.array([c for c, o in enumerate(cand_opt) if o.strategy == s]) for s in names}

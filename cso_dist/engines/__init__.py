@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 
     import torch
 
+SCHEDULES = ("cosine", "linear", "constant")  # train.schedule after warm-up (common.make_scheduler)
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw")  # train.optimizer (common.make_optimizer)
+FINALS = ("merged", "adapter")  # train.final: what a LoRA/QLoRA run writes (engines.final)
+REFERENCES = ("cache", "adapter")  # train.reference: precomputed, or scored live with the adapter off (reference)
+
 
 @dataclass(frozen=True)
 class EngineSpec:
@@ -123,6 +128,10 @@ def shards_weights(cfg) -> bool:
 
 __all__ = [
     "ENGINES",
+    "FINALS",
+    "OPTIMIZERS",
+    "REFERENCES",
+    "SCHEDULES",
     "NAMES",
     "Engine",
     "EngineSpec",

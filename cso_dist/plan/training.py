@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from cso_dist.models import LORA_TARGETS, LoraSettings
 from cso_dist.engines import ENGINES
+from cso_dist.engines.dsconfig import ZERO_STAGES as DS_ZERO_STAGES
 from cso_dist.util.errors import ConfigError
 from cso_dist.losses import needs_reference
 from cso_dist.models import FINETUNES
@@ -20,7 +21,7 @@ GIB = 2**30
 HEADROOM = 0.10  # of the card: CUDA context, NCCL buffers, allocator fragmentation
 NF4_BITS = 4.127  # bits per 4-bit (NF4, double-quantised) projection weight
 
-ZERO_STAGES = (0, 2, 3)  # --zero: 0 = the torch engine (DDP), 2 / 3 = DeepSpeed ZeRO
+ZERO_STAGES = (0, *DS_ZERO_STAGES)  # --zero: 0 = the torch engine (DDP), else the deepspeed engine's
 OFFLOADS = ("none", "optimizer", "params")  # --offload: DeepSpeed CPU offload (params: parameters and optimizer)
 PLAN_ATTENTION = tuple(a for a in ATTENTION if a != "auto")  # --attention: a method the plan can cost
 

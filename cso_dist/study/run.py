@@ -27,11 +27,11 @@ import json
 import math
 import platform
 import time
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-from cso_dist.config import STUDY_OWNED, STUDY_PHASES, Config, EvalConfig, TrainingConfig, choices
+from cso_dist.study import PHASES
+from cso_dist.config import STUDY_OWNED, Config, EvalConfig, TrainingConfig, choices
 from cso_dist.data.dialogue import read_dialogues
 from cso_dist.util.errors import CsoError
 from cso_dist.eval.ledger import check_unused, record
@@ -39,7 +39,6 @@ from cso_dist.eval.report import spread
 from cso_dist.util.io import atomic_write_text, read_json, read_jsonl
 from cso_dist.launch.jobs import EvalJob, Run, TrainJob, collect, run_config, submit_jobs, sweep_runs, table
 
-PHASES = STUDY_PHASES
 KEYS = ("Q", "W", "B", "accuracy")
 LIST_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "valid/Q", "valid/B", "test/Q", "test/B", "generate/Q")
 LIST_KEYS += ("generate/parse_rate",)
@@ -201,10 +200,9 @@ def _write_sources(cfg: Config, out: Path, base_model: Path) -> dict:
     subset itself, built with data.negatives_from, serves that source): the same dialogues, retrieved over the
     whole train split (retrieval-balanced) or written by the generator for the subset's histories (generated,
     generated-both; the base model unless study.generator). Made once; their build notes -> data/sources.json."""
-    from cso_dist.data.build import build_dialogues
+    from cso_dist.data.build import preference_dialogues
     from cso_dist.data.dialogue import write_dialogues
-    from cso_dist.data.negatives import RETRIEVED, NegativeOptions, add_negatives, strategy_sides
-    from cso_dist.data.generated import add_generated
+    from cso_dist.data.negatives import SOURCES, strategy_sides
 
     st, data = cfg.study, out / "data"
     notes_file = data / "sources.json"
@@ -214,7 +212,7 @@ def _write_sources(cfg: Config, out: Path, base_model: Path) -> dict:
     for source in st.sources:
         path = data / _source_file(cfg, source)
         made = {"generator": str(st.generator or base_model), "generate_max_tokens": st.generate_max_tokens}
-        made = made if source.startswith("generated") else {}
+        made = made if SOURCES[source].writes else {}
         if path.is_file() and source in notes:
             was = notes[source].get("made_with", {})
             if was != made:
@@ -225,22 +223,13 @@ def _write_sources(cfg: Config, out: Path, base_model: Path) -> dict:
             continue
         print(f"   train subset with {source} negatives -> {path}", flush=True)
         t0 = time.time()
-        if source in RETRIEVED:  # candidates from the whole train split; balanced over the subset's turns
-            ids = {d.meta.get("source_record") for d in subset}
-            full = build_dialogues(dataclasses.replace(cfg.data, split="train", negatives=0))[0]
-            targets = [k for k, d in enumerate(full) if d.meta.get("source_record") in ids]
-            d = cfg.data
-            opts = NegativeOptions(d.negatives, d.seed, d.context_seeker_messages, d.pool, source)
-            add_negatives(full, opts, Counter(), targets)
-            dialogues = [full[k] for k in targets]
-            for x in dialogues:
-                x.meta["negatives_from"] = source
-            note = {"strategy_sides": strategy_sides(dialogues)}
-        else:
+        if SOURCES[source].writes:  # the writer: study.generator, or the base model
             over = {"data__negatives_from": source, "data__generate_max_tokens": st.generate_max_tokens}
-            gen_cfg = _with(cfg, **over, data__generator=st.generator or base_model, model__path=base_model)
-            dialogues = read_dialogues(data / "train.jsonl")
-            note = add_generated(dialogues, gen_cfg)
+            c = _with(cfg, **over, data__generator=st.generator or base_model, model__path=base_model)
+        else:  # retrieved: the study's data settings, this source
+            c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, split="train", negatives_from=source))
+        dialogues, report = preference_dialogues(c, subset)
+        note = report.notes
         write_dialogues(path, dialogues)
         notes[source] = note | {"seconds": round(time.time() - t0, 1), "made_with": made}
         atomic_write_text(notes_file, json.dumps(notes, indent=2))
