@@ -164,7 +164,7 @@ def cmd_data_stats(args, extra) -> int:
 def cmd_data_pairs(args, extra) -> int:
     from cso_dist.data.dialogue import read_dialogues
     from cso_dist.util.io import write_jsonl
-    from cso_dist.data.export import pair_rows
+    from cso_dist.data.export import PAIRED, pair_rows
     from cso_dist.data.strategies import resolve_strategy_set
 
     not_an_input(args.out, args.file)
@@ -175,7 +175,7 @@ def cmd_data_pairs(args, extra) -> int:
         sset = resolve_strategy_set("auto", dialogues[0].strategy_set)
     rows = list(pair_rows(dialogues, sset, args.format))
     if not rows:
-        kind = "a non-preferred reply" if args.format == "dpo" else "a supporter turn"
+        kind = "a non-preferred reply" if PAIRED[args.format] else "a supporter turn"
         raise CsoError(f"data pairs: {args.file}: no turn has {kind}: no {args.format.upper()} row to write")
     n = write_jsonl(args.out, rows)
     print(f"wrote {n} {args.format.upper()} rows to {args.out}")

@@ -299,3 +299,34 @@ def test_no_choice_list_is_owned_by_the_config():
     were written out in config.py; each is now defined by the module that acts on it."""
     bad = _config_owned_choices(PKG)
     assert not bad, "\n".join(bad)
+
+
+def _loss_name_compares(path: Path) -> list[str]:
+    """Every comparison with a registered loss name written as a string, whatever is compared (`x == "sft"`,
+    `n not in ("base", "sft")`, `fmt == "dpo"`): outside losses/, a loss is named through the registry
+    (losses.BASELINE, losses.method(name)...)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(isinstance(c, ast.Constant) and c.value in losses.METHODS for s in sides for c in ast.walk(s)):
+                found.append(f"{path.relative_to(path.parents[1])}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_string_compare_against_a_loss_name_outside_losses():
+    """Issue 42: config and eval/report compared against "sft" and the scan above did not see it (its subject
+    held neither "method" nor "loss"); the study's SFT baseline is losses.BASELINE."""
+    found = [
+        hit
+        for p in sorted(PKG.rglob("*.py"))
+        if "losses" not in p.relative_to(PKG).parts
+        for hit in _loss_name_compares(p)
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_the_loss_name_check_finds_any_compare(tmp_path):
+    src = tmp_path / "x.py"
+    src.write_text('a = x == "sft"\nb = n not in ("base", "sft")\nc = fmt == "dpo"\nd = y == "base"\ne = z == B\n')
+    assert len(_loss_name_compares(src)) == 3, _loss_name_compares(src)

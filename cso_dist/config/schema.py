@@ -422,7 +422,7 @@ class StudyConfig:
     start_from: list[Literal[START_FROM]] = setting(
         help="where each CSO arm starts, its reference too: the seed's SFT model, or the base model (an axis: with "
         "base, an arm is named <loss>[@<source>]-from-base)",
-        factory=lambda: ["sft"],
+        factory=lambda: [losses.BASELINE],
     )
     generator: str = setting(
         "", 'generated sources: the model that writes the replies ("" = the base model)', path=True
@@ -498,7 +498,7 @@ class StudyConfig:
         )
         for i, seed in enumerate(self.seeds):
             _check_seed(seed, f"study.seeds[{i}]")
-        bad = [x for x in self.losses if x not in methods or x == "sft"]
+        bad = [x for x in self.losses if x not in methods or x == losses.BASELINE]
         _check(
             not bad and bool(self.losses), "study.losses", f"unknown or not a CSO loss: {', '.join(bad) or '(none)'}"
         )

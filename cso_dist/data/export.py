@@ -17,7 +17,8 @@ from cso_dist.data.render import dialogue_system_prompt, format_reply, to_chat
 from cso_dist.data.strategies import StrategySet
 
 
-FORMATS = ("dpo", "kto")  # `data pairs --format`: the CSO authors' DPO pairs, or their KTO rows
+PAIRED = {"dpo": True, "kto": False}  # `data pairs --format`: the CSO authors' DPO pairs, or their KTO rows (one reply)
+FORMATS = tuple(PAIRED)
 
 
 def _reply(strategy: str, text: str) -> dict:
@@ -33,7 +34,7 @@ def iter_pairs(dialogues: list[PrefDialogue], sset: StrategySet, fmt: str) -> It
         for i in d.turn_indices():
             m = d.messages[i]
             history = to_chat(d.messages[:i], dialogue_system_prompt(d, sset))
-            if fmt == "dpo":
+            if PAIRED[fmt]:
                 rows = [
                     (
                         f"{d.id}:{i}:r{k}",

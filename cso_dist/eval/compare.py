@@ -18,6 +18,7 @@ import numpy as np
 
 from cso_dist.eval.metrics import OTHER_PICKS, strategy_metrics
 from cso_dist.eval.pred import read_rows
+from cso_dist.losses import BASELINE
 
 PICKS = {"raw": "pred_strategy", **{name: key for key, name in OTHER_PICKS.items()}}  # name -> PRED key
 
@@ -129,7 +130,7 @@ def prior_check(runs: dict[str, list[Path]], sset, n: int = 200, seed: int = 0) 
         "|---|---|---|---|---|---|---|---|",
     ]
     for m in [m for m in test if m != "base"]:
-        for ref in [r for r in ("sft", "base") if r != m]:
+        for ref in [r for r in (BASELINE, "base") if r != m]:
             for pick in ("raw", "calibrated"):
                 v = two_noise_bootstrap(test[ref], test[m], sset, PICKS[pick], n=n, seed=seed)
                 res["vs"][f"{m} vs {ref} ({pick})"] = v

@@ -13,6 +13,7 @@ from cso_dist.util.io import atomic_write_text
 from cso_dist.data.strategies import StrategySet
 from cso_dist.util.errors import DataError
 from cso_dist.eval.score import TEXT_KEYS, format_scores, read_pred, score_file
+from cso_dist.losses import BASELINE
 from cso_dist.train.tracking import read_metrics
 
 
@@ -115,7 +116,7 @@ def plot_groups(groups: dict[str, list[dict]], path: Path, title: str) -> None:
         for i, n in enumerate(names):
             vals = [s[key] for s in groups[n]]
             m, sd = spread(vals)
-            ax.bar(i, m, yerr=sd, capsize=4, color="tab:blue" if n not in ("base", "sft") else "tab:gray", alpha=0.7)
+            ax.bar(i, m, yerr=sd, capsize=4, color="tab:blue" if n not in ("base", BASELINE) else "tab:gray", alpha=0.7)
             ax.plot([i] * len(vals), vals, "k.", ms=5)
         ax.set_xticks(range(len(names)), names, fontsize=8)
         ax.set_title(label, fontsize=9)

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from cso_dist.losses import BASELINE
 from cso_dist.study import PHASES
 from cso_dist.config import STUDY_OWNED, Config, EvalConfig, TrainingConfig, choices
 from cso_dist.data.dialogue import read_dialogues
@@ -378,17 +379,17 @@ def run_study(cfg: Config, until: str = "report", command: str = "study", result
     # 2. SFT per seed
     # CSO starts from the SFT model (merged; or the base model, study.start_from) with a fresh adapter; that model
     # is its reference
-    sft_over = {"model__path": base_model, "train__method": "sft", "train__lr": st.sft_lr, "train__final": "merged"}
+    sft_over = {"model__path": base_model, "train__method": BASELINE, "train__lr": st.sft_lr, "train__final": "merged"}
     sft_cfg = _with(base_cfg, **sft_over, train__epochs=st.sft_epochs, train__nll_weight=0.0)
-    sft_items = _seed_runs(sft_cfg, out / "sft", st.seeds, "sft", flat)
-    sft_rows = _run_phase(cfg, "sft", sft_items, TrainJob(), sub / "sft")
+    sft_items = _seed_runs(sft_cfg, out / BASELINE, st.seeds, BASELINE, flat)
+    sft_rows = _run_phase(cfg, BASELINE, sft_items, TrainJob(), sub / BASELINE)
     sft_dirs = {s: Path(c.run.out_dir) for s, (_, c, _) in zip(st.seeds, sft_items)}
-    if until == "sft":
-        return {"sft": sft_rows}
+    if until == BASELINE:
+        return {BASELINE: sft_rows}
 
     # 3. the sweep on the first seed
     sweep_items, meta = [], []
-    starts = lambda s: {"sft": sft_dirs[s] / "final", "base": base_model}  # noqa: E731  (seed -> start models)
+    starts = lambda s: {BASELINE: sft_dirs[s] / "final", "base": base_model}  # noqa: E731  (seed -> start models)
     for arm, loss, _, _ in arms.values():
         grid = grids.get(loss) or {"run.seed": [s0]}
         where = {"run.out_dir": str(out / ("" if flat else "sweep") / arm)}
@@ -403,7 +404,7 @@ def run_study(cfg: Config, until: str = "report", command: str = "study", result
         if r["state"] != "COMPLETED":
             m["error"] = r.get("error", "failed")
     if until == "sweep":
-        return {"sft": sft_rows, "sweep": sweep_rows}
+        return {BASELINE: sft_rows, "sweep": sweep_rows}
 
     # 4. valid scores of the sweep points (and of the first seed's SFT, for reference)
     done = [(r, m) for r, m in zip(sweep_rows, meta) if "error" not in m] if "valid" in files else []
@@ -436,7 +437,7 @@ def run_study(cfg: Config, until: str = "report", command: str = "study", result
         return {"selection": selection}
 
     # 7. test: base, SFT per seed, every selected run
-    runs = {"base": [out / "base"], "sft": list(sft_dirs.values())}
+    runs = {"base": [out / "base"], BASELINE: list(sft_dirs.values())}
     for loss, sel in selection.items():
         runs[loss] = [Path(sel["dir"])] + [out / "seeds" / loss / f"seed={s}" for s in later]
     record(ledger, out, str(out), command, used)  # these test dialogues are spent, whatever the scores say
@@ -500,8 +501,8 @@ def summarize(runs: dict[str, list[Path]], sset, seed: int, resamples: int = 200
             row["generate"] = {k: _stats([s.get(k, 0.0) for s in gen]) for k in [g[0] for g in GEN] + ["distinct1"]}
             row["generate_turns"] = gen[0]["n"]
         out[method] = row
-    sft = out["sft"]
-    for method, row in [(m, r) for m, r in out.items() if m not in ("base", "sft")]:
+    sft = out[BASELINE]
+    for method, row in [(m, r) for m, r in out.items() if m not in ("base", BASELINE)]:
         if row["seeds"] > 1:
             row["vs_sft"] = {k: paired(row["test"][k]["values"], sft["test"][k]["values"], k == "Q") for k in "QB"}
             continue
@@ -516,7 +517,7 @@ def _vs_sft(summary: dict, multi: bool) -> list[str]:
     """Each loss against SFT: over seeds, a table; with one seed, the verdict on this run and its noise."""
     lines = []
     for m, r in [(m, r) for m, r in summary.items() if "vs_sft" in r]:
-        v, a, b = r["vs_sft"], r["test"], summary["sft"]["test"]
+        v, a, b = r["vs_sft"], r["test"], summary[BASELINE]["test"]
         ci = [(k, (v[k]["mean"], *v[k]["ci95"])) for k in "QB"]
         if multi:
             cells = [
