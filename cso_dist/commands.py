@@ -492,8 +492,8 @@ def cmd_plan(args, extra) -> int:
         serve_name = cfg.model.path or serve_name
     elif args.model:
         shape, setup = resolve_shape(args.model), Setup()
-        if finetune in ("lora", "qlora") and args.zero is None:
-            setup.zero = 0 if finetune == "qlora" else 3
+        if finetune == "lora" and args.zero is None:  # (qlora: ZeRO 0, below)
+            setup.zero = 3
     else:
         raise CsoError("plan: give --model (7b, 8b, 9b, 13b, 34b, 70b or an HF config.json) or --config RECIPE.yaml")
     if args.model and (config_path(args) or extra):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cso_dist.config import load_config
-from cso_dist.engines.dist import World, my_share, world_from_env
+from cso_dist.engines.dist import World, launcher_env, my_share, world_from_env
 from cso_dist.util.errors import ConfigError, CsoError
 from cso_dist.models import build_tiny_model, load_model
 from cso_dist.train.tracking import read_metrics
@@ -282,8 +282,11 @@ def test_world_from_env_reads_torchrun_and_slurm():
         "SLURM_JOB_ID": "1234",
         "SLURM_JOB_NODELIST": "gpu[07-08]",
     }
+    before = dict(env)
     w = world_from_env(env)
     assert (w.rank, w.world_size) == (1, 2)
+    assert env == before  # the world is read, not written into the environment (issue 42)
+    env = launcher_env(w)  # what the DeepSpeed engine sets, for DeepSpeed to read
     assert env["MASTER_PORT"] == str(20000 + 1234) and env["MASTER_ADDR"] == "gpu07"
     assert env["RANK"] == "1" and env["WORLD_SIZE"] == "2"
     with pytest.raises(CsoError, match="MASTER_ADDR"):

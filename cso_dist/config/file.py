@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal
 import yaml
 
 from cso_dist.util.errors import ConfigError
+from cso_dist.util.fields import setting  # noqa: F401 - the sections' key, public here
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -228,15 +229,6 @@ def _read_one(p: Path) -> dict:
 
 
 # ---------------------------------------------------------------- the sections' keys and checks
-def setting(
-    default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING, path: bool = False
-) -> Any:
-    """A config key: its default and the help text that `--help` and the generated flags show. `path`: the value
-    names a file or folder (or a Hub id / name beside them); a leading `~` is expanded at load, for every such key
-    alike. Environment variables are not expanded (on a command line the shell does it)."""
-    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help, "path": path})
-
-
 SEED_RANGE = 2**32  # seeds are unsigned 32-bit (numpy's, and what Python's and torch's take without surprise)
 
 

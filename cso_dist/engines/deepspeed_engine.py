@@ -105,6 +105,8 @@ class DeepSpeedEngine:
         self.collective = self.stage == 3
         self.device = torch.device(get_accelerator().current_device_name())
         self._hf_ds = None
+        for k, v in dist.launcher_env(world).items():  # DeepSpeed reads its rank from the environment
+            os.environ.setdefault(k, v)
         if not world.distributed:
             dist.init_single()  # DeepSpeed needs a process group even for one process
         if self.collective:  # from_pretrained partitions every weight as it loads: no rank holds the whole model

@@ -8,10 +8,13 @@ created with `dist.timeout_minutes`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import os
 import socket
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +28,8 @@ class World:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    master_addr: str = "127.0.0.1"  # where rank 0's store listens (several ranks)
+    master_port: int = 0
 
     @property
     def main(self) -> bool:
@@ -52,35 +57,56 @@ def _first_host(nodelist: str) -> str:
 
 
 def world_from_env(env: dict | None = None) -> World:
-    """RANK/WORLD_SIZE/LOCAL_RANK (torchrun, deepspeed launcher), else SLURM_PROCID/SLURM_NTASKS/
-    SLURM_LOCALID (srun one task per GPU); fills MASTER_ADDR/MASTER_PORT for srun from the job's
-    first node and a port derived from the job id. A single process is World(0, 1, 0)."""
+    """RANK/WORLD_SIZE/LOCAL_RANK and MASTER_ADDR/MASTER_PORT (torchrun, deepspeed launcher), else
+    SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (srun one task per GPU) with the job's first node and a port derived
+    from the job id. A single process is World(0, 1, 0). The environment is read, never written."""
     env = os.environ if env is None else env
     try:
         if "RANK" in env and "WORLD_SIZE" in env:
             w = World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
         elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
             w = World(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
-            if "MASTER_ADDR" not in env:
-                env["MASTER_ADDR"] = _first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost")))
-            if "MASTER_PORT" not in env:
-                env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-            for k, v in (("RANK", w.rank), ("WORLD_SIZE", w.world_size), ("LOCAL_RANK", w.local_rank)):
-                env.setdefault(k, str(v))
+            nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))
+            addr = env.get("MASTER_ADDR") or _first_host(nodes)
+            port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+            return _checked(dataclasses.replace(w, master_addr=addr, master_port=int(port)), env)
         else:
             return World()
+        if w.distributed:
+            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+            if missing:
+                raise CsoError(
+                    f"distributed environment: WORLD_SIZE={w.world_size} but {', '.join(missing)} is not set "
+                    "(launch with torchrun, deepspeed or srun)"
+                )
+            w = dataclasses.replace(w, master_addr=env["MASTER_ADDR"], master_port=int(env["MASTER_PORT"]))
     except ValueError as e:
         raise CsoError(f"distributed environment: a rank variable is not an integer ({e})") from None
+    return _checked(w, env)
+
+
+def _checked(w: World, env) -> World:
     if not 0 <= w.rank < w.world_size:
         raise CsoError(f"distributed environment: rank {w.rank} is not in [0, {w.world_size})")
-    if w.distributed:
-        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
-        if missing:
-            raise CsoError(
-                f"distributed environment: WORLD_SIZE={w.world_size} but {', '.join(missing)} is not set "
-                "(launch with torchrun, deepspeed or srun)"
-            )
     return w
+
+
+def launcher_env(world: World) -> dict[str, str]:
+    """The variables a library that reads its rank from the environment expects (DeepSpeed: RANK, LOCAL_RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as this world has them (one process: a port nothing listens on, its
+    group's store lives in the process). The engine that needs them sets them."""
+    port = world.master_port
+    if not port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    return {
+        "RANK": str(world.rank),
+        "WORLD_SIZE": str(world.world_size),
+        "LOCAL_RANK": str(world.local_rank),
+        "MASTER_ADDR": world.master_addr,
+        "MASTER_PORT": str(port),
+    }
 
 
 def init(world: World, timeout_minutes: int) -> None:
@@ -91,6 +117,7 @@ def init(world: World, timeout_minutes: int) -> None:
         torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
     td.init_process_group(
         "nccl" if torch.cuda.is_available() else "gloo",
+        init_method=f"tcp://{world.master_addr}:{world.master_port}",
         rank=world.rank,
         world_size=world.world_size,
         timeout=datetime.timedelta(minutes=timeout_minutes),
@@ -102,17 +129,6 @@ def init_single() -> None:
     process: a TCP port picked as free could be taken by another process before the group listens on it."""
     if td.is_initialized():
         return
-    with socket.socket() as s:  # DeepSpeed reads these; nothing listens on the port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in (
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", str(port)),
-        ("RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("LOCAL_RANK", "0"),
-    ):
-        os.environ.setdefault(k, v)
     td.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=td.HashStore(), rank=0, world_size=1)
 
 
@@ -184,3 +200,14 @@ def my_share(items: list, world: World) -> list[tuple[object, float]]:
 def shutdown() -> None:
     if td.is_initialized():
         td.destroy_process_group()
+
+
+@contextlib.contextmanager
+def joined(world: World, timeout_minutes: int) -> Iterator[None]:
+    """The process group for the length of a command: joined on entry (nothing for one process) and shut down on
+    exit however the command ends, with the one-rank group an engine made for itself (init_single)."""
+    init(world, timeout_minutes)
+    try:
+        yield
+    finally:
+        shutdown()

@@ -186,12 +186,11 @@ def run_generate(
     client = open_served(cfg) if cfg.eval.backend == "openai" else None  # the server answers, and serves the model
     served = served_origin(cfg, client) if client is not None else None
     origin = pred_origin(cfg, split, mode, data_file, out.parent / ".filehashes.json", served)
-    dist.init(world, cfg.dist.timeout_minutes)
-    offsets = None
-    if mode == "likelihood" and cfg.eval.calibrate == "prior":
-        origin["calibration"] = calibration(cfg, out, progress, device)
-        offsets = origin["calibration"]["offsets"]
-    with contextlib.ExitStack() as stack:
+    with dist.joined(world, cfg.dist.timeout_minutes), contextlib.ExitStack() as stack:
+        offsets = None
+        if mode == "likelihood" and cfg.eval.calibrate == "prior":
+            origin["calibration"] = calibration(cfg, out, progress, device)
+            offsets = origin["calibration"]["offsets"]
 
         def claim() -> None:  # one writer per PRED file: the job's rank 0 holds it for every rank
             stack.enter_context(one_writer(out.parent / f".{out.name}.lock", "cso-dist eval generate"))

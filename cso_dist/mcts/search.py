@@ -51,23 +51,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from cso_dist.util.fields import setting
 from cso_dist.mcts.roles import JUDGE_ASPECTS, SEEKER, SUPPORTER, Roles, Turn
-
-
-def _setting(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class SearchSettings:
     """The search settings a user may set (the `mcts` config section inherits them: one home)."""
 
-    c_puct: float = _setting(1.0, "exploration weight c of PUCB = Q + c * P * sqrt(N_parent) / (N + 1)")
-    rollout_turns: int = _setting(4, "simulated supporter turns per iteration, the expanded child's included")
-    min_iterations: int = _setting(100, "iterations at least (unless max_finished is reached)")
-    max_iterations: int = _setting(200, "iterations at most")
-    min_finished: int = _setting(1, "finished conversations found before stopping at min_iterations")
-    max_finished: int = _setting(25, "stop once this many finished conversations are found")
+    c_puct: float = setting(1.0, "exploration weight c of PUCB = Q + c * P * sqrt(N_parent) / (N + 1)")
+    rollout_turns: int = setting(4, "simulated supporter turns per iteration, the expanded child's included")
+    min_iterations: int = setting(100, "iterations at least (unless max_finished is reached)")
+    max_iterations: int = setting(200, "iterations at most")
+    min_finished: int = setting(1, "finished conversations found before stopping at min_iterations")
+    max_finished: int = setting(25, "stop once this many finished conversations are found")
 
 
 @dataclass

@@ -385,8 +385,8 @@ def run_precompute(cfg: TrainingConfig, progress: bool = True) -> Path:
     each node's local rank 0 (cso_dist.inputs.ensure_model)."""
     world = world_from_env()
     ensure_model(cfg, world.local_rank)
-    dist.init(world, cfg.dist.timeout_minutes)
-    precompute(cfg, world.rank, world.world_size, progress and world.main)
+    with dist.joined(world, cfg.dist.timeout_minutes):
+        precompute(cfg, world.rank, world.world_size, progress and world.main)
     return cache_root(cfg)
 
 

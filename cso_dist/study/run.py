@@ -37,7 +37,7 @@ from cso_dist.data.dialogue import read_dialogues
 from cso_dist.util.errors import CsoError
 from cso_dist.eval.ledger import check_unused, record
 from cso_dist.eval.report import spread
-from cso_dist.util.io import atomic_write_text, read_json, read_jsonl
+from cso_dist.util.io import append_jsonl, atomic_write_text, read_json, read_jsonl
 from cso_dist.launch.jobs import EvalJob, Run, TrainJob, collect, run_config, submit_jobs, sweep_runs, table
 
 KEYS = ("Q", "W", "B", "accuracy")
@@ -192,6 +192,14 @@ def _cso(cfg: Config, out: Path, seed: int, starts: dict[str, Path], arm: tuple,
     return _with(c, train__ref_cache=out / "refcache" / f"{start}-seed={seed}{kinds}{src}")
 
 
+def _timed(out: Path, phase: str, runs: int, seconds: float) -> None:
+    """A line of <out>/timing.jsonl: the wall time of every part of the study, across reruns."""
+    append_jsonl(
+        out / "timing.jsonl",
+        [{"phase": phase, "runs": runs, "seconds": round(seconds, 1), "at": time.strftime("%F %T")}],
+    )
+
+
 def _source_file(cfg: Config, source: str) -> str:
     return "train.jsonl" if source == cfg.data.negatives_from else f"train@{source}.jsonl"
 
@@ -234,9 +242,7 @@ def _write_sources(cfg: Config, out: Path, base_model: Path) -> dict:
         write_dialogues(path, dialogues)
         notes[source] = note | {"seconds": round(time.time() - t0, 1), "made_with": made}
         atomic_write_text(notes_file, json.dumps(notes, indent=2))
-        with open(out / "timing.jsonl", "a", encoding="utf-8") as f:  # the wall time of every part of the study
-            line = {"phase": f"data: {source}", "runs": 0, "seconds": notes[source]["seconds"]}
-            f.write(json.dumps(line | {"at": time.strftime("%F %T")}) + "\n")
+        _timed(out, f"data: {source}", 0, notes[source]["seconds"])
     return notes
 
 
@@ -319,9 +325,7 @@ def _run_phase(cfg: Config, title: str, items: list, job, folder: Path, may_fail
     if new:  # the wall time of every part of the study, across reruns
         dt = time.time() - t0
         print(f"   ({dt:.0f} s)", flush=True)
-        with open(Path(cfg.run.out_dir) / "timing.jsonl", "a", encoding="utf-8") as f:
-            line = {"phase": title, "runs": new, "seconds": round(dt, 1), "at": time.strftime("%F %T")}
-            f.write(json.dumps(line) + "\n")
+        _timed(Path(cfg.run.out_dir), title, new, dt)
     for r, row in zip(runs, rows):
         row["dir"] = str(r.cfg.run.out_dir)
         row["result"] = r.done or {}

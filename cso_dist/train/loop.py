@@ -186,28 +186,28 @@ def run_train(
     run_dir = Path(cfg.run.out_dir)
     with one_writer(run_dir / RUN_LOCK, "cso-dist train") if world.main else contextlib.nullcontext():
         resume_from = open_run(cfg, resume, overwrite, world.main)
-        dist.init(world, cfg.dist.timeout_minutes)
-        refs = references(cfg, plan, world, progress)
-        engine = build_engine(cfg, world, len(plan.steps), resume_from, device)
-        with contextlib.closing(engine):  # DeepSpeed's global HF config is released however the run ends
-            start = _resume(engine, resume_from, world, len(plan.steps))
-            tracker = Tracker(
-                run_dir,
-                cfg.to_dict(),
-                cfg.track.wandb,
-                cfg.track.project,
-                cfg.track.group,
-                cfg.track.name,
-                rank=world.rank,
-                resume_step=start if resume_from is not None else None,
-            )
-            with tracker:
-                with StopRequest(run_dir) as stop:  # signals and the stop file are steps' business only
-                    if world.main:
-                        (run_dir / STOPPED_FILE).unlink(missing_ok=True)
-                        _announce(cfg, plan, engine, world)
-                    last = train_loop(cfg, world, engine, plan, refs, tracker, stop, start, progress)
-                return finish(cfg, world, engine, plan, refs[1], tracker, last)
+        with dist.joined(world, cfg.dist.timeout_minutes):  # left however the run ends
+            refs = references(cfg, plan, world, progress)
+            engine = build_engine(cfg, world, len(plan.steps), resume_from, device)
+            with contextlib.closing(engine):  # DeepSpeed's global HF config is released however the run ends
+                start = _resume(engine, resume_from, world, len(plan.steps))
+                tracker = Tracker(
+                    run_dir,
+                    cfg.to_dict(),
+                    cfg.track.wandb,
+                    cfg.track.project,
+                    cfg.track.group,
+                    cfg.track.name,
+                    rank=world.rank,
+                    resume_step=start if resume_from is not None else None,
+                )
+                with tracker:
+                    with StopRequest(run_dir) as stop:  # signals and the stop file are steps' business only
+                        if world.main:
+                            (run_dir / STOPPED_FILE).unlink(missing_ok=True)
+                            _announce(cfg, plan, engine, world)
+                        last = train_loop(cfg, world, engine, plan, refs, tracker, stop, start, progress)
+                    return finish(cfg, world, engine, plan, refs[1], tracker, last)
 
 
 def _resume(engine, resume_from: Path | None, world: World, total: int) -> int:

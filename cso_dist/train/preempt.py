@@ -44,9 +44,6 @@ class StopRequest:
         self.file = Path(run_dir) / STOP_FILE
         self.signum: int | None = None
         self.previous: dict[int, object] = {}
-        if threading.current_thread() is threading.main_thread():
-            for s in SIGNALS:
-                self.previous[s] = signal.signal(s, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         self.signum = signum
@@ -55,6 +52,10 @@ class StopRequest:
             print("cso-dist: stopping at the next step boundary with a checkpoint (Ctrl-C again to abort)", flush=True)
 
     def __enter__(self) -> "StopRequest":
+        """Install the handlers (the main thread only: a signal handler can live nowhere else)."""
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self.previous[s] = signal.signal(s, self._on_signal)
         return self
 
     def __exit__(self, typ, exc, tb) -> None:
