@@ -9,7 +9,8 @@ import pytest
 
 from cso_dist.config import load_config
 from cso_dist.util.errors import ConfigError, CsoError
-from cso_dist.study.run import paired, run_study
+from cso_dist.study.report import paired
+from cso_dist.study.run import run_study
 from conftest import REPO, run_cli
 
 TINY = {
