@@ -11,7 +11,7 @@ from cso_dist.data.strategies import load_strategy_set
 from cso_dist.util.errors import ConfigError, CsoError
 from cso_dist.pack import collate_pairs, collate_trie, dialogue_pair_rows, dialogue_units, kl_completions, pack_units
 from cso_dist.pack.tree_plan import tree_plan
-from cso_dist.scorer import method_of, pair_logps, resolve, trie_logps, use_attention
+from cso_dist.scorer import attention_of, pair_logps, resolve, trie_logps, use_attention
 
 SSET = load_strategy_set("esconv")
 
@@ -23,7 +23,7 @@ dialogues, tiny = test_pack.dialogues, test_pack.tiny
 
 def _model(path, method, dtype=torch.float32):
     m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
-    assert use_attention(m, method) == method and method_of(m) == method
+    assert use_attention(m, method) == method and attention_of(m) == method
     return m
 
 
@@ -121,10 +121,10 @@ def test_methods_resolve_per_model(tiny):
         resolve("tree", m)
     with pytest.raises(ConfigError, match="pack.attention: 'sparse' is not one of"):
         resolve("sparse", m)
-    assert method_of(m) == "dense"
+    assert attention_of(m) == "dense"
     m.config.attn_logit_softcapping = None
     for method in ("tree", "flex", "dense"):  # a model switches back and forth
-        assert use_attention(m, method) == method and method_of(m) == method
+        assert use_attention(m, method) == method and attention_of(m) == method
     assert m.config._attn_implementation == "sdpa"
 
 

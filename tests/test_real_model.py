@@ -15,7 +15,7 @@ from cso_dist.data.render import dialogue_system_prompt, make_renderer, segment_
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.models import load_model, load_tokenizer
 from cso_dist.models.gguf import IMPORT_FILE, fetch_model, packaged_gguf
-from cso_dist.scorer import method_of, score
+from cso_dist.scorer import attention_of, score
 
 pytestmark = pytest.mark.slow
 SSET = load_strategy_set("esconv")
@@ -81,7 +81,7 @@ def test_trie_logprobs_on_real_weights_equal_per_pair_scoring(smol, esconv_valid
     """fp32 within 1e-5 relative, under the default pack.attention (tree on this model)."""
     renderer = make_renderer(load_tokenizer(smol), "auto")
     model = load_model(smol, attention="auto").eval()
-    assert method_of(model) == "tree"
+    assert attention_of(model) == "tree"
     # one short dialogue with 6+ supporter turns (> 20 replies): per-pair scoring re-reads every history
     dialogues = [min((d for d in esconv_valid[:40] if len(d.turn_indices()) >= 6), key=lambda d: len(d.messages))]
     trie, pair = _scores(model, "trie", dialogues, renderer), _scores(model, "pair", dialogues, renderer)

@@ -26,7 +26,7 @@ from cso_dist.refcache import (
     cache_status,
     export_cache,
     load_reference,
-    method_reference,
+    reference_kind,
     precompute,
     read_manifest,
     run_precompute,
@@ -233,7 +233,7 @@ def test_lora_reference_is_the_base(setup, built, tmp_path):
     _, _, values = built
     few = {"train.max_dialogues": 3, "model.finetune": "lora"}
     cfg = make_cfg(setup, tmp_path / "lora", **few)
-    assert method_reference(cfg) == "full"
+    assert reference_kind(cfg) == "full"
     got = load_reference(run_precompute(cfg, progress=False), cache_key(cfg))
     ids = [k for k in got if not k.endswith(":kl")]  # the last mismatched completion wraps differently
     assert len(ids) > 50 and _worst(got, values, ids) < 1e-5
@@ -249,7 +249,7 @@ def test_lora_reference_is_the_base(setup, built, tmp_path):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     peft.save_pretrained(tmp_path / "adapter")  # no tokenizer files: the base's are used
     cfg_a = make_cfg(setup, tmp_path / "a", **few, **{"model.path": str(tmp_path / "adapter")})
-    assert method_reference(cfg_a) == "adapter-disabled"
+    assert reference_kind(cfg_a) == "adapter-disabled"
     key_a = cache_key(cfg_a)
     assert [c for c in KEY_COMPONENTS if key_a[c] != cache_key(cfg)[c]] == ["method_reference"]
     got_a = load_reference(run_precompute(cfg_a, progress=False), key_a)
@@ -273,7 +273,7 @@ def test_qlora_reference_is_the_quantised_base(setup, tmp_path):
     few = {"train.max_dialogues": 2, "model.path": str(wide)}
     cfg_full = make_cfg(setup, tmp_path / "full", **few)
     cfg = make_cfg(setup, tmp_path / "q", **few, **{"model.finetune": "qlora"})
-    assert method_reference(cfg) == "qlora-base"
+    assert reference_kind(cfg) == "qlora-base"
     assert [c for c in KEY_COMPONENTS if cache_key(cfg)[c] != cache_key(cfg_full)[c]] == ["method_reference"]
     full = load_reference(run_precompute(cfg_full, progress=False), cache_key(cfg_full))
     got = load_reference(run_precompute(cfg, progress=False), cache_key(cfg))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from cso_dist.util.errors import ConfigError
-from cso_dist.scorer import Scorer, method_of, unwrap
+from cso_dist.scorer import Scorer, attention_of, unwrap
 from cso_dist.scorer.attention import FlexRows
 
 if TYPE_CHECKING:
@@ -39,11 +39,11 @@ def make_scorer(module: torch.nn.Module, cfg: TrainingConfig, device) -> Scorer:
 
 def compile_layers(module: torch.nn.Module) -> None:
     """torch.compile each decoder layer in place (static shapes: rows run at pack.bucket's lengths, which only flex
-    attention pads to; any other method would compile once per row length)."""
-    method = method_of(module)
-    if method != "flex":
+    attention pads to; any other kind would compile once per row length)."""
+    kind = attention_of(module)
+    if kind != "flex":
         raise ConfigError(
-            f"train.compile: pack.attention resolved to {method} here (auto is flex on CUDA only), whose rows have any "
+            f"train.compile: pack.attention resolved to {kind} here (auto is flex on CUDA only), whose rows have any "
             "length; compiled layers need flex attention"
         )
     layers = getattr(unwrap(module).get_decoder(), "layers", None)

@@ -16,7 +16,7 @@ from cso_dist.refcache.key import (
     LAYOUT_VERSION,
     cache_key,
     cache_root,
-    method_reference,
+    reference_kind,
     reference_finetune,
     split_dir,
 )
@@ -32,7 +32,7 @@ __all__ = [
     "ensure_reference",
     "export_cache",
     "load_reference",
-    "method_reference",
+    "reference_kind",
     "precompute",
     "read_manifest",
     "reference_finetune",

@@ -60,7 +60,7 @@ KEY_COMPONENTS = (
     "system_prompt",
     "truncation",
     "dtype",
-    "method_reference",
+    "method_reference",  # reference_kind(cfg), under the name existing caches hold
     "reply_kinds",
     "layout_version",
 )
@@ -78,7 +78,7 @@ def split_dir(root: Path, split: str) -> Path:
     return root if split == "train" else root / "eval"
 
 
-def method_reference(cfg: TrainingConfig) -> str:
+def reference_kind(cfg: TrainingConfig) -> str:
     if cfg.model.finetune == "qlora":
         return "qlora-base"
     return "adapter-disabled" if is_adapter_dir(model_dir(cfg)) else "full"
@@ -117,7 +117,7 @@ def cache_key(
         "system_prompt": short(system_prompt(sset)),
         "truncation": short(str(cfg.data.max_length)),
         "dtype": short(cfg.model.precision),
-        "method_reference": short(method_reference(cfg)),
+        "method_reference": short(reference_kind(cfg)),
         "reply_kinds": short(",".join(reply_kinds(cfg))),
         "layout_version": short(str(LAYOUT_VERSION)),
     }
@@ -137,7 +137,7 @@ def key_info(cfg: TrainingConfig, inputs: SplitInputs, sset: StrategySet) -> dic
     return {
         "model_path": str(mdir.resolve()),
         "weights_path": str(weights_dir(mdir).resolve()),
-        "method_reference": method_reference(cfg),
+        "method_reference": reference_kind(cfg),
         "reply_kinds": list(reply_kinds(cfg)),
         "precision": cfg.model.precision,
         "chat_template": cfg.data.chat_template,
@@ -178,4 +178,4 @@ def reference_finetune(cfg: TrainingConfig) -> str:
     full: the model at model.path (also for lora on a plain base: the base itself);
     adapter-disabled: an adapter dir's base, loaded with its adapter ("lora");
     qlora-base: the 4-bit base the QLoRA policy trains on ("qlora")."""
-    return {"full": "full", "adapter-disabled": "lora", "qlora-base": "qlora"}[method_reference(cfg)]
+    return {"full": "full", "adapter-disabled": "lora", "qlora-base": "qlora"}[reference_kind(cfg)]

@@ -20,7 +20,7 @@ __all__ = [
     "by_reply",
     "default_device",
     "feed",
-    "method_of",
+    "attention_of",
     "model_device",
     "pair_logps",
     "resolve",
@@ -35,7 +35,7 @@ __getattr__ = lazy_exports(
     __name__,
     {
         **dict.fromkeys(("Scorer", "by_reply"), "run"),
-        **dict.fromkeys(("method_of", "resolve", "use_attention"), "attention"),
+        **dict.fromkeys(("attention_of", "resolve", "use_attention"), "attention"),
         **dict.fromkeys(
             ("autocast", "default_device", "feed", "model_device", "set_autocast", "to_model", "unwrap"), "device"
         ),

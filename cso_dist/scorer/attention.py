@@ -2,7 +2,7 @@
 
 A packed trie row (cso_dist.pack.trie) attends in a fixed shape: no query sees another unit, a trunk
 token sees its unit's trunk up to itself, and a branch token sees its history (a prefix of the trunk)
-plus its own branch so far. The methods:
+plus its own branch so far. The kinds:
 
   dense  one [T, T] boolean mask over the row, run by the model's own attention (sdpa / eager):
          the reference; its work is T^2 whatever the tree attends.
@@ -20,9 +20,9 @@ plus its own branch so far. The methods:
   auto   flex on CUDA (3.4x tree's DPO step on the Qwen2.5-1.5B shape, H200, docs/training.md); on CPU tree,
          or dense where the model soft-caps attention logits (gemma2), which SDPA cannot.
 
-`use_attention(model, method)` registers the two attention functions with transformers (an explicit call, the
+`use_attention(model, kind)` registers the two attention functions with transformers (an explicit call, the
 first time a model asks for them) and sets a loaded model's attention implementation; `trie_logps` reads it
-back (`method_of`) and passes the tree plan or the BlockMask (cso_dist.pack.tree_plan). The registered
+back (`attention_of`) and passes the tree plan or the BlockMask (cso_dist.pack.tree_plan). The registered
 implementations run plain SDPA for every other call (generation, per-pair rows), so a model set to tree
 attention works everywhere.
 """
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from cso_dist.pack.trie import TrieBatch
 
 
-_NAMES = {"tree": "cso_tree", "flex": "cso_flex"}  # registered attention implementation per method
+_NAMES = {"tree": "cso_tree", "flex": "cso_flex"}  # registered attention implementation per kind
 # The 4-D "mask" a tree call passes to the decoder: transformers returns a 4-D mask as it is, so no
 # [T, T] mask is built for the row; the attention function reads the plan instead.
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
@@ -108,10 +108,10 @@ def _flex(query, key, value, block_mask, scaling, softcap, compiled: bool = True
     return out.transpose(1, 2).contiguous()
 
 
-def _check_window(method: str, longest: int, window) -> None:
+def _check_window(kind: str, longest: int, window) -> None:
     if window and longest > window:
         raise CsoError(
-            f"pack.attention {method}: a query sees {longest} keys, more than the model's sliding window "
+            f"pack.attention {kind}: a query sees {longest} keys, more than the model's sliding window "
             f"({window}); use pack.attention dense"
         )
 
@@ -150,42 +150,42 @@ def register() -> None:
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
 
 
-# ---------------------------------------------------------------- choosing a model's method
+# ---------------------------------------------------------------- choosing a model's kind
 def on_cuda(device=None) -> bool:
     """Whether a model placed on `device` computes on a GPU ("" or None: where the engine will put it, a GPU when
     there is one)."""
     return torch.device(device).type == "cuda" if device else torch.cuda.is_available()
 
 
-def resolve(method: str, model, cuda: bool = False) -> str:
-    """`method` for this model: auto -> flex on CUDA (`cuda`); elsewhere tree, or dense where the model soft-caps
+def resolve(kind: str, model, cuda: bool = False) -> str:
+    """`kind` for this model: auto -> flex on CUDA (`cuda`); elsewhere tree, or dense where the model soft-caps
     attention logits."""
-    if method not in ATTENTION:
-        raise ConfigError(f"pack.attention: '{method}' is not one of {', '.join(ATTENTION)}")
+    if kind not in ATTENTION:
+        raise ConfigError(f"pack.attention: '{kind}' is not one of {', '.join(ATTENTION)}")
     cfg = unwrap(model).config
     softcap = getattr(cfg, "attn_logit_softcapping", None)
-    if method == "auto":
+    if kind == "auto":
         return "flex" if cuda else "dense" if softcap else "tree"
-    if method == "tree" and softcap:
+    if kind == "tree" and softcap:
         raise ConfigError(
             f"pack.attention: tree cannot soft-cap attention logits ({cfg.model_type}); use auto, dense or flex"
         )
-    return method
+    return kind
 
 
-def use_attention(model, method: str, device=None) -> str:
-    """Set a loaded model's attention for trie rows to `method` (resolved for a model on `device`: on_cuda);
-    returns the method used. dense keeps the model's own implementation (sdpa where tree or flex was set before)."""
-    method, hf = resolve(method, model, on_cuda(device)), unwrap(model)
-    if method in _NAMES:
+def use_attention(model, kind: str, device=None) -> str:
+    """Set a loaded model's attention for trie rows to `kind` (resolved for a model on `device`: on_cuda);
+    returns the kind used. dense keeps the model's own implementation (sdpa where tree or flex was set before)."""
+    kind, hf = resolve(kind, model, on_cuda(device)), unwrap(model)
+    if kind in _NAMES:
         register()
-        hf.set_attn_implementation(_NAMES[method])
+        hf.set_attn_implementation(_NAMES[kind])
     elif hf.config._attn_implementation in _NAMES.values():
         hf.set_attn_implementation("sdpa")
-    return method
+    return kind
 
 
-def method_of(model) -> str:
+def attention_of(model) -> str:
     """tree, flex or dense: what trie_logps runs for this model."""
     impl = getattr(unwrap(model).config, "_attn_implementation", None)
     return next((m for m, n in _NAMES.items() if n == impl), "dense")
@@ -194,15 +194,15 @@ def method_of(model) -> str:
 def decoder_mask_kwargs(
     model, batch: TrieBatch, device, dense_dtype: torch.dtype, flex: FlexRows
 ) -> tuple[TrieBatch, dict]:
-    """The row a decoder call runs and the attention arguments it gets under the model's method: the batch itself
+    """The row a decoder call runs and the attention arguments it gets under the model's kind: the batch itself
     with the tree plan or the dense mask, or under flex the row padded to its bucket with its BlockMask (built
     once per micro-batch: FlexRows.prepare). Tensors stay on the CPU (cso_dist.scorer.device.feed moves them with
     the other inputs); the tree plan and the BlockMask, which the attention function reads itself, are built for
     `device`."""
-    method = method_of(model)
-    if method == "tree":
+    kind = attention_of(model)
+    if kind == "tree":
         return batch, {"attention_mask": _NO_MASK, "cso_tree": tree_plan(batch).to(device)}
-    if method == "flex":
+    if kind == "flex":
         row, block_mask = flex.prepare(batch, device, getattr(unwrap(model).config, "sliding_window", None))
         return row, {"attention_mask": block_mask, "cso_flex": flex}
     return batch, {"attention_mask": batch.attention_mask(dense_dtype)}

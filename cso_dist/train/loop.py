@@ -39,7 +39,7 @@ from cso_dist.train.preempt import STOPPED_FILE, StopRequest
 from cso_dist.pack import PairLayout, ReplyId, TrieLayout, head_chunks
 from cso_dist.refcache import ensure_reference
 from cso_dist.inputs import SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
-from cso_dist.scorer import by_reply, method_of
+from cso_dist.scorer import by_reply, attention_of
 from cso_dist.scorer.attention import compile_count
 from cso_dist.train.tracking import Tracker
 
@@ -230,10 +230,10 @@ def _attention(cfg: TrainingConfig, engine) -> str:
     """The trie rows' attention as resolved on this device (auto: flex on CUDA)."""
     if cfg.pack.layout != "trie":
         return "per-pair rows"
-    method = method_of(engine.module)
-    if method == "flex" and cfg.pack.bucket:
+    kind = attention_of(engine.module)
+    if kind == "flex" and cfg.pack.bucket:
         return f"flex attention, rows padded to multiples of {cfg.pack.bucket} tokens"
-    return f"{method} attention"
+    return f"{kind} attention"
 
 
 def _announce(cfg: TrainingConfig, plan: Plan, engine, world: World) -> None:
@@ -250,7 +250,7 @@ def _announce(cfg: TrainingConfig, plan: Plan, engine, world: World) -> None:
 def _compilations(cfg: TrainingConfig, engine, world: World) -> dict:
     """How many graphs torch.compile built in this process (flex attention, train.compile's layers), said and
     recorded in summary.json; {} when nothing is compiled."""
-    if method_of(engine.module) != "flex" and not cfg.train.compile:
+    if attention_of(engine.module) != "flex" and not cfg.train.compile:
         return {}
     n = compile_count()
     if world.main:
