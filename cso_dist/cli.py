@@ -40,15 +40,9 @@ def add_config_arg(parser: argparse.ArgumentParser, help: str = "YAML config") -
 
 
 # ---------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
-        prog="cso-dist",
-        description="Chain-of-Strategy Optimization (CSO) toolkit. "
-        "Every command that reads a config takes it as CONFIG or --config CONFIG, plus dotted "
-        "overrides (--data.seed 1).",
-    )
-    sub = p.add_subparsers(dest="command", required=True)
 
+
+def _data_command(sub) -> None:
     data = sub.add_parser("data", help="build, inspect and export preference data").add_subparsers(
         dest="data_command", required=True
     )
@@ -78,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dest", help="data dir (default $CSO_DATA_DIR, else ~/.cache/cso_dist/data)")
     f.set_defaults(func=cmd.cmd_data_fetch)
 
+
+def _tiny_model_command(sub) -> None:
     t = sub.add_parser("tiny-model", help="write a small random model + real tokenizer for tests and demos")
     t.add_argument("--arch", required=True, choices=tuple(TINY_ARCHS))
     t.add_argument("--out", required=True)
@@ -97,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=cmd.cmd_tiny_model)
 
+
+def _model_command(sub) -> None:
     mo = sub.add_parser("model", help="models: a Hub id into the HF cache, GGUF files into HF folders")
     msub = mo.add_subparsers(dest="model_command", required=True)
     md = msub.add_parser("download", help="a Hub id into the HF cache (HF_HOME / HF_HUB_CACHE), once, before a job")
@@ -115,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--dest", help="folder (default $CSO_MODEL_DIR/<name>, else ~/.cache/cso_dist/models/<name>)")
     mf.set_defaults(func=cmd.cmd_model_fetch)
 
+
+def _precompute_command(sub) -> None:
     pc = sub.add_parser("precompute", help="reference log-probs of every reply, once (content-addressed cache)")
     add_config_arg(pc)
     pc.add_argument(
@@ -124,12 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pc.set_defaults(func=cmd.cmd_precompute)
 
+
+def _cache_command(sub) -> None:
     ce = sub.add_parser("cache", help="inspect reference caches").add_subparsers(dest="cache_command", required=True)
     cx = ce.add_parser("export", help="one row per DPO pair, in the order of `data pairs --format dpo`")
     cx.add_argument("cache")
     cx.add_argument("--out", required=True)
     cx.set_defaults(func=cmd.cmd_cache_export)
 
+
+def _train_command(sub) -> None:
     tr = sub.add_parser("train", help="train with sft, dpo, ipo, simpo, kto or orpo")
     add_config_arg(tr)
     tr.add_argument(
@@ -149,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.set_defaults(func=cmd.cmd_train)
 
+
+def _launch_command(sub) -> None:
     la = sub.add_parser("launch", help="run on Slurm: a rendered sbatch script, or submitit runs and sweeps")
     lsub = la.add_subparsers(dest="launch_command", required=True)
     for name, helptext in (
@@ -184,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
             lp.add_argument("--dry-run", action="store_true", help="print the runs it would submit; submit nothing")
             lp.set_defaults(func=cmd.cmd_launch_submitit)
 
+
+def _eval_command(sub) -> None:
     ev = sub.add_parser("eval", help="strategy metrics (Q/W/B), generation, reports")
     esub = ev.add_subparsers(dest="eval_command", required=True)
     es = esub.add_parser("score", help="Q, W, B, accuracy, per-strategy F1 and strengths of a PRED.jsonl")
@@ -212,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     er.set_defaults(func=cmd.cmd_eval_report)
 
+
+def _export_command(sub) -> None:
     ex = sub.add_parser(
         "export",
         help="a checkpoint (torch or DeepSpeed ZeRO shards) or a run's latest one -> an HF save_pretrained folder",
@@ -225,10 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.set_defaults(func=cmd.cmd_export)
 
+
+def _demo_command(sub) -> None:
     d = sub.add_parser("demo", help="the main job: the study with one loss, one seed and no sweep (CPU)")
     add_config_arg(d)
     d.set_defaults(func=cmd.cmd_demo)
 
+
+def _study_command(sub) -> None:
     st = sub.add_parser(
         "study", help="SFT vs CSO with each loss, tuned per loss on valid, over seeds (job arrays; a rerun resumes)"
     )
@@ -242,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.set_defaults(func=cmd.cmd_study)
 
+
+def _mcts_command(sub) -> None:
     mc = sub.add_parser(
         "mcts", help="build ESC-Pro-format preference data by MCTS over strategies (CSO stage 1)"
     ).add_subparsers(dest="mcts_command", required=True)
@@ -268,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--max-depth", type=int, default=0)
     md.set_defaults(func=cmd.cmd_mcts_draw)
 
+
+def _plan_command(sub) -> None:
     pl = sub.add_parser(
         "plan", help="per-GPU memory of every stage of a job (precompute, train, eval, export) and the cheapest setup"
     )
@@ -303,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="one JSON object")
     pl.set_defaults(func=cmd.cmd_plan)
 
+
+def _config_command(sub) -> None:
     c = sub.add_parser("config", help="show the resolved config; the reference of every key")
     csub = c.add_subparsers(dest="config_command", required=True)
     cs = csub.add_parser("show", help="the resolved config (base files merged, overrides applied) as YAML")
@@ -311,6 +331,36 @@ def build_parser() -> argparse.ArgumentParser:
     cr = csub.add_parser("reference", help="every key with its type, default and help, as Markdown (docs/config.md)")
     cr.add_argument("--out", help="write it to this file (default: print)")
     cr.set_defaults(func=cmd.cmd_config_reference)
+
+
+COMMANDS = (
+    _data_command,
+    _tiny_model_command,
+    _model_command,
+    _precompute_command,
+    _cache_command,
+    _train_command,
+    _launch_command,
+    _eval_command,
+    _export_command,
+    _demo_command,
+    _study_command,
+    _mcts_command,
+    _plan_command,
+    _config_command,
+)  # cso-dist's commands, in --help order
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="cso-dist",
+        description="Chain-of-Strategy Optimization (CSO) toolkit. "
+        "Every command that reads a config takes it as CONFIG or --config CONFIG, plus dotted "
+        "overrides (--data.seed 1).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return p
 
 
