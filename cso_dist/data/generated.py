@@ -93,42 +93,58 @@ def _read_cache(path: Path) -> dict[str, str]:
     return {row["key"]: row["text"] for row in rows}
 
 
+def _writer(cfg: TrainingConfig) -> tuple[str, Path, Path, str]:
+    """The writer model (data.generator, else model.path): its name, its folder (in the HF cache when a Hub id),
+    the cache folder and its content key."""
+    from cso_dist.models import hub
+    from cso_dist.models.identity import model_key
+
+    name, revision = writer_path(cfg), cfg.model.revision if not cfg.data.generator else None
+    hub.ensure(name, revision, 0, cfg.dist.timeout_minutes * 60)
+    folder = hub.resolve(name, revision, key="data.generator")
+    root = cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "it is a file" if root.exists() else e.strerror or e
+        msg = f"cannot hold the generated-replies cache ({why}); set CSO_GENERATED_CACHE to a folder"
+        raise CsoError(f"{root}: {msg}") from None
+    return name, folder, root, model_key(folder, root / ".filehashes.json")
+
+
+def _turn_prompts(d: PrefDialogue, i: int, renderer, sset, strategies: list[str], d_cfg) -> list[list[int]]:
+    """The prompts of turn i: its history (rendered as in training, cut oldest-first to leave room for a reply)
+    and each strategy's `(<strategy>)` prefix."""
+    history = tokenize_dialogue(d, renderer, sset).history(i)
+    if len(history) + d_cfg.generate_max_tokens + 16 > d_cfg.max_length:
+        history = truncate_turn(d, renderer, sset, i, d_cfg.generate_max_tokens + 16, d_cfg.max_length)[0]
+    tok = renderer.tokenizer
+    return [history + tok.encode(format_reply(s, "").rstrip(), add_special_tokens=False) for s in strategies]
+
+
 def add_generated(dialogues: list[PrefDialogue], cfg: TrainingConfig, progress: bool = True) -> dict:
     """Write the options of every target turn of `dialogues` (in place) with the writer model; returns the
     build notes: the writer, replies written and reused, seconds per reply, the strategy counts per side."""
     import torch
 
-    from cso_dist.eval.generate import generate_texts
     from cso_dist.data.render import make_renderer
+    from cso_dist.eval.generate import generate_texts
     from cso_dist.inputs import tokenizer_dir
-    from cso_dist.models import hub, load_model, load_tokenizer
-    from cso_dist.models.identity import model_key
-    from cso_dist.util.progress import progress as progress_bar
+    from cso_dist.models import load_model, load_tokenizer
     from cso_dist.scorer.device import default_device
+    from cso_dist.util.progress import progress as progress_bar
 
     d_cfg, both = cfg.data, SOURCES[cfg.data.negatives_from].writes == "both"
-    name = writer_path(cfg)
-    hub.ensure(name, cfg.model.revision if not d_cfg.generator else None, 0, cfg.dist.timeout_minutes * 60)
-    folder = hub.resolve(name, cfg.model.revision if not d_cfg.generator else None, key="data.generator")
-    cache_root = cache_dir()
-    try:
-        cache_root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        why = "it is a file" if cache_root.exists() else e.strerror or e
-        msg = f"cannot hold the generated-replies cache ({why}); set CSO_GENERATED_CACHE to a folder"
-        raise CsoError(f"{cache_root}: {msg}") from None
-    mkey = model_key(folder, cache_root / ".filehashes.json")
+    name, folder, cache_root, mkey = _writer(cfg)
     renderer = make_renderer(load_tokenizer(tokenizer_dir(folder)), d_cfg.chat_template)
-    tok = renderer.tokenizer
     sset = resolve_strategy_set(d_cfg.strategies, dialogues[0].strategy_set if dialogues else None)
     turns = [(d, i) for d in dialogues for i in d.turn_indices()]
     golds = [d.messages[i].strategy for d, i in turns]
     plan = balanced_strategies(golds, list(sset.names), d_cfg.negatives, d_cfg.seed)
-    cache = cache_root / f"{mkey[:24]}.jsonl"
-    spec = (mkey, cfg.model.precision, d_cfg.generate_max_tokens)
+    cache, spec = cache_root / f"{mkey[:24]}.jsonl", (mkey, cfg.model.precision, d_cfg.generate_max_tokens)
     n_replies = sum(len(p) + both for p in plan)
     written = empty = kept_gold = 0
-    state: dict = {}  # the model, loaded at the first reply that is not in the cache
+    model = None  # loaded at the first reply that is not in the cache
     t0 = time.time()
     with one_writer(cache_root / f".{cache.name}.lock", "cso-dist generated options"):
         known = _read_cache(cache)
@@ -136,27 +152,17 @@ def add_generated(dialogues: list[PrefDialogue], cfg: TrainingConfig, progress: 
         # turn by turn, in order: a turn's history holds the replies chosen before it (written ones too, with
         # generated-both), as training will see it
         for t, (d, i) in enumerate(turns):
-            toks = tokenize_dialogue(d, renderer, sset)
-            history = toks.history(i)
-            if len(history) + d_cfg.generate_max_tokens + 16 > d_cfg.max_length:
-                history = truncate_turn(d, renderer, sset, i, d_cfg.generate_max_tokens + 16, d_cfg.max_length)[0]
             strategies = ([golds[t]] if both else []) + plan[t]
-            prompts = [history + tok.encode(format_reply(s, "").rstrip(), add_special_tokens=False) for s in strategies]
+            prompts = _turn_prompts(d, i, renderer, sset, strategies, d_cfg)
             keys = [_key(spec, p) for p in prompts]
             todo = [k for k in range(len(prompts)) if keys[k] not in known and keys[k] not in keys[:k]]
             if todo:
-                if not state:
-                    state["model"] = load_model(folder, "full", cfg.model.precision, device=default_device()).eval()
-                    state["stops"] = newline_ids(tok)
+                if model is None:
+                    model = load_model(folder, "full", cfg.model.precision, device=default_device()).eval()
                     torch.manual_seed(d_cfg.seed)
+                stops, max_new = newline_ids(renderer.tokenizer), d_cfg.generate_max_tokens
                 out = generate_texts(
-                    state["model"],
-                    tok,
-                    [prompts[k] for k in todo],
-                    d_cfg.generate_max_tokens,
-                    state["stops"],
-                    share_prefix=True,
-                    **SAMPLING,
+                    model, renderer.tokenizer, [prompts[k] for k in todo], max_new, stops, share_prefix=True, **SAMPLING
                 )
                 rows = [{"key": keys[k], "text": one_reply(text)} for k, text in zip(todo, out)]
                 append_jsonl(cache, rows)
