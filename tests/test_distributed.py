@@ -299,3 +299,27 @@ def test_my_share_pads_every_rank_to_the_same_count():
     assert [x for x, w in shares[0]] == ["a", "c", "e"] and [x for x, w in shares[1]] == ["b", "d", "a"]
     assert [w for _, w in shares[1]] == [1.0, 1.0, 0.0]
     assert sorted(x for s in shares for x, w in s if w) == items
+
+
+def test_a_command_leaves_no_process_group_and_no_signal_handler_behind(tmp_path):
+    """Issue 42: the group a command joins (here the one-rank group an engine makes) is shut down when it ends,
+    however it ends; a stop request's signal handlers exist only inside its `with`."""
+    import signal
+
+    import torch.distributed as td
+
+    from cso_dist.engines import dist
+    from cso_dist.train.preempt import StopRequest
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with dist.joined(World(), 1):
+            dist.init_single()
+            assert td.is_initialized() and td.get_world_size() == 1
+            raise RuntimeError("a failure inside the command")
+    assert not td.is_initialized()
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = StopRequest(tmp_path)
+    assert signal.getsignal(signal.SIGUSR1) is before  # constructing it installs nothing
+    with stop:
+        assert signal.getsignal(signal.SIGUSR1) == stop._on_signal
+    assert signal.getsignal(signal.SIGUSR1) is before
