@@ -134,7 +134,7 @@ def test_a_shared_history_runs_once_and_gives_the_same_replies(tmp_path, esconv_
     from cso_dist.data.dialogue import read_dialogues
     from cso_dist.data.render import format_reply, make_renderer, tokenize_dialogue
     from cso_dist.data.strategies import load_strategy_set
-    from cso_dist.eval.generate import _common_prefix, generate_texts
+    from cso_dist.scorer.generate import _common_prefix, generate_texts
     from cso_dist.models import load_model, load_tokenizer
 
     model_dir = tiny_run_data(tmp_path, esconv_dir, n_train=1, n_valid=1)

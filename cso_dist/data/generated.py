@@ -9,7 +9,7 @@ oldest-first to fit data.max_length) after the prefix `(<strategy>)`:
   pair come from the same writer and differ in strategy, not in who wrote them.
 
 Generation is greedy (SAMPLING), one generate() per turn (the history's keys and values computed once and shared
-by the turn's replies: cso_dist.eval.generate.generate_texts), each reply cut at its first line break. Every
+by the turn's replies: cso_dist.scorer.generate.generate_texts), each reply cut at its first line break. Every
 reply is cached on disk by content: its key is a hash of the writer model's content key, the prompt's token ids,
 data.generate_max_tokens and the sampling settings, in a JSON Lines file per writer (<cache>/<model key>.jsonl,
 appended and flushed turn by turn), so a stopped build resumes where it stopped and a rebuild writes nothing new.
@@ -128,7 +128,7 @@ def add_generated(dialogues: list[PrefDialogue], cfg: TrainingConfig, progress: 
     import torch
 
     from cso_dist.data.render import make_renderer
-    from cso_dist.eval.generate import generate_texts
+    from cso_dist.scorer.generate import generate_texts
     from cso_dist.inputs import tokenizer_dir
     from cso_dist.models import load_model, load_tokenizer
     from cso_dist.scorer.device import default_device

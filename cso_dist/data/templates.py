@@ -69,3 +69,13 @@ def resolve_template(spec: str) -> str:
         except DataError as e:
             raise ConfigError(f"data.chat_template: {e}") from None
     raise ConfigError(f"data.chat_template: '{spec}' is not auto, {', '.join(CHAT_TEMPLATES)} or a Jinja file")
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokens that end a reply: the tokenizer's end of sequence and the chat templates' end-of-turn tokens."""
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)

@@ -47,13 +47,3 @@ def eval_turns(
             m = d.messages[i]
             out.append(Turn(f"{d.id}:{i}", d.id, i, m.strategy, m.text, prompt))
     return out
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """The tokens that end a reply: the tokenizer's end of sequence and the chat templates' end-of-turn tokens."""
-    ids = {tokenizer.eos_token_id}
-    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)

@@ -10,7 +10,7 @@ file's origin sidecar.
 
 from __future__ import annotations
 
-from cso_dist.eval.prompts import end_of_turn_ids
+from cso_dist.data.templates import end_of_turn_ids
 from cso_dist.models.served import OpenAIBackend
 from typing import TYPE_CHECKING
 

@@ -119,7 +119,7 @@ class HFBackend:
     def _generate(self, chats: list[list[dict]], max_tokens: int, temperature: float) -> list[str]:
         import torch
 
-        from cso_dist.eval.generate import generate_texts
+        from cso_dist.scorer.generate import generate_texts
 
         tok = self.tokenizer
         prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
