@@ -6,7 +6,6 @@
 from cso_dist.config.file import choices, help_of, parse_overrides, read_yaml
 from cso_dist.config.schema import (
     FAMILIES,
-    STUDY_OWNED,
     TRAINING_SECTIONS,
     Config,
     DataConfig,
@@ -16,10 +15,10 @@ from cso_dist.config.schema import (
     PackConfig,
     RefCacheConfig,
     RunConfig,
-    StudyConfig,
     TrackConfig,
     TrainConfig,
     TrainingConfig,
     load_config,
 )
+from cso_dist.config.study import STUDY_OWNED, StudyConfig
 from cso_dist.config.tools import MctsConfig, PlanConfig, SlurmConfig
