@@ -309,7 +309,7 @@ def _plan_command(sub) -> None:
     pl.add_argument(
         "--attention",
         choices=PLAN_ATTENTION,
-        help="pack.attention of the trie rows (default flex: what auto runs on CUDA)",
+        help="scorer.attention of the trie rows (default flex: what auto runs on CUDA)",
     )
     pl.add_argument("--tree-keys", type=float, help="tree: key rows per row token (default 6.5, ESConv's most)")
     pl.add_argument("--tree-mask", type=float, help="tree: branch-mask elements per row token (default 600)")

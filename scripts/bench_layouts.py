@@ -47,7 +47,7 @@ def bench() -> dict:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=4096, help="tokens per micro-batch, both layouts")
     ap.add_argument("--max-length", type=int, default=1024)
-    ap.add_argument("--attention", default="auto", help="pack.attention of the trie runs (auto, tree, flex, dense)")
+    ap.add_argument("--attention", default="auto", help="scorer.attention of the trie runs (auto, tree, flex, dense)")
     ap.add_argument("--layouts", default="trie,pair", help="comma-separated: trie, pair")
     ap.add_argument("--epochs", type=int, default=2, help="optimizer steps (one per epoch over all pairs)")
     ap.add_argument("--work", default="", help="working folder (default: a temporary one)")
@@ -65,7 +65,7 @@ def bench() -> dict:
     run_precompute(load_config(None, {**base, "run.out_dir": str(work / "pre")}), progress=False)
     results = {}
     for layout in args.layouts.split(","):
-        over = {**base, "pack.layout": layout, "pack.attention": args.attention, "run.out_dir": str(work / layout)}
+        over = {**base, "pack.layout": layout, "scorer.attention": args.attention, "run.out_dir": str(work / layout)}
         cfg = load_config(None, over)
         t0 = time.perf_counter()
         summary = run_train(cfg, progress=False, overwrite=True)

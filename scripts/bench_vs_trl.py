@@ -139,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.add_argument(f"--{flag}", type=int, default=0, help="override the shape's value")
     ap.add_argument("--tokenizer", default="", choices=("", "qwen", "bpe"), help="override the shape's tokenizer")
     ap.add_argument("--repeats", type=int, default=3, help="runs of every variant, each in its own process")
-    ap.add_argument("--attention", default="auto", help="pack.attention of the cso variants")
+    ap.add_argument("--attention", default="auto", help="scorer.attention of the cso variants")
     ap.add_argument("--max-length", type=int, default=1024, help="tokens per turn example (our truncation)")
     ap.add_argument("--max-tokens", type=int, default=4096, help="cso: tokens per micro-batch (trie layout)")
     ap.add_argument(

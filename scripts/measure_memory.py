@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--dialogues", type=int, default=16)
     ap.add_argument("--data", default="", help="preference dialogues JSONL (default: build ESConv train)")
     ap.add_argument("--tokenizer", default="", help="with --data: a model folder whose tokenizer to use")
-    ap.add_argument("--attention", default="tree", choices=("tree", "dense"), help="pack.attention of the row")
+    ap.add_argument("--attention", default="tree", choices=("tree", "dense"), help="scorer.attention of the row")
     ap.add_argument("--work", default="/tmp/cso-measure-memory")
     args = ap.parse_args()
     with contextlib.redirect_stdout(sys.stderr):

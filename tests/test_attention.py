@@ -1,4 +1,4 @@
-"""Tree attention (pack.attention tree / flex) is exact: the same log-probs and gradients as the dense mask and
+"""Tree attention (scorer.attention tree / flex) is exact: the same log-probs and gradients as the dense mask and
 the per-pair layout, on real ESConv dialogues; its plan covers exactly what the dense mask allows."""
 
 import pytest
@@ -117,9 +117,9 @@ def test_methods_resolve_per_model(tiny):
     assert resolve("auto", m) == "tree" and resolve("auto", m, cuda=True) == "flex"
     m.config.attn_logit_softcapping = 50.0  # gemma2 soft-caps attention logits: SDPA cannot, flex's score_mod can
     assert resolve("auto", m) == "dense" and resolve("auto", m, cuda=True) == "flex"
-    with pytest.raises(ConfigError, match="pack.attention: tree cannot soft-cap"):
+    with pytest.raises(ConfigError, match="scorer.attention: tree cannot soft-cap"):
         resolve("tree", m)
-    with pytest.raises(ConfigError, match="pack.attention: 'sparse' is not one of"):
+    with pytest.raises(ConfigError, match="scorer.attention: 'sparse' is not one of"):
         resolve("sparse", m)
     assert attention_of(m) == "dense"
     m.config.attn_logit_softcapping = None
@@ -132,5 +132,5 @@ def test_methods_resolve_per_model(tiny):
 def test_flex_training_on_cpu_is_refused(tiny, dialogues):
     _, path, tok = tiny
     model = _model(path, "flex")
-    with pytest.raises(CsoError, match="FlexAttention has no backward on CPU; use pack.attention tree"):
+    with pytest.raises(CsoError, match="FlexAttention has no backward on CPU; use scorer.attention tree"):
         trie_logps(model, _batches(tok, dialogues[:1])[0], chunk=64)

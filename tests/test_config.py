@@ -173,6 +173,30 @@ def test_a_renamed_key_is_read_under_its_new_name_with_a_note(tmp_path, capsys):
     assert config_changes(saved, load_config(None, {"model.finetune": "full"}).to_dict())[0] == ["model.finetune"]
 
 
+def test_the_scorer_settings_moved_from_pack_are_read_at_their_new_place(tmp_path, capsys):
+    """Issue 42: pack.attention and pack.logit_chunk are the scorer's (scorer.attention, scorer.logit_chunk). A file
+    or an override at the old place loads with a note; both places at once are refused; a run folder written
+    before the move compares under the new keys (its finished runs stay finished)."""
+    from cso_dist.train.rundir import config_changes
+
+    old = tmp_path / "old.yaml"
+    old.write_text("pack:\n  layout: trie\n  attention: dense\n  logit_chunk: 64\n")
+    capsys.readouterr()
+    cfg = load_config(old)
+    assert (cfg.scorer.attention, cfg.scorer.logit_chunk, cfg.pack.layout) == ("dense", 64, "trie")
+    assert load_config(None, {"pack.attention": "tree"}).scorer.attention == "tree"
+    err = capsys.readouterr().err
+    assert "cso-dist: note: pack.attention is now scorer.attention (the old key still works)" in err, err
+    assert "cso-dist: note: pack.logit_chunk is now scorer.logit_chunk (the old key still works)" in err, err
+    with pytest.raises(ConfigError, match="pack.attention: the old place of scorer.attention; give only the new one"):
+        load_config(None, {"pack.attention": "tree", "scorer.attention": "dense"})
+    saved = load_config(None, {"scorer.attention": "tree"}).to_dict()
+    scorer = saved.pop("scorer")
+    saved["pack"].update(scorer)  # what a run folder written before the move holds
+    assert config_changes(saved, load_config(None, {"scorer.attention": "tree"}).to_dict()) == ([], [])
+    assert config_changes(saved, load_config(None, {"scorer.attention": "dense"}).to_dict())[0] == ["scorer.attention"]
+
+
 def test_a_key_only_another_method_reads_is_refused():
     """Each method declares the train keys it reads (cso_dist.losses.Method.keys) and the layouts that serve it."""
     with pytest.raises(ConfigError, match="train.gamma_beta_ratio: read by simpo only, and train.method is dpo"):
@@ -196,18 +220,18 @@ def test_speed_settings_that_would_be_ignored_are_refused():
     """pack.bucket pads flex's rows only; train.compile needs rows of a few lengths (flex) and the torch engine;
     train.fused_adamw fuses torch's AdamW only."""
     assert load_config(None, {"pack.bucket": 512}).pack.bucket == 512  # auto: flex on CUDA
-    assert load_config(None, {"pack.attention": "flex", "pack.bucket": 0}).pack.bucket == 0
+    assert load_config(None, {"scorer.attention": "flex", "pack.bucket": 0}).pack.bucket == 0
     with pytest.raises(
-        ConfigError, match="pack.bucket: only flex attention over trie rows reads it, and pack.attention"
+        ConfigError, match="pack.bucket: only flex attention over trie rows reads it, and scorer.attention"
     ):
-        load_config(None, {"pack.attention": "tree", "pack.bucket": 512})
+        load_config(None, {"scorer.attention": "tree", "pack.bucket": 512})
     with pytest.raises(ConfigError, match=r"pack.bucket: only flex .*pack.layout pair"):
         load_config(None, {"pack.layout": "pair", "pack.bucket": 512})
     with pytest.raises(ConfigError, match="pack.bucket: must be >= 0"):
         load_config(None, {"pack.bucket": -1})
     assert load_config(None, {"train.compile": True}).train.compile
     with pytest.raises(ConfigError, match="train.compile: compiled layers need rows of a few lengths"):
-        load_config(None, {"train.compile": True, "pack.attention": "tree"})
+        load_config(None, {"train.compile": True, "scorer.attention": "tree"})
     with pytest.raises(ConfigError, match="train.compile: ZeRO gathers and releases"):
         load_config(None, {"train.compile": True, "dist.engine": "deepspeed"})
     assert load_config(None, {"train.fused_adamw": True}).train.fused_adamw

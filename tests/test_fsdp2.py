@@ -175,7 +175,7 @@ def test_what_fsdp2_cannot_do_is_refused_at_load():
 def test_fsdp2_offload_checkpointing_and_dense_attention_equal_one_process(setup, single):
     """dist.offload (parameters, gradients and optimizer states on the CPU), per-layer activation checkpointing and
     the dense [T x T] mask: the same curve as the single-process run (tree attention, nothing recomputed)."""
-    more = {"dist.offload": True, "train.gradient_checkpointing": True, "pack.attention": "dense"}
+    more = {"dist.offload": True, "train.gradient_checkpointing": True, "scorer.attention": "dense"}
     over = overrides(setup, "fsdp2-offload", **{"dist.engine": "fsdp2", **more})
     launch(["train", *argv(over)])
     close_curves(single["full"], read_metrics(setup / "fsdp2-offload"))
@@ -193,7 +193,7 @@ def test_fsdp2_passes_the_rows_attention_inputs_to_every_layer_unchanged(setup, 
     from cso_dist.inputs import load_split, make_cfg_renderer, resolve_sset
     from cso_dist.engines.fsdp2_engine import _decoder_layers
 
-    over = overrides(setup, f"mask-{attention}", **{"dist.engine": "fsdp2", "pack.attention": attention})
+    over = overrides(setup, f"mask-{attention}", **{"dist.engine": "fsdp2", "scorer.attention": attention})
     cfg = cfg_of({**over, "model.precision": "bf16-mixed"})
     split = load_split(cfg, "train")
     batch = micro_batches(make_layout(cfg, split.dialogues, make_cfg_renderer(cfg), resolve_sset(cfg), False), [0])[0]

@@ -304,7 +304,7 @@ def test_fuzz_bad_inputs(tmp_path, capsys, monkeypatch):
         "model.lora_dropout": [1.0, -0.5],
         "model.finetune": ["adapter"],
         "pack.max_tokens": [16],
-        "pack.logit_chunk": [0],
+        "scorer.logit_chunk": [0],
         "dist.zero_stage": [1],
         "dist.timeout_minutes": [0],
         "slurm.nodes": [0],

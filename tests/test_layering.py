@@ -199,7 +199,7 @@ def test_every_choice_list_is_defined_once():
     the CLI's choices derive from it."""
     defs = [d for p in sorted(PKG.rglob("*.py")) for d in _literal_sets(p)]
     keys = _choice_keys()
-    assert {"train.method", "model.precision", "pack.attention", "data.source"} <= set(keys), sorted(keys)
+    assert {"train.method", "model.precision", "scorer.attention", "data.source"} <= set(keys), sorted(keys)
     bad = []
     for key, values in sorted(keys.items()):
         where = [loc for s, loc in defs if s == values]

@@ -279,7 +279,7 @@ def test_recipe_fits_the_hardware_it_states(recipe):
 
 def test_trie_overhead_follows_the_attention_method(tmp_path):
     """dense: the [L x L] bool mask plus an additive copy per layer; tree: the branch masks and the gathered
-    history keys, linear in L; flex: neither. `cso-dist plan --attention` and pack.attention choose it."""
+    history keys, linear in L; flex: neither. `cso-dist plan --attention` and scorer.attention choose it."""
     shape = PRESETS["8b"]
     L, b = 8192, 2
     over = {}

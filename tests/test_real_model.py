@@ -78,7 +78,7 @@ def _scores(model, layout_kind: str, dialogues, renderer):
 
 
 def test_trie_logprobs_on_real_weights_equal_per_pair_scoring(smol, esconv_valid):
-    """fp32 within 1e-5 relative, under the default pack.attention (tree on this model)."""
+    """fp32 within 1e-5 relative, under the default scorer.attention (tree on this model)."""
     renderer = make_renderer(load_tokenizer(smol), "auto")
     model = load_model(smol, attention="auto").eval()
     assert attention_of(model) == "tree"

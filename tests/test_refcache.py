@@ -311,11 +311,11 @@ def test_a_tight_budget_splits_turns_and_the_cache_still_holds_every_reply(setup
 
 @pytest.mark.slow
 def test_flex_precompute_pads_to_its_bucket_and_says_what_it_compiled(setup, built, tmp_path, capsys):
-    """pack.attention flex on the CPU (compiled, scoring only): the cache holds the tree cache's values, and the
+    """scorer.attention flex on the CPU (compiled, scoring only): the cache holds the tree cache's values, and the
     report line gives the padding and the graphs compiled (at most a kernel and a block mask per bucket)."""
     _, _, values = built
     write_dialogues(tmp_path / "train.jsonl", setup["dialogues"][:4])  # the first shard's dialogues, fewer of them
-    over = {"pack.attention": "flex", "pack.bucket": 512, "train.train_file": str(tmp_path / "train.jsonl")}
+    over = {"scorer.attention": "flex", "pack.bucket": 512, "train.train_file": str(tmp_path / "train.jsonl")}
     cfg = make_cfg(setup, tmp_path / "flex", **over)
     reports = precompute(cfg, progress=False)
     said = capsys.readouterr().out

@@ -15,6 +15,7 @@ from cso_dist.config.schema import (
     PackConfig,
     RefCacheConfig,
     RunConfig,
+    ScorerConfig,
     TrackConfig,
     TrainConfig,
     TrainingConfig,

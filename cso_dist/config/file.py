@@ -72,6 +72,7 @@ def _apply(obj: Any, values: dict, prefix: str, notes: list[str] | None = None) 
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     renamed = getattr(type(obj), "RENAMED", {})
+    values = _moved(values, getattr(type(obj), "MOVED", {}) if not prefix else {}, notes)
     for k, v in values.items():
         if k in renamed:  # an old name: read as the new one, with a note
             if renamed[k] in values:
@@ -101,14 +102,38 @@ def _is_path(obj: Any, name: str) -> bool:
 
 
 def renamed_keys(root: type) -> dict[str, str]:
-    """Old dotted key -> its new name, for the keys of root's sections (a section class's RENAMED, as _apply reads
-    it): what a file written before a rename holds."""
+    """Old dotted key -> its new name, for the keys of root's sections (a section class's RENAMED, and root's MOVED:
+    keys that moved to another section, as _apply reads them): what a file written before a rename holds."""
     hints = typing.get_type_hints(root)
     return {
-        f"{f.name}.{old}": f"{f.name}.{new}"
-        for f in dataclasses.fields(root)
-        for old, new in getattr(hints[f.name], "RENAMED", {}).items()
+        **{
+            f"{f.name}.{old}": f"{f.name}.{new}"
+            for f in dataclasses.fields(root)
+            for old, new in getattr(hints[f.name], "RENAMED", {}).items()
+        },
+        **getattr(root, "MOVED", {}),
     }
+
+
+def _moved(values: dict, moved: dict[str, str], notes: list[str] | None) -> dict:
+    """`values` (nested, a whole config) with each key that moved to another section read at its new place, and a
+    note; both given is refused."""
+    if not moved or not any(isinstance(values.get(old.split(".")[0]), dict) for old in moved):
+        return values
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for old, new in moved.items():
+        (osec, okey), (nsec, nkey) = old.split("."), new.split(".")
+        if not isinstance(out.get(osec), dict) or okey not in out[osec]:
+            continue
+        if isinstance(out.get(nsec), dict) and nkey in out[nsec]:
+            raise ConfigError(f"config: {old}: the old place of {new}; give only the new one")
+        out.setdefault(nsec, {})
+        if not isinstance(out[nsec], dict):
+            raise ConfigError(f"config: {nsec}: expected a section (mapping), got {out[nsec]!r}")
+        out[nsec][nkey] = out[osec].pop(okey)
+        if notes is not None:
+            notes.append(f"{old} is now {new} (the old key still works)")
+    return out
 
 
 def _nest(dotted: dict[str, Any]) -> dict:

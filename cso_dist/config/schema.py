@@ -156,13 +156,6 @@ class TinyModelConfig:
 class PackConfig:
     layout: Literal[LAYOUTS] = setting("trie", "trie: one sequence per dialogue + branches; pair: per-pair rows")
     max_tokens: int = setting(4096, "token budget of one micro-batch (one packed row; per-pair: all rows)")
-    logit_chunk: int = setting(2048, "reply tokens per log-softmax chunk (bounds [tokens x vocab] memory)")
-    attention: Literal[ATTENTION] = setting(
-        "auto",
-        "attention over trie rows (cso_dist.scorer.attention): tree = SDPA per trunk / per turn's branches, work "
-        "proportional to what the tree attends; flex = FlexAttention BlockMask, compiled (no backward on CPU); "
-        "dense = one [T x T] mask; auto = flex on CUDA, on CPU tree (dense for models that soft-cap attention logits)",
-    )
     bucket: int = setting(
         1024,
         "flex: rows run padded to a multiple of this many tokens, so a run compiles at most twice per multiple up to "
@@ -171,14 +164,24 @@ class PackConfig:
 
     def validate(self) -> None:
         _check(self.max_tokens >= 32, "pack.max_tokens", "must be >= 32")
-        _check(self.logit_chunk >= 1, "pack.logit_chunk", "must be >= 1")
         _check(self.bucket >= 0, "pack.bucket", "must be >= 0 (0 = each row at its own length)")
-        _check(
-            self.bucket == PackConfig.bucket or (self.layout == "trie" and self.attention in ("auto", "flex")),
-            "pack.bucket",
-            f"only flex attention over trie rows reads it, and pack.attention is {self.attention} "
-            f"(pack.layout {self.layout}): remove it",
-        )
+
+
+@dataclass
+class ScorerConfig:
+    """How the model scores a laid-out micro-batch (cso_dist.scorer): the attention over trie rows, the LM head's
+    chunk. Were pack.attention and pack.logit_chunk (still read there, with a note)."""
+
+    attention: Literal[ATTENTION] = setting(
+        "auto",
+        "attention over trie rows (cso_dist.scorer.attention): tree = SDPA per trunk / per turn's branches, work "
+        "proportional to what the tree attends; flex = FlexAttention BlockMask, compiled (no backward on CPU); "
+        "dense = one [T x T] mask; auto = flex on CUDA, on CPU tree (dense for models that soft-cap attention logits)",
+    )
+    logit_chunk: int = setting(2048, "reply tokens per log-softmax chunk (bounds [tokens x vocab] memory)")
+
+    def validate(self) -> None:
+        _check(self.logit_chunk >= 1, "scorer.logit_chunk", "must be >= 1")
 
 
 @dataclass
@@ -377,12 +380,16 @@ class TrainingConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pack: PackConfig = field(default_factory=PackConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     refcache: RefCacheConfig = field(default_factory=RefCacheConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    # keys that moved to another section: old dotted key -> new one, still read (a note says so)
+    MOVED: ClassVar[dict[str, str]] = {"pack.attention": "scorer.attention", "pack.logit_chunk": "scorer.logit_chunk"}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -458,11 +465,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         f"must be >= data.max_length ({cfg.data.max_length}): one turn must fit a micro-batch",
     )
     _check_method(cfg)
+    flex_rows = cfg.pack.layout == "trie" and cfg.scorer.attention in ("auto", "flex")
     _check(
-        not cfg.train.compile or (cfg.pack.layout == "trie" and cfg.pack.attention in ("auto", "flex")),
+        cfg.pack.bucket == PackConfig.bucket or flex_rows,
+        "pack.bucket",
+        f"only flex attention over trie rows reads it, and scorer.attention is {cfg.scorer.attention} "
+        f"(pack.layout {cfg.pack.layout}): remove it",
+    )
+    _check(
+        not cfg.train.compile or flex_rows,
         "train.compile",
         "compiled layers need rows of a few lengths: flex attention over trie rows (pack.layout trie, "
-        f"pack.attention flex or auto on CUDA), and they are {cfg.pack.layout} / {cfg.pack.attention}",
+        f"scorer.attention flex or auto on CUDA), and they are {cfg.pack.layout} / {cfg.scorer.attention}",
     )
     _check(
         cfg.train.reference == "cache" or cfg.model.finetune in ("lora", "qlora"),

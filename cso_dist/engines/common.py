@@ -30,11 +30,11 @@ def no_dropout(model) -> None:
 
 
 def make_scorer(module: torch.nn.Module, cfg: TrainingConfig, device) -> Scorer:
-    """The engine's scorer: pack.logit_chunk, flex rows padded to pack.bucket (FlexRows), and under train.compile
+    """The engine's scorer: scorer.logit_chunk, flex rows padded to pack.bucket (FlexRows), and under train.compile
     every decoder layer compiled (regional compilation: the layers share one graph per row length)."""
     if cfg.train.compile:
         compile_layers(module)
-    return Scorer(module, cfg.pack.logit_chunk, device, FlexRows.of(cfg.pack.max_tokens, cfg.pack.bucket))
+    return Scorer(module, cfg.scorer.logit_chunk, device, FlexRows.of(cfg.pack.max_tokens, cfg.pack.bucket))
 
 
 def compile_layers(module: torch.nn.Module) -> None:
@@ -43,7 +43,7 @@ def compile_layers(module: torch.nn.Module) -> None:
     kind = attention_of(module)
     if kind != "flex":
         raise ConfigError(
-            f"train.compile: pack.attention resolved to {kind} here (auto is flex on CUDA only), whose rows have any "
+            f"train.compile: scorer.attention resolved to {kind} here (auto is flex on CUDA only), whose rows have any "
             "length; compiled layers need flex attention"
         )
     layers = getattr(unwrap(module).get_decoder(), "layers", None)

@@ -240,7 +240,7 @@ def _likelihood_into(
     step = 16  # dialogues per write
     work = [(ds, likelihood_groups(ds, renderer, sset, prefixes, cfg)) for ds in _slices(mine, step)]
     n_groups = sum(len(groups) for _, groups in work)
-    chunks = max((head_chunks(g, cfg.pack.logit_chunk) for _, groups in work for g in groups), default=0)
+    chunks = max((head_chunks(g, cfg.scorer.logit_chunk) for _, groups in work for g in groups), default=0)
     part, n = open_part(out, world.rank), 0
     engine = build_scorer(cfg, world, device=device)
     with contextlib.closing(engine):

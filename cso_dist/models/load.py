@@ -134,7 +134,7 @@ def load_model(
     DeepSpeed/torch pairs reject in the non-reentrant checkpoint's saved-tensor metadata check;
     the DeepSpeed engine asks for reentrant checkpointing under ZeRO-3 (both pass with DeepSpeed
     0.19 on CPU here).
-    attention: how trie rows attend (pack.attention: auto, tree, flex, dense; cso_dist.scorer.attention).
+    attention: how trie rows attend (scorer.attention: auto, tree, flex, dense; cso_dist.scorer.attention).
     If `path` is a LoRA adapter dir, its base is loaded the same way and the adapter attached
     trainable (its own adapter_config wins over `lora`); with finetune "full" the adapter is
     merged into the base weights.

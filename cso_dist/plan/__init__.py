@@ -6,7 +6,7 @@ The training step (cso_dist.plan.training): model states follow DeepSpeed's own 
 saved-tensor hooks on this project's models (tests/test_plan.py checks the estimate against the measured peak
 memory of tiny models): per token and layer two RMSNorms (12·h bytes each), q, the repeated k and v, and the
 attention output (4·heads·head_dim·b), the log-sum-exp, and the gated MLP (4·intermediate·b). The trie layout's
-overhead depends on pack.attention: dense keeps a boolean [L x L] mask that SDPA turns into an additive mask in
+overhead depends on scorer.attention: dense keeps a boolean [L x L] mask that SDPA turns into an additive mask in
 the compute dtype, saved once per layer for backward; tree (the default) keeps no [L x L] tensor -- each turn's
 branches attend a gathered copy of their history's keys and values (`tree_keys` key rows per row token, instead
 of the repeated k and v) under a small mask (`tree_mask` elements per row token, additive per layer). With

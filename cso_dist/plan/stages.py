@@ -6,7 +6,7 @@ they fit, and, where they do not, the smallest change that makes them fit.
                    no optimizer, no key/value cache): its weights as the engine holds them (the torch engine and
                    ZeRO-2: all of them; ZeRO-3: 1 / GPUs of them + one layer gathered and the prefetch buffers;
                    QLoRA: the 4-bit base), one layer's forward over a row of pack.max_tokens tokens and the LM
-                   head over pack.logit_chunk reply tokens. Skipped when the run reads no reference cache.
+                   head over scorer.logit_chunk reply tokens. Skipped when the run reads no reference cache.
   train            the training plan (cso_dist.plan.training).
   eval likelihood  the same forward, the model loaded as the run's finetune kind (LoRA adapters in fp32).
   eval generate    eval.backend hf: the same weights + the key/value cache of one generate() batch
@@ -256,7 +256,7 @@ def _scoring_fix(shape: Shape, s: Setup, measure, fits: bool) -> str | None:
     if s.zero != 3 and s.finetune != "qlora":
         changes.append((_zero3(s), r(s, zero=3)))
     changes += [(f"pack.max_tokens {k}", r(s, seq_len=k)) for k in _halvings(s.seq_len, s.max_length)]
-    changes += [(f"pack.logit_chunk {k}", r(s, logit_chunk=k)) for k in _halvings(s.logit_chunk, 128)]
+    changes += [(f"scorer.logit_chunk {k}", r(s, logit_chunk=k)) for k in _halvings(s.logit_chunk, 128)]
     if s.zero == 3 and s.offload != "params":
         changes.append((_offload_words("params"), r(s, offload="params")))
     if s.zero == 3:

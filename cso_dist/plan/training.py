@@ -46,7 +46,7 @@ class Setup:
     logit_chunk: int = 2048
     bytes_per_el: int = 2  # bf16 compute; 4 = fp32
     attention: str = (
-        "flex"  # pack.attention over trie rows: flex (auto on CUDA; no masks, no gathered keys) | tree | dense
+        "flex"  # scorer.attention over trie rows: flex (auto on CUDA; no masks, no gathered keys) | tree | dense
     )
     # key rows and branch-mask elements per row token under tree attention: measured on 150 ESConv train
     # dialogues (K = 3) at 4,096-8,192-token rows and data.max_length 2,048, at most 6.4 and 590 (median
@@ -182,7 +182,7 @@ def layer_bytes_per_token(shape: Shape, s: Setup) -> float:
 
 
 def _tree(shape: Shape, s: Setup) -> bool:
-    """Whether trie rows run tree (or flex) attention: pack.attention auto picks dense for eager models."""
+    """Whether trie rows run tree (or flex) attention: scorer.attention auto picks dense for eager models."""
     return s.attention != "dense" and not shape.eager
 
 
@@ -398,7 +398,7 @@ def setup_from_config(cfg) -> tuple[Shape, Setup]:
         raise ConfigError("config: plan.model: set it to a preset (7b, 8b, 9b, 13b, 34b, 70b) or an HF config path")
     zero, offload = ENGINES[cfg.dist.engine].sharding(cfg)
     m, t = cfg.model, cfg.train
-    flex = cfg.pack.attention in ("auto", "flex")  # auto is flex on the GPUs a plan is for
+    flex = cfg.scorer.attention in ("auto", "flex")  # auto is flex on the GPUs a plan is for
     s = Setup(
         finetune=m.finetune,
         zero=zero,
@@ -415,9 +415,9 @@ def setup_from_config(cfg) -> tuple[Shape, Setup]:
         lora_dropout=m.lora_dropout,
         lora_targets=tuple(m.lora_target_modules),
         optimizer=t.optimizer,
-        logit_chunk=cfg.pack.logit_chunk,
+        logit_chunk=cfg.scorer.logit_chunk,
         bytes_per_el=2 if m.precision == "bf16" else 4,
-        attention="flex" if flex else cfg.pack.attention,
+        attention="flex" if flex else cfg.scorer.attention,
         reference_cache=needs_reference(t.method) and t.reference == "cache",
         max_length=cfg.data.max_length,
         eval_batch=cfg.eval.batch_size,

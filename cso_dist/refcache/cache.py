@@ -192,7 +192,7 @@ def _score_shards(
     """Score and write this rank's `todo` shards, each as soon as it is done. Under a collective engine (ZeRO-3)
     every rank runs the same number of forwards with the same number of LM-head calls (a rank with fewer shards,
     or none, runs filler rows after its own), or the job would hang."""
-    chunk, max_tokens = cfg.pack.logit_chunk, cfg.pack.max_tokens
+    chunk, max_tokens = cfg.scorer.logit_chunk, cfg.pack.max_tokens
     work = {i: pack_units(laid.all_units(list(range(*plan[i]))), max_tokens) for i in todo} if laid else {}
     mine = sum(len(groups) for groups in work.values())
     chunks = max((head_chunks(g, chunk) for groups in work.values() for g in groups), default=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from cso_dist.util.lazy import lazy_exports
 
-# pack.attention: how trie rows attend (cso_dist.scorer.attention)
+# scorer.attention: how trie rows attend (cso_dist.scorer.attention)
 ATTENTION = ("auto", "dense", "tree", "flex")
 
 __all__ = [

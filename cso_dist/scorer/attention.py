@@ -1,4 +1,4 @@
-"""Tree attention: attention that costs what the prefix trie attends (pack.attention).
+"""Tree attention: attention that costs what the prefix trie attends (scorer.attention).
 
 A packed trie row (cso_dist.pack.trie) attends in a fixed shape: no query sees another unit, a trunk
 token sees its unit's trunk up to itself, and a branch token sees its history (a prefix of the trunk)
@@ -111,14 +111,14 @@ def _flex(query, key, value, block_mask, scaling, softcap, compiled: bool = True
 def _check_window(kind: str, longest: int, window) -> None:
     if window and longest > window:
         raise CsoError(
-            f"pack.attention {kind}: a query sees {longest} keys, more than the model's sliding window "
-            f"({window}); use pack.attention dense"
+            f"scorer.attention {kind}: a query sees {longest} keys, more than the model's sliding window "
+            f"({window}); use scorer.attention dense"
         )
 
 
 def _check_tree(plan: TreePlan, kwargs: dict) -> None:
     if kwargs.get("softcap"):
-        raise CsoError("pack.attention tree: this model soft-caps attention logits, which SDPA cannot; use auto")
+        raise CsoError("scorer.attention tree: this model soft-caps attention logits, which SDPA cannot; use auto")
     _check_window("tree", plan.longest, kwargs.get("sliding_window"))
 
 
@@ -132,9 +132,9 @@ def tree_attention(module, query, key, value, attention_mask, scaling=None, drop
     flex = kwargs.pop("cso_flex", None)
     if flex is not None:
         if dropout:
-            raise CsoError("pack.attention flex: attention dropout is not supported; set it to 0")
+            raise CsoError("scorer.attention flex: attention dropout is not supported; set it to 0")
         if not query.is_cuda and torch.is_grad_enabled() and query.requires_grad:
-            raise CsoError("pack.attention flex: FlexAttention has no backward on CPU; use pack.attention tree")
+            raise CsoError("scorer.attention flex: FlexAttention has no backward on CPU; use scorer.attention tree")
         return _flex(query, key, value, attention_mask, scaling, kwargs.get("softcap"), flex.compiled), None
     return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
@@ -161,14 +161,14 @@ def resolve(kind: str, model, cuda: bool = False) -> str:
     """`kind` for this model: auto -> flex on CUDA (`cuda`); elsewhere tree, or dense where the model soft-caps
     attention logits."""
     if kind not in ATTENTION:
-        raise ConfigError(f"pack.attention: '{kind}' is not one of {', '.join(ATTENTION)}")
+        raise ConfigError(f"scorer.attention: '{kind}' is not one of {', '.join(ATTENTION)}")
     cfg = unwrap(model).config
     softcap = getattr(cfg, "attn_logit_softcapping", None)
     if kind == "auto":
         return "flex" if cuda else "dense" if softcap else "tree"
     if kind == "tree" and softcap:
         raise ConfigError(
-            f"pack.attention: tree cannot soft-cap attention logits ({cfg.model_type}); use auto, dense or flex"
+            f"scorer.attention: tree cannot soft-cap attention logits ({cfg.model_type}); use auto, dense or flex"
         )
     return kind
 

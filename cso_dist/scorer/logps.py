@@ -45,7 +45,7 @@ def trie_logps(
 ) -> torch.Tensor:
     """Summed log-prob of every reply in the batch, in `batch.reply_ids` order.
 
-    The body runs once over the packed row, its attention shaped by the tree (the model's pack.attention
+    The body runs once over the packed row, its attention shaped by the tree (the model's scorer.attention
     method: cso_dist.scorer.attention); the LM head and the
     log-softmax run only on the hidden states that predict reply tokens, `chunk` tokens at a
     time (recomputed in backward), so no [tokens x vocab] tensor over the history exists.

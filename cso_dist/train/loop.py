@@ -266,7 +266,7 @@ def train_step(cfg: TrainingConfig, world: World, engine, micro: list[Batch], re
     sums: dict = {"loss": 0.0, "micro_batches": 0, "tokens": 0}
     bad = ""
     mine = my_share(micro, world)
-    n = head_calls(engine, micro, cfg.pack.logit_chunk)
+    n = head_calls(engine, micro, cfg.scorer.logit_chunk)
     for j, (b, w) in enumerate(mine):
         with engine.accumulating(last=j == len(mine) - 1):
             loss, m = micro_loss(
@@ -376,7 +376,7 @@ def evaluate(engine, batches: list[Batch], cfg: TrainingConfig, ref, world: Worl
     counts = {k: sum(b.counts[k] for b in batches) for k in COUNTS}
     sums: dict = {"loss": 0.0}
     engine.train(False)
-    n = head_calls(engine, batches, cfg.pack.logit_chunk)
+    n = head_calls(engine, batches, cfg.scorer.logit_chunk)
     for b, w in my_share(batches, world):
         logps = engine.score(b.data, n)
         loss, m = micro_loss(cfg.train, b.reply_ids, logps, b.data.reply_tokens, ref(engine, b, n), counts)

@@ -1,7 +1,7 @@
 """The GPU kit's whole-epoch part and its MFU levers (the throughput section, scripts/device/speed.py, runs them
 first), and the 7B-shape part (the shape7b section).
 
-epoch   the Qwen2.5-1.5B shape, bf16, cached reference, `pack.attention auto` (flex on CUDA, rows padded to
+epoch   the Qwen2.5-1.5B shape, bf16, cached reference, `scorer.attention auto` (flex on CUDA, rows padded to
         pack.bucket), EPOCH_STEPS optimizer steps over real ESConv train dialogues in the order a run takes them
         (cso_dist.train.plan_steps: its seeded permutation, its packing), timed from the first step, so compiles
         are inside the rate: pairs/s and MFU over the whole run, the same after the compiling steps, the number of
@@ -196,7 +196,7 @@ def epoch_parts(r: Result, smoke: bool, work: Path) -> None:
     dlg = train_dialogues(60 if smoke else 400)
     write_dialogues(work / "train.jsonl", dlg)
     # one micro-batch per step (pack.max_tokens each), as many steps as the part needs
-    base = {"pack.attention": "auto", "train.max_steps": n_steps, "run.out_dir": work / "epoch"}
+    base = {"scorer.attention": "auto", "train.max_steps": n_steps, "run.out_dir": work / "epoch"}
     cfg = run_config(work, path, smoke, **base)
     steps = run_steps(cfg, dlg)
     if len(steps) < n_steps:
@@ -246,7 +246,7 @@ def epoch_parts(r: Result, smoke: bool, work: Path) -> None:
         rows = run_steps(lcfg, dlg)[:lever_steps] if name == "lever_rows_16k" else lever_rows
         r.part(key, lambda c=lcfg, s=rows: _with_plan(timed_run(c, s, n_params, peak), c, path, s))
     # last: the reference precompute's forward over the epoch's rows, under compiled flex (CPU: scoring only)
-    flex = run_config(work, path, smoke, **{**base, "pack.attention": "flex"})
+    flex = run_config(work, path, smoke, **{**base, "scorer.attention": "flex"})
     r.part(f"{shape}/epoch_reference_scoring", scoring_run, flex, steps, n_params, peak)
 
 

@@ -94,7 +94,7 @@ def _layouts_agree(work: Path, model_path: Path, dlg, precision: str, smoke: boo
         pair_batches = PairLayout(dlg, renderer, sset, cfg.pack.max_tokens, cfg.data.max_length).batches(order)
         w = _weights(k for b in pair_batches for k in b.reply_ids)
         t0 = time.perf_counter()
-        _PER_PAIR[precision] = (*_scores(model, pair_batches, cfg.pack.logit_chunk, w, backward=True), w)
+        _PER_PAIR[precision] = (*_scores(model, pair_batches, cfg.scorer.logit_chunk, w, backward=True), w)
         out["per_pair_seconds"] = time.perf_counter() - t0
     want, want_g, w = _PER_PAIR[precision]
     fp32 = _PER_PAIR.get("fp32", (None,))[0]
@@ -105,7 +105,7 @@ def _layouts_agree(work: Path, model_path: Path, dlg, precision: str, smoke: boo
         backward = cuda() or method != "flex"  # FlexAttention has no CPU backward
         sync()
         t0 = time.perf_counter()
-        got, got_g = _scores(model, trie.batches(order), cfg.pack.logit_chunk, w, backward)
+        got, got_g = _scores(model, trie.batches(order), cfg.scorer.logit_chunk, w, backward)
         sync()
         row = {"seconds": time.perf_counter() - t0, "vs_per_pair": _rel(got, want)}  # flex: includes its compile
         if backward:

@@ -198,7 +198,7 @@ def planned(
 
     big = max(micro, key=lambda b: b.n_tokens)
     # what the run attends with on this machine: auto is flex on CUDA, its rows padded to pack.bucket
-    attention = cfg.pack.attention if cfg.pack.attention != "auto" else "flex" if cuda() else "tree"
+    attention = cfg.scorer.attention if cfg.scorer.attention != "auto" else "flex" if cuda() else "tree"
     row = bucket_length(big.n_tokens, cfg.pack.bucket) if attention == "flex" else big.n_tokens
     keys, mask = tree_plan(big.data).per_token() if hasattr(big.data, "ctx_lo") else (6.5, 600.0)
     setup = Setup(
@@ -210,7 +210,7 @@ def planned(
         seq_len=row,
         micro_batch=1,
         checkpointing=cfg.train.gradient_checkpointing,
-        logit_chunk=cfg.pack.logit_chunk,
+        logit_chunk=cfg.scorer.logit_chunk,
         optimizer=optimizer,
         bytes_per_el=2,
         attention=attention,

@@ -9,11 +9,11 @@ leaves what it finished, and a part that fails does not stop the next one.
   env         the card, driver, CUDA, library versions and whether each imports; bf16 matmul TFLOP/s measured
               on this card (the MFU denominator)
   exactness   a Qwen2.5-0.5B-shaped model (random weights, the real Qwen2.5 vocabulary), 2 real ESConv
-              dialogues, fp32 and bf16: each pack.attention method (tree, flex -- compiled on CUDA --, dense)
+              dialogues, fp32 and bf16: each scorer.attention method (tree, flex -- compiled on CUDA --, dense)
               against the per-pair layout, every reply's summed log-prob and the gradient of a weighted sum of
               them; the step-0 DPO loss of the training path with the model as its own reference (ln 2)
   throughput  first a whole epoch (scripts/device/epoch.py): the Qwen2.5-1.5B shape, bf16, cached reference,
-              pack.attention auto, 40 steps over real ESConv train dialogues in the run's order, compiles
+              scorer.attention auto, 40 steps over real ESConv train dialogues in the run's order, compiles
               included: pairs/s, MFU, compiled graphs, the per-pair layout and TRL on the first steps; then the
               MFU levers, each an A/B on the epoch's first 8 steps (checkpointing off, train.compile,
               train.fused_adamw, 16k rows); then DPO steps on the Qwen2.5-1.5B and 0.5B shapes over 8 ESConv

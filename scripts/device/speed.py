@@ -61,7 +61,7 @@ def _step_rate(work: Path, model_path: Path, n_params: int, dlg, steps: int, smo
     out = {
         "finetune": finetune,
         "layout": cfg.pack.layout,
-        "attention": cfg.pack.attention,
+        "attention": cfg.scorer.attention,
         "micro_batches": len(micro),
         "tokens_per_step": tokens,
         "pairs_per_step": counts["pairs"],
@@ -221,10 +221,10 @@ def throughput(r: Result, smoke: bool, work: Path) -> None:
     write_dialogues(work / "train.jsonl", dlg)
     steps = 1 if smoke else 2
     variants = [
-        ("trie_tree", {"pack.layout": "trie", "pack.attention": "tree"}),
+        ("trie_tree", {"pack.layout": "trie", "scorer.attention": "tree"}),
         ("per_pair", {"pack.layout": "pair"}),
-        ("trie_tree_lora", {"pack.layout": "trie", "pack.attention": "tree", "model.finetune": "lora"}),
-        ("trie_flex", {"pack.layout": "trie", "pack.attention": "flex"}),
+        ("trie_tree_lora", {"pack.layout": "trie", "scorer.attention": "tree", "model.finetune": "lora"}),
+        ("trie_flex", {"pack.layout": "trie", "scorer.attention": "flex"}),
     ]
     peak = peak_bf16(device_name())
     r.data["dialogues"], r.data["steps"], r.data["peak_bf16_tflops"] = len(dlg), steps, peak / 1e12 if peak else None
