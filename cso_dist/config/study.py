@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from cso_dist import losses
+from cso_dist.config.training import TRAINING_SECTIONS, TrainingConfig
 from cso_dist.config.file import _apply, _check, _check_seed, _nest, _parse_value, setting
 from cso_dist.data.negatives import NEGATIVES_FROM
 from cso_dist.data.negatives import SOURCES as NEGATIVE_SOURCES
@@ -109,8 +110,6 @@ class StudyConfig:
         return arms
 
     def grids(self) -> dict[str, dict[str, list[str]]]:
-        from cso_dist.config.schema import TRAINING_SECTIONS, TrainingConfig  # (the sections a grid may set)
-
         """{loss: {dotted key: values}} from `sweep` (validated at load)."""
         out: dict[str, dict[str, list[str]]] = {}
         for i, entry in enumerate(self.sweep):
