@@ -3,7 +3,6 @@ same-pairs training overrides. Scripts import it as `benchlib` (they run from sc
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import sys
@@ -15,21 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cso_dist.engines.checkpoint import numeric_conditions  # noqa: E402
 from cso_dist.data.esconv import esconv_texts  # noqa: E402
 from cso_dist.models import build_tiny_model  # noqa: E402
-
-
-def cpu_name() -> str:
-    """The CPU model as lscpu names it (e.g. 'Intel(R) Xeon(R) Processor', 'AMD EPYC 7B13')."""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+from cso_dist.util.machine import machine as cpu_model  # noqa: E402
 
 
 def machine(**extra) -> dict:
     """Where a figure came from: CPU, cores, threads, kernel family and library versions, load."""
     return {
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "loadavg_1m": os.getloadavg()[0],

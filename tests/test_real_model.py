@@ -115,7 +115,7 @@ def test_after_a_little_sft_its_generations_parse_as_strategy_replies(smol, esco
     """A few SFT steps (LoRA) on gold replies teach the `(<strategy>) text` form; greedy generations on
     held-out turns then parse with a strategy of the set."""
     from cso_dist.data.dialogue import write_dialogues
-    from cso_dist.study.data import cpu_bf16
+    from cso_dist.util.machine import cpu_bf16
     from cso_dist.eval.generate import run_generate
     from cso_dist.train.loop import run_train
 

@@ -9,7 +9,7 @@ import pytest
 
 from cso_dist.config import load_config
 from cso_dist.util.errors import ConfigError, CsoError
-from cso_dist.study.report import paired
+from cso_dist.eval.compare import paired
 from cso_dist.study.run import run_study
 from conftest import REPO, run_cli
 

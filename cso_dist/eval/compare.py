@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cso_dist.eval.report import spread
+
 from cso_dist.eval.metrics import OTHER_PICKS, strategy_metrics
 from cso_dist.eval.pred import read_rows
 from cso_dist.losses import BASELINE
@@ -79,14 +81,30 @@ def two_noise_bootstrap(
             "p_better": float(((d > 0) if up else (d < 0)).mean()),
             "seeds_better": better,
             "sign_test_p": sign_test(better, len(per_seed)),
-            "verdict": _verdict(lo, hi, up),
+            "verdict": verdict(lo, hi, up)["verdict"],
         }
     return out
 
 
-def _verdict(lo: float, hi: float, higher_is_better: bool) -> str:
+def verdict(lo: float, hi: float, higher_is_better: bool, noise: str = "the noise") -> dict:
+    """The 95% interval of a difference and what it says: "better" / "worse" where it excludes 0, else "within" the
+    noise it covers."""
     good, bad = (lo > 0, hi < 0) if higher_is_better else (hi < 0, lo > 0)
-    return "better" if good else "worse" if bad else "within the noise"
+    return {"ci95": [lo, hi], "verdict": "better" if good else ("worse" if bad else f"within {noise}")}
+
+
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired(values: list[float], sft: list[float], higher_is_better: bool) -> dict:
+    """Seed-by-seed differences (method - SFT): mean, std, 95% t-interval, how many seeds are better, and
+    the verdict: "better" / "worse" when the interval excludes 0, else "within the seed spread"."""
+    d = [a - b for a, b in zip(values, sft)]
+    (m, sd), n = spread(d), len(d)
+    half = T95.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else math.inf
+    wins = sum((x > 0) if higher_is_better else (x < 0) for x in d)
+    out = {"diffs": d, "mean": m, "std": sd, "better_seeds": wins, "seeds": n}
+    return out | verdict(m - half, m + half, higher_is_better, "the seed spread")
 
 
 def rank_agreement(x: list[float], y: list[float]) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -14,16 +13,8 @@ from cso_dist.config import Config
 from cso_dist.data.dialogue import read_dialogues
 from cso_dist.launch.jobs import run_config
 from cso_dist.util.errors import CsoError
+from cso_dist.util.machine import cpu_bf16
 from cso_dist.util.io import append_jsonl, atomic_write_text, read_json
-
-
-def cpuinfo() -> list[str]:
-    return Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-
-
-def machine() -> str:
-    cpu = next((x.split(":", 1)[1].strip() for x in cpuinfo() if x.startswith("model name")), None)
-    return cpu or platform.processor() or "cpu"
 
 
 def with_over(cfg: Config, **over) -> Config:
@@ -46,12 +37,6 @@ SUBSETS += ("test_from", "generate_from")
 
 
 SIZES = {"train_dialogues": "train", "valid_dialogues": "valid", "eval_dialogues": "valid", "test_dialogues": "test"}
-
-
-def cpu_bf16() -> str | None:
-    """The CPU's bf16 units, if any: "amx" or "avx512_bf16" (AMD EPYC Zen 4 and later, Intel Cooper Lake)."""
-    flags = {f for line in cpuinfo() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
-    return "amx" if "amx_bf16" in flags else ("avx512_bf16" if "avx512_bf16" in flags else None)
 
 
 def base_model(cfg: Config, out: Path, name: str) -> Path:

@@ -5,14 +5,14 @@ the strategy-or-prior check (cso_dist.eval.compare); what each phase cost -> <ou
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 from cso_dist.config import Config, EvalConfig, choices
+from cso_dist.eval.compare import paired, verdict
 from cso_dist.eval.report import spread
 from cso_dist.losses import BASELINE
-from cso_dist.study.data import machine
+from cso_dist.util.machine import machine
 from cso_dist.util.io import atomic_write_text, read_json, read_jsonl
 
 KEYS = ("Q", "W", "B", "accuracy")
@@ -31,9 +31,6 @@ GEN += (("bleu2", "BLEU-2", 1), ("rougeL", "ROUGE-L", 1), ("distinct2", "Distinc
 TIMING = {"phase": str, "seconds": (int, float)}  # a line of <out>/timing.jsonl (read through the one reader)
 
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
 # ---------------------------------------------------------------- 8. the report
 def _run_scores(run: Path) -> dict:
     """A run's test scores (likelihood), generation scores and training summary, each None where absent."""
@@ -47,22 +44,6 @@ def _run_scores(run: Path) -> dict:
 
 def _stats(values: list[float]) -> dict:
     return dict(zip(("mean", "std"), spread(values)), values=values)
-
-
-def paired(values: list[float], sft: list[float], higher_is_better: bool) -> dict:
-    """Seed-by-seed differences (method - SFT): mean, std, 95% t-interval, how many seeds are better, and
-    the verdict: "better" / "worse" when the interval excludes 0, else "within the seed spread"."""
-    d = [a - b for a, b in zip(values, sft)]
-    (m, sd), n = spread(d), len(d)
-    half = T95.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else math.inf
-    wins = sum((x > 0) if higher_is_better else (x < 0) for x in d)
-    out = {"diffs": d, "mean": m, "std": sd, "better_seeds": wins, "seeds": n}
-    return out | _verdict(m - half, m + half, higher_is_better, "the seed spread")
-
-
-def _verdict(lo: float, hi: float, higher_is_better: bool, noise: str) -> dict:
-    good, bad = (lo > 0, hi < 0) if higher_is_better else (hi < 0, lo > 0)
-    return {"ci95": [lo, hi], "verdict": "better" if good else ("worse" if bad else f"within {noise}")}
 
 
 def summarize(runs: dict[str, list[Path]], sset, seed: int, resamples: int = 200) -> dict:
@@ -90,7 +71,7 @@ def summarize(runs: dict[str, list[Path]], sset, seed: int, resamples: int = 200
             continue
         preds = [read_pred(Path(r["runs"][0]) / "eval" / "pred-test-likelihood.jsonl", sset) for r in (sft, row)]
         boot = paired_bootstrap(*preds, sset, n=resamples, seed=seed)
-        vs = {k: {"mean": boot[k]["diff"], **_verdict(*boot[k]["ci95"], k == "Q", "the noise")} for k in "QB"}
+        vs = {k: {"mean": boot[k]["diff"], **verdict(*boot[k]["ci95"], k == "Q")} for k in "QB"}
         row["vs_sft"] = vs | {"resamples": boot["resamples"], "dialogues": boot["dialogues"]}
     return out
 
