@@ -193,7 +193,7 @@ def _data(cfg: Config, out: Path, until: str, command: str) -> tuple[_Study | No
     counts = {k: sum(len(d.turn_indices()) for d in read_dialogues(v)) for k, v in files.items()}
     used = {k: [d.id for d in read_dialogues(files[k])] for k in ("test", "generate") if k in files}
     if st.test_ledger:  # test dialogues another study scored are refused
-        check_unused(Path(st.test_ledger), str(out), used, st.reuse_test)
+        check_unused(Path(st.test_ledger), cfg.run.out_dir, used, st.reuse_test)  # by: the folder as configured
     print("   subsets: " + ", ".join(f"{k} {v} turns" for k, v in counts.items()), flush=True)
     more = st.sources != [cfg.data.negatives_from]  # train files of other sources (they need the base model)
     info = {"files": {k: str(v) for k, v in files.items()}, "counts": counts, "used": used}
@@ -276,7 +276,7 @@ def _test(s: _Study, selection: dict, used: dict, command: str) -> dict[str, lis
     runs = {"base": [out / "base"], BASELINE: list(s.sft_dirs.values())}
     for loss, sel in selection.items():
         runs[loss] = [Path(sel["dir"])] + [out / "seeds" / loss / f"seed={seed}" for seed in st.seeds[1:]]
-    record(Path(st.test_ledger) if st.test_ledger else None, out, str(out), command, used)
+    record(Path(st.test_ledger) if st.test_ledger else None, out, s.cfg.run.out_dir, command, used)
     gen = [("generate", str(s.files["generate"]), "generate"), s.lik("generate")] if "generate" in s.files else []
     tasks = [s.lik("test"), *gen]
     items = [_eval_item(s.base_cfg, "base", out / "base", tasks, s.base_model)]
