@@ -282,6 +282,9 @@ def test_failing_job_reports_its_error_and_log(slurm, data):
     run = submit_run(cfg_of(overrides(data, "failing", **{"model.path": data / "no-such-model"})))
     (row,) = collect([run])
     assert row["state"] == "FAILED" and "no-such-model" in row["error"], row
+    log, deadline = Path(row["log"]), time.time() + 30  # the task's stderr can land after its result file
+    while not (log.is_file() and "no-such-model" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.5)
     assert Path(row["log"]).is_file() and "no-such-model" in Path(row["log"]).read_text()
     proc = run_cli(
         "launch", "submitit", *argv(overrides(data, "failing-cli", **{"model.path": data / "no-such-model"}))
