@@ -255,7 +255,8 @@ def test_the_data_source_is_a_study_axis(tmp_path, esconv_dir, monkeypatch):
 def test_cso_can_start_from_the_base_model_with_the_base_as_reference(tmp_path, esconv_dir):
     """study.start_from [sft, base]: each arm runs from the seed's SFT model and from the base model, each with its
     start model as the reference (its own cache); the first step of each is ln 2 (policy = reference). With
-    eval.calibrate prior the report checks strategy against prior; the test dialogues go into the ledger."""
+    eval.calibrate prior the report checks strategy against prior; the test dialogues go into the ledger; a rerun
+    reuses every calibrated score."""
     over = {
         **TINY,
         "study.cluster": "inline",
@@ -295,6 +296,9 @@ def test_cso_can_start_from_the_base_model_with_the_base_as_reference(tmp_path, 
     assert "dpo@retrieval-balanced-from-base vs base (calibrated)" in prior["vs"]
     assert set(prior["agreement"]) == {"raw", "calibrated", "first_token", "generated_turns"}
     assert (out / "base" / "eval" / "pred-calibration-valid.jsonl").is_file()  # the base model's own offsets
+    # a rerun reuses the calibrated scores (their origin holds the offsets, refitted from the calibration file)
+    again = run_study(load_config("configs/study.yaml", over))
+    assert again["prior"] == prior and again["summary"] == res["summary"]
 
 
 def test_the_test_ledger_refuses_dialogues_another_study_scored(tmp_path, esconv_dir):

@@ -201,28 +201,43 @@ def _generate_into(
     return len(mine)
 
 
+def calibration_file(cfg: TrainingConfig, out: Path) -> Path:
+    """The PRED file of the calibration dialogues beside `out` (pred-calibration-<data>.jsonl)."""
+    data = cfg.eval.calibrate_data
+    return out.with_name(f"pred-calibration-{Path(data).stem if data else 'valid'}.jsonl")
+
+
 def calibration(cfg: TrainingConfig, out: Path, progress: bool, device) -> dict:
     """eval.calibrate prior: one offset per strategy, fitted (cso_dist.eval.calibrate) on the likelihood scores of
     the calibration dialogues, which are scored first into their own PRED file beside `out`
-    (pred-calibration-<data>.jsonl: resumable like any, shared by the PRED files beside it); what they came from
+    (calibration_file: resumable like any, shared by the PRED files beside it); what they came from
     and the offsets, for `out`'s origin. Every rank fits the same offsets."""
     e = cfg.eval
     sub = replace(cfg, eval=replace(e, calibrate="none", calibrate_data="", max_dialogues=e.calibrate_dialogues))
-    side = out.with_name(f"pred-calibration-{Path(e.calibrate_data).stem if e.calibrate_data else 'valid'}.jsonl")
+    side = calibration_file(cfg, out)
     run_generate(sub, "valid", side, "likelihood", e.calibrate_data, progress, device)
     dist.barrier()  # rank 0 has merged the ranks' parts
-    rows, names = read_rows(side), resolve_sset(cfg).names
-    offsets = fit_prior_offsets([r["scores"] for r in rows], [r["gold_strategy"] for r in rows], names)
-    fit = fit_summary(rows, offsets, names)
+    record = calibration_record(cfg, side)
     if progress:
+        names, fit = resolve_sset(cfg).names, fit_summary(read_rows(side), record["offsets"], resolve_sset(cfg).names)
         said = lambda c: " ".join(str(c[n]) for n in names)  # noqa: E731
         print(
             f"calibration: offsets from {fit['turns']} turns ({side}); predicted counts raw {said(fit['raw'])}, "
             f"calibrated {said(fit['calibrated'])}, gold {said(fit['gold'])} ({', '.join(names)})"
         )
+    return record
+
+
+def calibration_record(cfg: TrainingConfig, side: Path) -> dict | None:
+    """What a calibrated PRED file's offsets came from, read from the calibration PRED file `side` (no model is
+    loaded: the offsets are refitted from its rows); None while `side` is not there."""
+    if not side.is_file():
+        return None
+    rows = read_rows(side)
+    offsets = fit_prior_offsets([r["scores"] for r in rows], [r["gold_strategy"] for r in rows], resolve_sset(cfg).names)
     theirs = read_json(origin_file(side), "the record of what made a PRED file's rows")
     return {"pred": str(side), "data": theirs["data"], "data_sha256": theirs["data_sha256"]} | {
-        "dialogues": e.calibrate_dialogues,
+        "dialogues": cfg.eval.calibrate_dialogues,
         "turns": len(rows),
         "offsets": offsets,
     }

@@ -121,7 +121,7 @@ def _scored(cfg, name: str, data_file, mode: str) -> dict | None:
     """The scores of a task when they exist and came from this model and data: the PRED file's recorded origin
     (cso_dist.eval.generate.pred_origin) must equal this evaluation's; scores of another model or data are an
     error naming the difference, never reused."""
-    from cso_dist.eval.generate import pred_origin
+    from cso_dist.eval.generate import calibration_file, calibration_record, pred_origin
 
     pred, scores = _task_files(cfg, name, mode)
     if not scores.is_file():
@@ -129,6 +129,8 @@ def _scored(cfg, name: str, data_file, mode: str) -> dict | None:
     side = pred.with_name(pred.name + ".origin.json")
     old = read_json(side, "the record of what made a PRED file's rows") if side.exists() else {}
     new = pred_origin(cfg, "test", mode, str(data_file), pred.parent / ".filehashes.json")
+    if mode == "likelihood" and cfg.eval.calibrate == "prior":  # as cso_dist.eval.generate.run_generate records it
+        new["calibration"] = calibration_record(cfg, calibration_file(cfg, pred))
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
         raise CsoError(
