@@ -234,7 +234,9 @@ def calibration_record(cfg: TrainingConfig, side: Path) -> dict | None:
     if not side.is_file():
         return None
     rows = read_rows(side)
-    offsets = fit_prior_offsets([r["scores"] for r in rows], [r["gold_strategy"] for r in rows], resolve_sset(cfg).names)
+    offsets = fit_prior_offsets(
+        [r["scores"] for r in rows], [r["gold_strategy"] for r in rows], resolve_sset(cfg).names
+    )
     theirs = read_json(origin_file(side), "the record of what made a PRED file's rows")
     return {"pred": str(side), "data": theirs["data"], "data_sha256": theirs["data_sha256"]} | {
         "dialogues": cfg.eval.calibrate_dialogues,
