@@ -1,5 +1,5 @@
 """What a run reads, resolved from its config: the model folder (and the tokenizer's and weights' folders of an
-adapter), the data files of each split and their dialogues, the strategy set, the renderer.
+adapter; a study's base model), the data files of each split and their dialogues, the strategy set, the renderer.
 Used by training, precompute, evaluation, export and the reference cache's key."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cso_dist.models import hub, is_adapter_dir, load_tokenizer
 from cso_dist.models.load import adapter_base_path
 
 if TYPE_CHECKING:
-    from cso_dist.config import TrainingConfig
+    from cso_dist.config import Config, TrainingConfig
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -35,6 +35,25 @@ SPLITS = ("train", "eval")
 
 
 MODEL_REQUIRED = "model.path: required: a model folder, or a Hub id (org/name)"
+
+
+def base_model(cfg: Config, out: Path, name: str) -> Path:
+    """A study's base model: model.path, else `name` (study.model): the packaged real model (imported once), or
+    "tiny" (a random model built once into <out>/tiny-model from the tiny_model section)."""
+    from cso_dist.data.esconv import esconv_texts
+    from cso_dist.models import build_tiny_model
+    from cso_dist.models.gguf import fetch_model
+
+    if cfg.model.path:
+        return Path(cfg.model.path)
+    if name != "tiny":
+        return fetch_model(name)
+    tiny, t = out / "tiny-model", cfg.tiny_model
+    if not (tiny / "config.json").is_file():
+        texts = esconv_texts(str(Path(cfg.data.input) / "train.jsonl")) if cfg.data.input else esconv_texts()
+        kw = {"bpe_texts": texts if t.tokenizer == "bpe" else None, "seed": cfg.run.seed}
+        build_tiny_model(t.arch, tiny, t.tokenizer, hidden_size=t.hidden_size, num_layers=t.num_layers, **kw)
+    return tiny
 
 
 def model_dir(cfg: TrainingConfig) -> Path:

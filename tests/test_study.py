@@ -103,7 +103,7 @@ def test_study_rerun_submits_nothing_and_gives_the_same_table(study, capsys):
         "configs/study.yaml",
         {**TINY, "run.out_dir": str(out), "data.input": cfg.data.input, "study.train_dialogues": 3},
     )
-    with pytest.raises(CsoError, match=r"subsets.json: .*study.train_dialogues: 2 then, 3 now"):
+    with pytest.raises(CsoError, match=r"subsets.json: made with study.train_dialogues 2, this study has 3"):
         run_study(other)
 
 
@@ -299,6 +299,16 @@ def test_cso_can_start_from_the_base_model_with_the_base_as_reference(tmp_path, 
     # a rerun reuses the calibrated scores (their origin holds the offsets, refitted from the calibration file)
     again = run_study(load_config("configs/study.yaml", over))
     assert again["prior"] == prior and again["summary"] == res["summary"]
+
+
+def test_a_key_the_study_sets_in_each_run_is_refused(tmp_path):
+    """train.method, run.seed, ... are set per run by the study (study.losses, study.seeds): set in its config they
+    would be ignored, so the study refuses them before anything is written."""
+    over = {**TINY, "run.out_dir": str(tmp_path / "s")}
+    for key, value in (("train.method", "ipo"), ("run.seed", 7), ("data.negatives_from", "retrieval-balanced")):
+        with pytest.raises(ConfigError, match=rf"{key}: set by the study in each run"):
+            run_study(load_config("configs/study.yaml", {**over, key: value}))
+    assert not (tmp_path / "s").exists()
 
 
 def test_the_test_ledger_refuses_dialogues_another_study_scored(tmp_path, esconv_dir):

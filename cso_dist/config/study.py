@@ -32,6 +32,15 @@ STUDY_OWNED = (
 )
 
 
+def check_study_owned(cfg) -> None:
+    """Refuse, in a study's config, a key the study sets in each run itself (STUDY_OWNED): it would be ignored."""
+    default = TrainingConfig()
+    for key in STUDY_OWNED:
+        sec, k = key.split(".")
+        same = getattr(getattr(cfg, sec), k) == getattr(getattr(default, sec), k)
+        _check(same, key, "set by the study in each run (its losses: study.losses, seeds: study.seeds)")
+
+
 @dataclass
 class StudyConfig:
     """`cso-dist study` and `cso-dist demo` (cso_dist.study): SFT vs CSO with each loss on a real model, every loss

@@ -5,7 +5,8 @@ dialogues. `two_noise_bootstrap` resamples both: each resample draws the test di
 draw for both models: they answered the same turns) and the seeds with replacement (paired where seed s of one
 model started from seed s of the other), scores every drawn run on the drawn dialogues and averages over the drawn
 seeds. The sign test over seeds is shown for what it is: with 3 seeds, "3 of 3 better" has p = 0.125.
-`prior_check` is the study's check that a gain is strategy, not a prior (configs/study-prior.yaml): raw and
+`summarize` gives the study's table (each method over its seeds, each loss against SFT) and `prior_check` the
+study's check that a gain is strategy, not a prior (configs/study-prior.yaml): raw and
 prior-calibrated picks, the first-token rule, and how each likelihood rule ranks the models against generation.
 """
 
@@ -17,11 +18,29 @@ from pathlib import Path
 import numpy as np
 
 from cso_dist.eval.report import spread
-
 from cso_dist.eval.metrics import OTHER_PICKS, strategy_metrics
 from cso_dist.eval.pred import read_rows
 from cso_dist.losses import BASELINE
+from cso_dist.util.io import read_json
 
+KEYS = ("Q", "W", "B", "accuracy")  # a run's test scores
+TRAIN = (  # where its training ended: rewards, margins, the policy's log-probs (drift from the reference)
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+GEN = (  # its generation scores: (key, column, digits)
+    ("Q", "generate: Q", 3),
+    ("B", "generate: B", 3),
+    ("parse_rate", "strategy parse rate", 2),
+    ("bleu2", "BLEU-2", 1),
+    ("rougeL", "ROUGE-L", 1),
+    ("distinct2", "Distinct-2", 2),
+)
 PICKS = {"raw": "pred_strategy", **{name: key for key, name in OTHER_PICKS.items()}}  # name -> PRED key
 
 
@@ -180,3 +199,79 @@ def prior_check(runs: dict[str, list[Path]], sset, n: int = 200, seed: int = 0) 
             lines.append(f"| {pick} | {a['rho']:+.3f} |")
         res["agreement"]["generated_turns"] = turns
     return res, lines + [""]
+
+
+# ---------------------------------------------------------------- the methods over seeds, each against SFT
+def run_scores(run: Path) -> dict:
+    """A run's test scores (likelihood), generation scores and training summary, each None where absent."""
+    out = {}
+    for key, p in (("likelihood", "eval/scores-test-likelihood"), ("generate", "eval/scores-generate-generate")):
+        s = read_json(run / f"{p}.json", "a scores file") if (run / f"{p}.json").is_file() else None
+        out[key] = s and {**s, "parse_rate": 1.0 - s["unknown"] / max(s["n"], 1), **s.get("text", {})}
+    out["train"] = read_json(run / "summary.json", "a run's summary") if (run / "summary.json").is_file() else None
+    return out
+
+
+def _stats(values: list[float]) -> dict:
+    return dict(zip(("mean", "std"), spread(values)), values=values)
+
+
+def summarize(runs: dict[str, list[Path]], sset, seed: int, resamples: int = 200) -> dict:
+    """Per method: mean ± std over its runs (seeds) of the test and generation scores and of where the training
+    ended; each loss against SFT: paired over seeds, or with one seed a paired bootstrap over the test dialogues."""
+    from cso_dist.eval.metrics import paired_bootstrap
+    from cso_dist.eval.score import read_pred
+
+    out = {}
+    for method, dirs in runs.items():
+        sc = [run_scores(d) for d in dirs]
+        test, gen, trained = ([s[k] for s in sc if s[k]] for k in ("likelihood", "generate", "train"))
+        row = {"runs": [str(d) for d in dirs], "seeds": len(dirs), "test_turns": test[0]["n"]}
+        row["test"] = {k: _stats([s[k] for s in test]) for k in KEYS}
+        if trained:  # where the training ended: rewards, margins, the policy's log-probs (drift from the reference)
+            row["train"] = {k: spread([t[k] for t in trained])[0] for k in TRAIN if all(k in t for t in trained)}
+        if gen:
+            row["generate"] = {k: _stats([s.get(k, 0.0) for s in gen]) for k in [g[0] for g in GEN] + ["distinct1"]}
+            row["generate_turns"] = gen[0]["n"]
+        out[method] = row
+    sft = out[BASELINE]
+    for method, row in [(m, r) for m, r in out.items() if m not in ("base", BASELINE)]:
+        if row["seeds"] > 1:
+            row["vs_sft"] = {k: paired(row["test"][k]["values"], sft["test"][k]["values"], k == "Q") for k in "QB"}
+            continue
+        preds = [read_pred(Path(r["runs"][0]) / "eval" / "pred-test-likelihood.jsonl", sset) for r in (sft, row)]
+        boot = paired_bootstrap(*preds, sset, n=resamples, seed=seed)
+        vs = {k: {"mean": boot[k]["diff"], **verdict(*boot[k]["ci95"], k == "Q")} for k in "QB"}
+        row["vs_sft"] = vs | {"resamples": boot["resamples"], "dialogues": boot["dialogues"]}
+    return out
+
+
+def vs_baseline_lines(summary: dict, multi: bool) -> list[str]:
+    """Each loss against SFT: over seeds, a table; with one seed, the verdict on this run and its noise."""
+    lines = []
+    for m, r in [(m, r) for m, r in summary.items() if "vs_sft" in r]:
+        v, a, b = r["vs_sft"], r["test"], summary[BASELINE]["test"]
+        ci = [(k, (v[k]["mean"], *v[k]["ci95"])) for k in "QB"]
+        if multi:
+            cells = [
+                f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] | {v[k]['better_seeds']}/{v[k]['seeds']}" for k, (d, lo, hi) in ci
+            ]
+            lines.append(f"| {m} | {cells[0]} | {v['Q']['verdict']} | {cells[1]} | {v['B']['verdict']} |")
+            continue
+        beats = a["Q"]["mean"] > b["Q"]["mean"] and a["B"]["mean"] < b["B"]["mean"]
+        noise = [f"{k} {d:+.3f} (95% interval {lo:+.3f} to {hi:+.3f}: " for k, (d, lo, hi) in ci]
+        noise = [n + ("within" if v[k]["verdict"].startswith("within") else "beyond") for n, k in zip(noise, "QB")]
+        lines += [
+            f"{m.upper()} {'beats' if beats else 'does not beat'} SFT on both Q ({a['Q']['mean']:.3f} vs "
+            f"{b['Q']['mean']:.3f}) and B ({a['B']['mean']:.3f} vs {b['B']['mean']:.3f}) on this run",
+            f"{m.upper()} - SFT over {v['resamples']} resamples of the {v['dialogues']} test dialogues: "
+            + ", ".join(f"{n} the noise)" for n in noise),
+        ]
+    head = [
+        "Each loss against SFT, seed by seed (seed s of a loss starts from SFT seed s): the mean paired "
+        "difference with its 95% t-interval over seeds, and how many seeds are better.",
+        "",
+        "| loss | Q - SFT | seeds better | verdict | B - SFT | seeds better | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    return head + lines if multi else lines

@@ -3,9 +3,11 @@
 from cso_dist.util.lazy import lazy_exports
 
 CLUSTERS = ("slurm", "local", "debug")  # where submitit runs go (cso_dist.launch.jobs): Slurm, local processes, inline
+HERE = "inline"  # run_batch's other place: this process, one job after another (no submitit)
 
 __all__ = [
     "CLUSTERS",
+    "HERE",
     "TrainJob",
     "collect",
     "parse_grid",

@@ -23,14 +23,16 @@ import hashlib
 import itertools
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 
 from cso_dist.config import FAMILIES, TRAINING_SECTIONS, Config, load_config, parse_overrides
 from cso_dist.util.io import atomic_write_text
-from cso_dist.launch import CLUSTERS
+from cso_dist.launch import CLUSTERS, HERE
 from cso_dist.launch.sbatch import check_no_secrets
 from cso_dist.util.errors import ConfigError, CsoError
 from cso_dist.train.preempt import Preempted
@@ -94,6 +96,12 @@ class TrainJob:
 
         return finished_run(cfg)
 
+    @staticmethod
+    def here(cfg: Config) -> dict:  # the job in this process (run_batch's HERE), with its progress shown
+        from cso_dist.train.loop import run_train
+
+        return run_train(cfg, resume="auto")
+
 
 class EvalJob:
     """Evaluates model.path on tasks [(name, data file, mode)] into <run.out_dir>/eval/ (cso_dist.eval.report.
@@ -116,6 +124,12 @@ class EvalJob:
         from cso_dist.eval.score import finished_tasks
 
         return finished_tasks(cfg, tasks)
+
+    @staticmethod
+    def here(cfg: Config, tasks: list) -> dict:
+        from cso_dist.eval.score import evaluate_tasks
+
+        return evaluate_tasks(cfg, tasks)
 
 
 def sweep_runs(cfg: Config, grid: dict[str, list]) -> list[tuple[str, dict[str, str]]]:
@@ -384,6 +398,66 @@ def table(rows: list[dict], keys: tuple[str, ...] = TABLE_KEYS) -> str:
     return "\n".join([fmt.format(*cols), fmt.format(*("-" * w for w in widths))] + [fmt.format(*b) for b in body])
 
 
+class _Here:
+    """A job run in this process (HERE), read by collect() like a submitit job."""
+
+    job_id, paths = HERE, SimpleNamespace(stderr="the output above")
+
+    def __init__(self, job, cfg: Config, extra: tuple, keep_going: bool):
+        try:
+            self.out = [job.here(cfg, *extra)]
+        except Exception as e:  # noqa: BLE001 - a run that may fail is a result (run_batch's may_fail)
+            if not keep_going:
+                raise
+            self.out = e
+
+    def results(self) -> list[dict]:
+        if isinstance(self.out, Exception):
+            raise self.out
+        return self.out
+
+
+def run_batch(
+    cfg: Config,
+    title: str,
+    items: list[tuple[str, Config, tuple]],
+    job,
+    cluster: str,
+    folder: Path,
+    may_fail: bool = False,
+    keys: tuple[str, ...] = TABLE_KEYS,
+) -> list[dict]:
+    """Run a batch of jobs (items as submit_jobs's; finished ones are skipped) on `cluster` (CLUSTERS, or HERE:
+    one after another in this process), wait, print their table; collect()'s rows, each with the run's folder
+    ("dir") and result ("result"). A failed run ends the batch with an error naming it and its log, unless
+    `may_fail` (a sweep point that diverges is a result), when it ends it only if every run failed."""
+    t0 = time.time()
+    print(f"== {title}: {len(items)} runs", flush=True)
+    if cluster == HERE:
+        runs = [Run(name, c, None, job.finished(c, *x)) for name, c, x in items]
+        for r, (_, c, x) in zip(runs, items):
+            if r.done is None:
+                print(f"running {r.name} -> {c.run.out_dir}", flush=True)
+                r.job = _Here(job, c, x, may_fail)
+    else:
+        runs = submit_jobs(cfg, items, job, cluster, folder=folder, verbose=True)
+    new = sum(r.job is not None for r in runs)
+    print(f"   {len(runs) - new} finished before, {new} {'run' if cluster == HERE else 'submitted'}", flush=True)
+    rows = collect(runs, keys)
+    print(table(rows, keys), flush=True)
+    failed = [r for r in rows if r["state"] != "COMPLETED"]
+    if failed and (not may_fail or len(failed) == len(rows)):
+        raise CsoError(
+            f"{title}: {len(failed)} of {len(rows)} runs failed, first {failed[0]['run']}: "
+            f"{failed[0].get('error', '')} (log {failed[0].get('log', '')}); fix it and rerun (finished runs are kept)"
+        )
+    if new:
+        print(f"   ({time.time() - t0:.0f} s)", flush=True)
+    for r, row in zip(runs, rows):
+        row.update(dir=str(r.cfg.run.out_dir), result=r.done or {})
+    return rows
+
+
 def write_results(runs_dir: Path, rows: list[dict]) -> Path:
     path = Path(runs_dir) / "sweep-results.json"
     atomic_write_text(path, json.dumps(rows, indent=2))
@@ -397,6 +471,7 @@ __all__ = [
     "submit_jobs",
     "submit_run",
     "submit_sweep",
+    "run_batch",
     "collect",
     "table",
     "sweep_runs",

