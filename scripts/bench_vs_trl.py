@@ -95,17 +95,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import machine  # noqa: E402
-from vs_trl_variants import (  # noqa: E402
-    cso_config,
-    mem_status,
-    model_facts,
-    pair_table,
-    prepare,
-    run_cso,
-    run_cso_precompute,
-    run_trl,
-)
+from benchlib import esconv_pairs, machine, mem_status, model_facts, pair_table, run_cso, run_cso_precompute  # noqa: E402
+from benchlib import tiny_model  # noqa: E402
 
 TRL_VARIANTS = ("trl_ref", "trl_precompute")
 CSO_VARIANTS = ("cso_trie", "cso_pair")
@@ -183,58 +174,255 @@ def child(args) -> None:
         work = Path(args.work)
         t0 = time.perf_counter()
         if args.variant == "cso_precompute":
-            out = run_cso_precompute(args, work, base)
+            out = run_cso_precompute(cso_config(args, work), base)
         elif args.variant in CSO_VARIANTS:
-            out = run_cso(args, work, args.variant.split("_")[1], base)
+            layout = args.variant.split("_")[1]
+            out = run_cso(cso_config(args, work, layout, f"cso-{layout}"), base)
         else:
             out = run_trl(args, work, args.variant == "trl_precompute", base)
         out["process_s"] = time.perf_counter() - t0
     print(json.dumps(out))
 
 
+# ---------------------------------------------------------------- the variants (each in its own process)
+def shape_of(args) -> dict:
+    """The tiny model's shape (--shape and the flags that override it)."""
+    keys = ("tokenizer", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+    return dict(
+        zip(keys, (args.tokenizer, args.hidden_size, args.layers, args.heads, args.kv_heads, args.intermediate))
+    )
+
+
+def model_dir(work: Path, args) -> Path:
+    """The tiny model of this shape under `work` (benchlib.tiny_model: built once)."""
+    shape = shape_of(args)
+    return tiny_model(work, shape.pop("tokenizer"), log, **shape)
+
+
+def cso_config(args, work: Path, layout: str = "trie", out: str = "pre"):
+    from cso_dist.config import load_config
+
+    max_tokens = (args.pair_max_tokens or args.max_tokens) if layout == "pair" else args.max_tokens
+    return load_config(
+        None,
+        {
+            "model.path": str(model_dir(work, args)),
+            "model.precision": "fp32",
+            "train.train_file": str(work / "train.jsonl"),
+            "train.method": "dpo",
+            "train.beta": args.beta,
+            "train.ref_cache": str(work / "refcache"),
+            "data.max_length": args.max_length,
+            "pack.max_tokens": max_tokens,
+            "pack.layout": layout,
+            "scorer.attention": args.attention,
+            "train.epochs": args.steps,
+            "train.lr": args.lr,
+            "train.log_every": 1,
+            "train.warmup_ratio": 0.0,
+            "train.schedule": "constant",
+            "train.weight_decay": 0.0,
+            "train.max_grad_norm": 1.0,
+            "train.gradient_checkpointing": False,
+            # one optimizer step per epoch over all pairs, as TRL below: the same pairs in every update
+            "train.grad_accum": 10**6,
+            "run.out_dir": str(work / out),
+        },
+    )
+
+
+def run_trl(args, work: Path, precompute: bool, base: dict) -> dict:
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from cso_dist.models import load_tokenizer
+
+    cfg = cso_config(args, work)
+    table = pair_table(cfg)
+    n_pairs, b = len(table), args.trl_batch_used
+    assert b >= 1 and n_pairs % b == 0, (n_pairs, b)
+    mdir = model_dir(work, args)
+    tok = load_tokenizer(mdir)  # AutoTokenizer would re-read the folder with another pre-tokenizer
+    t_load = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32)
+    load_s = time.perf_counter() - t_load
+    ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in table])
+    counts = ("policy_tokens", "policy_real_tokens", "policy_forwards", "ref_tokens", "precompute_tokens")
+    acct = dict.fromkeys((*counts, "head_positions"), 0) | {"precompute_s": 0.0, "tokenise_s": 0.0, "step_s": []}
+    try:  # TRL's fused LM head scores only completion positions where Triton runs (CUDA/XPU), else all
+        from trl.kernels.chunked_logprob import _use_triton
+    except ImportError:
+        _use_triton = None
+
+    class Trainer(DPOTrainer):
+        """DPOTrainer, instrumented only: counts tokens and times its stages."""
+
+        def _prepare_dataset(self, *a, **k):
+            t0 = time.perf_counter()
+            try:
+                return super()._prepare_dataset(*a, **k)
+            finally:
+                acct["tokenise_s"] += time.perf_counter() - t0
+
+        def _precompute_ref_logps(self, *a, **k):
+            t0 = time.perf_counter()
+            try:
+                return super()._precompute_ref_logps(*a, **k)
+            finally:
+                acct["precompute_s"] += time.perf_counter() - t0
+
+        def compute_ref_log_probs(self, model, inputs):
+            acct["precompute_tokens"] += inputs["input_ids"].numel()
+            return super().compute_ref_log_probs(model, inputs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            acct["policy_tokens"] += inputs["input_ids"].numel()
+            acct["policy_real_tokens"] += int(inputs["attention_mask"].sum())
+            acct["policy_forwards"] += 1
+            ids, cm = inputs["input_ids"], inputs["completion_mask"]
+            compact = _use_triton(ids.device) if _use_triton else False
+            acct["head_positions"] += int(cm[:, 1:].sum()) if compact else ids.shape[0] * (ids.shape[1] - 1)
+            if not self.precompute_ref_logps:
+                acct["ref_tokens"] += inputs["input_ids"].numel()  # the reference scores the same padded batch
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    class StepTimer(TrainerCallback):
+        def on_epoch_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            acct["step_s"].append(time.perf_counter() - self.t0)
+            self.t0 = time.perf_counter()
+
+    targs = DPOConfig(
+        output_dir=str(work / f"trl-{'pre' if precompute else 'ref'}"),
+        per_device_train_batch_size=b,
+        gradient_accumulation_steps=n_pairs // b,
+        num_train_epochs=args.steps,
+        max_steps=-1,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        beta=args.beta,
+        loss_type=["sigmoid"],
+        max_length=args.max_length,
+        truncation_mode="keep_start",
+        precompute_ref_log_probs=precompute,
+        precompute_ref_batch_size=b,
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        disable_dropout=True,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_drop_last=False,
+        seed=0,
+    )
+    t0 = time.perf_counter()
+    trainer = Trainer(
+        model=model, ref_model=None, args=targs, train_dataset=ds, processing_class=tok, callbacks=[StepTimer()]
+    )
+    init_s = time.perf_counter() - t0
+    pre_train = mem_status()
+
+    # TRL's own tokenisation must give exactly our ids, pair by pair (its dataset keeps the row order)
+    got = trainer.train_dataset
+    bad = []
+    for i, r in enumerate(table):
+        g = got[i]
+        ours = r["ids"]
+        if (g["prompt_ids"], g["chosen_ids"], g["rejected_ids"]) != (list(ours[0]), list(ours[1]), list(ours[2])):
+            bad.append(r["id"])
+        elif len(ours[0]) + max(len(ours[1]), len(ours[2])) > args.max_length:
+            bad.append(r["id"] + " (longer than max_length: TRL would truncate it)")
+    if len(got) != n_pairs or bad:
+        raise SystemExit(
+            f"bench_vs_trl: TRL's tokenisation differs from ours on {len(bad)} of {n_pairs} pairs "
+            f"(TRL kept {len(got)}), first: {bad[:3]}"
+        )
+    ref_check = None
+    if precompute:  # TRL's precomputed reference log-probs against our cache (same reference, other layout)
+        from cso_dist.refcache import load_reference
+        from cso_dist.refcache.key import cache_key
+
+        try:
+            ours = load_reference(cfg, cache_key(cfg, "train"), "train")
+            diffs = []
+            for i, r in enumerate(table):
+                for col, rid in (("ref_chosen_logps", r["chosen_id"]), ("ref_rejected_logps", r["id"])):
+                    x, y = float(got[i][col]), ours[rid][0]
+                    diffs.append(abs(x - y) / max(abs(y), 1.0))
+            ref_check = {"replies": len(diffs), "max_rel_diff": max(diffs)}
+        except Exception as e:  # noqa: BLE001 -- the check is extra; report why it could not run
+            ref_check = {"error": f"{type(e).__name__}: {e}"}
+
+    t0 = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t0
+    peak = mem_status()["hwm_mb"]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    steps = len(acct["step_s"])
+    assert steps == args.steps == len(losses), (steps, args.steps, losses)
+    step_s = acct["step_s"]
+    return {
+        "trl": trl.__version__,
+        "steps": steps,
+        "pairs_per_step": n_pairs,
+        "batch_pairs": b,
+        "grad_accum": n_pairs // b,
+        "pairs_per_forward": b,
+        "rows_per_forward": 2 * b,
+        "pairs_per_s": n_pairs / step_s[-1],
+        "pairs_per_s_train": n_pairs * steps / sum(step_s),
+        "pairs_per_s_with_precompute": n_pairs * steps / (sum(step_s) + acct["precompute_s"]),
+        "tokens_per_pair": acct["policy_tokens"] / (n_pairs * steps),
+        "tokens_per_s": acct["policy_tokens"] / steps / step_s[-1],
+        "real_tokens_per_pair": acct["policy_real_tokens"] / (n_pairs * steps),
+        "lm_head_positions_per_pair": acct["head_positions"] / (n_pairs * steps),
+        "ref_tokens_per_pair": (acct["precompute_tokens"] if precompute else acct["ref_tokens"] / steps) / n_pairs,
+        "ref_tokens_when": "once, before training" if precompute else "every step",
+        "step_s": step_s,
+        "train_s": train_s,
+        "init_s": init_s,
+        "model_load_s": load_s,
+        "tokenise_s": acct["tokenise_s"],
+        "precompute_s": acct["precompute_s"],
+        "init_other_s": init_s - acct["tokenise_s"] - acct["precompute_s"],
+        "loss_first": losses[0],
+        "loss": losses[-1],
+        "losses": losses,
+        "grad_norm": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h][-1],
+        "ids_identical_pairs": n_pairs,
+        "ref_logps_vs_cso_cache": ref_check,
+        "peak_rss_mb": peak,
+        "base_rss_mb": base["rss_mb"],
+        "pre_train_rss_mb": pre_train["rss_mb"],
+        "threads": torch.get_num_threads(),
+    }
+
+
 # ---------------------------------------------------------------- orchestration
+FORWARD = ("dialogues", "turns", "steps", "shape", "tokenizer", "hidden_size", "layers", "heads", "kv_heads")
+FORWARD += ("intermediate", "attention", "max_length", "max_tokens", "pair_max_tokens", "lr", "beta")
+
+
 def run_child(args, variant: str, work: Path, extra: list[str]) -> dict:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--variant",
-        variant,
-        "--work",
-        str(work),
-        "--dialogues",
-        str(args.dialogues),
-        "--turns",
-        str(args.turns),
-        "--steps",
-        str(args.steps),
-        "--shape",
-        args.shape,
-        "--tokenizer",
-        args.tokenizer,
-        "--hidden-size",
-        str(args.hidden_size),
-        "--layers",
-        str(args.layers),
-        "--heads",
-        str(args.heads),
-        "--kv-heads",
-        str(args.kv_heads),
-        "--intermediate",
-        str(args.intermediate),
-        "--attention",
-        args.attention,
-        "--max-length",
-        str(args.max_length),
-        "--max-tokens",
-        str(args.max_tokens),
-        "--pair-max-tokens",
-        str(args.pair_max_tokens),
-        "--lr",
-        str(args.lr),
-        "--beta",
-        str(args.beta),
-        *extra,
-    ]
+    """One variant in its own process: this script with --variant and the same settings; its JSON line."""
+    flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in FORWARD]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--work", str(work), *flags, *extra]
     log(f"--- {variant}")
     env = dict(
         os.environ,
@@ -311,7 +499,8 @@ def bench(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     for old in ("refcache", "cso-trie", "cso-pair", "trl-ref", "trl-pre"):  # a reused --work starts afresh
         shutil.rmtree(work / old, ignore_errors=True)
-    prepare(args, work)
+    esconv_pairs(work / "train.jsonl", args.dialogues, args.turns)
+    model_dir(work, args)  # built once, before the variants' processes
     table = pair_table(cso_config(args, work))
     n_pairs = len(table)
     row_len = sum(len(r["ids"][0]) * 2 + len(r["ids"][1]) + len(r["ids"][2]) for r in table) / max(n_pairs, 1) / 2
@@ -344,7 +533,7 @@ def bench(args) -> dict:
         "steps": args.steps,
         "negatives_per_turn": 3,
         "shape": args.shape,
-        "model": model_facts(work, args),
+        "model": model_facts(model_dir(work, args)) | shape_of(args),
         "repeats": args.repeats,
         "attention": args.attention,
         "max_length": args.max_length,

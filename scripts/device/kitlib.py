@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # benchlib, vs_trl_variants
+sys.path.insert(0, str(HERE.parent))  # benchlib
 
 SHAPES = {  # Qwen2.5 shapes (tied embeddings, GQA), built from config with random weights
     "qwen2.5-0.5b": dict(

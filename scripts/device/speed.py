@@ -92,7 +92,7 @@ def _trl_rate(work: Path, model_path: Path, dlg, steps: int, smoke: bool) -> dic
         from trl import DPOConfig, DPOTrainer
     except ImportError as e:
         return {"skipped": f"trl does not import here ({e})"}
-    from vs_trl_variants import pair_table
+    from benchlib import pair_table
 
     from cso_dist.data.dialogue import write_dialogues
     from cso_dist.models import load_tokenizer
