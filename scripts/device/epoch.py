@@ -36,6 +36,7 @@ from kitlib import (  # noqa: E402
     reset_peak,
     run_config,
     sync,
+    trl_rate,
 )
 
 EPOCH_STEPS, LEVER_STEPS, RATIO_STEPS = 40, 8, 1
@@ -218,9 +219,7 @@ def epoch_parts(r: Result, smoke: bool, work: Path) -> None:
     if smoke:
         r.data[f"{shape}/epoch_trl_first_steps"] = {"skipped": "--smoke: TRL's run is left to the GPU"}
     else:
-        from speed import _trl_rate
-
-        trl = r.part(f"{shape}/epoch_trl_first_steps", _trl_rate, work, path, first_dlg, 1, smoke)
+        trl = r.part(f"{shape}/epoch_trl_first_steps", trl_rate, work, path, first_dlg, 1, smoke)
         if "pairs_per_s" in row and "pairs_per_s" in trl:
             row["trie_over_trl_pairs_per_s"] = row["pairs_per_s"] / trl["pairs_per_s"]
             r.write()

@@ -24,6 +24,7 @@ from kitlib import (  # noqa: E402
     reset_peak,
     run_config,
     sync,
+    trl_rate,
 )
 
 
@@ -80,70 +81,6 @@ def _step_rate(work: Path, model_path: Path, n_params: int, dlg, steps: int, smo
         if peak:
             out["plan"]["planned_over_measured"] = out["plan"]["planned_gib"] / peak
     return out
-
-
-def _trl_rate(work: Path, model_path: Path, dlg, steps: int, smoke: bool) -> dict:
-    """TRL's DPOTrainer on the same pairs (precomputed reference), batch up to 8 pairs, one step = all pairs."""
-    import torch
-
-    try:
-        from datasets import Dataset
-        from transformers import AutoModelForCausalLM
-        from trl import DPOConfig, DPOTrainer
-    except ImportError as e:
-        return {"skipped": f"trl does not import here ({e})"}
-    from benchlib import pair_table
-
-    from cso_dist.data.dialogue import write_dialogues
-    from cso_dist.models import load_tokenizer
-
-    cfg = run_config(work, model_path, smoke, **{"run.out_dir": work / "trl"})
-    write_dialogues(Path(cfg.train.train_file), dlg)
-    table = pair_table(cfg)
-    n = len(table)
-    b = max(d for d in range(1, min(8, n) + 1) if n % d == 0)
-    ds = Dataset.from_list([{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in table])
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32 if smoke else torch.bfloat16)
-    args = DPOConfig(
-        output_dir=str(work / "trl"),
-        per_device_train_batch_size=b,
-        gradient_accumulation_steps=n // b,
-        max_steps=steps + 1,
-        learning_rate=1e-6,
-        max_length=cfg.data.max_length,
-        precompute_ref_log_probs=True,
-        gradient_checkpointing=not smoke,
-        bf16=not smoke,
-        use_cpu=not cuda(),
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_steps=1,
-    )
-    reset_peak()
-    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=load_tokenizer(model_path))
-    tokens = []
-    orig = trainer.compute_loss
-
-    def counted(model, inputs, *a, **k):
-        tokens.append(inputs["input_ids"].numel())
-        return orig(model, inputs, *a, **k)
-
-    trainer.compute_loss = counted
-    t0 = time.perf_counter()
-    trainer.train()
-    sync()
-    total = time.perf_counter() - t0
-    s = total / (steps + 1)  # includes the first step and the reference precompute: a conservative rate for TRL
-    step_tokens = sum(tokens) / (steps + 1)
-    return {
-        "pairs_per_step": n,
-        "batch": b,
-        "step_s": s,
-        "tokens_per_s": step_tokens / s,
-        "pairs_per_s": n / s,
-        "measured_peak_gib": peak_gib(),
-    }
 
 
 def _unique_rate(r: Result, shape: str, row: dict, peak: float | None) -> None:
@@ -258,7 +195,7 @@ def throughput(r: Result, smoke: bool, work: Path) -> None:
         r.data["tiny/trl_dpo"] = {"skipped": "--smoke: TRL's run is left to the GPU"}
     elif "path" in r.data.get("qwen2.5-0.5b/model", {}):
         built = r.data["qwen2.5-0.5b/model"]
-        r.part("qwen2.5-0.5b/trl_dpo", _trl_rate, work, Path(built["path"]), dlg, steps, smoke)
+        r.part("qwen2.5-0.5b/trl_dpo", trl_rate, work, Path(built["path"]), dlg, steps, smoke)
 
 
 # ---------------------------------------------------------------- 4. engines
