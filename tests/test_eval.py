@@ -71,6 +71,30 @@ def test_unknown_predictions():
     assert sum(v["predicted"] for v in m["per_strategy"].values()) == 1  # no class was made up
 
 
+@pytest.mark.parametrize("name", ["esconv", "escpro"])  # with Others (unknown -> Others), and without (-> wrong)
+def test_q_and_w_from_the_counts_equal_scikit_learns_f1(name):
+    """Q, W and per-strategy F1 come from the confusion counts (eval.metrics.scores_of, which the bootstrap sums
+    per dialogue); scikit-learn's f1_score over the classes present in gold or predictions is the reference."""
+    from sklearn.metrics import f1_score
+
+    sset, rng = load_strategy_set(name), random.Random(7)
+    for case in range(60):
+        classes = rng.sample(sset.names, rng.randint(1, len(sset.names)))  # some strategies absent from a case
+        gold = [rng.choice(classes) for _ in range(rng.randint(1, 40))]
+        pred = [rng.choice([*classes, *sset.names[:2], "banana", None]) for _ in gold]
+        m = strategy_metrics(gold, pred, sset)
+        index = {s: k for k, s in enumerate(sset.names)}
+        others = index.get("Others", -1)
+        y_true = [index[g] for g in gold]
+        y_pred = [index.get(p, others) if p else others for p in pred]
+        present = sorted(({*y_true} | {*y_pred}) - {-1})
+        for avg, key in (("macro", "Q"), ("weighted", "W")):
+            want = f1_score(y_true, y_pred, labels=present, average=avg, zero_division=0)
+            assert m[key] == pytest.approx(want, abs=1e-12), (case, key)
+        per = f1_score(y_true, y_pred, labels=list(range(len(sset.names))), average=None, zero_division=0)
+        assert [v["f1"] for v in m["per_strategy"].values()] == pytest.approx(list(per), abs=1e-12), case
+
+
 def test_predictions_parse_tolerantly():
     preds = ["question", "  QUESTION ", "[Question]", "Questions", "reflection  of FEELINGS"]
     m = strategy_metrics(["Question"] * 4 + ["Reflection of feelings"], preds, ESCONV)

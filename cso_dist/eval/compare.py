@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cso_dist.eval.report import spread
-from cso_dist.eval.metrics import OTHER_PICKS, strategy_metrics
+from cso_dist.eval.metrics import OTHER_PICKS, confusion, label_ids, scores_of, strategy_metrics
 from cso_dist.eval.pred import read_rows
 from cso_dist.losses import BASELINE
 from cso_dist.util.io import read_json
@@ -49,17 +49,23 @@ def sign_test(better: int, n: int) -> float:
     return sum(math.comb(n, k) for k in range(better, n + 1)) / 2**n
 
 
-def _by_dialogue(rows: list[dict], pick: str) -> dict[str, list[tuple[str, str | None]]]:
-    out: dict[str, list[tuple[str, str | None]]] = {}
+def _by_dialogue(rows: list[dict], pick: str, sset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A run's PRED rows as the confusion counts of each test dialogue (cso_dist.eval.metrics.confusion)."""
+    turns: dict[str, list[dict]] = {}
     for r in rows:
-        out.setdefault(r["dialogue_id"], []).append((r["gold_strategy"], r.get(pick)))
+        turns.setdefault(r["dialogue_id"], []).append(r)
+    n = len(sset.names)
+    out = {}
+    for d, rs in turns.items():
+        y_true, y_pred, _ = label_ids([r["gold_strategy"] for r in rs], [r.get(pick) for r in rs], sset)
+        out[d] = confusion(y_true, y_pred, n)
     return out
 
 
-def _score(run: dict, dialogues: list[str], sset, keys) -> dict:
-    pairs = [p for d in dialogues for p in run[d]]
-    m = strategy_metrics([g for g, _ in pairs], [p for _, p in pairs], sset)
-    return {k: m[k] for k in keys}
+def _score(run: dict, dialogues: list[str], keys) -> dict:
+    """The scores of a run on `dialogues` (drawn with repeats): its counts summed over them."""
+    s = scores_of(sum(run[d][0] for d in dialogues), sum(run[d][1] for d in dialogues))
+    return {k: s[k] for k in keys}
 
 
 def two_noise_bootstrap(
@@ -69,12 +75,12 @@ def two_noise_bootstrap(
     turns. Per key: the difference of the seed means on every dialogue, its 95% interval over `n` resamples,
     the share of resamples where b is better (higher Q/W/accuracy, lower B), and how many seeds are better with
     the sign test's p (paired seeds; against a one-run model, each of b's seeds against it)."""
-    ra, rb = [_by_dialogue(r, pick) for r in a], [_by_dialogue(r, pick) for r in b]
+    ra, rb = [_by_dialogue(r, pick, sset) for r in a], [_by_dialogue(r, pick, sset) for r in b]
     dialogues = sorted(set.intersection(*(set(r) for r in ra + rb)))
     if not dialogues:
         raise ValueError("two-noise bootstrap: the runs share no test dialogue")
-    whole_a = [_score(r, dialogues, sset, keys) for r in ra]
-    whole_b = [_score(r, dialogues, sset, keys) for r in rb]
+    whole_a = [_score(r, dialogues, keys) for r in ra]
+    whole_b = [_score(r, dialogues, keys) for r in rb]
     paired = len(ra) == len(rb)
     rng = np.random.default_rng(seed)
     diffs: dict[str, list[float]] = {k: [] for k in keys}
@@ -82,8 +88,8 @@ def two_noise_bootstrap(
         ds = [dialogues[i] for i in rng.integers(0, len(dialogues), len(dialogues))]
         sb = rng.integers(0, len(rb), len(rb))
         sa = sb if paired else rng.integers(0, len(ra), len(ra))
-        sa_scores = [_score(ra[s], ds, sset, keys) for s in sa]
-        sb_scores = [_score(rb[s], ds, sset, keys) for s in sb]
+        sa_scores = [_score(ra[s], ds, keys) for s in sa]
+        sb_scores = [_score(rb[s], ds, keys) for s in sb]
         for k in keys:
             diffs[k].append(np.mean([x[k] for x in sb_scores]) - np.mean([x[k] for x in sa_scores]))
     out = {"dialogues": len(dialogues), "seeds": [len(ra), len(rb)], "resamples": n, "paired_seeds": paired}

@@ -1,6 +1,7 @@
 """Strategy metrics of the CSO paper (after Kang et al. 2024) and text metrics.
 
-Q  macro-F1 of predicted vs gold strategy (scikit-learn; classes present in gold or predictions)
+Q  macro-F1 of predicted vs gold strategy (classes present in gold or predictions), from the confusion counts
+   (scores_of; equal to scikit-learn's f1_score, tests/test_eval.py)
 W  weighted-F1
 B  preference bias: Bradley-Terry strengths of the strategies from the confusions "predicted i
    where the gold was j" (i != j), 20 rounds of the sequential in-place update
@@ -23,7 +24,6 @@ import math
 from collections import Counter
 
 import numpy as np
-from sklearn.metrics import f1_score
 
 from cso_dist.data.strategies import StrategySet
 
@@ -61,52 +61,75 @@ def bt_strengths(w: np.ndarray, rounds: int = BT_ROUNDS) -> tuple[np.ndarray, li
     return (p * n / total if total > 0 else np.ones(n)), stuck
 
 
+def label_ids(gold: list[str], pred: list[str | None], sset: StrategySet) -> tuple[list[int], list[int], int]:
+    """Gold strategies and predictions as indices of the set; a prediction naming no strategy of the set counts as
+    Others where the set has it, else as -1 (wrong for its gold class); and how many predictions named none."""
+    index = {s: k for k, s in enumerate(sset.names)}
+    bad_gold = sorted({g for g in gold if g not in index})
+    if bad_gold:
+        raise ValueError(f"gold strategies not in the '{sset.name}' set: {', '.join(bad_gold[:5])}")
+    y_pred, unknown = [], 0
+    for p in pred:
+        c = canonical_or_none(p, sset)
+        unknown += c is None
+        c = OTHERS if c is None and OTHERS in index else c
+        y_pred.append(index[c] if c is not None else -1)
+    return [index[g] for g in gold], y_pred, unknown
+
+
+def confusion(y_true: list[int], y_pred: list[int], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """conf[i][j]: turns predicted i with gold j; missed[j]: turns of gold j predicted as no strategy (-1)."""
+    conf, missed = np.zeros((n, n), dtype=np.int64), np.zeros(n, dtype=np.int64)
+    for t, p in zip(y_true, y_pred):
+        if p >= 0:
+            conf[p, t] += 1
+        else:
+            missed[t] += 1
+    return conf, missed
+
+
+def scores_of(conf: np.ndarray, missed: np.ndarray) -> dict:
+    """Q, W, B and accuracy from the counts (confusion), with the per-strategy F1 and strengths. F1 of a class is
+    2 TP / (predicted + gold) (0 where both are 0, as scikit-learn's zero_division=0); Q and W average it over the
+    classes present in gold or predictions, W weighted by gold counts."""
+    tp, predicted, gold = np.diag(conf), conf.sum(axis=1), conf.sum(axis=0) + missed
+    size = predicted + gold
+    f1 = np.divide(2.0 * tp, size, out=np.zeros(len(tp)), where=size > 0)
+    present, total = size > 0, int(gold.sum())
+    strengths, stuck = bt_strengths(conf)
+    return {
+        "Q": float(f1[present].mean()) if total else 0.0,
+        "W": float((f1 * gold)[present].sum() / gold[present].sum()) if total else 0.0,
+        "B": float(np.std(strengths)),
+        "accuracy": float(tp.sum() / total) if total else 0.0,
+        "f1": f1,
+        "strengths": strengths,
+        "stuck": stuck,
+    }
+
+
 def strategy_metrics(gold: list[str], pred: list[str | None], sset: StrategySet) -> dict:
     """Q, W, B, accuracy, per-strategy F1 and preference strength, unknown count. `gold` must be names of
     the set; `pred` may be anything (None or unknown names count as unknown)."""
     names = sset.names
-    index = {s: k for k, s in enumerate(names)}
-    bad_gold = sorted({g for g in gold if g not in index})
-    if bad_gold:
-        raise ValueError(f"gold strategies not in the '{sset.name}' set: {', '.join(bad_gold[:5])}")
-    has_others = OTHERS in index
-    unknown = 0
-    y_true, y_pred = [], []
-    for g, p in zip(gold, pred):
-        c = canonical_or_none(p, sset)
-        if c is None:
-            unknown += 1
-            c = OTHERS if has_others else None
-        y_true.append(index[g])
-        y_pred.append(index[c] if c is not None else -1)
-    n = len(names)
-    present = sorted(({*y_true} | {*y_pred}) - {-1})
-    q = float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)) if y_true else 0.0
-    w_f1 = float(f1_score(y_true, y_pred, labels=present, average="weighted", zero_division=0)) if y_true else 0.0
-    per_f1 = f1_score(y_true, y_pred, labels=list(range(n)), average=None, zero_division=0) if y_true else [0.0] * n
-    conf = np.zeros((n, n), dtype=np.int64)  # conf[i][j]: predicted i, gold j
-    for t, p in zip(y_true, y_pred):
-        if p >= 0:
-            conf[p, t] += 1
-    strengths, stuck = bt_strengths(conf)
+    y_true, y_pred, unknown = label_ids(gold, pred, sset)
+    conf, missed = confusion(y_true, y_pred, len(names))
+    s = scores_of(conf, missed)
     gold_counts, pred_counts = Counter(y_true), Counter(y_pred)
     return {
-        "Q": q,
-        "W": w_f1,
-        "B": float(np.std(strengths)),
-        "accuracy": float(np.mean([t == p for t, p in zip(y_true, y_pred)])) if y_true else 0.0,
+        **{k: s[k] for k in ("Q", "W", "B", "accuracy")},
         "n": len(y_true),
         "unknown": unknown,
         "per_strategy": {
-            s: {
-                "f1": float(per_f1[k]),
-                "preference": float(strengths[k]),
+            name: {
+                "f1": float(s["f1"][k]),
+                "preference": float(s["strengths"][k]),
                 "gold": gold_counts.get(k, 0),
                 "predicted": pred_counts.get(k, 0),
             }
-            for k, s in enumerate(names)
+            for k, name in enumerate(names)
         },
-        "bt_undetermined": [names[k] for k in stuck],
+        "bt_undetermined": [names[k] for k in s["stuck"]],
         "confusion": conf.tolist(),  # rows predicted, columns gold, in the set's order
         "strategies": names,
     }
