@@ -81,17 +81,17 @@ def measure(args) -> dict:
         max_position_embeddings=max(4096, args.seq_len),
     )
     model = init_model(config).train()
-    use_attention(model, args.attention)
+    kind = use_attention(model, args.attention)
     T = batch.n_tokens
     causal = replace(  # the same tokens and replies as one plain causal row (one unit, no branches)
         batch, ctx_lo=torch.zeros(T, dtype=torch.long), ctx_hi=torch.arange(1, T + 1), own_lo=torch.full((T,), T)
     )
 
     def step(b) -> None:
-        if b is causal:  # plain causal attention: one SDPA over the row, no mask, one key row per token
-            use_attention(model, "tree")
-        trie_logps(model, b, args.logit_chunk).sum().backward()
-        use_attention(model, args.attention)
+        # plain causal attention: one SDPA over the row, no mask, one key row per token
+        used = use_attention(model, "tree") if b is causal else kind
+        trie_logps(model, b, args.logit_chunk, attention=used).sum().backward()
+        use_attention(model, kind)
 
     step(batch)  # gradients now exist: a measured step adds only activations and transients
     peaks, plain = {}, {}

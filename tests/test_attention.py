@@ -11,7 +11,7 @@ from cso_dist.data.strategies import load_strategy_set
 from cso_dist.util.errors import ConfigError, CsoError
 from cso_dist.pack import collate_pairs, collate_trie, dialogue_pair_rows, dialogue_units, kl_completions, pack_units
 from cso_dist.pack.tree_plan import tree_plan
-from cso_dist.scorer import attention_of, pair_logps, resolve, trie_logps, use_attention
+from cso_dist.scorer import Scorer, resolve, trie_logps, use_attention
 
 SSET = load_strategy_set("esconv")
 
@@ -21,10 +21,12 @@ SSET = load_strategy_set("esconv")
 dialogues, tiny = test_pack.dialogues, test_pack.tiny
 
 
-def _model(path, method, dtype=torch.float32):
+def _model(path, method, dtype=torch.float32) -> Scorer:
+    """A tiny model scored with `method` (the Scorer sets it on the model and holds it), LM-head chunk 64."""
     m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
-    assert use_attention(m, method) == method and attention_of(m) == method
-    return m
+    scorer = Scorer(m, 64, attention=method)
+    assert scorer.attention == method
+    return scorer
 
 
 def _batches(tok, dialogues, budget=1200, max_length=768, kl=False):
@@ -60,10 +62,10 @@ def test_plan_covers_exactly_the_dense_mask(tiny, dialogues, budget, max_length)
         assert work <= T * T
 
 
-def _logps(model, batches):
+def _logps(scorer, batches):
     out = {}
     for b in batches:
-        out.update(zip(b.reply_ids, trie_logps(model, b, chunk=64)))
+        out.update(zip(b.reply_ids, scorer(b)))
     return out
 
 
@@ -81,7 +83,7 @@ def test_logps_equal_dense_and_per_pair(tiny, dialogues, method):
         pair = {}
         for i in range(0, len(rows), 6):
             pb = collate_pairs(rows[i : i + 6], tok.pad_token_id)
-            pair.update(zip(pb.reply_ids, pair_logps(pm, pb)))
+            pair.update(zip(pb.reply_ids, pm(pb)))
     assert set(got) == set(dense) and len(got) > 50
     rel = max(abs(got[k] - dense[k]) / abs(dense[k]) for k in dense)
     assert rel < 1e-5, rel
@@ -100,7 +102,7 @@ def test_gradients_equal_dense(tiny, dialogues):
         model = _model(path, m)
         w = torch.Generator().manual_seed(0)
         for b in batches:  # a loss that weighs every reply differently
-            lp = trie_logps(model, b, chunk=64)
+            lp = model(b)
             (lp * torch.randn(len(lp), generator=w)).sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     dense, got = grads
@@ -121,16 +123,29 @@ def test_methods_resolve_per_model(tiny):
         resolve("tree", m)
     with pytest.raises(ConfigError, match="scorer.attention: 'sparse' is not one of"):
         resolve("sparse", m)
-    assert attention_of(m) == "dense"
-    m.config.attn_logit_softcapping = None
-    for method in ("tree", "flex", "dense"):  # a model switches back and forth
-        assert use_attention(m, method) == method and attention_of(m) == method
     assert m.config._attn_implementation == "sdpa"
+    m.config.attn_logit_softcapping = None
+    for method, impl in (("tree", "cso_tree"), ("flex", "cso_flex"), ("dense", "sdpa")):  # back and forth
+        assert use_attention(m, method) == method and m.config._attn_implementation == impl
 
 
 @pytest.mark.unit
 def test_flex_training_on_cpu_is_refused(tiny, dialogues):
     _, path, tok = tiny
-    model = _model(path, "flex")
+    scorer = _model(path, "flex")
     with pytest.raises(CsoError, match="FlexAttention has no backward on CPU; use scorer.attention tree"):
-        trie_logps(model, _batches(tok, dialogues[:1])[0], chunk=64)
+        scorer(_batches(tok, dialogues[:1])[0])
+
+
+@pytest.mark.unit
+def test_a_kind_the_model_was_not_set_to_is_refused(tiny, dialogues):
+    """The kind is held by the scorer, not read back from the model: asked for tree on a model whose attention is
+    still its own (which would ignore the tree plan and attend across branches), trie_logps refuses."""
+    _, path, tok = tiny
+    m = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    batch = _batches(tok, dialogues[:1])[0]
+    with pytest.raises(CsoError, match="tree attention asked, but the model runs sdpa: set it with use_attention"):
+        trie_logps(m, batch, chunk=64, attention="tree")
+    with torch.no_grad():
+        dense = trie_logps(m, batch, chunk=64)  # dense (the default) is right for any model
+        assert torch.allclose(Scorer(m, 64, attention="tree")(batch), dense, rtol=1e-5)

@@ -14,7 +14,7 @@ from cso_dist.data.dialogue import read_dialogues
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.models import load_model, load_tokenizer
 from cso_dist.pack import PairLayout, TrieLayout
-from cso_dist.scorer import score
+from cso_dist.scorer import Scorer
 
 SSET = load_strategy_set("esconv")
 DEV = str(OTHER)
@@ -51,14 +51,15 @@ def _copy_weights(src, dst) -> None:
             p.copy_(want[n])
 
 
-def _score(model, batches, backward: bool):
-    """Each batch's log-probs (on the CPU) and the gradient of their sum per parameter name (on the CPU)."""
+def _score(model, batches, backward: bool, attention: str = "auto"):
+    """Each batch's log-probs (on the CPU) and the gradient of their sum per parameter name (on the CPU), scored
+    with `attention` (the scorer sets it on the model)."""
     model.eval()  # no dropout (LoRA's): both devices draw the same masks only by chance
     model.zero_grad(set_to_none=True)
-    out = []
+    scorer, out = Scorer(model, attention=attention), []
     for b in batches:
         with torch.set_grad_enabled(backward):
-            lp = score(model, b)
+            lp = scorer(b)
             if backward:
                 lp.sum().backward()
         out.append(lp.detach().to("cpu"))
@@ -75,13 +76,13 @@ def test_scoring_runs_on_the_models_device(root, layout, attention, finetune):
     device the same log-probs and gradients as on the CPU."""
     layouts, order = _layouts(root)
     batches = layouts[layout].batches(order)
-    cpu = load_model(root / "model", finetune, "fp32", device="cpu", attention=attention)
+    cpu = load_model(root / "model", finetune, "fp32", device="cpu")
     with other_device():
-        model = load_model(root / "model", finetune, "fp32", device=DEV, attention=attention)
+        model = load_model(root / "model", finetune, "fp32", device=DEV)
         assert on_other(next(model.parameters()))
         _copy_weights(cpu, model)  # the same LoRA initialisation
-        got, got_g = _score(model, batches, backward=True)
-    want, want_g = _score(cpu, batches, backward=True)
+        got, got_g = _score(model, batches, True, attention)
+    want, want_g = _score(cpu, batches, True, attention)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()
     assert got_g.keys() == want_g.keys() and got_g
     for n in want_g:

@@ -38,11 +38,13 @@ def setup(tmp_path_factory, esconv_dir):
     return path, batches
 
 
-def _scores(model, batches, flex: FlexRows) -> dict:
+def _scores(scorer, batches, flex: FlexRows) -> dict:
+    """The scorer's model and attention kind, on rows that `flex` pads and compiles."""
     out = {}
     with torch.no_grad():
         for b in batches:
-            out.update(zip(b.reply_ids, trie_logps(model, b, chunk=64, flex=flex).tolist()))
+            lp = trie_logps(scorer.model, b, chunk=64, flex=flex, attention=scorer.attention)
+            out.update(zip(b.reply_ids, lp.tolist()))
     return out
 
 
@@ -112,13 +114,13 @@ def row(n):
     reply = Span(ReplyId("d", 1, "c"), 1, n - 1, 1)
     return collate_trie([Unit("d", list(range(5, 5 + n)), list(range(n)), n, [reply])])
 
-model = _model(sys.argv[1], "flex")
+model = _model(sys.argv[1], "flex").model
 rows = FlexRows(bucket=128, limit=1)
 with torch.no_grad():
-    trie_logps(model, row(100), flex=rows)  # bucket 128: compiles
-    trie_logps(model, row(120), flex=rows)  # the same bucket: no compile
+    trie_logps(model, row(100), flex=rows, attention="flex")  # bucket 128: compiles
+    trie_logps(model, row(120), flex=rows, attention="flex")  # the same bucket: no compile
     try:
-        trie_logps(model, row(200), flex=rows)  # bucket 256: a second compile, past the limit
+        trie_logps(model, row(200), flex=rows, attention="flex")  # bucket 256: a second compile, past the limit
     except CsoError as e:
         print("refused:", e)
 """

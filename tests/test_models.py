@@ -15,6 +15,7 @@ from cso_dist.scorer.device import feed
 from cso_dist.util.errors import ConfigError
 from cso_dist.models import (
     LoraSettings,
+    autocast_dtype,
     bpe_tokenizer,
     build_tiny_model,
     count_parameters,
@@ -211,8 +212,9 @@ def test_load_full(qwen_dir, precision, dtype):
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_bf16_mixed_keeps_fp32_weights_and_computes_under_autocast(qwen_dir, finetune):
     """model.precision bf16-mixed: fp32 weights (and adapters); every forward entered through
-    cso_dist.scorer.device.feed (the model, and the decoder the trie scorer calls) runs under bf16 autocast, so its
-    activations are bf16 and the loss is close to fp32's; a plain call of the model is left as it is."""
+    cso_dist.scorer.device.feed with the precision's autocast dtype (the scorer holds it; the model, and the
+    decoder the trie scorer calls) runs under bf16 autocast, so its activations are bf16 and the loss is close to
+    fp32's; a plain call of the model is left as it is."""
     tok = load_tokenizer(qwen_dir)
     batch = _batch(tok)
     mixed = load_model(qwen_dir, finetune=finetune, precision="bf16-mixed")
@@ -221,11 +223,13 @@ def test_bf16_mixed_keeps_fp32_weights_and_computes_under_autocast(qwen_dir, fin
     seen = []
     proj = base.get_decoder().layers[0].mlp.down_proj
     handle = proj.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
-    feed(mixed, base.get_decoder(), input_ids=batch["input_ids"])  # what the trie scorer calls
+    amp = autocast_dtype("bf16-mixed")
+    assert amp == torch.bfloat16 and autocast_dtype("fp32") is None and autocast_dtype("bf16") is None
+    feed(mixed, base.get_decoder(), amp=amp, input_ids=batch["input_ids"])  # what the trie scorer calls
     base.get_decoder()(input_ids=batch["input_ids"])  # no monkey-patched forward: fp32
     handle.remove()
     assert seen == [torch.bfloat16, torch.float32]
-    loss = feed(mixed, mixed, **batch).loss
+    loss = feed(mixed, mixed, amp=amp, **batch).loss
     loss.backward()
     ref = load_model(qwen_dir, finetune=finetune, precision="fp32")(**batch).loss
     assert abs(float(loss) - float(ref)) < 0.02 * abs(float(ref))  # bf16's ~3 significant digits

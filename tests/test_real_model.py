@@ -15,7 +15,7 @@ from cso_dist.data.render import dialogue_system_prompt, make_renderer, segment_
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.models import load_model, load_tokenizer
 from cso_dist.models.gguf import IMPORT_FILE, fetch_model, packaged_gguf
-from cso_dist.scorer import attention_of, score
+from cso_dist.scorer import Scorer
 
 pytestmark = pytest.mark.slow
 SSET = load_strategy_set("esconv")
@@ -65,7 +65,7 @@ def test_its_chat_template_is_prefix_stable_under_per_segment_tokenisation(smol,
         assert renderer.tokenizer.decode(ids, clean_up_tokenization_spaces=False) == renderer.render(chat)
 
 
-def _scores(model, layout_kind: str, dialogues, renderer):
+def _scores(scorer, layout_kind: str, dialogues, renderer):
     from cso_dist.pack.layout import PairLayout, TrieLayout
 
     cls = TrieLayout if layout_kind == "trie" else PairLayout
@@ -73,15 +73,15 @@ def _scores(model, layout_kind: str, dialogues, renderer):
     out = {}
     with torch.no_grad():
         for b in layout.batches(list(range(len(dialogues)))):
-            out.update(zip(b.reply_ids, score(model, b, 2048).float().tolist()))
+            out.update(zip(b.reply_ids, scorer(b).float().tolist()))
     return out
 
 
 def test_trie_logprobs_on_real_weights_equal_per_pair_scoring(smol, esconv_valid):
     """fp32 within 1e-5 relative, under the default scorer.attention (tree on this model)."""
     renderer = make_renderer(load_tokenizer(smol), "auto")
-    model = load_model(smol, attention="auto").eval()
-    assert attention_of(model) == "tree"
+    model = Scorer(load_model(smol).eval(), 2048, attention="auto")
+    assert model.attention == "tree"
     # one short dialogue with 6+ supporter turns (> 20 replies): per-pair scoring re-reads every history
     dialogues = [min((d for d in esconv_valid[:40] if len(d.turn_indices()) >= 6), key=lambda d: len(d.messages))]
     trie, pair = _scores(model, "trie", dialogues, renderer), _scores(model, "pair", dialogues, renderer)

@@ -19,7 +19,7 @@ from cso_dist.data.dialogue import read_dialogues
 from cso_dist.data.export import iter_pairs
 from cso_dist.data.strategies import load_strategy_set
 from cso_dist.util.errors import CsoError
-from cso_dist.scorer import score
+from cso_dist.scorer import Scorer
 from cso_dist.losses import resolved_beta
 from cso_dist.models import load_model
 from cso_dist.losses.batch import micro_loss, structure
@@ -78,12 +78,12 @@ def test_step0_dpo_loss_is_ln2_on_every_batch(setup):
     cached = load_reference(cfg, cache_key(cfg, "train", renderer, sset))
     train = load_split(cfg, "train")
     batches = [b for step in plan_steps(make_layout(cfg, train.dialogues, renderer, sset, False), 8, cfg) for b in step]
-    model = load_model(cfg.model.path)
+    scorer = Scorer(load_model(cfg.model.path), 64, attention=cfg.scorer.attention)  # as the engines score
     assert len(batches) > 3
     worst = 0.0
     with torch.no_grad():
         for b in batches:
-            logps, ntok = score(model, b.data, 64), b.data.reply_tokens
+            logps, ntok = scorer(b.data), b.data.reply_tokens
             live: dict = {}
             for rid, v, n in zip(b.reply_ids, logps.tolist(), ntok.tolist()):
                 live.setdefault(rid.key, (v, n))  # as score_units keeps the first copy

@@ -130,7 +130,7 @@ def add_generated(dialogues: list[PrefDialogue], cfg: TrainingConfig, progress: 
     from cso_dist.data.render import make_renderer
     from cso_dist.scorer.generate import generate_texts
     from cso_dist.inputs import tokenizer_dir
-    from cso_dist.models import load_model, load_tokenizer
+    from cso_dist.models import autocast_dtype, load_model, load_tokenizer
     from cso_dist.scorer.device import default_device
     from cso_dist.util.progress import progress as progress_bar
 
@@ -161,8 +161,9 @@ def add_generated(dialogues: list[PrefDialogue], cfg: TrainingConfig, progress: 
                     model = load_model(folder, "full", cfg.model.precision, device=default_device()).eval()
                     torch.manual_seed(d_cfg.seed)
                 stops, max_new = newline_ids(renderer.tokenizer), d_cfg.generate_max_tokens
+                amp = autocast_dtype(cfg.model.precision)  # bf16-mixed: its forwards under autocast
                 out = generate_texts(
-                    model, renderer.tokenizer, [prompts[k] for k in todo], max_new, stops, share_prefix=True, **SAMPLING
+                    model, renderer.tokenizer, [prompts[k] for k in todo], max_new, stops, True, amp=amp, **SAMPLING
                 )
                 rows = [{"key": keys[k], "text": one_reply(text)} for k, text in zip(todo, out)]
                 append_jsonl(cache, rows)

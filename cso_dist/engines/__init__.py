@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
     import torch
 
+    from cso_dist.scorer.run import Scorer
+
 SCHEDULES = ("cosine", "linear", "constant")  # train.schedule after warm-up (common.make_scheduler)
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw")  # train.optimizer (common.make_optimizer)
 FINALS = ("merged", "adapter")  # train.final: what a LoRA/QLoRA run writes (engines.final)
@@ -99,6 +101,7 @@ class Engine(Protocol):
 
     kind: str  # its name in ENGINES (recorded in checkpoints)
     module: torch.nn.Module  # the (PEFT-wrapped) Hugging Face model
+    scorer: Scorer  # runs the model on a micro-batch; holds its attention kind and autocast dtype
     device: torch.device  # where this rank computes
     collective: bool  # every forward is a collective: ranks must run the same forwards (ZeRO-3)
 

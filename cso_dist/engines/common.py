@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from cso_dist.util.errors import ConfigError
-from cso_dist.scorer import Scorer, attention_of, unwrap
+from cso_dist.models import autocast_dtype
+from cso_dist.scorer import Scorer, unwrap
 from cso_dist.scorer.attention import FlexRows
 
 if TYPE_CHECKING:
@@ -30,17 +31,20 @@ def no_dropout(model) -> None:
 
 
 def make_scorer(module: torch.nn.Module, cfg: TrainingConfig, device) -> Scorer:
-    """The engine's scorer: scorer.logit_chunk, flex rows padded to pack.bucket (FlexRows), and under train.compile
-    every decoder layer compiled (regional compilation: the layers share one graph per row length)."""
+    """The engine's scorer: scorer.logit_chunk, scorer.attention (set on the model, held by the scorer), the
+    autocast of model.precision, flex rows padded to pack.bucket (FlexRows), and under train.compile every decoder
+    layer compiled (regional compilation: the layers share one graph per row length)."""
+    flex = FlexRows.of(cfg.pack.max_tokens, cfg.pack.bucket)
+    amp = autocast_dtype(cfg.model.precision)
+    scorer = Scorer(module, cfg.scorer.logit_chunk, device, flex, cfg.scorer.attention, amp)
     if cfg.train.compile:
-        compile_layers(module)
-    return Scorer(module, cfg.scorer.logit_chunk, device, FlexRows.of(cfg.pack.max_tokens, cfg.pack.bucket))
+        compile_layers(module, scorer.attention)
+    return scorer
 
 
-def compile_layers(module: torch.nn.Module) -> None:
+def compile_layers(module: torch.nn.Module, kind: str) -> None:
     """torch.compile each decoder layer in place (static shapes: rows run at pack.bucket's lengths, which only flex
     attention pads to; any other kind would compile once per row length)."""
-    kind = attention_of(module)
     if kind != "flex":
         raise ConfigError(
             f"train.compile: scorer.attention resolved to {kind} here (auto is flex on CUDA only), whose rows have any "

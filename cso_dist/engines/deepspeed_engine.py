@@ -126,7 +126,6 @@ class DeepSpeedEngine:
             device="" if self.collective else str(self.device),
             gradient_checkpointing=training and cfg.train.gradient_checkpointing,
             reentrant_checkpointing=self.collective,
-            attention=cfg.scorer.attention,
         )
         no_dropout(self.module)
         self._counts = count_parameters(self.module, _whole_numel)

@@ -76,7 +76,6 @@ class FSDP2Engine:
             lora=lora_settings(cfg.model),
             device="cpu",  # fully_shard moves each rank's shards to the mesh's device
             gradient_checkpointing=training and cfg.train.gradient_checkpointing,
-            attention=cfg.scorer.attention,
         )
         no_dropout(self.module)
         self._counts = count_parameters(self.module)

@@ -58,7 +58,6 @@ class TorchEngine:
             lora=lora_settings(cfg.model),
             device=str(self.device),
             gradient_checkpointing=training and cfg.train.gradient_checkpointing,
-            attention=cfg.scorer.attention,
         )
         no_dropout(self.module)
         self.scorer = self.net = make_scorer(self.module, cfg, self.device)

@@ -188,7 +188,8 @@ def _generate_into(
             kw = {**sampling_options(cfg), **engine.generate_kwargs()}
 
             def answer(prompts: list[list[int]], n: int = cfg.eval.max_new_tokens) -> list[str]:
-                return generate_texts(engine.module, tok, prompts, n, device=engine.device, **kw)
+                amp = engine.scorer.amp  # what the scorer runs under (precision bf16-mixed)
+                return generate_texts(engine.module, tok, prompts, n, device=engine.device, amp=amp, **kw)
 
         with progress_bar(total=len(mine), desc="generating", unit="turn", enabled=progress) as bar:
             for turns in batches:

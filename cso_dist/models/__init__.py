@@ -38,6 +38,7 @@ __all__ = [
     "TINY_ARCHS",
     "TINY_TOKENIZERS",
     "bpe_tokenizer",
+    "autocast_dtype",
     "build_tiny_model",
     "count_parameters",
     "init_model",
@@ -52,7 +53,9 @@ __all__ = [
 __getattr__ = lazy_exports(
     __name__,
     {
-        **dict.fromkeys(("count_parameters", "is_adapter_dir", "load_model", "lora_settings"), "load"),
+        **dict.fromkeys(
+            ("autocast_dtype", "count_parameters", "is_adapter_dir", "load_model", "lora_settings"), "load"
+        ),
         **dict.fromkeys(("build_tiny_model", "init_model", "make_tokenizer", "tiny_config"), "tiny"),
         **dict.fromkeys(("QWEN_SPECIAL_IDS", "bpe_tokenizer", "load_tokenizer", "qwen_tokenizer"), "tokenizer"),
     },

@@ -14,13 +14,19 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from cso_dist.models import LoraSettings
-from cso_dist.scorer.device import set_autocast
 from cso_dist.util.errors import ConfigError
 from cso_dist.models import FINETUNES, PRECISIONS, hub
-from cso_dist.scorer.attention import use_attention
 
 WEIGHT_DTYPE = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16, torch.float32)))  # model.precision -> weights
 AUTOCAST = {"bf16-mixed": torch.bfloat16}  # compute dtype under torch.autocast (fp32 weights and adapters)
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype a model of `precision` computes in under torch.autocast (bf16-mixed), else None: the scorer and
+    generation run its forwards under it (cso_dist.scorer.device.feed)."""
+    return AUTOCAST.get(precision)
+
+
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -119,7 +125,6 @@ def load_model(
     device: str = "cpu",
     gradient_checkpointing: bool = False,
     reentrant_checkpointing: bool = False,
-    attention: str = "auto",
 ) -> torch.nn.Module:
     """Load a local model directory for training.
 
@@ -134,7 +139,6 @@ def load_model(
     DeepSpeed/torch pairs reject in the non-reentrant checkpoint's saved-tensor metadata check;
     the DeepSpeed engine asks for reentrant checkpointing under ZeRO-3 (both pass with DeepSpeed
     0.19 on CPU here).
-    attention: how trie rows attend (scorer.attention: auto, tree, flex, dense; cso_dist.scorer.attention).
     If `path` is a LoRA adapter dir, its base is loaded the same way and the adapter attached
     trainable (its own adapter_config wins over `lora`); with finetune "full" the adapter is
     merged into the base weights.
@@ -144,12 +148,10 @@ def load_model(
     _check_choice("model.precision", precision, PRECISIONS)
     p = Path(path)
     _check_dir(p)
-    model = _load(p, finetune, precision, lora, device, gradient_checkpointing, reentrant_checkpointing)
-    # every forward of every user (training, precompute, eval, generate()) enters through cso_dist.scorer.device.feed,
-    # which runs it under this autocast (the trie scorer's LM head stays outside it, in fp32)
-    set_autocast(model, AUTOCAST.get(precision))
-    use_attention(model, attention, device)
-    return model
+    # bf16-mixed: every forward runs under autocast to AUTOCAST[precision], which the scorer holds and passes to
+    # cso_dist.scorer.device.feed (the trie scorer's LM head stays outside it, in fp32); trie rows' attention is
+    # set by the scorer too (cso_dist.scorer.run.Scorer)
+    return _load(p, finetune, precision, lora, device, gradient_checkpointing, reentrant_checkpointing)
 
 
 def _load(

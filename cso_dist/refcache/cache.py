@@ -36,7 +36,7 @@ from cso_dist.engines import Engine, shards_weights
 from cso_dist.engines.build import build_scorer, fill, held, lockstep
 from cso_dist.pack import LaidOut, ReplyId, collate_trie, head_chunks, lay_out, pack_units
 from cso_dist.util.progress import progress as progress_bar
-from cso_dist.scorer import by_reply, attention_of
+from cso_dist.scorer import by_reply
 from cso_dist.scorer.attention import compile_count
 from cso_dist.inputs import SPLITS, SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
 from cso_dist.refcache.key import (
@@ -214,7 +214,7 @@ def _score_shards(
             rep.seconds += secs
         fill(engine, forwards - mine, head_calls)
     rep.param_bytes = engine.param_bytes()
-    if attention_of(engine.module) == "flex":
+    if engine.scorer.attention == "flex":
         rep.compiles = compile_count() - compiled
 
 

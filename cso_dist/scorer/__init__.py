@@ -1,6 +1,7 @@
 """Running the model on laid-out dialogues: the one place that owns device placement and autocast
 (cso_dist.scorer.device), the attention implementation of trie rows (cso_dist.scorer.attention) and the forward
-of both layouts (cso_dist.scorer.logps).
+of both layouts (cso_dist.scorer.logps); the Scorer (cso_dist.scorer.run) holds a model's attention kind and
+autocast dtype.
 
 The engines (cso_dist.engines) run every forward through here -- training (their `Scorer`), the live reference,
 precompute, likelihood eval -- and so does generation; cso_dist.pack only builds the rows they run on.
@@ -20,12 +21,10 @@ __all__ = [
     "by_reply",
     "default_device",
     "feed",
-    "attention_of",
     "model_device",
     "pair_logps",
     "resolve",
     "score",
-    "set_autocast",
     "to_model",
     "trie_logps",
     "unwrap",
@@ -35,10 +34,8 @@ __getattr__ = lazy_exports(
     __name__,
     {
         **dict.fromkeys(("Scorer", "by_reply"), "run"),
-        **dict.fromkeys(("attention_of", "resolve", "use_attention"), "attention"),
-        **dict.fromkeys(
-            ("autocast", "default_device", "feed", "model_device", "set_autocast", "to_model", "unwrap"), "device"
-        ),
+        **dict.fromkeys(("resolve", "use_attention"), "attention"),
+        **dict.fromkeys(("autocast", "default_device", "feed", "model_device", "to_model", "unwrap"), "device"),
         **dict.fromkeys(("pair_logps", "score", "trie_logps"), "logps"),
     },
 )

@@ -21,8 +21,9 @@ plus its own branch so far. The kinds:
          or dense where the model soft-caps attention logits (gemma2), which SDPA cannot.
 
 `use_attention(model, kind)` registers the two attention functions with transformers (an explicit call, the
-first time a model asks for them) and sets a loaded model's attention implementation; `trie_logps` reads it
-back (`attention_of`) and passes the tree plan or the BlockMask (cso_dist.pack.tree_plan). The registered
+first time a model asks for them), sets a loaded model's attention implementation and returns the kind it
+resolved; the Scorer (cso_dist.scorer.run) calls it and holds the kind, and `trie_logps` is given it and passes
+the tree plan or the BlockMask (cso_dist.pack.tree_plan). The registered
 implementations run plain SDPA for every other call (generation, per-pair rows), so a model set to tree
 attention works everywhere.
 """
@@ -185,21 +186,20 @@ def use_attention(model, kind: str, device=None) -> str:
     return kind
 
 
-def attention_of(model) -> str:
-    """tree, flex or dense: what trie_logps runs for this model."""
-    impl = getattr(unwrap(model).config, "_attn_implementation", None)
-    return next((m for m, n in _NAMES.items() if n == impl), "dense")
-
-
 def decoder_mask_kwargs(
-    model, batch: TrieBatch, device, dense_dtype: torch.dtype, flex: FlexRows
+    kind: str, model, batch: TrieBatch, device, dense_dtype: torch.dtype, flex: FlexRows
 ) -> tuple[TrieBatch, dict]:
-    """The row a decoder call runs and the attention arguments it gets under the model's kind: the batch itself
-    with the tree plan or the dense mask, or under flex the row padded to its bucket with its BlockMask (built
-    once per micro-batch: FlexRows.prepare). Tensors stay on the CPU (cso_dist.scorer.device.feed moves them with
-    the other inputs); the tree plan and the BlockMask, which the attention function reads itself, are built for
-    `device`."""
-    kind = attention_of(model)
+    """The row a decoder call runs and the attention arguments it gets under `kind` (what use_attention set on
+    the model): the batch itself with the tree plan or the dense mask, or under flex the row padded to its bucket
+    with its BlockMask (built once per micro-batch: FlexRows.prepare). Tensors stay on the CPU
+    (cso_dist.scorer.device.feed moves them with the other inputs); the tree plan and the BlockMask, which the
+    attention function reads itself, are built for `device`. A tree or flex kind on a model set to another
+    attention is refused: its own attention would ignore the plan and attend across the branches."""
+    if kind not in ("dense", *_NAMES):
+        raise CsoError(f"scorer: attention kind '{kind}' is not one of dense, {', '.join(_NAMES)}")
+    impl = getattr(unwrap(model).config, "_attn_implementation", None)
+    if kind in _NAMES and impl != _NAMES[kind]:
+        raise CsoError(f"scorer: {kind} attention asked, but the model runs {impl}: set it with use_attention")
     if kind == "tree":
         return batch, {"attention_mask": _NO_MASK, "cso_tree": tree_plan(batch).to(device)}
     if kind == "flex":

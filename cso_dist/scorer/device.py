@@ -1,5 +1,5 @@
 """Where models run: the device a process computes on, the device a loaded model sits on, and the one call that
-moves a model's inputs there and runs it under the model's autocast.
+moves a model's inputs there and runs it under the caller's autocast (the scorer holds it: cso_dist.scorer.run).
 
 Every path that runs a model -- trie and per-pair scoring (training, the live reference, precompute, likelihood
 eval), generation, the MCTS backend, the GPU kit -- calls `feed` (or `to_model` for tensors it indexes the
@@ -13,8 +13,6 @@ import contextlib
 import os
 
 import torch
-
-_AUTOCAST = "_cso_autocast"  # attribute of the HF model: the compute dtype of precision bf16-mixed
 
 
 def default_device(local_rank: int | None = None) -> str:
@@ -37,19 +35,13 @@ def model_device(model) -> torch.device:
     return next(unwrap(model).parameters()).device
 
 
-def set_autocast(model, dtype: torch.dtype | None) -> None:
-    """Make every `feed` of `model` run under autocast to `dtype` (precision bf16-mixed; None: off)."""
-    setattr(unwrap(model), _AUTOCAST, dtype)
-
-
-def autocast(model, device: torch.device | None = None):
-    """The context `model` computes under (on `device`, default its weights'): torch.autocast to its bf16-mixed
-    dtype, else nothing."""
-    dtype = getattr(unwrap(model), _AUTOCAST, None)
-    kind = torch.device(device or model_device(model)).type
-    if dtype is None or kind not in ("cpu", "cuda"):
+def autocast(amp: torch.dtype | None, device: torch.device):
+    """torch.autocast to `amp` on `device` (the compute dtype of precision bf16-mixed: cso_dist.models.AUTOCAST),
+    else nothing."""
+    kind = torch.device(device).type
+    if amp is None or kind not in ("cpu", "cuda"):
         return contextlib.nullcontext()
-    return torch.autocast(kind, dtype=dtype)
+    return torch.autocast(kind, dtype=amp)
 
 
 def to_model(model, *tensors: torch.Tensor, device: torch.device | None = None) -> list[torch.Tensor]:
@@ -58,13 +50,13 @@ def to_model(model, *tensors: torch.Tensor, device: torch.device | None = None) 
     return [t.to(device, non_blocking=True) for t in tensors]
 
 
-def feed(model, fn, /, device: torch.device | None = None, **inputs):
+def feed(model, fn, /, device: torch.device | None = None, amp: torch.dtype | None = None, **inputs):
     """fn(**inputs) -- the model, its decoder or its generate() -- with every tensor among `inputs` moved to the
-    model's device (`device`, default its weights') and under the model's autocast. Other values (caches, a tree
-    plan built for the device) pass as they are."""
+    model's device (`device`, default its weights') and under autocast to `amp` (None: none). Other values
+    (caches, a tree plan built for the device) pass as they are."""
     device = device or model_device(model)
     moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    with autocast(model, device):
+    with autocast(amp, device):
         return fn(**moved)
 
 

@@ -27,13 +27,15 @@ def generate_texts(
     stop_ids: tuple[int, ...] = (),
     share_prefix: bool = False,
     device: torch.device | None = None,
+    amp: torch.dtype | None = None,
     **sampling,
 ) -> list[str]:
     """Continue every token prompt in one padded generate() (each prompt ends where generation starts); the
-    decoded new text of each, special tokens dropped. `stop_ids`: more tokens that end a continuation (besides
-    the end of turn). `share_prefix`: the prompts' common prefix (one history, several reply openings) is run
-    once, its keys and values shared by every row; the rest of each prompt follows it, padded in the middle
-    (masked: each row goes on at its own positions). `sampling`: generate() options."""
+        decoded new text of each, special tokens dropped. `stop_ids`: more tokens that end a continuation (besides
+        the end of turn). `share_prefix`: the prompts' common prefix (one history, several reply openings) is run
+        once, its keys and values shared by every row; the rest of each prompt follows it, padded in the middle
+        (masked: each row goes on at its own positions). `amp`: the autocast dtype (precision bf16-mixed: the
+    scorer's). `sampling`: generate() options."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     shared = _common_prefix(prompts) if share_prefix and len(prompts) > 1 else 0
     width = max(len(x) for x in prompts) - shared
@@ -46,13 +48,14 @@ def generate_texts(
         mask[k, shared + width - (len(x) - shared) :] = 1
     cache = {}
     if shared:
-        prefix = cache_of(feed(model, model, device, input_ids=ids[:1, :shared], use_cache=True, logits_to_keep=1))
+        prefix = cache_of(feed(model, model, device, amp, input_ids=ids[:1, :shared], use_cache=True, logits_to_keep=1))
         prefix.batch_repeat_interleave(len(prompts))
         cache = {cache_kw(model): prefix}
     out = feed(
         model,
         model.generate,
         device,
+        amp,
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=max_new_tokens,

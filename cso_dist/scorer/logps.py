@@ -42,11 +42,14 @@ def trie_logps(
     device: torch.device | None = None,
     n_chunks: int = 0,
     flex: FlexRows | None = None,
+    attention: str = "dense",
+    amp: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Summed log-prob of every reply in the batch, in `batch.reply_ids` order.
 
-    The body runs once over the packed row, its attention shaped by the tree (the model's scorer.attention
-    method: cso_dist.scorer.attention); the LM head and the
+    The body runs once over the packed row, its attention shaped by the tree: `attention` is the kind the model
+    was set to (cso_dist.scorer.attention.use_attention; a Scorer sets it and holds it), dense by default (right
+    for any model); the body runs under autocast to `amp` (bf16-mixed), the LM head outside it. The LM head and the
     log-softmax run only on the hidden states that predict reply tokens, `chunk` tokens at a
     time (recomputed in backward), so no [tokens x vocab] tensor over the history exists.
     `device`: where the model computes (default: its weights'). `n_chunks`: call the LM head at least this many
@@ -65,11 +68,10 @@ def trie_logps(
         dtype = torch.bool
     flex = flex or FlexRows()
     # under flex the row padded to its bucket (its reply indices are the unpadded row's), compiling bounded
-    batch, mask = decoder_mask_kwargs(model, batch, device, dtype, flex)
+    batch, mask = decoder_mask_kwargs(attention, model, batch, device, dtype, flex)
     with flex.compiling() if "cso_flex" in mask else contextlib.nullcontext():
-        out = feed(
-            model, decoder, device, input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **mask
-        )
+        ids, pos = batch.input_ids, batch.position_ids
+        out = feed(model, decoder, device, amp, input_ids=ids, position_ids=pos, use_cache=False, **mask)
     pred_idx, targets, token_reply = to_model(model, batch.pred_idx, batch.target_ids, batch.token_reply, device=device)
     h = out.last_hidden_state[0].index_select(0, pred_idx)
     parts = []
@@ -86,9 +88,12 @@ def trie_logps(
     return sums.index_add(0, token_reply, tok)
 
 
-def pair_logps(model, batch: PairBatch, device: torch.device | None = None) -> torch.Tensor:
-    """Summed log-prob of each row's reply, from full logits (the classic computation)."""
-    out = feed(model, model, device, input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+def pair_logps(
+    model, batch: PairBatch, device: torch.device | None = None, amp: torch.dtype | None = None
+) -> torch.Tensor:
+    """Summed log-prob of each row's reply, from full logits (the classic computation), under autocast to `amp`."""
+    ids, mask = batch.input_ids, batch.attention_mask
+    out = feed(model, model, device, amp, input_ids=ids, attention_mask=mask, use_cache=False)
     logits = out.logits[:, :-1]
     logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     ids, reply_mask = to_model(model, batch.input_ids, batch.reply_mask, device=device)
@@ -103,9 +108,11 @@ def score(
     device: torch.device | None = None,
     n_chunks: int = 0,
     flex: FlexRows | None = None,
+    attention: str = "dense",
+    amp: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Summed log-prob of every reply of a micro-batch of either layout, in `batch.reply_ids` order (`chunk`:
-    the trie scorer's LM-head chunk; `device`, `n_chunks` and `flex` as for trie_logps)."""
+    the trie scorer's LM-head chunk; `device`, `n_chunks`, `flex`, `attention` and `amp` as for trie_logps)."""
     if isinstance(batch, TrieBatch):
-        return trie_logps(model, batch, chunk, device=device, n_chunks=n_chunks, flex=flex)
-    return pair_logps(model, batch, device)
+        return trie_logps(model, batch, chunk, None, device, n_chunks, flex, attention, amp)
+    return pair_logps(model, batch, device, amp)

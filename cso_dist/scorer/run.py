@@ -7,22 +7,31 @@ import torch
 
 from cso_dist.pack.pairs import PairBatch
 from cso_dist.pack.trie import TrieBatch
-from cso_dist.scorer.attention import FlexRows
+from cso_dist.scorer.attention import FlexRows, use_attention
 from cso_dist.scorer.logps import score
 
 
 class Scorer(torch.nn.Module):
     """Per-reply log-probs of one micro-batch (trie or per-pair) as a module forward, so DDP and DeepSpeed see a
-    normal module call (their hooks gather / all-reduce around it)."""
+    normal module call (their hooks gather / all-reduce around it). It holds how the model runs: the attention
+    of trie rows (scorer.attention, resolved for `device` and set on the model here: `attention`) and the
+    autocast dtype (`amp`: precision bf16-mixed); nothing of it is stored on the model."""
 
     def __init__(
-        self, model: torch.nn.Module, chunk: int, device: torch.device | None = None, flex: FlexRows | None = None
+        self,
+        model: torch.nn.Module,
+        chunk: int = 2048,
+        device: torch.device | None = None,
+        flex: FlexRows | None = None,
+        attention: str = "auto",
+        amp: torch.dtype | None = None,
     ):
         super().__init__()
-        self.model, self.chunk, self.device, self.flex = model, chunk, device, flex
+        self.model, self.chunk, self.device, self.flex, self.amp = model, chunk, device, flex, amp
+        self.attention = use_attention(model, attention, device)
 
     def forward(self, batch: TrieBatch | PairBatch, n_chunks: int = 0) -> torch.Tensor:
-        return score(self.model, batch, self.chunk, self.device, n_chunks, self.flex)
+        return score(self.model, batch, self.chunk, self.device, n_chunks, self.flex, self.attention, self.amp)
 
 
 def by_reply(batch: TrieBatch | PairBatch, logps: torch.Tensor, into: dict | None = None) -> dict:

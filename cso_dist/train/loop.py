@@ -39,7 +39,7 @@ from cso_dist.train.preempt import STOPPED_FILE, StopRequest
 from cso_dist.pack import PairLayout, ReplyId, TrieLayout, head_chunks
 from cso_dist.refcache import ensure_reference
 from cso_dist.inputs import SplitInputs, ensure_model, load_split, make_cfg_renderer, resolve_sset
-from cso_dist.scorer import by_reply, attention_of
+from cso_dist.scorer import by_reply
 from cso_dist.scorer.attention import compile_count
 from cso_dist.train.tracking import Tracker
 
@@ -230,7 +230,7 @@ def _attention(cfg: TrainingConfig, engine) -> str:
     """The trie rows' attention as resolved on this device (auto: flex on CUDA)."""
     if cfg.pack.layout != "trie":
         return "per-pair rows"
-    kind = attention_of(engine.module)
+    kind = engine.scorer.attention
     if kind == "flex" and cfg.pack.bucket:
         return f"flex attention, rows padded to multiples of {cfg.pack.bucket} tokens"
     return f"{kind} attention"
@@ -250,7 +250,7 @@ def _announce(cfg: TrainingConfig, plan: Plan, engine, world: World) -> None:
 def _compilations(cfg: TrainingConfig, engine, world: World) -> dict:
     """How many graphs torch.compile built in this process (flex attention, train.compile's layers), said and
     recorded in summary.json; {} when nothing is compiled."""
-    if attention_of(engine.module) != "flex" and not cfg.train.compile:
+    if engine.scorer.attention != "flex" and not cfg.train.compile:
         return {}
     n = compile_count()
     if world.main:

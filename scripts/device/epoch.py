@@ -66,7 +66,6 @@ def timed_run(cfg, steps, n_params: int, peak_flops: float | None) -> dict:
     from cso_dist.engines.dist import World
     from cso_dist.engines import build_engine
     from cso_dist.losses.batch import micro_loss
-    from cso_dist.scorer import attention_of
     from cso_dist.scorer.attention import compile_count
 
     ref = {rid.key: (0.0, 1) for step in steps for b in step for rid in b.reply_ids}  # values do not matter
@@ -92,7 +91,7 @@ def timed_run(cfg, steps, n_params: int, peak_flops: float | None) -> dict:
         losses.append(total)
         tokens.append(sum(b.n_tokens for b in micro))
         pairs.append(counts["pairs"])
-    method = attention_of(engine.module) if cfg.pack.layout == "trie" else "per-pair"
+    method = engine.scorer.attention if cfg.pack.layout == "trie" else "per-pair"
     del engine
     flops_per_token = (6 if cfg.model.finetune == "full" else 4) * n_params
     # the steps after the last one that compiled: the steady rate
@@ -137,7 +136,6 @@ def scoring_run(cfg, steps, n_params: int, peak_flops: float | None) -> dict:
 
     from cso_dist.engines.dist import World
     from cso_dist.engines import build_scorer
-    from cso_dist.scorer import attention_of
     from cso_dist.scorer.attention import compile_count
 
     reset_peak()
@@ -152,7 +150,7 @@ def scoring_run(cfg, steps, n_params: int, peak_flops: float | None) -> dict:
             engine.score(b.data)
             sync()
             times.append(time.perf_counter() - t0)
-    method = attention_of(engine.module)
+    method = engine.scorer.attention
     del engine
     tokens, run_s = sum(b.n_tokens for b in rows), sum(times)
     return {

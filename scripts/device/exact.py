@@ -37,7 +37,7 @@ def _weights(keys) -> dict:
     return dict(zip(ks, torch.randn(len(ks), generator=g).tolist()))
 
 
-def _scores(model, batches, chunk: int, w: dict | None, backward: bool):
+def _scores(model, batches, chunk: int, w: dict | None, backward: bool, attention: str = "dense"):
     import torch
 
     from cso_dist.scorer import score
@@ -46,7 +46,7 @@ def _scores(model, batches, chunk: int, w: dict | None, backward: bool):
     out = {}
     for b in batches:
         with torch.set_grad_enabled(backward):
-            lp = score(model, b, chunk)
+            lp = score(model, b, chunk, attention=attention)
             if backward:
                 weights = torch.tensor([w[k] for k in b.reply_ids], dtype=torch.float32)
                 (lp.float() * weights.to(lp.device)).sum().backward()
@@ -87,7 +87,7 @@ def _layouts_agree(work: Path, model_path: Path, dlg, precision: str, smoke: boo
     renderer, sset = make_cfg_renderer(cfg), resolve_sset(cfg)
     trie = TrieLayout(dlg, renderer, sset, cfg.pack.max_tokens, cfg.data.max_length, progress=False)
     order = list(range(len(dlg)))
-    model = load_model(model_path, "full", precision, device=default_device(), attention="dense")
+    model = load_model(model_path, "full", precision, device=default_device())
     model.eval()  # no dropout anywhere; gradients still flow
     out: dict = {"trie_micro_batches": len(trie.batches(order))}
     if precision not in _PER_PAIR:
@@ -101,11 +101,11 @@ def _layouts_agree(work: Path, model_path: Path, dlg, precision: str, smoke: boo
     if precision != "fp32" and fp32:
         out["per_pair_vs_fp32_per_pair"] = _rel(want, fp32)  # bf16's own error: the scale to judge the rest by
     for method in methods:
-        use_attention(model, method)
+        kind = use_attention(model, method)
         backward = cuda() or method != "flex"  # FlexAttention has no CPU backward
         sync()
         t0 = time.perf_counter()
-        got, got_g = _scores(model, trie.batches(order), cfg.scorer.logit_chunk, w, backward)
+        got, got_g = _scores(model, trie.batches(order), cfg.scorer.logit_chunk, w, backward, kind)
         sync()
         row = {"seconds": time.perf_counter() - t0, "vs_per_pair": _rel(got, want)}  # flex: includes its compile
         if backward:
