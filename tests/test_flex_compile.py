@@ -150,10 +150,11 @@ def test_compiled_layers_score_as_uncompiled_with_a_graph_per_bucket(setup):
     model = _model(path, "flex")
     want = _scores(model, batches[:6], rows)
     before = compile_count()
-    compile_layers(model)
+    compile_layers(model.model, model.attention)
     got = _scores(model, batches[:6], rows)
     buckets = {bucket_length(b.n_tokens, BUCKET) for b in batches[:6]}
     assert 0 < compile_count() - before <= 2 * len(buckets)
     assert max(abs(got[k] - want[k]) / abs(want[k]) for k in want) < 1e-5
     with pytest.raises(ConfigError, match="train.compile: scorer.attention resolved to tree"):
-        compile_layers(_model(path, "tree"))
+        tree = _model(path, "tree")
+        compile_layers(tree.model, tree.attention)
