@@ -220,7 +220,8 @@ def calibration(cfg: TrainingConfig, out: Path, progress: bool, device) -> dict:
     dist.barrier()  # rank 0 has merged the ranks' parts
     record = calibration_record(cfg, side)
     if progress:
-        names, fit = resolve_sset(cfg).names, fit_summary(read_rows(side), record["offsets"], resolve_sset(cfg).names)
+        names = resolve_sset(cfg).names
+        fit = fit_summary(read_rows(side), record["offsets"], names)
         said = lambda c: " ".join(str(c[n]) for n in names)  # noqa: E731
         print(
             f"calibration: offsets from {fit['turns']} turns ({side}); predicted counts raw {said(fit['raw'])}, "
