@@ -87,9 +87,11 @@ def test_prior_check_reports_every_pick_both_references_and_the_agreement(tmp_pa
     assert set(res["vs"]) == {
         f"{m} vs {r} ({p})"
         for m, r in (("sft", "base"), ("dpo", "sft"), ("dpo", "base"))
-        for p in ("raw", "calibrated")
+        for p in ("raw", "calibrated", "generated")
     }
     assert res["vs"]["dpo vs base (raw)"]["Q"]["verdict"] == "better"
+    assert res["vs"]["dpo vs base (generated)"]["dialogues"] == 3  # the generation subset's own dialogues
+    assert set(res["vs"]["dpo vs sft (calibrated)"]) >= {"Q", "B", "accuracy"}
     assert res["agreement"]["raw"]["rho"] == pytest.approx(1.0) and res["agreement"]["raw"]["n"] == 5
     text = "\n".join(lines)
     assert "## Strategy or prior" in text and "| dpo | base | calibrated |" in text and "Spearman" in text

@@ -41,6 +41,7 @@ GEN = (  # its generation scores: (key, column, digits)
     ("rougeL", "ROUGE-L", 1),
     ("distinct2", "Distinct-2", 2),
 )
+KEYS_VS = ("Q", "B", "accuracy")  # what prior_check compares over both noises
 PICKS = {"raw": "pred_strategy", **{name: key for key, name in OTHER_PICKS.items()}}  # name -> PRED key
 
 
@@ -165,42 +166,47 @@ def prior_check(runs: dict[str, list[Path]], sset, n: int = 200, seed: int = 0) 
             lines.append(f"| {m} | {pick} | {cells} | {' '.join(map(str, counts))} |")
     gold = [sum(r["gold_strategy"] == c for r in test["base"][0]) for c in sset.names]
     lines += [f"| gold | | | | | | {' '.join(map(str, gold))} |", ""]
-    lines += [
-        f"Each model against SFT and against base, over seeds and test dialogues ({n} resamples of both): the "
-        "difference, its 95% interval, and seeds better with the one-sided sign test's p.",
-        "",
-        "| model | against | pick | Q diff [95%] | verdict | B diff [95%] | verdict | seeds better on Q (p) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for m in [m for m in test if m != "base"]:
-        for ref in [r for r in (BASELINE, "base") if r != m]:
-            for pick in ("raw", "calibrated"):
-                v = two_noise_bootstrap(test[ref], test[m], sset, PICKS[pick], n=n, seed=seed)
-                res["vs"][f"{m} vs {ref} ({pick})"] = v
-                q, b = v["Q"], v["B"]
-                lines.append(
-                    f"| {m} | {ref} | {pick} | {q['diff']:+.3f} [{q['ci95'][0]:+.3f}, {q['ci95'][1]:+.3f}] | "
-                    f"{q['verdict']} | {b['diff']:+.3f} [{b['ci95'][0]:+.3f}, {b['ci95'][1]:+.3f}] | {b['verdict']} | "
-                    f"{q['seeds_better']}/{v['seeds'][1]} (p {q['sign_test_p']:.3f}) |"
-                )
     gen = {
         str(d): (d / "eval" / "pred-generate-generate.jsonl", d / "eval" / "pred-generate-likelihood.jsonl")
         for ds in runs.values()
         for d in ds
     }
-    if all(g.is_file() and lk.is_file() for g, lk in gen.values()):
+    has_gen = all(g.is_file() and lk.is_file() for g, lk in gen.values())
+    by = {run: (read_rows(g), read_rows(lk)) for run, (g, lk) in gen.items()} if has_gen else {}
+    generated = {m: [by[str(d)][0] for d in ds] for m, ds in runs.items()} if has_gen else {}
+    lines += [
+        f"Each model against SFT and against base, over seeds and test dialogues ({n} resamples of both): the "
+        "difference, its 95% interval, and seeds better on Q with the one-sided sign test's p"
+        + (" (pick `generated`: greedy generation's strategies on the generation subset)." if has_gen else "."),
+        "",
+        "| model | against | pick | Q diff [95%] | verdict | B diff [95%] | verdict | accuracy diff [95%] | verdict "
+        "| seeds better on Q (p) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in [m for m in test if m != "base"]:
+        for ref in [r for r in (BASELINE, "base") if r != m]:
+            for pick in ("raw", "calibrated") + (("generated",) if has_gen else ()):
+                a, b = (generated[ref], generated[m]) if pick == "generated" else (test[ref], test[m])
+                v = two_noise_bootstrap(a, b, sset, PICKS.get(pick, "pred_strategy"), KEYS_VS, n=n, seed=seed)
+                res["vs"][f"{m} vs {ref} ({pick})"] = v
+                cells = " | ".join(
+                    f"{v[k]['diff']:+.3f} [{v[k]['ci95'][0]:+.3f}, {v[k]['ci95'][1]:+.3f}] | {v[k]['verdict']}"
+                    for k in KEYS_VS
+                )
+                seeds = f"{v['Q']['seeds_better']}/{v['seeds'][1]} (p {v['Q']['sign_test_p']:.3f})"
+                lines.append(f"| {m} | {ref} | {pick} | {cells} | {seeds} |")
+    if has_gen:
 
         def q(rows, key):
             return strategy_metrics([r["gold_strategy"] for r in rows], [r.get(key) for r in rows], sset)["Q"]
 
-        by = {run: (read_rows(g), read_rows(lk)) for run, (g, lk) in gen.items()}
         turns = min(len(g) for g, _ in by.values())
-        generated = [q(g, "pred_strategy") for g, _ in by.values()]
+        gen_q = [q(g, "pred_strategy") for g, _ in by.values()]
         said = f"over the {len(by)} runs ({turns} generated turns each)"
         lines += ["", f"Likelihood rules against greedy generation, {said}:", ""]
         lines += ["| rule | Spearman's rho with generation-mode Q |", "|---|---|"]
         for pick, key in PICKS.items():
-            a = rank_agreement([q(lk, key) for _, lk in by.values()], generated)
+            a = rank_agreement([q(lk, key) for _, lk in by.values()], gen_q)
             res["agreement"][pick] = a
             lines.append(f"| {pick} | {a['rho']:+.3f} |")
         res["agreement"]["generated_turns"] = turns
