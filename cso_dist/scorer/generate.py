@@ -31,10 +31,10 @@ def generate_texts(
     **sampling,
 ) -> list[str]:
     """Continue every token prompt in one padded generate() (each prompt ends where generation starts); the
-        decoded new text of each, special tokens dropped. `stop_ids`: more tokens that end a continuation (besides
-        the end of turn). `share_prefix`: the prompts' common prefix (one history, several reply openings) is run
-        once, its keys and values shared by every row; the rest of each prompt follows it, padded in the middle
-        (masked: each row goes on at its own positions). `amp`: the autocast dtype (precision bf16-mixed: the
+    decoded new text of each, special tokens dropped. `stop_ids`: more tokens that end a continuation (besides
+    the end of turn). `share_prefix`: the prompts' common prefix (one history, several reply openings) is run
+    once, its keys and values shared by every row; the rest of each prompt follows it, padded in the middle
+    (masked: each row goes on at its own positions). `amp`: the autocast dtype (precision bf16-mixed: the
     scorer's). `sampling`: generate() options."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     shared = _common_prefix(prompts) if share_prefix and len(prompts) > 1 else 0
